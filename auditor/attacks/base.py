@@ -1,0 +1,114 @@
+"""The attack contract.
+
+An attack is an immutable configuration (a frozen dataclass, so ``repr`` is
+built from its parameters) with a pure call::
+
+    result = attack(oracle, x, y, eps=eps, seed=seed)
+
+* ``oracle`` is an instance of the class named by ``attack.oracle``; the
+  battery builds exactly that class, and refuses, when the battery is built,
+  an attack whose oracle needs more access than the scan has.
+* ``x`` is a batch (N,C,H,W) of clean images in [0,1] on ``oracle.device``;
+  ``y`` the (N,) true labels. Row i of ``x`` is sample i of the oracle.
+* ``eps`` is the radius for fixed-ε attacks (in ``self.norm``); minimum-norm
+  attacks ignore it, except that they may stop a sample early once below it.
+* ``seed`` seeds a private ``torch.Generator``: same seed, same result.
+* The query budget, if any, lives in the oracle (``oracle.budget``,
+  ``oracle.remaining()``); an attack must never ask for more.
+
+The result follows Foolbox 3: ``x_adv``, a per-sample ``success`` mask and
+per-sample ``queries``. The harness clips and re-verifies every example on the
+real runtime; it never trusts ``success``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..access import Access
+from ..oracles import GradientOracle, LabelOracle, ScoreOracle
+
+ORACLE_ACCESS: dict[type, Access] = {
+    GradientOracle: Access.WHITE_BOX,
+    ScoreOracle: Access.SOFT_LABEL,
+    LabelOracle: Access.HARD_LABEL,
+}
+
+FIXED_EPS = "fixed-eps"
+MIN_NORM = "min-norm"
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack claims. ``queries`` counts the attack's own oracle calls."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    queries: torch.Tensor
+    trace: list[tuple[int, torch.Tensor]] | None = None
+    """Optional (queries spent, best distortion per sample) checkpoints."""
+
+
+@dataclass(frozen=True)
+class Attack(abc.ABC):
+    """Base class: subclasses are frozen dataclasses with a ``norm`` field."""
+
+    name: ClassVar[str]
+    oracle: ClassVar[type]
+    kind: ClassVar[str]
+    norms: ClassVar[tuple[str, ...]]
+    paper: ClassVar[str]
+
+    @property
+    def access(self) -> Access:
+        return ORACLE_ACCESS[self.oracle]
+
+    @property
+    def label(self) -> str:
+        """The name used in results and on the command line, e.g. ``pgd-linf``."""
+        return f"{self.name}-{self.norm}"  # type: ignore[attr-defined]
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @abc.abstractmethod
+    def __call__(
+        self, oracle, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None, seed: int = 0
+    ) -> AttackResult: ...
+
+
+def distortion(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample size of a perturbation batch in ``norm``."""
+    flat = delta.flatten(1)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l2":
+        return flat.norm(dim=1)
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project ``x_adv`` onto the ε-ball around ``x`` intersected with [0,1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    elif norm == "l2":
+        size = distortion(delta, "l2").clamp_min(1e-12)
+        factor = (eps / size).clamp(max=1.0)
+        delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private, seeded generator (attacks never touch the global RNG)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen

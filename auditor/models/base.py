@@ -1,0 +1,73 @@
+"""The model adapter contract.
+
+An adapter exposes one thing to the rest of the auditor: a batched function
+from [0,1] images (N,C,H,W float32) to logits (N,K float32), with the
+normalisation (``--mean/--std``) folded in. That function runs on the *real*
+runtime (the onnxruntime session for ONNX files), and it is what verification
+uses. White-box attacks additionally need a differentiable torch module with
+the same logits; an adapter that cannot provide one says why.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..access import Access
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    format: str
+    """One of ``onnx``, ``torchscript``, ``torch-export``, ``state-dict``,
+    ``safetensors``, ``pickle``."""
+    sha256: str
+    input_shape: tuple[int, int, int] | None
+    """(C,H,W) when the artifact declares it; ``None`` when only the data can tell."""
+    num_classes: int | None
+    """K when the artifact declares it; ``None`` when only a forward pass can tell."""
+
+
+class Model(abc.ABC):
+    """A loaded classifier. Subclasses live in ``auditor.models``."""
+
+    info: ModelInfo
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where input tensors should live for the fastest forward pass."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits on the real runtime, without gradients.
+
+        ``x`` is (N,C,H,W) float in [0,1] on any device; the result is (N,K)
+        float32 on the same device as ``x``. Large batches are chunked.
+        """
+
+    @abc.abstractmethod
+    def torch_module(self) -> nn.Module | None:
+        """A differentiable module (normalisation included) with the same
+        logits, in eval mode on ``self.device``, or ``None``."""
+
+    @property
+    @abc.abstractmethod
+    def access_ceiling(self) -> tuple[Access, str]:
+        """The highest access this artifact allows, and why (one sentence)."""
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, folded in front of a model."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std

@@ -1,0 +1,156 @@
+"""Oracles: the only door from an attack to the model.
+
+An attack never sees the model adapter. It receives exactly the oracle its
+threat model allows:
+
+* :class:`GradientOracle` - logits and input gradients (white-box);
+* :class:`ScoreOracle` - probabilities only (soft-label);
+* :class:`LabelOracle` - top-1 labels only (hard-label).
+
+The three classes are unrelated on purpose: a ``LabelOracle`` is not a
+``ScoreOracle`` with less, so no ``isinstance`` or ``super()`` trick reaches
+more than the declared access. The model is held only in a private closure.
+
+Every oracle serves a fixed batch of ``n`` samples. Each query row names the
+sample it belongs to (``idx``); one image through the model is one query for
+that sample. With a ``budget`` the oracle refuses, before running anything, a
+call that would take any sample past it, so budgets are never exceeded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BudgetExceeded(RuntimeError):
+    """A query was refused because a sample would exceed its budget."""
+
+
+class _QueryCounter:
+    """Per-sample query accounting shared by the three oracles."""
+
+    def __init__(self, n: int, budget: int | None, device: torch.device | str = "cpu"):
+        if budget is not None and budget < 0:
+            raise ValueError("budget must be >= 0")
+        self._n = int(n)
+        self._budget = None if budget is None else int(budget)
+        self._device = torch.device(device)
+        self._queries = torch.zeros(self._n, dtype=torch.long)
+
+    @property
+    def n(self) -> int:
+        """Number of samples this oracle serves."""
+        return self._n
+
+    @property
+    def budget(self) -> int | None:
+        """Queries allowed per sample (``None``: unlimited)."""
+        return self._budget
+
+    @property
+    def device(self) -> torch.device:
+        """Device the attack should keep its tensors on."""
+        return self._device
+
+    def queries(self) -> torch.Tensor:
+        """Queries spent so far, per sample (a copy)."""
+        return self._queries.clone()
+
+    def remaining(self) -> torch.Tensor:
+        """Queries each sample may still spend (``2**62`` when unlimited)."""
+        if self._budget is None:
+            return torch.full((self._n,), 2**62, dtype=torch.long)
+        return self._budget - self._queries
+
+    def _rows(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"queries must be a batch (M,C,H,W), got shape {tuple(x.shape)}")
+        if idx is None:
+            if x.shape[0] != self._n:
+                raise ValueError("idx is required when a query batch is not one row per sample")
+            return torch.arange(self._n)
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        if idx.shape != (x.shape[0],):
+            raise ValueError("idx must name one sample per query row")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self._n):
+            raise ValueError("idx out of range")
+        return idx
+
+    def _charge(self, idx: torch.Tensor) -> None:
+        counts = torch.bincount(idx, minlength=self._n)
+        if self._budget is not None:
+            over = (self._queries + counts) > self._budget
+            if over.any():
+                first = int(over.nonzero()[0])
+                raise BudgetExceeded(
+                    f"sample {first} would spend {int(self._queries[first] + counts[first])} "
+                    f"queries, over its budget of {self._budget}"
+                )
+        self._queries += counts
+
+
+class GradientOracle(_QueryCounter):
+    """White-box access: logits and gradients of a per-sample loss.
+
+    One forward (and backward) pass of one image is one query.
+    """
+
+    def __init__(self, module: Forward, n: int, budget: int | None = None, device="cpu"):
+        super().__init__(n, budget, device)
+        self._module = module
+
+    def logits(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self._rows(x, idx)
+        self._charge(rows)
+        with torch.no_grad():
+            return self._module(x).float()
+
+    def loss_grad(
+        self, x: torch.Tensor, loss_fn: PerSampleLoss, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits, d loss_fn(logits).sum() / dx)``.
+
+        ``loss_fn`` maps logits (M,K) to a per-sample loss (M,); the gradient of
+        row m is the gradient of row m's loss only.
+        """
+        rows = self._rows(x, idx)
+        self._charge(rows)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._module(x).float()
+            loss = loss_fn(logits)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return logits.detach(), grad.detach()
+
+
+class ScoreOracle(_QueryCounter):
+    """Soft-label access: class probabilities, nothing else."""
+
+    def __init__(self, probabilities: Forward, n: int, budget: int | None = None, device="cpu"):
+        super().__init__(n, budget, device)
+        self._probabilities = probabilities
+
+    def probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self._rows(x, idx)
+        self._charge(rows)
+        with torch.no_grad():
+            return self._probabilities(x.detach()).float()
+
+
+class LabelOracle(_QueryCounter):
+    """Hard-label access: the top-1 label, nothing else."""
+
+    def __init__(self, labels: Forward, n: int, budget: int | None = None, device="cpu"):
+        super().__init__(n, budget, device)
+        self._labels = labels
+
+    def labels(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self._rows(x, idx)
+        self._charge(rows)
+        with torch.no_grad():
+            return self._labels(x.detach()).long()

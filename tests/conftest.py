@@ -1,0 +1,58 @@
+"""Shared fixtures: the built-in data and tiny models, trained once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from auditor.data.builtin import mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_ONNX = ROOT / "examples" / "mnist_cnn.onnx"
+
+
+def tiny_cnn_arch() -> nn.Module:
+    """A small CNN for MNIST (1x28x28 -> 10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 10),
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_train():
+    return mnist("train")
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    return mnist("test")
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(mnist_train) -> nn.Module:
+    """A tiny CNN trained for two epochs (about 90 % test accuracy, not robust)."""
+    torch.manual_seed(0)
+    model = tiny_cnn_arch()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = mnist_train.x, mnist_train.y
+    for _ in range(2):
+        for i in range(0, len(y), 100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def example_onnx() -> Path:
+    """The committed example model (examples/train_mnist.py writes it)."""
+    assert EXAMPLE_ONNX.exists(), "run examples/train_mnist.py to create the example model"
+    return EXAMPLE_ONNX
