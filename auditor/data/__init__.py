@@ -1,0 +1,27 @@
+"""Loading the labelled images a scan runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AuditError
+from .arrays import load_npz
+from .base import Dataset
+from .builtin import mnist
+from .folder import load_folder
+
+__all__ = ["Dataset", "load_data", "load_folder", "load_npz", "mnist"]
+
+
+def load_data(spec: str, split: str = "test") -> Dataset:
+    """``mnist`` (the built-in set, split ``split``), an image folder or a ``.npz`` file.
+
+    ``split`` only applies to ``mnist``; other sources are used whole.
+    """
+    if spec == "mnist":
+        return mnist(split)
+    if Path(spec).is_dir():
+        return load_folder(spec)
+    if spec.lower().endswith(".npz"):
+        return load_npz(spec)
+    raise AuditError(f"unknown data {spec!r}: use mnist, a .npz file or an image folder")

@@ -1,0 +1,222 @@
+"""Loading model artifacts and checking them against a data set.
+
+:func:`load_model` recognises the format from the file name and contents and
+hands the file to that format's loader; :func:`check_model_on_data` makes sure
+the model and the data fit before any attack runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.base import Dataset
+from ..errors import AuditError
+from .base import Model, ModelInfo, Normalize
+from .onnxrt import OnnxModel, external_data_files, load_onnx
+from .pytorch import (
+    TorchModel,
+    load_export,
+    load_safetensors,
+    load_torch_save,
+    load_torchscript,
+    short_reason,
+)
+
+__all__ = [
+    "Model",
+    "ModelInfo",
+    "ModelRequest",
+    "Normalize",
+    "OnnxModel",
+    "TorchModel",
+    "check_model_on_data",
+    "detect_format",
+    "load_model",
+]
+
+logger = logging.getLogger(__name__)
+
+SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "torch-export", ".safetensors": "safetensors"}
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
+"""The first opcode of a pickle of protocol 2 or later."""
+WEIGHTS_FORMATS = ("state-dict", "safetensors")
+CHECK_SAMPLES = 16
+"""Images run through the model by :func:`check_model_on_data`."""
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a format loader needs: the file and the user's options."""
+
+    path: str
+    """The path as given, for messages and :class:`ModelInfo`."""
+    file: Path
+    sha256: str
+    arch: str | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    trust_pickle: bool
+    device: str
+
+
+LOADERS: dict[str, Callable[[ModelRequest], Model]] = {
+    "onnx": load_onnx,
+    "torchscript": load_torchscript,
+    "torch-export": load_export,
+    "safetensors": load_safetensors,
+    "torch-save": load_torch_save,
+}
+"""Format -> loader; ``torch-save`` yields the ``state-dict`` or ``pickle`` format."""
+
+
+def detect_format(file: Path, path: str) -> str:
+    """The loader format of ``file``: by extension, else by its contents.
+
+    TorchScript and ``torch.save`` files are both zip archives; TorchScript
+    ones hold ``constants.pkl`` and a ``code/`` folder. A file starting with a
+    pickle opcode is a legacy (pre-zip) ``torch.save`` file; a damaged zip is
+    left to ``torch.load`` to report.
+    """
+    fmt = SUFFIX_FORMATS.get(file.suffix.lower())
+    if fmt is not None:
+        return fmt
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as archive:
+            inner = [name.partition("/")[2] for name in archive.namelist()]
+        if any(name == "constants.pkl" or name.startswith("code/") for name in inner):
+            return "torchscript"
+        return "torch-save"
+    with file.open("rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        return "torch-save"
+    raise AuditError(
+        f"model {path}: not a recognised model file "
+        "(expected ONNX, TorchScript, torch.export .pt2, safetensors or torch.save)"
+    )
+
+
+def _sha256(files: Iterable[Path]) -> str:
+    """One SHA-256 over the bytes of ``files``, in order."""
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _normalisation(
+    mean: Iterable[float] | None, std: Iterable[float] | None
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Validated ``(mean, std)``; a missing one defaults to 0 (mean) or 1 (std)."""
+    if mean is None and std is None:
+        return None, None
+    mean = (0.0,) if mean is None else tuple(float(value) for value in mean)
+    std = (1.0,) if std is None else tuple(float(value) for value in std)
+    if not mean or not std:
+        raise AuditError("--mean and --std need at least one value each")
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise AuditError(f"--mean has {len(mean)} values but --std has {len(std)}")
+    if any(value <= 0 for value in std):
+        raise AuditError(f"--std values must be positive, got {std}")
+    return mean, std
+
+
+def _check_channels(model: Model, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """``--mean``/``--std`` have one value or one per channel of the model's input."""
+    channels = model.info.input_shape[0] if model.info.input_shape else None
+    if channels is None:
+        return
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            raise AuditError(
+                f"{flag} has {len(values)} values but model {model.info.path} takes {channels} channel(s)"
+            )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    mean: Iterable[float] | None = None,
+    std: Iterable[float] | None = None,
+    trust_pickle: bool = False,
+    device: str = "auto",
+) -> Model:
+    """Load a model artifact as a :class:`Model`.
+
+    ``arch`` (``module:factory`` or ``file.py:factory``) builds the module
+    for weights files; ``mean``/``std`` fold input normalisation into the
+    model; ``trust_pickle`` allows unpickling whole modules (which runs
+    arbitrary code from the file). ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
+    """
+    shown = str(path)
+    file = Path(path)
+    if not file.exists():
+        raise AuditError(f"model {shown}: file not found")
+    if not file.is_file():
+        raise AuditError(f"model {shown} is not a file")
+    if file.stat().st_size == 0:
+        raise AuditError(f"model {shown} is empty")
+    mean, std = _normalisation(mean, std)
+    fmt = detect_format(file, shown)
+    files = [file, *external_data_files(file, shown)] if fmt == "onnx" else [file]
+    request = ModelRequest(
+        path=shown,
+        file=file,
+        sha256=_sha256(files),
+        arch=arch,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+        device=device,
+    )
+    model = LOADERS[fmt](request)
+    if mean is not None:
+        _check_channels(model, mean, std)
+    if arch is not None and model.info.format not in WEIGHTS_FORMATS:
+        logger.warning("--arch is ignored: model %s is a %s file, not a weights file", shown, model.info.format)
+    logger.info("loaded model %s (%s, sha256 %s)", shown, model.info.format, model.info.sha256[:12])
+    return model
+
+
+def check_model_on_data(model: Model, dataset: Dataset) -> int:
+    """Check that ``model`` fits ``dataset`` and return its number of classes.
+
+    Compares the declared input shape with the images, runs the first few
+    images through the model and checks the logits: (N, K), finite, and K
+    larger than every label.
+    """
+    declared = model.info.input_shape
+    actual = tuple(dataset.x.shape[1:])
+    if declared is not None and (
+        len(declared) != len(actual)
+        or any(want is not None and want != got for want, got in zip(declared, actual))
+    ):
+        raise AuditError(f"model expects input {declared} but data has {actual}")
+    sample = dataset.x[:CHECK_SAMPLES]
+    try:
+        logits = model.forward(sample)
+    except Exception as exc:
+        raise AuditError(f"model failed on the data: {short_reason(exc)}") from exc
+    if logits.ndim != 2 or logits.shape[0] != len(sample):
+        raise AuditError(
+            f"model returned outputs of shape {tuple(logits.shape)} for {len(sample)} images; "
+            "expected (images, classes)"
+        )
+    if logits.isnan().any():
+        raise AuditError("model returned NaN outputs on the data")
+    if logits.isinf().any():
+        raise AuditError("model returned infinite outputs on the data")
+    num_classes = int(logits.shape[1])
+    top_label = int(dataset.y.max())
+    if num_classes <= top_label:
+        raise AuditError(f"model has {num_classes} classes but the labels go up to {top_label}")
+    return num_classes

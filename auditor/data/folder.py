@@ -1,0 +1,47 @@
+"""Labelled images from a folder with one subfolder per class (``ImageFolder`` layout).
+
+Classes are the sorted subfolder names, labelled 0, 1, ... Grayscale images
+keep one channel; all others are read as RGB. All images must have the same
+shape, since the auditor evaluates them as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from ..errors import AuditError
+from .base import Dataset
+
+logger = logging.getLogger(__name__)
+
+GRAYSCALE_MODES = ("1", "L", "LA")
+
+
+def _open(path: str) -> Image.Image:
+    """The image at ``path``: single-channel if it is grayscale, else RGB."""
+    with Image.open(path) as image:
+        return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
+
+
+def load_folder(path: str | Path) -> Dataset:
+    """All images under ``path/<class>/``; the name is ``path`` as given."""
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    try:
+        folder = ImageFolder(str(path), transform=to_tensor, loader=_open)
+    except FileNotFoundError as exc:
+        raise AuditError(f"data folder {path} contains no images") from exc
+    try:
+        x, y = next(iter(DataLoader(folder, batch_size=len(folder))))
+    except RuntimeError as exc:
+        raise AuditError(f"data folder {path}: images must all have the same shape ({exc})") from exc
+    except OSError as exc:
+        raise AuditError(f"data folder {path}: cannot read an image ({exc})") from exc
+    logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
+    return Dataset(name=str(path), x=x, y=y)

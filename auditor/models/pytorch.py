@@ -1,0 +1,309 @@
+"""PyTorch adapters: TorchScript, ``torch.export`` programs, weights files and pickles.
+
+Every torch artifact ends up as one :class:`TorchModel` around an
+``nn.Module``; the loaders below differ only in how they obtain the module.
+Weights files (``state_dict`` and safetensors) need the architecture, given as
+``--arch module:factory``. Pickled modules run arbitrary code when loaded, so
+they are refused unless the user passes ``--trust-pickle``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..access import Access
+from ..errors import AuditError
+from .base import Model, ModelInfo, Normalize
+
+if TYPE_CHECKING:
+    from . import ModelRequest
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1024
+"""Rows per forward call."""
+
+DESCRIPTIONS = {
+    "torchscript": "PyTorch TorchScript program",
+    "torch-export": "PyTorch torch.export program",
+    "state-dict": "PyTorch state_dict with --arch",
+    "safetensors": "safetensors weights with --arch",
+    "pickle": "pickled PyTorch module",
+}
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """The text of ``exc`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise AuditError(f"--device {device}: {short_reason(exc)}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise AuditError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def run_chunked(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int, fixed_batch: bool
+) -> torch.Tensor:
+    """``fn`` applied to ``x`` in chunks of ``chunk`` rows, concatenated.
+
+    With ``fixed_batch`` the graph only accepts exactly ``chunk`` rows, so a
+    short last chunk is padded with zeros and the padding rows are dropped.
+    """
+    outputs = []
+    for part in x.split(chunk):
+        rows = len(part)
+        if fixed_batch and rows < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - rows, *part.shape[1:]))])
+        outputs.append(fn(part)[:rows])
+    return torch.cat(outputs)
+
+
+class _ExportedModule(nn.Module):
+    """Holds the module of a ``torch.export`` program.
+
+    Such a module refuses ``train()``/``eval()``: its mode was fixed when it
+    was exported. This wrapper makes both a no-op, so it can sit inside an
+    ``nn.Sequential`` that callers put in eval mode.
+    """
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> _ExportedModule:
+        """Record ``mode``; the exported graph keeps the mode it was exported in."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+class TorchModel(Model):
+    """An ``nn.Module`` (normalisation folded in front) in eval mode on ``device``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        info: ModelInfo,
+        *,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        device: str = "auto",
+        fixed_batch: int | None = None,
+    ):
+        """``fixed_batch`` is the batch size the module only accepts, if any."""
+        self.info = info
+        self._device = resolve_device(device)
+        if mean is not None and std is not None:
+            module = nn.Sequential(Normalize(mean, std), module)
+        self._module = module.eval().to(self._device)
+        self._chunk = fixed_batch or CHUNK
+        self._fixed_batch = fixed_batch is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def run(part: torch.Tensor) -> torch.Tensor:
+            return self._module(part.to(self._device, torch.float32)).float().to(x.device)
+
+        return run_chunked(run, x, self._chunk, self._fixed_batch)
+
+    def torch_module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def access_ceiling(self) -> tuple[Access, str]:
+        return Access.WHITE_BOX, f"{DESCRIPTIONS[self.info.format]}: gradients available"
+
+
+def _info(
+    request: ModelRequest,
+    fmt: str,
+    input_shape: tuple[int | None, ...] | None = None,
+    num_classes: int | None = None,
+) -> ModelInfo:
+    """The :class:`ModelInfo` of a loaded artifact."""
+    return ModelInfo(
+        path=request.path,
+        format=fmt,
+        sha256=request.sha256,
+        input_shape=input_shape,
+        num_classes=num_classes,
+    )
+
+
+def _model(
+    request: ModelRequest, module: nn.Module, info: ModelInfo, fixed_batch: int | None = None
+) -> TorchModel:
+    """The :class:`TorchModel` of ``module`` with the request's normalisation and device."""
+    return TorchModel(
+        module,
+        info,
+        mean=request.mean,
+        std=request.std,
+        device=request.device,
+        fixed_batch=fixed_batch,
+    )
+
+
+def load_torchscript(request: ModelRequest) -> TorchModel:
+    """A TorchScript archive (``torch.jit.save``)."""
+    try:
+        module = torch.jit.load(str(request.file), map_location="cpu")
+    except Exception as exc:
+        raise AuditError(
+            f"model {request.path}: not a readable TorchScript file ({short_reason(exc)})"
+        ) from exc
+    return _model(request, module, _info(request, "torchscript"))
+
+
+def _static(dim: int | torch.SymInt) -> int | None:
+    """A static dimension as an int; ``None`` for a symbolic one."""
+    return dim if isinstance(dim, int) else None
+
+
+def load_export(request: ModelRequest) -> TorchModel:
+    """A ``torch.export`` program (``.pt2``); shapes come from its graph.
+
+    A program exported with a static batch size runs in chunks of exactly
+    that size (see :func:`run_chunked`).
+    """
+    if not zipfile.is_zipfile(request.file):
+        raise AuditError(f"model {request.path}: not a readable torch.export program (not a zip archive)")
+    try:
+        program = torch.export.load(str(request.file))
+    except Exception as exc:
+        raise AuditError(
+            f"model {request.path}: not a readable torch.export program ({short_reason(exc)})"
+        ) from exc
+    user_inputs = program.graph_signature.user_inputs
+    if len(user_inputs) != 1:
+        raise AuditError(
+            f"model {request.path} takes {len(user_inputs)} inputs; the auditor needs exactly one image input"
+        )
+    nodes = {node.name: node for node in program.graph.nodes}
+    shape = tuple(nodes[user_inputs[0]].meta["val"].shape)
+    if len(shape) != 4:
+        raise AuditError(f"model {request.path} takes a {len(shape)}-D input; expected (N, C, H, W)")
+    output = next(node for node in program.graph.nodes if node.op == "output").meta.get("val")
+    num_classes = _static(output[0].shape[-1]) if output and output[0].ndim == 2 else None
+    input_shape = tuple(_static(dim) for dim in shape[1:])
+    fixed_batch = _static(shape[0])
+    if fixed_batch is not None:
+        logger.warning("model %s was exported with a fixed batch size of %d", request.path, fixed_batch)
+    known = any(dim is not None for dim in input_shape)
+    info = _info(request, "torch-export", input_shape if known else None, num_classes)
+    return _model(request, _ExportedModule(program.module()), info, fixed_batch)
+
+
+def _import(module_name: str):
+    """Import a dotted module name (the working directory is searched) or a .py file."""
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(module_name).stem}", module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
+
+
+def build_arch(arch: str) -> nn.Module:
+    """The ``nn.Module`` built by ``factory()`` of ``arch = "module:factory"``."""
+    module_name, _, factory_name = arch.rpartition(":")
+    if not module_name or not factory_name:
+        raise AuditError(f"--arch {arch}: expected module:factory, e.g. examples.mnist_cnn:build")
+    try:
+        module = _import(module_name)
+    except Exception as exc:
+        raise AuditError(f"--arch {arch}: cannot import {module_name} ({short_reason(exc)})") from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
+    try:
+        built = factory()
+    except Exception as exc:
+        raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
+    if not isinstance(built, nn.Module):
+        raise AuditError(f"--arch {arch}: {factory_name}() returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _from_weights(request: ModelRequest, state_dict: Mapping, fmt: str) -> TorchModel:
+    """Build ``--arch`` and load ``state_dict`` into it (strictly)."""
+    if request.arch is None:
+        raise AuditError(f"model {request.path} is a weights file: pass --arch module:factory")
+    module = build_arch(request.arch)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except Exception as exc:
+        raise AuditError(
+            f"model {request.path} does not fit --arch {request.arch}: {short_reason(exc)}"
+        ) from exc
+    return _model(request, module, _info(request, fmt))
+
+
+def load_safetensors(request: ModelRequest) -> TorchModel:
+    """A safetensors weights file plus ``--arch``."""
+    try:
+        state_dict = load_file(str(request.file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AuditError(
+            f"model {request.path}: not a readable safetensors file ({short_reason(exc)})"
+        ) from exc
+    return _from_weights(request, state_dict, "safetensors")
+
+
+def _torch_load(request: ModelRequest):
+    """``torch.load`` of the file; full unpickling only with ``trust_pickle``."""
+    try:
+        return torch.load(request.file, map_location="cpu", weights_only=not request.trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if request.trust_pickle:
+            raise AuditError(f"model {request.path}: cannot unpickle ({short_reason(exc)})") from exc
+        raise AuditError(
+            f"model {request.path} contains pickled code/objects and was refused; "
+            "pass --trust-pickle only if you trust its source"
+        ) from exc
+    except Exception as exc:
+        raise AuditError(f"model {request.path}: not a readable PyTorch file ({short_reason(exc)})") from exc
+
+
+def load_torch_save(request: ModelRequest) -> TorchModel:
+    """A ``torch.save`` file: a ``state_dict`` (plus ``--arch``) or, trusted, a whole module."""
+    loaded = _torch_load(request)
+    if isinstance(loaded, nn.Module):
+        return _model(request, loaded, _info(request, "pickle"))
+    if isinstance(loaded, Mapping) and all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        return _from_weights(request, loaded, "state-dict")
+    raise AuditError(
+        f"model {request.path} holds a {type(loaded).__name__}, not a state_dict of tensors or an nn.Module"
+    )

@@ -1,0 +1,144 @@
+"""Data loading: the built-in split, .npz files, image folders and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from auditor.data import load_data, load_folder, load_npz
+from auditor.data.base import Dataset
+from auditor.errors import AuditError
+
+
+def _message(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_mnist_splits_are_fixed_and_disjoint(mnist_train, mnist_test):
+    assert (len(mnist_train), len(mnist_test)) == (4000, 1000)
+    assert mnist_test.x.shape == (1000, 1, 28, 28)
+    both = torch.cat([mnist_train.x, mnist_test.x]).flatten(1)
+    assert len(torch.unique(both, dim=0)) == 5000
+    assert load_data("mnist").sha256 == mnist_test.sha256
+
+
+def test_balanced_indices(mnist_test):
+    picked = mnist_test.balanced_indices(100)
+    assert torch.equal(picked, mnist_test.balanced_indices(100))
+    assert torch.equal(picked, picked.sort().values)
+    assert torch.bincount(mnist_test.y[picked]).tolist() == [10] * 10
+    assert len(mnist_test.balanced_indices(None)) == 1000
+
+
+def test_npz_nchw_float(tmp_path):
+    x = np.random.RandomState(0).rand(6, 3, 8, 8).astype(np.float32)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.arange(6))
+    data = load_data(str(path))
+    assert data.name == str(path)
+    assert data.x.dtype == torch.float32 and data.y.dtype == torch.int64
+    assert torch.equal(data.x, torch.from_numpy(x))
+    assert data.y.tolist() == list(range(6))
+
+
+def test_npz_nhwc_uint8(tmp_path):
+    x = np.random.RandomState(0).randint(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=np.array([0, 1, 1, 0]))
+    data = load_npz(path)
+    assert data.x.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(data.x, torch.from_numpy(x.transpose(0, 3, 1, 2) / 255.0).float())
+
+
+def test_npz_single_channel(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.full((5, 28, 28), 255, np.uint8), y=np.zeros(5, np.int32))
+    data = load_npz(path)
+    assert data.x.shape == (5, 1, 28, 28)
+    assert data.x.max() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"x": np.zeros((2, 1, 4, 4), np.float32)}, "missing array 'y'"),
+        ({"y": np.zeros(2, np.int64)}, "missing array 'x'"),
+        ({"x": np.full((2, 1, 4, 4), 2.0), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
+        ({"x": np.full((2, 1, 4, 4), np.nan), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
+        ({"x": np.zeros((3, 1, 4, 4)), "y": np.zeros(2, np.int64)}, "x and y lengths differ"),
+        ({"x": np.zeros((2, 4)), "y": np.zeros(2, np.int64)}, "x has shape"),
+        ({"x": np.zeros((2, 1, 4, 4), np.int64), "y": np.zeros(2, np.int64)}, "x must be float"),
+        ({"x": np.zeros((2, 1, 4, 4)), "y": np.zeros(2)}, "y must be a 1-D integer array"),
+        ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([0, -1])}, "y has negative labels"),
+        ({"x": np.zeros((0, 1, 4, 4)), "y": np.zeros(0, np.int64)}, "contains no images"),
+        ({"x": np.array([None, 1], dtype=object), "y": np.zeros(2, np.int64)}, "cannot read its arrays"),
+    ],
+)
+def test_npz_malformed(tmp_path, arrays, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(AuditError, match=f"data {path}: {match}") as excinfo:
+        load_npz(path)
+    _message(excinfo)
+
+
+def test_npz_not_an_archive(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"definitely not numpy")
+    single = tmp_path / "single.npz"
+    with single.open("wb") as handle:
+        np.save(handle, np.zeros(3))
+    for path in (garbage, single):
+        with pytest.raises(AuditError, match="not a valid .npz file"):
+            load_npz(path)
+    with pytest.raises(AuditError, match="file not found"):
+        load_data(str(tmp_path / "missing.npz"))
+
+
+def _png(path, value: int, size: int = 8, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), value if mode == "L" else (value,) * 3).save(path)
+
+
+def test_image_folder(tmp_path):
+    _png(tmp_path / "dog" / "a.png", 255)
+    _png(tmp_path / "cat" / "a.png", 0)
+    _png(tmp_path / "cat" / "b.png", 51)
+    data = load_data(str(tmp_path))
+    assert isinstance(data, Dataset) and data.name == str(tmp_path)
+    assert data.x.shape == (3, 1, 8, 8) and data.x.dtype == torch.float32
+    assert data.y.tolist() == [0, 0, 1]
+    torch.testing.assert_close(data.x.amax(dim=(1, 2, 3)), torch.tensor([0.0, 0.2, 1.0]))
+
+
+def test_image_folder_rgb(tmp_path):
+    _png(tmp_path / "a" / "x.png", 255, mode="RGB")
+    _png(tmp_path / "b" / "x.png", 0, mode="RGB")
+    data = load_folder(tmp_path)
+    assert data.x.shape == (2, 3, 8, 8)
+
+
+def test_image_folder_mixed_sizes(tmp_path):
+    _png(tmp_path / "a" / "x.png", 0, size=8)
+    _png(tmp_path / "b" / "x.png", 0, size=16)
+    with pytest.raises(AuditError, match="must all have the same shape") as excinfo:
+        load_folder(tmp_path)
+    _message(excinfo)
+
+
+def test_empty_image_folders(tmp_path):
+    with pytest.raises(AuditError, match="contains no images"):
+        load_data(str(tmp_path))
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("no images here")
+    with pytest.raises(AuditError, match="contains no images"):
+        load_folder(tmp_path)
+
+
+def test_unknown_data_spec():
+    with pytest.raises(AuditError, match="unknown data 'cifar10': use mnist, a .npz file or an image folder"):
+        load_data("cifar10")

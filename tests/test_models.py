@@ -1,0 +1,312 @@
+"""Model loading: every format agrees with the torch module, and bad input is a one-line AuditError."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from auditor.access import Access
+from auditor.data.base import Dataset
+from auditor.errors import AuditError
+from auditor.models import ModelInfo, TorchModel, check_model_on_data, load_model
+
+ARCH_SOURCE = '''
+from torch import nn
+
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 10),
+    )
+
+
+def not_a_module():
+    return 42
+'''
+
+
+class PickledNet(nn.Module):
+    """A whole module saved with ``torch.save(model)`` (importable, so it can be unpickled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class NanNet(nn.Module):
+    """Returns NaN logits of the right shape."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * float("nan")
+
+
+class Payload:
+    """Creates ``marker`` when unpickled: stands in for malicious code in a pickle."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def _message(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def _wrap(module: nn.Module) -> TorchModel:
+    info = ModelInfo(path="test", format="pickle", sha256="", input_shape=None, num_classes=None)
+    return TorchModel(module, info, device="cpu")
+
+
+@pytest.fixture
+def images(mnist_test) -> torch.Tensor:
+    return mnist_test.x[:50]
+
+
+@pytest.fixture
+def expected(tiny_cnn, images) -> torch.Tensor:
+    with torch.no_grad():
+        return tiny_cnn(images)
+
+
+@pytest.fixture
+def arch_file(tmp_path, monkeypatch) -> pathlib.Path:
+    """``tiny_arch.py`` (a ``build()`` for the tiny CNN), importable as ``tiny_arch``."""
+    path = tmp_path / "tiny_arch.py"
+    path.write_text(ARCH_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "export_kwargs",
+    [
+        pytest.param({"dynamo": False}, id="torchscript-exporter-fixed-batch"),
+        pytest.param({}, id="dynamo-exporter-fixed-batch"),
+        pytest.param({"dynamic_shapes": ({0: "batch"},)}, id="dynamo-exporter-dynamic-batch"),
+    ],
+)
+def test_onnx_matches_torch(tiny_cnn, images, expected, tmp_path, export_kwargs):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(3, 1, 28, 28),), str(path), **export_kwargs)
+    model = load_model(path)
+    assert model.info.format == "onnx"
+    assert model.info.input_shape == (1, 28, 28)
+    assert model.info.num_classes == 10
+    assert model.access_ceiling[0] == Access.SOFT_LABEL
+    assert model.torch_module() is None
+    logits = model.forward(images)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_onnx_input_dtype(images, tmp_path, dtype):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).to(dtype)
+    path = tmp_path / "linear.onnx"
+    example = torch.rand(2, 1, 28, 28, dtype=dtype)
+    torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    logits = load_model(path).forward(images)
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net(images.to(dtype)).float())
+
+
+def test_onnx_hash_covers_external_data(tiny_cnn, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(2, 1, 28, 28),), str(path), external_data=True)
+    side = tmp_path / "tiny.onnx.data"
+    before = load_model(path).info.sha256
+    side.write_bytes(side.read_bytes()[:-4] + b"\0\0\0\0")
+    assert load_model(path).info.sha256 != before
+    side.unlink()
+    with pytest.raises(AuditError, match="external data file"):
+        load_model(path)
+
+
+def test_onnx_normalisation_is_folded_in(tiny_cnn, images, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(1, 1, 28, 28),), str(path), dynamo=False)
+    model = load_model(path, mean=(0.1307,), std=(0.3081,))
+    with torch.no_grad():
+        manual = tiny_cnn((images - 0.1307) / 0.3081)
+    torch.testing.assert_close(model.forward(images), manual, atol=1e-4, rtol=1e-4)
+    with pytest.raises(AuditError, match="--mean has 3 values but model .* takes 1 channel"):
+        load_model(path, mean=(0.5, 0.5, 0.5), std=(0.2,))
+
+
+def test_torchscript(tiny_cnn, images, expected, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(tiny_cnn, images[:2]), str(path))
+    model = load_model(path, device="cpu")
+    assert model.info.format == "torchscript"
+    assert model.access_ceiling[0] == Access.WHITE_BOX
+    torch.testing.assert_close(model.forward(images), expected, atol=1e-5, rtol=1e-5)
+    x = images[:4].clone().requires_grad_(True)
+    model.torch_module()(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "fixed-batch"])
+def test_torch_export(tiny_cnn, images, expected, tmp_path, dynamic):
+    path = tmp_path / "tiny.pt2"
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    torch.export.save(torch.export.export(tiny_cnn, (images[:3],), dynamic_shapes=shapes), str(path))
+    model = load_model(path, mean=(0.0,), std=(1.0,), device="cpu")
+    assert model.info.format == "torch-export"
+    assert model.info.input_shape == (1, 28, 28)
+    assert model.info.num_classes == 10
+    torch.testing.assert_close(model.forward(images), expected, atol=1e-5, rtol=1e-5)
+    model.torch_module().eval()
+
+
+def test_state_dict_with_arch(tiny_cnn, images, expected, tmp_path, arch_file):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_cnn.state_dict(), path)
+    model = load_model(path, arch="tiny_arch:build", device="cpu")
+    assert model.info.format == "state-dict"
+    assert model.info.input_shape is None
+    torch.testing.assert_close(model.forward(images), expected)
+    with pytest.raises(AuditError, match="is a weights file: pass --arch module:factory"):
+        load_model(path)
+
+
+def test_safetensors_with_arch_file(tiny_cnn, images, expected, tmp_path, arch_file):
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_cnn.state_dict(), str(path))
+    model = load_model(path, arch=f"{arch_file}:build", device="cpu")
+    assert model.info.format == "safetensors"
+    torch.testing.assert_close(model.forward(images), expected)
+
+
+@pytest.mark.parametrize(
+    ("arch", "match"),
+    [
+        ("tiny_arch", "expected module:factory"),
+        ("no_such_module_xyz:build", "cannot import no_such_module_xyz"),
+        ("tiny_arch:missing", "has no function missing"),
+        ("tiny_arch:not_a_module", "returned int, not an nn.Module"),
+    ],
+)
+def test_bad_arch(tiny_cnn, tmp_path, arch_file, arch, match):
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_cnn.state_dict(), str(path))
+    with pytest.raises(AuditError, match=match) as excinfo:
+        load_model(path, arch=arch)
+    _message(excinfo)
+
+
+def test_weights_that_do_not_fit_the_arch(tmp_path, arch_file):
+    path = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(AuditError, match="does not fit --arch tiny_arch:build") as excinfo:
+        load_model(path, arch="tiny_arch:build")
+    _message(excinfo)
+
+
+def test_normalisation_is_folded_in(tiny_cnn, images, tmp_path, arch_file):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_cnn.state_dict(), path)
+    model = load_model(path, arch="tiny_arch:build", mean=[0.5], std=[0.25], device="cpu")
+    with torch.no_grad():
+        manual = tiny_cnn((images - 0.5) / 0.25)
+    torch.testing.assert_close(model.forward(images), manual)
+    torch.testing.assert_close(model.torch_module()(images), manual)
+
+
+@pytest.mark.parametrize(("mean", "std"), [((0.5, 0.5), (0.1, 0.2, 0.3)), ((0.5,), (0.0,)), ((), (1.0,))])
+def test_bad_normalisation(tmp_path, mean, std):
+    path = tmp_path / "any.pt"
+    path.write_bytes(b"anything")
+    with pytest.raises(AuditError, match="--mean|--std"):
+        load_model(path, mean=mean, std=std)
+
+
+def test_pickle_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    zipped, legacy = tmp_path / "evil.pt", tmp_path / "evil_legacy.pt"
+    torch.save({"weight": Payload(marker)}, zipped)
+    legacy.write_bytes(pickle.dumps({"weight": Payload(marker)}))
+    for path in (zipped, legacy):
+        with pytest.raises(AuditError, match="pickled code/objects and was refused.*--trust-pickle") as excinfo:
+            load_model(path, arch="anything:build")
+        _message(excinfo)
+    assert not marker.exists()
+
+
+def test_pickled_module_needs_trust(images, tmp_path):
+    torch.manual_seed(0)
+    net = PickledNet().eval()
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    with pytest.raises(AuditError, match="refused"):
+        load_model(path)
+    model = load_model(path, trust_pickle=True, device="cpu")
+    assert model.info.format == "pickle"
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward(images), net(images))
+
+
+@pytest.mark.parametrize("name", ["bad.onnx", "bad.pt", "bad.pt2", "bad.safetensors", "bad.bin"])
+def test_corrupt_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not a model at all" * 10)
+    with pytest.raises(AuditError, match=f"model {path}") as excinfo:
+        load_model(path, arch="tiny_arch:build")
+    _message(excinfo)
+
+
+def test_empty_and_missing_file(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(AuditError, match="is empty"):
+        load_model(empty)
+    with pytest.raises(AuditError, match="file not found"):
+        load_model(tmp_path / "missing.onnx")
+
+
+def test_check_model_on_data(tiny_cnn, mnist_test):
+    assert check_model_on_data(_wrap(tiny_cnn), mnist_test) == 10
+
+
+def test_check_shape_mismatch(tiny_cnn, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(1, 1, 28, 28),), str(path), dynamo=False)
+    rgb = Dataset(name="rgb", x=torch.rand(4, 3, 32, 32), y=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(AuditError, match=r"model expects input \(1, 28, 28\) but data has \(3, 32, 32\)"):
+        check_model_on_data(load_model(path), rgb)
+
+
+def test_check_too_few_classes(mnist_test):
+    five = _wrap(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 5)))
+    with pytest.raises(AuditError, match="model has 5 classes but the labels go up to 9"):
+        check_model_on_data(five, mnist_test)
+
+
+def test_check_nan_outputs(mnist_test):
+    with pytest.raises(AuditError, match="model returned NaN outputs on the data"):
+        check_model_on_data(_wrap(NanNet()), mnist_test)
+
+
+def test_check_model_failure_and_bad_output(mnist_test):
+    with pytest.raises(AuditError, match="model failed on the data: ") as excinfo:
+        check_model_on_data(_wrap(nn.Linear(3, 2)), mnist_test)
+    _message(excinfo)
+    with pytest.raises(AuditError, match=r"outputs of shape \(16,\)"):
+        check_model_on_data(_wrap(nn.Flatten(0)), Dataset("flat", torch.rand(16, 1, 1, 1), torch.zeros(16).long()))
