@@ -1,0 +1,424 @@
+"""Turn a results dict (``auditor.results/1``) into the view a report renders.
+
+The report is built from ``results.json`` alone, so a results file written on
+another machine renders the same report. Everything the templates show is
+formatted here (percentages, query counts, hashes) and the templates only lay
+it out. Each report section has its own field on :class:`ReportView`; a new
+section is a new field here plus a new partial template.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+
+import matplotlib
+import matplotlib.style
+from markupsafe import Markup
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, PercentFormatter
+
+from ..errors import AuditError
+
+SCHEMA = "auditor.results/1"
+CHECKS_DOC = "docs/checks.md"
+MISSING = "—"
+
+_NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
+_VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
+# Fixed chart settings: with the same matplotlib, the same results give a byte-identical SVG.
+_CHART_RC = {"svg.hashsalt": "auditor-report", "svg.fonttype": "path", "font.size": 9}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One labelled value of a key-value table; ``mono`` for hashes, paths and commands."""
+
+    label: str
+    value: str
+    mono: bool = False
+
+
+@dataclass(frozen=True)
+class Headline:
+    """A headline number on the verdict page."""
+
+    label: str
+    value: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of the audit: PASS / FAIL under a policy, or NOT GATED without one."""
+
+    status: str  # "pass", "fail" or "none"
+    text: str
+    summary: str
+    detail: str
+    policy: str | None
+
+
+@dataclass(frozen=True)
+class RobustRow:
+    """Robust accuracy at one ε over all attacks."""
+
+    eps: str
+    robust_accuracy: str
+    broken: str
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One attack of the cascade, in run order."""
+
+    name: str
+    access: str
+    kind: str
+    norm: str
+    samples: str
+    success_rate: str
+    queries_mean: str
+    queries_median: str
+    queries_p90: str
+    queries_max: str
+    budget: str
+    seconds: str
+    paper: str
+    params: str
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """A sanity check raised during the scan, with a link to its documentation."""
+
+    id: str
+    level: str
+    message: str
+    link: str
+
+
+@dataclass(frozen=True)
+class RequirementRow:
+    """One requirement of the applied policy."""
+
+    id: str
+    description: str
+    passed: bool
+    actual: str
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """The applied policy and its requirements."""
+
+    name: str
+    passed: bool
+    requirements: tuple[RequirementRow, ...]
+
+
+@dataclass(frozen=True)
+class DistortionSummary:
+    """Smallest verified adversarial distortions over the evaluated samples.
+
+    ``broken``, ``clean_errors`` and ``not_broken`` are counts of samples as
+    phrases (``"1 sample"``, ``"40 samples"``).
+    """
+
+    norm: str
+    median: str
+    mean: str
+    broken: str
+    clean_errors: str
+    not_broken: str
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """Everything the report templates show, one field per section."""
+
+    title: str
+    model_name: str
+    date: str
+    verdict: Verdict
+    headlines: tuple[Headline, ...]
+    model: tuple[Field, ...]
+    data: tuple[Field, ...]
+    threat: tuple[Field, ...]
+    robust_rows: tuple[RobustRow, ...]
+    chart_svg: Markup | None
+    distortion: DistortionSummary
+    attacks: tuple[AttackRow, ...]
+    checks: tuple[CheckRow, ...]
+    policy: PolicyView | None
+    manifest: tuple[Field, ...]
+
+
+def build_view(results: dict, source: str = "input") -> ReportView:
+    """Build the report view of a results dict.
+
+    ``source`` names the results (for example its file name) in error messages.
+    Raises :class:`AuditError` when ``results`` is not an ``auditor.results/1``
+    dict or lacks a field the report needs.
+    """
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
+        raise AuditError(f"{source} is not an auditor results file (expected schema {SCHEMA!r})")
+    try:
+        return _build(results)
+    except KeyError as missing:
+        raise AuditError(f"{source} is not a complete auditor results file: missing {missing}") from None
+
+
+def _build(results: dict) -> ReportView:
+    norm = results["threat"]["norm"]
+    policy = _policy(results.get("policy"))
+    return ReportView(
+        title="Model robustness audit",
+        model_name=results["model"]["path"],
+        date=_date(results["started"]),
+        verdict=_verdict(results, policy),
+        headlines=_headlines(results),
+        model=_model_fields(results["model"]),
+        data=_data_fields(results),
+        threat=_threat_fields(results),
+        robust_rows=_robust_rows(results["robust_accuracy"], results["data"]["n"]),
+        chart_svg=_chart(results),
+        distortion=_distortion(results["samples"], norm),
+        attacks=tuple(_attack_row(attack) for attack in results["attacks"]),
+        checks=tuple(_check_row(check) for check in results["checks"]),
+        policy=policy,
+        manifest=_manifest_fields(results),
+    )
+
+
+def percent(fraction: float | None) -> str:
+    """Format a fraction as a percentage with one decimal, e.g. ``"62.0 %"``."""
+    return MISSING if fraction is None else f"{fraction * 100:.1f} %"
+
+
+def norm_name(norm: str) -> str:
+    """Display name of a threat norm (``"linf"`` -> ``"L∞"``)."""
+    return _NORM_NAMES.get(norm, norm)
+
+
+def _count(value: float | None) -> str:
+    return MISSING if value is None else f"{value:,.0f}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+def _budget(budget: int | None) -> str:
+    return "unlimited" if budget is None else f"{budget:,}"
+
+
+def _date(started: str) -> str:
+    try:
+        return datetime.fromisoformat(started).isoformat(sep=" ", timespec="minutes")
+    except ValueError:
+        return started
+
+
+def _sorted_eps(accuracies: dict[str, float]) -> list[str]:
+    return sorted(accuracies, key=float)
+
+
+def _worst_case(results: dict) -> tuple[str, float] | None:
+    """The largest ε and the robust accuracy there, or None when no attack ran."""
+    accuracies = results["robust_accuracy"]
+    if not accuracies:
+        return None
+    eps = _sorted_eps(accuracies)[-1]
+    return eps, accuracies[eps]
+
+
+def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
+    clean = percent(results["clean_accuracy"])
+    access = results["access"]["level"]
+    worst = _worst_case(results)
+    if worst is None:
+        summary = f"No attacks were run (access level {access}); clean accuracy {clean}."
+    else:
+        eps, accuracy = worst
+        summary = (
+            f"Robust accuracy {percent(accuracy)} at ε={eps} ({norm_name(results['threat']['norm'])}) "
+            f"against {access} attacks; clean accuracy {clean}."
+        )
+    if policy is None:
+        detail = "No policy was applied: the results are informational."
+        return Verdict("none", _VERDICTS["none"], summary, detail, None)
+    failed = sum(not requirement.passed for requirement in policy.requirements)
+    total = len(policy.requirements)
+    status = "pass" if policy.passed else "fail"
+    detail = f"Policy “{policy.name}”: {total - failed} of {total} requirements met."
+    return Verdict(status, _VERDICTS[status], summary, detail, policy.name)
+
+
+def _headlines(results: dict) -> tuple[Headline, ...]:
+    worst = _worst_case(results)
+    norm = norm_name(results["threat"]["norm"])
+    robust = (
+        Headline("Robust accuracy", MISSING, "no attacks were run")
+        if worst is None
+        else Headline("Robust accuracy", percent(worst[1]), f"at ε={worst[0]} ({norm})")
+    )
+    checks = results["checks"]
+    serious = sum(check["level"] != "info" for check in checks)
+    samples = _plural(results["data"]["n"], "sample")
+    attacks = _plural(len(results["attacks"]), "attack")
+    return (
+        Headline("Clean accuracy", percent(results["clean_accuracy"]), samples),
+        robust,
+        Headline("Attacker access", results["access"]["level"], f"{attacks} run"),
+        Headline("Checks", str(len(checks)), f"{serious} above info level"),
+    )
+
+
+def _model_fields(model: dict) -> tuple[Field, ...]:
+    return (
+        Field("Path", model["path"], mono=True),
+        Field("Format", model["format"]),
+        Field("Input shape", " × ".join(str(size) for size in model["input_shape"])),
+        Field("Classes", str(model["num_classes"])),
+        Field("SHA-256", model["sha256"], mono=True),
+    )
+
+
+def _data_fields(results: dict) -> tuple[Field, ...]:
+    data = results["data"]
+    return (
+        Field("Data set", data["name"]),
+        Field("Samples", f"{data['n']:,}"),
+        Field("SHA-256", data["sha256"], mono=True),
+        Field("Clean accuracy", percent(results["clean_accuracy"])),
+    )
+
+
+def _threat_fields(results: dict) -> tuple[Field, ...]:
+    threat = results["threat"]
+    return (
+        Field("Access level", results["access"]["level"]),
+        Field("Why this level", results["access"]["reason"]),
+        Field("Norm", f"{norm_name(threat['norm'])} ({threat['norm']})"),
+        Field("ε", ", ".join(f"{eps:g}" for eps in threat["eps"])),
+        Field("Query budget", f"{_budget(threat['budget'])} queries per sample"),
+    )
+
+
+def _robust_rows(accuracies: dict[str, float], n: int) -> tuple[RobustRow, ...]:
+    """Robust accuracy per ε; samples broken are the ``n`` not robust (clean errors included)."""
+    return tuple(
+        RobustRow(eps, percent(accuracies[eps]), f"{round((1 - accuracies[eps]) * n):,} of {n:,}")
+        for eps in _sorted_eps(accuracies)
+    )
+
+
+def _attack_row(attack: dict) -> AttackRow:
+    queries = attack["queries"]
+    return AttackRow(
+        name=attack["name"],
+        access=attack["access"],
+        kind=attack["kind"],
+        norm=norm_name(attack["norm"]),
+        samples=f"{attack['samples']:,}",
+        success_rate=percent(attack["success_rate"]),
+        queries_mean=_count(queries["mean"]),
+        queries_median=_count(queries["median"]),
+        queries_p90=_count(queries["p90"]),
+        queries_max=_count(queries["max"]),
+        budget=_budget(queries["budget"]),
+        seconds=f"{attack['seconds']:.1f} s",
+        paper=attack["paper"],
+        params=", ".join(f"{key}={value}" for key, value in attack["params"].items()),
+    )
+
+
+def _check_row(check: dict) -> CheckRow:
+    return CheckRow(check["id"], check["level"], check["message"], f"{CHECKS_DOC}#{check['id']}")
+
+
+def _policy(policy: dict | None) -> PolicyView | None:
+    if policy is None:
+        return None
+    requirements = tuple(
+        RequirementRow(item["id"], item["description"], bool(item["passed"]), str(item["actual"]))
+        for item in policy["requirements"]
+    )
+    return PolicyView(policy["name"], bool(policy["passed"]), requirements)
+
+
+def _distortion(samples: list[dict], norm: str) -> DistortionSummary:
+    """Distortions of the samples an attack broke; clean errors (distortion 0) are counted apart."""
+    found = [sample["distortion"] for sample in samples if sample["distortion"] is not None]
+    broken = [distortion for distortion in found if distortion > 0]
+    return DistortionSummary(
+        norm=norm_name(norm),
+        median=f"{statistics.median(broken):.3g}" if broken else MISSING,
+        mean=f"{statistics.fmean(broken):.3g}" if broken else MISSING,
+        broken=_plural(len(broken), "sample"),
+        clean_errors=_plural(len(found) - len(broken), "sample"),
+        not_broken=_plural(len(samples) - len(found), "sample"),
+    )
+
+
+def _manifest_fields(results: dict) -> tuple[Field, ...]:
+    fields = [
+        Field("auditor", results["auditor_version"]),
+        Field("Seed", str(results["seed"])),
+        Field("Started", _date(results["started"])),
+        Field("Duration", f"{results['seconds']:.1f} s"),
+        Field("Model SHA-256", results["model"]["sha256"], mono=True),
+        Field("Data SHA-256", results["data"]["sha256"], mono=True),
+    ]
+    fields += [
+        Field(key, str(value), mono=key == "command") for key, value in results["manifest"].items()
+    ]
+    return tuple(fields)
+
+
+def _chart(results: dict) -> Markup | None:
+    """Robust accuracy vs ε: the worst case over all attacks and each attack's cumulative curve.
+
+    The attack curves are drawn over the thick worst-case curve, so the last
+    attack's curve (which equals the worst case) stays visible. ε = 0 is clean
+    accuracy. Returns inline SVG (without the XML prolog), or None when no
+    attack ran.
+    """
+    overall = results["robust_accuracy"]
+    if not overall:
+        return None
+    clean = results["clean_accuracy"]
+    with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
+        figure = Figure(figsize=(7.0, 3.0), layout="constrained")
+        axes = figure.add_subplot()
+        _plot_curve(axes, overall, clean, "worst case (all attacks)",
+                    marker="s", markersize=7, linewidth=3.2, color="black")
+        for attack in results["attacks"]:
+            if attack["robust_accuracy"]:
+                _plot_curve(axes, attack["robust_accuracy"], clean, f"after {attack['name']}",
+                            marker="o", markersize=4, linewidth=1.2)
+        ticks = [0.0] + [float(eps) for eps in _sorted_eps(overall)]
+        axes.xaxis.set_major_locator(FixedLocator(ticks))
+        axes.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
+        axes.set_ylim(-4, 104)  # room for markers at 0 % and 100 %
+        axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
+        axes.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+        axes.set_xlabel(f"ε ({norm_name(results['threat']['norm'])})")
+        axes.set_ylabel("robust accuracy")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+        buffer = io.StringIO()
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    # Our own matplotlib output, embedded inline: the only markup the report trusts.
+    return Markup(svg[svg.index("<svg"):])
+
+
+def _plot_curve(axes, accuracies: dict[str, float], clean: float, label: str, **style) -> None:
+    eps = _sorted_eps(accuracies)
+    xs = [0.0] + [float(value) for value in eps]
+    ys = [clean * 100] + [accuracies[value] * 100 for value in eps]
+    axes.plot(xs, ys, label=label, **style)

@@ -1,0 +1,68 @@
+"""Render a :class:`~auditor.report.build.ReportView` to HTML and PDF.
+
+The HTML is self-contained (inline CSS and SVG, no external resources) and
+every value from the results is autoescaped; only the chart SVG, produced by
+our own code, is trusted markup. The PDF is rendered from the same HTML with
+WeasyPrint, which is not allowed to fetch anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jinja2
+import weasyprint
+
+from ..resources import templates_dir
+from .build import ReportView, build_view
+
+HTML_NAME = "report.html"
+PDF_NAME = "report.pdf"
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def render_html(view: ReportView) -> str:
+    """Render the report view to a self-contained HTML document."""
+    return _environment().get_template("report.html.j2").render(view=view)
+
+
+def _refuse_fetch(url: str) -> dict:
+    """WeasyPrint URL fetcher that loads nothing: the report must not touch the network or disk."""
+    raise ValueError(f"the report must not load external resources ({url})")
+
+
+def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.pdf`` for a results dict into ``out_dir``.
+
+    Returns the two paths. Bad results raise :class:`~auditor.errors.AuditError`
+    before anything is written (``source`` names them in the message). Both
+    files are written in a temporary directory inside ``out_dir`` and renamed
+    at the end; if writing fails, the temporary directory is deleted, neither
+    ``report.html`` nor ``report.pdf`` is left in ``out_dir`` (not even from an
+    earlier run, which would no longer match), and the error propagates.
+    """
+    html = render_html(build_view(results, source=source))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html_path, pdf_path = out_dir / HTML_NAME, out_dir / PDF_NAME
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".report-") as temp:
+            html_temp, pdf_temp = Path(temp) / HTML_NAME, Path(temp) / PDF_NAME
+            html_temp.write_text(html, encoding="utf-8")
+            weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).write_pdf(pdf_temp)
+            os.replace(html_temp, html_path)
+            os.replace(pdf_temp, pdf_path)
+    except BaseException:
+        html_path.unlink(missing_ok=True)
+        pdf_path.unlink(missing_ok=True)
+        raise
+    return html_path, pdf_path

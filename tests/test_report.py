@@ -1,0 +1,205 @@
+"""The HTML/PDF report: built from results.json alone, escaped, deterministic, atomic."""
+
+from __future__ import annotations
+
+import copy
+
+import pypdf
+import pytest
+import weasyprint
+
+from auditor.errors import AuditError
+from auditor.report.build import build_view
+from auditor.report.render import render_html, write_report
+
+
+@pytest.fixture
+def results() -> dict:
+    """A complete ``auditor.results/1`` dict with a failed policy."""
+    return {
+        "schema": "auditor.results/1",
+        "auditor_version": "0.1.0",
+        "seed": 0,
+        "started": "2026-11-24T10:00:00+00:00",
+        "seconds": 42.1,
+        "model": {
+            "path": "examples/mnist_cnn.onnx",
+            "format": "onnx",
+            "sha256": "ab12" * 16,
+            "input_shape": [1, 28, 28],
+            "num_classes": 10,
+        },
+        "data": {"name": "mnist", "n": 100, "sha256": "cd34" * 16},
+        "access": {"level": "hard-label", "reason": "requested with --access hard-label"},
+        "threat": {"norm": "linf", "eps": [0.1, 0.2, 0.3], "budget": 2000},
+        "clean_accuracy": 0.99,
+        "robust_accuracy": {"0.1": 0.62, "0.2": 0.21, "0.3": 0.03},
+        "attacks": [
+            {
+                "name": "square-linf",
+                "access": "soft-label",
+                "kind": "fixed-eps",
+                "norm": "linf",
+                "params": {"norm": "linf", "p_init": 0.8},
+                "paper": "Andriushchenko et al., Square Attack, ECCV 2020",
+                "samples": 99,
+                "robust_accuracy": {"0.1": 0.70, "0.2": 0.30, "0.3": 0.05},
+                "success_rate": 0.95,
+                "queries": {"mean": 123.4, "median": 80.0, "p90": 300.0, "max": 1900,
+                            "budget": 2000, "total": 45000},
+                "seconds": 3.2,
+            },
+            {
+                "name": "sign-opt-l2",
+                "access": "hard-label",
+                "kind": "min-norm",
+                "norm": "l2",
+                "params": {"k": 200},
+                "paper": "Cheng et al., Sign-OPT, ICLR 2020",
+                "samples": 5,
+                "robust_accuracy": {"0.1": 0.62, "0.2": 0.21, "0.3": 0.03},
+                "success_rate": 0.4,
+                "queries": {"mean": None, "median": None, "p90": None, "max": None,
+                            "budget": 2000, "total": 10000},
+                "seconds": 2.0,
+            },
+        ],
+        "samples": [
+            {"index": 17, "label": 3, "clean_pred": 3, "distortion": 0.21, "broken_by": "square-linf",
+             "queries": 340},
+            {"index": 18, "label": 1, "clean_pred": 7, "distortion": 0.0, "broken_by": "clean", "queries": 0},
+            {"index": 19, "label": 2, "clean_pred": 2, "distortion": None, "broken_by": None,
+             "queries": 2000},
+        ],
+        "checks": [
+            {"id": "softmax-outputs", "level": "warning",
+             "message": "model outputs look like probabilities"},
+        ],
+        "manifest": {
+            "python": "3.11.7",
+            "torch": "2.14.1",
+            "onnxruntime": "1.32.0",
+            "platform": "Linux-6.1-x86_64",
+            "command": "auditor scan examples/mnist_cnn.onnx --access hard-label --policy strict",
+            "device": "cpu",
+        },
+        "policy": {
+            "name": "strict",
+            "passed": False,
+            "requirements": [
+                {"id": "clean-accuracy", "description": "clean accuracy >= 0.98",
+                 "passed": True, "actual": "0.99"},
+                {"id": "robust-accuracy", "description": "robust accuracy >= 0.80 at linf eps=0.3",
+                 "passed": False, "actual": "0.03"},
+            ],
+        },
+    }
+
+
+def _pdf_text(path) -> str:
+    """The PDF's text with runs of whitespace (line breaks included) as single spaces."""
+    return " ".join(" ".join(page.extract_text() for page in pypdf.PdfReader(path).pages).split())
+
+
+def test_pdf_shows_verdict_and_robust_accuracy(results, tmp_path):
+    html_path, pdf_path = write_report(results, tmp_path / "out")
+
+    assert html_path == tmp_path / "out" / "report.html"
+    text = _pdf_text(pdf_path)
+    assert "FAIL" in text
+    summary = "Robust accuracy 3.0 % at ε=0.3 (L∞) against hard-label attacks; clean accuracy 99.0 %"
+    assert summary in text
+    for value in ("62.0 %", "21.0 %", "3.0 %", "38 of 100", "97 of 100"):
+        assert value in text
+    assert "square-linf" in text and "1,900" in text
+    assert "softmax-outputs" in text
+    assert "page 1 of" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.pdf"]
+
+
+def test_view_formats_sections(results):
+    view = build_view(results)
+
+    assert (view.verdict.status, view.verdict.text, view.verdict.policy) == ("fail", "FAIL", "strict")
+    assert [(row.eps, row.robust_accuracy, row.broken) for row in view.robust_rows] == [
+        ("0.1", "62.0 %", "38 of 100"),
+        ("0.2", "21.0 %", "79 of 100"),
+        ("0.3", "3.0 %", "97 of 100"),
+    ]
+    square, sign_opt = view.attacks
+    queries = (square.queries_mean, square.queries_median, square.queries_p90, square.queries_max)
+    assert queries == ("123", "80", "300", "1,900") and square.budget == "2,000"
+    assert square.params == "norm=linf, p_init=0.8"
+    assert sign_opt.queries_median == "—" and sign_opt.success_rate == "40.0 %"
+    assert view.checks[0].link == "docs/checks.md#softmax-outputs"
+    distortion = view.distortion
+    assert (distortion.median, distortion.broken, distortion.not_broken) == ("0.21", "1 sample", "1 sample")
+    assert view.chart_svg.startswith("<svg")
+
+
+def test_html_escapes_results_values(results):
+    results["model"]["path"] = "models/<script>alert(1)</script>.onnx"
+    results["checks"][0]["message"] = "<b>bold</b> & co"
+    results["attacks"][0]["name"] = "--><script>evil()</script>"  # also a chart legend label
+
+    html = render_html(build_view(results))
+
+    assert "<script>" not in html and "<b>bold</b>" not in html
+    assert "models/&lt;script&gt;alert(1)&lt;/script&gt;.onnx" in html
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in html
+    assert "<svg" in html  # the chart is our own markup and stays inline
+
+
+def test_two_renders_are_byte_identical(results):
+    first = render_html(build_view(results))
+    second = render_html(build_view(copy.deepcopy(results)))
+
+    assert first == second
+
+
+def test_without_policy_the_report_is_not_gated(results):
+    del results["policy"]
+
+    view = build_view(results)
+    html = render_html(view)
+
+    assert (view.verdict.status, view.verdict.text, view.policy) == ("none", "NOT GATED", None)
+    assert "NOT GATED" in html and "Requirements not met" not in html
+
+
+def test_without_attacks_the_report_has_no_chart(results):
+    results.update(access={"level": "none", "reason": "auto: no access"}, robust_accuracy={}, attacks=[])
+
+    view = build_view(results)
+
+    assert view.chart_svg is None
+    assert "No attacks were run" in render_html(view)
+
+
+def test_failed_pdf_leaves_no_files(results, tmp_path, monkeypatch):
+    write_report(results, tmp_path)  # an earlier report, which the failed run must not leave behind
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("weasyprint broke")
+
+    monkeypatch.setattr(weasyprint.HTML, "write_pdf", fail)
+
+    with pytest.raises(RuntimeError, match="weasyprint broke"):
+        write_report(results, tmp_path)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [{"schema": "auditor.policy/1"}, {"accuracy": 0.9}, [1, 2]])
+def test_non_results_raise_audit_error(bad, tmp_path):
+    with pytest.raises(AuditError, match="runs.json is not an auditor results file"):
+        write_report(bad, tmp_path / "out", source="runs.json")
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_results_raise_audit_error(results):
+    del results["threat"]
+
+    with pytest.raises(AuditError, match="missing 'threat'"):
+        build_view(results)
