@@ -1,0 +1,558 @@
+"""Policies: CI gates over a results.json.
+
+A policy is a YAML file with a name and a list of requirements. Each
+requirement is a pure predicate over the results dict and yields a
+:class:`Verdict`; the policy passes when every requirement does. The syntax
+and semantics are documented in ``docs/policies.md``.
+
+Loading is strict: unknown keys, wrong types and out-of-range values raise an
+:class:`~auditor.errors.AuditError` whose one-line message names the file and
+the problem. Evaluation fails closed: a requirement that the results cannot
+show (an ε that was not evaluated, a missing field) fails.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import yaml
+
+from .access import Access
+from .errors import AuditError
+from .resources import policies_dir
+
+NORMS = ("linf", "l2")
+CHECK_LEVELS = ("info", "warning", "error")  # in increasing severity
+EPS_EXTREMES = ("min", "max")
+
+_ACCESS_BY_NAME = {level.cli_name: level for level in Access}
+_TOP_LEVEL_KEYS = ("policy", "description", "requirements")
+
+
+# --------------------------------------------------------------------------- #
+# Verdicts and results
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one requirement on one results dict."""
+
+    id: str
+    description: str
+    passed: bool
+    actual: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of one entry of ``PolicyResult.to_dict()["requirements"]``."""
+        return {
+            "id": self.id,
+            "description": self.description,
+            "passed": self.passed,
+            "actual": self.actual,
+        }
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The outcome of a whole policy: passed when every requirement passed."""
+
+    name: str
+    passed: bool
+    verdicts: tuple[Verdict, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored under ``"policy"`` in results.json."""
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "requirements": [verdict.to_dict() for verdict in self.verdicts],
+        }
+
+
+# --------------------------------------------------------------------------- #
+# Load-time validation helpers
+# --------------------------------------------------------------------------- #
+
+
+class _Source:
+    """Where a policy comes from; builds one-line errors that name it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, problem: str) -> AuditError:
+        """An AuditError for ``problem`` in this policy file."""
+        return AuditError(f"policy {self.path}: {problem}")
+
+
+def _check_keys(
+    spec: Mapping[str, Any],
+    allowed: tuple[str, ...],
+    required: tuple[str, ...],
+    where: str,
+    source: _Source,
+) -> None:
+    """Reject keys outside ``allowed`` and missing ``required`` ones."""
+    for key in spec:
+        if key not in allowed:
+            raise source.error(
+                f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}"
+            )
+    for key in required:
+        if key not in spec:
+            raise source.error(f"{where}: missing required key {key!r}")
+
+
+def _options(
+    value: Any,
+    allowed: tuple[str, ...],
+    required: tuple[str, ...],
+    where: str,
+    source: _Source,
+) -> Mapping[str, Any]:
+    """The options mapping of a requirement, with its keys checked."""
+    if not isinstance(value, dict):
+        raise source.error(
+            f"{where}: expected a mapping with keys {', '.join(allowed)}, "
+            f"got {type(value).__name__}"
+        )
+    _check_keys(value, allowed, required, where, source)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float; YAML booleans are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fraction(value: Any, where: str, source: _Source) -> float:
+    """A number in [0, 1] (an accuracy threshold)."""
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise source.error(f"{where}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _count(value: Any, where: str, source: _Source) -> int:
+    """An integer >= 0 (a query threshold)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise source.error(f"{where}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str, source: _Source) -> str:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        raise source.error(
+            f"{where}: expected one of {', '.join(choices)}, got {value!r}"
+        )
+    return value
+
+
+def _access(value: Any, where: str, source: _Source) -> Access:
+    """An access level by its CLI name (``white-box``, ``hard-label``, ...)."""
+    return _ACCESS_BY_NAME[_choice(value, tuple(_ACCESS_BY_NAME), where, source)]
+
+
+def _eps(value: Any, where: str, source: _Source) -> float | str:
+    """A finite ε >= 0, or "min"/"max" (resolved against threat.eps later)."""
+    if value in EPS_EXTREMES:
+        return value
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise source.error(
+            f"{where}: expected a number >= 0, 'min' or 'max', got {value!r}"
+        )
+    return float(value)
+
+
+# --------------------------------------------------------------------------- #
+# Formatting helpers
+# --------------------------------------------------------------------------- #
+
+
+def _fmt_fraction(value: float) -> str:
+    """Two decimals, or more when two would round the value."""
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
+
+
+def _fmt_eps(eps: float | str) -> str:
+    """An ε as in the robust_accuracy keys (``0.3``), or ``min``/``max``."""
+    return eps if isinstance(eps, str) else f"{eps:g}"
+
+
+# --------------------------------------------------------------------------- #
+# Requirements
+# --------------------------------------------------------------------------- #
+
+
+class Requirement(abc.ABC):
+    """A pure predicate over a results dict.
+
+    Subclasses are frozen dataclasses with an ``id`` field. ``KEY`` is the
+    requirement's key in the policy file; :meth:`parse` builds an instance
+    from the value under that key.
+    """
+
+    KEY: ClassVar[str]
+    id: str
+
+    @classmethod
+    @abc.abstractmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "Requirement":
+        """Build the requirement from its policy value, or raise AuditError."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What the requirement demands, in words."""
+
+    @abc.abstractmethod
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        """Judge one results dict."""
+
+    def _verdict(self, passed: bool, actual: str) -> Verdict:
+        """A verdict of this requirement with its id and description."""
+        return Verdict(self.id, self.describe(), passed, actual)
+
+
+@dataclass(frozen=True)
+class CleanAccuracy(Requirement):
+    """``clean_accuracy: {min: X}``: accuracy on unperturbed inputs >= X."""
+
+    KEY: ClassVar[str] = "clean_accuracy"
+
+    id: str
+    min: float
+
+    @classmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "CleanAccuracy":
+        spec = _options(value, ("min",), ("min",), where, source)
+        return cls(rid, _fraction(spec["min"], f"{where}.min", source))
+
+    def describe(self) -> str:
+        return f"clean accuracy >= {_fmt_fraction(self.min)}"
+
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        accuracy = results.get("clean_accuracy")
+        if accuracy is None:
+            return self._verdict(False, "clean accuracy was not recorded")
+        return self._verdict(accuracy >= self.min, _fmt_fraction(accuracy))
+
+
+@dataclass(frozen=True)
+class RobustAccuracy(Requirement):
+    """``robust_accuracy: {min, eps, norm?, access?}``: accuracy under attack >= min."""
+
+    KEY: ClassVar[str] = "robust_accuracy"
+
+    id: str
+    min: float
+    eps: float | str
+    norm: str | None = None
+    access: Access | None = None
+
+    @classmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "RobustAccuracy":
+        spec = _options(value, ("min", "eps", "norm", "access"), ("min", "eps"), where, source)
+        norm = spec.get("norm")
+        access = spec.get("access")
+        return cls(
+            rid,
+            min=_fraction(spec["min"], f"{where}.min", source),
+            eps=_eps(spec["eps"], f"{where}.eps", source),
+            norm=None if norm is None else _choice(norm, NORMS, f"{where}.norm", source),
+            access=None if access is None else _access(access, f"{where}.access", source),
+        )
+
+    def describe(self) -> str:
+        norm = f"{self.norm} " if self.norm else ""
+        access = f" ({self.access.cli_name})" if self.access is not None else ""
+        return (
+            f"robust accuracy >= {_fmt_fraction(self.min)} "
+            f"at {norm}ε={_fmt_eps(self.eps)}{access}"
+        )
+
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        threat = results.get("threat") or {}
+        if self.norm is not None and threat.get("norm") != self.norm:
+            return self._verdict(False, f"results are for {threat.get('norm')}")
+        if self.access is not None:
+            level_name = (results.get("access") or {}).get("level")
+            level = _ACCESS_BY_NAME.get(level_name)
+            if level is None:
+                return self._verdict(False, f"unknown access level {level_name!r} in results")
+            if level < self.access:
+                return self._verdict(
+                    False,
+                    f"results at {level.cli_name} access cannot show robustness "
+                    f"against {self.access.cli_name}",
+                )
+        eps = self._resolve_eps(threat.get("eps") or [])
+        if eps is None:
+            return self._verdict(False, "no ε was evaluated")
+        accuracy = (results.get("robust_accuracy") or {}).get(f"{eps:g}")
+        if accuracy is None:
+            return self._verdict(False, f"ε={eps:g} was not evaluated")
+        return self._verdict(accuracy >= self.min, f"{_fmt_fraction(accuracy)} at ε={eps:g}")
+
+    def _resolve_eps(self, evaluated: list[float]) -> float | None:
+        """The concrete ε: the given one, or the smallest/largest evaluated."""
+        if not isinstance(self.eps, str):
+            return self.eps
+        if not evaluated:
+            return None
+        return min(evaluated) if self.eps == "min" else max(evaluated)
+
+
+@dataclass(frozen=True)
+class MedianQueries(Requirement):
+    """``median_queries: {min, access}``: the cheapest attack of a level needs >= min queries."""
+
+    KEY: ClassVar[str] = "median_queries"
+
+    id: str
+    min: int
+    access: Access
+
+    @classmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "MedianQueries":
+        spec = _options(value, ("min", "access"), ("min", "access"), where, source)
+        return cls(
+            rid,
+            min=_count(spec["min"], f"{where}.min", source),
+            access=_access(spec["access"], f"{where}.access", source),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"median queries to success >= {self.min} "
+            f"(cheapest {self.access.cli_name} attack)"
+        )
+
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        level = self.access.cli_name
+        attacks = [a for a in results.get("attacks") or [] if a.get("access") == level]
+        if not attacks:
+            return self._verdict(False, f"no {level} attack was run")
+        medians = [
+            (attack["queries"]["median"], attack.get("name", "?"))
+            for attack in attacks
+            if (attack.get("queries") or {}).get("median") is not None
+        ]
+        if not medians:
+            return self._verdict(True, f"no {level} attack broke any sample")
+        cheapest, name = min(medians, key=lambda median_and_name: median_and_name[0])
+        return self._verdict(cheapest >= self.min, f"{cheapest:g} queries ({name})")
+
+
+@dataclass(frozen=True)
+class NoChecksAt(Requirement):
+    """``no_checks_at: LEVEL``: no sanity check at LEVEL or more severe."""
+
+    KEY: ClassVar[str] = "no_checks_at"
+
+    id: str
+    level: str
+
+    @classmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "NoChecksAt":
+        return cls(rid, _choice(value, CHECK_LEVELS, where, source))
+
+    def describe(self) -> str:
+        return f"no checks at level {self.level} or above"
+
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        threshold = CHECK_LEVELS.index(self.level)
+        flagged = [
+            check
+            for check in results.get("checks") or []
+            if _check_rank(check.get("level")) >= threshold
+        ]
+        if not flagged:
+            return self._verdict(True, "none")
+        listed = ", ".join(f"{c.get('id', '?')} ({c.get('level')})" for c in flagged)
+        return self._verdict(False, f"{len(flagged)} at {self.level} or above: {listed}")
+
+
+def _check_rank(level: Any) -> int:
+    """Severity rank of a check level; an unknown level ranks as the most severe."""
+    return CHECK_LEVELS.index(level) if level in CHECK_LEVELS else len(CHECK_LEVELS)
+
+
+REQUIREMENT_TYPES: dict[str, type[Requirement]] = {
+    cls.KEY: cls for cls in (CleanAccuracy, RobustAccuracy, MedianQueries, NoChecksAt)
+}
+
+
+# --------------------------------------------------------------------------- #
+# Policies
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named list of requirements loaded from a policy file."""
+
+    name: str
+    requirements: tuple[Requirement, ...]
+    description: str | None = None
+    path: Path | None = None
+
+    def evaluate(self, results: Mapping[str, Any]) -> PolicyResult:
+        """Judge a results dict against every requirement."""
+        verdicts = tuple(requirement.evaluate(results) for requirement in self.requirements)
+        return PolicyResult(self.name, all(v.passed for v in verdicts), verdicts)
+
+
+def builtin_policies() -> list[str]:
+    """Names of the policies shipped with auditor (``default``, ``strict``, ...)."""
+    return sorted(path.stem for path in policies_dir().glob("*.yaml"))
+
+
+def resolve_policy_path(path_or_name: str | Path) -> Path:
+    """An existing file, or the shipped policy of that name; else AuditError."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if str(path_or_name) in builtin_policies():
+        return policies_dir() / f"{path_or_name}.yaml"
+    raise AuditError(
+        f"policy {path_or_name}: no such file or built-in policy "
+        f"(built-in: {', '.join(builtin_policies())})"
+    )
+
+
+def load_policy(path_or_name: str | Path) -> Policy:
+    """Load and validate a policy file, or a built-in policy by name."""
+    path = resolve_policy_path(path_or_name)
+    source = _Source(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise source.error(f"invalid YAML: {_yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise source.error(f"cannot read: {exc}") from exc
+    return _parse_policy(document, source)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML error, with its position if known."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
+def _parse_policy(document: Any, source: _Source) -> Policy:
+    """Validate the loaded YAML document and build the policy."""
+    if not isinstance(document, dict):
+        raise source.error(
+            f"expected a mapping with keys {', '.join(_TOP_LEVEL_KEYS)}, "
+            f"got {type(document).__name__}"
+        )
+    _check_keys(document, _TOP_LEVEL_KEYS, ("policy", "requirements"), "top level", source)
+    name = document["policy"]
+    if not isinstance(name, str) or not name:
+        raise source.error(f"policy: expected a non-empty string, got {name!r}")
+    description = document.get("description")
+    if description is not None and not isinstance(description, str):
+        raise source.error(f"description: expected a string, got {description!r}")
+    items = document["requirements"]
+    if not isinstance(items, list) or not items:
+        raise source.error("requirements: expected a non-empty list")
+    return Policy(name, _parse_requirements(items, source), description, source.path)
+
+
+def _parse_requirements(items: list[Any], source: _Source) -> tuple[Requirement, ...]:
+    """Parse every item; explicit ids must be unique, derived ids are made so."""
+    keys = [_requirement_key(item, number, source) for number, item in enumerate(items, 1)]
+    explicit = [_explicit_id(item, number, source) for number, item in enumerate(items, 1)]
+    taken: set[str] = set()
+    for number, rid in enumerate(explicit, 1):
+        if rid is None:
+            continue
+        if rid in taken:
+            raise source.error(f"requirement {number}: duplicate id {rid!r}")
+        taken.add(rid)
+    requirements = []
+    for number, (item, key, rid) in enumerate(zip(items, keys, explicit), 1):
+        if rid is None:
+            rid = _unique_id(key, taken)
+            taken.add(rid)
+        where = f"requirement {number} ({key})"
+        requirements.append(REQUIREMENT_TYPES[key].parse(rid, item[key], where, source))
+    return tuple(requirements)
+
+
+def _requirement_key(item: Any, number: int, source: _Source) -> str:
+    """The single requirement key of a requirements item."""
+    allowed = ", ".join(REQUIREMENT_TYPES)
+    if not isinstance(item, dict):
+        raise source.error(
+            f"requirement {number}: expected a mapping with one of {allowed}, "
+            f"got {type(item).__name__}"
+        )
+    keys = [key for key in item if key != "id"]
+    unknown = [key for key in keys if key not in REQUIREMENT_TYPES]
+    if unknown:
+        raise source.error(
+            f"requirement {number}: unknown key {unknown[0]!r}; allowed: {allowed}, id"
+        )
+    if len(keys) != 1:
+        raise source.error(
+            f"requirement {number}: expected exactly one of {allowed}, got {len(keys)}"
+        )
+    return keys[0]
+
+
+def _explicit_id(item: Mapping[str, Any], number: int, source: _Source) -> str | None:
+    """The item's ``id``, if given; it must be a non-empty string."""
+    rid = item.get("id")
+    if rid is not None and (not isinstance(rid, str) or not rid):
+        raise source.error(f"requirement {number}: id: expected a non-empty string, got {rid!r}")
+    return rid
+
+
+def _unique_id(key: str, taken: set[str]) -> str:
+    """``key``, or ``key-2``, ``key-3``, ... whichever is free first."""
+    candidate, suffix = key, 2
+    while candidate in taken:
+        candidate, suffix = f"{key}-{suffix}", suffix + 1
+    return candidate
+
+
+# --------------------------------------------------------------------------- #
+# JUnit
+# --------------------------------------------------------------------------- #
+
+
+def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
+    """Write the verdicts as a JUnit XML test suite, one test case per requirement."""
+    failures = [v for v in policy_result.verdicts if not v.passed]
+    suite = ET.Element(
+        "testsuite",
+        name=f"auditor policy: {policy_result.name}",
+        tests=str(len(policy_result.verdicts)),
+        failures=str(len(failures)),
+    )
+    for verdict in policy_result.verdicts:
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"auditor.policy.{policy_result.name}",
+            name=verdict.id,
+        )
+        if not verdict.passed:
+            failure = ET.SubElement(
+                case, "failure", message=f"{verdict.description}; actual: {verdict.actual}"
+            )
+            failure.text = f"required: {verdict.description}\nactual: {verdict.actual}\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.indent(suite)
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,403 @@
+"""Policies: loading, validation, every requirement kind, JUnit output."""
+
+from __future__ import annotations
+
+import copy
+import json
+import textwrap
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from auditor.access import Access
+from auditor.errors import AuditError
+from auditor.policy import (
+    CleanAccuracy,
+    MedianQueries,
+    NoChecksAt,
+    Policy,
+    PolicyResult,
+    RobustAccuracy,
+    Verdict,
+    builtin_policies,
+    load_policy,
+    write_junit,
+)
+
+RESULTS = {
+    "schema": "auditor.results/1",
+    "model": {"path": "m.onnx"},
+    "data": {"name": "mnist", "n": 100},
+    "access": {"level": "soft-label", "reason": "onnx"},
+    "threat": {"norm": "linf", "eps": [0.1, 0.2, 0.3], "budget": 2000},
+    "clean_accuracy": 0.99,
+    "robust_accuracy": {"0.1": 0.62, "0.2": 0.21, "0.3": 0.03},
+    "attacks": [
+        {"name": "square-linf", "access": "soft-label", "queries": {"median": 80.0}},
+        {"name": "hsja-linf", "access": "hard-label", "queries": {"median": 1500.0}},
+        {"name": "sign-opt-linf", "access": "hard-label", "queries": {"median": 1200.0}},
+    ],
+    "checks": [{"id": "softmax-outputs", "level": "warning", "message": "..."}],
+}
+
+
+def results(**changes):
+    """A copy of RESULTS with top-level fields replaced."""
+    out = copy.deepcopy(RESULTS)
+    out.update(changes)
+    return out
+
+
+def write(tmp_path, text, name="policy.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load_error(tmp_path, text) -> str:
+    """The message of the AuditError raised loading ``text``; asserts it is one line."""
+    path = write(tmp_path, text)
+    with pytest.raises(AuditError) as info:
+        load_policy(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+# --------------------------------------------------------------------------- #
+# clean_accuracy
+# --------------------------------------------------------------------------- #
+
+
+def test_clean_accuracy_pass_and_fail():
+    verdict = CleanAccuracy("c", 0.98).evaluate(RESULTS)
+    assert verdict == Verdict("c", "clean accuracy >= 0.98", True, "0.99")
+    assert not CleanAccuracy("c", 0.995).evaluate(RESULTS).passed
+    assert CleanAccuracy("c", 0.995).describe() == "clean accuracy >= 0.995"
+
+
+def test_clean_accuracy_missing_fails_closed():
+    verdict = CleanAccuracy("c", 0.5).evaluate(results(clean_accuracy=None))
+    assert not verdict.passed
+    assert "not recorded" in verdict.actual
+
+
+# --------------------------------------------------------------------------- #
+# robust_accuracy
+# --------------------------------------------------------------------------- #
+
+
+def test_robust_accuracy_pass_and_fail():
+    assert RobustAccuracy("r", 0.6, 0.1).evaluate(RESULTS).passed
+    verdict = RobustAccuracy("r", 0.8, 0.3, "linf", Access.WHITE_BOX).evaluate(
+        results(access={"level": "white-box"})
+    )
+    assert not verdict.passed
+    assert verdict.actual == "0.03 at ε=0.3"
+    assert verdict.description == "robust accuracy >= 0.80 at linf ε=0.3 (white-box)"
+
+
+@pytest.mark.parametrize(("eps", "actual"), [("min", "0.62 at ε=0.1"), ("max", "0.03 at ε=0.3")])
+def test_robust_accuracy_eps_min_max(eps, actual):
+    verdict = RobustAccuracy("r", 0.5, eps).evaluate(RESULTS)
+    assert verdict.actual == actual
+    assert verdict.passed == (eps == "min")
+    assert f"ε={eps}" in verdict.description
+
+
+def test_robust_accuracy_eps_not_evaluated_fails():
+    verdict = RobustAccuracy("r", 0.0, 0.25).evaluate(RESULTS)
+    assert not verdict.passed
+    assert verdict.actual == "ε=0.25 was not evaluated"
+
+
+def test_robust_accuracy_no_eps_evaluated_fails():
+    threat = {"norm": "linf", "eps": [], "budget": 2000}
+    verdict = RobustAccuracy("r", 0.0, "max").evaluate(results(threat=threat, robust_accuracy={}))
+    assert not verdict.passed
+
+
+def test_robust_accuracy_norm_mismatch_fails():
+    verdict = RobustAccuracy("r", 0.0, 0.1, norm="l2").evaluate(RESULTS)
+    assert not verdict.passed
+    assert verdict.actual == "results are for linf"
+
+
+@pytest.mark.parametrize(
+    ("required", "passed"),
+    [
+        (Access.NONE, True),
+        (Access.HARD_LABEL, True),
+        (Access.SOFT_LABEL, True),  # same level as the results
+        (Access.WHITE_BOX, False),
+    ],
+)
+def test_robust_accuracy_access_ordering(required, passed):
+    verdict = RobustAccuracy("r", 0.5, 0.1, access=required).evaluate(RESULTS)
+    assert verdict.passed is passed
+    if not passed:
+        assert verdict.actual == (
+            "results at soft-label access cannot show robustness against white-box"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# median_queries
+# --------------------------------------------------------------------------- #
+
+
+def test_median_queries_takes_the_cheapest_attack_of_that_level():
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(RESULTS)
+    assert verdict.passed
+    assert verdict.actual == "1200 queries (sign-opt-linf)"
+    assert not MedianQueries("q", 1300, Access.HARD_LABEL).evaluate(RESULTS).passed
+
+
+def test_median_queries_uses_exactly_that_level():
+    # The soft-label attack needs only 80 queries, but is not a hard-label attack.
+    assert MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(RESULTS).passed
+    assert not MedianQueries("q", 1000, Access.SOFT_LABEL).evaluate(RESULTS).passed
+
+
+def test_median_queries_nothing_broken_passes():
+    attacks = [
+        {"name": "hsja-linf", "access": "hard-label", "queries": {"median": None}},
+        {"name": "sign-opt-linf", "access": "hard-label", "queries": {"median": None}},
+    ]
+    verdict = MedianQueries("q", 10**9, Access.HARD_LABEL).evaluate(results(attacks=attacks))
+    assert verdict.passed
+    assert verdict.actual == "no hard-label attack broke any sample"
+
+
+def test_median_queries_no_attack_of_that_level_fails():
+    verdict = MedianQueries("q", 0, Access.WHITE_BOX).evaluate(RESULTS)
+    assert not verdict.passed
+    assert verdict.actual == "no white-box attack was run"
+
+
+# --------------------------------------------------------------------------- #
+# no_checks_at
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("level", "passed"), [("info", False), ("warning", False), ("error", True)]
+)
+def test_no_checks_at_levels(level, passed):
+    verdict = NoChecksAt("n", level).evaluate(RESULTS)
+    assert verdict.passed is passed
+    if not passed:
+        assert "softmax-outputs" in verdict.actual
+
+
+def test_no_checks_at_passes_without_checks():
+    assert NoChecksAt("n", "info").evaluate(results(checks=[])).passed
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+
+FULL_POLICY = """\
+    policy: full
+    description: every kind
+    requirements:
+      - clean_accuracy: {min: 0.98}
+      - robust_accuracy: {min: 0.8, eps: 0.3, norm: linf, access: white-box}
+      - id: cheap-hard-label
+        median_queries: {min: 1000, access: hard-label}
+      - no_checks_at: warning
+      - robust_accuracy: {min: 0.5, eps: min}
+"""
+
+
+def test_load_full_policy(tmp_path):
+    policy = load_policy(write(tmp_path, FULL_POLICY))
+    assert policy.name == "full"
+    assert policy.description == "every kind"
+    assert [r.id for r in policy.requirements] == [
+        "clean_accuracy",
+        "robust_accuracy",
+        "cheap-hard-label",
+        "no_checks_at",
+        "robust_accuracy-2",
+    ]
+    assert policy.requirements[1] == RobustAccuracy(
+        "robust_accuracy", 0.8, 0.3, "linf", Access.WHITE_BOX
+    )
+    result = policy.evaluate(RESULTS)
+    assert [v.passed for v in result.verdicts] == [True, False, True, False, True]
+    assert not result.passed
+
+
+def test_policy_passes_when_all_requirements_pass():
+    policy = Policy("ok", (CleanAccuracy("c", 0.9), NoChecksAt("n", "error")))
+    assert policy.evaluate(RESULTS).passed
+
+
+def test_derived_ids_avoid_explicit_ones(tmp_path):
+    policy = load_policy(
+        write(
+            tmp_path,
+            """\
+            policy: p
+            requirements:
+              - clean_accuracy: {min: 0.5}
+              - id: clean_accuracy-2
+                no_checks_at: error
+              - clean_accuracy: {min: 0.6}
+            """,
+        )
+    )
+    assert [r.id for r in policy.requirements] == [
+        "clean_accuracy",
+        "clean_accuracy-2",
+        "clean_accuracy-3",
+    ]
+
+
+def test_shipped_policies_load():
+    assert {"default", "strict"} <= set(builtin_policies())
+    default = load_policy("default")
+    strict = load_policy("strict")
+    assert default.name == "default"
+    assert strict.name == "strict"
+    assert [type(r) for r in strict.requirements] == [
+        CleanAccuracy,
+        RobustAccuracy,
+        MedianQueries,
+        NoChecksAt,
+    ]
+
+
+def test_strict_fails_a_non_robust_model_and_default_judges_it():
+    assert not load_policy("strict").evaluate(RESULTS).passed
+    assert load_policy("default").evaluate(RESULTS).passed
+
+
+def test_existing_path_wins_over_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "policy: local\nrequirements: [{no_checks_at: error}]\n", name="strict")
+    assert load_policy("strict").name == "local"
+
+
+def test_missing_policy_names_builtins(tmp_path):
+    with pytest.raises(AuditError, match="no such file or built-in policy.*strict"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("policy: p\nrequirements: [{clean_accuracy: {min: 0.5}}]\nextra: 1\n",
+         "unknown key 'extra'; allowed: policy, description, requirements"),
+        ("policy: p\nrequirements: [{clean_acc: {min: 0.5}}]\n",
+         "unknown key 'clean_acc'; allowed: clean_accuracy, robust_accuracy,"),
+        ("policy: p\nrequirements: [{robust_accuracy: {min: 0.5, eps: 0.3, epsilon: 1}}]\n",
+         "unknown key 'epsilon'; allowed: min, eps, norm, access"),
+        ("policy: p\nrequirements: [{clean_accuracy: {min: 1.5}}]\n",
+         "min: expected a number in [0, 1], got 1.5"),
+        ("policy: p\nrequirements: [{clean_accuracy: {min: 'high'}}]\n",
+         "min: expected a number in [0, 1], got 'high'"),
+        ("policy: p\nrequirements: [{clean_accuracy: {min: true}}]\n",
+         "min: expected a number in [0, 1], got True"),
+        ("policy: p\nrequirements: [{clean_accuracy: {}}]\n", "missing required key 'min'"),
+        ("policy: p\nrequirements: [{median_queries: {min: 10.5, access: hard-label}}]\n",
+         "min: expected an integer >= 0, got 10.5"),
+        ("policy: p\nrequirements: [{median_queries: {min: -1, access: hard-label}}]\n",
+         "min: expected an integer >= 0, got -1"),
+        ("policy: p\nrequirements: [{median_queries: {min: 1}}]\n",
+         "missing required key 'access'"),
+        ("policy: p\nrequirements: [{robust_accuracy: {min: 0.5, eps: biggest}}]\n",
+         "eps: expected a number >= 0, 'min' or 'max', got 'biggest'"),
+        ("policy: p\nrequirements: [{robust_accuracy: {min: 0.5, eps: 0.1, norm: l1}}]\n",
+         "norm: expected one of linf, l2, got 'l1'"),
+        ("policy: p\nrequirements: [{robust_accuracy: {min: 0.5, eps: 0.1, access: root}}]\n",
+         "access: expected one of none, hard-label, soft-label, white-box, got 'root'"),
+        ("policy: p\nrequirements: [{no_checks_at: fatal}]\n",
+         "expected one of info, warning, error, got 'fatal'"),
+        ("policy: p\nrequirements: [{clean_accuracy: {min: 0.5}, no_checks_at: error}]\n",
+         "expected exactly one of"),
+        ("policy: p\nrequirements: [{id: lonely}]\n", "expected exactly one of"),
+        ("policy: p\nrequirements: [{id: 3, no_checks_at: error}]\n",
+         "id: expected a non-empty string"),
+        ("policy: p\nrequirements: [{id: a, no_checks_at: error}, {id: a, no_checks_at: info}]\n",
+         "duplicate id 'a'"),
+        ("policy: p\nrequirements: [clean_accuracy]\n", "expected a mapping"),
+        ("policy: p\nrequirements: []\n", "requirements: expected a non-empty list"),
+        ("policy: p\n", "missing required key 'requirements'"),
+        ("requirements: [{no_checks_at: error}]\n", "missing required key 'policy'"),
+        ("policy: [p]\nrequirements: [{no_checks_at: error}]\n",
+         "policy: expected a non-empty string"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("", "expected a mapping"),
+        ("policy: p\nrequirements: [{clean_accuracy: {min: 0.5}\n", "invalid YAML"),
+        ("policy: p\n  bad: indent\nrequirements: x\n", "invalid YAML"),
+        ("policy: !!python/object:os.system ls\nrequirements: []\n", "invalid YAML"),
+    ],
+)
+def test_bad_policies_raise_one_line_audit_error(tmp_path, text, problem):
+    assert problem in load_error(tmp_path, text)
+
+
+def test_error_names_the_requirement(tmp_path):
+    message = load_error(
+        tmp_path,
+        """\
+        policy: p
+        requirements:
+          - clean_accuracy: {min: 0.5}
+          - robust_accuracy: {min: 2, eps: max}
+        """,
+    )
+    assert "requirement 2 (robust_accuracy).min: expected a number in [0, 1], got 2" in message
+
+
+# --------------------------------------------------------------------------- #
+# Output: to_dict and JUnit
+# --------------------------------------------------------------------------- #
+
+
+def test_to_dict_round_trips_through_json(tmp_path):
+    result = load_policy(write(tmp_path, FULL_POLICY)).evaluate(RESULTS)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data == result.to_dict()
+    assert set(data) == {"name", "passed", "requirements"}
+    assert data["passed"] is False
+    for item, verdict in zip(data["requirements"], result.verdicts, strict=True):
+        assert set(item) == {"id", "description", "passed", "actual"}
+        assert Verdict(**item) == verdict
+
+
+def test_junit_has_one_testcase_per_requirement(tmp_path):
+    result = load_policy(write(tmp_path, FULL_POLICY)).evaluate(RESULTS)
+    path = tmp_path / "out" / "junit.xml"
+    write_junit(result, path)
+    suite = ET.parse(path).getroot()
+    assert suite.tag == "testsuite"
+    assert suite.get("name") == "auditor policy: full"
+    assert suite.get("tests") == "5"
+    assert suite.get("failures") == "2"
+    cases = suite.findall("testcase")
+    assert [case.get("name") for case in cases] == [v.id for v in result.verdicts]
+    for case, verdict in zip(cases, result.verdicts, strict=True):
+        assert case.get("classname") == "auditor.policy.full"
+        failures = case.findall("failure")
+        assert len(failures) == (0 if verdict.passed else 1)
+        if failures:
+            message = failures[0].get("message")
+            assert verdict.description in message
+            assert verdict.actual in message
+
+
+def test_junit_escapes_special_characters(tmp_path):
+    verdict = Verdict('a<b>&"c"', "x < y & z", False, "'quoted' <tag>\nsecond line")
+    write_junit(PolicyResult("p&q", False, (verdict,)), tmp_path / "j.xml")
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    case = suite.find("testcase")
+    assert case.get("name") == 'a<b>&"c"'
+    assert suite.get("name") == "auditor policy: p&q"
+    assert case.find("failure").get("message") == (
+        "x < y & z; actual: 'quoted' <tag>\nsecond line"
+    )
