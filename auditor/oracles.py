@@ -34,13 +34,20 @@ class BudgetExceeded(RuntimeError):
 class _QueryCounter:
     """Per-sample query accounting shared by the three oracles."""
 
-    def __init__(self, n: int, budget: int | None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n: int,
+        budget: int | None,
+        device: torch.device | str = "cpu",
+        on_charge: Callable[[int], None] | None = None,
+    ):
         if budget is not None and budget < 0:
             raise ValueError("budget must be >= 0")
         self._n = int(n)
         self._budget = None if budget is None else int(budget)
         self._device = torch.device(device)
         self._queries = torch.zeros(self._n, dtype=torch.long)
+        self._on_charge = on_charge
 
     @property
     def n(self) -> int:
@@ -92,6 +99,8 @@ class _QueryCounter:
                     f"queries, over its budget of {self._budget}"
                 )
         self._queries += counts
+        if self._on_charge is not None:
+            self._on_charge(len(idx))
 
 
 class GradientOracle(_QueryCounter):
@@ -100,8 +109,8 @@ class GradientOracle(_QueryCounter):
     One forward (and backward) pass of one image is one query.
     """
 
-    def __init__(self, module: Forward, n: int, budget: int | None = None, device="cpu"):
-        super().__init__(n, budget, device)
+    def __init__(self, module: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
+        super().__init__(n, budget, device, on_charge)
         self._module = module
 
     def logits(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,8 +140,8 @@ class GradientOracle(_QueryCounter):
 class ScoreOracle(_QueryCounter):
     """Soft-label access: class probabilities, nothing else."""
 
-    def __init__(self, probabilities: Forward, n: int, budget: int | None = None, device="cpu"):
-        super().__init__(n, budget, device)
+    def __init__(self, probabilities: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
+        super().__init__(n, budget, device, on_charge)
         self._probabilities = probabilities
 
     def probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,8 +154,8 @@ class ScoreOracle(_QueryCounter):
 class LabelOracle(_QueryCounter):
     """Hard-label access: the top-1 label, nothing else."""
 
-    def __init__(self, labels: Forward, n: int, budget: int | None = None, device="cpu"):
-        super().__init__(n, budget, device)
+    def __init__(self, labels: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
+        super().__init__(n, budget, device, on_charge)
         self._labels = labels
 
     def labels(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:

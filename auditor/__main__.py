@@ -1,0 +1,5 @@
+"""``python -m auditor`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,230 @@
+"""The battery: a cascade of attacks over the samples that are still robust.
+
+For each sample the battery keeps one record: the smallest *verified*
+adversarial distortion found so far in the threat norm (0 if the clean image
+is already misclassified, ``inf`` if none was found). Robust accuracy at ε
+is the fraction of samples whose record exceeds ε (+ a 1e-6 tolerance), so
+it is the per-sample worst case over the whole battery, and curves over ε
+come for free.
+
+* Fixed-ε attacks run once per ε, largest first; each run sees only the
+  samples whose record still exceeds that ε.
+* Minimum-norm attacks run once, on the samples still robust at the largest ε.
+* Each run gets a fresh oracle of the class the attack declares, holding the
+  per-sample query budget (black-box attacks only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .access import Access
+from .attacks import BY_LABEL, CATALOGUE
+from .attacks.base import FIXED_EPS, Attack
+from .errors import AuditError
+from .models.base import Model
+from .oracles import GradientOracle, LabelOracle, ScoreOracle
+from .progress import ScanProgress
+from .verify import EPS_TOLERANCE, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Battery:
+    level: Access
+    norm: str
+    attacks: tuple[Attack, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    """(attack label, reason) for catalogue attacks left out of this battery."""
+
+
+def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) -> Battery:
+    """Choose the attacks for an access level and norm.
+
+    Without ``names``: every catalogue attack whose oracle the level allows,
+    of the threat norm (fixed-ε) or of any norm (minimum-norm, measured in the
+    threat norm). With ``names``: exactly those, checked against the level.
+    """
+    if names:
+        unknown = [name for name in names if name not in BY_LABEL]
+        if unknown:
+            raise AuditError(
+                f"unknown attack {unknown[0]!r}; known attacks: {', '.join(BY_LABEL)}"
+            )
+        chosen = [BY_LABEL[name] for name in names]
+        for attack in chosen:
+            if attack.access > level:
+                raise AuditError(
+                    f"attack {attack.label} needs {attack.access.cli_name} access, "
+                    f"but the scan has {level.cli_name}"
+                )
+            if attack.kind == FIXED_EPS and norm not in attack.norms:
+                raise AuditError(f"attack {attack.label} cannot run in a {norm} threat model")
+        return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)))
+    chosen, skipped = [], []
+    for attack in CATALOGUE:
+        if attack.access > level:
+            continue
+        if attack.kind == FIXED_EPS and attack.norm != norm:
+            if norm not in attack.norms:
+                skipped.append((attack.label, f"no {norm} version yet"))
+            continue
+        chosen.append(attack)
+    return Battery(level, norm, tuple(chosen), tuple(skipped))
+
+
+@dataclass
+class Records:
+    """Per-sample state of a battery run (the only mutable object here)."""
+
+    distortion: torch.Tensor
+    broken_by: np.ndarray
+    """(N,) object array: attack label, ``"clean"`` or ``None``."""
+    queries: torch.Tensor
+    x_adv: torch.Tensor
+
+    @classmethod
+    def start(cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor) -> "Records":
+        wrong = clean_pred != y
+        return cls(
+            distortion=torch.where(wrong, 0.0, torch.inf).double(),
+            broken_by=np.where(wrong.numpy(), "clean", None).astype(object),
+            queries=torch.zeros(len(y), dtype=torch.long),
+            x_adv=x.clone(),
+        )
+
+    def robust_at(self, eps: float) -> torch.Tensor:
+        return self.distortion > eps + EPS_TOLERANCE
+
+    def robust_accuracy(self, eps_list: Sequence[float]) -> dict[float, float]:
+        return {eps: self.robust_at(eps).double().mean().item() for eps in eps_list}
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One call of one attack at one ε (``None`` for minimum-norm runs)."""
+
+    eps: float | None
+    samples: int
+    broken: int
+    queries_to_success: tuple[int, ...]
+    queries_total: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AttackReport:
+    attack: Attack
+    runs: tuple[RunReport, ...]
+    broken: int
+    """Samples this attack broke (verified) in any of its runs."""
+    samples: int
+    """Samples it was given in its first run."""
+    robust_accuracy: dict[float, float]
+    """Cumulative robust accuracy after this attack, per ε."""
+    budget: int | None
+
+    @property
+    def seconds(self) -> float:
+        return sum(run.seconds for run in self.runs)
+
+
+@dataclass(frozen=True)
+class BatteryOutcome:
+    clean_pred: torch.Tensor
+    records: Records
+    attacks: tuple[AttackReport, ...] = field(default_factory=tuple)
+
+
+def _oracle_forward(model: Model, oracle_class: type, probabilities: bool) -> Callable:
+    if oracle_class is GradientOracle:
+        module = model.torch_module()
+        if module is None:
+            raise AuditError(f"model {model.info.path} has no differentiable form for white-box attacks")
+        return module
+    if oracle_class is ScoreOracle:
+        if probabilities:
+            return model.forward
+        return lambda x: torch.softmax(model.forward(x), dim=1)
+    return lambda x: model.forward(x).argmax(1)
+
+
+def _run_seed(seed: int, label: str, eps: float | None) -> int:
+    return zlib.crc32(f"{seed}:{label}:{eps}".encode())
+
+
+def run_battery(
+    battery: Battery,
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps_list: Sequence[float],
+    budget: int | None,
+    seed: int,
+    outputs_probabilities: bool = False,
+    progress: ScanProgress | None = None,
+) -> BatteryOutcome:
+    """Run the cascade on (x, y) and return the verified per-sample records."""
+    progress = progress or ScanProgress(enabled=False)
+    eps_desc = sorted(eps_list, reverse=True)
+    clean_pred = model.forward(x.to(model.device)).argmax(1).cpu()
+    records = Records.start(x, clean_pred, y)
+    reports = []
+    for attack in battery.attacks:
+        attack_budget = None if attack.access == Access.WHITE_BOX else budget
+        forward = _oracle_forward(model, attack.oracle, outputs_probabilities)
+        run_eps = eps_desc if attack.kind == FIXED_EPS else [None]
+        runs, broken = [], torch.zeros(len(y), dtype=torch.bool)
+        first_samples = None
+        for eps in run_eps:
+            active = records.robust_at(eps if eps is not None else eps_desc[0]).nonzero().flatten()
+            first_samples = len(active) if first_samples is None else first_samples
+            if len(active) == 0:
+                continue
+            description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
+            total = None if attack_budget is None else attack_budget * len(active)
+            oracle = attack.oracle(
+                forward, len(active), attack_budget, device=model.device,
+                on_charge=progress.run(description, total),
+            )
+            started = time.perf_counter()
+            result = attack(
+                oracle, x[active].to(model.device), y[active].to(model.device),
+                eps=eps, seed=_run_seed(seed, attack.label, eps),
+            )
+            spent = oracle.queries()
+            checked = verify(model, x[active], result.x_adv, y[active], battery.norm)
+            limit = torch.inf if eps is None else eps + EPS_TOLERANCE
+            ok = checked.fooled & (checked.distortion <= limit)
+            better = ok & (checked.distortion < records.distortion[active])
+            winners = active[better]
+            records.distortion[winners] = checked.distortion[better]
+            records.x_adv[winners] = checked.x_adv[better]
+            records.queries[winners] = spent[better]
+            records.broken_by[winners.numpy()] = attack.label
+            none_yet = records.distortion[active] == torch.inf
+            records.queries[active[none_yet]] = torch.maximum(
+                records.queries[active[none_yet]], spent[none_yet]
+            )
+            broken[active[ok]] = True
+            runs.append(RunReport(
+                eps=eps, samples=len(active), broken=int(ok.sum()),
+                queries_to_success=tuple(spent[ok].tolist()),
+                queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
+            ))
+            log.info("%s: broke %d of %d samples", description, int(ok.sum()), len(active))
+        reports.append(AttackReport(
+            attack=attack, runs=tuple(runs), broken=int(broken.sum()),
+            samples=first_samples or 0, robust_accuracy=records.robust_accuracy(eps_list),
+            budget=attack_budget,
+        ))
+    return BatteryOutcome(clean_pred=clean_pred, records=records, attacks=tuple(reports))

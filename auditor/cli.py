@@ -1,0 +1,192 @@
+"""The command line: a thin layer over the Python API.
+
+It parses, calls ``auditor.scan`` / the policy gate / the report renderer,
+and prints. Exit codes: 0 ran and passed, 1 a policy requirement failed,
+2 usage or input error (one line on stderr; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .access import Access
+from .errors import AuditError
+
+EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _echo_summary(results: dict) -> None:
+    threat = results["threat"]
+    click.echo(f"access: {results['access']['level']} ({results['access']['reason']})")
+    click.echo(f"clean accuracy: {results['clean_accuracy']:.1%} on {results['data']['n']} samples")
+    for eps, value in results["robust_accuracy"].items():
+        click.echo(f"robust accuracy at {threat['norm']} eps={eps}: {value:.1%}")
+    for check in results["checks"]:
+        click.echo(f"check [{check['level']}] {check['id']}: {check['message']}")
+
+
+def _echo_policy(policy: dict) -> None:
+    for requirement in policy["requirements"]:
+        mark = "PASS" if requirement["passed"] else "FAIL"
+        click.echo(f"{mark}  {requirement['id']}: {requirement['description']} (actual: {requirement['actual']})")
+    click.echo(f"policy {policy['name']}: {'passed' if policy['passed'] else 'FAILED'}")
+
+
+def _exit_code(results: dict) -> int:
+    policy = results.get("policy")
+    return EXIT_POLICY_FAILED if policy is not None and not policy["passed"] else EXIT_PASS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors (may be given anywhere).")
+def cli(debug: bool) -> None:
+    """auditor: audit an image classifier's robustness under a threat model."""
+
+
+@cli.command(epilog="Example: auditor scan examples/mnist_cnn.onnx --access hard-label --data mnist -n 100 --budget 2000 --out out/scan")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--access", default="auto", show_default=True,
+              type=click.Choice(["auto", *(level.cli_name for level in reversed(Access))]),
+              help="What the attacker can see; auto takes the most the model file allows.")
+@click.option("--data", default="mnist", show_default=True, help="mnist, a .npz with x and y, or an image folder.")
+@click.option("-n", "--samples", type=int, help="Evaluate a class-balanced subset of N samples.")
+@click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
+@click.option("--eps", type=float, multiple=True, help="Perturbation radius (repeatable); default depends on data and norm.")
+@click.option("--budget", type=int, default=2000, show_default=True, help="Queries per sample for each black-box attack.")
+@click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); default: the whole battery.")
+@click.option("--arch", help="module:factory building the network, for weights files.")
+@click.option("--mean", help="Per-channel mean folded into the model, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Per-channel std folded into the model.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (runs code from the file!).")
+@click.option("--policy", help="Policy YAML (or a shipped name: default, strict) to gate on.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for results.json and the reports.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def scan(model, access, data, samples, norm, eps, budget, attacks, arch, mean, std, trust_pickle, policy, out, seed, device):
+    """Run the attack battery on MODEL and verify every adversarial example."""
+    from .scan import scan as run_scan
+
+    audit = run_scan(
+        model, data, access=access, samples=samples, norm=norm, eps=eps or None, budget=budget,
+        attacks=[name.strip() for name in attacks.split(",")] if attacks else None,
+        arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
+        policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),
+    )
+    _echo_summary(audit.results)
+    if "policy" in audit.results:
+        _echo_policy(audit.results["policy"])
+    if out:
+        click.echo(f"wrote {Path(out) / 'results.json'}, report.html and report.pdf")
+    return _exit_code(audit.results)
+
+
+@cli.command(epilog="Example: auditor check out/scan/results.json --policy strict --junit junit.xml")
+@click.argument("results_path", metavar="RESULTS", type=click.Path(dir_okay=False))
+@click.option("--policy", required=True, help="Policy YAML, or a shipped name: default, strict.")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write one JUnit testcase per requirement here.")
+def check(results_path, policy, junit):
+    """Apply a policy to a results.json; exit 1 if a requirement fails."""
+    from .policy import load_policy, write_junit
+    from .results import load_results
+
+    gate = load_policy(policy)
+    verdict = gate.evaluate(load_results(Path(results_path)))
+    _echo_policy(verdict.to_dict())
+    if junit:
+        write_junit(verdict, Path(junit))
+    return EXIT_PASS if verdict.passed else EXIT_POLICY_FAILED
+
+
+@cli.command(epilog="Example: auditor report out/scan/results.json --out out/rerendered")
+@click.argument("results_path", metavar="RESULTS", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.html and report.pdf.")
+def report(results_path, out):
+    """Re-render report.html and report.pdf from a results.json."""
+    from .report.render import write_report
+    from .results import load_results
+
+    results = load_results(Path(results_path))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    html, pdf = write_report(results, Path(out))
+    click.echo(f"wrote {html} and {pdf}")
+    return EXIT_PASS
+
+
+@cli.command(epilog="Example: auditor attacks")
+def attacks():
+    """List the attack catalogue: name, access level, norms, kind, paper."""
+    from .attacks import CATALOGUE
+
+    for attack in CATALOGUE:
+        click.echo(
+            f"{attack.label:<14} {attack.access.cli_name:<11} {'/'.join(attack.norms):<8} "
+            f"{attack.kind:<9} {attack.paper}"
+        )
+    return EXIT_PASS
+
+
+@cli.command(epilog="Example: auditor demo --out out/demo")
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", "model_path", default="examples/mnist_cnn.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="The example model (examples/train_mnist.py writes it).")
+@click.option("-n", "--samples", type=int, default=200, show_default=True)
+def demo(out, model_path, samples):
+    """Audit the example MNIST CNN on the built-in data and write a report.
+
+    The default policy is applied and its verdict shown in the report; the
+    demo exits 0 whenever it ran, whatever the verdict.
+    """
+    from .scan import scan as run_scan
+
+    if not Path(model_path).exists():
+        raise AuditError(f"example model {model_path} not found: run `make demo` from a clone of the repository")
+    audit = run_scan(model_path, "mnist", samples=samples, policy="default", out=out,
+                     progress=sys.stderr.isatty(), command=f"auditor demo --out {out}")
+    _echo_summary(audit.results)
+    _echo_policy(audit.results["policy"])
+    click.echo(f"wrote {Path(out) / 'report.pdf'}")
+    return EXIT_PASS
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning errors into one line and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [arg for arg in args if arg != "--debug"]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("weasyprint", "fontTools"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        code = cli.main(args=args, prog_name="auditor", standalone_mode=False)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc.format_message()}", err=True)
+        code = EXIT_ERROR
+    except AuditError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        code = EXIT_ERROR
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = EXIT_ERROR
+    except Exception as exc:  # an internal bug: still one line unless --debug
+        if debug:
+            raise
+        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        code = EXIT_ERROR
+    sys.exit(code if isinstance(code, int) else EXIT_PASS)

@@ -1,0 +1,159 @@
+"""results.json (schema ``auditor.results/1``): the single source of truth.
+
+The report and the policy gate read only this dict, so ``auditor report`` and
+``auditor check`` work on a results file from another machine. Fields that
+CI relies on are never removed; see ``../shared/design.md`` §3. Infinite
+distortion ("no adversarial example found") is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .battery import AttackReport, BatteryOutcome
+from .errors import AuditError
+
+SCHEMA = "auditor.results/1"
+TIMING_FIELDS = ("started", "seconds")
+"""Top-level fields that differ between two runs with the same seed
+(plus ``attacks[].seconds``)."""
+
+
+def eps_key(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def _accuracy_dict(values: dict[float, float]) -> dict[str, float]:
+    return {eps_key(eps): round(value, 6) for eps, value in sorted(values.items())}
+
+
+def _stats(values: Sequence[int], budget: int | None, total: int) -> dict:
+    if len(values) == 0:
+        summary = {"mean": None, "median": None, "p90": None, "max": None}
+    else:
+        array = np.asarray(values, dtype=np.float64)
+        summary = {
+            "mean": round(float(array.mean()), 3),
+            "median": float(np.median(array)),
+            "p90": float(np.percentile(array, 90)),
+            "max": int(array.max()),
+        }
+    return {**summary, "budget": budget, "total": int(total)}
+
+
+def attack_entry(report: AttackReport) -> dict:
+    """One ``attacks[]`` item. Query statistics are queries to success at the
+    largest ε (fixed-ε attacks) or over the single run (minimum-norm)."""
+    attack = report.attack
+    headline = report.runs[0] if report.runs else None
+    return {
+        "name": attack.label,
+        "access": attack.access.cli_name,
+        "kind": attack.kind,
+        "norm": attack.norm,
+        "params": attack.params(),
+        "paper": attack.paper,
+        "samples": report.samples,
+        "robust_accuracy": _accuracy_dict(report.robust_accuracy),
+        "success_rate": round(report.broken / report.samples, 6) if report.samples else None,
+        "queries": _stats(
+            headline.queries_to_success if headline else (),
+            report.budget,
+            sum(run.queries_total for run in report.runs),
+        ),
+        "runs": [
+            {
+                "eps": run.eps,
+                "samples": run.samples,
+                "broken": run.broken,
+                "queries": _stats(run.queries_to_success, report.budget, run.queries_total),
+            }
+            for run in report.runs
+        ],
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def sample_entries(indices: Sequence[int], labels, outcome: BatteryOutcome) -> list[dict]:
+    records = outcome.records
+    return [
+        {
+            "index": int(index),
+            "label": int(label),
+            "clean_pred": int(pred),
+            "distortion": None if math.isinf(dist) else round(float(dist), 6),
+            "broken_by": broken_by,
+            "queries": int(queries),
+        }
+        for index, label, pred, dist, broken_by, queries in zip(
+            indices,
+            labels.tolist(),
+            outcome.clean_pred.tolist(),
+            records.distortion.tolist(),
+            records.broken_by.tolist(),
+            records.queries.tolist(),
+        )
+    ]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def auditor_version() -> str | None:
+    return _version("auditor")
+
+
+def manifest(command: str, device: str) -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "platform": platform.platform(),
+        "command": command,
+        "device": device,
+    }
+
+
+def command_line() -> str:
+    return " ".join(["auditor", *sys.argv[1:]])
+
+
+def load_results(path: Path) -> dict:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditError(f"results file {path}: cannot read JSON ({exc})") from None
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
+        raise AuditError(f"{path} is not an auditor results file (schema {SCHEMA})")
+    return results
+
+
+def dump(results: dict) -> str:
+    return json.dumps(results, indent=2, allow_nan=False) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,206 @@
+"""``auditor.scan``: one audit from a model file to a verified results dict.
+
+The flow (design.md §1): load the model adapter and the data, check they fit,
+resolve the access level, run preflight checks, run the battery, build
+results.json, apply the policy, and write the outputs. The CLI is a thin
+layer over this function.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import checks as checks_mod
+from .access import resolve_access
+from .battery import build_battery, run_battery
+from .data import load_data
+from .errors import AuditError
+from .models import check_model_on_data, load_model
+from .policy import PolicyResult, load_policy, write_junit
+from .progress import ScanProgress
+from .report.render import write_report
+from .results import (
+    SCHEMA,
+    attack_entry,
+    auditor_version,
+    command_line,
+    dump,
+    eps_key,
+    manifest,
+    sample_entries,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPS = {
+    ("mnist", "linf"): (0.1, 0.2, 0.3),
+    ("mnist", "l2"): (1.0, 1.5, 2.0),
+    (None, "linf"): (2 / 255, 4 / 255, 8 / 255),
+    (None, "l2"): (0.25, 0.5, 1.0),
+}
+"""ε grids used when ``--eps`` is not given: the standard MNIST radii for the
+built-in data, and the usual CIFAR/ImageNet radii for anything else."""
+
+DEFAULT_BUDGET = 2000
+"""Queries per sample for each black-box attack run."""
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What ``scan`` returns: the results dict plus the verified examples."""
+
+    results: dict
+    adversarials: dict[str, np.ndarray]
+    """``index``, ``x_adv``, ``distortion``, ``broken_by`` of broken samples."""
+
+    @property
+    def robust_accuracy(self) -> dict[str, float]:
+        return self.results["robust_accuracy"]
+
+    @property
+    def passed(self) -> bool | None:
+        """The policy verdict, or ``None`` when no policy was applied."""
+        policy = self.results.get("policy")
+        return None if policy is None else policy["passed"]
+
+
+def resolve_eps(data_name: str, norm: str, eps: Sequence[float] | None) -> tuple[float, ...]:
+    if norm not in ("linf", "l2"):
+        raise AuditError(f"unknown norm {norm!r}; use linf or l2")
+    if not eps:
+        key = (data_name, norm) if (data_name, norm) in DEFAULT_EPS else (None, norm)
+        return DEFAULT_EPS[key]
+    for value in eps:
+        if not value > 0:
+            raise AuditError(f"--eps must be > 0, got {value:g}")
+        if norm == "linf" and value > 1:
+            raise AuditError(f"--eps {value:g} exceeds the [0,1] pixel range for linf")
+    return tuple(sorted(set(float(value) for value in eps)))
+
+
+def scan(
+    model: str | Path,
+    data: str = "mnist",
+    *,
+    access: str = "auto",
+    samples: int | None = None,
+    norm: str = "linf",
+    eps: Sequence[float] | None = None,
+    budget: int = DEFAULT_BUDGET,
+    attacks: Sequence[str] | None = None,
+    arch: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    trust_pickle: bool = False,
+    policy: str | Path | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+    command: str | None = None,
+) -> AuditResult:
+    """Audit ``model`` on ``data`` and return the verified results.
+
+    With ``out`` the results.json, report.html, report.pdf (and junit.xml
+    with a policy) are written there; nothing is written if anything fails.
+    """
+    started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    if budget < 1:
+        raise AuditError(f"--budget must be >= 1, got {budget}")
+    if samples is not None and samples < 1:
+        raise AuditError(f"-n/--samples must be >= 1, got {samples}")
+    gate = load_policy(policy) if policy is not None else None
+    dataset = load_data(data)
+    eps_list = resolve_eps(dataset.name, norm, eps)
+    adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
+    num_classes = check_model_on_data(adapter, dataset)
+    level, reason = resolve_access(access, *adapter.access_ceiling)
+    battery = build_battery(level, norm, attacks)
+
+    indices = dataset.balanced_indices(samples)
+    x, y = dataset.x[indices], dataset.y[indices]
+    found, probabilities = checks_mod.preflight(adapter, x[:64])
+    torch.manual_seed(seed)
+    with ScanProgress(enabled=progress) as bar:
+        outcome = run_battery(
+            battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
+            outputs_probabilities=probabilities, progress=bar,
+        )
+    clean_accuracy = (outcome.clean_pred == y).double().mean().item()
+    found += checks_mod.low_clean_accuracy(clean_accuracy)
+    found += checks_mod.skipped_attacks(battery.skipped)
+    found += checks_mod.access_limited(level, reason)
+
+    info = adapter.info
+    results = {
+        "schema": SCHEMA,
+        "auditor_version": auditor_version(),
+        "seed": seed,
+        "started": started_at.isoformat(timespec="seconds"),
+        "seconds": None,
+        "model": {
+            "path": str(model),
+            "format": info.format,
+            "sha256": info.sha256,
+            "input_shape": list(x.shape[1:]),
+            "num_classes": num_classes,
+        },
+        "data": {"name": dataset.name, "n": len(y), "sha256": dataset.sha256},
+        "access": {"level": level.cli_name, "reason": reason},
+        "threat": {"norm": norm, "eps": list(eps_list), "budget": budget},
+        "clean_accuracy": round(clean_accuracy, 6),
+        "robust_accuracy": {
+            eps_key(e): round(v, 6) for e, v in outcome.records.robust_accuracy(eps_list).items()
+        },
+        "attacks": [attack_entry(report) for report in outcome.attacks],
+        "samples": sample_entries(indices.tolist(), y, outcome),
+        "checks": [check.to_dict() for check in found],
+        "manifest": manifest(command or command_line(), str(adapter.device)),
+    }
+    verdict = gate.evaluate(results) if gate is not None else None
+    if verdict is not None:
+        results["policy"] = verdict.to_dict()
+    results["seconds"] = round(time.perf_counter() - started, 3)
+
+    records = outcome.records
+    broken = (records.distortion > 0) & torch.isfinite(records.distortion)
+    adversarials = {
+        "index": indices[broken].numpy(),
+        "x_adv": records.x_adv[broken].numpy(),
+        "distortion": records.distortion[broken].numpy(),
+        "broken_by": records.broken_by[broken.numpy()].astype(str),
+    }
+    audit = AuditResult(results=results, adversarials=adversarials)
+    if out is not None:
+        write_outputs(audit, Path(out), verdict)
+    return audit
+
+
+def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = None) -> None:
+    """Write results.json, the report, junit.xml and adversarials.npz to ``out``.
+
+    Everything is staged in a temporary folder inside ``out`` and moved into
+    place only when all of it was written, so a failure leaves no new file.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        (stage / "results.json").write_text(dump(audit.results))
+        write_report(audit.results, stage)
+        np.savez_compressed(stage / "adversarials.npz", **audit.adversarials)
+        if verdict is not None:
+            write_junit(verdict, stage / "junit.xml")
+        for path in stage.iterdir():
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

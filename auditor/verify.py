@@ -1,0 +1,42 @@
+"""Verification of adversarial examples on the real runtime.
+
+The harness never trusts an attack's ``success`` mask. Every candidate is
+clipped to [0,1], sent through the model adapter's ``forward`` (for an ONNX
+file that is the onnxruntime session, not a converted torch copy) and counts
+only if it is finite and misclassified. Its distortion is measured in the
+threat norm, whatever norm the attack itself optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attacks.base import distortion
+from .models.base import Model
+
+EPS_TOLERANCE = 1e-6
+"""Slack allowed at the ε boundary (float32 round-off in projections)."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    x_adv: torch.Tensor
+    """The clipped candidates (CPU)."""
+    fooled: torch.Tensor
+    """(N,) bool: finite and misclassified on the real runtime."""
+    distortion: torch.Tensor
+    """(N,) float64 distortion in the threat norm."""
+
+
+def verify(model: Model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, norm: str) -> Verified:
+    """Re-check candidate adversarial examples ``x_adv`` for clean images ``x``."""
+    x, y = x.detach().cpu(), y.detach().cpu()
+    x_adv = x_adv.detach().cpu().float()
+    finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
+    x_adv = torch.where(finite.view(-1, 1, 1, 1), x_adv, x).clamp(0.0, 1.0)
+    predicted = model.forward(x_adv.to(model.device)).argmax(1).cpu()
+    fooled = finite & (predicted != y)
+    size = distortion((x_adv - x).double(), norm)
+    return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

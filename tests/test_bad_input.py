@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, no output files."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from auditor.cli import main
+
+
+class _NanHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * torch.log(x.flatten(1)[:, :1] - 2)  # log(<0) = NaN
+
+
+class _Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _onnx(module: nn.Module, shape, path: Path) -> Path:
+    torch.onnx.export(module.eval(), (torch.rand(1, *shape),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    (root / "empty.onnx").write_bytes(b"")
+    _onnx(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), (3, 32, 32), root / "rgb.onnx")
+    _onnx(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), (1, 28, 28), root / "five.onnx")
+    _onnx(_NanHead(), (1, 28, 28), root / "nan.onnx")
+    (root / "empty_dir").mkdir()
+    np.savez(root / "no_y.npz", x=np.zeros((4, 1, 28, 28), np.float32))
+    (root / "unknown_key.yaml").write_text("policy: p\nrequirements:\n  - clean_acuracy: {min: 0.5}\n")
+    with open(root / "payload.pt", "wb") as stream:
+        pickle.dump({"weights": _Payload(root / "PWNED")}, stream)
+    return root
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+CASES = {
+    "corrupt model": (["scan", "{root}/corrupt.onnx"], "corrupt.onnx"),
+    "empty model": (["scan", "{root}/empty.onnx"], "empty.onnx"),
+    "input shape": (["scan", "{root}/rgb.onnx"], "(3, 32, 32)"),
+    "class count": (["scan", "{root}/five.onnx"], "5 classes"),
+    "nan outputs": (["scan", "{root}/nan.onnx"], "NaN"),
+    "empty data folder": (["scan", "{example}", "--data", "{root}/empty_dir"], "no images"),
+    "malformed npz": (["scan", "{example}", "--data", "{root}/no_y.npz"], "'y'"),
+    "unknown policy key": (["scan", "{example}", "--policy", "{root}/unknown_key.yaml"], "clean_acuracy"),
+    "eps zero": (["scan", "{example}", "--eps", "0"], "--eps must be > 0"),
+    "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
+    "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
+    "stronger access than the file allows": (["scan", "{example}", "--access", "white-box"], "not possible"),
+    "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
+    "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2(case, artefacts, example_onnx, capsys, tmp_path):
+    args, expected = CASES[case]
+    args = [a.format(root=artefacts, example=example_onnx) for a in args] + ["--out", str(tmp_path / "out")]
+    code, err = run(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_pickle_payload_never_runs(artefacts, capsys):
+    code, _ = run(capsys, "scan", artefacts / "payload.pt", "--arch", "examples.mnist_cnn:build")
+    assert code == 2
+    assert not (artefacts / "PWNED").exists()

@@ -1,0 +1,82 @@
+"""Oracles enforce the threat model: what an attack can see, and how often."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auditor.access import Access
+from auditor.battery import build_battery
+from auditor.errors import AuditError
+from auditor.oracles import BudgetExceeded, GradientOracle, LabelOracle, ScoreOracle
+
+PUBLIC_COUNTING = {"n", "budget", "device", "queries", "remaining"}
+
+
+def public(obj) -> set[str]:
+    return {name for name in dir(obj) if not name.startswith("_")}
+
+
+@pytest.fixture()
+def batch(mnist_test):
+    return mnist_test.x[:8], mnist_test.y[:8]
+
+
+def test_label_oracle_exposes_only_labels(tiny_cnn, batch):
+    x, _ = batch
+    oracle = LabelOracle(lambda z: tiny_cnn(z).argmax(1), len(x))
+    assert public(oracle) == PUBLIC_COUNTING | {"labels"}
+    labels = oracle.labels(x)
+    assert labels.dtype == torch.long and labels.shape == (8,)
+    for name in public(oracle):
+        value = getattr(oracle, name)
+        assert not isinstance(value, torch.nn.Module)
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == torch.long  # query counts only, never scores
+    assert not hasattr(oracle, "probs") and not hasattr(oracle, "loss_grad")
+    assert not isinstance(oracle, (ScoreOracle, GradientOracle))
+
+
+def test_score_oracle_exposes_probabilities_not_gradients(tiny_cnn, batch):
+    x, _ = batch
+    oracle = ScoreOracle(lambda z: tiny_cnn(z).softmax(1), len(x))
+    assert public(oracle) == PUBLIC_COUNTING | {"probs"}
+    probs = oracle.probs(x.requires_grad_(True))
+    assert not probs.requires_grad  # no autograd path back to the model
+    assert torch.allclose(probs.sum(1), torch.ones(8), atol=1e-5)
+    assert not isinstance(oracle, GradientOracle)
+
+
+def test_gradient_oracle_counts_forward_backward(tiny_cnn, batch):
+    x, y = batch
+    oracle = GradientOracle(tiny_cnn, len(x))
+    logits, grad = oracle.loss_grad(x, lambda z: torch.nn.functional.cross_entropy(z, y, reduction="none"))
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    oracle.logits(x[:3], idx=torch.tensor([0, 0, 5]))
+    assert oracle.queries().tolist() == [3, 1, 1, 1, 1, 2, 1, 1]
+
+
+def test_budget_is_never_exceeded(tiny_cnn, batch):
+    x, _ = batch
+    oracle = LabelOracle(lambda z: tiny_cnn(z).argmax(1), len(x), budget=2)
+    oracle.labels(x)
+    oracle.labels(x[:2], idx=torch.tensor([3, 4]))
+    with pytest.raises(BudgetExceeded):
+        oracle.labels(x[:2], idx=torch.tensor([3, 5]))  # sample 3 is spent
+    assert oracle.queries().tolist() == [1, 1, 1, 2, 2, 1, 1, 1]  # refused call charged nothing
+    assert oracle.remaining().tolist() == [1, 1, 1, 0, 0, 1, 1, 1]
+
+
+def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
+    with pytest.raises(AuditError, match="pgd-linf needs white-box access"):
+        build_battery(Access.SOFT_LABEL, "linf", ["pgd-linf"])
+    with pytest.raises(AuditError, match="unknown attack 'nope'"):
+        build_battery(Access.WHITE_BOX, "linf", ["nope"])
+
+
+def test_battery_of_a_level_includes_weaker_levels():
+    labels = [attack.label for attack in build_battery(Access.WHITE_BOX, "linf").attacks]
+    assert labels == ["pgd-linf", "square-linf", "sign-opt-l2"]
+    labels = [attack.label for attack in build_battery(Access.HARD_LABEL, "linf").attacks]
+    assert labels == ["sign-opt-l2"]
+    assert build_battery(Access.NONE, "linf").attacks == ()

@@ -1,0 +1,37 @@
+"""PGD: the white-box attack of the spine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auditor.attacks.base import distortion
+from auditor.attacks.whitebox.pgd import PGD
+from auditor.oracles import GradientOracle
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.2), ("l2", 2.0)])
+def test_pgd_stays_in_ball_and_breaks_a_standard_model(tiny_cnn, mnist_test, norm, eps):
+    x, y = mnist_test.x[:64], mnist_test.y[:64]
+    correct = tiny_cnn(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    attack = PGD(norm=norm, steps=20)
+    result = attack(GradientOracle(tiny_cnn, len(y)), x, y, eps=eps, seed=1)
+    assert distortion(result.x_adv - x, norm).max() <= eps + 1e-6
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    fooled = tiny_cnn(result.x_adv).argmax(1) != y
+    assert torch.equal(fooled, result.success)
+    assert fooled.float().mean() > 0.8
+    # early stopping: successful samples cost fewer than steps + 1 passes
+    assert result.queries.max() <= 21 and result.queries.float().mean() < 21
+
+
+def test_pgd_is_deterministic_and_immutable(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:16], mnist_test.y[:16]
+    attack = PGD(norm="linf", steps=5, restarts=2)
+    first = attack(GradientOracle(tiny_cnn, 16), x, y, eps=0.05, seed=3)
+    second = attack(GradientOracle(tiny_cnn, 16), x, y, eps=0.05, seed=3)
+    assert torch.equal(first.x_adv, second.x_adv)
+    assert repr(attack) == "PGD(norm='linf', steps=5, restarts=2, rel_step=None, random_start=True)"
+    with pytest.raises(Exception):
+        attack.steps = 10

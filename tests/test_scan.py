@@ -1,0 +1,125 @@
+"""End to end: `auditor scan` from the example ONNX model to verified outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from pypdf import PdfReader
+
+from auditor.cli import main
+
+BUDGET = 2000
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in args])
+    return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def hard_label_scan(tmp_path_factory, example_onnx) -> Path:
+    """The issue's headline command, run once for the tests of this module."""
+    out = tmp_path_factory.mktemp("scan")
+    code = run_cli("scan", example_onnx, "--access", "hard-label", "--data", "mnist",
+                   "-n", "100", "--budget", str(BUDGET), "--out", out)
+    assert code == 0
+    return out
+
+
+def test_scan_writes_results_and_reports(hard_label_scan):
+    for name in ("results.json", "report.html", "report.pdf", "adversarials.npz"):
+        assert (hard_label_scan / name).stat().st_size > 0
+    assert not list(hard_label_scan.glob(".partial-*"))
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    assert results["schema"] == "auditor.results/1"
+    assert results["access"] == {"level": "hard-label", "reason": "requested with --access hard-label"}
+    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2"]
+    assert len(results["samples"]) == 100 and results["data"]["n"] == 100
+    assert all(sample["queries"] <= BUDGET for sample in results["samples"])
+    assert results["attacks"][0]["queries"]["max"] <= BUDGET
+    # robust accuracy is derived from the per-sample records
+    for eps, value in results["robust_accuracy"].items():
+        robust = [s["distortion"] is None or s["distortion"] > float(eps) + 1e-6 for s in results["samples"]]
+        assert value == pytest.approx(np.mean(robust))
+    # a standard CNN is not robust at eps=0.3 against a label-only attacker
+    assert results["robust_accuracy"]["0.3"] < 0.5
+
+
+def test_every_counted_example_reverifies_on_a_fresh_onnx_session(hard_label_scan, example_onnx, mnist_test):
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    adversarials = np.load(hard_label_scan / "adversarials.npz")
+    session = onnxruntime.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
+    x_adv = adversarials["x_adv"]
+    predicted = session.run(None, {session.get_inputs()[0].name: x_adv})[0].argmax(1)
+    index = adversarials["index"]
+    labels = mnist_test.y.numpy()[index]
+    assert (predicted != labels).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    linf = np.abs(x_adv - mnist_test.x.numpy()[index]).reshape(len(index), -1).max(1)
+    np.testing.assert_allclose(linf, adversarials["distortion"], rtol=1e-5, atol=1e-6)
+    # every sample counted as broken at some eps has its verified example saved
+    broken = {s["index"] for s in results["samples"] if s["distortion"] not in (None, 0.0)}
+    assert broken == set(index.tolist())
+
+
+def test_policy_gate_exit_codes_and_junit(hard_label_scan, tmp_path):
+    results = hard_label_scan / "results.json"
+    junit = tmp_path / "j.xml"
+    assert run_cli("check", results, "--policy", "policies/strict.yaml", "--junit", junit) == 1
+    import xml.etree.ElementTree as ET
+
+    cases = ET.parse(junit).getroot().findall("testcase")
+    assert len(cases) == 4  # one per requirement of strict.yaml
+    assert any(case.find("failure") is not None for case in cases)
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text("policy: lenient\nrequirements:\n  - clean_accuracy: {min: 0.9}\n")
+    assert run_cli("check", results, "--policy", lenient) == 0
+
+
+def test_pdf_shows_verdict_and_robust_accuracy_table(hard_label_scan):
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    text = " ".join(page.extract_text() for page in PdfReader(hard_label_scan / "report.pdf").pages)
+    assert "NOT GATED" in text
+    assert f"{results['robust_accuracy']['0.3']:.1%}".replace("%", " %") in text or \
+        f"{results['robust_accuracy']['0.3'] * 100:.1f}" in text
+
+
+def test_report_rerenders_from_results_alone(hard_label_scan, tmp_path):
+    assert run_cli("report", hard_label_scan / "results.json", "--out", tmp_path / "again") == 0
+    assert (tmp_path / "again" / "report.pdf").stat().st_size > 0
+
+
+def test_same_seed_gives_identical_results(example_onnx, tmp_path):
+    def results(out):
+        assert run_cli("scan", example_onnx, "--access", "soft-label", "-n", "20", "--budget", "200",
+                       "--seed", "7", "--out", out) == 0
+        data = json.loads((out / "results.json").read_text())
+        for key in ("started", "seconds"):
+            data.pop(key)
+        for attack in data["attacks"]:
+            attack.pop("seconds")
+        return data
+
+    first, second = results(tmp_path / "a"), results(tmp_path / "b")
+    assert first == second
+    assert [a["name"] for a in first["attacks"]] == ["square-linf", "sign-opt-l2"]
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    proc = subprocess.run(
+        [sys.executable, "-m", "auditor", "scan", str(bad), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
