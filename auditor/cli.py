@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     args = [arg for arg in args if arg != "--debug"]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("weasyprint", "fontTools"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    if not debug:  # library warnings (torch, weasyprint) would break the one-line contract
+        for noisy in ("py.warnings", "weasyprint", "fontTools"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         code = cli.main(args=args, prog_name="auditor", standalone_mode=False)
     except click.ClickException as exc:
