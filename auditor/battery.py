@@ -115,7 +115,7 @@ class RunReport:
     eps: float | None
     samples: int
     broken: int
-    queries_to_success: tuple[int, ...]
+    queries_of_broken: tuple[int, ...]
     queries_total: int
     seconds: float
 
@@ -191,6 +191,7 @@ def run_battery(
             if len(active) == 0:
                 continue
             description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
+            description += f" · {len(active)} samples"
             total = None if attack_budget is None else attack_budget * len(active)
             oracle = attack.oracle(
                 forward, len(active), attack_budget, device=model.device,
@@ -218,7 +219,7 @@ def run_battery(
             broken[active[ok]] = True
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(ok.sum()),
-                queries_to_success=tuple(spent[ok].tolist()),
+                queries_of_broken=tuple(spent[ok].tolist()),
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
             ))
             log.info("%s: broke %d of %d samples", description, int(ok.sum()), len(active))

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .attacks.base import FIXED_EPS
 from .battery import AttackReport, BatteryOutcome
 from .errors import AuditError
 
@@ -37,7 +38,7 @@ def _accuracy_dict(values: dict[float, float]) -> dict[str, float]:
     return {eps_key(eps): round(value, 6) for eps, value in sorted(values.items())}
 
 
-def _stats(values: Sequence[int], budget: int | None, total: int) -> dict:
+def _stats(values: Sequence[int], budget: int | None, total: int, measure: str) -> dict:
     if len(values) == 0:
         summary = {"mean": None, "median": None, "p90": None, "max": None}
     else:
@@ -48,14 +49,16 @@ def _stats(values: Sequence[int], budget: int | None, total: int) -> dict:
             "p90": float(np.percentile(array, 90)),
             "max": int(array.max()),
         }
-    return {**summary, "budget": budget, "total": int(total)}
+    return {**summary, "budget": budget, "total": int(total), "measure": measure}
 
 
 def attack_entry(report: AttackReport) -> dict:
-    """One ``attacks[]`` item. Query statistics are queries to success at the
-    largest ε (fixed-ε attacks) or over the single run (minimum-norm)."""
+    """One ``attacks[]`` item. Query statistics are over the samples the attack
+    broke: queries to success at the largest ε for fixed-ε attacks, queries
+    spent for minimum-norm attacks (which refine until the budget is used)."""
     attack = report.attack
     headline = report.runs[0] if report.runs else None
+    measure = "to-success" if attack.kind == FIXED_EPS else "spent"
     return {
         "name": attack.label,
         "access": attack.access.cli_name,
@@ -67,16 +70,17 @@ def attack_entry(report: AttackReport) -> dict:
         "robust_accuracy": _accuracy_dict(report.robust_accuracy),
         "success_rate": round(report.broken / report.samples, 6) if report.samples else None,
         "queries": _stats(
-            headline.queries_to_success if headline else (),
+            headline.queries_of_broken if headline else (),
             report.budget,
             sum(run.queries_total for run in report.runs),
+            measure,
         ),
         "runs": [
             {
                 "eps": run.eps,
                 "samples": run.samples,
                 "broken": run.broken,
-                "queries": _stats(run.queries_to_success, report.budget, run.queries_total),
+                "queries": _stats(run.queries_of_broken, report.budget, run.queries_total, measure),
             }
             for run in report.runs
         ],

@@ -83,19 +83,23 @@ class PGD(Attack):
             active = (~success).nonzero().flatten()
             if len(active) == 0:
                 break
-            x_adv = self._start(x[active], eps, gen)
+            x0, y0 = x[active], y[active]
+            x_adv = self._start(x0, eps, gen)
             for step in range(self.steps + 1):
-                x0, y0 = x[active], y[active]
                 if step == self.steps:
                     logits = oracle.logits(x_adv, idx=active.cpu())
                 else:
                     logits, grad = oracle.loss_grad(x_adv, _cross_entropy(y0), idx=active.cpu())
                 fooled = logits.argmax(1) != y0
-                x_best[active[fooled]] = x_adv[fooled]
-                success[active[fooled]] = True
-                keep = ~fooled
-                if step == self.steps or not keep.any():
-                    break
-                x_adv = project(self._step(x_adv[keep], grad[keep], alpha), x0[keep], eps, self.norm)
-                active = active[keep]
+                if fooled.any():
+                    x_best[active[fooled]] = x_adv[fooled]
+                    success[active[fooled]] = True
+                    keep = ~fooled
+                    if not keep.any():
+                        break
+                    active, x0, y0, x_adv = active[keep], x0[keep], y0[keep], x_adv[keep]
+                    if step < self.steps:
+                        grad = grad[keep]
+                if step < self.steps:
+                    x_adv = project(self._step(x_adv, grad, alpha), x0, eps, self.norm)
         return AttackResult(x_adv=x_best, success=success, queries=oracle.queries())

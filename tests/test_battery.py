@@ -1,0 +1,93 @@
+"""The battery never trusts an attack: it clips, re-verifies and keeps the minimum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from auditor.access import Access
+from auditor.attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
+from auditor.battery import Battery, run_battery
+from auditor.models.pytorch import TorchModel
+from auditor.models.base import ModelInfo
+from auditor.oracles import LabelOracle
+
+
+@dataclass(frozen=True)
+class Liar(Attack):
+    """Claims success everywhere, returning noise the harness must reject."""
+
+    name = "liar"
+    oracle = LabelOracle
+    kind = FIXED_EPS
+    norms = ("linf",)
+    paper = "none"
+    norm: str = "linf"
+    overshoot: float = 0.0
+
+    def __call__(self, oracle, x, y, *, eps=None, seed=0):
+        x_adv = x + (eps + self.overshoot)  # unclipped, possibly outside the ball
+        return AttackResult(x_adv=x_adv, success=torch.ones(len(x), dtype=torch.bool), queries=oracle.queries())
+
+
+@dataclass(frozen=True)
+class Recorder(Attack):
+    """Records which samples it is shown; finds nothing."""
+
+    name = "recorder"
+    oracle = LabelOracle
+    kind = MIN_NORM
+    norms = ("l2",)
+    paper = "none"
+    norm: str = "l2"
+    seen: list = None
+
+    def __call__(self, oracle, x, y, *, eps=None, seed=0):
+        self.seen.append(oracle.n)
+        oracle.labels(x)
+        return AttackResult(x_adv=x, success=torch.zeros(len(x), dtype=torch.bool), queries=oracle.queries())
+
+
+def _model(module):
+    return TorchModel(module, ModelInfo("tiny", "state-dict", "0", (1, 28, 28), 10), device="cpu")
+
+
+def test_claims_that_fail_verification_do_not_count(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    model = _model(tiny_cnn)
+    battery = Battery(Access.HARD_LABEL, "linf", (Liar(),))
+    outcome = run_battery(battery, model, x, y, eps_list=[0.05], budget=10, seed=0)
+    clean_wrong = outcome.clean_pred != y
+    broken = torch.isfinite(outcome.records.distortion)
+    # a uniform shift by eps fools the model on a few samples at most; those are
+    # real (verified) adversarial examples, all the other claims were rejected
+    fooled = tiny_cnn((x + 0.05).clamp(0, 1)).argmax(1) != y
+    assert torch.equal(broken, clean_wrong | fooled)
+
+
+def test_examples_outside_the_ball_do_not_count(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    battery = Battery(Access.HARD_LABEL, "linf", (Liar(overshoot=0.5),))
+    outcome = run_battery(battery, _model(tiny_cnn), x, y, eps_list=[0.05], budget=10, seed=0)
+    assert torch.equal(torch.isfinite(outcome.records.distortion), outcome.clean_pred != y)
+
+
+def test_cascade_shows_each_attack_only_the_still_robust(tiny_cnn, mnist_test):
+    from auditor.attacks.whitebox.pgd import PGD
+
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    seen = []
+    battery = Battery(Access.WHITE_BOX, "linf", (PGD(steps=10), Recorder(seen=seen)))
+    outcome = run_battery(battery, _model(tiny_cnn), x, y, eps_list=[0.03, 0.06], budget=5, seed=0)
+    still_robust = int(outcome.records.robust_at(0.06).sum())
+    assert still_robust > 0
+    assert seen == [still_robust]
+    pgd = outcome.attacks[0]
+    assert [run.eps for run in pgd.runs] == [0.06, 0.03]  # largest first
+    # samples misclassified when clean are never attacked
+    assert pgd.runs[0].samples == int((outcome.clean_pred == y).sum())
+    assert pgd.robust_accuracy[0.03] >= pgd.robust_accuracy[0.06]
+    distortion = outcome.records.distortion
+    assert ((distortion == 0) == (outcome.clean_pred != y)).all()
+    assert (distortion[torch.isfinite(distortion)] <= 0.06 + 1e-6).all()
