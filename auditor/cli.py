@@ -8,6 +8,7 @@ and prints. Exit codes: 0 ran and passed, 1 a policy requirement failed,
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def cli(debug: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for results.json and the reports.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def scan(model, access, data, samples, norm, eps, budget, attacks, arch, mean, std, trust_pickle, policy, out, seed, device):
+@click.pass_obj
+def scan(command, model, access, data, samples, norm, eps, budget, attacks, arch, mean, std, trust_pickle, policy, out, seed, device):
     """Run the attack battery on MODEL and verify every adversarial example."""
     from .scan import scan as run_scan
 
@@ -84,6 +86,7 @@ def scan(model, access, data, samples, norm, eps, budget, attacks, arch, mean, s
         attacks=[name.strip() for name in attacks.split(",")] if attacks else None,
         arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
         policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),
+        command=command,
     )
     _echo_summary(audit.results)
     if "policy" in audit.results:
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         for noisy in ("py.warnings", "weasyprint", "fontTools"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        code = cli.main(args=args, prog_name="auditor", standalone_mode=False)
+        command = " ".join(["auditor", *(shlex.quote(arg) for arg in args)])
+        code = cli.main(args=args, prog_name="auditor", standalone_mode=False, obj=command)
     except click.ClickException as exc:
         if debug:
             raise

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -130,10 +129,6 @@ def manifest(command: str, device: str) -> dict:
         "command": command,
         "device": device,
     }
-
-
-def command_line() -> str:
-    return " ".join(["auditor", *sys.argv[1:]])
 
 
 def load_results(path: Path) -> dict:

@@ -33,7 +33,6 @@ from .results import (
     SCHEMA,
     attack_entry,
     auditor_version,
-    command_line,
     dump,
     eps_key,
     manifest,
@@ -130,7 +129,6 @@ def scan(
     indices = dataset.balanced_indices(samples)
     x, y = dataset.x[indices], dataset.y[indices]
     found, probabilities = checks_mod.preflight(adapter, x[:64])
-    torch.manual_seed(seed)
     with ScanProgress(enabled=progress) as bar:
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
@@ -165,7 +163,7 @@ def scan(
         "attacks": [attack_entry(report) for report in outcome.attacks],
         "samples": sample_entries(indices.tolist(), y, outcome),
         "checks": [check.to_dict() for check in found],
-        "manifest": manifest(command or command_line(), str(adapter.device)),
+        "manifest": manifest(command or "auditor.scan() from Python", str(adapter.device)),
     }
     verdict = gate.evaluate(results) if gate is not None else None
     if verdict is not None:

@@ -48,6 +48,15 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     for eps, value in results["robust_accuracy"].items():
         robust = [s["distortion"] is None or s["distortion"] > float(eps) + 1e-6 for s in results["samples"]]
         assert value == pytest.approx(np.mean(robust))
+    samples = results["samples"]
+    assert results["clean_accuracy"] == pytest.approx(np.mean([s["label"] == s["clean_pred"] for s in samples]))
+    # per-attack statistics agree with the per-sample records (one attack: it broke them all)
+    attack = results["attacks"][0]
+    within = [s for s in samples if s["broken_by"] == "sign-opt-l2" and s["distortion"] <= 0.3 + 1e-6]
+    assert attack["success_rate"] == pytest.approx(len(within) / attack["samples"], abs=1e-6)
+    assert attack["samples"] == sum(s["broken_by"] != "clean" for s in samples)
+    assert attack["queries"]["median"] == np.median([s["queries"] for s in within])
+    assert attack["queries"]["measure"] == "spent"
     # a standard CNN is not robust at eps=0.3 against a label-only attacker
     assert results["robust_accuracy"]["0.3"] < 0.5
 
@@ -107,7 +116,7 @@ def test_same_seed_gives_identical_results(example_onnx, tmp_path):
             attack.pop("seconds")
         return data
 
-    first, second = results(tmp_path / "a"), results(tmp_path / "b")
+    first, second = results(tmp_path / "a"), results(tmp_path / "a")  # the same command twice
     assert first == second
     assert [a["name"] for a in first["attacks"]] == ["square-linf", "sign-opt-l2"]
 
