@@ -8,3 +8,9 @@ Python API lets it propagate.
 
 class AuditError(Exception):
     """Bad input: printed as one line by the CLI, exit code 2."""
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """The text of ``exc`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

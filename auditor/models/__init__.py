@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.base import Dataset
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 from .base import Model, ModelInfo, Normalize
 from .onnxrt import OnnxModel, external_data_files, load_onnx
 from .pytorch import (
@@ -24,7 +24,6 @@ from .pytorch import (
     load_safetensors,
     load_torch_save,
     load_torchscript,
-    short_reason,
 )
 
 __all__ = [

@@ -26,8 +26,9 @@ class ModelInfo:
     """One of ``onnx``, ``torchscript``, ``torch-export``, ``state-dict``,
     ``safetensors``, ``pickle``."""
     sha256: str
-    input_shape: tuple[int, int, int] | None
-    """(C,H,W) when the artifact declares it; ``None`` when only the data can tell."""
+    input_shape: tuple[int | None, int | None, int | None] | None
+    """(C,H,W) as the artifact declares it (``None`` for a symbolic dimension);
+    ``None`` when only the data can tell."""
     num_classes: int | None
     """K when the artifact declares it; ``None`` when only a forward pass can tell."""
 

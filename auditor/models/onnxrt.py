@@ -19,9 +19,9 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
 from ..access import Access
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 from .base import Model, ModelInfo
-from .pytorch import CHUNK, run_chunked, short_reason
+from .pytorch import CHUNK, run_chunked
 
 if TYPE_CHECKING:
     from . import ModelRequest

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..access import Access
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 from .base import Model, ModelInfo, Normalize
 
 if TYPE_CHECKING:
@@ -44,12 +44,6 @@ DESCRIPTIONS = {
     "safetensors": "safetensors weights with --arch",
     "pickle": "pickled PyTorch module",
 }
-
-
-def short_reason(exc: BaseException, limit: int = 200) -> str:
-    """The text of ``exc`` on one line, at most ``limit`` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_device(device: str) -> torch.device:
