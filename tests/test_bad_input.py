@@ -32,6 +32,23 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+def _unconvertible(path: Path) -> Path:
+    """An MNIST-shaped ONNX graph ending in Hardmax, which has no torch conversion."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weights = numpy_helper.from_array(np.random.RandomState(0).randn(784, 10).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["z"]),
+         helper.make_node("Hardmax", ["z"], ["logits"])],
+        "hardmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+        initializer=[weights],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
 def _onnx(module: nn.Module, shape, path: Path) -> Path:
     torch.onnx.export(module.eval(), (torch.rand(1, *shape),), str(path), dynamo=False,
                       input_names=["x"], dynamic_axes={"x": {0: "batch"}})
@@ -46,6 +63,7 @@ def artefacts(tmp_path_factory):
     _onnx(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), (3, 32, 32), root / "rgb.onnx")
     _onnx(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), (1, 28, 28), root / "five.onnx")
     _onnx(_NanHead(), (1, 28, 28), root / "nan.onnx")
+    _unconvertible(root / "hardmax.onnx")
     (root / "empty_dir").mkdir()
     np.savez(root / "no_y.npz", x=np.zeros((4, 1, 28, 28), np.float32))
     (root / "unknown_key.yaml").write_text("policy: p\nrequirements:\n  - clean_acuracy: {min: 0.5}\n")
@@ -72,7 +90,7 @@ CASES = {
     "eps zero": (["scan", "{example}", "--eps", "0"], "--eps must be > 0"),
     "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
     "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
-    "stronger access than the file allows": (["scan", "{example}", "--access", "white-box"], "not possible"),
+    "stronger access than the file allows": (["scan", "{root}/hardmax.onnx", "--access", "white-box"], "Hardmax"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
 }

@@ -109,11 +109,13 @@ def test_onnx_matches_torch(tiny_cnn, images, expected, tmp_path, export_kwargs)
     assert model.info.format == "onnx"
     assert model.info.input_shape == (1, 28, 28)
     assert model.info.num_classes == 10
-    assert model.access_ceiling[0] == Access.SOFT_LABEL
-    assert model.torch_module() is None
+    assert model.access_ceiling[0] == Access.WHITE_BOX
     logits = model.forward(images)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        gradient_logits = model.torch_module()(images.to(model.device)).cpu()
+    torch.testing.assert_close(gradient_logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

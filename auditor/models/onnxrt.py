@@ -1,8 +1,12 @@
 """The ONNX adapter: the graph runs on onnxruntime, exactly as deployed.
 
-Input goes through numpy, so the adapter's device is the CPU even when the
-session uses the CUDA execution provider. Gradients would need the graph as a
-torch module, which is not available yet, so the access ceiling is soft-label.
+Logits, and so every verification, come from the onnxruntime session. For
+gradients the graph is also converted to a torch module when it is loaded
+(:mod:`auditor.models.convert`) and checked against the session on a small
+random batch; a graph that cannot be converted, or whose conversion
+disagrees, caps the access at soft-label. The converted module lives on the
+GPU when the session uses the CUDA execution provider and torch has CUDA;
+otherwise everything stays on the CPU.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo
+from .base import Model, ModelInfo, Normalize
+from .convert import ConversionError, check_agreement, convert_onnx
 from .pytorch import CHUNK, run_chunked
 
 if TYPE_CHECKING:
     from . import ModelRequest
 
 logger = logging.getLogger(__name__)
+
+CHECK_BATCH = 4
+"""Random images in [0,1] on which the converted graph must match the session."""
 
 INPUT_DTYPES = {
     "tensor(float)": np.float32,
@@ -72,6 +80,19 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+class _FixedBatch(nn.Module):
+    """Runs a graph that only accepts ``batch`` rows on any number of rows
+    (chunked and zero-padded, see :func:`run_chunked`); differentiable."""
+
+    def __init__(self, module: nn.Module, batch: int):
+        super().__init__()
+        self.module = module
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_chunked(self.module, x, self.batch, True)
+
+
 class OnnxModel(Model):
     """An onnxruntime session with one (N,C,H,W) image input; logits from the first output."""
 
@@ -91,14 +112,19 @@ class OnnxModel(Model):
         self._input_name = graph_input.name
         self._input_dtype = INPUT_DTYPES[graph_input.type]
         self._output_name = session.get_outputs()[0].name
+        self._normalisation = None if mean is None or std is None else (mean, std)
         self._mean = None if mean is None else np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self._std = None if std is None else np.asarray(std, np.float32).reshape(1, -1, 1, 1)
         self._chunk = fixed_batch or CHUNK
         self._fixed_batch = fixed_batch is not None
+        self._module: nn.Module | None = None
+        self._device = torch.device("cpu")
+        self._ceiling = (Access.SOFT_LABEL, "ONNX graph: not converted for gradients")
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        """The converted module's device (onnxruntime takes numpy input from any device)."""
+        return self._device
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one chunk (a CPU tensor)."""
@@ -114,11 +140,51 @@ class OnnxModel(Model):
         return logits.float().to(x.device)
 
     def torch_module(self) -> nn.Module | None:
-        return None
+        return self._module
 
     @property
     def access_ceiling(self) -> tuple[Access, str]:
-        return Access.SOFT_LABEL, "ONNX graph: gradients need a torch conversion, which is not available yet"
+        return self._ceiling
+
+    def _converted(self, file: Path) -> tuple[nn.Module, float]:
+        """The graph in ``file`` as a torch module (normalisation in front) on
+        the CPU, and its max abs difference from the session on a random check batch."""
+        module = convert_onnx(onnx.load(str(file)))
+        shape = self.info.input_shape
+        if shape is None or None in shape:
+            raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
+        if self._fixed_batch:
+            module = _FixedBatch(module, self._chunk)
+        if self._normalisation is not None:
+            module = nn.Sequential(Normalize(*self._normalisation), module)
+        generator = torch.Generator().manual_seed(0)
+        batch = torch.rand((CHECK_BATCH, *shape), generator=generator)
+        return module.eval(), check_agreement(module, self.forward, batch)
+
+    def enable_gradients(self, file: Path) -> None:
+        """Convert the graph in ``file`` (the session's model, with any external
+        data beside it) for white-box attacks, or record why not.
+
+        Any failure of the conversion only lowers the access ceiling to
+        soft-label; the session keeps working either way.
+        """
+        try:
+            module, diff = self._converted(file)
+        except Exception as exc:
+            reason = short_reason(exc)
+            if not isinstance(exc, ConversionError):
+                reason = f"{type(exc).__name__}: {reason}"
+            logger.info("model %s: no gradients from the ONNX graph (%s)", self.info.path, reason)
+            self._ceiling = (Access.SOFT_LABEL, f"ONNX graph could not be converted for gradients: {reason}")
+            return
+        on_gpu = "CUDAExecutionProvider" in self._session.get_providers() and torch.cuda.is_available()
+        self._device = torch.device("cuda" if on_gpu else "cpu")
+        self._module = module.to(self._device)
+        self._ceiling = (
+            Access.WHITE_BOX,
+            f"ONNX graph converted to torch for gradients (max abs diff {diff:.1g} against onnxruntime "
+            "on a check batch); verification stays on onnxruntime",
+        )
 
 
 def load_onnx(request: ModelRequest) -> OnnxModel:
@@ -154,4 +220,6 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
         input_shape=input_shape if any(dim is not None for dim in input_shape) else None,
         num_classes=num_classes,
     )
-    return OnnxModel(session, info, mean=request.mean, std=request.std, fixed_batch=fixed_batch)
+    model = OnnxModel(session, info, mean=request.mean, std=request.std, fixed_batch=fixed_batch)
+    model.enable_gradients(request.file)
+    return model

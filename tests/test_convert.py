@@ -1,0 +1,385 @@
+"""ONNX -> torch conversion: agreement with onnxruntime, input gradients, and clear refusals."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from auditor.access import Access
+from auditor.models import load_model
+from auditor.models.base import Normalize
+from auditor.models.convert import ConversionError, check_agreement, convert_onnx
+
+BATCH = torch.export.Dim("batch")
+EXPORT_BATCH = 3
+CHECK_BATCH = 5
+"""The agreement checks use a batch size the graphs were not exported with."""
+
+
+def _dynamo(opset: int) -> dict:
+    return {"opset_version": opset, "dynamic_shapes": ({0: BATCH},)}
+
+
+LEGACY = {"dynamo": False, "opset_version": 17, "input_names": ["x"], "dynamic_axes": {"x": {0: "n"}}}
+LEGACY_UNFOLDED = {**LEGACY, "do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
+"""Keeps BatchNormalization nodes as they are instead of folding them into Conv."""
+
+
+class Quantised(nn.Module):
+    """Rounds the input to 8 bits before a small CNN: a non-differentiable defence."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+
+    def forward(self, x):
+        return self.net(torch.round(x * 255) / 255)
+
+
+class ViewNet(nn.Module):
+    """``x.view(x.size(0), -1)``: a Shape -> Gather -> Concat -> Reshape chain in the legacy export."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        return F.softmax(self.fc(h.view(h.size(0), -1)), dim=1)
+
+
+class KitchenSink(nn.Module):
+    """Padding, pooling, upsampling, splitting, slicing and reductions in one classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6).view(1, 6, 1, 1))
+
+    def forward(self, x):
+        x = F.pad(torch.clamp(x, 0.05, 0.95), (1, 0, 1, 0), mode="replicate")
+        h = F.hardswish(self.conv(x)) * self.scale
+        h = F.max_pool2d(h, 3, 2, padding=1, ceil_mode=True)
+        h = F.avg_pool2d(h, 3, 1, padding=1, count_include_pad=False)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        a, b = torch.split(h, [2, 4], dim=1)
+        h = torch.cat([b, a.flip(1)], 1)[:, :, 1:-1, ::2]
+        tokens = h.permute(0, 2, 3, 1).reshape(h.size(0), -1, 6)
+        pooled = torch.cat([tokens.mean(1), tokens.amax(1)], 1)
+        extra = torch.stack(
+            [
+                pooled.pow(2).sum(1).sqrt(),
+                torch.exp(-pooled.abs()).sum(1),
+                torch.log1p(pooled.abs()).mean(1),
+                torch.where(pooled > 0, pooled, 0.1 * pooled).min(1).values,
+            ],
+            1,
+        )
+        z = torch.cat([pooled, extra], 1)
+        logits = self.fc(torch.maximum(z, z.new_full((1,), -3.0)).unsqueeze(1)).squeeze(1)
+        return F.log_softmax(logits, -1)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(28 * 28, 64),
+        nn.BatchNorm1d(64),
+        nn.LeakyReLU(0.1),
+        nn.Dropout(0.3),
+        nn.Linear(64, 32),
+        nn.GELU(),
+        nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        net[2].running_mean.uniform_(-0.5, 0.5)
+        net[2].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(2)
+    resnet = torchvision.models.resnet18(weights=None, num_classes=10)
+    return nn.Sequential(Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)), resnet).eval()
+
+
+def _seeded(module_factory) -> nn.Module:
+    torch.manual_seed(3)
+    return module_factory().eval()
+
+
+def _session_forward(path):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return forward
+
+
+def _input_gradient(module: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (module(x) * weights).sum().backward()
+    return x.grad
+
+
+def _export_and_compare(original: nn.Module, shape: tuple[int, ...], path, export_kwargs) -> dict:
+    """Export ``original``, convert it, and check logits and input gradients
+    on a batch of a size it was not exported with."""
+    torch.onnx.export(original, (torch.rand(EXPORT_BATCH, *shape),), str(path), **export_kwargs)
+    started = time.perf_counter()
+    module = convert_onnx(onnx.load(str(path)))
+    seconds = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(CHECK_BATCH, *shape, generator=generator)
+    diff = check_agreement(module, _session_forward(path), x, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        weights = torch.randn(original(x).shape, generator=generator)
+    got = _input_gradient(module, x, weights)
+    want = _input_gradient(original, x, weights)
+    scale = want.abs().max().clamp_min(1e-12)
+    gradient_error = float((got - want).abs().max() / scale)
+    assert gradient_error <= 1e-4
+    return {"diff": diff, "gradient_error": gradient_error, "seconds": seconds}
+
+
+@pytest.mark.parametrize("opset", [18, 19, 20])
+def test_dynamo_export_of_tiny_cnn(tiny_cnn, tmp_path, opset):
+    _export_and_compare(tiny_cnn, (1, 28, 28), tmp_path / "tiny.onnx", _dynamo(opset))
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "export_kwargs"),
+    [
+        pytest.param(ViewNet, (1, 28, 28), LEGACY, id="legacy-view-shape-chain"),
+        pytest.param(ViewNet, (1, 28, 28), LEGACY_UNFOLDED, id="legacy-unfolded-batchnorm"),
+        pytest.param(ViewNet, (1, 28, 28), {**LEGACY, "opset_version": 13}, id="legacy-opset13"),
+        pytest.param(KitchenSink, (3, 16, 16), {**LEGACY, "opset_version": 13}, id="kitchen-sink-legacy-opset13"),
+        pytest.param(KitchenSink, (3, 16, 16), LEGACY, id="kitchen-sink-legacy-opset17"),
+        pytest.param(KitchenSink, (3, 16, 16), _dynamo(18), id="kitchen-sink-dynamo-opset18"),
+        pytest.param(Quantised, (1, 28, 28), LEGACY, id="quantised-legacy"),
+    ],
+)
+def test_converted_models_agree(tmp_path, factory, shape, export_kwargs):
+    _export_and_compare(_seeded(factory), shape, tmp_path / "model.onnx", export_kwargs)
+
+
+def test_legacy_export_of_tiny_cnn(tiny_cnn, tmp_path):
+    _export_and_compare(tiny_cnn, (1, 28, 28), tmp_path / "tiny.onnx", LEGACY)
+
+
+@pytest.mark.parametrize("export_kwargs", [LEGACY, _dynamo(18), _dynamo(20)], ids=["legacy", "dynamo18", "dynamo20"])
+def test_mlp_with_batchnorm_dropout_leaky_relu_gelu(tmp_path, export_kwargs):
+    _export_and_compare(_mlp(), (1, 28, 28), tmp_path / "mlp.onnx", export_kwargs)
+
+
+@pytest.mark.parametrize("export_kwargs", [LEGACY, _dynamo(18)], ids=["legacy", "dynamo18"])
+def test_normalised_resnet18(tmp_path, export_kwargs):
+    result = _export_and_compare(_resnet(), (3, 32, 32), tmp_path / "resnet.onnx", export_kwargs)
+    assert result["seconds"] < 5
+
+
+def test_quantised_input_converts_with_zero_gradients(tmp_path):
+    path = tmp_path / "quantised.onnx"
+    torch.onnx.export(_seeded(Quantised), (torch.rand(2, 1, 28, 28),), str(path), **_dynamo(18))
+    proto = onnx.load(str(path))
+    assert "Round" in {node.op_type for node in proto.graph.node}
+    module = convert_onnx(proto)
+    x = torch.rand(CHECK_BATCH, 1, 28, 28)
+    check_agreement(module, _session_forward(path), x)
+    gradient = _input_gradient(module, x, torch.ones(CHECK_BATCH, 10))
+    assert torch.count_nonzero(gradient) == 0
+
+
+def test_example_model_is_white_box(example_onnx, mnist_test):
+    model = load_model(example_onnx)
+    level, reason = model.access_ceiling
+    assert level == Access.WHITE_BOX
+    assert "verification stays on onnxruntime" in reason
+    module = model.torch_module()
+    assert module is not None and not module.training
+    images = mnist_test.x[:7].to(model.device)
+    with torch.no_grad():
+        torch.testing.assert_close(module(images), model.forward(images), atol=1e-4, rtol=1e-4)
+    x = images.clone().requires_grad_(True)
+    module(x).logsumexp(1).sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_normalisation_is_folded_into_the_module(tiny_cnn, mnist_test, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(2, 1, 28, 28),), str(path), **_dynamo(18))
+    model = load_model(path, mean=(0.1307,), std=(0.3081,), device="cpu")
+    images = mnist_test.x[:6]
+    with torch.no_grad():
+        torch.testing.assert_close(model.torch_module()(images), model.forward(images), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model.torch_module()(images), tiny_cnn((images - 0.1307) / 0.3081), atol=1e-4, rtol=1e-4
+        )
+
+
+def _hand_made(path, op_type: str, domain: str = "") -> None:
+    """x (N,1,4,4) -> Flatten -> ``op_type`` -> logits (N,16)."""
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node(op_type, ["flat"], ["logits"], domain=domain),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hand-made",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 16])],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+
+
+@pytest.mark.parametrize(
+    ("op_type", "domain", "named"),
+    [("Hardmax", "", "Hardmax"), ("Gelu", "com.microsoft", "com.microsoft.Gelu")],
+    ids=["hardmax", "custom-domain"],
+)
+def test_unsupported_op_caps_access_at_soft_label(tmp_path, op_type, domain, named):
+    path = tmp_path / "odd.onnx"
+    _hand_made(path, op_type, domain)
+    with pytest.raises(ConversionError, match=f"unsupported ONNX op\\(s\\): {named}$"):
+        convert_onnx(onnx.load(str(path)))
+    model = load_model(path)
+    level, reason = model.access_ceiling
+    assert level == Access.SOFT_LABEL
+    assert named in reason and "\n" not in reason
+    assert model.torch_module() is None
+    assert model.forward(torch.rand(3, 1, 4, 4)).shape == (3, 16)
+
+
+def test_symbolic_image_size_caps_access_at_soft_label(tmp_path):
+    net = _seeded(lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)))
+    path = tmp_path / "any_size.onnx"
+    axes = {"x": {0: "n", 2: "h", 3: "w"}}
+    torch.onnx.export(net, (torch.rand(2, 1, 28, 28),), str(path), **{**LEGACY, "dynamic_axes": axes})
+    level, reason = load_model(path).access_ceiling
+    assert level == Access.SOFT_LABEL
+    assert "symbolic input shape" in reason
+
+
+def test_disagreement_is_reported():
+    x = torch.zeros(2, 1, 2, 2)
+    assert check_agreement(nn.Flatten(), lambda images: images.flatten(1), x) == 0.0
+    with pytest.raises(ConversionError, match="converted graph disagrees with onnxruntime: max abs diff 0.5"):
+        check_agreement(nn.Flatten(), lambda images: images.flatten(1) + 0.5, x)
+
+
+# Single ops at the opsets where their inputs and attributes changed -------------------------
+
+
+def _single_node(op_type, x_shape, constants, attrs, opset, outputs=1):
+    """A one-node graph on input x; ``constants`` are the node's other inputs
+    (``None`` leaves an optional input out). The graph returns the last output."""
+    names, initializers = ["x"], []
+    for index, value in enumerate(constants):
+        if value is None:
+            names.append("")
+            continue
+        names.append(f"c{index}")
+        initializers.append(numpy_helper.from_array(np.asarray(value), f"c{index}"))
+    output_names = [f"y{index}" for index in range(outputs)]
+    graph = helper.make_graph(
+        [helper.make_node(op_type, names, output_names, **attrs)],
+        op_type,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(output_names[-1], TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+I64 = np.int64
+OP_CASES = {
+    "reshape-zero-copies": ("Reshape", [2, 3, 4], [np.array([0, -1], I64)], {}, 14),
+    "reshape-allowzero": ("Reshape", [2, 3, 4], [np.array([4, 6], I64)], {"allowzero": 1}, 14),
+    "squeeze-attr": ("Squeeze", [2, 1, 3, 1], [], {"axes": [1, -1]}, 11),
+    "squeeze-input": ("Squeeze", [2, 1, 3, 1], [np.array([-1], I64)], {}, 13),
+    "unsqueeze-attr": ("Unsqueeze", [2, 3], [], {"axes": [0, -1]}, 11),
+    "unsqueeze-input": ("Unsqueeze", [2, 3], [np.array([3, 1], I64)], {}, 13),
+    "reduce-mean-attr": ("ReduceMean", [2, 3, 4], [], {"axes": [1], "keepdims": 0}, 17),
+    "reduce-mean-input": ("ReduceMean", [2, 3, 4], [np.array([-1, 1], I64)], {}, 18),
+    "reduce-max-all": ("ReduceMax", [2, 3, 4], [], {"keepdims": 0}, 18),
+    "reduce-sum-noop": ("ReduceSum", [2, 3], [np.array([], I64)], {"noop_with_empty_axes": 1}, 13),
+    "reduce-l2": ("ReduceL2", [2, 3, 4], [np.array([2], I64)], {}, 18),
+    "slice-negative-step": (
+        "Slice", [4, 6], [np.array([-1, 5], I64), np.array([-100, 0], I64), np.array([0, 1], I64),
+                          np.array([-2, -3], I64)], {}, 13,
+    ),
+    "slice-attrs": ("Slice", [4, 6], [], {"starts": [1], "ends": [1000], "axes": [1]}, 9),
+    "split-input-sizes": ("Split", [2, 7], [np.array([3, 4], I64)], {"axis": 1}, 13, 2),
+    "split-num-outputs-uneven": ("Split", [2, 7], [], {"axis": 1, "num_outputs": 3}, 18, 3),
+    "split-attr": ("Split", [6, 2], [], {"split": [2, 4]}, 11, 2),
+    "pad-input-reflect": ("Pad", [1, 2, 4, 4], [np.array([0, 0, 1, 2, 0, 0, 2, 1], I64)], {"mode": "reflect"}, 13),
+    "pad-axes-edge": ("Pad", [1, 2, 4, 4], [np.array([1, 0, 2, 3], I64), None, np.array([2, -1], I64)],
+                      {"mode": "edge"}, 18),
+    "pad-constant-value": ("Pad", [2, 3], [np.array([1, 0, 0, 2], I64), np.array(0.5, np.float32)], {}, 13),
+    "pad-attr": ("Pad", [2, 3], [], {"pads": [0, 1, 1, 0], "value": -1.0}, 10),
+    "clip-max-only": ("Clip", [3, 4], [None, np.array(0.5, np.float32)], {}, 13),
+    "clip-attr": ("Clip", [3, 4], [], {"min": 0.2, "max": 0.6}, 6),
+    "gather-negative-scalar": ("Gather", [3, 4], [np.array(-1, I64)], {"axis": 1}, 13),
+    "gather-matrix": ("Gather", [5, 2], [np.array([[0, 4], [-2, 1]], I64)], {}, 13),
+    "expand-two-way": ("Expand", [3, 1], [np.array([2, 1, 4], I64)], {}, 13),
+    "softmax-flattening": ("Softmax", [2, 3, 4], [], {"axis": 1}, 11),
+    "softmax-axis": ("Softmax", [2, 3, 4], [], {"axis": 1}, 13),
+    "log-softmax-default": ("LogSoftmax", [2, 3, 4], [], {}, 13),
+    "flatten-axis0": ("Flatten", [2, 3, 4], [], {"axis": 0}, 13),
+    "transpose-default": ("Transpose", [2, 3, 4], [], {}, 13),
+    "gemm-transposed": (
+        "Gemm", [4, 3], [np.ones((4, 5), np.float32) * 0.3, np.arange(5, dtype=np.float32)],
+        {"transA": 1, "alpha": 0.5, "beta": 2.0}, 13,
+    ),
+    "conv-same-upper": ("Conv", [1, 2, 7, 7], [np.linspace(-1, 1, 2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)],
+                        {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, 13),
+    "conv-asymmetric-pads": ("Conv", [1, 2, 6, 6], [np.linspace(-1, 1, 36, dtype=np.float32).reshape(2, 2, 3, 3)],
+                             {"pads": [0, 1, 2, 0], "dilations": [1, 2]}, 13),
+    "maxpool-asymmetric-pads": ("MaxPool", [1, 2, 6, 6], [], {"kernel_shape": [3, 3], "pads": [0, 1, 1, 0]}, 13),
+    "avgpool-asymmetric-pads": (
+        "AveragePool", [1, 2, 6, 6], [], {"kernel_shape": [3, 2], "pads": [1, 0, 0, 1], "strides": [2, 1]}, 19,
+    ),
+    "global-max-pool": ("GlobalMaxPool", [2, 3, 4, 4], [], {}, 13),
+    "resize-nearest": (
+        "Resize", [1, 2, 3, 3], [None, np.array([1, 1, 2, 3], np.float32)],
+        {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, 13,
+    ),
+    "resize-bilinear-sizes": (
+        "Resize", [1, 2, 3, 3], [None, None, np.array([1, 2, 5, 4], I64)], {"mode": "linear"}, 13,
+    ),
+    "prelu": ("PRelu", [2, 3], [np.array([0.1, 0.2, 0.3], np.float32)], {}, 13),
+    "hard-sigmoid": ("HardSigmoid", [2, 3], [], {"alpha": 0.3}, 13),
+    "gelu-tanh": ("Gelu", [2, 3], [], {"approximate": "tanh"}, 20),
+    "instance-norm": (
+        "InstanceNormalization", [2, 3, 4], [np.ones(3, np.float32) * 2, np.zeros(3, np.float32)], {}, 13,
+    ),
+    "layer-norm": ("LayerNormalization", [2, 3, 4], [np.full((3, 4), 1.5, np.float32)], {"axis": 1}, 17),
+    "max-variadic": ("Max", [2, 3], [np.array([0.5], np.float32), np.array(0.25, np.float32)], {}, 13),
+    "mean-variadic": ("Mean", [2, 3], [np.full((2, 3), 0.5, np.float32)], {}, 13),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES.values()), ids=list(OP_CASES))
+def test_single_op_matches_onnxruntime(tmp_path, case):
+    op_type, x_shape, constants, attrs, opset, *outputs = case
+    path = tmp_path / "op.onnx"
+    onnx.save(_single_node(op_type, x_shape, constants, attrs, opset, *outputs), str(path))
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(0))
+    module = convert_onnx(onnx.load(str(path)))
+    check_agreement(module, _session_forward(path), x, atol=1e-5, rtol=1e-5)
