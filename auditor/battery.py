@@ -49,9 +49,9 @@ class Battery:
 def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) -> Battery:
     """Choose the attacks for an access level and norm.
 
-    Without ``names``: every catalogue attack whose oracle the level allows,
-    of the threat norm (fixed-ε) or of any norm (minimum-norm, measured in the
-    threat norm). With ``names``: exactly those, checked against the level.
+    Without ``names``: every default catalogue attack whose oracle the level
+    allows, of the threat norm (fixed-ε) or of any norm (minimum-norm,
+    measured in the threat norm). With ``names``: exactly those, checked against the level.
     """
     if names:
         unknown = [name for name in names if name not in BY_LABEL]
@@ -71,7 +71,7 @@ def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) 
         return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)))
     chosen, skipped = [], []
     for attack in CATALOGUE:
-        if attack.access > level:
+        if attack.access > level or not attack.in_default_battery:
             continue
         if attack.kind == FIXED_EPS and attack.norm != norm:
             if norm not in attack.norms:
@@ -135,6 +135,8 @@ class AttackReport:
     robust_accuracy: dict[float, float]
     """Cumulative robust accuracy after this attack, per ε."""
     budget: int | None
+    non_monotone: int = 0
+    """Samples it broke at a smaller ε after failing on them at a larger one."""
 
     @property
     def seconds(self) -> float:
@@ -188,6 +190,7 @@ def run_battery(
         forward = _oracle_forward(model, attack.oracle, outputs_probabilities)
         run_eps = eps_desc if attack.kind == FIXED_EPS else [None]
         runs, broken = [], torch.zeros(len(y), dtype=torch.bool)
+        failed_larger, non_monotone = torch.zeros(len(y), dtype=torch.bool), 0
         first_samples = None
         for eps in run_eps:
             active = records.robust_at(eps if eps is not None else eps_desc[0]).nonzero().flatten()
@@ -222,6 +225,8 @@ def run_battery(
             )
             within = ok & (checked.distortion <= (eps or eps_desc[0]) + EPS_TOLERANCE)
             broken[active[within]] = True
+            non_monotone += int((within & failed_larger[active]).sum())
+            failed_larger[active[~within]] = True
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(within.sum()),
                 queries_of_broken=tuple(spent[within].tolist()),
@@ -231,6 +236,6 @@ def run_battery(
         reports.append(AttackReport(
             attack=attack, runs=tuple(runs), broken=int(broken.sum()),
             samples=first_samples or 0, robust_accuracy=records.robust_accuracy(eps_list),
-            budget=attack_budget,
+            budget=attack_budget, non_monotone=non_monotone,
         ))
     return BatteryOutcome(clean_pred=clean_pred, records=records, attacks=tuple(reports))

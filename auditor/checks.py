@@ -9,12 +9,18 @@ level (``no_checks_at: warning``); the report links each id to its paragraph.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .access import Access
+from .attacks.whitebox.pgd import PGD
 from .models.base import Model
+from .oracles import GradientOracle
+from .verify import EPS_TOLERANCE, verify
+
+if TYPE_CHECKING:
+    from .battery import AttackReport, Records
 
 LEVELS = ("info", "warning", "error")
 
@@ -34,6 +40,12 @@ SOFTMAX_OUTPUTS = "softmax-outputs"
 LOW_CLEAN_ACCURACY = "low-clean-accuracy"
 ATTACK_SKIPPED = "attack-skipped"
 ACCESS_LIMITED = "access-limited"
+ZERO_GRADIENTS = "zero-gradients"
+NAN_GRADIENTS = "nan-gradients"
+WEAKER_ATTACK_WINS = "weaker-attack-wins"
+NON_MONOTONE = "non-monotone"
+UNBOUNDED_ATTACK_FAILS = "unbounded-attack-fails"
+NOISE_BEATS_ATTACKS = "noise-beats-attacks"
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
@@ -87,4 +99,99 @@ def access_limited(level: Access, reason: str) -> list[Check]:
         ACCESS_LIMITED, "info",
         f"the audit ran at {level.cli_name} access ({reason}); "
         "attackers with more access were not evaluated",
+    )]
+
+
+def gradient_checks(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Check]:
+    """Input gradients of the cross-entropy must be finite and not all zero."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = torch.nn.functional.cross_entropy(module(x).float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    flat = grad.flatten(1)
+    found = []
+    nan = int((~torch.isfinite(flat)).any(dim=1).sum())
+    if nan:
+        found.append(Check(
+            NAN_GRADIENTS, "error",
+            f"{nan} of {len(y)} samples have NaN or infinite input gradients: "
+            "white-box attacks cannot follow them, and their robust accuracy is meaningless",
+        ))
+    zero = int((flat == 0).all(dim=1).sum())
+    if zero:
+        found.append(Check(
+            ZERO_GRADIENTS, "warning",
+            f"{zero} of {len(y)} samples have an all-zero input gradient: a sign of gradient masking "
+            "(e.g. input quantisation); the worst case must come from gradient-free attacks",
+        ))
+    return found
+
+
+def weaker_attack_wins(records: "Records", reports: Sequence["AttackReport"], eps: float) -> list[Check]:
+    """A weaker-access attack broke, within ε, samples the white-box ones could not.
+
+    In the cascade every later attack only sees samples the white-box attacks
+    failed on, so any such success is a sample they missed.
+    """
+    white_box = {r.attack.label for r in reports if r.attack.access == Access.WHITE_BOX}
+    weaker = {r.attack.label for r in reports if r.attack.access < Access.WHITE_BOX}
+    if not white_box or not weaker:
+        return []
+    within = (records.distortion <= eps + EPS_TOLERANCE).numpy()
+    winners = [label for label, ok in zip(records.broken_by.tolist(), within) if ok and label in weaker]
+    if not winners:
+        return []
+    by_attack = ", ".join(f"{label} ({winners.count(label)})" for label in sorted(set(winners)))
+    return [Check(
+        WEAKER_ATTACK_WINS, "warning",
+        f"weaker-access attacks broke {len(winners)} samples within ε={eps:g} that the white-box "
+        f"attacks missed: {by_attack}; gradients may be masked",
+    )]
+
+
+def non_monotone(reports: Sequence["AttackReport"]) -> list[Check]:
+    found = []
+    for report in reports:
+        if report.non_monotone:
+            found.append(Check(
+                NON_MONOTONE, "warning",
+                f"{report.attack.label} broke {report.non_monotone} samples at a smaller ε after failing "
+                "on them at a larger one: the attack is not converging, so larger-ε numbers overstate robustness",
+            ))
+    return found
+
+
+def noise_beats_attacks(reports: Sequence["AttackReport"]) -> list[Check]:
+    found = []
+    for report in reports:
+        if report.attack.name == "random-noise" and report.broken:
+            found.append(Check(
+                NOISE_BEATS_ATTACKS, "warning",
+                f"uniform random noise broke {report.broken} samples that every attack before it missed: "
+                "the attacks are not working on this model",
+            ))
+    return found
+
+
+UNBOUNDED_SAMPLES = 64
+
+
+def unbounded_attack(model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, seed: int) -> list[Check]:
+    """PGD with a radius covering the whole [0,1] cube must reach 100 %.
+
+    Any image is then reachable, so a failure means the gradients do not lead
+    anywhere (masking) or the attack is broken.
+    """
+    module = model.torch_module()
+    x, y = x[:UNBOUNDED_SAMPLES], y[:UNBOUNDED_SAMPLES]
+    eps = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
+    attack = PGD(norm=norm, steps=20)
+    result = attack(GradientOracle(module, len(y)), x.to(model.device), y.to(model.device), eps=eps, seed=seed)
+    fooled = verify(model, x, result.x_adv, y, norm).fooled
+    if bool(fooled.all()):
+        return []
+    return [Check(
+        UNBOUNDED_ATTACK_FAILS, "warning",
+        f"PGD with an unbounded radius (ε={eps:g} {norm}) fooled only {int(fooled.sum())} of {len(y)} "
+        "samples; it should reach 100 %: gradients are masked or uninformative",
     )]

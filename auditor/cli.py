@@ -130,13 +130,15 @@ def report(results_path, out):
 
 @cli.command(epilog="Example: auditor attacks")
 def attacks():
-    """List the attack catalogue: name, access level, norms, kind, paper."""
+    """List the attack catalogue: name, access level, norm, kind, default, paper."""
     from .attacks import CATALOGUE
 
+    click.echo(f"{'name':<18} {'access':<11} {'norm':<5} {'kind':<9} {'default':<8} paper")
     for attack in CATALOGUE:
+        default = "yes" if attack.in_default_battery else "no"
         click.echo(
-            f"{attack.label:<14} {attack.access.cli_name:<11} {'/'.join(attack.norms):<8} "
-            f"{attack.kind:<9} {attack.paper}"
+            f"{attack.label:<18} {attack.access.cli_name:<11} {attack.norm:<5} "
+            f"{attack.kind:<9} {default:<8} {attack.paper}"
         )
     return EXIT_PASS
 

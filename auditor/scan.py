@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import checks as checks_mod
-from .access import resolve_access
+from .access import Access, resolve_access
 from .battery import build_battery, run_battery
 from .data import load_data
 from .errors import AuditError
@@ -129,6 +129,8 @@ def scan(
     indices = dataset.balanced_indices(samples)
     x, y = dataset.x[indices], dataset.y[indices]
     found, probabilities = checks_mod.preflight(adapter, x[:64])
+    if level == Access.WHITE_BOX:
+        found += checks_mod.gradient_checks(adapter.torch_module(), x[:64].to(adapter.device), y[:64].to(adapter.device))
     with ScanProgress(enabled=progress) as bar:
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
@@ -136,6 +138,11 @@ def scan(
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)
+    found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, max(eps_list))
+    found += checks_mod.non_monotone(outcome.attacks)
+    found += checks_mod.noise_beats_attacks(outcome.attacks)
+    if level == Access.WHITE_BOX:
+        found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
     found += checks_mod.skipped_attacks(battery.skipped)
     found += checks_mod.access_limited(level, reason)
 

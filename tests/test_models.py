@@ -127,7 +127,10 @@ def test_onnx_input_dtype(images, tmp_path, dtype):
     logits = load_model(path).forward(images)
     assert logits.dtype == torch.float32
     with torch.no_grad():
-        torch.testing.assert_close(logits, net(images.to(dtype)).float())
+        expected = net(images.to(dtype)).float()
+    # float16 accumulation order differs between torch and onnxruntime
+    tolerance = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {}
+    torch.testing.assert_close(logits, expected, **tolerance)
 
 
 def test_onnx_hash_covers_external_data(tiny_cnn, tmp_path):

@@ -76,7 +76,12 @@ def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
 
 def test_battery_of_a_level_includes_weaker_levels():
     labels = [attack.label for attack in build_battery(Access.WHITE_BOX, "linf").attacks]
-    assert labels == ["pgd-linf", "square-linf", "sign-opt-l2"]
+    assert labels == ["apgd-ce-linf", "apgd-t-linf", "square-linf", "sign-opt-l2", "random-noise-linf"]
     labels = [attack.label for attack in build_battery(Access.HARD_LABEL, "linf").attacks]
-    assert labels == ["sign-opt-l2"]
+    assert labels == ["sign-opt-l2", "random-noise-linf"]
+    battery = build_battery(Access.WHITE_BOX, "l2")
+    assert [attack.label for attack in battery.attacks] == [
+        "apgd-ce-l2", "apgd-t-l2", "sign-opt-l2", "random-noise-l2"
+    ]
+    assert battery.skipped == (("square-linf", "no l2 version yet"),)
     assert build_battery(Access.NONE, "linf").attacks == ()

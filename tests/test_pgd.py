@@ -32,6 +32,9 @@ def test_pgd_is_deterministic_and_immutable(tiny_cnn, mnist_test):
     first = attack(GradientOracle(tiny_cnn, 16), x, y, eps=0.05, seed=3)
     second = attack(GradientOracle(tiny_cnn, 16), x, y, eps=0.05, seed=3)
     assert torch.equal(first.x_adv, second.x_adv)
-    assert repr(attack) == "PGD(norm='linf', steps=5, restarts=2, rel_step=None, random_start=True)"
+    assert repr(attack) == (
+        "PGD(norm='linf', steps=5, restarts=2, rel_step=None, random_start=True, "
+        "schedule='constant')"
+    )
     with pytest.raises(Exception):
         attack.steps = 10

@@ -40,7 +40,7 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     results = json.loads((hard_label_scan / "results.json").read_text())
     assert results["schema"] == "auditor.results/1"
     assert results["access"] == {"level": "hard-label", "reason": "requested with --access hard-label"}
-    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2"]
+    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2", "random-noise-linf"]
     assert len(results["samples"]) == 100 and results["data"]["n"] == 100
     assert all(sample["queries"] <= BUDGET for sample in results["samples"])
     assert results["attacks"][0]["queries"]["max"] <= BUDGET
@@ -50,7 +50,7 @@ def test_scan_writes_results_and_reports(hard_label_scan):
         assert value == pytest.approx(np.mean(robust))
     samples = results["samples"]
     assert results["clean_accuracy"] == pytest.approx(np.mean([s["label"] == s["clean_pred"] for s in samples]))
-    # per-attack statistics agree with the per-sample records (one attack: it broke them all)
+    # per-attack statistics agree with the per-sample records
     attack = results["attacks"][0]
     within = [s for s in samples if s["broken_by"] == "sign-opt-l2" and s["distortion"] <= 0.3 + 1e-6]
     assert attack["success_rate"] == pytest.approx(len(within) / attack["samples"], abs=1e-6)
@@ -118,7 +118,7 @@ def test_same_seed_gives_identical_results(example_onnx, tmp_path):
 
     first, second = results(tmp_path / "a"), results(tmp_path / "a")  # the same command twice
     assert first == second
-    assert [a["name"] for a in first["attacks"]] == ["square-linf", "sign-opt-l2"]
+    assert [a["name"] for a in first["attacks"]] == ["square-linf", "sign-opt-l2", "random-noise-linf"]
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -1,21 +1,40 @@
 """The attack catalogue: every attack the auditor can run, in battery order.
 
-Order follows cost, as in AutoAttack: white-box first, then soft-label, then
-hard-label. Entries are immutable, so sharing one instance is safe.
+Order follows cost and strength, as in AutoAttack: white-box first (APGD-CE,
+then targeted APGD), then soft-label, then hard-label, and random noise last
+as the sanity baseline. Attacks with ``in_default_battery = False`` (FGSM,
+PGD, C&W) run only when named with ``--attacks``. Entries are immutable, so
+sharing one instance is safe.
 """
 
 from __future__ import annotations
 
 from .base import Attack, AttackResult
+from .hardlabel.random_noise import RandomNoise
 from .hardlabel.sign_opt import SignOPT
 from .softlabel.square import SquareAttack
+from .whitebox.apgd import APGD
+from .whitebox.apgd_t import APGDTargeted
+from .whitebox.carlini_wagner import CarliniWagnerL2
+from .whitebox.fgsm import FGSM
 from .whitebox.pgd import PGD
 
 CATALOGUE: tuple[Attack, ...] = (
+    APGD(norm="linf", loss="ce"),
+    APGD(norm="l2", loss="ce"),
+    APGDTargeted(norm="linf"),
+    APGDTargeted(norm="l2"),
+    APGD(norm="linf", loss="dlr"),
+    APGD(norm="l2", loss="dlr"),
+    FGSM(norm="linf"),
+    FGSM(norm="l2"),
     PGD(norm="linf"),
     PGD(norm="l2"),
+    CarliniWagnerL2(),
     SquareAttack(norm="linf"),
     SignOPT(norm="l2"),
+    RandomNoise(norm="linf"),
+    RandomNoise(norm="l2"),
 )
 
 BY_LABEL: dict[str, Attack] = {attack.label: attack for attack in CATALOGUE}

@@ -64,6 +64,8 @@ class Attack(abc.ABC):
     kind: ClassVar[str]
     norms: ClassVar[tuple[str, ...]]
     paper: ClassVar[str]
+    in_default_battery: ClassVar[bool] = True
+    """False for attacks that run only when named with ``--attacks``."""
 
     @property
     def access(self) -> Access:

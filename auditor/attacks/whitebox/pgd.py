@@ -11,7 +11,18 @@ one of Kurakin et al. 2017 [KGB17]:
 * the projection Π is onto the ε-ball intersected with [0,1];
 * step size α = ``rel_step``·ε (2.5·ε/steps by default, the heuristic of
   Madry et al.'s robustness library, so that the walk can cross the ball);
-* restarts keep, per sample, the first iterate that is misclassified.
+* step-size schedule (``schedule``): ``"constant"`` uses α at every step,
+  as [MMS18] do; ``"cosine"`` uses α_t = α·(1 + cos(π t/T))/2 at step
+  t = 0, …, T−1 (T = ``steps``), the cosine annealing of Loshchilov and
+  Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017,
+  Eq. (5) with η_min = 0, a common decay for attack step sizes too: large
+  steps first to explore, small ones last to settle near the boundary. It
+  is not part of [MMS18], and it halves the total path length Σα_t;
+* restarts keep, per sample, the first iterate that is misclassified. Every
+  restart draws its random start from the same generator, first restart
+  first, for the samples still unbroken; so the first restart of a run with
+  ``restarts=R`` is exactly the run with ``restarts=1`` (same seed), and
+  more restarts can only add successes.
 
 A sample leaves the active batch as soon as it is misclassified, so each
 sample costs at most ``restarts × (steps + 1)`` forward+backward passes.
@@ -19,6 +30,7 @@ sample costs at most ``restarts × (steps + 1)`` forward+backward passes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +38,8 @@ from torch.nn import functional as F
 
 from ...oracles import GradientOracle
 from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project
+
+SCHEDULES = ("constant", "cosine")
 
 
 def _cross_entropy(y: torch.Tensor):
@@ -39,6 +53,7 @@ class PGD(Attack):
     kind = FIXED_EPS
     norms = NORMS
     paper = "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018"
+    in_default_battery = False
 
     norm: str = "linf"
     steps: int = 40
@@ -46,12 +61,23 @@ class PGD(Attack):
     rel_step: float | None = None
     """Step size as a fraction of ε; ``None`` means 2.5 / steps."""
     random_start: bool = True
+    schedule: str = "constant"
+    """Step-size schedule: ``"constant"`` or ``"cosine"``."""
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"PGD norm must be one of {NORMS}")
         if self.steps < 1 or self.restarts < 1:
             raise ValueError("PGD needs steps >= 1 and restarts >= 1")
+        if self.rel_step is not None and not self.rel_step > 0:
+            raise ValueError("PGD rel_step must be > 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"PGD schedule must be one of {SCHEDULES}")
+
+    def _alpha(self, alpha: float, step: int) -> float:
+        if self.schedule == "cosine":
+            return alpha * (1 + math.cos(math.pi * step / self.steps)) / 2
+        return alpha
 
     def _start(self, x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
         if not self.random_start:
@@ -101,5 +127,7 @@ class PGD(Attack):
                     if step < self.steps:
                         grad = grad[keep]
                 if step < self.steps:
-                    x_adv = project(self._step(x_adv, grad, alpha), x0, eps, self.norm)
+                    x_adv = project(
+                        self._step(x_adv, grad, self._alpha(alpha, step)), x0, eps, self.norm
+                    )
         return AttackResult(x_adv=x_best, success=success, queries=oracle.queries())

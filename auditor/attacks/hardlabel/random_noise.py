@@ -1,0 +1,63 @@
+"""Random noise inside the ε-ball: the sanity baseline every battery must beat.
+
+Carlini, Athalye, Papernot, Brendel, Rauber, Tsipras, Goodfellow, Madry and
+Kurakin, "On Evaluating Adversarial Robustness", 2019, §5.2 ("verify that
+random noise is less effective than the attacks"). Each draw is one query
+per still-robust sample: uniform noise in the L∞ cube, or a uniformly random
+direction at a uniformly random radius in the L2 ball, clipped to [0,1]. A
+sample stops at its first misclassified draw or when its budget runs out.
+
+The battery runs it last, so anything it breaks was missed by every attack
+before it; the check ``noise-beats-attacks`` then fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...oracles import LabelOracle
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project
+
+
+@dataclass(frozen=True)
+class RandomNoise(Attack):
+    name = "random-noise"
+    oracle = LabelOracle
+    kind = FIXED_EPS
+    norms = NORMS
+    paper = "Carlini et al., On Evaluating Adversarial Robustness, 2019 (§5.2)"
+
+    norm: str = "linf"
+    draws: int = 16
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"random noise norm must be one of {NORMS}")
+        if self.draws < 1:
+            raise ValueError("draws must be >= 1")
+
+    def _noise(self, shape: torch.Size, eps: float, gen: torch.Generator, device) -> torch.Tensor:
+        if self.norm == "linf":
+            return (torch.rand(shape, generator=gen, device=device) * 2 - 1) * eps
+        direction = torch.randn(shape, generator=gen, device=device)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        radius = torch.rand(shape[0], generator=gen, device=device) ** (1.0 / shape[1:].numel())
+        return direction * (eps * radius).view(-1, 1, 1, 1)
+
+    def __call__(self, oracle: LabelOracle, x, y, *, eps=None, seed=0) -> AttackResult:
+        if eps is None:
+            raise ValueError("random noise is a fixed-ε attack: eps is required")
+        gen = generator(seed, x.device)
+        x_adv = x.clone()
+        success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.draws):
+            active = (~success & (oracle.remaining().to(x.device) >= 1)).nonzero().flatten()
+            if len(active) == 0:
+                break
+            candidate = project(x[active] + self._noise(x[active].shape, eps, gen, x.device), x[active], eps, self.norm)
+            fooled = oracle.labels(candidate, idx=active.cpu()).to(x.device) != y[active]
+            x_adv[active[fooled]] = candidate[fooled]
+            success[active[fooled]] = True
+        return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())

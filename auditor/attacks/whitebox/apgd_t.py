@@ -1,0 +1,105 @@
+"""Targeted Auto-PGD (APGD-T), L∞ and L2, with the targeted DLR loss.
+
+Croce and Hein, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks", ICML 2020 [CH20],
+https://arxiv.org/abs/2003.01690, §4 and §5 (APGD-T in AutoAttack). The
+iteration is APGD's ([CH20] Alg. 1, ``apgd.apgd_run``: η⁽⁰⁾ = 2ε, momentum
+α = 0.75, checkpoints with conditions 1 and 2 and ρ = 0.75); what changes is
+the loss and the loop over targets:
+
+* loss, the targeted DLR of [CH20] Eq. 5, maximised:
+  −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 10⁻¹²), with π the logits sorted
+  in decreasing order and t the target class (it needs at least 4 classes);
+* targets (official ``APGDAttack_targeted``): the j-th most likely class of
+  the clean image, j = 2, …, ``n_target_classes`` + 1 (at most the number of
+  classes), read from one forward pass at the clean images; AutoAttack's
+  standard version uses 9 targets with 1 restart of 100 iterations each;
+* each target gets ``restarts`` runs from random starts, for the samples not
+  yet fooled; as in AutoAttack, success is misclassification (any class but
+  y), not reaching the target, and a sample leaves the batch at its first
+  misclassified iterate, which is its ``x_adv``.
+
+Queries: 1 a sample for the clean logits (a sample already misclassified
+there succeeds with ``x_adv = x``), then at most ``steps + 1`` a run, so at
+most 1 + ``n_target_classes`` × ``restarts`` × (``steps`` + 1) a sample. With
+an oracle budget, only samples that can pay a whole run take it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...oracles import GradientOracle
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator
+from .apgd import apgd_run
+
+
+def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The targeted DLR loss, [CH20] Eq. 5; ``labels`` holds rows (y, t)."""
+    if logits.shape[1] < 4:
+        raise ValueError("the targeted DLR loss needs at least 4 classes")
+    own = logits.gather(1, labels[:, :1]).squeeze(1)
+    target = logits.gather(1, labels[:, 1:]).squeeze(1)
+    top = logits.topk(4, dim=1).values
+    return -(own - target) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+@dataclass(frozen=True)
+class APGDTargeted(Attack):
+    name = "apgd-t"
+    oracle = GradientOracle
+    kind = FIXED_EPS
+    norms = NORMS
+    paper = (
+        "Croce and Hein, Reliable evaluation of adversarial robustness with an ensemble "
+        "of diverse parameter-free attacks, ICML 2020"
+    )
+
+    norm: str = "linf"
+    n_target_classes: int = 9
+    steps: int = 100
+    restarts: int = 1
+    rho: float = 0.75
+    momentum: float = 0.75
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"APGD-T norm must be one of {NORMS}")
+        if self.steps < 1 or self.restarts < 1 or self.n_target_classes < 1:
+            raise ValueError("APGD-T needs steps, restarts and n_target_classes >= 1")
+        if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
+            raise ValueError("APGD-T needs rho and momentum in (0, 1]")
+
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
+        if eps is None:
+            raise ValueError("APGD-T is a fixed-ε attack: eps is required")
+        if eps < 0:
+            raise ValueError("eps must be >= 0")
+        gen = generator(seed, x.device)
+        x_adv = x.clone()
+        success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        rows = (oracle.remaining() >= 1).nonzero().flatten().to(x.device)
+        if len(rows) == 0:
+            return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
+        clean = oracle.logits(x[rows], idx=rows.cpu())
+        ranked = torch.full((len(x), clean.shape[1]), -1, dtype=torch.long, device=x.device)
+        ranked[rows] = clean.argsort(dim=1, descending=True)
+        success[rows] = clean.argmax(1) != y[rows]
+        attacked = torch.zeros_like(success)
+        attacked[rows] = True
+        for j in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1):
+            for _ in range(self.restarts):
+                can_pay = oracle.remaining().to(x.device) >= self.steps + 1
+                rows = (attacked & ~success & can_pay).nonzero().flatten()
+                if len(rows) == 0:
+                    break
+                labels = torch.stack([y[rows], ranked[rows, j]], dim=1)
+                found, fooled = apgd_run(
+                    oracle, x[rows], y[rows], rows, labels, targeted_dlr, eps=eps, norm=self.norm,
+                    steps=self.steps, rho=self.rho, momentum=self.momentum, gen=gen,
+                )
+                x_adv[rows[fooled]] = found[fooled]
+                success[rows[fooled]] = True
+        return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())

@@ -1,0 +1,148 @@
+"""APGD and APGD-T (Croce and Hein, ICML 2020): contract, budget and strength."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auditor.attacks.base import distortion
+from auditor.attacks.whitebox.apgd import APGD, checkpoints, dlr
+from auditor.attacks.whitebox.apgd_t import APGDTargeted, targeted_dlr
+from auditor.attacks.whitebox.pgd import PGD
+from auditor.oracles import GradientOracle
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_cnn, mnist_test):
+    """64 test images that the tiny CNN classifies correctly."""
+    x, y = mnist_test.x[:100], mnist_test.y[:100]
+    correct = tiny_cnn(x).argmax(1) == y
+    return x[correct][:64], y[correct][:64]
+
+
+def run(attack, model, x, y, eps, seed=0, budget=None):
+    oracle = GradientOracle(model, len(y), budget=budget)
+    return attack(oracle, x, y, eps=eps, seed=seed), oracle
+
+
+ATTACKS = [
+    (APGD(norm="linf", loss="ce", steps=20), 0.1),
+    (APGD(norm="l2", loss="dlr", steps=20), 1.5),
+    (APGDTargeted(norm="linf", steps=10, n_target_classes=3), 0.1),
+    (APGDTargeted(norm="l2", steps=10, n_target_classes=3), 1.5),
+]
+
+
+@pytest.mark.parametrize("attack,eps", ATTACKS, ids=lambda a: getattr(a, "label", None))
+def test_success_is_real_and_in_the_ball(tiny_cnn, clean, attack, eps):
+    x, y = clean
+    result, _ = run(attack, tiny_cnn, x, y, eps)
+    fooled = tiny_cnn(result.x_adv).argmax(1) != y
+    assert torch.equal(fooled, result.success)
+    assert result.success.float().mean() > 0.5
+    assert distortion(result.x_adv - x, attack.norm).max() <= eps + 1e-6
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    assert torch.equal(result.x_adv[~result.success], x[~result.success])
+
+
+@pytest.mark.parametrize("attack,eps", ATTACKS, ids=lambda a: getattr(a, "label", None))
+def test_deterministic_under_the_seed(tiny_cnn, clean, attack, eps):
+    x, y = clean
+    first, _ = run(attack, tiny_cnn, x, y, eps, seed=5)
+    second, _ = run(attack, tiny_cnn, x, y, eps, seed=5)
+    assert torch.equal(first.x_adv, second.x_adv)
+    assert torch.equal(first.success, second.success)
+    assert torch.equal(first.queries, second.queries)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.06), ("l2", 1.0)])
+def test_restarts_extend_the_single_run(tiny_cnn, clean, norm, eps):
+    x, y = clean
+    once, _ = run(APGD(norm=norm, steps=10), tiny_cnn, x, y, eps, seed=2)
+    twice, _ = run(APGD(norm=norm, steps=10, restarts=2), tiny_cnn, x, y, eps, seed=2)
+    assert not once.success.all()
+    assert torch.equal(twice.success & once.success, once.success)
+    assert torch.equal(twice.x_adv[once.success], once.x_adv[once.success])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_apgd_ce_breaks_at_least_as_much_as_pgd(tiny_cnn, clean, seed):
+    x, y = clean
+    apgd, _ = run(APGD(norm="linf", loss="ce", steps=20), tiny_cnn, x, y, 0.1, seed=seed)
+    pgd, _ = run(PGD(norm="linf", steps=20), tiny_cnn, x, y, 0.1, seed=seed)
+    assert apgd.success.sum() >= pgd.success.sum()
+
+
+def test_query_accounting_is_exact(tiny_cnn, clean):
+    x, y = clean
+    eps = 1e-6  # nothing breaks: every sample pays its full bound
+    steps, restarts = 7, 2
+    result, oracle = run(APGD(steps=steps, restarts=restarts), tiny_cnn, x, y, eps)
+    assert not result.success.any()
+    assert torch.equal(oracle.queries(), torch.full((len(y),), restarts * (steps + 1)))
+    targets = 3
+    attack = APGDTargeted(steps=steps, restarts=restarts, n_target_classes=targets)
+    result, oracle = run(attack, tiny_cnn, x, y, eps)
+    assert not result.success.any()
+    bound = 1 + targets * restarts * (steps + 1)
+    assert torch.equal(oracle.queries(), torch.full((len(y),), bound))
+
+
+def test_fooled_samples_stop_early(tiny_cnn, clean):
+    x, y = clean
+    steps = 20
+    result, _ = run(APGD(steps=steps, restarts=2), tiny_cnn, x, y, 0.1)
+    assert result.queries.max() <= 2 * (steps + 1)
+    assert (result.queries[result.success] <= 2 * (steps + 1)).all()
+    assert result.queries[result.success].float().mean() < steps + 1
+    assert (result.queries[~result.success] == 2 * (steps + 1)).all()
+
+
+def test_budget_is_never_exceeded(tiny_cnn, clean):
+    x, y = clean
+    result, oracle = run(APGD(steps=20), tiny_cnn, x, y, 0.1, budget=20)
+    assert oracle.queries().sum() == 0 and not result.success.any()
+    result, oracle = run(APGDTargeted(steps=10, n_target_classes=2), tiny_cnn, x, y, 0.1, budget=12)
+    assert oracle.queries().max() <= 12 and result.success.any()
+
+
+def test_targeted_counts_clean_mistakes(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:200], mnist_test.y[:200]
+    wrong = tiny_cnn(x).argmax(1) != y
+    assert wrong.any()
+    result, oracle = run(APGDTargeted(steps=5, n_target_classes=2), tiny_cnn, x, y, 1e-6)
+    assert torch.equal(result.success, wrong)
+    assert torch.equal(result.x_adv[wrong], x[wrong])
+    assert (oracle.queries()[wrong] == 1).all()
+
+
+def test_labels_and_validation():
+    assert APGD().label == "apgd-ce-linf"
+    assert APGD(norm="l2", loss="dlr").label == "apgd-dlr-l2"
+    assert APGDTargeted().label == "apgd-t-linf"
+    assert APGDTargeted(norm="l2").label == "apgd-t-l2"
+    assert (APGD().steps, APGD().restarts, APGD().rho, APGD().momentum) == (100, 1, 0.75, 0.75)
+    assert APGDTargeted().n_target_classes == 9
+    for bad in ({"norm": "l1"}, {"loss": "cw"}, {"steps": 0}, {"restarts": 0}, {"rho": 0.0}):
+        with pytest.raises(ValueError):
+            APGD(**bad)
+    with pytest.raises(ValueError):
+        APGDTargeted(n_target_classes=0)
+    with pytest.raises(ValueError):
+        APGD()(GradientOracle(lambda z: z.flatten(1), 1), torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_checkpoints_follow_the_paper():
+    assert sorted(checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert sorted(checkpoints(20)) == [5, 9, 12, 14, 16, 18, 19]
+    assert checkpoints(1) == frozenset()
+
+
+def test_dlr_losses():
+    logits = torch.tensor([[4.0, 1.0, 2.0, 0.0], [0.0, 3.0, 1.0, 2.0]])
+    y = torch.tensor([0, 2])
+    # row 0: -(4 - 2) / (4 - 1); row 1: -(1 - 3) / (3 - 1)
+    assert torch.allclose(dlr(logits, y), torch.tensor([-2 / 3, 1.0]))
+    labels = torch.tensor([[0, 3], [2, 3]])
+    # row 0: -(4 - 0) / (4 - (1 + 0) / 2); row 1: -(1 - 2) / (3 - (1 + 0) / 2)
+    assert torch.allclose(targeted_dlr(logits, labels), torch.tensor([-4 / 3.5, 1 / 2.5]))

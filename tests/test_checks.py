@@ -1,0 +1,66 @@
+"""Validity checks fire on the models they are meant for, and stay quiet otherwise."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import auditor
+from auditor.checks import gradient_checks, preflight
+from auditor.models.base import ModelInfo
+from auditor.models.pytorch import TorchModel
+
+
+class Quantised(nn.Module):
+    """Input quantisation to 8 bits: zero gradients almost everywhere."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 255) / 255)
+
+
+class Noisy(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
+def _ids(checks):
+    return {check.id for check in checks}
+
+
+def _model(module):
+    return TorchModel(module, ModelInfo("m", "torchscript", "0", (1, 28, 28), 10), device="cpu")
+
+
+def test_preflight_flags_randomness_and_probabilities(tiny_cnn, mnist_test):
+    x = mnist_test.x[:16]
+    assert _ids(preflight(_model(tiny_cnn), x)[0]) == set()
+    assert "randomised-model" in _ids(preflight(_model(Noisy(tiny_cnn).eval()), x)[0])
+    checks, probabilities = preflight(_model(nn.Sequential(tiny_cnn, nn.Softmax(dim=1))), x)
+    assert probabilities and "softmax-outputs" in _ids(checks)
+
+
+def test_gradient_checks(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:16], mnist_test.y[:16]
+    assert gradient_checks(tiny_cnn, x, y) == []
+    assert "zero-gradients" in _ids(gradient_checks(Quantised(tiny_cnn), x, y))
+
+
+def test_quantised_model_is_caught_and_its_worst_case_comes_from_gradient_free_attacks(
+    tiny_cnn, tmp_path
+):
+    path = tmp_path / "quantised.pt"
+    torch.jit.script(Quantised(tiny_cnn).eval()).save(str(path))
+    audit = auditor.scan(path, "mnist", access="white-box", samples=40, eps=[0.15], budget=300)
+    checks = {check["id"]: check for check in audit.results["checks"]}
+    assert checks["zero-gradients"]["level"] in ("warning", "error")
+    assert "weaker-attack-wins" in checks
+    breakers = {s["broken_by"] for s in audit.results["samples"] if s["distortion"]}
+    assert breakers & {"square-linf", "sign-opt-l2", "random-noise-linf"}
