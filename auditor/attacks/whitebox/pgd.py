@@ -92,11 +92,17 @@ class PGD(Attack):
             noise = direction * (eps * radius).view(-1, 1, 1, 1)
         return project(x + noise, x, eps, self.norm)
 
-    def _step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+    def _step(self, x_adv, grad, alpha: float, x0, eps: float, box) -> torch.Tensor:
+        """One ascent step and the projection Π onto the ε-ball ∩ [0,1].
+
+        For L∞ the projection is a clamp to the per-pixel ``box`` (lower,
+        upper) computed once per active set, which is the same set as
+        ``project`` but costs one operation instead of four.
+        """
         if self.norm == "linf":
-            return x_adv + alpha * grad.sign()
+            return torch.clamp(x_adv + alpha * grad.sign(), *box)
         size = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        return x_adv + alpha * grad / size
+        return project(x_adv + alpha * grad / size, x0, eps, self.norm)
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
         if eps is None:
@@ -110,6 +116,7 @@ class PGD(Attack):
             if len(active) == 0:
                 break
             x0, y0 = x[active], y[active]
+            box = ((x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1))
             x_adv = self._start(x0, eps, gen)
             for step in range(self.steps + 1):
                 if step == self.steps:
@@ -124,10 +131,9 @@ class PGD(Attack):
                     if not keep.any():
                         break
                     active, x0, y0, x_adv = active[keep], x0[keep], y0[keep], x_adv[keep]
+                    box = (box[0][keep], box[1][keep])
                     if step < self.steps:
                         grad = grad[keep]
                 if step < self.steps:
-                    x_adv = project(
-                        self._step(x_adv, grad, self._alpha(alpha, step)), x0, eps, self.norm
-                    )
+                    x_adv = self._step(x_adv, grad, self._alpha(alpha, step), x0, eps, box)
         return AttackResult(x_adv=x_best, success=success, queries=oracle.queries())
