@@ -32,7 +32,7 @@ from .errors import AuditError
 from .models.base import Model
 from .oracles import GradientOracle, LabelOracle, ScoreOracle
 from .progress import ScanProgress
-from .verify import EPS_TOLERANCE, verify
+from .verify import EPS_TOLERANCE, Verified, verify
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ class Records:
             x_adv=x.clone(),
         )
 
+    def update(self, active, ok, checked: Verified, spent: torch.Tensor, label: str) -> None:
+        """Keep, per sample, the smallest verified distortion and its example.
+
+        ``queries`` holds the queries of the run that set the record, or, for
+        samples never broken, the most any single run spent on them.
+        """
+        better = ok & (checked.distortion < self.distortion[active])
+        winners = active[better]
+        self.distortion[winners] = checked.distortion[better]
+        self.x_adv[winners] = checked.x_adv[better]
+        self.queries[winners] = spent[better]
+        self.broken_by[winners.numpy()] = label
+        none_yet = self.distortion[active] == torch.inf
+        self.queries[active[none_yet]] = torch.maximum(self.queries[active[none_yet]], spent[none_yet])
+
     def robust_at(self, eps: float) -> torch.Tensor:
         return self.distortion > eps + EPS_TOLERANCE
 
@@ -119,7 +134,6 @@ class RunReport:
     eps: float | None
     samples: int
     broken: int
-    queries_of_broken: tuple[int, ...]
     queries_total: int
     seconds: float
 
@@ -128,15 +142,21 @@ class RunReport:
 class AttackReport:
     attack: Attack
     runs: tuple[RunReport, ...]
-    broken: int
-    """Samples this attack broke (verified, within the largest ε) in any run."""
     samples: int
-    """Samples it was given in its first run."""
+    """Samples it attacked in any run."""
+    queries_to_success: tuple[int, ...]
+    """Per sample it broke (within the run's ε): the queries of the first run
+    that broke it. Minimum-norm attacks spend their whole budget refining, so
+    for them this is the queries spent."""
     robust_accuracy: dict[float, float]
     """Cumulative robust accuracy after this attack, per ε."""
     budget: int | None
     non_monotone: int = 0
     """Samples it broke at a smaller ε after failing on them at a larger one."""
+
+    @property
+    def broken(self) -> int:
+        return len(self.queries_to_success)
 
     @property
     def seconds(self) -> float:
@@ -186,22 +206,21 @@ def run_battery(
     records = Records.start(x, clean_pred, y)
     reports = []
     for attack in battery.attacks:
-        attack_budget = None if attack.access == Access.WHITE_BOX else budget
+        budget_of_attack = None if attack.access == Access.WHITE_BOX else budget
         forward = _oracle_forward(model, attack.oracle, outputs_probabilities)
-        run_eps = eps_desc if attack.kind == FIXED_EPS else [None]
-        runs, broken = [], torch.zeros(len(y), dtype=torch.bool)
-        failed_larger, non_monotone = torch.zeros(len(y), dtype=torch.bool), 0
-        first_samples = None
-        for eps in run_eps:
-            active = records.robust_at(eps if eps is not None else eps_desc[0]).nonzero().flatten()
-            first_samples = len(active) if first_samples is None else first_samples
+        attacked = torch.zeros(len(y), dtype=torch.bool)
+        broken, to_success = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.long)
+        failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), 0, []
+        for eps in eps_desc if attack.kind == FIXED_EPS else [None]:
+            limit = eps if eps is not None else eps_desc[0]
+            active = records.robust_at(limit).nonzero().flatten()
             if len(active) == 0:
                 continue
             description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
             description += f" · {len(active)} samples"
-            total = None if attack_budget is None else attack_budget * len(active)
+            total = None if budget_of_attack is None else budget_of_attack * len(active)
             oracle = attack.oracle(
-                forward, len(active), attack_budget, device=model.device,
+                forward, len(active), budget_of_attack, device=model.device,
                 on_charge=progress.run(description, total),
             )
             started = time.perf_counter()
@@ -211,31 +230,23 @@ def run_battery(
             )
             spent = oracle.queries()
             checked = verify(model, x[active], result.x_adv, y[active], battery.norm)
-            limit = torch.inf if eps is None else eps + EPS_TOLERANCE
-            ok = checked.fooled & (checked.distortion <= limit)
-            better = ok & (checked.distortion < records.distortion[active])
-            winners = active[better]
-            records.distortion[winners] = checked.distortion[better]
-            records.x_adv[winners] = checked.x_adv[better]
-            records.queries[winners] = spent[better]
-            records.broken_by[winners.numpy()] = attack.label
-            none_yet = records.distortion[active] == torch.inf
-            records.queries[active[none_yet]] = torch.maximum(
-                records.queries[active[none_yet]], spent[none_yet]
-            )
-            within = ok & (checked.distortion <= (eps or eps_desc[0]) + EPS_TOLERANCE)
-            broken[active[within]] = True
+            ok = checked.fooled & (checked.distortion <= (eps if eps is not None else torch.inf) + EPS_TOLERANCE)
+            records.update(active, ok, checked, spent, attack.label)
+            within = ok & (checked.distortion <= limit + EPS_TOLERANCE)
+            first = within & ~broken[active]
+            to_success[active[first]] = spent[first]
+            attacked[active], broken[active[within]] = True, True
             non_monotone += int((within & failed_larger[active]).sum())
             failed_larger[active[~within]] = True
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(within.sum()),
-                queries_of_broken=tuple(spent[within].tolist()),
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
             ))
             log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
         reports.append(AttackReport(
-            attack=attack, runs=tuple(runs), broken=int(broken.sum()),
-            samples=first_samples or 0, robust_accuracy=records.robust_accuracy(eps_list),
-            budget=attack_budget, non_monotone=non_monotone,
+            attack=attack, runs=tuple(runs), samples=int(attacked.sum()),
+            queries_to_success=tuple(to_success[broken].tolist()),
+            robust_accuracy=records.robust_accuracy(eps_list),
+            budget=budget_of_attack, non_monotone=non_monotone,
         ))
     return BatteryOutcome(clean_pred=clean_pred, records=records, attacks=tuple(reports))

@@ -53,11 +53,11 @@ def _stats(values: Sequence[int], budget: int | None, total: int, measure: str) 
 
 def attack_entry(report: AttackReport) -> dict:
     """One ``attacks[]`` item. Query statistics are over the samples the attack
-    broke: queries to success at the largest ε for fixed-ε attacks, queries
-    spent for minimum-norm attacks (which refine until the budget is used)."""
+    broke: queries to success for fixed-ε attacks, queries spent for
+    minimum-norm attacks (which refine until the budget is used)."""
     attack = report.attack
-    headline = report.runs[0] if report.runs else None
     measure = "to-success" if attack.kind == FIXED_EPS else "spent"
+    total = sum(run.queries_total for run in report.runs)
     return {
         "name": attack.label,
         "access": attack.access.cli_name,
@@ -68,19 +68,9 @@ def attack_entry(report: AttackReport) -> dict:
         "samples": report.samples,
         "robust_accuracy": _accuracy_dict(report.robust_accuracy),
         "success_rate": round(report.broken / report.samples, 6) if report.samples else None,
-        "queries": _stats(
-            headline.queries_of_broken if headline else (),
-            report.budget,
-            sum(run.queries_total for run in report.runs),
-            measure,
-        ),
+        "queries": _stats(report.queries_to_success, report.budget, total, measure),
         "runs": [
-            {
-                "eps": run.eps,
-                "samples": run.samples,
-                "broken": run.broken,
-                "queries": _stats(run.queries_of_broken, report.budget, run.queries_total, measure),
-            }
+            {"eps": run.eps, "samples": run.samples, "broken": run.broken, "queries": run.queries_total}
             for run in report.runs
         ],
         "seconds": round(report.seconds, 3),
