@@ -51,7 +51,8 @@ def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) 
 
     Without ``names``: every default catalogue attack whose oracle the level
     allows, of the threat norm (fixed-ε) or of any norm (minimum-norm,
-    measured in the threat norm). With ``names``: exactly those, checked against the level.
+    measured in the threat norm). With ``names``: exactly those, checked
+    against the level and the norm.
     """
     if names:
         unknown = [name for name in names if name not in BY_LABEL]
@@ -66,8 +67,10 @@ def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) 
                     f"attack {attack.label} needs {attack.access.cli_name} access, "
                     f"but the scan has {level.cli_name}"
                 )
-            if attack.kind == FIXED_EPS and norm not in attack.norms:
-                raise AuditError(f"attack {attack.label} cannot run in a {norm} threat model")
+            if attack.kind == FIXED_EPS and attack.norm != norm:
+                raise AuditError(
+                    f"attack {attack.label} works in {attack.norm}, but the threat model is {norm}"
+                )
         return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)))
     chosen, skipped = [], []
     for attack in CATALOGUE:

@@ -70,6 +70,8 @@ def test_budget_is_never_exceeded(tiny_cnn, batch):
 def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
     with pytest.raises(AuditError, match="pgd-linf needs white-box access"):
         build_battery(Access.SOFT_LABEL, "linf", ["pgd-linf"])
+    with pytest.raises(AuditError, match="pgd-linf works in linf, but the threat model is l2"):
+        build_battery(Access.WHITE_BOX, "l2", ["pgd-linf"])
     with pytest.raises(AuditError, match="unknown attack 'nope'"):
         build_battery(Access.WHITE_BOX, "linf", ["nope"])
 
