@@ -192,6 +192,9 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
     providers = _providers(request.device)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # onnxruntime's worker threads spin between runs by default, which starves
+    # torch's own threads in the attack code running between queries.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(request.file), options, providers=providers)
     except Exception as exc:

@@ -53,7 +53,7 @@ from typing import ClassVar
 import torch
 
 from ...oracles import ScoreOracle
-from ..base import FIXED_EPS, Attack, AttackResult, generator, project
+from ..base import FIXED_EPS, Attack, AttackResult, generator
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _LOSSES = ("margin", "ce")
@@ -120,6 +120,9 @@ class SquareAttack(Attack):
         n, c, h, w = x.shape
         n_iters = self.n_iters if oracle.budget is None else oracle.budget
 
+        # The ε-box ∩ [0,1] per pixel: a coordinate set to ±ε and projected
+        # (line 5) is exactly ``upper`` or ``lower``.
+        lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
         x_best = x.clone()
         margin_min = torch.full((n,), float("inf"), device=device)
         loss_min = torch.full((n,), float("inf"), device=device)
@@ -129,8 +132,8 @@ class SquareAttack(Attack):
         can = oracle.remaining().to(device) >= 1
         rows = can.nonzero().squeeze(1)
         if len(rows):
-            stripes = eps * _signs((len(rows), c, 1, w), gen, x)
-            x_init = project(x[rows] + stripes, x[rows], eps, "linf")
+            stripes = _signs((len(rows), c, 1, w), gen, x) > 0
+            x_init = torch.where(stripes, upper[rows], lower[rows])
             margin, loss = _margin_and_loss(oracle.probs(x_init, idx=rows.cpu()), y[rows], self.loss)
             x_best[rows] = x_init
             margin_min[rows] = margin
@@ -146,36 +149,41 @@ class SquareAttack(Attack):
             if not len(rows):
                 break
             m = len(rows)
-            x_cur, best_cur = x[rows], x_best[rows]
+            best_cur, low, high = x_best[rows], lower[rows], upper[rows]
 
             # Alg. 1 line 3: side of the square from the schedule of p.
             p = p_selection(self.p_init, it, n_iters)
             s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
 
             # Alg. 1 lines 4-5 (Alg. 2): a random window per sample, ±ε per
-            # channel inside it, projected; redrawn while it changes nothing.
+            # channel inside it, projected; rows whose draw changes nothing
+            # draw new signs for the same window (only those rows).
             top = torch.randint(0, h - s + 1, (m,), generator=gen, device=device)
             left = torch.randint(0, w - s + 1, (m,), generator=gen, device=device)
             in_h = (lines_h[None] >= top[:, None]) & (lines_h[None] < top[:, None] + s)
             in_w = (lines_w[None] >= left[:, None]) & (lines_w[None] < left[:, None] + s)
             window = (in_h[:, :, None] & in_w[:, None, :])[:, None]
-            x_new = best_cur
-            redraw = torch.ones(m, dtype=torch.bool, device=device)
+            x_new = best_cur.clone()
+            redraw = torch.arange(m, device=device)
             for _ in range(_MAX_DRAWS):
-                signs = eps * _signs((m, c, 1, 1), gen, x)
-                proposal = torch.where(window, project(x_cur + signs, x_cur, eps, "linf"), best_cur)
-                x_new = torch.where(redraw[:, None, None, None], proposal, x_new)
-                same = ((x_new - best_cur).abs() < 1e-7) | ~window
-                redraw = same.flatten(1).all(dim=1)
-                if not redraw.any():
+                positive = _signs((len(redraw), c, 1, 1), gen, x) > 0
+                inside = window[redraw]
+                proposal = torch.where(
+                    inside, torch.where(positive, high[redraw], low[redraw]), best_cur[redraw]
+                )
+                x_new[redraw] = proposal
+                same = ((proposal - best_cur[redraw]).abs() < 1e-7) | ~inside
+                redraw = redraw[same.flatten(1).all(dim=1)]
+                if not len(redraw):
                     break
 
             # Alg. 1 lines 6-7: one query, keep strict improvements.
             margin, loss = _margin_and_loss(oracle.probs(x_new, idx=rows.cpu()), y[rows], self.loss)
             improved = loss < loss_min[rows]
-            loss_min[rows] = torch.where(improved, loss, loss_min[rows])
-            margin_min[rows] = torch.where(improved, margin, margin_min[rows])
-            x_best[rows] = torch.where(improved[:, None, None, None], x_new, best_cur)
+            kept = rows[improved]
+            loss_min[kept] = loss[improved]
+            margin_min[kept] = margin[improved]
+            x_best[kept] = x_new[improved]
 
         return AttackResult(
             x_adv=x_best, success=queried & (margin_min < 0), queries=oracle.queries()
