@@ -81,6 +81,12 @@ def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) 
                 skipped.append((attack.label, f"no {norm} version yet"))
             continue
         chosen.append(attack)
+    if not chosen:
+        # an empty battery would report every sample as robust
+        raise AuditError(
+            f"no attack can run at {level.cli_name} access with a {norm} threat model yet; "
+            "choose --access hard-label or higher"
+        )
     return Battery(level, norm, tuple(chosen), tuple(skipped))
 
 

@@ -91,6 +91,7 @@ CASES = {
     "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
     "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
     "stronger access than the file allows": (["scan", "{root}/hardmax.onnx", "--access", "white-box"], "Hardmax"),
+    "no attack at this access": (["scan", "{example}", "--access", "none"], "no attack can run"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
 }
