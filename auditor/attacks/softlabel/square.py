@@ -25,9 +25,10 @@ still attacked:
   rescaled by ``10000 / n_iters`` for other budgets;
   ``s = round(sqrt(p · H·W))``, clipped to ``[1, min(H, W)]``.
 * line 4, δ ~ P (Algorithm 2): a random window per sample; inside it δ is
-  set to ±ε, one sign per channel. As in the reference code, a draw that
-  would leave the (clipped) image unchanged is redrawn (here at most 32
-  draws, which only an ε below float resolution can exhaust).
+  set to ±ε, one sign per channel. The reference code redraws the signs
+  while the (clipped) image would stay unchanged; since at most one sign
+  vector can leave a window unchanged, that draw is made exactly in one
+  step by flipping a uniform non-empty subset of its channels.
 * line 5, the candidate is projected onto the ε-ball and [0,1].
 * lines 6-7, one query per active sample with budget left; the candidate is
   accepted where its loss is strictly lower.
@@ -57,9 +58,6 @@ from ..base import FIXED_EPS, Attack, AttackResult, generator
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _LOSSES = ("margin", "ce")
-# Each draw leaves the window unchanged with probability at most 1/2, so the
-# cap only matters for an ε below float resolution.
-_MAX_DRAWS = 32
 
 
 def p_selection(p_init: float, it: int, n_iters: int) -> float:
@@ -163,19 +161,23 @@ class SquareAttack(Attack):
             in_h = (lines_h[None] >= top[:, None]) & (lines_h[None] < top[:, None] + s)
             in_w = (lines_w[None] >= left[:, None]) & (lines_w[None] < left[:, None] + s)
             window = (in_h[:, :, None] & in_w[:, None, :])[:, None]
-            x_new = best_cur.clone()
-            redraw = torch.arange(m, device=device)
-            for _ in range(_MAX_DRAWS):
-                positive = _signs((len(redraw), c, 1, 1), gen, x) > 0
-                inside = window[redraw]
-                proposal = torch.where(
-                    inside, torch.where(positive, high[redraw], low[redraw]), best_cur[redraw]
+            positive = _signs((m, c, 1, 1), gen, x) > 0
+            x_new = torch.where(window, torch.where(positive, high, low), best_cur)
+            same = (((x_new - best_cur).abs() < 1e-7) | ~window).flatten(1).all(dim=1)
+            if same.any():
+                # At most one sign vector leaves a window unchanged (the one
+                # matching a window already at one bound per channel), so
+                # XOR-ing it with a uniform non-zero mask is an exact draw
+                # from the reference code's rejection loop, in one step.
+                rows_same = same.nonzero().squeeze(1)
+                code = torch.randint(1, 2**c, (len(rows_same), 1), generator=gen, device=device)
+                flip = ((code >> torch.arange(c, device=device)) & 1).bool().view(-1, c, 1, 1)
+                positive[rows_same] ^= flip
+                x_new[rows_same] = torch.where(
+                    window[rows_same],
+                    torch.where(positive[rows_same], high[rows_same], low[rows_same]),
+                    best_cur[rows_same],
                 )
-                x_new[redraw] = proposal
-                same = ((proposal - best_cur[redraw]).abs() < 1e-7) | ~inside
-                redraw = redraw[same.flatten(1).all(dim=1)]
-                if not len(redraw):
-                    break
 
             # Alg. 1 lines 6-7: one query, keep strict improvements.
             margin, loss = _margin_and_loss(oracle.probs(x_new, idx=rows.cpu()), y[rows], self.loss)
