@@ -30,7 +30,7 @@ from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, Attack
 from .errors import AuditError
 from .models.base import Model
-from .oracles import GradientOracle, LabelOracle, ScoreOracle
+from .oracles import GradientOracle, ScoreOracle
 from .progress import ScanProgress
 from .verify import EPS_TOLERANCE, Verified, verify
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,5 +38,5 @@ def test_pgd_is_deterministic_and_immutable(tiny_cnn, mnist_test):
         "PGD(norm='linf', steps=5, restarts=2, rel_step=None, random_start=True, "
         "schedule='constant')"
     )
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         attack.steps = 10

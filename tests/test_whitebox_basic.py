@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -213,7 +215,7 @@ def test_configs_are_validated_immutable_and_labelled():
     ):
         with pytest.raises(ValueError):
             bad()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         CarliniWagnerL2().steps = 10
     with pytest.raises(ValueError):
         FGSM()(None, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))

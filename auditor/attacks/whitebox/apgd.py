@@ -250,8 +250,9 @@ def apgd_run(
 
 
 @dataclass(frozen=True)
-class APGD(Attack):
-    name = "apgd"
+class APGDConfig(Attack):
+    """Settings shared by APGD and targeted APGD (Alg. 1's ρ and momentum α)."""
+
     oracle = GradientOracle
     kind = FIXED_EPS
     norms = NORMS
@@ -261,7 +262,6 @@ class APGD(Attack):
     )
 
     norm: str = "linf"
-    loss: str = "ce"
     steps: int = 100
     restarts: int = 1
     rho: float = 0.75
@@ -269,13 +269,29 @@ class APGD(Attack):
 
     def __post_init__(self):
         if self.norm not in NORMS:
-            raise ValueError(f"APGD norm must be one of {NORMS}")
+            raise ValueError(f"{self.name} norm must be one of {NORMS}")
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError(f"{self.name} needs steps >= 1 and restarts >= 1")
+        if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
+            raise ValueError(f"{self.name} needs rho and momentum in (0, 1]")
+
+    def _check_eps(self, eps: float | None) -> None:
+        if eps is None:
+            raise ValueError(f"{self.name} is a fixed-ε attack: eps is required")
+        if eps < 0:
+            raise ValueError("eps must be >= 0")
+
+
+@dataclass(frozen=True)
+class APGD(APGDConfig):
+    name = "apgd"
+
+    loss: str = "ce"
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"APGD loss must be one of {LOSSES}")
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError("APGD needs steps >= 1 and restarts >= 1")
-        if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
-            raise ValueError("APGD needs rho and momentum in (0, 1]")
 
     @property
     def label(self) -> str:
@@ -287,10 +303,7 @@ class APGD(Attack):
         return self.loss == "ce"
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        if eps is None:
-            raise ValueError("APGD is a fixed-ε attack: eps is required")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
+        self._check_eps(eps)
         gen = generator(seed, x.device)
         loss = cross_entropy if self.loss == "ce" else dlr
         x_adv = x.clone()

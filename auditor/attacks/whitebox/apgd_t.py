@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator
-from .apgd import apgd_run
+from ..base import AttackResult, generator
+from .apgd import APGDConfig, apgd_run
 
 
 def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,36 +47,18 @@ def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class APGDTargeted(Attack):
+class APGDTargeted(APGDConfig):
     name = "apgd-t"
-    oracle = GradientOracle
-    kind = FIXED_EPS
-    norms = NORMS
-    paper = (
-        "Croce and Hein, Reliable evaluation of adversarial robustness with an ensemble "
-        "of diverse parameter-free attacks, ICML 2020"
-    )
 
-    norm: str = "linf"
     n_target_classes: int = 9
-    steps: int = 100
-    restarts: int = 1
-    rho: float = 0.75
-    momentum: float = 0.75
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"APGD-T norm must be one of {NORMS}")
-        if self.steps < 1 or self.restarts < 1 or self.n_target_classes < 1:
-            raise ValueError("APGD-T needs steps, restarts and n_target_classes >= 1")
-        if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
-            raise ValueError("APGD-T needs rho and momentum in (0, 1]")
+        super().__post_init__()
+        if self.n_target_classes < 1:
+            raise ValueError("apgd-t needs n_target_classes >= 1")
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        if eps is None:
-            raise ValueError("APGD-T is a fixed-ε attack: eps is required")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
+        self._check_eps(eps)
         gen = generator(seed, x.device)
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
