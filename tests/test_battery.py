@@ -88,6 +88,10 @@ def test_cascade_shows_each_attack_only_the_still_robust(tiny_cnn, mnist_test):
     # samples misclassified when clean are never attacked
     assert pgd.runs[0].samples == int((outcome.clean_pred == y).sum())
     assert pgd.robust_accuracy[0.03] >= pgd.robust_accuracy[0.06]
+    # the per-attack counts agree with the per-sample records
+    by_pgd = int((outcome.records.broken_by == "pgd-linf").sum())
+    assert pgd.broken == by_pgd == pgd.runs[0].broken + pgd.non_monotone
+    assert len(pgd.queries_to_success) == pgd.broken and max(pgd.queries_to_success) <= 11
     distortion = outcome.records.distortion
     assert ((distortion == 0) == (outcome.clean_pred != y)).all()
     assert (distortion[torch.isfinite(distortion)] <= 0.06 + 1e-6).all()
