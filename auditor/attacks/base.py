@@ -109,6 +109,19 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     return (x + delta).clamp(0.0, 1.0)
 
 
+def uniform_in_ball(
+    shape: torch.Size, eps: float, norm: str, gen: torch.Generator, device
+) -> torch.Tensor:
+    """Perturbations drawn uniformly from the ε-ball: per-pixel uniform for
+    L∞; for L2 a uniform direction at radius ε·U^(1/d) ([MMS18] §3 random start)."""
+    if norm == "linf":
+        return (torch.rand(shape, generator=gen, device=device) * 2 - 1) * eps
+    direction = torch.randn(shape, generator=gen, device=device)
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    radius = torch.rand(shape[0], generator=gen, device=device) ** (1.0 / shape[1:].numel())
+    return direction * (eps * radius).view(-1, 1, 1, 1)
+
+
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A private, seeded generator (attacks never touch the global RNG)."""
     gen = torch.Generator(device=device)

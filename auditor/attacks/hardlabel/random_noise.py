@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import LabelOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project, uniform_in_ball
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,6 @@ class RandomNoise(Attack):
         if self.draws < 1:
             raise ValueError("draws must be >= 1")
 
-    def _noise(self, shape: torch.Size, eps: float, gen: torch.Generator, device) -> torch.Tensor:
-        if self.norm == "linf":
-            return (torch.rand(shape, generator=gen, device=device) * 2 - 1) * eps
-        direction = torch.randn(shape, generator=gen, device=device)
-        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        radius = torch.rand(shape[0], generator=gen, device=device) ** (1.0 / shape[1:].numel())
-        return direction * (eps * radius).view(-1, 1, 1, 1)
-
     def __call__(self, oracle: LabelOracle, x, y, *, eps=None, seed=0) -> AttackResult:
         if eps is None:
             raise ValueError("random noise is a fixed-ε attack: eps is required")
@@ -56,7 +48,8 @@ class RandomNoise(Attack):
             active = (~success & (oracle.remaining().to(x.device) >= 1)).nonzero().flatten()
             if len(active) == 0:
                 break
-            candidate = project(x[active] + self._noise(x[active].shape, eps, gen, x.device), x[active], eps, self.norm)
+            noise = uniform_in_ball(x[active].shape, eps, self.norm, gen, x.device)
+            candidate = project(x[active] + noise, x[active], eps, self.norm)
             fooled = oracle.labels(candidate, idx=active.cpu()).to(x.device) != y[active]
             x_adv[active[fooled]] = candidate[fooled]
             success[active[fooled]] = True

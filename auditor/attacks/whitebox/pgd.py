@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project, uniform_in_ball
 
 SCHEDULES = ("constant", "cosine")
 
@@ -82,15 +82,7 @@ class PGD(Attack):
     def _start(self, x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
         if not self.random_start:
             return x.clone()
-        if self.norm == "linf":
-            noise = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
-        else:
-            direction = torch.randn(x.shape, generator=gen, device=x.device)
-            direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            radius = torch.rand(x.shape[0], generator=gen, device=x.device)
-            radius = radius ** (1.0 / x[0].numel())
-            noise = direction * (eps * radius).view(-1, 1, 1, 1)
-        return project(x + noise, x, eps, self.norm)
+        return project(x + uniform_in_ball(x.shape, eps, self.norm, gen, x.device), x, eps, self.norm)
 
     def _step(self, x_adv, grad, alpha: float, x0, eps: float, box) -> torch.Tensor:
         """One ascent step and the projection Π onto the ε-ball ∩ [0,1].
