@@ -145,6 +145,14 @@ class RunReport:
     broken: int
     queries_total: int
     seconds: float
+    positions: tuple[int, ...] = ()
+    """Per sample attacked: its position in the batch the battery was given."""
+    queries: tuple[int, ...] = ()
+    """Per sample attacked: the queries the run spent on it, which for a
+    broken sample are its queries to success (a fixed-ε attack stops a sample
+    at its first success)."""
+    success: tuple[bool, ...] = ()
+    """Per sample attacked: broken within the run's ε, verified."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,8 @@ def run_battery(
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(within.sum()),
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
+                positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
+                success=tuple(within.tolist()),
             ))
             log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
         reports.append(AttackReport(

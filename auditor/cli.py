@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .access import Access
+from .access import DEFAULT_BUDGET, Access
 from .errors import AuditError
 
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
@@ -66,7 +66,7 @@ def cli(debug: bool) -> None:
 @click.option("-n", "--samples", type=int, help="Evaluate a class-balanced subset of N samples.")
 @click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
 @click.option("--eps", type=float, multiple=True, help="Perturbation radius (repeatable); default depends on data and norm.")
-@click.option("--budget", type=int, default=2000, show_default=True, help="Queries per sample for each black-box attack.")
+@click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); default: the whole battery.")
 @click.option("--arch", help="module:factory building the network, for weights files.")
 @click.option("--mean", help="Per-channel mean folded into the model, e.g. 0.485,0.456,0.406.")

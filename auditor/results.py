@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .attacks.base import FIXED_EPS
-from .battery import AttackReport, BatteryOutcome
+from .battery import AttackReport, BatteryOutcome, RunReport
 from .errors import AuditError
 
 SCHEMA = "auditor.results/1"
@@ -51,10 +51,46 @@ def _stats(values: Sequence[int], budget: int | None, total: int, measure: str) 
     return {**summary, "budget": budget, "total": int(total), "measure": measure}
 
 
-def attack_entry(report: AttackReport) -> dict:
-    """One ``attacks[]`` item. Query statistics are over the samples the attack
-    broke: queries to success for fixed-ε attacks, queries spent for
-    minimum-norm attacks (which refine until the budget is used)."""
+CURVE_QUERIES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+"""Query checkpoints of the success-vs-queries curves (cut at the budget, which is added)."""
+
+
+def success_curve(queries: Sequence[int], success: Sequence[bool], budget: int | None) -> dict:
+    """Success rate against queries: at each checkpoint q, the fraction of the
+    run's samples broken with at most q queries."""
+    spent = np.asarray(queries, dtype=np.int64)
+    broken = np.asarray(success, dtype=bool)
+    limit = budget if budget is not None else int(spent.max(initial=0))
+    points = [q for q in CURVE_QUERIES if q < limit] + [limit]
+    rates = [round(float((broken & (spent <= q)).mean()), 6) if len(spent) else None for q in points]
+    return {"queries": points, "success_rate": rates}
+
+
+def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measure: str) -> dict:
+    to_success = [q for q, ok in zip(run.queries, run.success) if ok]
+    entry = {
+        "eps": run.eps, "samples": run.samples, "broken": run.broken, "queries": run.queries_total,
+        "queries_to_success": _stats(to_success, budget, run.queries_total, measure),
+        "per_sample": {
+            "index": [int(indices[position]) for position in run.positions],
+            "queries": list(run.queries),
+            "success": list(run.success),
+        },
+    }
+    if run.eps is not None:
+        entry["success_curve"] = success_curve(run.queries, run.success, budget)
+    return entry
+
+
+def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:
+    """One ``attacks[]`` item; ``indices`` maps batch positions to data set indices.
+
+    Query statistics are over the samples the attack broke: queries to
+    success for fixed-ε attacks, queries spent for minimum-norm attacks
+    (which refine until the budget is used). Each run (one ε) also lists, per
+    sample, the queries it spent and whether it broke the sample, and, for
+    fixed-ε attacks, the success rate against queries at fixed checkpoints.
+    """
     attack = report.attack
     measure = "to-success" if attack.kind == FIXED_EPS else "spent"
     total = sum(run.queries_total for run in report.runs)
@@ -69,10 +105,7 @@ def attack_entry(report: AttackReport) -> dict:
         "robust_accuracy": _accuracy_dict(report.robust_accuracy),
         "success_rate": round(report.broken / report.samples, 6) if report.samples else None,
         "queries": _stats(report.queries_to_success, report.budget, total, measure),
-        "runs": [
-            {"eps": run.eps, "samples": run.samples, "broken": run.broken, "queries": run.queries_total}
-            for run in report.runs
-        ],
+        "runs": [_run_entry(run, report.budget, indices, measure) for run in report.runs],
         "seconds": round(report.seconds, 3),
     }
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import checks as checks_mod
-from .access import Access, resolve_access
+from .access import DEFAULT_BUDGET, Access, resolve_access
 from .battery import build_battery, run_battery
 from .data import load_data
 from .errors import AuditError
@@ -49,9 +49,6 @@ DEFAULT_EPS = {
 }
 """ε grids used when ``--eps`` is not given: the standard MNIST radii for the
 built-in data, and the usual CIFAR/ImageNet radii for anything else."""
-
-DEFAULT_BUDGET = 2000
-"""Queries per sample for each black-box attack run."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ def scan(
         "robust_accuracy": {
             eps_key(e): round(v, 6) for e, v in outcome.records.robust_accuracy(eps_list).items()
         },
-        "attacks": [attack_entry(report) for report in outcome.attacks],
+        "attacks": [attack_entry(report, indices.tolist()) for report in outcome.attacks],
         "samples": sample_entries(indices.tolist(), y, outcome),
         "checks": [check.to_dict() for check in found],
         "manifest": manifest(command or "auditor.scan() from Python", str(adapter.device)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from auditor.access import Access
@@ -95,3 +96,38 @@ def test_cascade_shows_each_attack_only_the_still_robust(tiny_cnn, mnist_test):
     distortion = outcome.records.distortion
     assert ((distortion == 0) == (outcome.clean_pred != y)).all()
     assert (distortion[torch.isfinite(distortion)] <= 0.06 + 1e-6).all()
+
+
+def test_runs_record_per_sample_queries_and_success_curves(tiny_cnn, mnist_test):
+    from auditor.attacks.softlabel.square import SquareAttack
+    from auditor.results import attack_entry
+
+    x, y = mnist_test.x[:30], mnist_test.y[:30]
+    battery = Battery(Access.SOFT_LABEL, "linf", (SquareAttack(),))
+    outcome = run_battery(battery, _model(tiny_cnn), x, y, eps_list=[0.1, 0.2], budget=300, seed=0)
+    (square,) = outcome.attacks
+    first = square.runs[0]
+    assert first.eps == 0.2 and len(first.positions) == len(first.queries) == len(first.success) == first.samples
+    assert sum(first.queries) == first.queries_total and max(first.queries) <= 300
+    assert sum(first.success) == first.broken
+    # broken samples stopped at their success; the others spent the whole budget
+    assert all(q == 300 for q, ok in zip(first.queries, first.success) if not ok)
+
+    indices = list(range(1000, 1030))
+    entry = attack_entry(square, indices)
+    run = entry["runs"][0]
+    assert run["per_sample"]["index"] == [1000 + p for p in first.positions]
+    curve = run["success_curve"]
+    assert curve["queries"][-1] == 300 and curve["queries"] == sorted(curve["queries"])
+    assert curve["success_rate"] == sorted(curve["success_rate"])  # a CDF never falls
+    assert curve["success_rate"][-1] == round(first.broken / first.samples, 6)
+    broken_queries = [q for q, ok in zip(first.queries, first.success) if ok]
+    assert run["queries_to_success"]["median"] == float(np.median(broken_queries))
+
+
+def test_success_curve_counts_samples_broken_within_each_checkpoint():
+    from auditor.results import success_curve
+
+    curve = success_curve([1, 5, 5, 40, 100], [True, True, False, True, False], budget=100)
+    assert curve["queries"] == [1, 2, 5, 10, 20, 50, 100]
+    assert curve["success_rate"] == [0.2, 0.2, 0.4, 0.4, 0.4, 0.6, 0.6]

@@ -47,6 +47,13 @@ def results() -> dict:
                 "success_rate": 0.95,
                 "queries": {"mean": 123.4, "median": 80.0, "p90": 300.0, "max": 1900,
                             "budget": 2000, "total": 45000},
+                "runs": [
+                    {"eps": 0.3, "samples": 99, "broken": 94, "queries": 45000,
+                     "queries_to_success": {"mean": 117.5, "median": 75.0, "p90": 280.0, "max": 1900,
+                                            "budget": 2000, "total": 45000, "measure": "to-success"},
+                     "success_curve": {"queries": [1, 10, 100, 1000, 2000],
+                                       "success_rate": [0.1, 0.3, 0.6, 0.9, 0.949495]}},
+                ],
                 "seconds": 3.2,
             },
             {
@@ -135,6 +142,26 @@ def test_view_formats_sections(results):
     distortion = view.distortion
     assert (distortion.median, distortion.broken, distortion.not_broken) == ("0.21", "1 sample", "1 sample")
     assert view.chart_svg.startswith("<svg")
+
+
+def test_query_cost_section_shows_curves_of_black_box_fixed_eps_attacks(results, tmp_path):
+    view = build_view(results)
+
+    (row,) = view.query_rows  # Sign-OPT is minimum-norm: no success curve
+    assert (row.name, row.eps, row.samples, row.success_rate) == ("square-linf", "0.3", "99", "94.9 %")
+    assert (row.mean, row.median, row.p90, row.budget) == ("118", "75", "280", "2,000")
+    assert view.query_chart_svg.startswith("<svg")
+    _, pdf_path = write_report(results, tmp_path)
+    assert "Query cost" in _pdf_text(pdf_path)
+
+
+def test_results_without_query_curves_render_without_the_section(results):
+    del results["attacks"][0]["runs"]
+
+    view = build_view(results)
+
+    assert view.query_rows == () and view.query_chart_svg is None
+    assert "Query cost" not in render_html(view)
 
 
 def test_html_escapes_results_values(results):

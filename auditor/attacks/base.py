@@ -13,6 +13,10 @@ built from its parameters) with a pure call::
 * ``eps`` is the radius for fixed-ε attacks (in ``self.norm``); minimum-norm
   attacks ignore it, except that they may stop a sample early once below it.
 * ``seed`` seeds a private ``torch.Generator``: same seed, same result.
+* ``target`` (keyword, default ``None``): an (N,) tensor of target classes
+  for a targeted attack, which succeeds only where the model outputs the
+  target. Only attacks with ``targeted = True`` accept it; the battery never
+  passes it to the others (:func:`check_target` refuses it).
 * The query budget, if any, lives in the oracle (``oracle.budget``,
   ``oracle.remaining()``); an attack must never ask for more.
 
@@ -66,6 +70,8 @@ class Attack(abc.ABC):
     paper: ClassVar[str]
     in_default_battery: ClassVar[bool] = True
     """False for attacks that run only when named with ``--attacks``."""
+    targeted: ClassVar[bool] = False
+    """True for attacks that accept ``target=`` (targeted mode)."""
 
     @property
     def access(self) -> Access:
@@ -83,6 +89,18 @@ class Attack(abc.ABC):
     def __call__(
         self, oracle, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None, seed: int = 0
     ) -> AttackResult: ...
+
+
+def check_target(attack: Attack, target: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Refuse a target an attack cannot use, or one that is malformed."""
+    if target is None:
+        return
+    if not attack.targeted:
+        raise ValueError(f"{attack.label} has no targeted mode")
+    if target.shape != y.shape:
+        raise ValueError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+    if bool((target == y.to(target.device)).any()):
+        raise ValueError("a target class equals the true label")
 
 
 def distortion(delta: torch.Tensor, norm: str) -> torch.Tensor:

@@ -131,7 +131,7 @@ class OnnxModel(Model):
         images = x.numpy()
         if self._mean is not None:
             images = (images - self._mean) / self._std
-        outputs = self._session.run([self._output_name], {self._input_name: images.astype(self._input_dtype)})
+        outputs = self._session.run([self._output_name], {self._input_name: images.astype(self._input_dtype, copy=False)})
         return torch.from_numpy(outputs[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,8 @@ def run_chunked(
     With ``fixed_batch`` the graph only accepts exactly ``chunk`` rows, so a
     short last chunk is padded with zeros and the padding rows are dropped.
     """
+    if len(x) <= chunk and not fixed_batch:
+        return fn(x)
     outputs = []
     for part in x.split(chunk):
         rows = len(part)

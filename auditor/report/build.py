@@ -91,6 +91,20 @@ class AttackRow:
 
 
 @dataclass(frozen=True)
+class QueryRow:
+    """Query cost of one black-box fixed-ε attack at the largest ε it ran."""
+
+    name: str
+    eps: str
+    samples: str
+    success_rate: str
+    mean: str
+    median: str
+    p90: str
+    budget: str
+
+
+@dataclass(frozen=True)
 class CheckRow:
     """A sanity check raised during the scan, with a link to its documentation."""
 
@@ -151,6 +165,8 @@ class ReportView:
     chart_svg: Markup | None
     distortion: DistortionSummary
     attacks: tuple[AttackRow, ...]
+    query_rows: tuple[QueryRow, ...]
+    query_chart_svg: Markup | None
     checks: tuple[CheckRow, ...]
     policy: PolicyView | None
     manifest: tuple[Field, ...]
@@ -187,6 +203,8 @@ def _build(results: dict) -> ReportView:
         chart_svg=_chart(results),
         distortion=_distortion(results["samples"], norm),
         attacks=tuple(_attack_row(attack) for attack in results["attacks"]),
+        query_rows=tuple(_query_row(attack, run) for attack, run in _query_runs(results)),
+        query_chart_svg=_query_chart(results),
         checks=tuple(_check_row(check) for check in results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
@@ -336,6 +354,63 @@ def _attack_row(attack: dict) -> AttackRow:
     )
 
 
+def _query_runs(results: dict) -> list[tuple[dict, dict]]:
+    """(attack, run) for each black-box fixed-ε attack, its run at the largest ε.
+
+    Results written before runs carried query curves have none to show."""
+    found = []
+    for attack in results["attacks"]:
+        runs = [run for run in attack.get("runs", ()) if "success_curve" in run]
+        if attack["queries"]["budget"] is not None and runs:
+            found.append((attack, max(runs, key=lambda run: run["eps"])))
+    return found
+
+
+def _query_row(attack: dict, run: dict) -> QueryRow:
+    stats = run["queries_to_success"]
+    return QueryRow(
+        name=attack["name"],
+        eps=f"{run['eps']:g}",
+        samples=f"{run['samples']:,}",
+        success_rate=percent(run["broken"] / run["samples"] if run["samples"] else None),
+        mean=_count(stats["mean"]),
+        median=_count(stats["median"]),
+        p90=_count(stats["p90"]),
+        budget=_budget(stats["budget"]),
+    )
+
+
+def _svg(figure: Figure) -> Markup:
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    # Our own matplotlib output, embedded inline: the only markup the report trusts.
+    return Markup(svg[svg.index("<svg"):])
+
+
+def _query_chart(results: dict) -> Markup | None:
+    """Success rate against queries (log scale) for each black-box fixed-ε attack."""
+    runs = _query_runs(results)
+    if not runs:
+        return None
+    with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
+        figure = Figure(figsize=(7.0, 2.8), layout="constrained")
+        axes = figure.add_subplot()
+        for attack, run in runs:
+            curve = run["success_curve"]
+            axes.step(curve["queries"], [rate * 100 for rate in curve["success_rate"]], where="post",
+                      marker="o", markersize=3, linewidth=1.4, label=f"{attack['name']} (ε={run['eps']:g})")
+        axes.set_xscale("log")
+        axes.set_ylim(-4, 104)
+        axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
+        axes.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+        axes.set_xlabel("queries per sample")
+        axes.set_ylabel("success rate")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+        return _svg(figure)
+
+
 def _check_row(check: dict) -> CheckRow:
     return CheckRow(check["id"], check["level"], check["message"], f"{CHECKS_DOC}#{check['id']}")
 
@@ -410,11 +485,7 @@ def _chart(results: dict) -> Markup | None:
         axes.set_ylabel("robust accuracy")
         axes.grid(alpha=0.3)
         axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
-        buffer = io.StringIO()
-        figure.savefig(buffer, format="svg", metadata={"Date": None})
-    svg = buffer.getvalue()
-    # Our own matplotlib output, embedded inline: the only markup the report trusts.
-    return Markup(svg[svg.index("<svg"):])
+        return _svg(figure)
 
 
 def _plot_curve(axes, accuracies: dict[str, float], clean: float, label: str, **style) -> None:
