@@ -11,7 +11,6 @@ import enum
 
 from .errors import AuditError
 
-
 DEFAULT_BUDGET = 5000
 """Queries per sample for each black-box attack run: AutoAttack's budget for
 its Square Attack, so a white-box audit's gradient-free checks are as strong

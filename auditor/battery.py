@@ -44,15 +44,31 @@ class Battery:
     attacks: tuple[Attack, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     """(attack label, reason) for catalogue attacks left out of this battery."""
+    targeted: bool = False
 
 
-def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) -> Battery:
-    """Choose the attacks for an access level and norm.
+def _refusal(attack: Attack, level: Access, norm: str, targeted: bool) -> str | None:
+    """Why ``attack`` cannot run in this battery, or None."""
+    if attack.access > level:
+        return f"needs {attack.access.cli_name} access, but the scan has {level.cli_name}"
+    if attack.kind == FIXED_EPS and attack.norm != norm:
+        return f"works in {attack.norm}, but the threat model is {norm}"
+    if targeted and not attack.targeted:
+        return "has no targeted mode"
+    return None
 
-    Without ``names``: every default catalogue attack whose oracle the level
-    allows, of the threat norm (fixed-ε) or of any norm (minimum-norm,
-    measured in the threat norm). With ``names``: exactly those, checked
-    against the level and the norm.
+
+def build_battery(
+    level: Access, norm: str, names: Sequence[str] | None = None, *, targeted: bool = False
+) -> Battery:
+    """Choose the attacks for an access level, a norm and untargeted/targeted mode.
+
+    Without ``names``: every default catalogue attack of the level, plus the
+    attacks of weaker levels marked ``at_stronger_levels`` (AutoAttack's
+    Square, Sign-OPT and the noise baseline: checks against gradient
+    masking), of the threat norm (fixed-ε) or of any norm (minimum-norm,
+    measured in the threat norm). In targeted mode only attacks with a
+    targeted mode run. With ``names``: exactly those, each checked.
     """
     if names:
         unknown = [name for name in names if name not in BY_LABEL]
@@ -62,32 +78,32 @@ def build_battery(level: Access, norm: str, names: Sequence[str] | None = None) 
             )
         chosen = [BY_LABEL[name] for name in names]
         for attack in chosen:
-            if attack.access > level:
-                raise AuditError(
-                    f"attack {attack.label} needs {attack.access.cli_name} access, "
-                    f"but the scan has {level.cli_name}"
-                )
-            if attack.kind == FIXED_EPS and attack.norm != norm:
-                raise AuditError(
-                    f"attack {attack.label} works in {attack.norm}, but the threat model is {norm}"
-                )
-        return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)))
+            reason = _refusal(attack, level, norm, targeted)
+            if reason is not None:
+                raise AuditError(f"attack {attack.label} {reason}")
+        return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)), targeted=targeted)
     chosen, skipped = [], []
     for attack in CATALOGUE:
         if attack.access > level or not attack.in_default_battery:
+            continue
+        if attack.access < level and not attack.at_stronger_levels:
             continue
         if attack.kind == FIXED_EPS and attack.norm != norm:
             if norm not in attack.norms:
                 skipped.append((attack.label, f"no {norm} version yet"))
             continue
+        if targeted and not attack.targeted:
+            skipped.append((attack.label, "no targeted mode"))
+            continue
         chosen.append(attack)
     if not chosen:
         # an empty battery would report every sample as robust
+        mode = "targeted " if targeted else ""
         raise AuditError(
-            f"no attack can run at {level.cli_name} access with a {norm} threat model yet; "
-            "choose --access hard-label or higher"
+            f"no {mode}attack can run at {level.cli_name} access with a {norm} threat model yet; "
+            "choose --access hard-label or higher" + (" or drop --target" if targeted else "")
         )
-    return Battery(level, norm, tuple(chosen), tuple(skipped))
+    return Battery(level, norm, tuple(chosen), tuple(skipped), targeted)
 
 
 @dataclass
@@ -101,8 +117,10 @@ class Records:
     x_adv: torch.Tensor
 
     @classmethod
-    def start(cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor) -> "Records":
-        wrong = clean_pred != y
+    def start(
+        cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> "Records":
+        wrong = clean_pred != y if target is None else clean_pred == target
         return cls(
             distortion=torch.where(wrong, 0.0, torch.inf).double(),
             broken_by=np.where(wrong.numpy(), "clean", None).astype(object),
@@ -214,13 +232,20 @@ def run_battery(
     budget: int | None,
     seed: int,
     outputs_probabilities: bool = False,
+    target: torch.Tensor | None = None,
     progress: ScanProgress | None = None,
 ) -> BatteryOutcome:
-    """Run the cascade on (x, y) and return the verified per-sample records."""
+    """Run the cascade on (x, y) and return the verified per-sample records.
+
+    With ``target`` (one class per sample, never its label) the audit is
+    targeted: a sample is broken only where the model outputs its target.
+    """
+    if (target is not None) != battery.targeted:
+        raise ValueError("a targeted battery needs targets, and only it takes them")
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
     clean_pred = model.forward(x.to(model.device)).argmax(1).cpu()
-    records = Records.start(x, clean_pred, y)
+    records = Records.start(x, clean_pred, y, target)
     reports = []
     for attack in battery.attacks:
         budget_of_attack = None if attack.access == Access.WHITE_BOX else budget
@@ -241,12 +266,14 @@ def run_battery(
                 on_charge=progress.run(description, total),
             )
             started = time.perf_counter()
+            goal = None if target is None else target[active]
             result = attack(
                 oracle, x[active].to(model.device), y[active].to(model.device),
                 eps=eps, seed=_run_seed(seed, attack.label, eps),
+                target=None if goal is None else goal.to(model.device),
             )
             spent = oracle.queries()
-            checked = verify(model, x[active], result.x_adv, y[active], battery.norm)
+            checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
             ok = checked.fooled & (checked.distortion <= (eps if eps is not None else torch.inf) + EPS_TOLERANCE)
             records.update(active, ok, checked, spent, attack.label)
             within = ok & (checked.distortion <= limit + EPS_TOLERANCE)

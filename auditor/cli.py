@@ -68,6 +68,7 @@ def cli(debug: bool) -> None:
 @click.option("--eps", type=float, multiple=True, help="Perturbation radius (repeatable); default depends on data and norm.")
 @click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); default: the whole battery.")
+@click.option("--target", help="Targeted audit: random, least-likely or a class index (targeted attacks only).")
 @click.option("--arch", help="module:factory building the network, for weights files.")
 @click.option("--mean", help="Per-channel mean folded into the model, e.g. 0.485,0.456,0.406.")
 @click.option("--std", help="Per-channel std folded into the model.")
@@ -77,13 +78,13 @@ def cli(debug: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.pass_obj
-def scan(command, model, access, data, samples, norm, eps, budget, attacks, arch, mean, std, trust_pickle, policy, out, seed, device):
+def scan(command, model, access, data, samples, norm, eps, budget, attacks, target, arch, mean, std, trust_pickle, policy, out, seed, device):
     """Run the attack battery on MODEL and verify every adversarial example."""
     from .scan import scan as run_scan
 
     audit = run_scan(
         model, data, access=access, samples=samples, norm=norm, eps=eps or None, budget=budget,
-        attacks=[name.strip() for name in attacks.split(",")] if attacks else None,
+        attacks=[name.strip() for name in attacks.split(",")] if attacks else None, target=target,
         arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
         policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),
         command=command,

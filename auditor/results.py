@@ -110,20 +110,24 @@ def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:
     }
 
 
-def sample_entries(indices: Sequence[int], labels, outcome: BatteryOutcome) -> list[dict]:
+def sample_entries(indices: Sequence[int], labels, outcome: BatteryOutcome, targets=None) -> list[dict]:
+    """Per-sample records; ``target`` is the class a targeted audit aimed for (else null)."""
     records = outcome.records
+    goals = [None] * len(indices) if targets is None else targets.tolist()
     return [
         {
             "index": int(index),
             "label": int(label),
+            "target": goal,
             "clean_pred": int(pred),
             "distortion": None if math.isinf(dist) else round(float(dist), 6),
             "broken_by": broken_by,
             "queries": int(queries),
         }
-        for index, label, pred, dist, broken_by, queries in zip(
+        for index, label, goal, pred, dist, broken_by, queries in zip(
             indices,
             labels.tolist(),
+            goals,
             outcome.clean_pred.tolist(),
             records.distortion.tolist(),
             records.broken_by.tolist(),

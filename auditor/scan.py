@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +85,43 @@ def resolve_eps(data_name: str, norm: str, eps: Sequence[float] | None) -> tuple
     return tuple(sorted(set(float(value) for value in eps)))
 
 
+TARGET_MODES = ("random", "least-likely")
+
+
+def resolve_targets(
+    target: str | int | None, adapter, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor, dict | None]:
+    """Targets for a targeted audit: (targets or None, samples kept, threat entry).
+
+    ``random``: a class other than the label, drawn per sample from the seed;
+    ``least-likely``: the class the model scores lowest on the clean image
+    (the auditor's choice of target, not a query of the attacker); a class
+    index: that class, and samples of that class are left out (no image can
+    be pushed to its own label).
+    """
+    everyone = torch.ones(len(y), dtype=torch.bool)
+    if target is None:
+        return None, everyone, None
+    if target == "random":
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:target".encode()))
+        shift = torch.randint(1, num_classes, (len(y),), generator=gen)
+        return (y + shift) % num_classes, everyone, {"mode": "random"}
+    if target == "least-likely":
+        scores = adapter.forward(x.to(adapter.device)).cpu()
+        return scores.argmin(1), everyone, {"mode": "least-likely"}
+    try:
+        chosen = int(target)
+    except (TypeError, ValueError):
+        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}") from None
+    if not 0 <= chosen < num_classes:
+        raise AuditError(f"--target {chosen} is not a class of this {num_classes}-class model")
+    keep = y != chosen
+    if not keep.any():
+        raise AuditError(f"--target {chosen}: every sample already has label {chosen}")
+    entry = {"mode": "class", "class": chosen, "left_out": int((~keep).sum())}
+    return torch.full((int(keep.sum()),), chosen, dtype=torch.long), keep, entry
+
+
 def scan(
     model: str | Path,
     data: str = "mnist",
@@ -94,6 +132,7 @@ def scan(
     eps: Sequence[float] | None = None,
     budget: int = DEFAULT_BUDGET,
     attacks: Sequence[str] | None = None,
+    target: str | int | None = None,
     arch: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -109,6 +148,9 @@ def scan(
 
     With ``out`` the results.json, report.html, report.pdf (and junit.xml
     with a policy) are written there; nothing is written if anything fails.
+    ``target`` (``random``, ``least-likely`` or a class index) makes the audit
+    targeted: only targeted attacks run, and a sample counts as broken only
+    where the model outputs its target.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     if budget < 1:
@@ -121,17 +163,19 @@ def scan(
     adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
     num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
-    battery = build_battery(level, norm, attacks)
+    battery = build_battery(level, norm, attacks, targeted=target is not None)
 
     indices = dataset.balanced_indices(samples)
     x, y = dataset.x[indices], dataset.y[indices]
+    targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
+    indices, x, y = indices[keep], x[keep], y[keep]
     found, probabilities = checks_mod.preflight(adapter, x[:64])
     if level == Access.WHITE_BOX:
         found += checks_mod.gradient_checks(adapter.torch_module(), x[:64].to(adapter.device), y[:64].to(adapter.device))
     with ScanProgress(enabled=progress) as bar:
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
-            outputs_probabilities=probabilities, progress=bar,
+            outputs_probabilities=probabilities, target=targets, progress=bar,
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)
@@ -159,13 +203,13 @@ def scan(
         },
         "data": {"name": dataset.name, "n": len(y), "sha256": dataset.sha256},
         "access": {"level": level.cli_name, "reason": reason},
-        "threat": {"norm": norm, "eps": list(eps_list), "budget": budget},
+        "threat": {"norm": norm, "eps": list(eps_list), "budget": budget, "target": target_entry},
         "clean_accuracy": round(clean_accuracy, 6),
         "robust_accuracy": {
             eps_key(e): round(v, 6) for e, v in outcome.records.robust_accuracy(eps_list).items()
         },
         "attacks": [attack_entry(report, indices.tolist()) for report in outcome.attacks],
-        "samples": sample_entries(indices.tolist(), y, outcome),
+        "samples": sample_entries(indices.tolist(), y, outcome, targets),
         "checks": [check.to_dict() for check in found],
         "manifest": manifest(command or "auditor.scan() from Python", str(adapter.device)),
     }

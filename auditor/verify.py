@@ -3,7 +3,8 @@
 The harness never trusts an attack's ``success`` mask. Every candidate is
 clipped to [0,1], sent through the model adapter's ``forward`` (for an ONNX
 file that is the onnxruntime session, not a converted torch copy) and counts
-only if it is finite and misclassified. Its distortion is measured in the
+only if it is finite and misclassified (in a targeted audit: classified as
+its target). Its distortion is measured in the
 threat norm, whatever norm the attack itself optimised.
 """
 
@@ -25,18 +26,25 @@ class Verified:
     x_adv: torch.Tensor
     """The clipped candidates (CPU)."""
     fooled: torch.Tensor
-    """(N,) bool: finite and misclassified on the real runtime."""
+    """(N,) bool: finite and misclassified (or on target) on the real runtime."""
     distortion: torch.Tensor
     """(N,) float64 distortion in the threat norm."""
 
 
-def verify(model: Model, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, norm: str) -> Verified:
+def verify(
+    model: Model,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    norm: str,
+    target: torch.Tensor | None = None,
+) -> Verified:
     """Re-check candidate adversarial examples ``x_adv`` for clean images ``x``."""
     x, y = x.detach().cpu(), y.detach().cpu()
     x_adv = x_adv.detach().cpu().float()
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
     x_adv = torch.where(finite.view(-1, 1, 1, 1), x_adv, x).clamp(0.0, 1.0)
     predicted = model.forward(x_adv.to(model.device)).argmax(1).cpu()
-    fooled = finite & (predicted != y)
+    fooled = finite & (predicted != y if target is None else predicted == target.cpu())
     size = distortion((x_adv - x).double(), norm)
     return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

@@ -52,6 +52,28 @@ def tiny_cnn(mnist_train) -> nn.Module:
 
 
 @pytest.fixture(scope="session")
+def correct_batch(tiny_cnn, mnist_test):
+    """The first 32 test digits the tiny CNN classifies correctly (x, y)."""
+    with torch.no_grad():
+        correct = tiny_cnn(mnist_test.x).argmax(1) == mnist_test.y
+    return mnist_test.x[correct][:32], mnist_test.y[correct][:32]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's small tensor ops on one thread, restoring the count afterwards.
+
+    The ops in the black-box tests are tiny (a few hundred images a call), where
+    intra-op threads on a busy machine cost far more than they bring (about 20x
+    slower measured with 2 threads on 2 shared cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def example_onnx() -> Path:
     """The committed example model (examples/train_mnist.py writes it)."""
     assert EXAMPLE_ONNX.exists(), "run examples/train_mnist.py to create the example model"

@@ -27,7 +27,7 @@ class Liar(Attack):
     norm: str = "linf"
     overshoot: float = 0.0
 
-    def __call__(self, oracle, x, y, *, eps=None, seed=0):
+    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None):
         x_adv = x + (eps + self.overshoot)  # unclipped, possibly outside the ball
         return AttackResult(x_adv=x_adv, success=torch.ones(len(x), dtype=torch.bool), queries=oracle.queries())
 
@@ -44,7 +44,7 @@ class Recorder(Attack):
     norm: str = "l2"
     seen: list = None
 
-    def __call__(self, oracle, x, y, *, eps=None, seed=0):
+    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None):
         self.seen.append(oracle.n)
         oracle.labels(x)
         return AttackResult(x_adv=x, success=torch.zeros(len(x), dtype=torch.bool), queries=oracle.queries())

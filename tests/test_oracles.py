@@ -83,8 +83,16 @@ def test_battery_of_a_level_includes_weaker_levels():
     assert labels == ["sign-opt-l2", "random-noise-linf"]
     battery = build_battery(Access.WHITE_BOX, "l2")
     assert [attack.label for attack in battery.attacks] == [
-        "apgd-ce-l2", "apgd-t-l2", "sign-opt-l2", "random-noise-l2"
+        "apgd-ce-l2", "apgd-t-l2", "square-l2", "sign-opt-l2", "random-noise-l2"
     ]
-    assert battery.skipped == (("square-linf", "no l2 version yet"),)
+    assert battery.skipped == ()
+
+
+def test_soft_label_searches_run_only_at_their_own_level():
+    labels = [attack.label for attack in build_battery(Access.SOFT_LABEL, "linf").attacks]
+    assert labels == ["square-linf", "nes-linf", "genattack-linf", "sign-opt-l2", "random-noise-linf"]
+    battery = build_battery(Access.SOFT_LABEL, "l2")
+    assert [attack.label for attack in battery.attacks] == ["square-l2", "nes-l2", "sign-opt-l2", "random-noise-l2"]
+    assert battery.skipped == (("genattack-linf", "no l2 version yet"),)
     with pytest.raises(AuditError, match="no attack can run at none access"):
         build_battery(Access.NONE, "linf")  # an empty battery would claim 100 % robustness

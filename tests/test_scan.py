@@ -118,7 +118,9 @@ def test_same_seed_gives_identical_results(example_onnx, tmp_path):
 
     first, second = results(tmp_path / "a"), results(tmp_path / "a")  # the same command twice
     assert first == second
-    assert [a["name"] for a in first["attacks"]] == ["square-linf", "sign-opt-l2", "random-noise-linf"]
+    assert [a["name"] for a in first["attacks"]] == [
+        "square-linf", "nes-linf", "genattack-linf", "sign-opt-l2", "random-noise-linf"
+    ]
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -72,6 +72,10 @@ class Attack(abc.ABC):
     """False for attacks that run only when named with ``--attacks``."""
     targeted: ClassVar[bool] = False
     """True for attacks that accept ``target=`` (targeted mode)."""
+    at_stronger_levels: ClassVar[bool] = True
+    """Whether the default battery of a stronger access level runs it too, as
+    a check against gradient masking. The cheaper soft-label searches leave
+    that to Square, as AutoAttack does."""
 
     @property
     def access(self) -> Access:
@@ -87,8 +91,25 @@ class Attack(abc.ABC):
 
     @abc.abstractmethod
     def __call__(
-        self, oracle, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None, seed: int = 0
+        self,
+        oracle,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float | None = None,
+        seed: int = 0,
+        target: torch.Tensor | None = None,
     ) -> AttackResult: ...
+
+
+def check_call(attack: Attack, eps: float | None, target: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Refuse bad call arguments: a fixed-ε attack needs ``eps >= 0``; see :func:`check_target`."""
+    if attack.kind == FIXED_EPS:
+        if eps is None:
+            raise ValueError(f"{attack.label} is a fixed-ε attack: eps is required")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+    check_target(attack, target, y)
 
 
 def check_target(attack: Attack, target: torch.Tensor | None, y: torch.Tensor) -> None:

@@ -261,9 +261,10 @@ def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
         summary = f"No attacks were run (access level {access}); clean accuracy {clean}."
     else:
         eps, accuracy = worst
+        mode = "targeted " if results["threat"].get("target") else ""
         summary = (
             f"Robust accuracy {percent(accuracy)} at ε={eps} ({norm_name(results['threat']['norm'])}) "
-            f"against {access} attacks; clean accuracy {clean}."
+            f"against {mode}{access} attacks; clean accuracy {clean}."
         )
     if policy is None:
         detail = "No policy was applied: the results are informational."
@@ -323,7 +324,21 @@ def _threat_fields(results: dict) -> tuple[Field, ...]:
         Field("Norm", f"{norm_name(threat['norm'])} ({threat['norm']})"),
         Field("ε", ", ".join(f"{eps:g}" for eps in threat["eps"])),
         Field("Query budget", f"{_budget(threat['budget'])} queries per sample"),
+        Field("Goal", target_text(threat.get("target"))),
     )
+
+
+def target_text(target: dict | None) -> str:
+    """The audit's goal in words: untargeted, or which target class."""
+    if target is None:
+        return "untargeted: any wrong class counts"
+    if target["mode"] == "random":
+        return "targeted: a random class per sample (other than its label) must be output"
+    if target["mode"] == "least-likely":
+        return "targeted: the class the model scores lowest on the clean image must be output"
+    left_out = target.get("left_out", 0)
+    return (f"targeted: class {target['class']} must be output "
+            f"({_plural(left_out, 'sample')} of that class left out)")
 
 
 def _robust_rows(accuracies: dict[str, float], n: int) -> tuple[RobustRow, ...]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import LabelOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project, uniform_in_ball
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project, uniform_in_ball
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class RandomNoise(Attack):
     kind = FIXED_EPS
     norms = NORMS
     paper = "Carlini et al., On Evaluating Adversarial Robustness, 2019 (§5.2)"
+    targeted = True
 
     norm: str = "linf"
     draws: int = 16
@@ -38,9 +39,8 @@ class RandomNoise(Attack):
         if self.draws < 1:
             raise ValueError("draws must be >= 1")
 
-    def __call__(self, oracle: LabelOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        if eps is None:
-            raise ValueError("random noise is a fixed-ε attack: eps is required")
+    def __call__(self, oracle: LabelOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         gen = generator(seed, x.device)
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -50,7 +50,8 @@ class RandomNoise(Attack):
                 break
             noise = uniform_in_ball(x[active].shape, eps, self.norm, gen, x.device)
             candidate = project(x[active] + noise, x[active], eps, self.norm)
-            fooled = oracle.labels(candidate, idx=active.cpu()).to(x.device) != y[active]
+            labels = oracle.labels(candidate, idx=active.cpu()).to(x.device)
+            fooled = labels != y[active] if target is None else labels == target[active]
             x_adv[active[fooled]] = candidate[fooled]
             success[active[fooled]] = True
         return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())

@@ -68,7 +68,7 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from ..base import MIN_NORM, Attack, AttackResult, distortion, generator
+from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion, generator
 
 _ALPHA_FLOOR = 1e-4
 _ALPHA_RESET = 1.0
@@ -220,9 +220,8 @@ class SignOPT(Attack):
             if not getattr(self, field) > 0:
                 raise ValueError(f"{field} must be > 0, got {getattr(self, field)}")
 
-    def __call__(
-        self, oracle, x: torch.Tensor, y: torch.Tensor, *, eps: float | None = None, seed: int = 0
-    ) -> AttackResult:
+    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         device = oracle.device
         gen = generator(seed, device)
         x0 = x.to(device)

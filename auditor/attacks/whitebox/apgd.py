@@ -62,7 +62,7 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits (M,K), per-sample loss data (M,...)) -> per-sample loss (M,)."""
@@ -124,6 +124,7 @@ class _Active:
     hi: torch.Tensor
     """The box [max(x0 − ε, 0), min(x0 + ε, 1)], the L∞ projection's."""
     y: torch.Tensor
+    """The class a row must leave (untargeted) or reach (targeted)."""
     data: torch.Tensor
     x: torch.Tensor
     x_prev: torch.Tensor
@@ -181,13 +182,16 @@ def apgd_run(
     rho: float,
     momentum: float,
     gen: torch.Generator,
+    reach: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run ([CH20] Alg. 1) on the batch ``x`` (oracle rows ``idx``).
 
     ``loss(logits, data)`` is maximised; ``data`` holds each sample's loss
-    arguments (its label, or its label and target). Returns
-    ``(x_adv, fooled)``: for fooled rows the first misclassified iterate,
-    elsewhere ``x``. Costs each sample at most ``steps + 1`` queries.
+    arguments (its label, or its label and target). A row is fooled when its
+    prediction leaves ``y``, or, with ``reach``, when it equals ``y`` (then
+    the target). Returns ``(x_adv, fooled)``: for fooled rows the first
+    fooled iterate, elsewhere ``x``. Costs each sample at most ``steps + 1``
+    queries.
     """
     found = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -207,7 +211,7 @@ def apgd_run(
     )
     last_mark = 0
     for k in range(steps + 1):
-        hit = logits.argmax(1) != s.y
+        hit = (logits.argmax(1) == s.y) if reach else (logits.argmax(1) != s.y)
         some = bool(hit.any())
         if some:
             found[s.pos[hit]] = s.x[hit]
@@ -275,12 +279,6 @@ class APGDConfig(Attack):
         if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
             raise ValueError(f"{self.name} needs rho and momentum in (0, 1]")
 
-    def _check_eps(self, eps: float | None) -> None:
-        if eps is None:
-            raise ValueError(f"{self.name} is a fixed-ε attack: eps is required")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
-
 
 @dataclass(frozen=True)
 class APGD(APGDConfig):
@@ -302,8 +300,8 @@ class APGD(APGDConfig):
         """APGD-CE runs by default (AutoAttack's standard version); APGD-DLR on request."""
         return self.loss == "ce"
 
-    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        self._check_eps(eps)
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         gen = generator(seed, x.device)
         loss = cross_entropy if self.loss == "ce" else dlr
         x_adv = x.clone()

@@ -17,7 +17,9 @@ the loss and the loop over targets:
 * each target gets ``restarts`` runs from random starts, for the samples not
   yet fooled; as in AutoAttack, success is misclassification (any class but
   y), not reaching the target, and a sample leaves the batch at its first
-  misclassified iterate, which is its ``x_adv``.
+  misclassified iterate, which is its ``x_adv``;
+* targeted mode (``target=`` given, a targeted audit): the given class is the
+  only target, and success is reaching it.
 
 Queries: 1 a sample for the clean logits (a sample already misclassified
 there succeeds with ``x_adv = x``), then at most ``steps + 1`` a run, so at
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import GradientOracle
-from ..base import AttackResult, generator
+from ..base import AttackResult, check_call, generator
 from .apgd import APGDConfig, apgd_run
 
 
@@ -57,8 +59,10 @@ class APGDTargeted(APGDConfig):
         if self.n_target_classes < 1:
             raise ValueError("apgd-t needs n_target_classes >= 1")
 
-    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        self._check_eps(eps)
+    targeted = True
+
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         gen = generator(seed, x.device)
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -68,10 +72,14 @@ class APGDTargeted(APGDConfig):
         clean = oracle.logits(x[rows], idx=rows.cpu())
         ranked = torch.full((len(x), clean.shape[1]), -1, dtype=torch.long, device=x.device)
         ranked[rows] = clean.argsort(dim=1, descending=True)
-        success[rows] = clean.argmax(1) != y[rows]
+        if target is not None:
+            # the audit's target is the only one: put it where the loop reads
+            ranked[rows, 1] = target[rows]
+        success[rows] = clean.argmax(1) != y[rows] if target is None else clean.argmax(1) == target[rows]
         attacked = torch.zeros_like(success)
         attacked[rows] = True
-        for j in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1):
+        targets = 1 if target is not None else min(self.n_target_classes, clean.shape[1] - 1)
+        for j in range(1, targets + 1):
             for _ in range(self.restarts):
                 can_pay = oracle.remaining().to(x.device) >= self.steps + 1
                 rows = (attacked & ~success & can_pay).nonzero().flatten()
@@ -79,8 +87,9 @@ class APGDTargeted(APGDConfig):
                     break
                 labels = torch.stack([y[rows], ranked[rows, j]], dim=1)
                 found, fooled = apgd_run(
-                    oracle, x[rows], y[rows], rows, labels, targeted_dlr, eps=eps, norm=self.norm,
-                    steps=self.steps, rho=self.rho, momentum=self.momentum, gen=gen,
+                    oracle, x[rows], y[rows] if target is None else target[rows], rows, labels,
+                    targeted_dlr, eps=eps, norm=self.norm, steps=self.steps, rho=self.rho,
+                    momentum=self.momentum, gen=gen, reach=target is not None,
                 )
                 x_adv[rows[fooled]] = found[fooled]
                 success[rows[fooled]] = True

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import GradientOracle
-from ..base import MIN_NORM, Attack, AttackResult, distortion
+from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _TANH_SHRINK = 1 - 1e-6
@@ -111,7 +111,8 @@ class CarliniWagnerL2(Attack):
         if not self.kappa >= 0:
             raise ValueError("C&W needs kappa >= 0")
 
-    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         n, device = len(x), x.device
         shape = (-1, *([1] * (x.dim() - 1)))
         w0 = torch.atanh((2 * x - 1) * _TANH_SHRINK)

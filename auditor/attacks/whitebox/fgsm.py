@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, project
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, project
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,8 @@ class FGSM(Attack):
         size = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
         return grad / size
 
-    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        if eps is None:
-            raise ValueError("FGSM is a fixed-ε attack: eps is required")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         rows = (oracle.remaining() >= 2).nonzero().flatten()

@@ -37,7 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, generator, project, uniform_in_ball
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project, uniform_in_ball
 
 SCHEDULES = ("constant", "cosine")
 
@@ -96,9 +96,8 @@ class PGD(Attack):
         size = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return project(x_adv + alpha * grad / size, x0, eps, self.norm)
 
-    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0) -> AttackResult:
-        if eps is None:
-            raise ValueError("PGD is a fixed-ε attack: eps is required")
+    def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
         gen = generator(seed, x.device)
         alpha = eps * (self.rel_step if self.rel_step is not None else 2.5 / self.steps)
         x_best = x.clone()

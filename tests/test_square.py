@@ -1,0 +1,248 @@
+"""Square Attack: the L2 version and the targeted mode (both norms).
+
+Runs on the real tiny CNN of ``conftest.py``; the L∞ untargeted path is
+covered by ``test_attacks_blackbox.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditor.attacks.base import distortion, generator
+from auditor.attacks.softlabel.square import (
+    SquareAttack,
+    l2_init,
+    l2_proposal,
+    meta_pseudo_gaussian,
+    pseudo_gaussian,
+)
+
+from helpers import Counting, predict, score_oracle
+
+
+@pytest.fixture(scope="module")
+def l2_run(tiny_cnn, correct_batch):
+    """Square L2 at ε = 2.0 with 1000 queries on the whole batch (shared)."""
+    x, y = correct_batch
+    counter = Counting(lambda z: tiny_cnn(z).softmax(1))
+    result = SquareAttack(norm="l2")(score_oracle(tiny_cnn, len(y), 1000, counter), x, y, eps=2.0)
+    return result, counter
+
+
+# -- configuration -----------------------------------------------------------
+
+
+def test_l2_configuration():
+    attack = SquareAttack(norm="l2")
+    assert attack.label == "square-l2" and SquareAttack().label == "square-linf"
+    assert SquareAttack.norms == ("linf", "l2") and SquareAttack.targeted
+    assert attack.p_init == SquareAttack().p_init == 0.8
+    with pytest.raises(ValueError):
+        SquareAttack(norm="l1")
+
+
+# -- the pieces of the L2 sampling distribution ------------------------------
+
+
+def test_pseudo_gaussian_bump():
+    bump = pseudo_gaussian(5, 7, dtype=torch.float64)
+    assert bump.norm().item() == pytest.approx(1.0)
+    # a cell at Chebyshev distance d from the centre holds Σ_{d≤k≤3} 1/(k+1)²
+    weights = torch.tensor([1.0, 1 / 4, 1 / 9, 1 / 16])
+    tail = weights.flip(0).cumsum(0).flip(0)
+    for i in range(5):
+        for j in range(7):
+            d = max(abs(i - 2), abs(j - 3))
+            assert bump[i, j] / bump[2, 3] == pytest.approx((tail[d] / tail[0]).item())
+    eta = meta_pseudo_gaussian(9, dtype=torch.float64)
+    assert eta.shape == (9, 9) and eta.norm().item() == pytest.approx(1.0)
+    assert (eta[:4] > 0).all() and (eta[4:] < 0).all()
+    # the two halves are bumps of equal norm
+    assert eta[:4].norm().item() == pytest.approx(eta[4:].norm().item())
+
+
+def test_l2_init_has_norm_eps_and_the_square_grid():
+    n, c, h, w, eps = 6, 3, 28, 28, 1.7
+    delta = l2_init(n, c, h, w, eps, generator(0))
+    assert torch.allclose(distortion(delta, "l2"), torch.full((n,), eps), atol=1e-5)
+    # 5 × 5 squares of side 28 // 5 = 5, centred: rows and columns 1 to 25
+    s = 5
+    grid = torch.zeros(h, w, dtype=torch.bool)
+    grid[1:26, 1:26] = True
+    assert (delta[:, :, ~grid] == 0).all()
+    # each square is ±η or ±ηᵀ, all at the same scale: 25·c unit bumps
+    tiles = delta[:, :, 1:26, 1:26].reshape(n, c, 5, s, 5, s).permute(0, 1, 2, 4, 3, 5)
+    eta = meta_pseudo_gaussian(s)
+    shapes = torch.stack([eta, -eta, eta.T, -eta.T]) * eps / (25 * c) ** 0.5
+    error = (tiles[..., None, :, :] - shapes).abs().amax(dim=(-2, -1))  # (n, c, 5, 5, 4)
+    assert (error.amin(dim=-1) < 1e-6).all()
+    # random signs and orientations: all four shapes occur in every sample
+    chosen = error.argmin(dim=-1).flatten(1)
+    assert all(len(set(row.tolist())) == 4 for row in chosen)
+
+
+def _naive_proposal(delta, corner, bump, eps):
+    """Algorithm 3 sample by sample, with full-image window masks."""
+    out = delta.clone()
+    m, c, h, w = delta.shape
+    s = bump.shape[-1]
+    for i in range(m):
+        (r1, c1), (r2, c2) = corner[i].tolist()
+        w1 = torch.zeros(h, w, dtype=torch.bool)
+        w1[r1 : r1 + s, c1 : c1 + s] = True
+        w2 = torch.zeros(h, w, dtype=torch.bool)
+        w2[r2 : r2 + s, c2 : c2 + s] = True
+        total = delta[i].norm()
+        for k in range(c):
+            d = delta[i, k]
+            old = d[w1].view(s, s)
+            union = d[w1 | w2].norm()
+            new = bump[i, k] + old / (old.norm() + 1e-12)
+            new = new / new.norm() * (max(eps**2 - total**2, 0) / c + union**2) ** 0.5
+            out[i, k][w2] = 0.0
+            out[i, k][w1] = new.flatten()
+    return out
+
+
+def test_l2_proposal_matches_the_algorithm():
+    gen = generator(1)
+    m, c, h, w, s, eps = 16, 3, 12, 12, 5, 1.0
+    delta = torch.randn(m, c, h, w, generator=gen, dtype=torch.float64)
+    delta *= 0.8 * eps / distortion(delta, "l2").view(-1, 1, 1, 1)  # some norm missing
+    corner = torch.randint(0, h - s + 1, (m, 2, 2), generator=gen)
+    corner[0, 1] = corner[0, 0]  # identical windows
+    corner[1, 1] = corner[1, 0] + 1  # overlapping windows
+    eta = meta_pseudo_gaussian(s, dtype=torch.float64)
+    bump = eta * torch.randint(0, 2, (m, c, 1, 1), generator=gen).mul(2).sub(1)
+    got = l2_proposal(delta, corner, bump, eps)
+    assert torch.allclose(got, _naive_proposal(delta, corner, bump, eps), atol=1e-12)
+    # the missing norm is restored: ‖δ'‖₂ = ε before the final rescale
+    assert torch.allclose(distortion(got, "l2"), torch.full((m,), eps, dtype=torch.float64))
+    # with nothing missing, the mass of both windows moves into W1
+    full = delta / 0.8
+    moved = l2_proposal(full, corner, bump, eps)
+    assert torch.allclose(distortion(moved, "l2"), distortion(full, "l2"))
+
+
+# -- L2: ball, box, budgets ----------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [0.5, 2.0])
+def test_l2_stays_in_ball_and_box(tiny_cnn, correct_batch, eps):
+    x, y = correct_batch
+    result = SquareAttack(norm="l2")(score_oracle(tiny_cnn, len(y), 150), x, y, eps=eps, seed=1)
+    assert result.x_adv.shape == x.shape
+    assert (distortion(result.x_adv - x, "l2") <= eps + 1e-5).all()
+    assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
+
+
+def test_l2_zero_eps_changes_nothing(tiny_cnn, correct_batch):
+    x, y = correct_batch[0][:4], correct_batch[1][:4]
+    result = SquareAttack(norm="l2")(score_oracle(tiny_cnn, 4, 50), x, y, eps=0.0)
+    assert torch.equal(result.x_adv, x) and (result.queries == 1).all()
+    assert not result.success.any()
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 7, 150])
+def test_l2_never_exceeds_budget(tiny_cnn, correct_batch, budget):
+    x, y = correct_batch
+    oracle = score_oracle(tiny_cnn, len(y), budget)
+    result = SquareAttack(norm="l2")(oracle, x, y, eps=1.0, seed=0)
+    assert (result.queries <= budget).all()
+    assert torch.equal(result.queries, oracle.queries())
+    assert not result.success[result.queries == 0].any()
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    budget=st.integers(0, 300),
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 8),
+    eps=st.floats(0.1, 4.0),
+    targeted=st.booleans(),
+)
+def test_l2_budgets_hold_for_random_budgets(tiny_cnn, correct_batch, budget, seed, n, eps, targeted):
+    x, y = correct_batch[0][:n], correct_batch[1][:n]
+    target = (y + 1) % 10 if targeted else None
+    oracle = score_oracle(tiny_cnn, n, budget)
+    # an over-budget call would raise BudgetExceeded inside the attack
+    result = SquareAttack(norm="l2")(oracle, x, y, eps=eps, seed=seed, target=target)
+    assert (result.queries <= budget).all()
+    assert (distortion(result.x_adv - x, "l2") <= eps + 1e-5).all()
+    assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
+
+
+# -- L2: effectiveness -------------------------------------------------------------
+
+
+def test_l2_beats_random_noise_at_eps_2(tiny_cnn, correct_batch, l2_run):
+    x, y = correct_batch
+    result, _ = l2_run
+    # random directions at exactly ‖δ‖₂ = 2.0, clipped; 100 draws a sample
+    gen = generator(0)
+    fooled = torch.zeros(len(y), dtype=torch.bool)
+    for _ in range(100):
+        noise = torch.randn(x.shape, generator=gen)
+        noise *= 2.0 / distortion(noise, "l2").view(-1, 1, 1, 1)
+        fooled |= predict(tiny_cnn, (x + noise).clamp(0.0, 1.0)) != y
+    noise_rate = fooled.float().mean().item()
+    rate = result.success.float().mean().item()
+    # Measured (seed 0): 24/32 (75 %), mean 154 queries, median 38; noise
+    # 3/32. Seeds 0-3: 72-78 %.
+    assert rate > 0.6 and rate > noise_rate + 0.4
+    assert (predict(tiny_cnn, result.x_adv[result.success]) != y[result.success]).all()
+    assert (distortion(result.x_adv - x, "l2") <= 2.0 + 1e-5).all()
+    # successful samples stop at once; the others spend the whole budget
+    assert (result.queries[result.success] < 1000).all()
+    assert (result.queries[~result.success] == 1000).all()
+
+
+def test_l2_makes_one_oracle_call_per_iteration(l2_run):
+    result, counter = l2_run
+    assert counter.calls <= 1000
+    assert counter.rows == int(result.queries.sum()) > 10 * counter.calls
+
+
+def test_l2_is_deterministic(tiny_cnn, correct_batch):
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    runs = [
+        SquareAttack(norm="l2")(score_oracle(tiny_cnn, 8, 60), x, y, eps=1.5, seed=seed)
+        for seed in (3, 3, 4)
+    ]
+    assert torch.equal(runs[0].x_adv, runs[1].x_adv)
+    assert torch.equal(runs[0].queries, runs[1].queries)
+    assert not torch.equal(runs[0].x_adv, runs[2].x_adv)
+
+
+# -- targeted mode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("norm", "eps", "floor"), [("linf", 0.3, 0.6), ("l2", 3.0, 0.25)])
+def test_targeted_successes_reach_the_target(tiny_cnn, correct_batch, norm, eps, floor):
+    x, y = correct_batch
+    target = (y + 1) % 10
+    counter = Counting(lambda z: tiny_cnn(z).softmax(1))
+    oracle = score_oracle(tiny_cnn, len(y), 500, counter)
+    result = SquareAttack(norm=norm)(oracle, x, y, eps=eps, seed=0, target=target)
+    # Measured (seeds 0-3): linf ε=0.3 84 %, l2 ε=3.0 34-38 % (untargeted 100 %, 97 %).
+    assert result.success.float().mean() > floor
+    assert (predict(tiny_cnn, result.x_adv[result.success]) == target[result.success]).all()
+    assert (distortion(result.x_adv - x, norm) <= eps + 1e-5).all()
+    assert counter.calls <= 500
+    # a targeted success is rarer than an untargeted one at the same ε
+    untargeted = SquareAttack(norm=norm)(score_oracle(tiny_cnn, len(y), 500), x, y, eps=eps, seed=0)
+    assert untargeted.success.sum() >= result.success.sum()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_target_equal_to_label_is_refused(tiny_cnn, correct_batch, norm):
+    x, y = correct_batch[0][:4], correct_batch[1][:4]
+    oracle = score_oracle(tiny_cnn, 4, 10)
+    with pytest.raises(ValueError):
+        SquareAttack(norm=norm)(oracle, x, y, eps=0.1, target=y.clone())
+    with pytest.raises(ValueError):
+        SquareAttack(norm=norm)(oracle, x, y, eps=0.1, target=((y + 1) % 10)[:2])
+    assert (oracle.queries() == 0).all()

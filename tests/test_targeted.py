@@ -1,0 +1,103 @@
+"""Targeted audits: only targeted attacks run, and only hitting the target counts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import auditor
+from auditor.access import Access
+from auditor.attacks.whitebox.apgd_t import APGDTargeted
+from auditor.battery import build_battery
+from auditor.cli import main
+from auditor.errors import AuditError
+from auditor.models.base import ModelInfo
+from auditor.models.pytorch import TorchModel
+from auditor.oracles import GradientOracle
+from auditor.verify import verify
+
+
+@pytest.fixture(scope="module")
+def targeted_scan(tmp_path_factory, example_onnx):
+    out = tmp_path_factory.mktemp("targeted")
+    audit = auditor.scan(example_onnx, "mnist", access="soft-label", samples=20, eps=[0.3], budget=300,
+                         attacks=["square-linf"], target="random", out=out)
+    return audit, out
+
+
+def test_random_targets_are_never_the_label_and_are_recorded(targeted_scan):
+    audit, _ = targeted_scan
+    results = audit.results
+    assert results["threat"]["target"] == {"mode": "random"}
+    targets = [sample["target"] for sample in results["samples"]]
+    assert all(t is not None and t != sample["label"] for t, sample in zip(targets, results["samples"]))
+    assert len(set(targets)) > 3  # drawn per sample, not one class for all
+
+
+def test_targeted_examples_hit_their_target_on_a_fresh_session(targeted_scan, example_onnx):
+    audit, out = targeted_scan
+    adversarials = np.load(out / "adversarials.npz")
+    assert len(adversarials["index"]) > 0
+    session = onnxruntime.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {session.get_inputs()[0].name: adversarials["x_adv"]})[0].argmax(1)
+    target_of = {s["index"]: s["target"] for s in audit.results["samples"]}
+    assert predicted.tolist() == [target_of[int(i)] for i in adversarials["index"]]
+    assert "targeted" in (out / "report.html").read_text()
+
+
+def test_misclassified_but_off_target_does_not_count(tiny_cnn, mnist_test):
+    model = TorchModel(tiny_cnn, ModelInfo("tiny", "state-dict", "0", (1, 28, 28), 10), device="cpu")
+    x, y = mnist_test.x[:50], mnist_test.y[:50]
+    noisy = (x + 0.5 * torch.randn_like(x)).clamp(0, 1)
+    predicted = model.forward(noisy).argmax(1)
+    wrong = predicted != y
+    assert wrong.any()
+    off_target = torch.where(predicted == (y + 1) % 10, (y + 2) % 10, (y + 1) % 10)
+    checked = verify(model, x, noisy, y, "linf", target=off_target)
+    assert not checked.fooled.any()
+    on_target_where_wrong = torch.where(wrong, predicted, off_target)
+    assert torch.equal(verify(model, x, noisy, y, "linf", target=on_target_where_wrong).fooled, wrong)
+
+
+def test_apgd_t_reaches_a_given_target(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    target = (y + 1) % 10
+    result = APGDTargeted(steps=30)(GradientOracle(tiny_cnn, len(y)), x, y, eps=0.3, seed=0, target=target)
+    with torch.no_grad():
+        predicted = tiny_cnn(result.x_adv).argmax(1)
+    assert result.success.float().mean() > 0.5
+    assert torch.equal(predicted[result.success], target[result.success])
+    # one target only: at most 1 + (steps + 1) queries per sample
+    assert int(result.queries.max()) <= 32
+
+
+def test_targeted_battery_keeps_only_targeted_attacks():
+    battery = build_battery(Access.WHITE_BOX, "linf", targeted=True)
+    assert all(attack.targeted for attack in battery.attacks)
+    assert ("sign-opt-l2", "no targeted mode") in battery.skipped
+    with pytest.raises(AuditError, match="pgd-linf has no targeted mode"):
+        build_battery(Access.WHITE_BOX, "linf", ["pgd-linf"], targeted=True)
+
+
+def test_a_fixed_target_class_leaves_out_its_own_samples(example_onnx):
+    audit = auditor.scan(example_onnx, "mnist", access="hard-label", samples=30, eps=[0.3], budget=20,
+                         attacks=["random-noise-linf"], target=3)
+    results = audit.results
+    assert results["threat"]["target"] == {"mode": "class", "class": 3, "left_out": 3}
+    assert results["data"]["n"] == 27
+    assert all(s["label"] != 3 and s["target"] == 3 for s in results["samples"])
+
+
+@pytest.mark.parametrize("value, message", [("12", "not a class"), ("sideways", "--target must be")])
+def test_bad_target_is_a_one_line_error(example_onnx, tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", str(example_onnx), "--target", value, "-n", "10", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "results.json").exists()
+    json.dumps(err)
