@@ -65,9 +65,9 @@ def build_battery(
 
     Without ``names``: every default catalogue attack of the level, plus the
     attacks of weaker levels marked ``at_stronger_levels`` (AutoAttack's
-    Square, Sign-OPT and the noise baseline: checks against gradient
-    masking), of the threat norm (fixed-ε) or of any norm (minimum-norm,
-    measured in the threat norm). In targeted mode only attacks with a
+    Square and the noise baseline: checks against gradient masking), of the
+    threat norm (fixed-ε) or of any norm (minimum-norm, measured in the
+    threat norm). In targeted mode only attacks with a
     targeted mode run. With ``names``: exactly those, each checked.
     """
     if names:

@@ -78,21 +78,55 @@ def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
 
 def test_battery_of_a_level_includes_weaker_levels():
     labels = [attack.label for attack in build_battery(Access.WHITE_BOX, "linf").attacks]
-    assert labels == ["apgd-ce-linf", "apgd-t-linf", "square-linf", "sign-opt-l2", "random-noise-linf"]
+    assert labels == ["apgd-ce-linf", "apgd-t-linf", "square-linf", "random-noise-linf"]
     labels = [attack.label for attack in build_battery(Access.HARD_LABEL, "linf").attacks]
     assert labels == ["sign-opt-l2", "random-noise-linf"]
     battery = build_battery(Access.WHITE_BOX, "l2")
     assert [attack.label for attack in battery.attacks] == [
-        "apgd-ce-l2", "apgd-t-l2", "square-l2", "sign-opt-l2", "random-noise-l2"
+        "apgd-ce-l2", "apgd-t-l2", "square-l2", "random-noise-l2"
     ]
     assert battery.skipped == ()
 
 
 def test_soft_label_searches_run_only_at_their_own_level():
     labels = [attack.label for attack in build_battery(Access.SOFT_LABEL, "linf").attacks]
-    assert labels == ["square-linf", "nes-linf", "genattack-linf", "sign-opt-l2", "random-noise-linf"]
+    assert labels == ["square-linf", "nes-linf", "genattack-linf", "random-noise-linf"]
     battery = build_battery(Access.SOFT_LABEL, "l2")
-    assert [attack.label for attack in battery.attacks] == ["square-l2", "nes-l2", "sign-opt-l2", "random-noise-l2"]
+    assert [attack.label for attack in battery.attacks] == ["square-l2", "nes-l2", "random-noise-l2"]
     assert battery.skipped == (("genattack-linf", "no l2 version yet"),)
     with pytest.raises(AuditError, match="no attack can run at none access"):
         build_battery(Access.NONE, "linf")  # an empty battery would claim 100 % robustness
+
+
+class Spied:
+    """Delegates to an attack and records the oracle the battery hands it."""
+
+    def __init__(self, attack, handed: list):
+        self.attack, self.handed = attack, handed
+
+    def __getattr__(self, name):
+        return getattr(self.attack, name)
+
+    def __call__(self, oracle, x, y, **kwargs):
+        self.handed.append((self.attack.label, type(oracle), public(oracle)))
+        return self.attack(oracle, x, y, **kwargs)
+
+
+def test_every_soft_label_attack_is_handed_only_a_score_oracle(tiny_cnn, batch):
+    """The battery builds each attack's declared oracle; a soft-label attack gets
+    probabilities and nothing with logits or gradients."""
+    from auditor.attacks import CATALOGUE
+    from auditor.battery import Battery, run_battery
+    from auditor.models.base import ModelInfo
+    from auditor.models.pytorch import TorchModel
+
+    soft = [attack for attack in CATALOGUE if attack.access == Access.SOFT_LABEL and attack.norm == "linf"]
+    assert {attack.name for attack in soft} == {"square", "nes", "genattack"}
+    assert all(attack.oracle is ScoreOracle for attack in soft)
+    handed = []
+    x, y = batch
+    model = TorchModel(tiny_cnn, ModelInfo("tiny", "state-dict", "0", (1, 28, 28), 10), device="cpu")
+    battery = Battery(Access.SOFT_LABEL, "linf", tuple(Spied(attack, handed) for attack in soft))
+    run_battery(battery, model, x, y, eps_list=[0.1], budget=30, seed=0)
+    assert [label for label, _, _ in handed] == [attack.label for attack in soft]
+    assert all(kind is ScoreOracle and names == PUBLIC_COUNTING | {"probs"} for _, kind, names in handed)

@@ -78,7 +78,8 @@ def test_apgd_t_reaches_a_given_target(tiny_cnn, mnist_test):
 def test_targeted_battery_keeps_only_targeted_attacks():
     battery = build_battery(Access.WHITE_BOX, "linf", targeted=True)
     assert all(attack.targeted for attack in battery.attacks)
-    assert ("sign-opt-l2", "no targeted mode") in battery.skipped
+    assert ("apgd-ce-linf", "no targeted mode") in battery.skipped
+    assert ("sign-opt-l2", "no targeted mode") in build_battery(Access.HARD_LABEL, "linf", targeted=True).skipped
     with pytest.raises(AuditError, match="pgd-linf has no targeted mode"):
         build_battery(Access.WHITE_BOX, "linf", ["pgd-linf"], targeted=True)
 

@@ -74,8 +74,9 @@ class Attack(abc.ABC):
     """True for attacks that accept ``target=`` (targeted mode)."""
     at_stronger_levels: ClassVar[bool] = True
     """Whether the default battery of a stronger access level runs it too, as
-    a check against gradient masking. The cheaper soft-label searches leave
-    that to Square, as AutoAttack does."""
+    a check against gradient masking. That check is Square plus the random
+    noise baseline, as in AutoAttack; NES, GenAttack and Sign-OPT run by
+    default only at their own level (``--attacks`` names them anywhere)."""
 
     @property
     def access(self) -> Access:

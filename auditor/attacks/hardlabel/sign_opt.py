@@ -187,6 +187,10 @@ class SignOPT(Attack):
     kind: ClassVar[str] = MIN_NORM
     norms: ClassVar[tuple[str, ...]] = ("l2",)
     paper: ClassVar[str] = "Cheng et al., Sign-OPT, ICLR 2020"
+    # Label-only and L2, it is far weaker than Square at a fixed ε and would
+    # double the cost of the gradient-masking check above hard-label access;
+    # AutoAttack's check is Square alone.
+    at_stronger_levels: ClassVar[bool] = False
 
     norm: str = "l2"
     k: int = 200
