@@ -131,15 +131,24 @@ def report(results_path, out):
 
 @cli.command(epilog="Example: auditor attacks")
 def attacks():
-    """List the attack catalogue: name, access level, norm, kind, default, paper."""
+    """List the attack catalogue: name, access level, norm, kind, default, targeted, paper.
+
+    ``default``: ``yes`` in the default battery of its own level and above,
+    ``own level`` only when the scan's level is its own, ``no`` only with
+    ``--attacks``.
+    """
     from .attacks import CATALOGUE
 
-    click.echo(f"{'name':<18} {'access':<11} {'norm':<5} {'kind':<9} {'default':<8} paper")
+    click.echo(f"{'name':<18} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
     for attack in CATALOGUE:
-        default = "yes" if attack.in_default_battery else "no"
+        if not attack.in_default_battery:
+            default = "no"
+        else:
+            default = "yes" if attack.at_stronger_levels else "own level"
+        targeted = "yes" if attack.targeted else "no"
         click.echo(
             f"{attack.label:<18} {attack.access.cli_name:<11} {attack.norm:<5} "
-            f"{attack.kind:<9} {default:<8} {attack.paper}"
+            f"{attack.kind:<9} {default:<10} {targeted:<8} {attack.paper}"
         )
     return EXIT_PASS
 

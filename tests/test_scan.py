@@ -134,3 +134,15 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_attacks_command_lists_every_attack_with_its_modes(capsys):
+    from auditor.attacks import CATALOGUE
+
+    assert run_cli("attacks") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:7] == ["name", "access", "norm", "kind", "default", "targeted", "paper"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {attack.label for attack in CATALOGUE}
+    assert " own level " in rows["nes-linf"] and " no " in rows["pgd-linf"]
+    assert rows["square-l2"].split()[5] == "yes" and rows["apgd-ce-linf"].split()[5] == "no"
