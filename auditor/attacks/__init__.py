@@ -3,7 +3,8 @@
 Order follows cost and strength, as in AutoAttack: white-box first (APGD-CE,
 then targeted APGD), then soft-label, then hard-label, and random noise last
 as the sanity baseline. Attacks with ``in_default_battery = False`` (FGSM,
-PGD, C&W, APGD-DLR) run only when named with ``--attacks``; those with
+PGD, C&W, APGD-DLR, HopSkipJump and OPT, until the hard-label battery is
+settled) run only when named with ``--attacks``; those with
 ``at_stronger_levels = False`` (NES, GenAttack) run by default only when
 their own level is the scan's. Entries are immutable, so sharing one
 instance is safe.
@@ -12,6 +13,8 @@ instance is safe.
 from __future__ import annotations
 
 from .base import Attack, AttackResult
+from .hardlabel.hop_skip_jump import HopSkipJump
+from .hardlabel.opt import OPT
 from .hardlabel.random_noise import RandomNoise
 from .hardlabel.sign_opt import SignOPT
 from .softlabel.gen_attack import GenAttack
@@ -45,6 +48,9 @@ CATALOGUE: tuple[Attack, ...] = (
     NES(norm="l2"),
     GenAttack(norm="linf"),
     SignOPT(norm="l2"),
+    HopSkipJump(norm="l2"),
+    HopSkipJump(norm="linf"),
+    OPT(norm="l2"),
     RandomNoise(norm="linf"),
     RandomNoise(norm="l2"),
 )

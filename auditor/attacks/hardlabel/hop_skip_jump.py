@@ -1,0 +1,329 @@
+"""HopSkipJumpAttack, L2 and L∞ (Chen, Jordan and Wainwright, IEEE S&P 2020).
+
+"HopSkipJumpAttack: A Query-Efficient Decision-Based Attack",
+https://arxiv.org/abs/1904.02144. The attack walks along the decision
+boundary of the top-1 label: at a boundary point ``x_t`` it estimates the
+normal of the boundary from the signs of label queries around ``x_t``, takes
+a geometric-progression step along it away from the clean image ``x*`` and
+binary-searches back to the boundary towards ``x*``. Every image sent to the
+oracle lies in [0,1].
+
+Steps, batched over the samples (per-sample ``x_t``, distortion, iteration
+count t, δ_t; masks of active samples; the probes of all active samples of
+one stage gathered into oracle calls of up to ``max_rows`` images):
+
+* clean check: one query of ``x*``; a sample already misclassified is a
+  success at distortion 0 and is not attacked.
+* initialisation (Sec. 4.1, "initialization" of Algorithm 1 as in the
+  official code): up to ``n_init`` images of uniform noise in [0,1], one
+  query each, one call per round for all samples still looking, until one is
+  misclassified; then a boundary binary search towards ``x*`` (Algorithm 1,
+  the ``BIN-SEARCH`` of line 2 / Algorithm 2 of the appendix).
+* binary search (Sec. 3, Eq. 7 and the projection of Sec. 4.3): between the
+  benign ``x*`` (``lo = 0``) and an adversarial point ``x̃`` (``hi``), halving
+  ``hi − lo`` until it is at most the threshold θ; for L2 the points are the
+  interpolations ``(1 − α) x* + α x̃`` with ``α ∈ [0, 1]``; for L∞ they are
+  ``x̃`` clipped to the box ``[x* − α, x* + α]`` with ``α ∈ [0, ‖x̃ − x*‖∞]``
+  and threshold ``min(θ · ‖x̃ − x*‖∞, θ)``. θ = γ d^{-3/2} for L2 and
+  γ d^{-2} for L∞ (Sec. 4.3, Theorem 2), d the input dimension, γ = 1.
+  The point returned is the last adversarial one (a queried ``hi``, or
+  ``x̃`` itself), so every boundary point held is verified adversarial.
+* gradient-direction estimate (Algorithm 1 line 5, Eq. 16): at ``x_t``,
+  B_t = B_0 · sqrt(t) directions ``u_b`` (Gaussian for L2, uniform in
+  [−1,1]^d for L∞ as in the official code), each normalised to unit L2
+  norm, capped by ``max_num_evals`` and by what the sample can pay; probe
+  ``clip(x_t + δ_t u_b)`` (one query each) with
+  δ_t = sqrt(d) θ ‖x_t − x*‖₂ (L2) or d θ ‖x_t − x*‖∞ (L∞), and δ_1 = 0.1
+  (Sec. 4.2, Theorem 2; the official code's δ at t = 1); with φ_b = +1 for
+  an adversarial probe and −1 otherwise and ``u_b`` replaced by the clipped
+  step ``(probe − x_t)/δ_t``, the estimate is the baseline-subtracted mean
+  ``(1/B) Σ (φ_b − φ̄) u_b`` (Eq. 16), or ``±(1/B) Σ u_b`` when every φ_b
+  has the same sign (the official code), then normalised; the update
+  direction ``v_t`` is that unit vector for L2 and its sign for L∞
+  (Algorithm 1 line 6).
+* step size (Algorithm 1 line 7, "geometric progression", Sec. 4.4):
+  ξ_t = ‖x_t − x*‖/sqrt(t) in the attack's norm, halved until
+  ``clip(x_t + ξ_t v_t)`` is adversarial (one query per try, at most
+  ``max_step_halvings + 1`` tries); a sample whose search fails keeps
+  ``x_t`` for this iteration.
+* boundary search (Algorithm 1 line 8): binary search from the new point
+  back towards ``x*``; it is the next ``x_t``.
+
+Budget: every label query is counted (clean check, noise, binary searches,
+gradient probes, step tries). An iteration of a sample costs
+``B_t + s + b`` queries, with ``s ≥ 1`` step tries and
+``b = ⌈log2(1/θ)⌉`` binary-search queries (15 for L2 and 20 for L∞ on
+28×28 images); a sample starts an iteration only if it can pay one gradient
+probe plus one step try plus ``b + 1`` (the binary search, with a margin for
+rounding): B_t is capped so that this reserve is left, and a step try is sent
+only while the reserve can still pay the binary search. No oracle call asks
+for more than a sample's ``remaining()``. The attack runs at most
+``max_iter`` iterations, which bounds it when the oracle has no budget.
+``eps`` is ignored: a minimum-norm attack keeps shrinking the distortion
+until its budget is spent.
+
+Per sample the attack keeps the verified adversarial image of smallest
+distortion in ``norm`` it has held; that is ``x_adv``, and its distortion is
+the one in the trace (one checkpoint after initialisation, one after each
+iteration).
+
+Defaults are those of the official code (``Jianbo-Lab/HSJA``, ``hsja.py``):
+``init_num_evals = 100`` (B_0), ``max_num_evals = 1e4``, ``gamma = 1``,
+geometric-progression step search; 64 iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...oracles import LabelOracle
+from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion, generator
+
+_DELTA_FIRST = 0.1
+"""δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    """A (M,) vector shaped to broadcast against (M,C,H,W)."""
+    return v.view(-1, 1, 1, 1)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Normalise each row of a (M, ...) batch to unit L2 norm."""
+    return v / _col(v.flatten(1).norm(dim=1).clamp_min(1e-12))
+
+
+class _Best:
+    """Per sample, the verified adversarial image of smallest distortion held so far."""
+
+    def __init__(self, x0: torch.Tensor, norm: str):
+        self.x0 = x0
+        self.norm = norm
+        self.x = x0.clone()
+        self.size = torch.full((len(x0),), float("inf"), device=x0.device)
+
+    def update(self, rows: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> None:
+        size = distortion(images - self.x0[rows], self.norm).to(self.size.dtype)
+        better = valid & (size < self.size[rows])
+        self.x[rows[better]] = images[better]
+        self.size[rows[better]] = size[better]
+
+
+@dataclass(frozen=True)
+class HopSkipJump(Attack):
+    """HopSkipJumpAttack (L2 or L∞), a minimum-norm hard-label attack."""
+
+    name: ClassVar[str] = "hop-skip-jump"
+    oracle: ClassVar[type] = LabelOracle
+    kind: ClassVar[str] = MIN_NORM
+    norms: ClassVar[tuple[str, ...]] = ("l2", "linf")
+    paper: ClassVar[str] = "Chen, Jordan and Wainwright, HopSkipJumpAttack, IEEE S&P 2020"
+    # Label-only, like Sign-OPT it is far weaker than Square at a fixed ε;
+    # AutoAttack's gradient-masking check is Square alone.
+    at_stronger_levels: ClassVar[bool] = False
+    in_default_battery: ClassVar[bool] = False
+
+    norm: str = "l2"
+    init_num_evals: int = 100
+    """B_0: gradient probes at t = 1 (B_t = B_0 · sqrt(t))."""
+    max_num_evals: int = 10000
+    """Cap on the gradient probes of one iteration."""
+    gamma: float = 1.0
+    """θ = γ d^{-3/2} (L2) or γ d^{-2} (L∞): binary-search threshold."""
+    n_init: int = 100
+    """Uniform-noise images tried (one query each) to find a first adversarial."""
+    max_step_halvings: int = 30
+    """Halvings of ξ_t before a step search gives up for the iteration."""
+    max_iter: int = 64
+    """Iteration cap (bounds the attack when the oracle has no budget)."""
+    max_rows: int = 10000
+    """Images per oracle call for the gradient probes (at least one per sample).
+
+    It bounds memory; a different value draws the probes in a different order."""
+
+    def __post_init__(self) -> None:
+        if self.norm not in self.norms:
+            raise ValueError(f"HopSkipJump supports norms {self.norms}, got {self.norm!r}")
+        for field in ("init_num_evals", "max_num_evals", "n_init", "max_rows"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("max_iter", "max_step_halvings"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+
+    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+        check_call(self, eps, target, y)
+        device = oracle.device
+        gen = generator(seed, device)
+        x0 = x.to(device)
+        y0 = y.to(device)
+        n = len(x0)
+        d = x0[0].numel() if n else 1
+        theta = self.gamma / (d**1.5 if self.norm == "l2" else d**2)
+        bs_cost = math.ceil(math.log2(1.0 / theta)) + 1 if theta < 1 else 1
+        best = _Best(x0, self.norm)
+
+        def remaining() -> torch.Tensor:
+            return oracle.remaining().to(device)
+
+        def adversarial(rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            """One query per row: is the image misclassified?"""
+            labels = oracle.labels(images, idx=rows.cpu())
+            return labels.to(device) != y0[rows]
+
+        def bisect(rows: torch.Tensor, far: torch.Tensor, searching: torch.Tensor) -> torch.Tensor:
+            """Boundary binary search from adversarial ``far`` towards x*.
+
+            Only rows in ``searching`` with budget left are queried; returns
+            the last adversarial point per row (``far`` where none was queried).
+            """
+            base = x0[rows]
+            if self.norm == "l2":
+                hi = torch.ones(len(rows), device=device, dtype=x0.dtype)
+                thr = torch.full_like(hi, theta)
+            else:
+                hi = distortion(far - base, "linf").to(x0.dtype)
+                thr = torch.clamp(hi * theta, max=theta)
+            lo = torch.zeros_like(hi)
+
+            def point(sel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+                if self.norm == "l2":
+                    return (1 - _col(a)) * base[sel] + _col(a) * far[sel]
+                a = _col(a)
+                return torch.minimum(torch.maximum(far[sel], base[sel] - a), base[sel] + a)
+
+            while True:
+                go = searching & (hi - lo > thr) & (remaining()[rows] >= 1)
+                sel = go.nonzero().squeeze(1)
+                if not len(sel):
+                    break
+                mid = (lo[sel] + hi[sel]) / 2
+                adv = adversarial(rows[sel], point(sel, mid))
+                hi[sel] = torch.where(adv, mid, hi[sel])
+                lo[sel] = torch.where(adv, lo[sel], mid)
+            out = far.clone()
+            sel = searching.nonzero().squeeze(1)
+            if len(sel):
+                out[sel] = point(sel, hi[sel]).clamp(0.0, 1.0)
+            return out
+
+        # Clean check: a sample already misclassified costs one query.
+        attack = remaining() >= 1
+        success = torch.zeros(n, dtype=torch.bool, device=device)
+        sel = attack.nonzero().squeeze(1)
+        if len(sel):
+            clean_adv = adversarial(sel, x0[sel])
+            success[sel[clean_adv]] = True
+            attack[sel[clean_adv]] = False
+            best.update(sel, x0[sel], clean_adv)
+
+        # Initialisation: uniform noise until misclassified, one call a round.
+        current = x0.clone()
+        found = torch.zeros(n, dtype=torch.bool, device=device)
+        for _ in range(self.n_init):
+            rows = (attack & ~found & (remaining() >= 1)).nonzero().squeeze(1)
+            if not len(rows):
+                break
+            noise = torch.rand(
+                (len(rows), *x0.shape[1:]), generator=gen, device=device, dtype=x0.dtype
+            )
+            adv = adversarial(rows, noise)
+            current[rows[adv]] = noise[adv]
+            found[rows[adv]] = True
+        rows = found.nonzero().squeeze(1)
+        if len(rows):
+            current[rows] = bisect(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
+            best.update(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
+        success |= found
+
+        active = found.clone()
+        t = torch.zeros(n, dtype=torch.long, device=device)
+        trace = [(int(oracle.queries().max()) if n else 0, best.size.clone())]
+
+        for _ in range(self.max_iter):
+            t_next = t + 1
+            evals = torch.clamp(
+                (self.init_num_evals * t_next.to(torch.float64).sqrt()).floor().long(),
+                max=self.max_num_evals,
+            )
+            # reserve: at least one step try and the binary search after it
+            evals = torch.minimum(evals, remaining() - 1 - bs_cost)
+            active &= evals >= 1
+            rows = active.nonzero().squeeze(1)
+            if not len(rows):
+                break
+            t[rows] = t_next[rows]
+            tt = t[rows].to(x0.dtype)
+            xt = current[rows]
+            dist = distortion(xt - x0[rows], self.norm).to(x0.dtype)
+
+            # (1) gradient-direction estimate at x_t (Alg. 1 line 5, Eq. 16)
+            scale = math.sqrt(d) if self.norm == "l2" else float(d)
+            delta = torch.where(tt == 1, torch.full_like(dist, _DELTA_FIRST), scale * theta * dist)
+            grad = self._gradient(oracle, adversarial, gen, rows, xt, delta, evals[rows])
+            update = grad if self.norm == "l2" else grad.sign()
+
+            # (2) geometric progression of the step size (Alg. 1 line 7)
+            xi = dist / tt.sqrt()
+            stepped = xt.clone()
+            pending = torch.ones(len(rows), dtype=torch.bool, device=device)
+            moved = torch.zeros_like(pending)
+            for _ in range(self.max_step_halvings + 1):
+                go = pending & (remaining()[rows] >= 1 + bs_cost)
+                sel = go.nonzero().squeeze(1)
+                if not len(sel):
+                    break
+                cand = (xt[sel] + _col(xi[sel]) * update[sel]).clamp(0.0, 1.0)
+                adv = adversarial(rows[sel], cand)
+                stepped[sel[adv]] = cand[adv]
+                moved[sel[adv]] = True
+                pending[sel[adv]] = False
+                xi[sel[~adv]] = xi[sel[~adv]] / 2
+
+            # (3) binary search back to the boundary (Alg. 1 line 8)
+            if moved.any():
+                new = bisect(rows, stepped, moved)
+                current[rows[moved]] = new[moved]
+                best.update(rows, new, moved)
+            trace.append((int(oracle.queries().max()), best.size.clone()))
+
+        return AttackResult(x_adv=best.x, success=success, queries=oracle.queries(), trace=trace)
+
+    def _gradient(self, oracle, adversarial, gen, rows, xt, delta, evals) -> torch.Tensor:
+        """Unit estimate of the boundary normal at ``xt`` from ``evals`` probes per row."""
+        m = len(rows)
+        shape = xt.shape[1:]
+        device, dtype = xt.device, xt.dtype
+        owner = torch.repeat_interleave(torch.arange(m, device=device), evals.to(device))
+        sum_f = torch.zeros(m, device=device, dtype=dtype)
+        sum_u = torch.zeros_like(xt)
+        sum_fu = torch.zeros_like(xt)
+        for start in range(0, len(owner), self.max_rows):
+            who = owner[start : start + self.max_rows]
+            q = len(who)
+            if self.norm == "l2":
+                u = torch.randn((q, *shape), generator=gen, device=device, dtype=dtype)
+            else:
+                u = torch.rand((q, *shape), generator=gen, device=device, dtype=dtype) * 2 - 1
+            u = _unit(u)
+            base = xt[who]
+            probe = (base + _col(delta[who]) * u).clamp(0.0, 1.0)
+            u = (probe - base) / _col(delta[who])
+            phi = adversarial(rows[who], probe).to(dtype) * 2 - 1
+            sum_f.index_add_(0, who, phi)
+            sum_u.index_add_(0, who, u)
+            sum_fu.index_add_(0, who, _col(phi) * u)
+        count = evals.to(device=device, dtype=dtype)
+        mean_f = sum_f / count
+        grad = torch.where(
+            _col(mean_f == 1),
+            sum_u,
+            torch.where(_col(mean_f == -1), -sum_u, sum_fu - _col(mean_f) * sum_u),
+        )
+        return _unit(grad)
