@@ -171,6 +171,10 @@ class RunReport:
     at its first success)."""
     success: tuple[bool, ...] = ()
     """Per sample attacked: broken within the run's ε, verified."""
+    distortion_at: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    """Minimum-norm runs with a trace: at each of ``TRACE_CHECKPOINTS`` up to
+    the most queries spent, the attack's best distortion (in its own norm) per
+    sample attacked, as it stood when no sample had spent more queries."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,27 @@ def _oracle_forward(model: Model, oracle_class: type, probabilities: bool) -> Ca
             return model.forward
         return lambda x: torch.softmax(model.forward(x), dim=1)
     return lambda x: model.forward(x).argmax(1)
+
+
+TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+"""Query counts at which minimum-norm attacks' distortions are reported."""
+
+
+def distortion_at(trace, spent: torch.Tensor) -> tuple[tuple[int, tuple[float, ...]], ...]:
+    """Each sample's best distortion at the query checkpoints of a trace.
+
+    A trace entry (q, distortion) holds after every sample spent at most q
+    queries; a checkpoint takes the last entry within it. Checkpoints stop at
+    the most queries spent."""
+    if not trace:
+        return ()
+    most = int(spent.max()) if len(spent) else 0
+    points = []
+    for checkpoint in [q for q in TRACE_CHECKPOINTS if q < most] + [most]:
+        within = [sizes for queries, sizes in trace if queries <= checkpoint]
+        if within:
+            points.append((checkpoint, tuple(within[-1].double().cpu().tolist())))
+    return tuple(points)
 
 
 def _run_seed(seed: int, label: str, eps: float | None) -> int:
@@ -287,6 +312,7 @@ def run_battery(
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
                 success=tuple(within.tolist()),
+                distortion_at=distortion_at(result.trace, spent) if attack.kind != FIXED_EPS else (),
             ))
             log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
         reports.append(AttackReport(

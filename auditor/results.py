@@ -79,7 +79,30 @@ def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measu
     }
     if run.eps is not None:
         entry["success_curve"] = success_curve(run.queries, run.success, budget)
+    if run.distortion_at:
+        entry["distortion_at_queries"] = distortion_checkpoints(run.distortion_at)
     return entry
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if not math.isfinite(value) else round(value, 6)
+
+
+def distortion_checkpoints(points) -> dict:
+    """Median and mean of the attack's best distortion at each query checkpoint.
+
+    Samples with no adversarial example yet count as infinitely far: the
+    median is null until half of them have one; the mean is over those
+    found, with the count found alongside."""
+    queries, medians, means, found = [], [], [], []
+    for checkpoint, sizes in points:
+        values = np.asarray(sizes, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        queries.append(int(checkpoint))
+        medians.append(_finite_or_none(float(np.median(values))) if len(values) else None)
+        means.append(_finite_or_none(float(finite.mean())) if len(finite) else None)
+        found.append(int(len(finite)))
+    return {"queries": queries, "median": medians, "mean_found": means, "found": found}
 
 
 def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:

@@ -122,6 +122,15 @@ def resolve_targets(
     return torch.full((int(keep.sum()),), chosen, dtype=torch.long), keep, entry
 
 
+def eps_at_half(distortion: torch.Tensor) -> float | None:
+    """The ε at which robust accuracy, read from the per-sample records,
+    falls to 50 %: the median record (the upper one for an even count), or
+    None when more than half of the samples were never broken."""
+    ordered = distortion.double().sort().values
+    middle = float(ordered[len(ordered) // 2]) if len(ordered) else float("inf")
+    return round(middle, 6) if np.isfinite(middle) else None
+
+
 def scan(
     model: str | Path,
     data: str = "mnist",
@@ -208,6 +217,7 @@ def scan(
         "robust_accuracy": {
             eps_key(e): round(v, 6) for e, v in outcome.records.robust_accuracy(eps_list).items()
         },
+        "eps_50": eps_at_half(outcome.records.distortion),
         "attacks": [attack_entry(report, indices.tolist()) for report in outcome.attacks],
         "samples": sample_entries(indices.tolist(), y, outcome, targets),
         "checks": [check.to_dict() for check in found],

@@ -68,6 +68,11 @@ def results() -> dict:
                 "success_rate": 0.4,
                 "queries": {"mean": None, "median": None, "p90": None, "max": None,
                             "budget": 2000, "total": 10000},
+                "runs": [
+                    {"eps": None, "samples": 5, "broken": 2, "queries": 10000,
+                     "distortion_at_queries": {"queries": [500, 1000, 2000], "median": [None, 3.1, 2.25],
+                                               "mean_found": [4.0, 3.0, 2.5], "found": [2, 3, 4]}},
+                ],
                 "seconds": 2.0,
             },
         ],
@@ -153,6 +158,19 @@ def test_query_cost_section_shows_curves_of_black_box_fixed_eps_attacks(results,
     assert view.query_chart_svg.startswith("<svg")
     _, pdf_path = write_report(results, tmp_path)
     assert "Query cost" in _pdf_text(pdf_path)
+
+
+def test_distortion_section_lists_min_norm_checkpoints(results):
+    view = build_view(results)
+
+    rows = [(r.name, r.queries, r.median, r.found) for r in view.distortion_rows]
+    assert rows == [
+        ("sign-opt-l2", "500", "not yet found", "2 of 5"),
+        ("sign-opt-l2", "1,000", "3.1", "3 of 5"),
+        ("sign-opt-l2", "2,000", "2.25", "4 of 5"),
+    ]
+    assert view.distortion_chart_svg.startswith("<svg")
+    assert "Distortion against queries" in render_html(view)
 
 
 def test_results_without_query_curves_render_without_the_section(results):

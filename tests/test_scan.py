@@ -146,3 +146,19 @@ def test_attacks_command_lists_every_attack_with_its_modes(capsys):
     assert set(rows) == {attack.label for attack in CATALOGUE}
     assert " own level " in rows["nes-linf"] and " no " in rows["pgd-linf"]
     assert rows["square-l2"].split()[5] == "yes" and rows["apgd-ce-linf"].split()[5] == "no"
+
+
+def test_min_norm_distortion_checkpoints_and_eps_50(hard_label_scan):
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    (run,) = results["attacks"][0]["runs"]
+    curve = run["distortion_at_queries"]
+    assert curve["queries"] == sorted(curve["queries"]) and curve["queries"][-1] <= BUDGET
+    medians = [m for m in curve["median"] if m is not None]
+    assert medians and medians == sorted(medians, reverse=True)  # more queries, never farther
+    assert curve["found"] == sorted(curve["found"])
+    # the ε where robust accuracy falls to 50 % is the median per-sample record
+    records = sorted(np.inf if s["distortion"] is None else s["distortion"] for s in results["samples"])
+    middle = records[len(records) // 2]
+    assert results["eps_50"] == (None if np.isinf(middle) else pytest.approx(middle, abs=1e-6))
+    text = " ".join(page.extract_text() for page in PdfReader(hard_label_scan / "report.pdf").pages)
+    assert "Distortion against queries" in " ".join(text.split())

@@ -105,6 +105,18 @@ class QueryRow:
 
 
 @dataclass(frozen=True)
+class DistortionRow:
+    """A minimum-norm attack's distortion after a number of queries per sample."""
+
+    name: str
+    norm: str
+    queries: str
+    median: str
+    mean_found: str
+    found: str
+
+
+@dataclass(frozen=True)
 class CheckRow:
     """A sanity check raised during the scan, with a link to its documentation."""
 
@@ -147,6 +159,8 @@ class DistortionSummary:
     broken: str
     clean_errors: str
     not_broken: str
+    eps_50: str
+    """The ε where robust accuracy falls to 50 %, or a phrase when it never does."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,8 @@ class ReportView:
     attacks: tuple[AttackRow, ...]
     query_rows: tuple[QueryRow, ...]
     query_chart_svg: Markup | None
+    distortion_rows: tuple[DistortionRow, ...]
+    distortion_chart_svg: Markup | None
     checks: tuple[CheckRow, ...]
     policy: PolicyView | None
     manifest: tuple[Field, ...]
@@ -201,10 +217,12 @@ def _build(results: dict) -> ReportView:
         threat=_threat_fields(results),
         robust_rows=_robust_rows(results["robust_accuracy"], results["data"]["n"]),
         chart_svg=_chart(results),
-        distortion=_distortion(results["samples"], norm),
+        distortion=_distortion(results["samples"], norm, results.get("eps_50", MISSING)),
         attacks=tuple(_attack_row(attack) for attack in results["attacks"]),
         query_rows=tuple(_query_row(attack, run) for attack, run in _query_runs(results)),
         query_chart_svg=_query_chart(results),
+        distortion_rows=_distortion_rows(results),
+        distortion_chart_svg=_distortion_chart(results),
         checks=tuple(_check_row(check) for check in results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
@@ -426,6 +444,54 @@ def _query_chart(results: dict) -> Markup | None:
         return _svg(figure)
 
 
+def _distortion_runs(results: dict) -> list[tuple[dict, dict]]:
+    """(attack, its distortion-at-queries record) for minimum-norm runs with a trace."""
+    return [
+        (attack, run["distortion_at_queries"])
+        for attack in results["attacks"]
+        for run in attack.get("runs", ())
+        if "distortion_at_queries" in run
+    ]
+
+
+def _distortion_value(value: float | None) -> str:
+    return "not yet found" if value is None else f"{value:.3g}"
+
+
+def _distortion_rows(results: dict) -> tuple[DistortionRow, ...]:
+    rows = []
+    for attack, curve in _distortion_runs(results):
+        for queries, median, mean, found in zip(curve["queries"], curve["median"], curve["mean_found"],
+                                                curve["found"]):
+            rows.append(DistortionRow(
+                name=attack["name"], norm=norm_name(attack["norm"]), queries=f"{queries:,}",
+                median=_distortion_value(median), mean_found=_distortion_value(mean),
+                found=f"{found:,} of {attack['samples']:,}",
+            ))
+    return tuple(rows)
+
+
+def _distortion_chart(results: dict) -> Markup | None:
+    """Median distortion against queries (log scale) for each minimum-norm attack."""
+    runs = _distortion_runs(results)
+    if not runs:
+        return None
+    with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
+        figure = Figure(figsize=(7.0, 2.8), layout="constrained")
+        axes = figure.add_subplot()
+        for attack, curve in runs:
+            points = [(q, m) for q, m in zip(curve["queries"], curve["median"]) if m is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, linewidth=1.4,
+                          label=f"{attack['name']} ({norm_name(attack['norm'])})")
+        axes.set_xscale("log")
+        axes.set_xlabel("queries per sample")
+        axes.set_ylabel("median distortion")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+        return _svg(figure)
+
+
 def _check_row(check: dict) -> CheckRow:
     return CheckRow(check["id"], check["level"], check["message"], f"{CHECKS_DOC}#{check['id']}")
 
@@ -440,7 +506,7 @@ def _policy(policy: dict | None) -> PolicyView | None:
     return PolicyView(policy["name"], bool(policy["passed"]), requirements)
 
 
-def _distortion(samples: list[dict], norm: str) -> DistortionSummary:
+def _distortion(samples: list[dict], norm: str, eps_50) -> DistortionSummary:
     """Distortions of the samples an attack broke; clean errors (distortion 0) are counted apart."""
     found = [sample["distortion"] for sample in samples if sample["distortion"] is not None]
     broken = [distortion for distortion in found if distortion > 0]
@@ -451,6 +517,8 @@ def _distortion(samples: list[dict], norm: str) -> DistortionSummary:
         broken=_plural(len(broken), "sample"),
         clean_errors=_plural(len(found) - len(broken), "sample"),
         not_broken=_plural(len(samples) - len(found), "sample"),
+        eps_50=(f"{eps_50:.3g}" if isinstance(eps_50, (int, float)) else
+                "never reached: more than half of the samples were not broken" if eps_50 is None else MISSING),
     )
 
 
