@@ -27,7 +27,7 @@ import torch
 
 from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
-from .attacks.base import FIXED_EPS, Attack
+from .attacks.base import FIXED_EPS, MIN_NORM, Attack
 from .errors import AuditError
 from .models.base import Model
 from .oracles import GradientOracle, ScoreOracle
@@ -67,7 +67,7 @@ def build_battery(
     attacks of weaker levels marked ``at_stronger_levels`` (AutoAttack's
     Square and the noise baseline: checks against gradient masking), of the
     threat norm (fixed-ε) or of any norm (minimum-norm, measured in the
-    threat norm). In targeted mode only attacks with a
+    threat norm; an attack with a variant in the threat norm runs only that). In targeted mode only attacks with a
     targeted mode run. With ``names``: exactly those, each checked.
     """
     if names:
@@ -92,6 +92,8 @@ def build_battery(
             if norm not in attack.norms:
                 skipped.append((attack.label, f"no {norm} version yet"))
             continue
+        if attack.kind == MIN_NORM and attack.norm != norm and norm in attack.norms:
+            continue  # its variant in the threat norm runs instead
         if targeted and not attack.targeted:
             skipped.append((attack.label, "no targeted mode"))
             continue

@@ -40,7 +40,7 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     results = json.loads((hard_label_scan / "results.json").read_text())
     assert results["schema"] == "auditor.results/1"
     assert results["access"] == {"level": "hard-label", "reason": "requested with --access hard-label"}
-    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2", "random-noise-linf"]
+    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2", "hop-skip-jump-linf", "random-noise-linf"]
     assert len(results["samples"]) == 100 and results["data"]["n"] == 100
     assert all(sample["queries"] <= BUDGET for sample in results["samples"])
     assert results["attacks"][0]["queries"]["max"] <= BUDGET
@@ -50,13 +50,18 @@ def test_scan_writes_results_and_reports(hard_label_scan):
         assert value == pytest.approx(np.mean(robust))
     samples = results["samples"]
     assert results["clean_accuracy"] == pytest.approx(np.mean([s["label"] == s["clean_pred"] for s in samples]))
-    # per-attack statistics agree with the per-sample records
+    # per-attack statistics agree with the per-run records
     attack = results["attacks"][0]
-    within = [s for s in samples if s["broken_by"] == "sign-opt-l2" and s["distortion"] <= 0.3 + 1e-6]
-    assert attack["success_rate"] == pytest.approx(len(within) / attack["samples"], abs=1e-6)
-    assert attack["samples"] == sum(s["broken_by"] != "clean" for s in samples)
-    assert attack["queries"]["median"] == np.median([s["queries"] for s in within])
+    (run,) = attack["runs"]
+    assert attack["samples"] == run["samples"] == sum(s["broken_by"] != "clean" for s in samples)
+    assert attack["success_rate"] == pytest.approx(sum(run["per_sample"]["success"]) / attack["samples"], abs=1e-6)
+    spent = [q for q, ok in zip(run["per_sample"]["queries"], run["per_sample"]["success"]) if ok]
+    assert attack["queries"]["median"] == np.median(spent)
     assert attack["queries"]["measure"] == "spent"
+    # HopSkipJump (L∞) attacks only the samples Sign-OPT left robust at the largest ε
+    hsj = results["attacks"][1]
+    left = {i for i, ok in zip(run["per_sample"]["index"], run["per_sample"]["success"]) if not ok}
+    assert set(hsj["runs"][0]["per_sample"]["index"]) == left
     # a standard CNN is not robust at eps=0.3 against a label-only attacker
     assert results["robust_accuracy"]["0.3"] < 0.5
 

@@ -3,8 +3,7 @@
 Order follows cost and strength, as in AutoAttack: white-box first (APGD-CE,
 then targeted APGD), then soft-label, then hard-label, and random noise last
 as the sanity baseline. Attacks with ``in_default_battery = False`` (FGSM,
-PGD, C&W, APGD-DLR, HopSkipJump and OPT, until the hard-label battery is
-settled) run only when named with ``--attacks``; those with
+PGD, C&W, APGD-DLR, OPT) run only when named with ``--attacks``; those with
 ``at_stronger_levels = False`` (NES, GenAttack) run by default only when
 their own level is the scan's. Entries are immutable, so sharing one
 instance is safe.

@@ -125,7 +125,6 @@ class HopSkipJump(Attack):
     # Label-only, like Sign-OPT it is far weaker than Square at a fixed ε;
     # AutoAttack's gradient-masking check is Square alone.
     at_stronger_levels: ClassVar[bool] = False
-    in_default_battery: ClassVar[bool] = False
 
     norm: str = "l2"
     init_num_evals: int = 100
