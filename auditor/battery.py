@@ -65,10 +65,11 @@ def build_battery(
 
     Without ``names``: every default catalogue attack of the level, plus the
     attacks of weaker levels marked ``at_stronger_levels`` (AutoAttack's
-    Square and the noise baseline: checks against gradient masking), of the
-    threat norm (fixed-ε) or of any norm (minimum-norm, measured in the
-    threat norm; an attack with a variant in the threat norm runs only that). In targeted mode only attacks with a
-    targeted mode run. With ``names``: exactly those, each checked.
+    Square and the noise baseline: checks against gradient masking). Fixed-ε
+    attacks run in the threat norm; minimum-norm attacks in any norm,
+    measured in the threat norm, but only in the threat norm where they have
+    that variant. In targeted mode only attacks with a targeted mode run.
+    With ``names``: exactly those, each checked.
     """
     if names:
         unknown = [name for name in names if name not in BY_LABEL]

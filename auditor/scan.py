@@ -85,17 +85,15 @@ def resolve_eps(data_name: str, norm: str, eps: Sequence[float] | None) -> tuple
     return tuple(sorted(set(float(value) for value in eps)))
 
 
-TARGET_MODES = ("random", "least-likely")
-
-
 def resolve_targets(
     target: str | int | None, adapter, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict | None]:
     """Targets for a targeted audit: (targets or None, samples kept, threat entry).
 
     ``random``: a class other than the label, drawn per sample from the seed;
-    ``least-likely``: the class the model scores lowest on the clean image
-    (the auditor's choice of target, not a query of the attacker); a class
+    ``least-likely``: the class other than the label that the model scores
+    lowest on the clean image (the auditor's choice of target, not a query of
+    the attacker); a class
     index: that class, and samples of that class are left out (no image can
     be pushed to its own label).
     """
@@ -107,7 +105,8 @@ def resolve_targets(
         shift = torch.randint(1, num_classes, (len(y),), generator=gen)
         return (y + shift) % num_classes, everyone, {"mode": "random"}
     if target == "least-likely":
-        scores = adapter.forward(x.to(adapter.device)).cpu()
+        scores = adapter.forward(x.to(adapter.device)).cpu().double()
+        scores.scatter_(1, y[:, None], float("inf"))  # a target is never the label
         return scores.argmin(1), everyone, {"mode": "least-likely"}
     try:
         chosen = int(target)

@@ -131,3 +131,21 @@ def test_success_curve_counts_samples_broken_within_each_checkpoint():
     curve = success_curve([1, 5, 5, 40, 100], [True, True, False, True, False], budget=100)
     assert curve["queries"] == [1, 2, 5, 10, 20, 50, 100]
     assert curve["success_rate"] == [0.2, 0.2, 0.4, 0.4, 0.4, 0.6, 0.6]
+
+
+def test_distortion_checkpoints_read_the_trace_at_each_query_count():
+    from auditor.battery import distortion_at
+    from auditor.results import distortion_checkpoints
+
+    inf = float("inf")
+    trace = [(150, torch.tensor([inf, 4.0, 6.0])), (450, torch.tensor([3.0, 2.0, 5.0])),
+             (1200, torch.tensor([1.0, 2.0, 4.0]))]
+    points = distortion_at(trace, torch.tensor([1300, 1250, 1300]))
+    # 100 precedes the first entry; 1300 (the most spent) closes the list
+    assert [q for q, _ in points] == [200, 500, 1000, 1300]
+    assert points[0][1] == (inf, 4.0, 6.0) and points[2][1] == (3.0, 2.0, 5.0)
+    summary = distortion_checkpoints(points)
+    assert summary == {"queries": [200, 500, 1000, 1300], "median": [6.0, 3.0, 3.0, 2.0],
+                       "mean_found": [5.0, 3.333333, 3.333333, 2.333333], "found": [2, 3, 3, 3]}
+    assert distortion_checkpoints(distortion_at(trace[:1], torch.tensor([150, 150, 150])))["median"] == [6.0]
+    assert distortion_checkpoints([(500, (inf, inf, 2.0))])["median"] == [None]  # most not found yet

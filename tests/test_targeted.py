@@ -102,3 +102,18 @@ def test_bad_target_is_a_one_line_error(example_onnx, tmp_path, capsys, value, m
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "results.json").exists()
     json.dumps(err)
+
+
+def test_least_likely_targets_are_the_lowest_scored_other_class(example_onnx):
+    from auditor.data import load_data
+    from auditor.models import load_model
+    from auditor.scan import resolve_targets
+
+    model, data = load_model(example_onnx), load_data("mnist")
+    x, y = data.x[:200], data.y[:200]
+    targets, keep, entry = resolve_targets("least-likely", model, x, y, 10, seed=0)
+    assert entry == {"mode": "least-likely"} and keep.all()
+    assert (targets != y).all()  # even where the label itself scores lowest
+    scores = model.forward(x).double()
+    scores[torch.arange(len(y)), y] = float("inf")
+    assert torch.equal(targets, scores.argmin(1))

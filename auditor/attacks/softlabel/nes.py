@@ -99,6 +99,7 @@ import torch
 
 from ...oracles import ScoreOracle
 from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project
+from .margins import log_margin
 
 _MIN_ALPHA_FRACTION = 1 / 32
 """α never drops below α₀ times this (five halvings)."""
@@ -117,9 +118,7 @@ def default_q_beta(d: int) -> tuple[int, float]:
 
 def _loss(probs: torch.Tensor, cls: torch.Tensor, sign: float) -> torch.Tensor:
     """``sign · (log p_c - max_{j≠c} log p_j)`` per row (< 0: success)."""
-    logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-    own = logp.gather(1, cls[:, None]).squeeze(1)
-    others = logp.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
+    own, others = log_margin(probs, cls)
     return sign * (own - others)
 
 

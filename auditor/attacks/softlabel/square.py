@@ -99,6 +99,7 @@ import torch
 
 from ...oracles import ScoreOracle
 from ..base import FIXED_EPS, Attack, AttackResult, check_call, generator
+from .margins import log_margin
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _LOSSES = ("margin", "ce")
@@ -120,9 +121,7 @@ def _margin_and_loss(
     the margin or ``log p_y``. Targeted (``labels`` = t): margin
     ``max_{j≠t} log p_j - log p_t``, loss the cross-entropy ``-log p_t``.
     """
-    logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-    own = logp.gather(1, labels[:, None]).squeeze(1)
-    others = logp.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    own, others = log_margin(probs, labels)
     if targeted:
         return others - own, -own
     margin = own - others
