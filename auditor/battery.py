@@ -9,7 +9,9 @@ come for free.
 
 * Fixed-ε attacks run once per ε, largest first; each run sees only the
   samples whose record still exceeds that ε.
-* Minimum-norm attacks run once, on the samples still robust at the largest ε.
+* Minimum-norm attacks run once, on the samples still robust at the
+  smallest ε: a sample an earlier attack broke at 0.25 is still robust at
+  0.1, and a smaller distortion found for it lowers robust accuracy there.
 * Each run gets a fresh oracle of the class the attack declares, holding the
   per-sample query budget (black-box attacks only).
 """
@@ -28,6 +30,7 @@ import torch
 from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, MIN_NORM, Attack
+from .attacks.hardlabel.boundary import StartPool
 from .errors import AuditError
 from .models.base import Model
 from .oracles import GradientOracle, ScoreOracle
@@ -178,6 +181,9 @@ class RunReport:
     """Minimum-norm runs with a trace: at each of ``TRACE_CHECKPOINTS`` up to
     the most queries spent, the attack's best distortion (in its own norm) per
     sample attacked, as it stood when no sample had spent more queries."""
+    start_index: tuple[int, ...] = ()
+    """Targeted attacks that start from data images: per sample attacked, the
+    data set index of the image behind its best start (-1 where none worked)."""
 
 
 @dataclass(frozen=True)
@@ -229,20 +235,29 @@ TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 """Query counts at which minimum-norm attacks' distortions are reported."""
 
 
-def distortion_at(trace, spent: torch.Tensor) -> tuple[tuple[int, tuple[float, ...]], ...]:
+def distortion_at(
+    trace, spent: torch.Tensor, checkpoints: Sequence[int] = TRACE_CHECKPOINTS
+) -> tuple[tuple[int, tuple[float, ...]], ...]:
     """Each sample's best distortion at the query checkpoints of a trace.
 
-    A trace entry (q, distortion) holds after every sample spent at most q
-    queries; a checkpoint takes the last entry within it. Checkpoints stop at
-    the most queries spent."""
+    A trace entry (queries, distortion) gives each sample's queries spent so
+    far (one count for all samples, or one per sample) and its best
+    distortion then; at a checkpoint each sample takes its last entry within
+    the checkpoint (``inf`` before its first). Checkpoints start at the first
+    entry and stop at the most queries spent."""
     if not trace:
         return ()
+    n = len(trace[0][1])
+    queries = torch.stack([torch.as_tensor(q).cpu().expand(n) for q, _ in trace])
+    sizes = torch.stack([d.double().cpu() for _, d in trace])
+    sizes = torch.cat([torch.full((1, n), torch.inf, dtype=torch.float64), sizes])
     most = int(spent.max()) if len(spent) else 0
     points = []
-    for checkpoint in [q for q in TRACE_CHECKPOINTS if q < most] + [most]:
-        within = [sizes for queries, sizes in trace if queries <= checkpoint]
-        if within:
-            points.append((checkpoint, tuple(within[-1].double().cpu().tolist())))
+    for checkpoint in [q for q in checkpoints if q < most] + [most]:
+        last = (queries <= checkpoint).sum(dim=0)
+        if not bool(last.any()):
+            continue  # before the first entry of every sample
+        points.append((checkpoint, tuple(sizes[last, torch.arange(n)].tolist())))
     return tuple(points)
 
 
@@ -261,12 +276,15 @@ def run_battery(
     seed: int,
     outputs_probabilities: bool = False,
     target: torch.Tensor | None = None,
+    starts: StartPool | None = None,
     progress: ScanProgress | None = None,
 ) -> BatteryOutcome:
     """Run the cascade on (x, y) and return the verified per-sample records.
 
     With ``target`` (one class per sample, never its label) the audit is
     targeted: a sample is broken only where the model outputs its target.
+    Targeted attacks that start from data images (``starts_from_data``, the
+    hard-label ones) take them from ``starts``, which they then require.
     """
     if (target is not None) != battery.targeted:
         raise ValueError("a targeted battery needs targets, and only it takes them")
@@ -283,7 +301,7 @@ def run_battery(
         failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), 0, []
         for eps in eps_desc if attack.kind == FIXED_EPS else [None]:
             limit = eps if eps is not None else eps_desc[0]
-            active = records.robust_at(limit).nonzero().flatten()
+            active = records.robust_at(eps if eps is not None else eps_desc[-1]).nonzero().flatten()
             if len(active) == 0:
                 continue
             description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
@@ -295,10 +313,11 @@ def run_battery(
             )
             started = time.perf_counter()
             goal = None if target is None else target[active]
+            extra = {"starts": starts} if goal is not None and attack.starts_from_data else {}
             result = attack(
                 oracle, x[active].to(model.device), y[active].to(model.device),
                 eps=eps, seed=_run_seed(seed, attack.label, eps),
-                target=None if goal is None else goal.to(model.device),
+                target=None if goal is None else goal.to(model.device), **extra,
             )
             spent = oracle.queries()
             checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
@@ -316,6 +335,7 @@ def run_battery(
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
                 success=tuple(within.tolist()),
                 distortion_at=distortion_at(result.trace, spent) if attack.kind != FIXED_EPS else (),
+                start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
             ))
             log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
         reports.append(AttackReport(

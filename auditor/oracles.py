@@ -5,7 +5,9 @@ threat model allows:
 
 * :class:`GradientOracle` - logits and input gradients (white-box);
 * :class:`ScoreOracle` - probabilities only (soft-label);
-* :class:`LabelOracle` - top-1 labels only (hard-label).
+* :class:`LabelOracle` - top-1 labels only (hard-label);
+* :class:`SurrogateOracle` - logits and gradients of the attacker's own
+  surrogate models, never the target (transfer attacks, access ``none``).
 
 The three classes are unrelated on purpose: a ``LabelOracle`` is not a
 ``ScoreOracle`` with less, so no ``isinstance`` or ``super()`` trick reaches
@@ -19,7 +21,7 @@ call that would take any sample past it, so budgets are never exceeded.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -163,3 +165,52 @@ class LabelOracle(_QueryCounter):
         self._charge(rows)
         with torch.no_grad():
             return self._labels(x.detach()).long()
+
+
+class SurrogateOracle:
+    """White-box access to the attacker's surrogate models, never to the target.
+
+    A transfer attack crafts its examples here and submits only the final
+    ones to the target, which the harness does when it verifies; so nothing
+    here is charged to the per-sample target budget. With several modules
+    the oracle is their ensemble, which averages their logits (Liu et al.,
+    "Delving into Transferable Adversarial Examples and Black-box Attacks",
+    ICLR 2017; Dong et al., "Boosting Adversarial Attacks with Momentum",
+    CVPR 2018, Eq. 6 with equal weights); an ensemble of one is that model.
+    ``passes`` counts images through the ensemble, for information only.
+    """
+
+    def __init__(self, modules: Sequence[Forward], device="cpu"):
+        if len(modules) == 0:
+            raise ValueError("a SurrogateOracle needs at least one surrogate model")
+        self._modules = tuple(modules)
+        self._device = torch.device(device)
+        self.passes = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device the attack should keep its tensors on."""
+        return self._device
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"inputs must be a batch (M,C,H,W), got shape {tuple(x.shape)}")
+        self.passes += x.shape[0]
+        return torch.stack([module(x).float() for module in self._modules]).mean(0)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The ensemble's logits (the mean over its models) for the batch ``x``."""
+        with torch.no_grad():
+            return self._logits(x)
+
+    def loss_grad(self, x: torch.Tensor, loss_fn: PerSampleLoss) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits, d loss_fn(logits).sum() / dx)`` for the ensemble's logits.
+
+        ``loss_fn`` maps logits (M,K) to a per-sample loss (M,), as for
+        :meth:`GradientOracle.loss_grad`.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._logits(x)
+            (grad,) = torch.autograd.grad(loss_fn(logits).sum(), x)
+        return logits.detach(), grad.detach()

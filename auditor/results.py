@@ -77,6 +77,8 @@ def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measu
             "success": list(run.success),
         },
     }
+    if run.start_index:
+        entry["per_sample"]["start_index"] = [None if i < 0 else int(i) for i in run.start_index]
     if run.eps is not None:
         entry["success_curve"] = success_curve(run.queries, run.success, budget)
     if run.distortion_at:

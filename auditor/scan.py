@@ -23,6 +23,7 @@ import torch
 
 from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, Access, resolve_access
+from .attacks.hardlabel.boundary import StartPool
 from .battery import build_battery, run_battery
 from .data import load_data
 from .errors import AuditError
@@ -184,6 +185,7 @@ def scan(
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
             outputs_probabilities=probabilities, target=targets, progress=bar,
+            starts=None if targets is None else StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)

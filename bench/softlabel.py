@@ -22,45 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import Recorded, example_images
+
 from auditor.attacks.softlabel.gen_attack import GenAttack
 from auditor.attacks.softlabel.nes import NES
 from auditor.attacks.softlabel.square import SquareAttack
-from auditor.data.builtin import mnist
-from auditor.models import load_model
 from auditor.oracles import ScoreOracle
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = (
     (0.3, (SquareAttack(norm="linf"), NES(norm="linf"), GenAttack(norm="linf"))),
     (2.0, (SquareAttack(norm="l2"), NES(norm="l2"))),
 )
-
-
-class Recorded:
-    """Softmax over the session's logits, recording each call's batch size."""
-
-    def __init__(self, model):
-        self.model = model
-        self.batches: list[int] = []
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.batches.append(len(x))
-        return torch.softmax(self.model.forward(x), dim=1)
-
-
-def replay_seconds(model, batches: list[int], shape) -> float:
-    """Time of the session alone on calls of the same batch sizes."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = {size: torch.rand((size, *shape), generator=generator) for size in set(batches)}
-    start = time.perf_counter()
-    for size in batches:
-        torch.softmax(model.forward(inputs[size]), dim=1)
-    return time.perf_counter() - start
 
 
 def peak_throughput(model, shape, batch: int = 1000, repeats: int = 20) -> float:
@@ -73,7 +49,7 @@ def peak_throughput(model, shape, batch: int = 1000, repeats: int = 20) -> float
 
 
 def run(attack, model, x, y, eps: float, budget: int) -> dict:
-    recorded = Recorded(model)
+    recorded = Recorded(model, lambda logits: torch.softmax(logits, dim=1))
     oracle = ScoreOracle(recorded, len(y), budget)
     start = time.perf_counter()
     result = attack(oracle, x, y, eps=eps, seed=0)
@@ -82,7 +58,7 @@ def run(attack, model, x, y, eps: float, budget: int) -> dict:
     # the harness re-checks every example; so does the benchmark
     fooled = (model.forward(result.x_adv).argmax(1) != y).numpy() & result.success.numpy()
     broken = queries[fooled]
-    replay = replay_seconds(model, recorded.batches, tuple(x.shape[1:]))
+    replay = recorded.replay_seconds(tuple(x.shape[1:]))
     return {
         "eps": eps,
         "success_rate": round(float(fooled.mean()), 4),
@@ -100,12 +76,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--budget", type=int, default=5000)
     args = parser.parse_args()
-    model = load_model(ROOT / "examples" / "mnist_cnn.onnx")
-    data = mnist("test")
-    index = data.balanced_indices(args.samples)
-    x, y = data.x[index], data.y[index]
-    correct = model.forward(x).argmax(1) == y
-    x, y = x[correct], y[correct]
+    model, x, y = example_images(args.samples)
     figures = {
         "model": "examples/mnist_cnn.onnx",
         "images": len(y),

@@ -81,8 +81,9 @@ def test_cascade_shows_each_attack_only_the_still_robust(tiny_cnn, mnist_test):
     seen = []
     battery = Battery(Access.WHITE_BOX, "linf", (PGD(steps=10), Recorder(seen=seen)))
     outcome = run_battery(battery, _model(tiny_cnn), x, y, eps_list=[0.03, 0.06], budget=5, seed=0)
-    still_robust = int(outcome.records.robust_at(0.06).sum())
-    assert still_robust > 0
+    # a minimum-norm attack sees the samples still robust at the smallest ε
+    still_robust = int(outcome.records.robust_at(0.03).sum())
+    assert 0 < int(outcome.records.robust_at(0.06).sum()) < still_robust
     assert seen == [still_robust]
     pgd = outcome.attacks[0]
     assert [run.eps for run in pgd.runs] == [0.06, 0.03]  # largest first
@@ -149,3 +150,9 @@ def test_distortion_checkpoints_read_the_trace_at_each_query_count():
                        "mean_found": [5.0, 3.333333, 3.333333, 2.333333], "found": [2, 3, 3, 3]}
     assert distortion_checkpoints(distortion_at(trace[:1], torch.tensor([150, 150, 150])))["median"] == [6.0]
     assert distortion_checkpoints([(500, (inf, inf, 2.0))])["median"] == [None]  # most not found yet
+    # per-sample query counts: each sample reads its own last entry
+    per_sample = [(torch.tensor([100, 300, 150]), torch.tensor([5.0, 4.0, 6.0])),
+                  (torch.tensor([600, 400, 900]), torch.tensor([1.0, 3.0, 2.0]))]
+    points = distortion_at(per_sample, torch.tensor([600, 400, 900]))
+    assert points[0] == (100, (5.0, inf, inf)) and points[1] == (200, (5.0, inf, 6.0))
+    assert points[2] == (500, (5.0, 3.0, 6.0)) and points[3] == (900, (1.0, 3.0, 2.0))

@@ -40,7 +40,7 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     results = json.loads((hard_label_scan / "results.json").read_text())
     assert results["schema"] == "auditor.results/1"
     assert results["access"] == {"level": "hard-label", "reason": "requested with --access hard-label"}
-    assert [a["name"] for a in results["attacks"]] == ["sign-opt-l2", "hop-skip-jump-linf", "random-noise-linf"]
+    assert [a["name"] for a in results["attacks"]] == ["sign-opt-linf", "hop-skip-jump-linf", "random-noise-linf"]
     assert len(results["samples"]) == 100 and results["data"]["n"] == 100
     assert all(sample["queries"] <= BUDGET for sample in results["samples"])
     assert results["attacks"][0]["queries"]["max"] <= BUDGET
@@ -58,10 +58,13 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     spent = [q for q, ok in zip(run["per_sample"]["queries"], run["per_sample"]["success"]) if ok]
     assert attack["queries"]["median"] == np.median(spent)
     assert attack["queries"]["measure"] == "spent"
-    # HopSkipJump (L∞) attacks only the samples Sign-OPT left robust at the largest ε
-    hsj = results["attacks"][1]
+    # HopSkipJump (L∞) attacks every sample Sign-OPT left robust at the smallest ε, and only those
+    hsj = set(results["attacks"][1]["runs"][0]["per_sample"]["index"])
     left = {i for i, ok in zip(run["per_sample"]["index"], run["per_sample"]["success"]) if not ok}
-    assert set(hsj["runs"][0]["per_sample"]["index"]) == left
+    assert left <= hsj
+    smallest = min(results["threat"]["eps"])
+    done = {s["index"] for s in samples if s["broken_by"] == "sign-opt-linf" and s["distortion"] <= smallest + 1e-6}
+    assert not hsj & done and hsj - left
     # a standard CNN is not robust at eps=0.3 against a label-only attacker
     assert results["robust_accuracy"]["0.3"] < 0.5
 

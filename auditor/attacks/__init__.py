@@ -47,9 +47,11 @@ CATALOGUE: tuple[Attack, ...] = (
     NES(norm="l2"),
     GenAttack(norm="linf"),
     SignOPT(norm="l2"),
+    SignOPT(norm="linf"),
     HopSkipJump(norm="l2"),
     HopSkipJump(norm="linf"),
     OPT(norm="l2"),
+    OPT(norm="linf"),
     RandomNoise(norm="linf"),
     RandomNoise(norm="l2"),
 )

@@ -16,7 +16,9 @@ built from its parameters) with a pure call::
 * ``target`` (keyword, default ``None``): an (N,) tensor of target classes
   for a targeted attack, which succeeds only where the model outputs the
   target. Only attacks with ``targeted = True`` accept it; the battery never
-  passes it to the others (:func:`check_target` refuses it).
+  passes it to the others (:func:`check_target` refuses it). Targeted
+  attacks with ``starts_from_data`` (the hard-label ones) also take
+  ``starts``, the data images they may start from.
 * The query budget, if any, lives in the oracle (``oracle.budget``,
   ``oracle.remaining()``); an attack must never ask for more.
 
@@ -35,12 +37,13 @@ from typing import ClassVar
 import torch
 
 from ..access import Access
-from ..oracles import GradientOracle, LabelOracle, ScoreOracle
+from ..oracles import GradientOracle, LabelOracle, ScoreOracle, SurrogateOracle
 
 ORACLE_ACCESS: dict[type, Access] = {
     GradientOracle: Access.WHITE_BOX,
     ScoreOracle: Access.SOFT_LABEL,
     LabelOracle: Access.HARD_LABEL,
+    SurrogateOracle: Access.NONE,
 }
 
 FIXED_EPS = "fixed-eps"
@@ -55,8 +58,12 @@ class AttackResult:
     x_adv: torch.Tensor
     success: torch.Tensor
     queries: torch.Tensor
-    trace: list[tuple[int, torch.Tensor]] | None = None
-    """Optional (queries spent, best distortion per sample) checkpoints."""
+    trace: list[tuple[int | torch.Tensor, torch.Tensor]] | None = None
+    """Optional checkpoints (queries spent, best distortion per sample); the
+    queries are one count for all samples or an (N,) count per sample."""
+    start_index: torch.Tensor | None = None
+    """Targeted attacks that start from data images: per sample, the data set
+    index of the image its best start came from (-1 where none worked)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class Attack(abc.ABC):
     """False for attacks that run only when named with ``--attacks``."""
     targeted: ClassVar[bool] = False
     """True for attacks that accept ``target=`` (targeted mode)."""
+    starts_from_data: ClassVar[bool] = False
+    """True for targeted attacks that start from images of the target class:
+    the battery passes them ``starts=`` (a ``StartPool`` of the data)."""
     at_stronger_levels: ClassVar[bool] = True
     """Whether the default battery of a stronger access level runs it too, as
     a check against gradient masking. That check is Square plus the random

@@ -17,8 +17,12 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
 * initialisation (Sec. 4.1, "initialization" of Algorithm 1 as in the
   official code): up to ``n_init`` images of uniform noise in [0,1], one
   query each, one call per round for all samples still looking, until one is
-  misclassified; then a boundary binary search towards ``x*`` (Algorithm 1,
-  the ``BIN-SEARCH`` of line 2 / Algorithm 2 of the appendix).
+  adversarial; then a boundary binary search towards ``x*`` (Algorithm 1,
+  the ``BIN-SEARCH`` of line 2 / Algorithm 2 of the appendix). In targeted
+  mode (adversarial means "classified as the target", the paper's targeted
+  setting) the images tried are data images of the target class, as the
+  paper starts from "a target image", each sample walking through its
+  class's images from a random offset; ``start_index`` records which.
 * binary search (Sec. 3, Eq. 7 and the projection of Sec. 4.3): between the
   benign ``x*`` (``lo = 0``) and an adversarial point ``x̃`` (``hi``), halving
   ``hi − lo`` until it is at most the threshold θ; for L2 the points are the
@@ -30,7 +34,8 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
   ``x̃`` itself), so every boundary point held is verified adversarial.
 * gradient-direction estimate (Algorithm 1 line 5, Eq. 16): at ``x_t``,
   B_t = B_0 · sqrt(t) directions ``u_b`` (Gaussian for L2, uniform in
-  [−1,1]^d for L∞ as in the official code), each normalised to unit L2
+  [−1,1]^d for L∞ as in the official code; each sample draws its own from
+  its own random stream, so batching is exact), each normalised to unit L2
   norm, capped by ``max_num_evals`` and by what the sample can pay; probe
   ``clip(x_t + δ_t u_b)`` (one query each) with
   δ_t = sqrt(d) θ ‖x_t − x*‖₂ (L2) or d θ ‖x_t − x*‖∞ (L∞), and δ_1 = 0.1
@@ -81,36 +86,11 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion, generator
+from ..base import MIN_NORM, NORMS, Attack, AttackResult, check_call, distortion
+from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, col, unit
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
-
-
-def _col(v: torch.Tensor) -> torch.Tensor:
-    """A (M,) vector shaped to broadcast against (M,C,H,W)."""
-    return v.view(-1, 1, 1, 1)
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    """Normalise each row of a (M, ...) batch to unit L2 norm."""
-    return v / _col(v.flatten(1).norm(dim=1).clamp_min(1e-12))
-
-
-class _Best:
-    """Per sample, the verified adversarial image of smallest distortion held so far."""
-
-    def __init__(self, x0: torch.Tensor, norm: str):
-        self.x0 = x0
-        self.norm = norm
-        self.x = x0.clone()
-        self.size = torch.full((len(x0),), float("inf"), device=x0.device)
-
-    def update(self, rows: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> None:
-        size = distortion(images - self.x0[rows], self.norm).to(self.size.dtype)
-        better = valid & (size < self.size[rows])
-        self.x[rows[better]] = images[better]
-        self.size[rows[better]] = size[better]
 
 
 @dataclass(frozen=True)
@@ -120,7 +100,9 @@ class HopSkipJump(Attack):
     name: ClassVar[str] = "hop-skip-jump"
     oracle: ClassVar[type] = LabelOracle
     kind: ClassVar[str] = MIN_NORM
-    norms: ClassVar[tuple[str, ...]] = ("l2", "linf")
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    targeted: ClassVar[bool] = True
+    starts_from_data: ClassVar[bool] = True
     paper: ClassVar[str] = "Chen, Jordan and Wainwright, HopSkipJumpAttack, IEEE S&P 2020"
     # Label-only, like Sign-OPT it is far weaker than Square at a fixed ε;
     # AutoAttack's gradient-masking check is Square alone.
@@ -134,15 +116,16 @@ class HopSkipJump(Attack):
     gamma: float = 1.0
     """θ = γ d^{-3/2} (L2) or γ d^{-2} (L∞): binary-search threshold."""
     n_init: int = 100
-    """Uniform-noise images tried (one query each) to find a first adversarial."""
+    """Images tried (one query each) to find a first adversarial: uniform
+    noise, or in targeted mode data images of the target class."""
     max_step_halvings: int = 30
     """Halvings of ξ_t before a step search gives up for the iteration."""
     max_iter: int = 64
     """Iteration cap (bounds the attack when the oracle has no budget)."""
     max_rows: int = 10000
-    """Images per oracle call for the gradient probes (at least one per sample).
-
-    It bounds memory; a different value draws the probes in a different order."""
+    """Images per oracle call for the gradient probes: the probes of as many
+    samples as fit, at least one sample's. It bounds memory and never
+    changes results."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -156,25 +139,29 @@ class HopSkipJump(Attack):
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
 
-    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+    def __call__(
+        self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
+    ) -> AttackResult:
         check_call(self, eps, target, y)
+        if target is not None and starts is None:
+            raise ValueError(f"{self.label} needs starts (images of the target classes) in targeted mode")
         device = oracle.device
-        gen = generator(seed, device)
         x0 = x.to(device)
-        y0 = y.to(device)
+        rng = SampleRandom(seed, x0)
         n = len(x0)
+        goal = Goal(y.to(device), None if target is None else target.to(device))
+        walk = None if target is None else PoolWalk(starts, goal.target, rng)
         d = x0[0].numel() if n else 1
         theta = self.gamma / (d**1.5 if self.norm == "l2" else d**2)
         bs_cost = math.ceil(math.log2(1.0 / theta)) + 1 if theta < 1 else 1
-        best = _Best(x0, self.norm)
+        best = BestAdversarial(x0, self.norm)
 
         def remaining() -> torch.Tensor:
             return oracle.remaining().to(device)
 
         def adversarial(rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-            """One query per row: is the image misclassified?"""
-            labels = oracle.labels(images, idx=rows.cpu())
-            return labels.to(device) != y0[rows]
+            """One query per row: is the image adversarial?"""
+            return goal.reached(rows, oracle.labels(images, idx=rows.cpu()))
 
         def bisect(rows: torch.Tensor, far: torch.Tensor, searching: torch.Tensor) -> torch.Tensor:
             """Boundary binary search from adversarial ``far`` towards x*.
@@ -193,8 +180,8 @@ class HopSkipJump(Attack):
 
             def point(sel: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
                 if self.norm == "l2":
-                    return (1 - _col(a)) * base[sel] + _col(a) * far[sel]
-                a = _col(a)
+                    return (1 - col(a)) * base[sel] + col(a) * far[sel]
+                a = col(a)
                 return torch.minimum(torch.maximum(far[sel], base[sel] - a), base[sel] + a)
 
             while True:
@@ -212,7 +199,7 @@ class HopSkipJump(Attack):
                 out[sel] = point(sel, hi[sel]).clamp(0.0, 1.0)
             return out
 
-        # Clean check: a sample already misclassified costs one query.
+        # Clean check: a sample already adversarial costs one query.
         attack = remaining() >= 1
         success = torch.zeros(n, dtype=torch.bool, device=device)
         sel = attack.nonzero().squeeze(1)
@@ -222,19 +209,29 @@ class HopSkipJump(Attack):
             attack[sel[clean_adv]] = False
             best.update(sel, x0[sel], clean_adv)
 
-        # Initialisation: uniform noise until misclassified, one call a round.
+        # Initialisation: uniform noise (targeted: target-class images) until
+        # adversarial, one call a round.
         current = x0.clone()
         found = torch.zeros(n, dtype=torch.bool, device=device)
-        for _ in range(self.n_init):
-            rows = (attack & ~found & (remaining() >= 1)).nonzero().squeeze(1)
+        start_at = torch.full((n,), -1, dtype=torch.long, device=device)
+        everyone = torch.arange(n, device=device)
+        for r in range(self.n_init):
+            looking = attack & ~found & (remaining() >= 1)
+            if walk is not None:
+                looking &= walk.has(everyone, r)
+            rows = looking.nonzero().squeeze(1)
             if not len(rows):
                 break
-            noise = torch.rand(
-                (len(rows), *x0.shape[1:]), generator=gen, device=device, dtype=x0.dtype
-            )
-            adv = adversarial(rows, noise)
-            current[rows[adv]] = noise[adv]
+            if walk is None:
+                candidate = rng.rand(rows, 1, x0.shape[1:], x0.dtype)
+            else:
+                positions = walk.positions(rows, r)
+                candidate = walk.images(positions, device, x0.dtype)
+            adv = adversarial(rows, candidate)
+            current[rows[adv]] = candidate[adv]
             found[rows[adv]] = True
+            if walk is not None:
+                start_at[rows[adv]] = positions[adv]
         rows = found.nonzero().squeeze(1)
         if len(rows):
             current[rows] = bisect(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
@@ -243,7 +240,7 @@ class HopSkipJump(Attack):
 
         active = found.clone()
         t = torch.zeros(n, dtype=torch.long, device=device)
-        trace = [(int(oracle.queries().max()) if n else 0, best.size.clone())]
+        trace = [(oracle.queries().clone(), best.size.clone())]
 
         for _ in range(self.max_iter):
             t_next = t + 1
@@ -265,7 +262,7 @@ class HopSkipJump(Attack):
             # (1) gradient-direction estimate at x_t (Alg. 1 line 5, Eq. 16)
             scale = math.sqrt(d) if self.norm == "l2" else float(d)
             delta = torch.where(tt == 1, torch.full_like(dist, _DELTA_FIRST), scale * theta * dist)
-            grad = self._gradient(oracle, adversarial, gen, rows, xt, delta, evals[rows])
+            grad = self._gradient(adversarial, rng, rows, xt, delta, evals[rows])
             update = grad if self.norm == "l2" else grad.sign()
 
             # (2) geometric progression of the step size (Alg. 1 line 7)
@@ -278,7 +275,7 @@ class HopSkipJump(Attack):
                 sel = go.nonzero().squeeze(1)
                 if not len(sel):
                     break
-                cand = (xt[sel] + _col(xi[sel]) * update[sel]).clamp(0.0, 1.0)
+                cand = (xt[sel] + col(xi[sel]) * update[sel]).clamp(0.0, 1.0)
                 adv = adversarial(rows[sel], cand)
                 stepped[sel[adv]] = cand[adv]
                 moved[sel[adv]] = True
@@ -290,39 +287,51 @@ class HopSkipJump(Attack):
                 new = bisect(rows, stepped, moved)
                 current[rows[moved]] = new[moved]
                 best.update(rows, new, moved)
-            trace.append((int(oracle.queries().max()), best.size.clone()))
+            trace.append((oracle.queries().clone(), best.size.clone()))
 
-        return AttackResult(x_adv=best.x, success=success, queries=oracle.queries(), trace=trace)
+        start_index = None
+        if walk is not None:
+            start_index = torch.full((n,), -1, dtype=torch.long)
+            start_index[(start_at >= 0).cpu()] = walk.data_index(start_at[start_at >= 0])
+        return AttackResult(
+            x_adv=best.x, success=success, queries=oracle.queries(), trace=trace, start_index=start_index
+        )
 
-    def _gradient(self, oracle, adversarial, gen, rows, xt, delta, evals) -> torch.Tensor:
-        """Unit estimate of the boundary normal at ``xt`` from ``evals`` probes per row."""
-        m = len(rows)
+    def _gradient(self, adversarial, rng: SampleRandom, rows, xt, delta, evals) -> torch.Tensor:
+        """Unit estimate of the boundary normal at ``xt`` from ``evals`` probes per row.
+
+        Rows are grouped so that a group's probes (those of at least one row)
+        fit in ``max_rows`` images, one oracle call per group; each row draws
+        its probes from its own stream in ``rng``, all in one draw.
+        """
         shape = xt.shape[1:]
         device, dtype = xt.device, xt.dtype
-        owner = torch.repeat_interleave(torch.arange(m, device=device), evals.to(device))
-        sum_f = torch.zeros(m, device=device, dtype=dtype)
+        sum_f = torch.zeros(len(rows), device=device, dtype=dtype)
         sum_u = torch.zeros_like(xt)
         sum_fu = torch.zeros_like(xt)
-        for start in range(0, len(owner), self.max_rows):
-            who = owner[start : start + self.max_rows]
-            q = len(who)
-            if self.norm == "l2":
-                u = torch.randn((q, *shape), generator=gen, device=device, dtype=dtype)
-            else:
-                u = torch.rand((q, *shape), generator=gen, device=device, dtype=dtype) * 2 - 1
-            u = _unit(u)
+        before = torch.cumsum(evals, 0) - evals
+        group = torch.div(before, self.max_rows, rounding_mode="floor")
+        for g in torch.unique(group).tolist():
+            mine = (group == g).nonzero().squeeze(1)
+            counts = evals[mine]
+            draw = rng.randn if self.norm == "l2" else rng.rand
+            u = draw(rows[mine], counts, shape, dtype)
+            if self.norm == "linf":
+                u = u * 2 - 1
+            u = unit(u)
+            who = torch.repeat_interleave(mine, counts.to(device))
             base = xt[who]
-            probe = (base + _col(delta[who]) * u).clamp(0.0, 1.0)
-            u = (probe - base) / _col(delta[who])
+            probe = (base + col(delta[who]) * u).clamp(0.0, 1.0)
+            u = (probe - base) / col(delta[who])
             phi = adversarial(rows[who], probe).to(dtype) * 2 - 1
             sum_f.index_add_(0, who, phi)
             sum_u.index_add_(0, who, u)
-            sum_fu.index_add_(0, who, _col(phi) * u)
+            sum_fu.index_add_(0, who, col(phi) * u)
         count = evals.to(device=device, dtype=dtype)
         mean_f = sum_f / count
         grad = torch.where(
-            _col(mean_f == 1),
+            col(mean_f == 1),
             sum_u,
-            torch.where(_col(mean_f == -1), -sum_u, sum_fu - _col(mean_f) * sum_u),
+            torch.where(col(mean_f == -1), -sum_u, sum_fu - col(mean_f) * sum_u),
         )
-        return _unit(grad)
+        return unit(grad)

@@ -1,4 +1,4 @@
-"""OPT, L2 (Cheng, Le, Chen, Zhang, Yi and Hsieh, ICLR 2019).
+"""OPT, L2 and L∞ (Cheng, Le, Chen, Zhang, Yi and Hsieh, ICLR 2019).
 
 "Query-Efficient Hard-label Black-box Attack: An Optimization-based
 Approach", https://arxiv.org/abs/1807.04457. A search direction θ is scored
@@ -9,14 +9,15 @@ by its distance to the decision boundary,
 and θ is optimised with a zeroth-order gradient of g estimated from label
 queries only (Algorithm 1). Sign-OPT (:mod:`.sign_opt`) is built on this
 attack and differs only in the gradient estimate, so OPT reuses its ray
-queries (``_Boundary``), its best-example bookkeeping (``_Best``) and its
-step-size search (``sign_opt.line_search``). Every image sent to the oracle is clipped
+queries (``_Boundary``), its best-example bookkeeping and its step-size
+search (``ray_search.line_search``), its L∞ variant (the official
+``OPT_attack_lf.py``) and its targeted start from data images. Every image sent to the oracle is clipped
 to [0,1]; per sample the attack returns the clipped ``x0 + g(θ) θ/‖θ‖`` of
-smallest L2 distortion among the (θ, g) it has held (as Sign-OPT does).
+smallest distortion among the (θ, g) it has held (as Sign-OPT does).
 
 Steps, batched over the samples (per-sample θ, g, α, β and masks):
 
-* clean check: one query of ``x0``; a sample already misclassified is a
+* clean check: one query of ``x0``; a sample already adversarial is a
   success at distortion 0 and is not attacked.
 * initialisation (the θ0 input of Algorithm 1): ``n_init`` Gaussian
   directions, one per step for all samples at once, each checked with one
@@ -32,10 +33,11 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   (given up, the direction dropped, past ``2 g(θ)``; the official code gives
   up past λ = 20), then bisect to ``β/500``. All probes of all samples run
   together, one oracle call per search step carrying every row still
-  searching (``max_rows`` bounds the rows; more directions then run in
-  turn). ``ĝ = (1/q) Σ (g(θ') − g(θ))/β · u`` over the probes that found g.
+  searching (``max_rows`` bounds the rows: the probes of as many samples as
+  fit search together, then the next samples'; each sample draws its ``u``
+  from its own random stream, so batching is exact). ``ĝ = (1/q) Σ (g(θ') − g(θ))/β · u`` over the probes that found g.
 * update (Algorithm 1, line 6) with the official step-size search, done by
-  ``sign_opt.line_search``: try ``θ − α ĝ`` and double α while g keeps
+  ``ray_search.line_search``: try ``θ − α ĝ`` and double α while g keeps
   decreasing (at most ``max_line_search`` tries); if the first try fails,
   quarter α until some try improves. g of a candidate is searched only below
   the current g (one query there decides; the official search also steps up
@@ -69,7 +71,8 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from .ray_search import RaySearch, _Boundary, _col, _unit
+from .boundary import col
+from .ray_search import RaySearch, _Boundary
 
 _STEP_DOWN = 0.99
 _STEP_UP = 1.01
@@ -144,7 +147,7 @@ def _two_sided_search(
 
 @dataclass(frozen=True)
 class OPT(RaySearch):
-    """OPT (L2), a minimum-norm hard-label attack."""
+    """OPT (L2 or L∞), a minimum-norm hard-label attack."""
 
     name: ClassVar[str] = "opt"
     paper: ClassVar[str] = "Cheng et al., OPT, ICLR 2019"
@@ -163,27 +166,28 @@ class OPT(RaySearch):
         """Two queries a probe's search at the least, and one line-search query."""
         return 2 * self.q + 1
 
-    def _estimate(self, ray: _Boundary, gen, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g."""
-        m = len(rows)
+    def _estimate(self, ray: _Boundary, rng, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g,
+        for as many samples per search as ``max_rows`` allows."""
         shape = theta.shape[1:]
-        per_call = max(1, self.max_rows // m)
-        grad = torch.zeros_like(theta)
+        group = max(1, self.max_rows // self.q)
+        grad = torch.empty_like(theta)
         probe_th = theta.clone()
         probe_g = torch.full_like(g, float("inf"))
-        for start in range(0, self.q, per_call):
-            k = min(per_call, self.q - start)
-            u = _unit(torch.randn((m * k, *shape), generator=gen, device=theta.device, dtype=theta.dtype))
-            b = beta.repeat_interleave(k)
-            g_rep = g.repeat_interleave(k)
-            probe = _unit(theta.repeat_interleave(k, dim=0) + _col(b) * u)
-            g1 = _two_sided_search(ray, rows.repeat_interleave(k), probe, g_rep, b / 500)
+        for start in range(0, len(rows), group):
+            part = slice(start, start + group)
+            mine = rows[part]
+            m = len(mine)
+            u = ray.unit(rng.randn(mine, self.q, shape, theta.dtype))
+            b = beta[part].repeat_interleave(self.q)
+            g_rep = g[part].repeat_interleave(self.q)
+            probe = ray.unit(theta[part].repeat_interleave(self.q, dim=0) + col(b) * u)
+            g1 = _two_sided_search(ray, mine.repeat_interleave(self.q), probe, g_rep, b / 500)
             found = torch.isfinite(g1)
             coef = torch.where(found, (g1 - g_rep) / b, torch.zeros_like(g1))
-            grad += (_col(coef.to(theta.dtype)) * u).view(m, k, *shape).sum(dim=1)
-            g1 = g1.view(m, k)
-            low, arg = g1.min(dim=1)
-            better = low < probe_g
-            pick = probe.view(m, k, *shape)[torch.arange(m, device=theta.device), arg]
-            probe_th[better], probe_g[better] = pick[better], low[better]
+            grad[part] = (col(coef.to(theta.dtype)) * u).view(m, self.q, *shape).sum(dim=1)
+            low, arg = g1.view(m, self.q).min(dim=1)
+            pick = probe.view(m, self.q, *shape)[torch.arange(m, device=theta.device), arg]
+            better = low < probe_g[part]
+            probe_th[part][better], probe_g[part][better] = pick[better], low[better]
         return grad / self.q, probe_th, probe_g

@@ -1,25 +1,34 @@
-"""The ray-search skeleton shared by OPT and Sign-OPT (hard-label, L2).
+"""The ray-search skeleton shared by OPT and Sign-OPT (hard-label, L2 and L∞).
 
 Both attacks follow OPT's reformulation (Cheng et al., ICLR 2019, Sec. 3.1):
 a search direction θ is scored by its distance to the decision boundary,
 
-    g(θ) = min λ > 0  s.t.  f(x0 + λ θ/‖θ‖) ≠ y0,
+    g(θ) = min λ > 0  s.t.  f(x0 + λ θ/‖θ‖) is adversarial,
 
 and θ is optimised with a gradient estimated from label queries only. They
 differ only in that estimate (OPT: finite differences of g over q random
 directions; Sign-OPT: one query per direction for the sign of the
 difference), which each attack's own file implements as ``_estimate``.
-This module holds what they share, all batched over samples:
+"Adversarial" is a label other than y0, or, in targeted mode, the target.
+The norm ‖·‖ is the attack's: L2, or L∞ as in the official L∞ variants
+(``Sign_OPT_lf.py``, ``OPT_attack_lf.py``: every direction, probe and
+candidate is scaled to unit L∞ norm, so g is an L∞ distance). This module
+holds what they share, all batched over samples:
 
 * ``_Boundary``: label queries along rays ``x0 + λθ`` (every image clipped
   to [0,1]), OPT's binary search for g and its local search ("compute g(θ)
   locally", ratio 0.01, as the official code runs it);
-* ``_Best``: per sample, the clipped adversarial image of smallest L2
-  distortion among the (θ, g) held (clipping can make a smaller g farther);
-* ``RaySearch.__call__``: clean check, initialisation from the best of
-  ``n_init`` Gaussian directions, then iterations of estimate, step-size
-  line search (``line_search``, the official code's) and the α/β resets,
-  with a trace of (queries, best distortion) after each iteration.
+* ``BestAdversarial`` (:mod:`.boundary`): per sample, the clipped adversarial
+  image of smallest distortion among the (θ, g) held (clipping can make a
+  smaller g farther in L2);
+* ``RaySearch.__call__``: clean check, initialisation, then iterations of
+  estimate, step-size line search (``line_search``, the official code's)
+  and the α/β resets, with a trace of (queries, best distortion) after each
+  iteration. The initialisation takes the best of ``n_init`` directions:
+  Gaussian ones, or in targeted mode ``s − x0`` for images ``s`` of the
+  target class from the data (the official targeted attacks' start), each
+  sample walking through its class's images from a random offset; the data
+  index of the image behind the best start is returned as ``start_index``.
 
 Budget: a sample starts an iteration only if it can afford
 ``iteration_cost`` queries; any query in a search is sent only for samples
@@ -36,7 +45,8 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion, generator
+from ..base import MIN_NORM, NORMS, Attack, AttackResult, check_call, distortion
+from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, col, unit
 
 _ALPHA_FLOOR = 1e-4
 _ALPHA_RESET = 1.0
@@ -44,36 +54,29 @@ _BETA_FLOOR = 1e-8
 _STEP_DOWN = 0.99
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    """Normalise each row of a (M, ...) batch to unit L2 norm."""
-    norms = v.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return v / norms.view(-1, *([1] * (v.dim() - 1)))
-
-
-def _col(v: torch.Tensor) -> torch.Tensor:
-    """A (M,) vector shaped to broadcast against (M,C,H,W)."""
-    return v.view(-1, 1, 1, 1)
-
-
 class _Boundary:
     """Label queries along rays ``x0 + λ θ`` for a subset of the samples."""
 
-    def __init__(self, oracle: LabelOracle, x0: torch.Tensor, y0: torch.Tensor):
+    def __init__(self, oracle: LabelOracle, x0: torch.Tensor, goal: Goal, norm: str):
         self.oracle = oracle
         self.x0 = x0
-        self.y0 = y0
+        self.goal = goal
+        self.norm = norm
+
+    def unit(self, v: torch.Tensor) -> torch.Tensor:
+        """Directions scaled to unit norm in the attack's norm."""
+        return unit(v, self.norm)
 
     def affordable(self, rows: torch.Tensor) -> torch.Tensor:
         """Mask over ``rows``: samples with at least one query left."""
         return self.oracle.remaining().to(rows.device)[rows] >= 1
 
     def image(self, rows: torch.Tensor, theta: torch.Tensor, lbd: torch.Tensor) -> torch.Tensor:
-        return (self.x0[rows] + _col(lbd) * theta).clamp(0.0, 1.0)
+        return (self.x0[rows] + col(lbd) * theta).clamp(0.0, 1.0)
 
     def adversarial(self, rows: torch.Tensor, theta: torch.Tensor, lbd: torch.Tensor) -> torch.Tensor:
-        """One query per row: is ``clip(x0 + λ θ)`` misclassified?"""
-        labels = self.oracle.labels(self.image(rows, theta, lbd), idx=rows.cpu())
-        return labels.to(rows.device) != self.y0[rows]
+        """One query per row: is ``clip(x0 + λ θ)`` adversarial?"""
+        return self.goal.reached(rows, self.oracle.labels(self.image(rows, theta, lbd), idx=rows.cpu()))
 
     def bisect(
         self,
@@ -131,29 +134,16 @@ class _Boundary:
         return torch.where(ok, hi, out)
 
 
-class _Best:
-    """Per sample, the adversarial image of smallest L2 distortion held so far."""
-
-    def __init__(self, x0: torch.Tensor):
-        self.x0 = x0
-        self.x = x0.clone()
-        self.size = torch.full((len(x0),), float("inf"), device=x0.device)
-
-    def update(self, rows: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> None:
-        size = distortion(images - self.x0[rows], "l2")
-        better = valid & (size < self.size[rows])
-        self.x[rows[better]] = images[better]
-        self.size[rows[better]] = size[better]
-
-
 @dataclass(frozen=True)
 class RaySearch(Attack):
     """OPT-family attack: the shared settings and loop; subclasses give ``_estimate``."""
 
     oracle: ClassVar[type] = LabelOracle
     kind: ClassVar[str] = MIN_NORM
-    norms: ClassVar[tuple[str, ...]] = ("l2",)
-    # Label-only and L2, they are far weaker than Square at a fixed ε and would
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    targeted: ClassVar[bool] = True
+    starts_from_data: ClassVar[bool] = True
+    # Label-only, they are far weaker than Square at a fixed ε and would
     # double the cost of the gradient-masking check above hard-label access;
     # AutoAttack's check is Square alone.
     at_stronger_levels: ClassVar[bool] = False
@@ -162,7 +152,8 @@ class RaySearch(Attack):
 
     norm: str = "l2"
     n_init: int = 100
-    """Gaussian directions tried at initialisation."""
+    """Directions tried at initialisation: Gaussian, or targeted, data images
+    of the target class."""
     alpha: float = 0.2
     """Initial step size of the line search."""
     beta: float = 0.001
@@ -174,9 +165,8 @@ class RaySearch(Attack):
     max_iter: int = 1000
     """Iteration cap (bounds the attack when the oracle has no budget)."""
     max_rows: int = 10000
-    """Images per oracle call for the probes (at least one probe per sample).
-
-    It bounds memory; a different value draws the probes in a different order."""
+    """Images per oracle call for the probes: the probes of as many samples as
+    fit, at least one sample's. It bounds memory and never changes results."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -197,25 +187,42 @@ class RaySearch(Attack):
 
     @abc.abstractmethod
     def _estimate(
-        self, ray, gen, rows, theta, g, beta
+        self, ray, rng, rows, theta, g, beta
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(ĝ, best probe direction or None, its g) for the rows' (θ, g(θ), β)."""
+        """(ĝ, best probe direction or None, its g) for the rows' (θ, g(θ), β),
+        with the probe directions drawn from each row's own stream in ``rng``."""
 
-    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
+    def _directions(
+        self, rng: SampleRandom, rows: torch.Tensor, x0: torch.Tensor, walk: PoolWalk | None, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Round ``r``'s initial directions for ``rows`` (unscaled), and for a
+        targeted attack the pool positions they come from."""
+        if walk is None:
+            return rng.randn(rows, 1, x0.shape[1:], x0.dtype), None
+        positions = walk.positions(rows, r)
+        return walk.images(positions, x0.device, x0.dtype) - x0[rows], positions
+
+    def __call__(
+        self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
+    ) -> AttackResult:
         check_call(self, eps, target, y)
+        if target is not None and starts is None:
+            raise ValueError(f"{self.label} needs starts (images of the target classes) in targeted mode")
         device = oracle.device
-        gen = generator(seed, device)
         x0 = x.to(device)
-        y0 = y.to(device)
+        rng = SampleRandom(seed, x0)
         n = len(x0)
-        ray = _Boundary(oracle, x0, y0)
+        goal = Goal(y.to(device), None if target is None else target.to(device))
+        ray = _Boundary(oracle, x0, goal, self.norm)
         everyone = torch.arange(n, device=device)
+        walk = None if target is None else PoolWalk(starts, goal.target, rng)
+        start_at = torch.full((n,), -1, dtype=torch.long, device=device)
 
         theta = torch.zeros_like(x0)
         g = torch.full((n,), float("inf"), device=device)
-        best = _Best(x0)
+        best = BestAdversarial(x0, self.norm)
 
-        # Clean check: a sample already misclassified costs one query.
+        # Clean check: a sample already adversarial costs one query.
         attack = ray.affordable(everyone)
         sel = attack.nonzero().squeeze(1)
         if len(sel):
@@ -224,16 +231,17 @@ class RaySearch(Attack):
             attack[sel[clean_adv]] = False
             best.update(sel, x0[sel], clean_adv)
 
-        # Initialisation: n_init Gaussian directions, one step for all samples.
-        for _ in range(self.n_init):
-            rows = (attack & ray.affordable(everyone)).nonzero().squeeze(1)
+        # Initialisation: n_init directions, one step for all samples.
+        for r in range(self.n_init):
+            looking = attack & ray.affordable(everyone)
+            if walk is not None:
+                looking &= walk.has(everyone, r)
+            rows = looking.nonzero().squeeze(1)
             if not len(rows):
                 break
-            direction = torch.randn(
-                (len(rows), *x0.shape[1:]), generator=gen, device=device, dtype=x0.dtype
-            )
-            scale = torch.minimum(direction.flatten(1).norm(dim=1), g[rows])
-            direction = _unit(direction)
+            direction, positions = self._directions(rng, rows, x0, walk, r)
+            scale = torch.minimum(distortion(direction, self.norm), g[rows])
+            direction = ray.unit(direction)
             adv = ray.adversarial(rows, direction, scale)
             hi = ray.bisect(
                 rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, self.tol), adv
@@ -242,11 +250,13 @@ class RaySearch(Attack):
             g[rows[better]] = hi[better]
             theta[rows[better]] = direction[better]
             best.update(rows, ray.image(rows, direction, hi), better)
+            if positions is not None:
+                start_at[rows[better]] = positions[better]
 
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
         beta = torch.full((n,), self.beta, device=device)
-        trace = [(int(oracle.queries().max()) if n else 0, best.size.clone())]
+        trace = [(oracle.queries().clone(), best.size.clone())]
 
         for _ in range(self.max_iter):
             active &= oracle.remaining().to(device) >= self.iteration_cost
@@ -255,7 +265,7 @@ class RaySearch(Attack):
                 break
             th, gg = theta[rows], g[rows]
             step, smooth = alpha[rows], beta[rows]
-            grad, probe_th, probe_g = self._estimate(ray, gen, rows, th, gg, smooth)
+            grad, probe_th, probe_g = self._estimate(ray, rng, rows, th, gg, smooth)
             best_th, best_g = line_search(ray, rows, th, gg, grad, step, smooth / 500, self.max_line_search)
             if probe_th is not None:  # a probe better than the step is kept (official OPT)
                 use_probe = probe_g < best_g
@@ -267,10 +277,16 @@ class RaySearch(Attack):
             alpha[rows], beta[rows] = step, smooth
             active[rows[smooth < _BETA_FLOOR]] = False
             best.update(rows, ray.image(rows, best_th, best_g), torch.isfinite(best_g))
-            trace.append((int(oracle.queries().max()), best.size.clone()))
+            trace.append((oracle.queries().clone(), best.size.clone()))
 
+        start_index = None
+        if walk is not None:
+            start_index = torch.full((n,), -1, dtype=torch.long)
+            found = (start_at >= 0).cpu()
+            start_index[found] = walk.data_index(start_at[start_at >= 0])
         return AttackResult(
-            x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace
+            x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace,
+            start_index=start_index,
         )
 
 
@@ -292,7 +308,7 @@ def line_search(
         sel = (growing & ray.affordable(rows)).nonzero().squeeze(1)
         if not len(sel):
             break
-        cand = _unit(theta[sel] - _col(alpha[sel]) * grad[sel])
+        cand = ray.unit(theta[sel] - col(alpha[sel]) * grad[sel])
         new_g = ray.local_search(rows[sel], cand, best_g[sel], tol[sel])
         alpha[sel] *= 2
         better = new_g < best_g[sel]
@@ -304,7 +320,7 @@ def line_search(
         if not len(sel):
             break
         alpha[sel] *= 0.25
-        cand = _unit(theta[sel] - _col(alpha[sel]) * grad[sel])
+        cand = ray.unit(theta[sel] - col(alpha[sel]) * grad[sel])
         new_g = ray.local_search(rows[sel], cand, g[sel], tol[sel])
         better = new_g < g[sel]
         best_th[sel[better]], best_g[sel[better]] = cand[better], new_g[better]

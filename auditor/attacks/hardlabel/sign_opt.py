@@ -1,4 +1,4 @@
-"""Sign-OPT, L2 (Cheng, Singh, Chen, Chen, Liu and Hsieh, ICLR 2020).
+"""Sign-OPT, L2 and L∞ (Cheng, Singh, Chen, Chen, Liu and Hsieh, ICLR 2020).
 
 "Sign-OPT: A Query-Efficient Hard-label Adversarial Attack",
 https://arxiv.org/abs/1909.10773, on the OPT reformulation of "Query-Efficient
@@ -8,7 +8,11 @@ decision boundary,
 
     g(θ) = min λ > 0  s.t.  f(x0 + λ θ/‖θ‖) ≠ y0,
 
-and θ is optimised with a gradient estimated from label queries only. Every
+and θ is optimised with a gradient estimated from label queries only. The
+norm ‖·‖ is L2, or L∞ as in the official ``Sign_OPT_lf.py`` (θ, u and every
+candidate scaled to unit L∞ norm, so g is an L∞ distance). In targeted mode
+"≠ y0" becomes "= target" and the initial directions point at data images
+of the target class (see :mod:`.ray_search`). Every
 image sent to the oracle is clipped to [0,1] first. The optimiser follows
 g(θ) as the paper does, but clipping can make the clipped image of a smaller
 g farther from x0, so the attack keeps, per sample, the clipped
@@ -17,10 +21,11 @@ that is ``x_adv``, and its distortion is the one in the trace.
 
 Steps, batched over the samples (per-sample θ, g, α, β and masks):
 
-* clean check: one query of ``x0``; a sample already misclassified is a
+* clean check: one query of ``x0``; a sample already adversarial is a
   success at distortion 0 and is not attacked.
 * initialisation (the θ0 input of Sign-OPT Algorithm 1, found as in OPT):
-  ``n_init`` Gaussian directions, one per step for all samples at once. The
+  ``n_init`` Gaussian directions (targeted: ``s − x0`` for data images
+  ``s`` of the target class), one per step for all samples at once. The
   official code queries ``x0 + θ`` at its natural scale ‖θ‖ and, when ‖θ‖
   exceeds the best g so far, once more at that g; here the two checks are
   one query at ``min(‖θ‖, g*)``, the only one that decides whether θ can
@@ -29,9 +34,10 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   smaller.
 * sign gradient (Sign-OPT Algorithm 1, lines 2-3, with the single-query
   oracle of Sec. 3.1): ``k`` unit Gaussian ``u``; sign(g(θ+βu) − g(θ)) is +1
-  when ``x0 + g(θ)(θ+βu)/‖θ+βu‖`` is still classified y0 and −1 otherwise,
-  one query each, the probes of all samples gathered into oracle calls of
-  up to ``max_rows`` images;
+  when ``x0 + g(θ)(θ+βu)/‖θ+βu‖`` is still not adversarial and −1
+  otherwise, one query each, the probes of all samples gathered into oracle
+  calls of up to ``max_rows`` images; each sample draws its ``u`` from its
+  own random stream, so batching is exact;
   ``ĝ = (1/k) Σ sign_i · u_i``.
 * update and evaluation (Algorithm 1, lines 4-5) with the step-size line
   search of the official code: try ``θ − α ĝ`` and double α while g keeps
@@ -67,12 +73,13 @@ from typing import ClassVar
 
 import torch
 
-from .ray_search import RaySearch, _Boundary, _col, _unit
+from .boundary import col
+from .ray_search import RaySearch, _Boundary
 
 
 @dataclass(frozen=True)
 class SignOPT(RaySearch):
-    """Sign-OPT (L2), a minimum-norm hard-label attack."""
+    """Sign-OPT (L2 or L∞), a minimum-norm hard-label attack."""
 
     name: ClassVar[str] = "sign-opt"
     paper: ClassVar[str] = "Cheng et al., Sign-OPT, ICLR 2020"
@@ -86,18 +93,20 @@ class SignOPT(RaySearch):
         """The k sign probes and at least one line-search query."""
         return self.k + 1
 
-    def _estimate(self, ray: _Boundary, gen, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
-        """ĝ = (1/k) Σ sign(g(θ+βu) − g(θ)) u from k single-query probes."""
-        m = len(rows)
+    def _estimate(self, ray: _Boundary, rng, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
+        """ĝ = (1/k) Σ sign(g(θ+βu) − g(θ)) u from k single-query probes,
+        for as many samples per oracle call as ``max_rows`` allows."""
         shape = theta.shape[1:]
-        per_call = max(1, self.max_rows // m)
-        grad = torch.zeros_like(theta)
-        for start in range(0, self.k, per_call):
-            q = min(per_call, self.k - start)
-            u = torch.randn((m * q, *shape), generator=gen, device=theta.device, dtype=theta.dtype)
-            u = _unit(u)
-            probe = _unit(theta.repeat_interleave(q, dim=0) + _col(beta.repeat_interleave(q)) * u)
-            adv = ray.adversarial(rows.repeat_interleave(q), probe, g.repeat_interleave(q))
+        group = max(1, self.max_rows // self.k)
+        grad = torch.empty_like(theta)
+        for start in range(0, len(rows), group):
+            part = slice(start, start + group)
+            mine = rows[part]
+            u = ray.unit(rng.randn(mine, self.k, shape, theta.dtype))
+            probe = ray.unit(
+                theta[part].repeat_interleave(self.k, dim=0) + col(beta[part].repeat_interleave(self.k)) * u
+            )
+            adv = ray.adversarial(mine.repeat_interleave(self.k), probe, g[part].repeat_interleave(self.k))
             sign = 1.0 - 2.0 * adv.to(theta.dtype)
-            grad += (_col(sign) * u).view(m, q, *shape).sum(dim=1)
+            grad[part] = (col(sign) * u).view(len(mine), self.k, *shape).sum(dim=1)
         return grad / self.k, None, None

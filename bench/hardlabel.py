@@ -1,0 +1,99 @@
+"""The hard-label battery on the example model: distortion against queries, and speed.
+
+Prints one JSON line. Each hard-label attack runs once, untargeted, on the
+correctly classified images among a class-balanced subset of the MNIST
+test split, with a budget of 4,000 label queries per sample, on the
+onnxruntime session. For each attack:
+
+* ``median`` of the best distortion (in the attack's norm, and in L2 for
+  the L∞ attacks as ``median_l2``) per sample at 500, 1,000, 2,000 and
+  4,000 queries (the last one at the most any sample spent, when an attack
+  stops short of the budget), read from the per-sample traces; a sample with no
+  adversarial example yet counts as infinitely far (``null`` in the median
+  until half have one);
+* ``success_rate`` (re-checked on the session) and ``seconds`` of wall time;
+* ``queries_per_s`` and ``efficiency``: the session's own time for exactly
+  the calls the attack made (same batch sizes) divided by the wall time.
+
+    python bench/hardlabel.py [--samples 100] [--budget 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from common import Recorded, example_images
+
+from auditor.attacks.base import distortion
+from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
+from auditor.attacks.hardlabel.opt import OPT
+from auditor.attacks.hardlabel.sign_opt import SignOPT
+from auditor.battery import distortion_at
+from auditor.oracles import LabelOracle
+
+ATTACKS = (
+    SignOPT(norm="l2"),
+    HopSkipJump(norm="l2"),
+    OPT(norm="l2"),
+    SignOPT(norm="linf"),
+    HopSkipJump(norm="linf"),
+)
+CHECKPOINTS = (500, 1000, 2000, 4000)
+
+
+def medians(trace, spent: torch.Tensor) -> dict[str, float | None]:
+    """Median best distortion at each checkpoint within the budget."""
+    out = {}
+    for queries, sizes in distortion_at(trace, spent, CHECKPOINTS):
+        if queries in CHECKPOINTS or queries == int(spent.max()):
+            value = float(torch.tensor(sizes).median())
+            out[str(queries)] = round(value, 4) if math.isfinite(value) else None
+    return out
+
+
+def run(attack, model, x, y, budget: int) -> dict:
+    recorded = Recorded(model, lambda logits: logits.argmax(1))
+    oracle = LabelOracle(recorded, len(y), budget)
+    start = time.perf_counter()
+    result = attack(oracle, x, y, seed=0)
+    seconds = time.perf_counter() - start
+    spent = oracle.queries()
+    fooled = (model.forward(result.x_adv).argmax(1) != y) & result.success
+    figures = {
+        "median": medians(result.trace, spent),
+        "success_rate": round(float(fooled.double().mean()), 4),
+        "seconds": round(seconds, 2),
+        "queries_per_s": round(float(spent.sum()) / seconds),
+        "efficiency": round(recorded.replay_seconds(tuple(x.shape[1:])) / seconds, 3),
+    }
+    if attack.norm != "l2":
+        l2 = distortion(result.x_adv - x, "l2").double()
+        l2[~fooled] = math.inf
+        figures["median_l2_at_budget"] = round(float(l2.median()), 4)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--budget", type=int, default=4000)
+    args = parser.parse_args()
+    model, x, y = example_images(args.samples)
+    figures = {
+        "model": "examples/mnist_cnn.onnx",
+        "images": len(y),
+        "budget": args.budget,
+        "threads": torch.get_num_threads(),
+    }
+    for attack in ATTACKS:
+        figures[attack.label] = run(attack, model, x, y, args.budget)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What the hard-label attacks share: exact batching, the L∞ ray search and targeted starts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import Counting, predict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditor.attacks import BY_LABEL
+from auditor.attacks.base import distortion
+from auditor.attacks.hardlabel.boundary import StartPool
+from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
+from auditor.attacks.hardlabel.opt import OPT
+from auditor.attacks.hardlabel.sign_opt import SignOPT
+from auditor.oracles import LabelOracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATTACKS = {
+    "sign-opt-l2": SignOPT(k=30, n_init=10),
+    "sign-opt-linf": SignOPT(norm="linf", k=30, n_init=10),
+    "opt-l2": OPT(q=5, n_init=10),
+    "hop-skip-jump-l2": HopSkipJump(init_num_evals=20, n_init=20),
+    "hop-skip-jump-linf": HopSkipJump(norm="linf", init_num_evals=20, n_init=20),
+}
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_cnn):
+    return copy.deepcopy(tiny_cnn).double()
+
+
+def one_by_one(model64):
+    """Labels computed image by image: the model's numbers cannot depend on the batch."""
+
+    def labels(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model64(image[None].double()) for image in z]).argmax(1)
+
+    return labels
+
+
+@pytest.mark.parametrize("label", list(ATTACKS))
+def test_batching_is_exact(model64, correct_batch, label):
+    """A batch of 8 gives each sample exactly what it gets alone, with the same seed."""
+    attack = ATTACKS[label]
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    labels = one_by_one(model64)
+    batch = attack(LabelOracle(labels, 8, 300), x, y, seed=3)
+    assert batch.success.any()
+    for i in range(8):
+        alone = attack(LabelOracle(labels, 1, 300), x[i : i + 1], y[i : i + 1], seed=3)
+        assert torch.equal(alone.x_adv[0], batch.x_adv[i]), f"sample {i}"
+        assert bool(alone.success[0]) == bool(batch.success[i])
+        assert int(alone.queries[0]) == int(batch.queries[i])
+        assert torch.equal(alone.trace[-1][1][0], batch.trace[-1][1][i])
+
+
+def test_probes_per_call_do_not_change_results(model64, correct_batch):
+    x, y = correct_batch[0][:6], correct_batch[1][:6]
+    labels = one_by_one(model64)
+    wide = SignOPT(k=30, n_init=10)(LabelOracle(labels, 6, 300), x, y, seed=1)
+    counter = Counting(labels)
+    narrow = SignOPT(k=30, n_init=10, max_rows=40)(LabelOracle(counter, 6, 300), x, y, seed=1)
+    assert torch.equal(wide.x_adv, narrow.x_adv) and torch.equal(wide.queries, narrow.queries)
+    assert counter.rows == int(narrow.queries.sum())
+
+
+@settings(max_examples=8, deadline=None)
+@given(budget=st.integers(0, 300), seed=st.integers(0, 2**16), n=st.integers(1, 5))
+def test_sign_opt_linf_never_exceeds_the_budget(model64, correct_batch, budget, seed, n):
+    x, y = correct_batch[0][:n], correct_batch[1][:n]
+    counter = Counting(lambda z: model64(z.double()).argmax(1))
+    oracle = LabelOracle(counter, n, budget)
+    result = SignOPT(norm="linf", k=20, n_init=5)(oracle, x, y, seed=seed)
+    assert (result.queries <= budget).all() and torch.equal(result.queries, oracle.queries())
+    assert counter.rows == int(result.queries.sum())
+
+
+def test_sign_opt_linf_finds_small_linf_examples(model64, correct_batch):
+    x, y = correct_batch[0][:16], correct_batch[1][:16]
+    oracle = LabelOracle(lambda z: model64(z.double()).argmax(1), 16, 1500)
+    result = SignOPT(norm="linf")(oracle, x, y, seed=0)
+    ok = result.success
+    assert ok.float().mean() > 0.9
+    assert (predict(model64, result.x_adv[ok]) != y[ok]).all()
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    linf = distortion(result.x_adv - x, "linf")
+    first, last = result.trace[0][1], result.trace[-1][1]
+    # the trace holds L∞ distances, and the search shrinks them
+    assert torch.allclose(last[ok], linf[ok].to(last.dtype), atol=1e-5)
+    # measured: median L∞ 0.39 at 1,500 queries, from 0.88 after initialisation
+    assert last[ok].median() < 0.6 * first[ok].median()
+
+
+@pytest.fixture(scope="module")
+def pool(mnist_test):
+    return StartPool(mnist_test.x[200:400], mnist_test.y[200:400], torch.arange(200, 400))
+
+
+@pytest.mark.parametrize("label", ["sign-opt-l2", "sign-opt-linf", "opt-l2", "hop-skip-jump-l2"])
+def test_targeted_attacks_reach_the_target_from_a_data_image(model64, correct_batch, pool, mnist_test, label):
+    attack = ATTACKS[label]
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    target = (y + 3) % 10
+    oracle = LabelOracle(lambda z: model64(z.double()).argmax(1), 8, 600)
+    result = attack(oracle, x, y, seed=0, target=target, starts=pool)
+    ok = result.success
+    assert ok.float().mean() > 0.7
+    assert torch.equal(predict(model64, result.x_adv[ok]), target[ok])
+    assert (result.queries <= 600).all()
+    # each success records the data image it started from: one of the target class
+    start = result.start_index
+    assert (start[ok] >= 200).all() and (start[~ok] == -1).all()
+    assert torch.equal(mnist_test.y[start[ok]], target[ok])
+
+
+def test_a_target_class_missing_from_the_pool_finds_no_start(model64, correct_batch, pool):
+    x, y = correct_batch[0][:4], correct_batch[1][:4]
+    keep = pool.y != 7
+    no_sevens = StartPool(pool.x[keep], pool.y[keep], pool.index[keep])
+    target = torch.full_like(y, 7)
+    target[y == 7] = 1
+    oracle = LabelOracle(lambda z: model64(z.double()).argmax(1), 4, 200)
+    result = SignOPT(k=20, n_init=5)(oracle, x, y, target=target, starts=no_sevens)
+    assert not result.success[target == 7].any()
+    assert (result.start_index[target == 7] == -1).all()
+
+
+@pytest.mark.parametrize("label", ["sign-opt-l2", "opt-l2", "hop-skip-jump-l2"])
+def test_targeted_mode_needs_starting_images(model64, correct_batch, label):
+    x, y = correct_batch[0][:2], correct_batch[1][:2]
+    with pytest.raises(ValueError, match="needs starts"):
+        ATTACKS[label](LabelOracle(lambda z: model64(z.double()).argmax(1), 2, 50), x, y, target=(y + 1) % 10)
+
+
+def test_catalogue_has_the_linf_ray_searches():
+    assert BY_LABEL["sign-opt-linf"].norm == "linf" and BY_LABEL["opt-linf"].norm == "linf"
+    assert BY_LABEL["sign-opt-linf"].in_default_battery and not BY_LABEL["opt-linf"].in_default_battery
