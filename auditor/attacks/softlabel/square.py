@@ -63,6 +63,20 @@ L2 (Algorithm 3 sampling distribution):
 * line 5: the whole δ rescaled to ‖δ‖₂ = ε, then clipped to [0,1], which can
   only shrink it. Float32 round-off can leave ‖δ‖₂ a few 1e-7 above ε.
 
+Several proposals per step (not in the paper; ``min_rows``,
+``max_proposals``): once fewer than ``min_rows`` samples are attacked, a
+step draws k = min(``max_proposals``, ``min_rows`` // m) proposals per
+sample from its current point, sends all of them in one oracle call (k
+counted queries per sample), and keeps the best if it improves (a
+successful one first). The p schedule follows the queries spent, so the
+windows shrink as in the paper. With one proposal per step the hard
+samples, which use the whole budget, make the tail of a run thousands of
+oracle calls of a few images each, where each call's fixed cost dwarfs its
+compute; k proposals make it k times fewer calls for the same queries. The
+price is progress per query: k proposals from one point can improve it
+once, k sequential steps as often as k times, which matters little in the
+tail, where few proposals are accepted.
+
 Defaults: ``p_init = 0.8`` for both norms. For L∞ it is the value the
 reference repository (``max-andr/square-attack``, README) runs on the
 adversarially trained MNIST model at ε = 0.3, and AutoAttack's default; the
@@ -249,6 +263,13 @@ class SquareAttack(Attack):
     """Untargeted loss, ``"margin"`` or ``"ce"``; a targeted run always uses CE."""
     n_iters: int = 10000
     """Query budget per sample assumed when the oracle has none."""
+    min_rows: int = 64
+    """Images per oracle call kept up in the tail: once fewer samples than
+    this are attacked, each draws up to ``max_proposals`` proposals per step
+    (about ``min_rows`` images in all), sent in one call, and keeps the best
+    (see "Several proposals per step" above). 1 turns it off."""
+    max_proposals: int = 8
+    """Proposals per sample and step at most."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -257,8 +278,16 @@ class SquareAttack(Attack):
             raise ValueError(f"p_init must be in (0, 1], got {self.p_init}")
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-        if self.n_iters < 1:
-            raise ValueError(f"n_iters must be >= 1, got {self.n_iters}")
+        for field in ("n_iters", "min_rows", "max_proposals"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+
+    def _proposals(self, m: int, left: int, queries_left: int) -> int:
+        """Proposals per sample this step: enough for ``min_rows`` images, at
+        most ``max_proposals``, and never more than any sample can pay."""
+        if m >= self.min_rows:
+            return 1
+        return max(1, min(self.max_proposals, self.min_rows // m, left, queries_left))
 
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
@@ -303,52 +332,62 @@ class SquareAttack(Attack):
         # iteration costs a handful of tensor operations besides its query.
         work = None
         # With eps = 0 no window can change the image: the initial query is all.
-        for it in range(n_iters - 1 if eps > 0 else 0):
+        it, last = 0, n_iters - 1 if eps > 0 else 0
+        while it < last:
             if work is None:
                 work = search.working(oracle, labels, lower, upper)
                 if work is None:
                     break
             m = len(work.rows)
+            k = self._proposals(m, work.left, last - it)
+            owner = torch.arange(m, device=device).repeat_interleave(k)
+            mk = m * k
 
             # Alg. 1 line 3: side of the square from the schedule of p.
             p = p_selection(self.p_init, it, n_iters)
             s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
 
-            # Alg. 1 lines 4-5 (Alg. 2): a random window per sample, ±ε per
+            # Alg. 1 lines 4-5 (Alg. 2): a random window per proposal, ±ε per
             # channel inside it, projected onto the ε-box ∩ [0,1].
-            corner = torch.randint(0, min(h, w) - s + 1, (m, 2), generator=gen, device=device)
+            corner = torch.randint(0, min(h, w) - s + 1, (mk, 2), generator=gen, device=device)
             if h != w:
-                corner[:, 0] = torch.randint(0, h - s + 1, (m,), generator=gen, device=device)
-                corner[:, 1] = torch.randint(0, w - s + 1, (m,), generator=gen, device=device)
-            # The window as flat pixel indices (m, c, s²); the step reads and
-            # writes only those pixels, never the whole image.
+                corner[:, 0] = torch.randint(0, h - s + 1, (mk,), generator=gen, device=device)
+                corner[:, 1] = torch.randint(0, w - s + 1, (mk,), generator=gen, device=device)
+            # The window as flat pixel indices (mk, c, s²), and as indices into
+            # the whole working set; the step reads and writes only those
+            # pixels, never the whole image.
             offsets = (corner[:, :1] + span[:s]) * w
-            window = (offsets[:, :, None] + corner[:, 1:, None] + span[None, :s]).view(m, 1, s * s)
-            window = window.expand(m, c, s * s)
-            high = work.constants[1].view(m, c, h * w).gather(2, window)
-            low = work.constants[0].view(m, c, h * w).gather(2, window)
-            current = work.x.view(m, c, h * w).gather(2, window)
-            positive = torch.randint(0, 2, (m, c, 1), generator=gen, device=device).bool()
+            window = (offsets[:, :, None] + corner[:, 1:, None] + span[None, :s]).view(mk, 1, s * s)
+            window = window.expand(mk, c, s * s)
+            flat = (owner[:, None, None] * c + channel_bits[None, :, None]) * (h * w) + window
+            high = work.constants[1].reshape(-1)[flat]
+            low = work.constants[0].reshape(-1)[flat]
+            current = work.x.reshape(-1)[flat]
+            positive = torch.randint(0, 2, (mk, c, 1), generator=gen, device=device).bool()
             # A draw that changes nothing is redrawn in the reference code. At
             # most one sign vector leaves a window unchanged (the one matching
             # a window already at one bound per channel), so XOR-ing it with a
             # uniform non-zero channel mask is an exact draw from that
             # rejection loop, made in one step for the rows that need it.
             same = (torch.where(positive, high, low) == current).flatten(1).all(dim=1)
-            code = torch.randint(1, 2**c, (m, 1), generator=gen, device=device)
+            code = torch.randint(1, 2**c, (mk, 1), generator=gen, device=device)
             flip = ((code >> channel_bits) & 1).bool() & same[:, None]
             proposal = torch.where(positive ^ flip[:, :, None], high, low)
-            x_new = work.x.clone()
-            x_new.view(m, c, h * w).scatter_(2, window, proposal)
+            x_new = work.x[owner] if k > 1 else work.x.clone()
+            x_new.view(mk, c, h * w).scatter_(2, window, proposal)
 
-            # Alg. 1 lines 6-7: one query, keep strict improvements.
+            # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
+            # strict improvement.
             margin, loss = _margin_and_loss(
-                oracle.probs(x_new, idx=work.rows_cpu), work.y, self.loss, targeted
+                oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()] if k > 1 else work.rows_cpu),
+                work.y[owner], self.loss, targeted,
             )
-            improved = work.improved(loss, margin, targeted)
-            kept = torch.where(improved.view(m, 1, 1), proposal, current)
-            work.x.view(m, c, h * w).scatter_(2, window, kept)
-            work = search.settle(work, improved, loss, margin)
+            best = _best_of(loss, margin, m, k)
+            improved = work.improved(loss[best], margin[best], targeted)
+            kept = torch.where(improved.view(m, 1, 1), proposal[best], current[best])
+            work.x.view(m, c, h * w).scatter_(2, window[best], kept)
+            work = search.settle(work, improved, loss[best], margin[best], k)
+            it += k
         if work is not None:
             search.absorb(work)
 
@@ -374,12 +413,16 @@ class SquareAttack(Attack):
 
         bumps: dict[int, torch.Tensor] = {}
         work = None
-        for it in range(n_iters - 1 if eps > 0 else 0):
+        it, last = 0, n_iters - 1 if eps > 0 else 0
+        while it < last:
             if work is None:
                 work = search.working(oracle, labels, x)
                 if work is None:
                     break
             m = len(work.rows)
+            k = self._proposals(m, work.left, last - it)
+            owner = torch.arange(m, device=device).repeat_interleave(k)
+            mk = m * k
 
             # Alg. 1 line 3, with the reference code's L2 rule: an odd side of
             # at least 3 (here also at most min(H, W)).
@@ -390,33 +433,46 @@ class SquareAttack(Attack):
                 eta = meta_pseudo_gaussian(s, dtype=x.dtype, device=device)
                 bumps[s] = torch.stack([eta, eta.T])[:, None]  # (2, 1, s, s)
 
-            # Alg. 3: two random windows per sample, W1 and W2 (corner[:, k]
+            # Alg. 3: two random windows per proposal, W1 and W2 (corner[:, k]
             # the (row, column) of W(k+1)), and the signed bump η of W1.
-            corner = torch.randint(0, min(h, w) - s + 1, (m, 2, 2), generator=gen, device=device)
+            corner = torch.randint(0, min(h, w) - s + 1, (mk, 2, 2), generator=gen, device=device)
             if h != w:
-                corner[:, :, 0] = torch.randint(0, h - s + 1, (m, 2), generator=gen, device=device)
-                corner[:, :, 1] = torch.randint(0, w - s + 1, (m, 2), generator=gen, device=device)
-            transposed = torch.randint(0, 2, (m,), generator=gen, device=device)
-            signs = _signs((m, c, 1, 1), gen, x)
+                corner[:, :, 0] = torch.randint(0, h - s + 1, (mk, 2), generator=gen, device=device)
+                corner[:, :, 1] = torch.randint(0, w - s + 1, (mk, 2), generator=gen, device=device)
+            transposed = torch.randint(0, 2, (mk,), generator=gen, device=device)
+            signs = _signs((mk, c, 1, 1), gen, x)
             bump = bumps[s][transposed] * signs
-            delta = l2_proposal(work.x - work.constants[0], corner, bump, eps)
+            clean = work.constants[0][owner] if k > 1 else work.constants[0]
+            current = work.x[owner] if k > 1 else work.x
+            delta = l2_proposal(current - clean, corner, bump, eps)
 
             # Alg. 1 line 5: back to ‖δ‖₂ = ε, then clipped to [0,1].
-            size = torch.linalg.vector_norm(delta.view(m, -1), dim=1).clamp_min(1e-12)
-            x_new = torch.addcmul(work.constants[0], delta, (eps / size).view(m, 1, 1, 1))
+            size = torch.linalg.vector_norm(delta.view(mk, -1), dim=1).clamp_min(1e-12)
+            x_new = torch.addcmul(clean, delta, (eps / size).view(mk, 1, 1, 1))
             x_new.clamp_(0.0, 1.0)
 
-            # Alg. 1 lines 6-7: one query, keep strict improvements.
+            # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
+            # strict improvement.
             margin, loss = _margin_and_loss(
-                oracle.probs(x_new, idx=work.rows_cpu), work.y, self.loss, targeted
+                oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()] if k > 1 else work.rows_cpu),
+                work.y[owner], self.loss, targeted,
             )
-            improved = work.improved(loss, margin, targeted)
-            work.x = torch.where(improved.view(m, 1, 1, 1), x_new, work.x)
-            work = search.settle(work, improved, loss, margin)
+            best = _best_of(loss, margin, m, k)
+            improved = work.improved(loss[best], margin[best], targeted)
+            work.x = torch.where(improved.view(m, 1, 1, 1), x_new[best], work.x)
+            work = search.settle(work, improved, loss[best], margin[best], k)
+            it += k
         if work is not None:
             search.absorb(work)
 
         return search
+
+
+def _best_of(loss: torch.Tensor, margin: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """Per sample, the index (into the m·k rows) of its best proposal: the
+    first successful one if any, else the one of lowest loss."""
+    score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
+    return torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
 
 
 @dataclass
@@ -452,10 +508,10 @@ class _Search:
             constants=tuple(tensor[rows] for tensor in constants),
         )
 
-    def settle(self, work: "_Working", improved, loss, margin) -> "_Working | None":
-        """Record a step of the working set; absorb and drop the set when a
-        row succeeded or reached its budget."""
-        if work.settle(improved, loss, margin):
+    def settle(self, work: "_Working", improved, loss, margin, spent: int) -> "_Working | None":
+        """Record a step of the working set (``spent`` queries per row);
+        absorb and drop the set when a row succeeded or reached its budget."""
+        if work.settle(improved, loss, margin, spent):
             self.absorb(work)
             return None
         return work
@@ -484,12 +540,12 @@ class _Working:
         better = loss < self.loss
         return better | (margin < 0) if targeted else better
 
-    def settle(self, improved: torch.Tensor, loss: torch.Tensor, margin: torch.Tensor) -> bool:
-        """Record a step's losses; True when the set must be rebuilt (a row
-        succeeded or reached its budget)."""
-        self.loss = torch.minimum(loss, self.loss)
+    def settle(self, improved: torch.Tensor, loss: torch.Tensor, margin: torch.Tensor, spent: int) -> bool:
+        """Record a step's losses and queries; True when the set must be
+        rebuilt (a row succeeded or reached its budget)."""
+        self.loss = torch.where(improved, loss, self.loss)
         self.margin = torch.where(improved, margin, self.margin)
-        self.left -= 1
+        self.left -= spent
         return self.left == 0 or bool((self.margin < 0).any())
 
 
