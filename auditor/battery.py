@@ -14,6 +14,11 @@ come for free.
   0.1, and a smaller distortion found for it lowers robust accuracy there.
 * Each run gets a fresh oracle of the class the attack declares, holding the
   per-sample query budget (black-box attacks only).
+* Transfer attacks run once per ε and surrogate set (each surrogate alone,
+  then their ensemble), all on the samples robust at that ε when the first
+  transfer attack starts, so their success rates form a comparable matrix.
+  Each costs the target one query per sample: the verification of its
+  final example.
 """
 
 from __future__ import annotations
@@ -33,11 +38,19 @@ from .attacks.base import FIXED_EPS, MIN_NORM, Attack
 from .attacks.hardlabel.boundary import StartPool
 from .errors import AuditError
 from .models.base import Model
-from .oracles import GradientOracle, ScoreOracle
+from .oracles import GradientOracle, ScoreOracle, SurrogateOracle
 from .progress import ScanProgress
 from .verify import EPS_TOLERANCE, Verified, verify
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SurrogateSet:
+    """Surrogate models a transfer attack runs on: one, or an ensemble."""
+
+    name: str
+    modules: tuple[torch.nn.Module, ...]
 
 
 @dataclass(frozen=True)
@@ -50,8 +63,13 @@ class Battery:
     targeted: bool = False
 
 
-def _refusal(attack: Attack, level: Access, norm: str, targeted: bool) -> str | None:
+NO_SURROGATES = "needs surrogate models (--surrogate PATH or --train-surrogates K)"
+
+
+def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool) -> str | None:
     """Why ``attack`` cannot run in this battery, or None."""
+    if attack.oracle is SurrogateOracle and not transfer:
+        return NO_SURROGATES
     if attack.access > level:
         return f"needs {attack.access.cli_name} access, but the scan has {level.cli_name}"
     if attack.kind == FIXED_EPS and attack.norm != norm:
@@ -62,7 +80,12 @@ def _refusal(attack: Attack, level: Access, norm: str, targeted: bool) -> str | 
 
 
 def build_battery(
-    level: Access, norm: str, names: Sequence[str] | None = None, *, targeted: bool = False
+    level: Access,
+    norm: str,
+    names: Sequence[str] | None = None,
+    *,
+    targeted: bool = False,
+    transfer: bool = False,
 ) -> Battery:
     """Choose the attacks for an access level, a norm and untargeted/targeted mode.
 
@@ -72,7 +95,9 @@ def build_battery(
     attacks run in the threat norm; minimum-norm attacks in any norm,
     measured in the threat norm, but only in the threat norm where they have
     that variant. In targeted mode only attacks with a targeted mode run.
-    With ``names``: exactly those, each checked.
+    Transfer attacks run at every level, but only with ``transfer``
+    (surrogate models to run them on). With ``names``: exactly those, each
+    checked.
     """
     if names:
         unknown = [name for name in names if name not in BY_LABEL]
@@ -82,7 +107,7 @@ def build_battery(
             )
         chosen = [BY_LABEL[name] for name in names]
         for attack in chosen:
-            reason = _refusal(attack, level, norm, targeted)
+            reason = _refusal(attack, level, norm, targeted, transfer)
             if reason is not None:
                 raise AuditError(f"attack {attack.label} {reason}")
         return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)), targeted=targeted)
@@ -101,10 +126,18 @@ def build_battery(
         if targeted and not attack.targeted:
             skipped.append((attack.label, "no targeted mode"))
             continue
+        if attack.oracle is SurrogateOracle and not transfer:
+            if level == Access.NONE:
+                skipped.append((attack.label, NO_SURROGATES))
+            continue
         chosen.append(attack)
     if not chosen:
         # an empty battery would report every sample as robust
         mode = "targeted " if targeted else ""
+        if level == Access.NONE and not transfer:
+            raise AuditError(
+                "--access none runs only transfer attacks: give --surrogate PATH or --train-surrogates K"
+            )
         raise AuditError(
             f"no {mode}attack can run at {level.cli_name} access with a {norm} threat model yet; "
             "choose --access hard-label or higher" + (" or drop --target" if targeted else "")
@@ -184,6 +217,8 @@ class RunReport:
     start_index: tuple[int, ...] = ()
     """Targeted attacks that start from data images: per sample attacked, the
     data set index of the image behind its best start (-1 where none worked)."""
+    surrogate: str | None = None
+    """Transfer attacks: the surrogate set the run used."""
 
 
 @dataclass(frozen=True)
@@ -261,8 +296,18 @@ def distortion_at(
     return tuple(points)
 
 
-def _run_seed(seed: int, label: str, eps: float | None) -> int:
-    return zlib.crc32(f"{seed}:{label}:{eps}".encode())
+def _run_seed(seed: int, label: str, eps: float | None, group: SurrogateSet | None = None) -> int:
+    name = "" if group is None else f":{group.name}"
+    return zlib.crc32(f"{seed}:{label}:{eps}{name}".encode())
+
+
+def _plan(attack: Attack, eps_desc: list[float], surrogates: Sequence[SurrogateSet]):
+    """The runs of one attack: (ε or None, surrogate set or None), in order."""
+    if attack.oracle is SurrogateOracle:
+        return [(eps, group) for eps in eps_desc for group in surrogates]
+    if attack.kind == FIXED_EPS:
+        return [(eps, None) for eps in eps_desc]
+    return [(None, None)]
 
 
 def run_battery(
@@ -277,6 +322,7 @@ def run_battery(
     outputs_probabilities: bool = False,
     target: torch.Tensor | None = None,
     starts: StartPool | None = None,
+    surrogates: Sequence[SurrogateSet] = (),
     progress: ScanProgress | None = None,
 ) -> BatteryOutcome:
     """Run the cascade on (x, y) and return the verified per-sample records.
@@ -285,41 +331,60 @@ def run_battery(
     targeted: a sample is broken only where the model outputs its target.
     Targeted attacks that start from data images (``starts_from_data``, the
     hard-label ones) take them from ``starts``, which they then require.
+    Transfer attacks run on each of ``surrogates``.
     """
     if (target is not None) != battery.targeted:
         raise ValueError("a targeted battery needs targets, and only it takes them")
+    if any(a.oracle is SurrogateOracle for a in battery.attacks) and not surrogates:
+        raise ValueError("transfer attacks need surrogate sets")
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
     clean_pred = model.forward(x.to(model.device)).argmax(1).cpu()
     records = Records.start(x, clean_pred, y, target)
+    transfer_start: torch.Tensor | None = None
     reports = []
     for attack in battery.attacks:
-        budget_of_attack = None if attack.access == Access.WHITE_BOX else budget
-        forward = _oracle_forward(model, attack.oracle, outputs_probabilities)
+        transfer = attack.oracle is SurrogateOracle
+        if transfer and transfer_start is None:
+            transfer_start = records.distortion.clone()
+        budget_of_attack = None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
         attacked = torch.zeros(len(y), dtype=torch.bool)
         broken, to_success = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.long)
         failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), 0, []
-        for eps in eps_desc if attack.kind == FIXED_EPS else [None]:
+        for eps, group in _plan(attack, eps_desc, surrogates):
             limit = eps if eps is not None else eps_desc[0]
-            active = records.robust_at(eps if eps is not None else eps_desc[-1]).nonzero().flatten()
+            if transfer:
+                robust = transfer_start > eps + EPS_TOLERANCE
+            else:
+                robust = records.robust_at(eps if eps is not None else eps_desc[-1])
+            active = robust.nonzero().flatten()
             if len(active) == 0:
                 continue
             description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
-            description += f" · {len(active)} samples"
-            total = None if budget_of_attack is None else budget_of_attack * len(active)
-            oracle = attack.oracle(
-                forward, len(active), budget_of_attack, device=model.device,
-                on_charge=progress.run(description, total),
-            )
+            description += (f" on {group.name}" if group is not None else "") + f" · {len(active)} samples"
             started = time.perf_counter()
             goal = None if target is None else target[active]
+            if transfer:
+                oracle = SurrogateOracle(group.modules, device="cpu")
+                advance = progress.run(description, len(active))
+                device = torch.device("cpu")
+            else:
+                total = None if budget_of_attack is None else budget_of_attack * len(active)
+                oracle = attack.oracle(
+                    _oracle_forward(model, attack.oracle, outputs_probabilities), len(active),
+                    budget_of_attack, device=model.device, on_charge=progress.run(description, total),
+                )
+                device = model.device
             extra = {"starts": starts} if goal is not None and attack.starts_from_data else {}
             result = attack(
-                oracle, x[active].to(model.device), y[active].to(model.device),
-                eps=eps, seed=_run_seed(seed, attack.label, eps),
-                target=None if goal is None else goal.to(model.device), **extra,
+                oracle, x[active].to(device), y[active].to(device),
+                eps=eps, seed=_run_seed(seed, attack.label, eps, group),
+                target=None if goal is None else goal.to(device), **extra,
             )
-            spent = oracle.queries()
+            # a transfer example costs the target one query: its verification
+            spent = result.queries.cpu() if transfer else oracle.queries()
+            if transfer:
+                advance(len(active))
             checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
             ok = checked.fooled & (checked.distortion <= (eps if eps is not None else torch.inf) + EPS_TOLERANCE)
             records.update(active, ok, checked, spent, attack.label)
@@ -327,8 +392,9 @@ def run_battery(
             first = within & ~broken[active]
             to_success[active[first]] = spent[first]
             attacked[active], broken[active[within]] = True, True
-            non_monotone += int((within & failed_larger[active]).sum())
-            failed_larger[active[~within]] = True
+            if not transfer:
+                non_monotone += int((within & failed_larger[active]).sum())
+                failed_larger[active[~within]] = True
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(within.sum()),
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
@@ -336,6 +402,7 @@ def run_battery(
                 success=tuple(within.tolist()),
                 distortion_at=distortion_at(result.trace, spent) if attack.kind != FIXED_EPS else (),
                 start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
+                surrogate=None if group is None else group.name,
             ))
             log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
         reports.append(AttackReport(

@@ -69,6 +69,10 @@ def cli(debug: bool) -> None:
 @click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); default: the whole battery.")
 @click.option("--target", help="Targeted audit: random, least-likely or a class index (targeted attacks only).")
+@click.option("--surrogate", "surrogates", multiple=True, type=click.Path(dir_okay=False),
+              help="Surrogate model for transfer attacks, any model format with gradients (repeatable).")
+@click.option("--train-surrogates", type=int, default=0, show_default=True,
+              help="Train K surrogates (MLP, CNN, ResNet-style, cached) on the built-in training split.")
 @click.option("--arch", help="module:factory building the network, for weights files.")
 @click.option("--mean", help="Per-channel mean folded into the model, e.g. 0.485,0.456,0.406.")
 @click.option("--std", help="Per-channel std folded into the model.")
@@ -78,13 +82,15 @@ def cli(debug: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.pass_obj
-def scan(command, model, access, data, samples, norm, eps, budget, attacks, target, arch, mean, std, trust_pickle, policy, out, seed, device):
+def scan(command, model, access, data, samples, norm, eps, budget, attacks, target, surrogates, train_surrogates,
+         arch, mean, std, trust_pickle, policy, out, seed, device):
     """Run the attack battery on MODEL and verify every adversarial example."""
     from .scan import scan as run_scan
 
     audit = run_scan(
         model, data, access=access, samples=samples, norm=norm, eps=eps or None, budget=budget,
         attacks=[name.strip() for name in attacks.split(",")] if attacks else None, target=target,
+        surrogates=surrogates, train_surrogates=train_surrogates,
         arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
         policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),
         command=command,
@@ -135,11 +141,13 @@ def attacks():
 
     ``default``: ``yes`` in the default battery of its own level and above,
     ``own level`` only when the scan's level is its own, ``no`` only with
-    ``--attacks``.
+    ``--attacks``. Transfer attacks (access ``none``) run only when the scan
+    has surrogate models.
     """
     from .attacks import CATALOGUE
 
-    click.echo(f"{'name':<18} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
+    width = max(len(attack.label) for attack in CATALOGUE)
+    click.echo(f"{'name':<{width}} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
     for attack in CATALOGUE:
         if not attack.in_default_battery:
             default = "no"
@@ -147,7 +155,7 @@ def attacks():
             default = "yes" if attack.at_stronger_levels else "own level"
         targeted = "yes" if attack.targeted else "no"
         click.echo(
-            f"{attack.label:<18} {attack.access.cli_name:<11} {attack.norm:<5} "
+            f"{attack.label:<{width}} {attack.access.cli_name:<11} {attack.norm:<5} "
             f"{attack.kind:<9} {default:<10} {targeted:<8} {attack.paper}"
         )
     return EXIT_PASS

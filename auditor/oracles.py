@@ -21,7 +21,7 @@ call that would take any sample past it, so budgets are never exceeded.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

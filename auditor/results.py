@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .attacks.base import FIXED_EPS
+from .attacks.transfer import TransferAttack
 from .battery import AttackReport, BatteryOutcome, RunReport
 from .errors import AuditError
 
@@ -77,6 +78,8 @@ def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measu
             "success": list(run.success),
         },
     }
+    if run.surrogate is not None:
+        entry["surrogate"] = run.surrogate
     if run.start_index:
         entry["per_sample"]["start_index"] = [None if i < 0 else int(i) for i in run.start_index]
     if run.eps is not None:
@@ -132,6 +135,42 @@ def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:
         "queries": _stats(report.queries_to_success, report.budget, total, measure),
         "runs": [_run_entry(run, report.budget, indices, measure) for run in report.runs],
         "seconds": round(report.seconds, 3),
+    }
+
+
+def transfer_entry(surrogates, sets, reports: Sequence[AttackReport], eps_list) -> dict | None:
+    """The transfer matrix, or None when the scan had no surrogates.
+
+    ``matrix[ε][method][set]`` is the success rate on the target of the
+    method run on that surrogate set, over the samples robust at ε when the
+    transfer attacks started (``samples[ε]``, the same for every cell).
+    ``baseline`` is plain I-FGSM, the method the others are compared with.
+    """
+    if not surrogates:
+        return None
+    matrix: dict[str, dict[str, dict[str, float]]] = {eps_key(eps): {} for eps in sorted(eps_list)}
+    samples: dict[str, int] = {}
+    baseline = None
+    for report in reports:
+        attack = report.attack
+        if not isinstance(attack, TransferAttack):
+            continue
+        if not attack.transforms:
+            baseline = attack.label
+        for run in report.runs:
+            key = eps_key(run.eps)
+            samples[key] = run.samples
+            matrix[key].setdefault(attack.label, {})[run.surrogate] = round(run.broken / run.samples, 6)
+    return {
+        "surrogates": [
+            {"name": s.name, "source": s.source,
+             "clean_accuracy": None if s.clean_accuracy is None else round(s.clean_accuracy, 6)}
+            for s in surrogates
+        ],
+        "sets": [group.name for group in sets],
+        "baseline": baseline,
+        "samples": samples,
+        "matrix": matrix,
     }
 
 

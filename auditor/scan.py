@@ -24,8 +24,8 @@ import torch
 from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
-from .battery import build_battery, run_battery
-from .data import load_data
+from .battery import SurrogateSet, build_battery, run_battery
+from .data import Dataset, load_data
 from .errors import AuditError
 from .models import check_model_on_data, load_model
 from .policy import PolicyResult, load_policy, write_junit
@@ -39,7 +39,9 @@ from .results import (
     eps_key,
     manifest,
     sample_entries,
+    transfer_entry,
 )
+from .surrogates import Surrogate, accuracy, train_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,40 @@ def resolve_targets(
     return torch.full((int(keep.sum()),), chosen, dtype=torch.long), keep, entry
 
 
+def resolve_surrogates(
+    paths: Sequence[str | Path], train: int, dataset: Dataset, x: torch.Tensor, y: torch.Tensor,
+    num_classes: int, seed: int,
+) -> tuple[list[Surrogate], tuple[SurrogateSet, ...]]:
+    """The surrogate models of a scan and the sets transfer attacks run on.
+
+    ``paths`` load as any model file does and must give gradients; ``train``
+    more are trained (or read from the cache) on the built-in training
+    split. Each surrogate alone is a set, and with two or more their
+    ensemble (averaged logits) is one more. Clean accuracy is measured on
+    the audit's samples.
+    """
+    if train < 0:
+        raise AuditError(f"--train-surrogates must be >= 0, got {train}")
+    found = []
+    for path in paths:
+        model = load_model(path, device="cpu")
+        module = model.torch_module()
+        if module is None:
+            raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
+        check_model_on_data(model, dataset)
+        found.append(Surrogate(Path(path).name, module.eval(), str(path), accuracy(module, x, y)))
+    if train:
+        if dataset.name != "mnist":
+            raise AuditError("--train-surrogates needs a training split; only --data mnist has one")
+        evaluate = Dataset("audit samples", x, y)
+        found += train_surrogates(load_data("mnist", split="train"), train, num_classes=num_classes,
+                                  seed=seed, evaluate=evaluate)
+    sets = [SurrogateSet(s.name, (s.module,)) for s in found]
+    if len(found) > 1:
+        sets.append(SurrogateSet("ensemble", tuple(s.module for s in found)))
+    return found, tuple(sets)
+
+
 def eps_at_half(distortion: torch.Tensor) -> float | None:
     """The ε at which robust accuracy, read from the per-sample records,
     falls to 50 %: the median record (the upper one for an even count), or
@@ -142,6 +178,8 @@ def scan(
     budget: int = DEFAULT_BUDGET,
     attacks: Sequence[str] | None = None,
     target: str | int | None = None,
+    surrogates: Sequence[str | Path] = (),
+    train_surrogates: int = 0,
     arch: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -159,7 +197,10 @@ def scan(
     with a policy) are written there; nothing is written if anything fails.
     ``target`` (``random``, ``least-likely`` or a class index) makes the audit
     targeted: only targeted attacks run, and a sample counts as broken only
-    where the model outputs its target.
+    where the model outputs its target. ``surrogates`` (model files) and
+    ``train_surrogates`` (a number of zoo models trained on the built-in
+    training split) give the transfer attacks their surrogate models; they
+    run at every access level, and alone at ``access="none"``.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     if budget < 1:
@@ -172,12 +213,17 @@ def scan(
     adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
     num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
-    battery = build_battery(level, norm, attacks, targeted=target is not None)
+    battery = build_battery(
+        level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates > 0
+    )
 
     indices = dataset.balanced_indices(samples)
     x, y = dataset.x[indices], dataset.y[indices]
     targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
     indices, x, y = indices[keep], x[keep], y[keep]
+    surrogate_models, surrogate_sets = resolve_surrogates(
+        surrogates, train_surrogates, dataset, x, y, num_classes, seed
+    )
     found, probabilities = checks_mod.preflight(adapter, x[:64])
     if level == Access.WHITE_BOX:
         found += checks_mod.gradient_checks(adapter.torch_module(), x[:64].to(adapter.device), y[:64].to(adapter.device))
@@ -186,6 +232,7 @@ def scan(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
             outputs_probabilities=probabilities, target=targets, progress=bar,
             starts=None if targets is None else StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
+            surrogates=surrogate_sets,
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)
@@ -220,6 +267,7 @@ def scan(
         },
         "eps_50": eps_at_half(outcome.records.distortion),
         "attacks": [attack_entry(report, indices.tolist()) for report in outcome.attacks],
+        "transfer": transfer_entry(surrogate_models, surrogate_sets, outcome.attacks, eps_list),
         "samples": sample_entries(indices.tolist(), y, outcome, targets),
         "checks": [check.to_dict() for check in found],
         "manifest": manifest(command or "auditor.scan() from Python", str(adapter.device)),

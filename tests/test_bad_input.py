@@ -91,7 +91,11 @@ CASES = {
     "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
     "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
     "stronger access than the file allows": (["scan", "{root}/hardmax.onnx", "--access", "white-box"], "Hardmax"),
-    "no attack at this access": (["scan", "{example}", "--access", "none"], "no attack can run"),
+    "no surrogates at access none": (["scan", "{example}", "--access", "none"], "give --surrogate PATH"),
+    "surrogate not found": (["scan", "{example}", "--surrogate", "{root}/missing.onnx"], "missing.onnx"),
+    "corrupt surrogate": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/corrupt.onnx"],
+                          "corrupt.onnx"),
+    "negative surrogate count": (["scan", "{example}", "--train-surrogates", "-1"], "--train-surrogates must be"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
 }

@@ -1,15 +1,18 @@
 """The attack catalogue: every attack the auditor can run, in battery order.
 
 Order follows cost and strength, as in AutoAttack: white-box first (APGD-CE,
-then targeted APGD), then soft-label, then hard-label, and random noise last
-as the sanity baseline. Attacks with ``in_default_battery = False`` (FGSM,
-PGD, C&W, APGD-DLR, OPT) run only when named with ``--attacks``; those with
-``at_stronger_levels = False`` (NES, GenAttack) run by default only when
+then targeted APGD), then soft-label, then hard-label, then the transfer
+attacks (they use only surrogate models, so they run at every access level
+when surrogates are given), and random noise last as the sanity baseline.
+Attacks with ``in_default_battery = False`` (FGSM, PGD, C&W, APGD-DLR, OPT)
+run only when named with ``--attacks``; those with ``at_stronger_levels =
+False`` (NES, GenAttack, Sign-OPT, HopSkipJump) run by default only when
 their own level is the scan's. Entries are immutable, so sharing one
 instance is safe.
 """
-
 from __future__ import annotations
+
+import dataclasses
 
 from .base import Attack, AttackResult
 from .hardlabel.hop_skip_jump import HopSkipJump
@@ -19,6 +22,7 @@ from .hardlabel.sign_opt import SignOPT
 from .softlabel.gen_attack import GenAttack
 from .softlabel.nes import NES
 from .softlabel.square import SquareAttack
+from .transfer import METHODS as TRANSFER_METHODS
 from .whitebox.apgd import APGD
 from .whitebox.apgd_t import APGDTargeted
 from .whitebox.carlini_wagner import CarliniWagnerL2
@@ -52,6 +56,8 @@ CATALOGUE: tuple[Attack, ...] = (
     HopSkipJump(norm="linf"),
     OPT(norm="l2"),
     OPT(norm="linf"),
+    *TRANSFER_METHODS,
+    *(dataclasses.replace(method, norm="l2") for method in TRANSFER_METHODS),
     RandomNoise(norm="linf"),
     RandomNoise(norm="l2"),
 )

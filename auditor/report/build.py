@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, PercentFormatter
 
 from ..errors import AuditError
+from .transfer import TransferView, transfer_view
 
 SCHEMA = "auditor.results/1"
 CHECKS_DOC = "docs/checks.md"
@@ -186,6 +187,7 @@ class ReportView:
     checks: tuple[CheckRow, ...]
     policy: PolicyView | None
     manifest: tuple[Field, ...]
+    transfer: TransferView | None = None
 
 
 def build_view(results: dict, source: str = "input") -> ReportView:
@@ -226,6 +228,7 @@ def _build(results: dict) -> ReportView:
         checks=tuple(_check_row(check) for check in results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
+        transfer=transfer_view(results),
     )
 
 

@@ -1,0 +1,258 @@
+"""Surrogate models for transfer attacks: a small zoo, trained on the audit's training split.
+
+A transfer attacker has no access to the target; it crafts its examples on
+models of its own, trained on the same task (Papernot et al., "Practical
+Black-Box Attacks against Machine Learning", AsiaCCS 2017, §4; Liu et al.,
+"Delving into Transferable Adversarial Examples and Black-box Attacks",
+ICLR 2017). Transfer is stronger from an ensemble of *different*
+architectures (Liu et al. 2017 §4; Tramèr et al., "Ensemble Adversarial
+Training", ICLR 2018), so the zoo holds three that differ from each other
+and from the example target: a fully connected net, a small CNN with
+max-pooling, and a ResNet-style net with batch normalisation and skip
+connections (He et al., "Deep Residual Learning for Image Recognition",
+CVPR 2016). Each trains in seconds on a few thousand MNIST-sized images on
+two CPU cores. The convolutional ones keep their weights channels-last, which
+on CPU about halves the cost of a gradient through their few-channel layers
+(max-pooling above all); the function is the same.
+
+Training is deterministic under a seed: parameters are initialised and the
+data shuffled from a private ``torch.Generator``, never the global RNG.
+Trained weights are cached by the data's hash, the architecture, the seed,
+the epochs and :data:`VERSION`, as safetensors files written atomically, so
+a second scan on the same data loads them instead of retraining (and never
+unpickles anything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .data.base import Dataset
+
+logger = logging.getLogger(__name__)
+
+VERSION = "1"
+"""Part of the cache key: bump it when the zoo or the training recipe changes."""
+
+BATCH = 64
+LEARNING_RATE = 1e-3
+
+Builder = Callable[[tuple[int, int, int], int], nn.Module]
+
+
+def _mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Two hidden layers of 256 ReLU units on the flattened image."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def _cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Two 3x3 convolutions (8 and 16 channels), each followed by 2x2 max-pooling, then two dense layers."""
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * (height // 4) * (width // 4), 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    ).to(memory_format=torch.channels_last)
+
+
+class _Residual(nn.Module):
+    """A basic block of He et al. (2016), Fig. 2: x + F(x), F = conv-BN-ReLU-conv-BN."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+def _resnet(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A strided stem, two residual stages (8 and 16 channels, each halving the resolution), global
+    average pooling."""
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        _Residual(8),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        _Residual(16),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    ).to(memory_format=torch.channels_last)
+
+
+ZOO: dict[str, Builder] = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
+"""name → builder(input_shape (C,H,W), num_classes) → an untrained module."""
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    name: str
+    module: nn.Module
+    """In eval mode, on the CPU."""
+    source: str
+    """``"trained"`` for a zoo model, else the path it was loaded from."""
+    clean_accuracy: float | None
+    """Accuracy on the evaluation data, ``None`` when none was given."""
+
+
+def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``module`` on ``(x, y)``, in chunks, without gradients."""
+    with torch.no_grad():
+        correct = sum(
+            int((module(x[i : i + 1024]).argmax(1) == y[i : i + 1024]).sum()) for i in range(0, len(y), 1024)
+        )
+    return correct / max(len(y), 1)
+
+
+def default_cache_dir() -> Path:
+    """``$AUDITOR_CACHE/surrogates`` when set, else ``~/.cache/auditor/surrogates``."""
+    root = os.environ.get("AUDITOR_CACHE")
+    return Path(root) / "surrogates" if root else Path.home() / ".cache" / "auditor" / "surrogates"
+
+
+def _initialise(module: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default initialisation of every convolution and linear layer, drawn from ``gen``.
+
+    Weights and biases are uniform in ±1/√fan_in, the bound that
+    ``reset_parameters`` gives both (Kaiming-uniform with a = √5); batch
+    normalisation keeps its deterministic (1, 0).
+    """
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            bound = 1.0 / math.sqrt(layer.weight[0].numel())
+            with torch.no_grad():
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                if layer.bias is not None:
+                    layer.bias.uniform_(-bound, bound, generator=gen)
+
+
+def _train(arch: str, train: Dataset, num_classes: int, seed: int, epochs: int) -> nn.Module:
+    """Adam (lr 1e-3), batch 64, cross-entropy, ``epochs`` passes over a seeded shuffle."""
+    gen = torch.Generator().manual_seed(seed)
+    module = ZOO[arch](tuple(train.x.shape[1:]), num_classes)
+    _initialise(module, gen)
+    optimiser = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen)
+        for start in range(0, len(order), BATCH):
+            rows = order[start : start + BATCH]
+            optimiser.zero_grad()
+            F.cross_entropy(module(train.x[rows]), train.y[rows]).backward()
+            optimiser.step()
+    return module.eval()
+
+
+def cache_key(
+    data_sha256: str, input_shape: tuple, arch: str, num_classes: int, seed: int, epochs: int
+) -> str:
+    """sha256 over the data's hash, the input shape, the architecture, the classes, the seed, the
+    epochs and :data:`VERSION`."""
+    text = f"{VERSION}|{data_sha256}|{tuple(input_shape)}|{arch}|{num_classes}|{seed}|{epochs}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _save(module: nn.Module, path: Path) -> None:
+    """Write the state dict as safetensors to a temporary file in the same folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata={"auditor_surrogates": VERSION})
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _load(arch: str, train: Dataset, num_classes: int, path: Path) -> nn.Module:
+    module = ZOO[arch](tuple(train.x.shape[1:]), num_classes)
+    module.load_state_dict(load_file(path))
+    return module.eval()
+
+
+def train_surrogates(
+    train: Dataset,
+    k: int,
+    *,
+    num_classes: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    epochs: int = 3,
+    evaluate: Dataset | None = None,
+) -> list[Surrogate]:
+    """Train (or load from the cache) ``k`` surrogates on ``train``.
+
+    Surrogate i has the architecture ``list(ZOO)[i % len(ZOO)]`` and the seed
+    ``seed + i``, so ``k > 3`` cycles through the zoo with fresh seeds; it is
+    named after its architecture (``mlp``, ``cnn``, ``resnet``), with the
+    cycle appended from the second cycle on (``mlp-1``, ...). A cached file
+    that cannot be read is retrained and rewritten. ``clean_accuracy`` is
+    the accuracy on ``evaluate`` when given.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    archs, digest, shape = list(ZOO), train.sha256, tuple(train.x.shape[1:])
+    surrogates = []
+    for i in range(k):
+        arch, cycle = archs[i % len(archs)], i // len(archs)
+        name = arch if cycle == 0 else f"{arch}-{cycle}"
+        key = cache_key(digest, shape, arch, num_classes, seed + i, epochs)
+        path = folder / f"{arch}-{key[:32]}.safetensors"
+        module = None
+        if path.is_file():
+            try:
+                module = _load(arch, train, num_classes, path)
+                logger.info("surrogate %s: loaded from %s", name, path)
+            except (OSError, RuntimeError, SafetensorError) as exc:
+                logger.warning("surrogate %s: cached weights %s unreadable (%s); retraining", name, path, exc)
+        if module is None:
+            module = _train(arch, train, num_classes, seed + i, epochs)
+            _save(module, path)
+            logger.info(
+                "surrogate %s: trained %d epochs on %d images, cached at %s", name, epochs, len(train), path
+            )
+        clean = None if evaluate is None else accuracy(module, evaluate.x, evaluate.y)
+        surrogates.append(Surrogate(name=name, module=module, source="trained", clean_accuracy=clean))
+    return surrogates

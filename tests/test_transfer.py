@@ -1,0 +1,233 @@
+"""Transfer attacks: the transforms' contract, ensembles, targeted mode, and the surrogate zoo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from auditor import surrogates as zoo
+from auditor.access import Access
+from auditor.attacks.base import ORACLE_ACCESS, distortion
+from auditor.attacks.transfer import (
+    METHODS,
+    Admix,
+    DiverseInputs,
+    MomentumIterative,
+    Nesterov,
+    ReverseAdversarialPerturbation,
+    ScaleInvariance,
+    TransferAttack,
+    TranslationInvariance,
+    VarianceTuning,
+)
+from auditor.attacks.transfer.admix import other_class_rows
+from auditor.data.base import Dataset
+from auditor.oracles import SurrogateOracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL_VT = VarianceTuning(samples=3)
+SMALL_RAP = ReverseAdversarialPerturbation(steps=2, late_start=2)
+ATTACKS = [
+    TransferAttack(),
+    TransferAttack((MomentumIterative(),)),
+    TransferAttack((Nesterov(),)),
+    TransferAttack((DiverseInputs(),)),
+    TransferAttack((TranslationInvariance(),)),
+    TransferAttack((ScaleInvariance(),)),
+    TransferAttack((SMALL_VT,)),
+    TransferAttack((Admix(),)),
+    TransferAttack((SMALL_RAP,), steps=4),
+    TransferAttack(
+        (Admix(), ScaleInvariance(), DiverseInputs(), SMALL_VT, TranslationInvariance(), Nesterov())
+    ),
+    TransferAttack((DiverseInputs(), MomentumIterative(), SMALL_RAP), steps=4, norm="l2"),
+]
+RANDOM = {"di", "vt", "admix", "rap"}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_cnn, correct_batch):
+    return correct_batch[0][:12], correct_batch[1][:12]
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda attack: attack.label)
+def test_transform_contract(attack, tiny_cnn, batch):
+    """ε-ball and [0,1], a pure call that is deterministic under a seed, one target query per sample."""
+    x, y = batch
+    eps = 0.3 if attack.norm == "linf" else 2.0
+    oracle = SurrogateOracle([tiny_cnn])
+    first = attack(oracle, x, y, eps=eps, seed=5)
+    assert first.x_adv.shape == x.shape
+    assert distortion(first.x_adv - x, attack.norm).max() <= eps + 1e-6
+    assert first.x_adv.min() >= 0 and first.x_adv.max() <= 1
+    assert torch.equal(first.x_adv, attack(SurrogateOracle([tiny_cnn]), x, y, eps=eps, seed=5).x_adv)
+    assert first.success.all() and torch.equal(first.queries, torch.ones(len(y), dtype=torch.long))
+    assert oracle.passes > 0
+    if RANDOM & {transform.tag for transform in attack.transforms}:
+        assert not torch.equal(first.x_adv, attack(SurrogateOracle([tiny_cnn]), x, y, eps=eps, seed=6).x_adv)
+    # white-box on the surrogate itself, the examples must fool it
+    assert (tiny_cnn(first.x_adv).argmax(1) != y).float().mean() >= 0.75
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        attack.steps = 3
+
+
+def test_ensemble_of_one_is_that_surrogate(tiny_cnn, batch):
+    x, y = batch
+    oracle = SurrogateOracle([tiny_cnn])
+    with torch.no_grad():
+        assert torch.equal(oracle.logits(x), tiny_cnn(x))
+    _, grad = oracle.loss_grad(x, lambda logits: logits[:, 0])
+    z = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(tiny_cnn(z)[:, 0].sum(), z)
+    assert torch.equal(grad, expected)
+    # averaging two copies of one model is that model, so every attack gives the same examples
+    attack = TransferAttack((DiverseInputs(), TranslationInvariance(), MomentumIterative()))
+    alone = attack(SurrogateOracle([tiny_cnn]), x, y, eps=0.3, seed=2).x_adv
+    assert torch.equal(alone, attack(SurrogateOracle([tiny_cnn, tiny_cnn]), x, y, eps=0.3, seed=2).x_adv)
+
+
+def test_ensemble_averages_logits(tiny_cnn, batch):
+    x, _ = batch
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        expected = (tiny_cnn(x) + other(x)) / 2
+    assert torch.allclose(SurrogateOracle([tiny_cnn, other]).logits(x), expected, atol=1e-6)
+    with pytest.raises(ValueError):
+        SurrogateOracle([])
+
+
+@pytest.mark.parametrize("loss", ["ce", "logit"])
+def test_targeted_mode_moves_toward_the_target(tiny_cnn, batch, loss):
+    x, y = batch
+    target = (y + 1) % 10
+    attack = TransferAttack((MomentumIterative(),), loss=loss)
+    x_adv = attack(SurrogateOracle([tiny_cnn]), x, y, eps=0.3, seed=0, target=target).x_adv
+    with torch.no_grad():
+        before = tiny_cnn(x).softmax(1).gather(1, target[:, None])
+        after = tiny_cnn(x_adv).softmax(1).gather(1, target[:, None])
+        hit = tiny_cnn(x_adv).argmax(1) == target
+    assert (after > before).all()
+    assert hit.float().mean() >= 0.75
+    with pytest.raises(ValueError, match="equals the true label"):
+        attack(SurrogateOracle([tiny_cnn]), x, y, eps=0.3, target=y)
+
+
+def test_attack_configuration():
+    mixed = TransferAttack((Admix(), DiverseInputs(), TranslationInvariance(), MomentumIterative()))
+    assert mixed.label == "transfer-mi-di-ti-admix-linf"
+    assert "Dong et al." in mixed.paper and "Admix" in mixed.paper
+    with pytest.raises(ValueError, match="pipeline order: admix, di, ti, mi"):
+        TransferAttack((Admix(), DiverseInputs(), MomentumIterative(), TranslationInvariance()))
+    assert TransferAttack().label == "transfer-ifgsm-linf"
+    assert TransferAttack(loss="logit", norm="l2").label == "transfer-ifgsm-logit-l2"
+    assert TransferAttack.targeted and mixed.access == Access.NONE
+    assert ORACLE_ACCESS[SurrogateOracle] == Access.NONE
+    params = json.loads(json.dumps(mixed.params()))
+    assert params["transforms"][0] == {"name": "admix", "copies": 3, "eta": 0.2}
+    with pytest.raises(ValueError, match="cannot be combined"):
+        TransferAttack((MomentumIterative(), Nesterov()))
+    with pytest.raises(ValueError, match="late_start"):
+        TransferAttack((ReverseAdversarialPerturbation(),), steps=10)
+    with pytest.raises(ValueError, match="eps is required"):
+        TransferAttack()(SurrogateOracle([nn.Flatten()]), torch.zeros(1, 1, 2, 2), torch.zeros(1).long())
+    labels = [attack.label for attack in METHODS]
+    assert labels[0] == "transfer-ifgsm-linf" and len(set(labels)) == len(labels)
+    assert labels[-1].endswith("-rap-linf")
+
+
+def test_input_and_gradient_transforms():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=gen)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert torch.equal(DiverseInputs(p=0.0).expand(x, y, gen), x)
+    diverse = DiverseInputs(p=1.0).expand(x, y, gen)
+    assert diverse.shape == x.shape and not torch.equal(diverse, x)
+    scaled = ScaleInvariance(copies=3).expand(x, y, gen)
+    assert torch.equal(scaled[6:12], x / 2) and torch.equal(scaled[12:], x / 4)
+    mixed = Admix(copies=2, eta=0.5).expand(x, y, gen)
+    partners = (mixed - x.repeat(2, 1, 1, 1)) / 0.5
+    rows = (partners.flatten(1)[:, None, :] - x.flatten(1)[None]).abs().amax(2).argmin(1)
+    assert (y.repeat(2) != y[rows]).all()
+    for _ in range(20):
+        assert (y[other_class_rows(y, gen)] != y).all()
+    assert other_class_rows(torch.zeros(4, dtype=torch.long), gen).shape == (4,)
+    # TI: a constant gradient away from the border is unchanged; the kernel sums to 1
+    grad = torch.ones(1, 1, 16, 16)
+    smoothed, _ = TranslationInvariance(kernel=5).gradient(grad, None, None)
+    assert torch.allclose(smoothed[..., 2:-2, 2:-2], grad[..., 2:-2, 2:-2])
+    # MI accumulates gradients normalised to mean |g| = 1
+    momentum = MomentumIterative(mu=1.0)
+    state = momentum.start(grad)
+    direction, state = momentum.gradient(2 * grad, state, None)
+    direction, state = momentum.gradient(3 * grad, state, None)
+    assert torch.allclose(direction, 2 * grad)
+
+
+def _tiny_data(n: int = 160) -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 10
+    x = (torch.rand(n, 1, 28, 28, generator=gen) * 0.2 + (y.float() / 10).view(-1, 1, 1, 1)).clamp(0, 1)
+    return Dataset(name="tiny", x=x, y=y)
+
+
+def test_zoo_architectures_differ_and_fit_any_shape():
+    for name, build in zoo.ZOO.items():
+        for shape in ((1, 28, 28), (3, 32, 32)):
+            assert build(shape, 7).eval()(torch.rand(2, *shape)).shape == (2, 7), name
+    kinds = {name: {type(m) for m in build((1, 28, 28), 10).modules()} for name, build in zoo.ZOO.items()}
+    assert (
+        nn.Conv2d not in kinds["mlp"] and nn.MaxPool2d in kinds["cnn"] and nn.BatchNorm2d in kinds["resnet"]
+    )
+
+
+def test_surrogates_train_fast_cache_and_load_as_safetensors(tmp_path, monkeypatch):
+    data = _tiny_data()
+    trained = zoo.train_surrogates(
+        data, 4, num_classes=10, seed=1, cache_dir=tmp_path, epochs=1, evaluate=data
+    )
+    assert [s.name for s in trained] == ["mlp", "cnn", "resnet", "mlp-1"]
+    assert all(s.source == "trained" and 0.0 <= s.clean_accuracy <= 1.0 for s in trained)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 4 and not list(tmp_path.glob("*.tmp"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:  # never a pickle
+            assert weights.keys()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained despite a cache hit")
+
+    monkeypatch.setattr(zoo, "_train", no_training)
+    cached = zoo.train_surrogates(data, 4, num_classes=10, seed=1, cache_dir=tmp_path, epochs=1)
+    for first, second in zip(trained, cached):
+        assert second.clean_accuracy is None
+        for a, b in zip(first.module.state_dict().values(), second.module.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_surrogate_training_is_deterministic_and_survives_a_broken_cache(tmp_path):
+    data = _tiny_data()
+    first = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path / "a", epochs=1)[0]
+    again = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path / "b", epochs=1)[0]
+    other = zoo.train_surrogates(data, 1, num_classes=10, seed=4, cache_dir=tmp_path / "c", epochs=1)[0]
+    weight = lambda s: next(iter(s.module.state_dict().values()))
+    assert torch.equal(weight(first), weight(again)) and not torch.equal(weight(first), weight(other))
+    (broken,) = (tmp_path / "a").glob("*.safetensors")
+    broken.write_bytes(b"not safetensors")
+    rebuilt = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path / "a", epochs=1)[0]
+    assert torch.equal(weight(rebuilt), weight(first))
+    assert zoo.accuracy(first.module, data.x, data.y) == pytest.approx(
+        (first.module(data.x).argmax(1) == data.y).float().mean().item()
+    )
+
+
+def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path))
+    assert zoo.default_cache_dir() == tmp_path / "surrogates"
+    monkeypatch.delenv("AUDITOR_CACHE")
+    assert zoo.default_cache_dir().parts[-3:] == (".cache", "auditor", "surrogates")

@@ -1,0 +1,122 @@
+"""Transfer attacks inside a scan: the battery stage, `--access none`, results and report."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import auditor
+from auditor.access import Access
+from auditor.attacks import BY_LABEL
+from auditor.battery import Battery, SurrogateSet, build_battery, run_battery
+from auditor.cli import main
+from auditor.errors import AuditError
+from auditor.models import ModelInfo, TorchModel
+
+METHODS = ("transfer-ifgsm-linf", "transfer-mi-di-ti-linf")
+
+
+class CountingModule(nn.Module):
+    """Wraps a module and counts the images it is shown."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return self.module(x)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_transfer_costs_the_target_one_query_per_sample_per_run(tiny_cnn, mnist_test):
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    target = CountingModule(copy.deepcopy(tiny_cnn))
+    model = TorchModel(target, ModelInfo("tiny", "state-dict", "0", (1, 28, 28), 10), device="cpu")
+    # the surrogates: two other networks (a perturbed copy and an MLP), alone and as an ensemble
+    other = copy.deepcopy(tiny_cnn)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    sets = (SurrogateSet("cnn", (other,)), SurrogateSet("mlp", (mlp,)), SurrogateSet("ensemble", (other, mlp)))
+    battery = Battery(Access.NONE, "linf", tuple(BY_LABEL[name] for name in METHODS))
+    eps_list = [0.1, 0.2]
+    outcome = run_battery(battery, model, x, y, eps_list=eps_list, budget=None, seed=0, surrogates=sets)
+    clean_wrong = int((outcome.clean_pred != y).sum())
+    # every run sees the samples robust at its ε when the transfer stage began, the same for all
+    for report in outcome.attacks:
+        assert [(run.eps, run.surrogate) for run in report.runs] == [
+            (eps, group.name) for eps in (0.2, 0.1) for group in sets
+        ]
+        assert {run.samples for run in report.runs} == {len(y) - clean_wrong}
+        assert all(set(run.queries) == {1} for run in report.runs)
+    runs = len(METHODS) * len(sets) * len(eps_list)
+    # the clean predictions, one verification per sample per run, and nothing else
+    assert target.rows == len(y) + runs * (len(y) - clean_wrong)
+
+
+def test_transfer_attacks_need_surrogates():
+    with pytest.raises(AuditError, match="--access none runs only transfer attacks"):
+        build_battery(Access.NONE, "linf")
+    battery = build_battery(Access.NONE, "linf", transfer=True)
+    assert battery.attacks and all(a.access == Access.NONE for a in battery.attacks)
+    with pytest.raises(AuditError, match="needs surrogate models"):
+        build_battery(Access.HARD_LABEL, "linf", [METHODS[0]])
+    # at any level, given surrogates, they follow the level's own attacks
+    labels = [a.label for a in build_battery(Access.HARD_LABEL, "linf", transfer=True).attacks]
+    assert labels[0] == "sign-opt-linf" and labels[-1] == "random-noise-linf"
+    assert METHODS[0] in labels and labels.index(METHODS[0]) > labels.index("hop-skip-jump-linf")
+
+
+def test_access_none_scan_writes_the_matrix_and_the_report(example_onnx, cache, tmp_path):
+    out = tmp_path / "scan"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", str(example_onnx), "--access", "none", "--train-surrogates", "3", "--data", "mnist",
+              "-n", "30", "--eps", "0.2", "--attacks", ",".join(METHODS), "--out", str(out)])
+    assert exit_info.value.code == 0
+    results = json.loads((out / "results.json").read_text())
+    transfer = results["transfer"]
+    assert [s["name"] for s in transfer["surrogates"]] == ["mlp", "cnn", "resnet"]
+    assert all(0.5 < s["clean_accuracy"] <= 1 for s in transfer["surrogates"])
+    assert transfer["sets"] == ["mlp", "cnn", "resnet", "ensemble"] and transfer["baseline"] == METHODS[0]
+    matrix = transfer["matrix"]["0.2"]
+    assert set(matrix) == set(METHODS) and all(set(row) == set(transfer["sets"]) for row in matrix.values())
+    # the worst case over the matrix is the robust accuracy
+    broken = [s for s in results["samples"] if s["broken_by"] not in (None, "clean")]
+    assert broken and all(s["broken_by"] in METHODS for s in broken)
+    assert results["robust_accuracy"]["0.2"] <= 1 - max(max(row.values()) for row in matrix.values()) * \
+        transfer["samples"]["0.2"] / results["data"]["n"] + 1e-6
+    html = (out / "report.html").read_text()
+    assert "Transfer attacks" in html and 'class="data heatmap"' in html
+    assert (out / "report.pdf").stat().st_size > 0
+    # the surrogates are cached: a second scan trains nothing
+    cached = sorted(p.name for p in (cache / "surrogates").iterdir())
+    assert len(cached) == 3
+    again = auditor.scan(example_onnx, "mnist", access="none", samples=30, eps=[0.2], attacks=list(METHODS),
+                         train_surrogates=3)
+    assert sorted(p.name for p in (cache / "surrogates").iterdir()) == cached
+    assert again.results["transfer"]["matrix"] == transfer["matrix"]
+
+
+def test_bad_surrogate_input_is_one_clear_error(example_onnx, cache, tmp_path, mnist_test):
+    with pytest.raises(AuditError, match="--access none runs only transfer attacks"):
+        auditor.scan(example_onnx, "mnist", access="none", samples=10)
+    with pytest.raises(AuditError, match="file not found"):
+        auditor.scan(example_onnx, "mnist", access="none", samples=10, surrogates=[tmp_path / "missing.onnx"])
+    npz = tmp_path / "data.npz"
+    import numpy as np
+
+    np.savez(npz, x=mnist_test.x[:20].numpy(), y=mnist_test.y[:20].numpy())
+    with pytest.raises(AuditError, match="needs a training split"):
+        auditor.scan(example_onnx, str(npz), access="none", train_surrogates=1)
