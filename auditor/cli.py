@@ -103,6 +103,81 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
     return _exit_code(audit.results)
 
 
+@cli.command(epilog="Example: auditor harden examples/mnist_cnn.onnx --data mnist --eps 0.3 --out out/harden")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", default="mnist", show_default=True,
+              help="Training data: mnist (its train split), a .npz with x and y, or an image folder.")
+@click.option("--eps", type=float, required=True, help="Training and evaluation radius.")
+@click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
+@click.option("--method", default="fast", show_default=True, type=click.Choice(["fast", "pgd", "free"]),
+              help="fast: FGSM with random start (Wong et al. 2020); pgd: PGD-k (Madry et al. 2018); "
+                   "free: m replays (Shafahi et al. 2019).")
+@click.option("--epochs", type=int, help="Passes over the training data (default 20).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the hardened model, before/ and after/ scans, hardening.json and the report.")
+@click.option("--no-guard", is_flag=True,
+              help="Experiments only: never roll back on catastrophic overfitting.")
+@click.option("--eval-data",
+              help="Data for the before/after scans; default: --data (the test split for mnist).")
+@click.option("-n", "--samples", type=int, help="Scan a class-balanced subset of N samples.")
+@click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True,
+              help="Queries per sample for the scans' black-box attacks.")
+@click.option("--batch-size", type=int, help="Minibatch size (default 50).")
+@click.option("--lr-max", type=float, help="Peak of the cyclic learning rate (default 5e-3).")
+@click.option("--eps-warmup", type=float, help="Fraction of training over which ε ramps up (default 0.4).")
+@click.option("--alpha", type=float, help="Attack step as a multiple of ε (fast 1.5, pgd 1/30, free 1).")
+@click.option("--eps-scale", type=float,
+              help="Training radius as a multiple of --eps (fast 1.2, pgd and free 1).")
+@click.option("--steps", type=int, help="pgd: attack steps per batch (default 40).")
+@click.option("--replays", type=int, help="free: replays per minibatch (default 8).")
+@click.option("--zero-init", is_flag=True,
+              help="fast: start FGSM from zero instead of a random point (experiments).")
+@click.option("--clip-to-box", is_flag=True, help="Clip the training adversary's images to [0,1].")
+@click.option("--guard-size", type=int, help="Training images held out for the guard (default 256).")
+@click.option("--guard-every", type=int, help="Updates between guard checks in long epochs (default 200).")
+@click.option("--guard-drop", type=float,
+              help="PGD accuracy drop from its best that trips the guard (default 0.2).")
+@click.option("--arch", help="module:factory building the network, for weights files.")
+@click.option("--mean", help="Per-channel mean folded into the model, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Per-channel std folded into the model.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (runs code from the file!).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.pass_obj
+def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, samples, budget,
+           mean, std, arch, trust_pickle, seed, device, zero_init, clip_to_box, **options):
+    """Adversarially fine-tune MODEL and write it, hardened, in its own format.
+
+    Also scans the model before and after (white-box, same settings) and
+    writes hardening.json and a report with a Hardening section.
+    """
+    from .harden import harden as run_harden
+
+    options = {key: value for key, value in options.items() if value is not None}
+    if zero_init:
+        options["random_init"] = False
+    if clip_to_box:
+        options["clip_to_box"] = True
+    result = run_harden(
+        model, data, eps=eps, out=out, norm=norm, method=method, guard=not no_guard,
+        seed=seed, eval_data=eval_data, samples=samples, budget=budget, arch=arch, mean=_floats(mean),
+        std=_floats(std), trust_pickle=trust_pickle, device=device, progress=sys.stderr.isatty(),
+        command=command, **options,
+    )
+    record = result.record
+    before, after = record["before"], record["after"]
+    seconds = record["training_seconds"]
+    click.echo(f"{record['method']['label']}: {record['epochs_run']} epochs in {seconds:.1f} s")
+    click.echo(f"clean accuracy: {before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}")
+    for key, value in after["robust_accuracy"].items():
+        was = before["robust_accuracy"][key]
+        click.echo(f"robust accuracy at {norm} eps={key}: {was:.1%} -> {value:.1%}")
+    for event in result.guard_events:
+        click.echo(f"guard: {event['message']}")
+    click.echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")
+    return EXIT_PASS
+
+
 @cli.command(epilog="Example: auditor check out/scan/results.json --policy strict --junit junit.xml")
 @click.argument("results_path", metavar="RESULTS", type=click.Path(dir_okay=False))
 @click.option("--policy", required=True, help="Policy YAML, or a shipped name: default, strict.")

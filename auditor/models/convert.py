@@ -745,6 +745,11 @@ class OnnxGraphModule(nn.Module):
             self._buffers_by_value[name] = buffer
         self._steps = steps
 
+    @property
+    def value_buffers(self) -> dict[str, str]:
+        """ONNX value name (initializer or ``Constant`` output) -> the attribute holding its tensor."""
+        return dict(self._buffers_by_value)
+
     def forward(self, x: Tensor) -> Tensor:
         values = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
         values[self.input_name] = x.to(self.input_dtype)

@@ -165,6 +165,46 @@ class DistortionSummary:
 
 
 @dataclass(frozen=True)
+class ComparisonRow:
+    """One metric of the hardened model against the original."""
+
+    metric: str
+    before: str
+    after: str
+    change: str
+
+
+@dataclass(frozen=True)
+class CurveRow:
+    """One epoch of hardening: the schedules, the training loss and the guard batch's accuracies."""
+
+    epoch: str
+    eps: str
+    lr: str
+    loss: str
+    train_accuracy: str
+    clean: str
+    fgsm: str
+    pgd: str
+
+
+@dataclass(frozen=True)
+class HardeningView:
+    """The "Hardening" section: what training did and what it changed."""
+
+    method: str
+    paper: str
+    summary: str
+    settings: tuple[Field, ...]
+    comparison: tuple[ComparisonRow, ...]
+    curve: tuple[CurveRow, ...]
+    chart_svg: Markup | None
+    guard: str
+    events: tuple[str, ...]
+    output: tuple[Field, ...]
+
+
+@dataclass(frozen=True)
 class ReportView:
     """Everything the report templates show, one field per section."""
 
@@ -187,6 +227,7 @@ class ReportView:
     checks: tuple[CheckRow, ...]
     policy: PolicyView | None
     manifest: tuple[Field, ...]
+    hardening: HardeningView | None = None
     transfer: TransferView | None = None
 
 
@@ -228,6 +269,7 @@ def _build(results: dict) -> ReportView:
         checks=tuple(_check_row(check) for check in results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
+        hardening=_hardening(results.get("hardening")),
         transfer=transfer_view(results),
     )
 
@@ -579,3 +621,119 @@ def _plot_curve(axes, accuracies: dict[str, float], clean: float, label: str, **
     xs = [0.0] + [float(value) for value in eps]
     ys = [clean * 100] + [accuracies[value] * 100 for value in eps]
     axes.plot(xs, ys, label=label, **style)
+
+
+def _points(before: float, after: float) -> str:
+    """A change of accuracy in percentage points, signed."""
+    return f"{(after - before) * 100:+.1f} pp"
+
+
+def _optional(value: float | None, fmt: str) -> str:
+    return MISSING if value is None else format(value, fmt)
+
+
+def _hardening(record: dict | None) -> HardeningView | None:
+    """The Hardening section of a ``results.json`` written by ``auditor harden`` (None otherwise)."""
+    if record is None:
+        return None
+    config, method = record["config"], record["method"]
+    before, after = record["before"], record["after"]
+    norm = norm_name(record["threat"]["norm"])
+    comparison = [ComparisonRow("Clean accuracy", percent(before["clean_accuracy"]),
+                                percent(after["clean_accuracy"]),
+                                _points(before["clean_accuracy"], after["clean_accuracy"]))]
+    for eps in _sorted_eps(after["robust_accuracy"]):
+        was, now = before["robust_accuracy"][eps], after["robust_accuracy"][eps]
+        comparison.append(ComparisonRow(f"Robust accuracy at ε={eps} ({norm})", percent(was), percent(now),
+                                        _points(was, now)))
+    curve = tuple(
+        CurveRow(
+            epoch=str(row["epoch"]), eps=f"{row['eps']:.3g}", lr=_optional(row["lr"], ".2g"),
+            loss=_optional(row["loss"], ".3f"), train_accuracy=percent(row["train_accuracy"]),
+            clean=percent(row["clean"]), fgsm=percent(row["fgsm"]), pgd=percent(row["pgd"]),
+        )
+        for row in record["curve"]
+    )
+    guard = record["guard"]
+    events = tuple(f"Epoch {event['epoch']}, update {event['iteration']}: {event['message']}"
+                   for event in guard["events"])
+    if not guard["enabled"]:
+        guard_text = "The guard was disabled (--no-guard): checks were recorded, nothing was acted on."
+    elif any(event["action"] == "rollback" for event in guard["events"]):
+        guard_text = "The guard rolled training back to its best weights and stopped it."
+    else:
+        guard_text = "The guard checked every epoch and never had to act."
+    planned = config["epochs"]
+    ran = record["epochs_run"]
+    stopped = " (stopped early)" if record["stopped_early"] else ""
+    summary = (f"{method['label']} for {ran} of {planned} epochs{stopped} at ε={record['threat']['eps']:g} "
+               f"({norm}) took {record['training_seconds']:.1f} s of training; robust accuracy went from "
+               f"{comparison[-1].before} to {comparison[-1].after}, clean accuracy from "
+               f"{comparison[0].before} to {comparison[0].after}.")
+    attack = guard["attack"]
+    settings = (
+        Field("Method", f"{method['label']} ({method['name']})"),
+        Field("Method settings", ", ".join(f"{key}={value}" for key, value in method["params"].items())),
+        Field("Threat", f"ε={record['threat']['eps']:g}, {norm}"),
+        Field("Epochs", f"{ran} of {planned}{stopped}, {record['updates']:,} updates"),
+        Field("Optimiser", f"Adam, batch {config['batch_size']}, triangular cyclic learning rate peaking at "
+                           f"{config['lr_max']:g} after {config['lr_peak']:.0%} of the updates"),
+        Field("ε warm-up", f"linear over the first {config['eps_warmup']:.0%} of the updates"
+              if config["eps_warmup"] else "none"),
+        Field("Training data", f"{record['data']['name']}: {record['data']['train']:,} images, "
+                               f"{record['data']['guard']:,} held out for the guard"),
+        Field("Scan data", _scan_data(record["data"])),
+        Field("Guard", f"{attack['name']}, {attack['steps']} steps, on the held-out batch; roll back when "
+                       f"PGD accuracy falls more than {guard['drop'] * 100:g} points below its best"
+              + ("" if guard["enabled"] else " (disabled)")),
+        Field("Device", record["device"]["name"] + (", mixed precision" if record["device"]["amp"] else "")),
+        Field("Wall time", f"{record['training_seconds']:.1f} s training, {record['seconds']:.1f} s in all"),
+        Field("Seed", str(record["seed"])),
+    )
+    output = (
+        Field("Hardened model", record["output"]["path"], mono=True),
+        Field("Format", record["output"]["format"]),
+        Field("SHA-256", record["output"]["sha256"], mono=True),
+        Field("Export check", f"max abs logit difference {record['output']['check']['max_abs_diff']:.2g} "
+                              f"on {record['output']['check']['images']} images"),
+        Field("Original model", record["model"]["path"], mono=True),
+        Field("Original SHA-256", record["model"]["sha256"], mono=True),
+    )
+    return HardeningView(method=method["label"], paper=method["paper"], summary=summary, settings=settings,
+                         comparison=tuple(comparison), curve=curve, chart_svg=_training_chart(record),
+                         guard=guard_text, events=events, output=output)
+
+
+def _scan_data(data: dict) -> str:
+    """Where the before/after scans ran, with a warning when that is the training data."""
+    if data["eval"] == "mnist":
+        return "mnist (test split)"
+    if data["eval_is_training_data"]:
+        return f"{data['eval']} (the training data: before/after overstate robustness)"
+    return data["eval"]
+
+
+def _training_chart(record: dict) -> Markup:
+    """Clean, FGSM and PGD accuracy on the guard batch per epoch (epoch 0: the original model),
+    with the guard's rollbacks marked."""
+    curve = record["curve"]
+    epochs = [row["epoch"] for row in curve]
+    with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
+        figure = Figure(figsize=(7.0, 2.8), layout="constrained")
+        axes = figure.add_subplot()
+        lines = (("clean", "clean", "o"), ("fgsm", "FGSM", "^"), ("pgd", "PGD (guard)", "s"))
+        for key, label, marker in lines:
+            axes.plot(epochs, [row[key] * 100 for row in curve], marker=marker, markersize=4, linewidth=1.4,
+                      label=label)
+        for event in record["guard"]["events"]:
+            axes.axvline(event["epoch"], color="#b91c1c", linestyle="--", linewidth=1.0,
+                         label=f"guard: {event['action']}")
+        axes.xaxis.set_major_locator(FixedLocator(epochs))
+        axes.set_ylim(-4, 104)
+        axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
+        axes.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("accuracy on the guard batch")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+        return _svg(figure)

@@ -1,0 +1,235 @@
+"""``auditor.harden``: adversarial fine-tuning of a model file, exported in its own format.
+
+The flow: validate the configuration, load the training data and the model
+(checked on the data), scan the model as it is (white-box, ``before/``),
+train it with the chosen method under the guard (:mod:`.train`,
+:mod:`.guard`), write it back in the input's format and check the written
+file against the trained module (:mod:`.export`), scan the written file with
+the same settings (``after/``), and write ``hardening.json``, a
+``results.json`` (the after-scan plus the ``hardening`` record) and the
+report with its "Hardening" section. Everything is staged in a temporary
+folder inside ``out`` and moved into place only when all of it was written.
+The CLI's ``harden`` command is a thin layer over :func:`harden`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..access import DEFAULT_BUDGET
+from ..data import Dataset, load_data
+from ..errors import AuditError
+from ..models import check_model_on_data, load_model
+from ..models.pytorch import resolve_device
+from ..progress import TrainingProgress
+from ..report.render import write_report
+from ..results import auditor_version, dump
+from ..scan import AuditResult, scan, write_outputs
+from .config import HardenConfig
+from .export import export, hardened_name
+from .guard import Guard
+from .methods import METHODS
+from .train import TrainingOutcome, train
+from .trainable import make_trainable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "auditor.hardening/1"
+CHECK_ROWS = 64
+"""Training images on which the written model must reproduce the trained module's logits."""
+CONFIG_FIELDS = {field.name for field in dataclasses.fields(HardenConfig)}
+
+
+@dataclass(frozen=True)
+class HardenResult:
+    """What :func:`harden` returns: the record (``hardening.json``), the written model and both scans."""
+
+    record: dict
+    model_path: Path
+    before: AuditResult
+    after: AuditResult
+    network: nn.Module
+    """The trained network (without normalisation), in eval mode."""
+
+    @property
+    def curve(self) -> list[dict]:
+        """Per epoch (0: the starting model): loss, and clean/FGSM/PGD accuracy on the guard batch."""
+        return self.record["curve"]
+
+    @property
+    def guard_events(self) -> list[dict]:
+        return self.record["guard"]["events"]
+
+    @property
+    def rolled_back(self) -> bool:
+        return any(event["action"] == "rollback" for event in self.guard_events)
+
+    @property
+    def training_seconds(self) -> float:
+        return self.record["training_seconds"]
+
+
+def _split(dataset: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guard rows, training rows): a class-balanced held-out batch and the rest."""
+    if size >= len(dataset):
+        raise AuditError(f"--guard-size {size} leaves no training data ({len(dataset)} images)")
+    guard = dataset.balanced_indices(size)
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    keep[guard] = False
+    return guard, keep.nonzero().flatten()
+
+
+def _summary(audit: AuditResult, relative: str) -> dict:
+    results = audit.results
+    return {"clean_accuracy": results["clean_accuracy"], "robust_accuracy": results["robust_accuracy"],
+            "results": relative}
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    for path in stage.iterdir():
+        target = out / path.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        path.replace(target)
+
+
+def harden(
+    model: str | Path,
+    data: str = "mnist",
+    *,
+    eps: float,
+    out: str | Path,
+    norm: str = "linf",
+    method: str = "fast",
+    epochs: int | None = None,
+    guard: bool = True,
+    seed: int = 0,
+    eval_data: str | None = None,
+    samples: int | None = None,
+    budget: int = DEFAULT_BUDGET,
+    arch: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    trust_pickle: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+    command: str | None = None,
+    **options,
+) -> HardenResult:
+    """Adversarially fine-tune ``model`` on ``data`` and write it, hardened, to ``out``.
+
+    ``data`` is ``mnist`` (its train split), a ``.npz`` or an image folder;
+    the before/after scans run on ``eval_data`` (default: the same spec, so
+    the test split for ``mnist``) at white-box access, with ``samples``,
+    ``budget``, ``seed`` and the single radius ``eps`` in ``norm``.
+    ``epochs`` defaults to :class:`HardenConfig`'s (20); ``options`` are
+    further :class:`HardenConfig` fields (``batch_size``,
+    ``lr_max``, ``alpha``, ``random_init``, ``steps``, ``replays``,
+    ``guard_size``, ``guard_every``, ``guard_drop``, ...).
+
+    ``out`` receives ``<name>-hardened<suffix>`` (the input's format),
+    ``before/`` and ``after/`` (full scan outputs), ``hardening.json``,
+    ``results.json`` and ``report.html``/``report.pdf``; nothing is written
+    if anything fails.
+    """
+    started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    unknown = sorted(set(options) - CONFIG_FIELDS)
+    if unknown:
+        raise AuditError(f"unknown hardening option(s): {', '.join(unknown)}")
+    if epochs is not None:
+        options["epochs"] = epochs
+    config = HardenConfig(eps=eps, norm=norm, method=method, guard=guard, seed=seed, **options)
+    if config.method not in METHODS:
+        raise AuditError(f"unknown method {config.method!r}; use one of {', '.join(METHODS)}")
+    trainer_method = METHODS[config.method](config)
+    source = Path(model)
+    training_data = load_data(data, split="train")
+    evaluation = eval_data or data
+    check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
+                                   device="cpu"), training_data)
+    raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu")
+    train_device = resolve_device(device)
+    trainable = make_trainable(raw, source, mean, std, train_device)
+    guard_rows, train_rows = _split(training_data, config.guard_size)
+    guard_x, guard_y = training_data.x[guard_rows], training_data.y[guard_rows]
+    monitor = Guard(guard_x.to(train_device), guard_y.to(train_device), eps=config.eps, norm=config.norm,
+                    steps=config.guard_steps, drop=config.guard_drop, enabled=config.guard)
+    scan_options = dict(access="white-box", samples=samples, norm=norm, eps=[eps], budget=budget,
+                        seed=seed, device=device, command=command or "auditor.harden() from Python")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        before = scan(model, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
+                      **scan_options)
+        write_outputs(before, stage / "before")
+        x, y = training_data.x[train_rows], training_data.y[train_rows]
+        batches = trainer_method.data_passes(config.epochs) * math.ceil(len(y) / config.batch_size)
+        with TrainingProgress(progress, f"harden {config.method}", batches) as bar:
+            outcome = train(trainable.module, list(trainable.parameters), x, y, trainer_method, config,
+                            monitor, train_device, bar)
+        name = hardened_name(source)
+        diff = export(trainable, raw.info.format, source, stage / name, x[:CHECK_ROWS], arch=arch,
+                      trust_pickle=trust_pickle)
+        after = scan(stage / name, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
+                     **scan_options)
+        after.results["model"]["path"] = str(out / name)
+        write_outputs(after, stage / "after")
+        record = {
+            "schema": SCHEMA,
+            "auditor_version": auditor_version(),
+            "seed": seed,
+            "started": started_at.isoformat(timespec="seconds"),
+            "seconds": None,
+            "training_seconds": round(outcome.seconds, 3),
+            "method": {"name": trainer_method.name, "label": trainer_method.label,
+                       "paper": trainer_method.paper, "params": trainer_method.params},
+            "config": config.to_dict(),
+            "threat": {"norm": config.norm, "eps": config.eps},
+            "device": {"name": str(train_device), "amp": train_device.type == "cuda"},
+            "model": {"path": str(model), "format": raw.info.format, "sha256": raw.info.sha256},
+            "output": {"path": str(out / name), "format": raw.info.format,
+                       "sha256": after.results["model"]["sha256"],
+                       "check": {"images": len(x[:CHECK_ROWS]), "max_abs_diff": float(f"{diff:.3g}")}},
+            "data": {"name": training_data.name, "sha256": training_data.sha256, "train": len(y),
+                     "guard": len(guard_rows), "eval": evaluation, "eval_is_training_data":
+                     evaluation != "mnist" and evaluation == data},
+            **_training_fields(outcome, monitor),
+            "before": _summary(before, "before/results.json"),
+            "after": _summary(after, "after/results.json"),
+        }
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        results = {**after.results, "hardening": record}
+        (stage / "hardening.json").write_text(dump(record))
+        (stage / "results.json").write_text(dump(results))
+        write_report(results, stage)
+        _move_into_place(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return HardenResult(record=record, model_path=out / name, before=before, after=after,
+                        network=trainable.network.eval())
+
+
+def _training_fields(outcome: TrainingOutcome, monitor: Guard) -> dict:
+    return {
+        "epochs_run": outcome.epochs_run,
+        "updates": outcome.updates,
+        "stopped_early": outcome.stopped_early,
+        "curve": list(outcome.curve),
+        "final": outcome.final,
+        "guard": {**monitor.params, "best": monitor.best.to_dict(),
+                  "checks": [check.to_dict() for check in monitor.checks], "events": monitor.events},
+    }

@@ -1,0 +1,98 @@
+"""A loaded model as a trainable torch module, whatever its file format.
+
+PyTorch artifacts (weights plus ``--arch``, TorchScript, ``torch.export``
+programs, trusted pickles) already are modules with parameters. An ONNX
+graph is converted to torch (:func:`auditor.models.convert.convert_onnx`,
+checked against onnxruntime when it was loaded); the converter keeps the
+graph's initializers as constant buffers, so here the floating-point weight
+tensors among them become ``nn.Parameter``\\ s. Scalars stay constants, and so
+do batch-normalisation running statistics (the converted graph is in
+inference mode, where they are fixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import AuditError
+from ..models import Model, Normalize
+from ..models.convert import OnnxGraphModule
+
+BATCH_NORM_STATISTICS = (3, 4)
+"""Input positions of ``BatchNormalization``'s running mean and variance."""
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The network to train, as the artifact holds it, and the module that trains."""
+
+    network: nn.Module
+    """The artifact's own network (no normalisation), on the training device."""
+    module: nn.Module
+    """``network`` behind the ``--mean/--std`` normalisation: what is trained and attacked."""
+    parameters: tuple[nn.Parameter, ...]
+    initializers: dict[str, str] = field(default_factory=dict)
+    """ONNX only: initializer name -> the ``network`` parameter trained in its place."""
+
+
+def _onnx(model: Model, file: Path) -> tuple[nn.Module, dict[str, str]]:
+    network = model.torch_module()
+    if not isinstance(network, OnnxGraphModule):
+        reason = model.access_ceiling[1]
+        raise AuditError(f"model {model.info.path}: cannot train the ONNX graph ({reason})")
+    graph = onnx.load(str(file), load_external_data=False).graph
+    names = {tensor.name for tensor in graph.initializer}
+    statistics = {
+        node.input[position]
+        for node in graph.node
+        if node.op_type == "BatchNormalization"
+        for position in BATCH_NORM_STATISTICS
+        if len(node.input) > position
+    }
+    initializers = {}
+    for value, attribute in network.value_buffers.items():
+        tensor = getattr(network, attribute)
+        if value in names and value not in statistics and tensor.is_floating_point() and tensor.numel() > 1:
+            delattr(network, attribute)
+            network.register_parameter(attribute, nn.Parameter(tensor.clone()))
+            initializers[value] = attribute
+    return network, initializers
+
+
+def _torch(model: Model, file: Path) -> tuple[nn.Module, dict[str, str]]:
+    return model.torch_module(), {}
+
+
+PREPARERS: dict[str, Callable[[Model, Path], tuple[nn.Module, dict[str, str]]]] = {
+    "onnx": _onnx,
+    "torchscript": _torch,
+    "torch-export": _torch,
+    "safetensors": _torch,
+    "state-dict": _torch,
+    "pickle": _torch,
+}
+"""Model format -> (trainable network, ONNX initializer map)."""
+
+
+def make_trainable(model: Model, file: Path, mean: Sequence[float] | None, std: Sequence[float] | None,
+                   device: torch.device) -> Trainable:
+    """The trainable network of ``model`` (loaded from ``file`` without normalisation)."""
+    network, initializers = PREPARERS[model.info.format](model, file)
+    network = network.to(device)
+    parameters = tuple(parameter for parameter in network.parameters() if parameter.is_floating_point())
+    if not parameters:
+        raise AuditError(f"model {model.info.path} has no floating-point weights to train")
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    module = network
+    if mean is not None or std is not None:
+        mean = (0.0,) if mean is None else tuple(mean)
+        std = (1.0,) if std is None else tuple(std)
+        module = nn.Sequential(Normalize(mean, std), network).to(device)
+    return Trainable(network=network, module=module, parameters=parameters, initializers=initializers)

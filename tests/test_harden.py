@@ -1,0 +1,321 @@
+"""``auditor harden``: fast adversarial training, its guard, and export in the input's format."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import tiny_cnn_arch
+from pypdf import PdfReader
+from safetensors.torch import save_file
+
+import auditor
+from auditor.cli import main
+from auditor.errors import AuditError
+from auditor.harden.config import HardenConfig
+from auditor.harden.export import export
+from auditor.harden.guard import Check, Guard
+from auditor.harden.methods import METHODS
+from auditor.harden.train import cyclic_lr, ramped_eps, train
+from auditor.harden.trainable import make_trainable
+from auditor.models import load_model
+
+WALL_TIMES = ("started", "seconds", "training_seconds")
+
+
+def run_cli(*args) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in args])
+    return exit_info.value.code
+
+
+def without_wall_times(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in WALL_TIMES}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, mnist_train, mnist_test) -> tuple[Path, Path]:
+    """600 training digits and 40 test digits as .npz files (x as N,C,H,W float)."""
+    folder = tmp_path_factory.mktemp("data")
+    train, test = folder / "train.npz", folder / "test.npz"
+    np.savez(train, x=mnist_train.x[:600].numpy(), y=mnist_train.y[:600].numpy())
+    np.savez(test, x=mnist_test.x[:40].numpy(), y=mnist_test.y[:40].numpy())
+    return train, test
+
+
+# The schedules and the guard's rule ---------------------------------------------------------------
+
+
+def test_cyclic_learning_rate_is_triangular():
+    assert cyclic_lr(0.0, 1.0, 0.4) == 0.0
+    assert cyclic_lr(0.2, 1.0, 0.4) == pytest.approx(0.5)
+    assert cyclic_lr(0.4, 1.0, 0.4) == pytest.approx(1.0)
+    assert cyclic_lr(0.7, 1.0, 0.4) == pytest.approx(0.5)
+    assert cyclic_lr(1.0, 1.0, 0.4) == 0.0
+    assert ramped_eps(0.2, 0.3, 0.4) == pytest.approx(0.15)
+    assert ramped_eps(0.9, 0.3, 0.4) == 0.3
+    assert ramped_eps(0.0, 0.3, 0.0) == 0.3
+
+
+def test_guard_rolls_back_to_the_best_weights_on_a_drop_of_more_than_its_threshold():
+    module = torch.nn.Linear(2, 2)
+    guard = Guard(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), eps=0.1, norm="linf", steps=1,
+                  drop=0.2, enabled=True)
+    history = [0.1, 0.5, 0.35, 0.31]
+    for step, pgd in enumerate(history):
+        with torch.no_grad():
+            module.weight.fill_(step)
+        assert not guard.observe(module, Check(1, step, 0.9, 0.5, pgd))
+    assert guard.best.pgd == 0.5 and guard.events == []
+    with torch.no_grad():
+        module.weight.fill_(9)
+    assert guard.observe(module, Check(2, 9, 0.9, 0.9, 0.29))
+    assert torch.all(module.weight == 1)  # the weights of the best check (step 1)
+    (event,) = guard.events
+    assert event["action"] == "rollback" and event["best_pgd"] == 0.5 and event["pgd"] == 0.29
+
+
+def test_disabled_guard_records_the_collapse_once_and_never_acts():
+    module = torch.nn.Linear(2, 2)
+    guard = Guard(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), eps=0.1, norm="linf", steps=1,
+                  drop=0.2, enabled=False)
+    for step, pgd in enumerate([0.6, 0.1, 0.0]):
+        with torch.no_grad():
+            module.weight.fill_(step)
+        assert not guard.observe(module, Check(1, step, 0.9, 0.9, pgd))
+    assert torch.all(module.weight == 2)
+    assert [event["action"] for event in guard.events] == ["none (guard disabled)"]
+
+
+def test_config_refuses_bad_values_in_one_line():
+    for kwargs, message in (({"eps": 0}, "--eps must be > 0"), ({"eps": 0.3, "epochs": 0}, "--epochs"),
+                            ({"eps": 2.0}, "exceeds"), ({"eps": 0.3, "lr_peak": 1.0}, "--lr-peak")):
+        with pytest.raises(AuditError, match=message):
+            HardenConfig(**kwargs)
+
+
+# The methods -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, options, updates", [
+    ("fast", {}, 4), ("pgd", {"steps": 3}, 4), ("free", {"replays": 2, "epochs": 4}, 8),
+    ("fast", {"norm": "l2", "eps": 1.0}, 4), ("pgd", {"norm": "l2", "eps": 1.0, "steps": 3}, 4),
+])
+def test_each_method_trains_and_records_a_curve(one_thread, tiny_cnn, mnist_train, method, options, updates):
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    config = HardenConfig(**{"eps": 0.1, "method": method, "epochs": 2, "batch_size": 100, **options})
+    guard = Guard(mnist_train.x[-64:], mnist_train.y[-64:], eps=config.eps, norm=config.norm, steps=3,
+                  drop=0.2, enabled=True)
+    before = [parameter.detach().clone() for parameter in network.parameters()]
+    outcome = train(network, list(network.parameters()), mnist_train.x[:200], mnist_train.y[:200],
+                    METHODS[method](config), config, guard, torch.device("cpu"))
+    assert outcome.updates == updates
+    assert [row["epoch"] for row in outcome.curve] == list(range(outcome.epochs_run + 1))
+    assert outcome.curve[-1]["eps"] == pytest.approx(config.eps) and outcome.curve[-1]["loss"] > 0
+    assert all(0 <= row[key] <= 1 for row in outcome.curve for key in ("clean", "fgsm", "pgd"))
+    assert any(not torch.equal(old, new) for old, new in zip(before, network.parameters()))
+
+
+# Export in the input's format -------------------------------------------------------------------------
+
+TINY_ARCH = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+    )
+"""
+
+
+def _write(fmt: str, network: torch.nn.Module, folder: Path) -> Path:
+    example = torch.rand(2, 1, 28, 28)
+    writers = {
+        "safetensors": lambda path: save_file({k: v.contiguous() for k, v in network.state_dict().items()},
+                                              path),
+        "state-dict": lambda path: torch.save(network.state_dict(), path),
+        "torchscript": lambda path: torch.jit.save(torch.jit.trace(network, example), path),
+        "torch-export": lambda path: torch.export.save(torch.export.export(
+            network, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path),
+        "pickle": lambda path: torch.save(network, path),
+    }
+    suffixes = {"safetensors": ".safetensors", "torch-export": ".pt2", "torchscript": ".ts"}
+    path = folder / f"tiny{suffixes.get(fmt, '.pt')}"
+    writers[fmt](str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "state-dict", "torchscript", "torch-export", "pickle"])
+def test_pytorch_formats_are_written_back_in_their_own_format(tmp_path, tiny_cnn, mnist_test, fmt):
+    (tmp_path / "tiny_arch.py").write_text(TINY_ARCH)
+    arch = f"{tmp_path / 'tiny_arch.py'}:build"
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    source = _write(fmt, network.eval(), tmp_path)
+    options = {"arch": arch, "trust_pickle": fmt == "pickle"}
+    model = load_model(source, device="cpu", **options)
+    trainable = make_trainable(model, source, (0.1,), (0.5,), torch.device("cpu"))
+    assert isinstance(trainable.module[0], auditor.models.Normalize)
+    with torch.no_grad():  # stands in for training: the written file must carry the new weights
+        for parameter in trainable.parameters:
+            parameter.mul_(1.5)
+    dest = tmp_path / f"out{source.suffix}"
+    diff = export(trainable, model.info.format, source, dest, mnist_test.x[:16], **options)
+    written = load_model(dest, device="cpu", **options)
+    assert written.info.format == model.info.format and diff < 1e-4
+    with torch.no_grad():
+        changed = written.forward(mnist_test.x[:16]) - network(mnist_test.x[:16])
+    assert changed.abs().max() > 1e-2
+
+
+# ONNX in, ONNX out, end to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory, example_onnx) -> Path:
+    """The example ONNX model hardened by the CLI (fast method, 8 epochs on the MNIST train split)."""
+    out = tmp_path_factory.mktemp("harden")
+    code = run_cli("harden", example_onnx, "--data", "mnist", "--eps", "0.3", "--epochs", "8",
+                   "--lr-max", "1e-2", "-n", "10", "--budget", "50", "--out", out)
+    assert code == 0
+    return out
+
+
+def test_onnx_in_onnx_out_keeps_the_graph_and_writes_the_record(hardened, example_onnx, mnist_test):
+    written = hardened / "mnist_cnn-hardened.onnx"
+    original, trained = onnx.load(str(example_onnx)), onnx.load(str(written))
+    assert [node.op_type for node in trained.graph.node] == [node.op_type for node in original.graph.node]
+    assert [t.name for t in trained.graph.initializer] == [t.name for t in original.graph.initializer]
+    session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: mnist_test.x[:200].numpy()})
+    assert (logits.argmax(1) == mnist_test.y[:200].numpy()).mean() >= 0.9
+    record = json.loads((hardened / "hardening.json").read_text())
+    assert record["schema"] == "auditor.hardening/1" and record["method"]["name"] == "fast"
+    assert record["model"]["format"] == record["output"]["format"] == "onnx"
+    assert record["output"]["check"]["max_abs_diff"] < 1e-4
+    assert [row["epoch"] for row in record["curve"]] == list(range(9))
+    assert record["curve"][-1]["pgd"] > record["curve"][0]["pgd"] + 0.3  # it did become robust
+    assert record["after"]["robust_accuracy"]["0.3"] > record["before"]["robust_accuracy"]["0.3"]
+    for side in ("before", "after"):
+        results = json.loads((hardened / side / "results.json").read_text())
+        assert results["access"]["level"] == "white-box" and results["threat"]["eps"] == [0.3]
+        assert results["clean_accuracy"] == record[side]["clean_accuracy"]
+    assert json.loads((hardened / "results.json").read_text())["hardening"] == record
+    assert not list(hardened.glob(".partial-*"))
+
+
+def test_report_has_the_hardening_section(hardened):
+    html = (hardened / "report.html").read_text()
+    assert "<h2>Hardening</h2>" in html and "Training curve" in html and "<svg" in html
+    text = "".join(page.extract_text() for page in PdfReader(hardened / "report.pdf").pages)
+    assert "Hardening" in text and "Guard" in text and "FGSM-RS" in text
+
+
+def test_the_hardened_onnx_file_scans_like_the_after_scan(hardened, tmp_path):
+    code = run_cli("scan", hardened / "mnist_cnn-hardened.onnx", "--access", "white-box", "--eps", "0.3",
+                   "-n", "10", "--budget", "50", "--out", tmp_path)
+    assert code == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    after = json.loads((hardened / "after" / "results.json").read_text())
+    assert again["model"]["sha256"] == after["model"]["sha256"]
+    assert again["robust_accuracy"] == after["robust_accuracy"]
+    assert again["clean_accuracy"] == after["clean_accuracy"]
+
+
+# Catastrophic overfitting and the guard -------------------------------------------------------------------
+
+OVERFITTING = dict(eps=0.3, epochs=3, random_init=False, eps_scale=1.0, clip_to_box=True, eps_warmup=0.0,
+                   lr_max=2e-2, lr_peak=0.9, guard_every=5)
+"""FGSM from zero (Goodfellow et al.'s initialisation, Wong et al. Table 1: 0 % PGD accuracy), clipped,
+at a high learning rate without warm-up: robustness collapses within a few dozen updates."""
+
+
+def _continue_training(hardened, mnist_train, guard_on: bool):
+    model = load_model(hardened / "mnist_cnn-hardened.onnx", device="cpu")
+    trainable = make_trainable(model, hardened / "mnist_cnn-hardened.onnx", None, None, torch.device("cpu"))
+    config = HardenConfig(guard=guard_on, **OVERFITTING)
+    guard = Guard(mnist_train.x[-128:], mnist_train.y[-128:], eps=0.3, norm="linf", steps=10, drop=0.2,
+                  enabled=guard_on)
+    outcome = train(trainable.module, list(trainable.parameters), mnist_train.x[:1000], mnist_train.y[:1000],
+                    METHODS["fast"](config), config, guard, torch.device("cpu"))
+    return outcome, guard
+
+
+def test_zero_init_fgsm_overfits_catastrophically_without_the_guard(one_thread, hardened, mnist_train):
+    outcome, guard = _continue_training(hardened, mnist_train, guard_on=False)
+    assert guard.best.pgd > 0.5
+    assert outcome.final["pgd"] < guard.best.pgd - 0.2  # ends collapsed ...
+    assert outcome.final["fgsm"] > outcome.final["pgd"] + 0.2  # ... while FGSM accuracy stays high
+    assert not outcome.stopped_early and outcome.epochs_run == 3
+    (event,) = guard.events
+    assert event["kind"] == "collapse" and event["action"] == "none (guard disabled)"
+
+
+def test_the_guard_catches_it_and_rolls_back(one_thread, hardened, mnist_train):
+    outcome, guard = _continue_training(hardened, mnist_train, guard_on=True)
+    (event,) = guard.events
+    assert event["action"] == "rollback" and event["pgd"] < event["best_pgd"] - 0.2
+    assert outcome.stopped_early and outcome.epochs_run < 3
+    assert outcome.final["pgd"] == pytest.approx(guard.best.pgd, abs=0.02)
+    assert outcome.curve[-1]["pgd"] == event["pgd"]  # the curve shows the collapse that was undone
+
+
+# The Python API: reproducible, all or nothing, one-line errors ----------------------------------------
+
+
+def _harden_small(small_data, out: Path, **overrides):
+    train, test = small_data
+    options = dict(eps=0.3, out=out, epochs=1, eval_data=str(test), samples=10, budget=50, guard_size=64,
+                   arch="examples.mnist_cnn:build", mean=(0.1,), std=(0.9,), device="cpu", seed=3)
+    options.update(overrides)
+    return auditor.harden(Path("examples/mnist_cnn.safetensors"), str(train), **options)
+
+
+def test_a_seed_makes_the_record_reproducible(one_thread, small_data, tmp_path):
+    first = _harden_small(small_data, tmp_path / "a")
+    _harden_small(small_data, tmp_path / "b")
+    assert first.model_path.name == "mnist_cnn-hardened.safetensors"
+    one, two = (json.loads((tmp_path / side / "hardening.json").read_text()) for side in "ab")
+    for record in (one, two):  # the paths differ only by the output folder
+        record["output"]["path"] = Path(record["output"]["path"]).name
+    assert without_wall_times(one) == without_wall_times(two)
+    assert one["data"]["eval_is_training_data"] is False and one["data"]["train"] == 600 - 64
+    reloaded = load_model(first.model_path, arch="examples.mnist_cnn:build", device="cpu")
+    assert reloaded.info.format == "safetensors" and one["output"]["sha256"] == reloaded.info.sha256
+
+
+def test_a_failure_leaves_no_output(small_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise AuditError("disk full")
+
+    monkeypatch.setattr(importlib.import_module("auditor.harden.api"), "export", broken)
+    with pytest.raises(AuditError, match="disk full"):
+        _harden_small(small_data, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "0"], "--eps must be > 0"),
+    (["--eps", "0.3", "--method", "bogus"], "Invalid value for '--method'"),
+    (["--eps", "0.3", "--guard-size", "100000"], "leaves no training data"),
+    (["--eps", "0.3", "--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_flags_exit_2_with_one_line(example_onnx, tmp_path, capsys, args, message):
+    assert run_cli("harden", example_onnx, "--out", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_unknown_api_options_are_refused(example_onnx, tmp_path):
+    with pytest.raises(AuditError, match="unknown hardening option"):
+        auditor.harden(example_onnx, eps=0.3, out=tmp_path, learning_rate=1.0)
