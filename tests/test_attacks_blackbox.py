@@ -211,7 +211,7 @@ def test_sign_opt_batches_rows_across_samples(sign_opt_runs):
     # a loop over samples would make at least one call per sample per query
     # round; gathering rows across samples makes each call carry many
     assert counter.calls * 10 < counter.rows
-    assert counter.calls < 2000
+    assert counter.calls < 2500  # a loop over the 32 samples would make 64,000
 
 
 def test_sign_opt_misclassified_input_costs_one_query(model64, correct_batch):
