@@ -141,3 +141,17 @@ def test_targeted_mode_needs_starting_images(model64, correct_batch, label):
 def test_catalogue_has_the_linf_ray_searches():
     assert BY_LABEL["sign-opt-linf"].norm == "linf" and BY_LABEL["opt-linf"].norm == "linf"
     assert BY_LABEL["sign-opt-linf"].in_default_battery and not BY_LABEL["opt-linf"].in_default_battery
+
+
+def test_targeted_hard_label_scan_records_each_start_image(example_onnx, mnist_test):
+    import auditor
+
+    audit = auditor.scan(example_onnx, "mnist", access="hard-label", samples=10, eps=[0.3], budget=150,
+                         attacks=["sign-opt-linf"], target="random")
+    (run,) = audit.results["attacks"][0]["runs"]
+    starts = run["per_sample"]["start_index"]
+    targets = {s["index"]: s["target"] for s in audit.results["samples"]}
+    assert len(starts) == len(run["per_sample"]["index"]) and any(i is not None for i in starts)
+    for index, start in zip(run["per_sample"]["index"], starts):
+        if start is not None:  # an image of that sample's target class, from the data
+            assert int(mnist_test.y[start]) == targets[index]

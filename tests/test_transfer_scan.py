@@ -120,3 +120,24 @@ def test_bad_surrogate_input_is_one_clear_error(example_onnx, cache, tmp_path, m
     np.savez(npz, x=mnist_test.x[:20].numpy(), y=mnist_test.y[:20].numpy())
     with pytest.raises(AuditError, match="needs a training split"):
         auditor.scan(example_onnx, str(npz), access="none", train_surrogates=1)
+
+
+def test_report_heat_map_states_rates_gains_and_the_best_cell():
+    from auditor.report.transfer import transfer_view
+
+    results = {"transfer": {
+        "surrogates": [{"name": "mlp", "source": "trained", "clean_accuracy": 0.93}],
+        "sets": ["mlp", "ensemble"], "baseline": "transfer-ifgsm-linf", "samples": {"0.2": 50},
+        "matrix": {"0.2": {"transfer-ifgsm-linf": {"mlp": 0.5, "ensemble": 0.6},
+                           "transfer-mi-linf": {"mlp": 0.62, "ensemble": 0.58}}},
+    }}
+    view = transfer_view(results)
+    (matrix,) = view.matrices
+    assert matrix.eps == "0.2" and matrix.samples == 50
+    base, mi = matrix.rows
+    assert base.baseline and [c.text for c in base.cells] == ["50.0 %", "60.0 %"] and base.cells[0].gain == ""
+    assert [c.gain for c in mi.cells] == ["+12.0", "-2.0"]
+    assert matrix.best == ("Best: transfer-mi-linf from mlp, 62.0 % of the samples, "
+                           "against 50.0 % for transfer-ifgsm-linf (+12.0 points).")
+    assert view.surrogates[0].clean_accuracy == "93.0 %"
+    assert transfer_view({"transfer": None}) is None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import distortion, generator
+from ..base import check_call, distortion, generator
 
 
 def col(v: torch.Tensor) -> torch.Tensor:
@@ -161,5 +161,34 @@ class PoolWalk:
     def images(self, positions: torch.Tensor, device, dtype) -> torch.Tensor:
         return self.pool.x[positions.cpu()].to(device=device, dtype=dtype)
 
-    def data_index(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.pool.index[positions.cpu()]
+    def start_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Data set indices of pool ``positions`` (-1 stays -1: no start), on the CPU."""
+        positions = positions.cpu()
+        found = positions >= 0
+        out = torch.full_like(positions, -1)
+        out[found] = self.pool.index[positions[found]]
+        return out
+
+
+@dataclass(frozen=True)
+class LabelRun:
+    """What a hard-label attack call starts from: the clean images on the
+    oracle's device, the goal, the per-sample random streams and, targeted,
+    the walk through the start pool."""
+
+    x0: torch.Tensor
+    goal: Goal
+    rng: SampleRandom
+    walk: PoolWalk | None
+
+
+def begin(attack, oracle, x, y, *, eps, seed, target, starts: StartPool | None) -> LabelRun:
+    """Check a hard-label call's arguments and set up its run."""
+    check_call(attack, eps, target, y)
+    if target is not None and starts is None:
+        raise ValueError(f"{attack.label} needs starts (images of the target classes) in targeted mode")
+    x0 = x.to(oracle.device)
+    rng = SampleRandom(seed, x0)
+    goal = Goal(y.to(oracle.device), None if target is None else target.to(oracle.device))
+    walk = None if target is None else PoolWalk(starts, goal.target, rng)
+    return LabelRun(x0, goal, rng, walk)

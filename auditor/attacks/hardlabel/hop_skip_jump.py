@@ -86,8 +86,8 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from ..base import MIN_NORM, NORMS, Attack, AttackResult, check_call, distortion
-from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, col, unit
+from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
+from .boundary import BestAdversarial, SampleRandom, StartPool, begin, col, unit
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
@@ -142,15 +142,10 @@ class HopSkipJump(Attack):
     def __call__(
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
-        check_call(self, eps, target, y)
-        if target is not None and starts is None:
-            raise ValueError(f"{self.label} needs starts (images of the target classes) in targeted mode")
+        run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
+        x0, goal, rng, walk = run.x0, run.goal, run.rng, run.walk
         device = oracle.device
-        x0 = x.to(device)
-        rng = SampleRandom(seed, x0)
         n = len(x0)
-        goal = Goal(y.to(device), None if target is None else target.to(device))
-        walk = None if target is None else PoolWalk(starts, goal.target, rng)
         d = x0[0].numel() if n else 1
         theta = self.gamma / (d**1.5 if self.norm == "l2" else d**2)
         bs_cost = math.ceil(math.log2(1.0 / theta)) + 1 if theta < 1 else 1
@@ -289,12 +284,9 @@ class HopSkipJump(Attack):
                 best.update(rows, new, moved)
             trace.append((oracle.queries().clone(), best.size.clone()))
 
-        start_index = None
-        if walk is not None:
-            start_index = torch.full((n,), -1, dtype=torch.long)
-            start_index[(start_at >= 0).cpu()] = walk.data_index(start_at[start_at >= 0])
         return AttackResult(
-            x_adv=best.x, success=success, queries=oracle.queries(), trace=trace, start_index=start_index
+            x_adv=best.x, success=success, queries=oracle.queries(), trace=trace,
+            start_index=None if walk is None else walk.start_index(start_at),
         )
 
     def _gradient(self, adversarial, rng: SampleRandom, rows, xt, delta, evals) -> torch.Tensor:

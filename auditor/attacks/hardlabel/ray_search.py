@@ -45,8 +45,8 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from ..base import MIN_NORM, NORMS, Attack, AttackResult, check_call, distortion
-from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, col, unit
+from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
+from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, begin, col, unit
 
 _ALPHA_FLOOR = 1e-4
 _ALPHA_RESET = 1.0
@@ -205,17 +205,12 @@ class RaySearch(Attack):
     def __call__(
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
-        check_call(self, eps, target, y)
-        if target is not None and starts is None:
-            raise ValueError(f"{self.label} needs starts (images of the target classes) in targeted mode")
+        run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
+        x0, goal, rng, walk = run.x0, run.goal, run.rng, run.walk
         device = oracle.device
-        x0 = x.to(device)
-        rng = SampleRandom(seed, x0)
         n = len(x0)
-        goal = Goal(y.to(device), None if target is None else target.to(device))
         ray = _Boundary(oracle, x0, goal, self.norm)
         everyone = torch.arange(n, device=device)
-        walk = None if target is None else PoolWalk(starts, goal.target, rng)
         start_at = torch.full((n,), -1, dtype=torch.long, device=device)
 
         theta = torch.zeros_like(x0)
@@ -279,14 +274,9 @@ class RaySearch(Attack):
             best.update(rows, ray.image(rows, best_th, best_g), torch.isfinite(best_g))
             trace.append((oracle.queries().clone(), best.size.clone()))
 
-        start_index = None
-        if walk is not None:
-            start_index = torch.full((n,), -1, dtype=torch.long)
-            found = (start_at >= 0).cpu()
-            start_index[found] = walk.data_index(start_at[start_at >= 0])
         return AttackResult(
             x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace,
-            start_index=start_index,
+            start_index=None if walk is None else walk.start_index(start_at),
         )
 
 

@@ -304,6 +304,19 @@ class SquareAttack(Attack):
             x_adv=search.x, success=search.queried & (search.margin < 0), queries=oracle.queries()
         )
 
+    def _judge(self, oracle, work: "_Working", x_new, owner, k: int, targeted: bool):
+        """Alg. 1 lines 6-7 for k proposals per row: query them all (row i's
+        are rows ``i·k … i·k+k-1`` of ``x_new``) and pick each row's best, the
+        first successful one if any, else the one of lowest loss. Returns its
+        index into ``x_new``, whether it improves the row, its loss and margin."""
+        margin, loss = _margin_and_loss(
+            oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()]), work.y[owner], self.loss, targeted
+        )
+        m = len(work.rows)
+        score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
+        best = torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
+        return best, work.improved(loss[best], margin[best], targeted), loss[best], margin[best]
+
     def _linf(self, oracle, x, labels, eps, gen, n_iters, targeted):
         """Algorithm 1 with the L∞ sampling distribution (Algorithm 2)."""
         device = x.device
@@ -378,15 +391,10 @@ class SquareAttack(Attack):
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
             # strict improvement.
-            margin, loss = _margin_and_loss(
-                oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()] if k > 1 else work.rows_cpu),
-                work.y[owner], self.loss, targeted,
-            )
-            best = _best_of(loss, margin, m, k)
-            improved = work.improved(loss[best], margin[best], targeted)
+            best, improved, loss, margin = self._judge(oracle, work, x_new, owner, k, targeted)
             kept = torch.where(improved.view(m, 1, 1), proposal[best], current[best])
             work.x.view(m, c, h * w).scatter_(2, window[best], kept)
-            work = search.settle(work, improved, loss[best], margin[best], k)
+            work = search.settle(work, improved, loss, margin, k)
             it += k
         if work is not None:
             search.absorb(work)
@@ -453,14 +461,9 @@ class SquareAttack(Attack):
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
             # strict improvement.
-            margin, loss = _margin_and_loss(
-                oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()] if k > 1 else work.rows_cpu),
-                work.y[owner], self.loss, targeted,
-            )
-            best = _best_of(loss, margin, m, k)
-            improved = work.improved(loss[best], margin[best], targeted)
+            best, improved, loss, margin = self._judge(oracle, work, x_new, owner, k, targeted)
             work.x = torch.where(improved.view(m, 1, 1, 1), x_new[best], work.x)
-            work = search.settle(work, improved, loss[best], margin[best], k)
+            work = search.settle(work, improved, loss, margin, k)
             it += k
         if work is not None:
             search.absorb(work)
@@ -468,11 +471,6 @@ class SquareAttack(Attack):
         return search
 
 
-def _best_of(loss: torch.Tensor, margin: torch.Tensor, m: int, k: int) -> torch.Tensor:
-    """Per sample, the index (into the m·k rows) of its best proposal: the
-    first successful one if any, else the one of lowest loss."""
-    score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
-    return torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
 
 
 @dataclass
