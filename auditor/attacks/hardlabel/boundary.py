@@ -9,6 +9,8 @@ adversarial image held per sample, and starting images for targeted mode.
 * :class:`SampleRandom`: one random stream per sample, so that batching is
   exact: a sample gets the same result in a batch as alone, with the same
   seed.
+* :class:`Directions`: the random directions of the gradient estimates,
+  drawn from those streams, full-dimensional or in a low-frequency subspace.
 * :class:`StartPool` and :class:`PoolWalk`: in targeted mode an attack
   starts from images of the target class taken from the data, as Sign-OPT's
   and HopSkipJump's official targeted attacks do; the pool holds the data,
@@ -22,6 +24,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from ..base import check_call, distortion, generator
 
@@ -112,6 +115,81 @@ class SampleRandom:
         return [int(c) for c in counts.tolist()]
 
 
+SUBSPACE_AUTO = "auto"
+
+
+def subspace_factor(setting: int | str, shape: tuple[int, ...]) -> int:
+    """The subspace factor f for images of ``shape`` (C, H, W).
+
+    ``setting`` is an int f >= 1, or ``"auto"``: a grid of side
+    ``max(14, side // 4)`` for the smaller image side, so f = 2 for MNIST
+    (28 × 28) and CIFAR (32 × 32) and f = 4 for 64 × 64 and 224 × 224 images.
+    """
+    if setting != SUBSPACE_AUTO:
+        return int(setting)
+    side = min(shape[-2:])
+    return max(1, side // max(14, side // 4))
+
+
+def check_subspace(setting) -> None:
+    """Refuse a subspace setting other than ``"auto"`` or an int >= 1."""
+    ok = setting == SUBSPACE_AUTO or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1)
+    if not ok:
+        raise ValueError(f"subspace must be 'auto' or an integer >= 1, got {setting!r}")
+
+
+def _upsampling(small: int, large: int) -> torch.Tensor:
+    """The (large, small) matrix of 1-D bilinear upsampling (``align_corners=False``)."""
+    eye = torch.eye(small, dtype=torch.float64).view(small, 1, small)
+    return F.interpolate(eye, size=large, mode="linear", align_corners=False).view(small, large).T
+
+
+class Directions:
+    """Random directions for the gradient estimates, one stream per sample.
+
+    With factor f = 1 a direction is a full-dimensional draw, as in the
+    papers. With f > 1 it is drawn on the coarse grid (C, ⌈H/f⌉, ⌈W/f⌉) and
+    upsampled bilinearly to (C, H, W): a low-frequency direction in the
+    spatial subspace of QEBA (Li, Xu, Zhang, Yang and Li, "QEBA: Query-
+    Efficient Boundary-Based Blackbox Attack", CVPR 2020, Sec. 3.3 "spatial
+    transformed subspace"; Guo, Frank and Weinberger, "Low Frequency
+    Adversarial Perturbation", UAI 2019). A sign or finite-difference
+    estimate then spends its probes on the d/f² directions where decision
+    boundaries of image classifiers mostly vary, and draws f² times fewer
+    random numbers. On the example MNIST CNN (50 digits, L2), f = 2 took
+    Sign-OPT's median distortion at 1,000 queries from 2.72 to 1.40 and at
+    4,000 from 1.35 to 1.20, and HopSkipJump's from 2.15 to 1.58 and 1.59 to
+    1.48; f = 4 did no better.
+    """
+
+    def __init__(self, rng: SampleRandom, shape: tuple[int, ...], factor: int, dtype=torch.float32):
+        c, h, w = shape
+        self.rng = rng
+        self.dtype = dtype
+        self.shape = (c, -(-h // factor), -(-w // factor))
+        self._up = None
+        if factor > 1:
+            self._up = (
+                _upsampling(self.shape[1], h).to(device=rng.device, dtype=dtype),
+                _upsampling(self.shape[2], w).T.contiguous().to(device=rng.device, dtype=dtype),
+            )
+
+    def _lift(self, small: torch.Tensor) -> torch.Tensor:
+        if self._up is None:
+            return small
+        rows, cols = self._up
+        return torch.matmul(torch.matmul(rows, small), cols)
+
+    def gaussian(self, rows: torch.Tensor, counts) -> torch.Tensor:
+        """``counts[i]`` Gaussian directions for row i, stacked (not normalised)."""
+        return self._lift(self.rng.randn(rows, counts, self.shape, self.dtype))
+
+    def uniform(self, rows: torch.Tensor, counts) -> torch.Tensor:
+        """Directions uniform in [-1, 1] per coordinate of the grid, laid out as
+        :meth:`gaussian`'s (not normalised)."""
+        return self._lift(self.rng.rand(rows, counts, self.shape, self.dtype) * 2 - 1)
+
+
 @dataclass(frozen=True)
 class StartPool:
     """Images a targeted hard-label attack may start from.
@@ -174,12 +252,14 @@ class PoolWalk:
 class LabelRun:
     """What a hard-label attack call starts from: the clean images on the
     oracle's device, the goal, the per-sample random streams and, targeted,
-    the walk through the start pool."""
+    the walk through the start pool, and the directions of the gradient
+    estimates (in the attack's ``subspace``)."""
 
     x0: torch.Tensor
     goal: Goal
     rng: SampleRandom
     walk: PoolWalk | None
+    directions: Directions
 
 
 def begin(attack, oracle, x, y, *, eps, seed, target, starts: StartPool | None) -> LabelRun:
@@ -191,4 +271,6 @@ def begin(attack, oracle, x, y, *, eps, seed, target, starts: StartPool | None) 
     rng = SampleRandom(seed, x0)
     goal = Goal(y.to(oracle.device), None if target is None else target.to(oracle.device))
     walk = None if target is None else PoolWalk(starts, goal.target, rng)
-    return LabelRun(x0, goal, rng, walk)
+    shape = tuple(x0.shape[1:])
+    directions = Directions(rng, shape, subspace_factor(attack.subspace, shape), x0.dtype)
+    return LabelRun(x0, goal, rng, walk, directions)

@@ -87,7 +87,16 @@ import torch
 
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
-from .boundary import BestAdversarial, SampleRandom, StartPool, begin, col, unit
+from .boundary import (
+    SUBSPACE_AUTO,
+    BestAdversarial,
+    Directions,
+    StartPool,
+    begin,
+    check_subspace,
+    col,
+    unit,
+)
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
@@ -126,6 +135,11 @@ class HopSkipJump(Attack):
     """Images per oracle call for the gradient probes: the probes of as many
     samples as fit, at least one sample's. It bounds memory and never
     changes results."""
+    subspace: int | str = SUBSPACE_AUTO
+    """Factor f of the low-frequency subspace the gradient probes are drawn
+    in (:class:`~.boundary.Directions`, QEBA's spatial subspace); 1 draws
+    them in full dimension, as the paper does; ``"auto"`` takes f = 2 for
+    28 × 28 and 32 × 32 images."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -138,6 +152,7 @@ class HopSkipJump(Attack):
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        check_subspace(self.subspace)
 
     def __call__(
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
@@ -257,7 +272,7 @@ class HopSkipJump(Attack):
             # (1) gradient-direction estimate at x_t (Alg. 1 line 5, Eq. 16)
             scale = math.sqrt(d) if self.norm == "l2" else float(d)
             delta = torch.where(tt == 1, torch.full_like(dist, _DELTA_FIRST), scale * theta * dist)
-            grad = self._gradient(adversarial, rng, rows, xt, delta, evals[rows])
+            grad = self._gradient(adversarial, run.directions, rows, xt, delta, evals[rows])
             update = grad if self.norm == "l2" else grad.sign()
 
             # (2) geometric progression of the step size (Alg. 1 line 7)
@@ -289,41 +304,39 @@ class HopSkipJump(Attack):
             start_index=None if walk is None else walk.start_index(start_at),
         )
 
-    def _gradient(self, adversarial, rng: SampleRandom, rows, xt, delta, evals) -> torch.Tensor:
+    def _gradient(self, adversarial, directions: Directions, rows, xt, delta, evals) -> torch.Tensor:
         """Unit estimate of the boundary normal at ``xt`` from ``evals`` probes per row.
 
         Rows are grouped so that a group's probes (those of at least one row)
         fit in ``max_rows`` images, one oracle call per group; each row draws
-        its probes from its own stream in ``rng``, all in one draw.
+        its probes from its own stream, all in one draw, and its sums run over
+        its own probes in order, so they do not depend on the batch. They sum
+        the clipped steps ``δ_t u_b``: dividing by δ_t does not change the
+        unit direction, so it is left out.
         """
-        shape = xt.shape[1:]
-        device, dtype = xt.device, xt.dtype
-        sum_f = torch.zeros(len(rows), device=device, dtype=dtype)
-        sum_u = torch.zeros_like(xt)
-        sum_fu = torch.zeros_like(xt)
+        flat = xt.flatten(1)
+        dtype = xt.dtype
+        sums = torch.zeros((2, len(rows), flat.shape[1]), device=xt.device, dtype=dtype)
+        sum_f = torch.zeros(len(rows), device=xt.device, dtype=dtype)
         before = torch.cumsum(evals, 0) - evals
         group = torch.div(before, self.max_rows, rounding_mode="floor")
+        draw = directions.gaussian if self.norm == "l2" else directions.uniform
         for g in torch.unique(group).tolist():
             mine = (group == g).nonzero().squeeze(1)
             counts = evals[mine]
-            draw = rng.randn if self.norm == "l2" else rng.rand
-            u = draw(rows[mine], counts, shape, dtype)
-            if self.norm == "linf":
-                u = u * 2 - 1
-            u = unit(u)
-            who = torch.repeat_interleave(mine, counts.to(device))
-            base = xt[who]
-            probe = (base + col(delta[who]) * u).clamp(0.0, 1.0)
-            u = (probe - base) / col(delta[who])
-            phi = adversarial(rows[who], probe).to(dtype) * 2 - 1
+            m = len(mine)
+            owner = torch.repeat_interleave(torch.arange(m, device=xt.device), counts)
+            who = mine[owner]
+            step = draw(rows[mine], counts).flatten(1)
+            step.mul_((delta[who] / distortion(step, "l2").clamp_min(1e-12))[:, None])
+            base = torch.index_select(flat[mine], 0, owner)
+            probe = step.add_(base).clamp_(0.0, 1.0)
+            phi = adversarial(rows[who], probe.view(len(who), *xt.shape[1:])).to(dtype) * 2 - 1
+            step = torch.sub(probe, base, out=base)  # the clipped step, δ_t u_b after clipping
+            sums[0].index_add_(0, who, step)
+            sums[1].index_add_(0, who, step.mul_(phi[:, None]))
             sum_f.index_add_(0, who, phi)
-            sum_u.index_add_(0, who, u)
-            sum_fu.index_add_(0, who, col(phi) * u)
-        count = evals.to(device=device, dtype=dtype)
-        mean_f = sum_f / count
-        grad = torch.where(
-            col(mean_f == 1),
-            sum_u,
-            torch.where(col(mean_f == -1), -sum_u, sum_fu - col(mean_f) * sum_u),
-        )
-        return unit(grad)
+        sum_u, sum_fu = sums[0], sums[1]
+        mean_f = (sum_f / evals.to(dtype))[:, None]
+        grad = torch.where(mean_f == 1, sum_u, torch.where(mean_f == -1, -sum_u, sum_fu - mean_f * sum_u))
+        return unit(grad.view_as(xt))

@@ -166,7 +166,7 @@ class OPT(RaySearch):
         """Two queries a probe's search at the least, and one line-search query."""
         return 2 * self.q + 1
 
-    def _estimate(self, ray: _Boundary, rng, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _estimate(self, ray: _Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g,
         for as many samples per search as ``max_rows`` allows."""
         shape = theta.shape[1:]
@@ -178,7 +178,7 @@ class OPT(RaySearch):
             part = slice(start, start + group)
             mine = rows[part]
             m = len(mine)
-            u = ray.unit(rng.randn(mine, self.q, shape, theta.dtype))
+            u = ray.unit(directions.gaussian(mine, self.q))
             b = beta[part].repeat_interleave(self.q)
             g_rep = g[part].repeat_interleave(self.q)
             probe = ray.unit(theta[part].repeat_interleave(self.q, dim=0) + col(b) * u)

@@ -46,7 +46,18 @@ import torch
 
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
-from .boundary import BestAdversarial, Goal, PoolWalk, SampleRandom, StartPool, begin, col, unit
+from .boundary import (
+    SUBSPACE_AUTO,
+    BestAdversarial,
+    Directions,
+    Goal,
+    PoolWalk,
+    StartPool,
+    begin,
+    check_subspace,
+    col,
+    unit,
+)
 
 _ALPHA_FLOOR = 1e-4
 _ALPHA_RESET = 1.0
@@ -76,7 +87,31 @@ class _Boundary:
 
     def adversarial(self, rows: torch.Tensor, theta: torch.Tensor, lbd: torch.Tensor) -> torch.Tensor:
         """One query per row: is ``clip(x0 + λ θ)`` adversarial?"""
-        return self.goal.reached(rows, self.oracle.labels(self.image(rows, theta, lbd), idx=rows.cpu()))
+        return self.judge(rows, self.image(rows, theta, lbd))
+
+    def judge(self, rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """One query per row: is the image adversarial for its sample?"""
+        return self.goal.reached(rows, self.oracle.labels(images, idx=rows.cpu()))
+
+    def probe_images(
+        self,
+        rows: torch.Tensor,
+        owner: torch.Tensor,
+        theta: torch.Tensor,
+        u: torch.Tensor,
+        coef: torch.Tensor,
+        lbd: torch.Tensor,
+    ) -> torch.Tensor:
+        """``clip(x0 + λ (θ + c u)/‖θ + c u‖)`` for probe rows ``u`` (P, d) of
+        the samples ``rows[owner]``, with ``theta`` (one row per sample of
+        ``rows``) and per-probe ``coef`` c and ``lbd`` λ. Built in place, a
+        handful of passes over the probes, as (P, C, H, W) images."""
+        flat = theta.flatten(1)
+        probe = torch.index_select(flat, 0, owner)
+        probe.addcmul_(u, coef[:, None])
+        probe.mul_((lbd / distortion(probe, self.norm).clamp_min(1e-12))[:, None])
+        probe.add_(torch.index_select(self.x0[rows].flatten(1), 0, owner))
+        return probe.clamp_(0.0, 1.0).view(len(owner), *theta.shape[1:])
 
     def bisect(
         self,
@@ -167,6 +202,11 @@ class RaySearch(Attack):
     max_rows: int = 10000
     """Images per oracle call for the probes: the probes of as many samples as
     fit, at least one sample's. It bounds memory and never changes results."""
+    subspace: int | str = SUBSPACE_AUTO
+    """Factor f of the low-frequency subspace the gradient estimate's random
+    directions are drawn in (:class:`~.boundary.Directions`); 1 draws them in
+    full dimension, as the paper does; ``"auto"`` takes f = 2 for 28 × 28
+    and 32 × 32 images."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -179,6 +219,7 @@ class RaySearch(Attack):
         for field in ("alpha", "beta", "tol"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"{field} must be > 0, got {getattr(self, field)}")
+        check_subspace(self.subspace)
 
     @property
     @abc.abstractmethod
@@ -187,18 +228,18 @@ class RaySearch(Attack):
 
     @abc.abstractmethod
     def _estimate(
-        self, ray, rng, rows, theta, g, beta
+        self, ray, directions: Directions, rows, theta, g, beta
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(ĝ, best probe direction or None, its g) for the rows' (θ, g(θ), β),
-        with the probe directions drawn from each row's own stream in ``rng``."""
+        with the probe directions drawn from each row's own stream."""
 
     def _directions(
-        self, rng: SampleRandom, rows: torch.Tensor, x0: torch.Tensor, walk: PoolWalk | None, r: int
+        self, run, rows: torch.Tensor, x0: torch.Tensor, walk: PoolWalk | None, r: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Round ``r``'s initial directions for ``rows`` (unscaled), and for a
-        targeted attack the pool positions they come from."""
+        """Round ``r``'s initial directions for ``rows`` (unscaled; Gaussian in
+        the subspace), and for a targeted attack the pool positions they come from."""
         if walk is None:
-            return rng.randn(rows, 1, x0.shape[1:], x0.dtype), None
+            return run.directions.gaussian(rows, 1), None
         positions = walk.positions(rows, r)
         return walk.images(positions, x0.device, x0.dtype) - x0[rows], positions
 
@@ -206,7 +247,7 @@ class RaySearch(Attack):
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
         run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
-        x0, goal, rng, walk = run.x0, run.goal, run.rng, run.walk
+        x0, goal, walk = run.x0, run.goal, run.walk
         device = oracle.device
         n = len(x0)
         ray = _Boundary(oracle, x0, goal, self.norm)
@@ -234,7 +275,7 @@ class RaySearch(Attack):
             rows = looking.nonzero().squeeze(1)
             if not len(rows):
                 break
-            direction, positions = self._directions(rng, rows, x0, walk, r)
+            direction, positions = self._directions(run, rows, x0, walk, r)
             scale = torch.minimum(distortion(direction, self.norm), g[rows])
             direction = ray.unit(direction)
             adv = ray.adversarial(rows, direction, scale)
@@ -260,7 +301,7 @@ class RaySearch(Attack):
                 break
             th, gg = theta[rows], g[rows]
             step, smooth = alpha[rows], beta[rows]
-            grad, probe_th, probe_g = self._estimate(ray, rng, rows, th, gg, smooth)
+            grad, probe_th, probe_g = self._estimate(ray, run.directions, rows, th, gg, smooth)
             best_th, best_g = line_search(ray, rows, th, gg, grad, step, smooth / 500, self.max_line_search)
             if probe_th is not None:  # a probe better than the step is kept (official OPT)
                 use_probe = probe_g < best_g

@@ -75,6 +75,7 @@ from typing import ClassVar
 
 import torch
 
+from ..base import distortion
 from .boundary import col
 from .ray_search import RaySearch, _Boundary
 
@@ -100,12 +101,13 @@ class SignOPT(RaySearch):
         budget) and the line-search reserve."""
         return max(1, self.k // 4) + _LINE_RESERVE
 
-    def _estimate(self, ray: _Boundary, rng, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
+    def _estimate(self, ray: _Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
         """ĝ = (1/k_i) Σ sign(g(θ+βu) − g(θ)) u from k_i single-query probes,
         for as many samples per oracle call as ``max_rows`` allows; k_i = k,
         or in a sample's last iteration what its budget leaves after the
-        line-search reserve."""
-        shape = theta.shape[1:]
+        line-search reserve. ``u`` is a unit direction; the probe for u is
+        ``x0 + g(θ)(θ+βu)/‖θ+βu‖``. Each sample's sum runs over its own
+        probes in order, so it does not depend on the batch."""
         left = ray.oracle.remaining().to(rows.device)[rows]
         probes = torch.clamp(left - _LINE_RESERVE, max=self.k)
         group = max(1, self.max_rows // self.k)
@@ -113,12 +115,14 @@ class SignOPT(RaySearch):
         for start in range(0, len(rows), group):
             part = slice(start, start + group)
             mine, counts = rows[part], probes[part]
-            u = ray.unit(rng.randn(mine, counts, shape, theta.dtype))
-            owner = torch.repeat_interleave(torch.arange(len(mine), device=rows.device), counts)
-            probe = ray.unit(theta[part][owner] + col(beta[part][owner]) * u)
-            adv = ray.adversarial(mine[owner], probe, g[part][owner])
-            sign = 1.0 - 2.0 * adv.to(theta.dtype)
-            total = torch.zeros((len(mine), *shape), dtype=theta.dtype, device=theta.device)
-            total.index_add_(0, owner, col(sign) * u)
-            grad[part] = total / col(counts.to(theta.dtype))
+            m = len(mine)
+            u = directions.gaussian(mine, counts).flatten(1)
+            size = distortion(u, ray.norm).clamp_min(1e-12)
+            owner = torch.repeat_interleave(torch.arange(m, device=rows.device), counts)
+            images = ray.probe_images(mine, owner, theta[part], u, beta[part][owner] / size, g[part][owner])
+            adv = ray.judge(mine[owner], images)
+            u.mul_(((1.0 - 2.0 * adv.to(theta.dtype)) / size)[:, None])
+            total = torch.zeros((m, u.shape[1]), dtype=theta.dtype, device=theta.device)
+            total.index_add_(0, owner, u)
+            grad[part] = total.view_as(grad[part]) / col(counts.to(theta.dtype))
         return grad, None, None
