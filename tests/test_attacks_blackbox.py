@@ -43,7 +43,9 @@ def sign_opt_runs(model64, correct_batch):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"norm": "l1"}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "hinge"}, {"n_iters": 0}]
+    "kwargs",
+    [{"norm": "l1"}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "hinge"}, {"n_iters": 0}, {"hits_per_step": 0.0},
+     {"hits_per_step": 1.5}, {"max_proposals": 0}],
 )
 def test_square_rejects_bad_config(kwargs):
     with pytest.raises(ValueError):

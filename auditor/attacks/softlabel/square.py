@@ -64,18 +64,22 @@ L2 (Algorithm 3 sampling distribution):
   only shrink it. Float32 round-off can leave ‖δ‖₂ a few 1e-7 above ε.
 
 Several proposals per step (not in the paper; ``min_rows``,
-``max_proposals``): once fewer than ``min_rows`` samples are attacked, a
-step draws k = min(``max_proposals``, ``min_rows`` // m) proposals per
-sample from its current point, sends all of them in one oracle call (k
-counted queries per sample), and keeps the best if it improves (a
-successful one first). The p schedule follows the queries spent, so the
-windows shrink as in the paper. With one proposal per step the hard
-samples, which use the whole budget, make the tail of a run thousands of
-oracle calls of a few images each, where each call's fixed cost dwarfs its
-compute; k proposals make it k times fewer calls for the same queries. The
-price is progress per query: k proposals from one point can improve it
-once, k sequential steps as often as k times, which matters little in the
-tail, where few proposals are accepted.
+``max_proposals``, ``hits_per_step``): once fewer than ``min_rows``
+samples are attacked, a step may draw k proposals per sample from its
+current point, send all of them in one oracle call (k counted queries per
+sample) and keep the best if it improves (a successful one first). The p
+schedule follows the queries spent, so the windows shrink as in the paper.
+k proposals from one point can improve it once, where k sequential steps
+could improve it k times; but when a proposal improves with probability r,
+k sequential steps improve about k·r times, so for k·r well below one
+nothing is lost. The run keeps an estimate of r (the share of proposals that
+improved, over about the last 500 proposals, starting at 1) and takes
+k = ⌊``hits_per_step`` / r⌋ proposals, at most ``min_rows`` // m images'
+worth and ``max_proposals``: one proposal while many improve (the start of a
+run), more in the tail, where the hard samples spend most of the budget and
+acceptance falls to 2-8 % on the example CNN. Without them the tail is
+thousands of oracle calls of a few images each, where each call's fixed
+cost dwarfs its compute; with them it is k times fewer, larger calls.
 
 Defaults: ``p_init = 0.8`` for both norms. For L∞ it is the value the
 reference repository (``max-andr/square-attack``, README) runs on the
@@ -117,6 +121,8 @@ from .margins import log_margin
 
 _SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _LOSSES = ("margin", "ce")
+_ACCEPTANCE_WINDOW = 500
+"""Proposals the acceptance estimate averages over, roughly."""
 
 
 def p_selection(p_init: float, it: int, n_iters: int) -> float:
@@ -263,13 +269,15 @@ class SquareAttack(Attack):
     """Untargeted loss, ``"margin"`` or ``"ce"``; a targeted run always uses CE."""
     n_iters: int = 10000
     """Query budget per sample assumed when the oracle has none."""
-    min_rows: int = 64
-    """Images per oracle call kept up in the tail: once fewer samples than
-    this are attacked, each draws up to ``max_proposals`` proposals per step
-    (about ``min_rows`` images in all), sent in one call, and keeps the best
+    min_rows: int = 512
+    """Images per oracle call the proposals fill up to: while fewer samples
+    than this are attacked, a step may draw several proposals per sample
     (see "Several proposals per step" above). 1 turns it off."""
-    max_proposals: int = 8
+    max_proposals: int = 32
     """Proposals per sample and step at most."""
+    hits_per_step: float = 0.3
+    """Improving proposals per sample and step that k is sized for: k =
+    ⌊hits_per_step / r⌋ for an acceptance rate r."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -281,13 +289,15 @@ class SquareAttack(Attack):
         for field in ("n_iters", "min_rows", "max_proposals"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if not 0.0 < self.hits_per_step <= 1.0:
+            raise ValueError(f"hits_per_step must be in (0, 1], got {self.hits_per_step}")
 
-    def _proposals(self, m: int, left: int, queries_left: int) -> int:
-        """Proposals per sample this step: enough for ``min_rows`` images, at
-        most ``max_proposals``, and never more than any sample can pay."""
-        if m >= self.min_rows:
-            return 1
-        return max(1, min(self.max_proposals, self.min_rows // m, left, queries_left))
+    def _proposals(self, m: int, acceptance: float, left: int, queries_left: int) -> int:
+        """Proposals per sample this step: ⌊hits_per_step / acceptance⌋, at
+        most ``min_rows`` images in all and ``max_proposals``, and never more
+        than any sample can pay."""
+        wanted = int(self.hits_per_step / max(acceptance, 1e-6) + 1e-9)
+        return max(1, min(wanted, self.max_proposals, self.min_rows // m, left, queries_left))
 
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
@@ -352,7 +362,7 @@ class SquareAttack(Attack):
                 if work is None:
                     break
             m = len(work.rows)
-            k = self._proposals(m, work.left, last - it)
+            k = self._proposals(m, search.acceptance, work.left, last - it)
             owner = torch.arange(m, device=device).repeat_interleave(k)
             mk = m * k
 
@@ -428,7 +438,7 @@ class SquareAttack(Attack):
                 if work is None:
                     break
             m = len(work.rows)
-            k = self._proposals(m, work.left, last - it)
+            k = self._proposals(m, search.acceptance, work.left, last - it)
             owner = torch.arange(m, device=device).repeat_interleave(k)
             mk = m * k
 
@@ -481,6 +491,8 @@ class _Search:
     loss: torch.Tensor
     margin: torch.Tensor
     queried: torch.Tensor
+    acceptance: float = 1.0
+    """Estimated share of proposals that improve their sample."""
 
     @classmethod
     def begin(cls, x: torch.Tensor) -> "_Search":
@@ -507,12 +519,23 @@ class _Search:
         )
 
     def settle(self, work: "_Working", improved, loss, margin, spent: int) -> "_Working | None":
-        """Record a step of the working set (``spent`` queries per row);
-        absorb and drop the set when a row succeeded or reached its budget."""
+        """Record a step of the working set (``spent`` queries per row) and
+        its acceptance; absorb and drop the set when a row succeeded or
+        reached its budget."""
+        self.observe(float(improved.float().mean()), spent, len(improved))
         if work.settle(improved, loss, margin, spent):
             self.absorb(work)
             return None
         return work
+
+    def observe(self, improved: float, k: int, m: int) -> None:
+        """Update the acceptance estimate with a step in which a share
+        ``improved`` of ``m`` rows took one of their ``k`` proposals: a
+        proposal improves with probability r where 1 - (1 - r)^k = improved,
+        weighed in as ``m·k`` proposals of a window of about 500."""
+        rate = 1.0 - (1.0 - improved) ** (1.0 / k)
+        weight = 1.0 - (1.0 - 1.0 / _ACCEPTANCE_WINDOW) ** (m * k)
+        self.acceptance += weight * (rate - self.acceptance)
 
     def absorb(self, work: "_Working") -> None:
         self.x[work.rows], self.loss[work.rows], self.margin[work.rows] = work.x, work.loss, work.margin
