@@ -14,15 +14,22 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
 
 * clean check: one query of ``x*``; a sample already misclassified is a
   success at distortion 0 and is not attacked.
-* initialisation (Sec. 4.1, "initialization" of Algorithm 1 as in the
-  official code): up to ``n_init`` images of uniform noise in [0,1], one
-  query each, one call per round for all samples still looking, until one is
-  adversarial; then a boundary binary search towards ``x*`` (Algorithm 1,
-  the ``BIN-SEARCH`` of line 2 / Algorithm 2 of the appendix). In targeted
-  mode (adversarial means "classified as the target", the paper's targeted
-  setting) the images tried are data images of the target class, as the
-  paper starts from "a target image", each sample walking through its
-  class's images from a random offset; ``start_index`` records which.
+* initialisation (not the paper's): OPT's search for a starting direction
+  (:func:`.ray_search.ray_start`, shared with OPT and Sign-OPT): ``n_init``
+  random directions per sample in the low-frequency subspace, each checked
+  with one query at the best distance so far and bisected where it beats
+  it, so the start is the closest boundary point along the best of them.
+  The paper (Sec. 4.1) and the official code start from the first uniform
+  noise image that is adversarial; on the example CNN 99.8 % of noise
+  images are classified "3", so every "3" found no start (7 of 94 digits),
+  and the others started far away. With 20 directions the median L2 on 94
+  example digits went from 1.49 to 1.25 at 1,000 queries and from 1.39 to
+  1.16 at 4,000, and 93 digits found a start instead of 87. In targeted mode
+  (adversarial means "classified as the target", the paper's targeted
+  setting) the directions point at data images of the target class, as
+  the paper starts from "a target image", each sample walking through its
+  class's images from a random offset; ``start_index`` records the one
+  kept. A boundary binary search (below) then refines the start.
 * binary search (Sec. 3, Eq. 7 and the projection of Sec. 4.3): between the
   benign ``x*`` (``lo = 0``) and an adversarial point ``x̃`` (``hi``), halving
   ``hi − lo`` until it is at most the threshold θ; for L2 the points are the
@@ -54,7 +61,7 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
 * boundary search (Algorithm 1 line 8): binary search from the new point
   back towards ``x*``; it is the next ``x_t``.
 
-Budget: every label query is counted (clean check, noise, binary searches,
+Budget: every label query is counted (clean check, initial search, binary searches,
 gradient probes, step tries). An iteration of a sample costs
 ``B_t + s + b`` queries, with ``s ≥ 1`` step tries and
 ``b = ⌈log2(1/θ)⌉`` binary-search queries (15 for L2 and 20 for L∞ on
@@ -89,7 +96,6 @@ from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
     SUBSPACE_AUTO,
-    BestAdversarial,
     Directions,
     StartPool,
     begin,
@@ -97,9 +103,13 @@ from .boundary import (
     col,
     unit,
 )
+from .ray_search import _Boundary, ray_start
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
+_INIT_TOL = 1e-3
+"""Tolerance of the initial ray search's bisection (Sign-OPT's ``tol``); the
+boundary search after it refines to HopSkipJump's own threshold."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +134,10 @@ class HopSkipJump(Attack):
     """Cap on the gradient probes of one iteration."""
     gamma: float = 1.0
     """θ = γ d^{-3/2} (L2) or γ d^{-2} (L∞): binary-search threshold."""
-    n_init: int = 100
-    """Images tried (one query each) to find a first adversarial: uniform
-    noise, or in targeted mode data images of the target class."""
+    n_init: int = 20
+    """Directions tried at initialisation (random in the subspace, or in
+    targeted mode towards data images of the target class); 20 did as well
+    as 50 on the example CNN."""
     max_step_halvings: int = 30
     """Halvings of ξ_t before a step search gives up for the iteration."""
     max_iter: int = 64
@@ -158,13 +169,12 @@ class HopSkipJump(Attack):
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
         run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
-        x0, goal, rng, walk = run.x0, run.goal, run.rng, run.walk
+        x0, goal = run.x0, run.goal
         device = oracle.device
         n = len(x0)
         d = x0[0].numel() if n else 1
         theta = self.gamma / (d**1.5 if self.norm == "l2" else d**2)
         bs_cost = math.ceil(math.log2(1.0 / theta)) + 1 if theta < 1 else 1
-        best = BestAdversarial(x0, self.norm)
 
         def remaining() -> torch.Tensor:
             return oracle.remaining().to(device)
@@ -209,44 +219,18 @@ class HopSkipJump(Attack):
                 out[sel] = point(sel, hi[sel]).clamp(0.0, 1.0)
             return out
 
-        # Clean check: a sample already adversarial costs one query.
-        attack = remaining() >= 1
-        success = torch.zeros(n, dtype=torch.bool, device=device)
-        sel = attack.nonzero().squeeze(1)
-        if len(sel):
-            clean_adv = adversarial(sel, x0[sel])
-            success[sel[clean_adv]] = True
-            attack[sel[clean_adv]] = False
-            best.update(sel, x0[sel], clean_adv)
-
-        # Initialisation: uniform noise (targeted: target-class images) until
-        # adversarial, one call a round.
-        current = x0.clone()
-        found = torch.zeros(n, dtype=torch.bool, device=device)
-        start_at = torch.full((n,), -1, dtype=torch.long, device=device)
-        everyone = torch.arange(n, device=device)
-        for r in range(self.n_init):
-            looking = attack & ~found & (remaining() >= 1)
-            if walk is not None:
-                looking &= walk.has(everyone, r)
-            rows = looking.nonzero().squeeze(1)
-            if not len(rows):
-                break
-            if walk is None:
-                candidate = rng.rand(rows, 1, x0.shape[1:], x0.dtype)
-            else:
-                positions = walk.positions(rows, r)
-                candidate = walk.images(positions, device, x0.dtype)
-            adv = adversarial(rows, candidate)
-            current[rows[adv]] = candidate[adv]
-            found[rows[adv]] = True
-            if walk is not None:
-                start_at[rows[adv]] = positions[adv]
+        # Clean check and initialisation: OPT's search over n_init random
+        # directions (targeted: target-class images), then the boundary search.
+        ray = _Boundary(oracle, x0, goal, self.norm)
+        start = ray_start(ray, run, self.n_init, _INIT_TOL)
+        best = start.best
+        found = start.attack & torch.isfinite(start.g)
+        success = torch.isfinite(start.g)
+        current = best.x.clone()
         rows = found.nonzero().squeeze(1)
         if len(rows):
             current[rows] = bisect(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
             best.update(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
-        success |= found
 
         active = found.clone()
         t = torch.zeros(n, dtype=torch.long, device=device)
@@ -301,7 +285,7 @@ class HopSkipJump(Attack):
 
         return AttackResult(
             x_adv=best.x, success=success, queries=oracle.queries(), trace=trace,
-            start_index=None if walk is None else walk.start_index(start_at),
+            start_index=start.start_index(run),
         )
 
     def _gradient(self, adversarial, directions: Directions, rows, xt, delta, evals) -> torch.Tensor:

@@ -51,7 +51,7 @@ from .boundary import (
     BestAdversarial,
     Directions,
     Goal,
-    PoolWalk,
+    LabelRun,
     StartPool,
     begin,
     check_subspace,
@@ -233,61 +233,16 @@ class RaySearch(Attack):
         """(ĝ, best probe direction or None, its g) for the rows' (θ, g(θ), β),
         with the probe directions drawn from each row's own stream."""
 
-    def _directions(
-        self, run, rows: torch.Tensor, x0: torch.Tensor, walk: PoolWalk | None, r: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Round ``r``'s initial directions for ``rows`` (unscaled; Gaussian in
-        the subspace), and for a targeted attack the pool positions they come from."""
-        if walk is None:
-            return run.directions.gaussian(rows, 1), None
-        positions = walk.positions(rows, r)
-        return walk.images(positions, x0.device, x0.dtype) - x0[rows], positions
-
     def __call__(
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
         run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
-        x0, goal, walk = run.x0, run.goal, run.walk
+        x0 = run.x0
         device = oracle.device
         n = len(x0)
-        ray = _Boundary(oracle, x0, goal, self.norm)
-        everyone = torch.arange(n, device=device)
-        start_at = torch.full((n,), -1, dtype=torch.long, device=device)
-
-        theta = torch.zeros_like(x0)
-        g = torch.full((n,), float("inf"), device=device)
-        best = BestAdversarial(x0, self.norm)
-
-        # Clean check: a sample already adversarial costs one query.
-        attack = ray.affordable(everyone)
-        sel = attack.nonzero().squeeze(1)
-        if len(sel):
-            clean_adv = ray.adversarial(sel, theta[sel], g.new_zeros(len(sel)))
-            g[sel[clean_adv]] = 0.0
-            attack[sel[clean_adv]] = False
-            best.update(sel, x0[sel], clean_adv)
-
-        # Initialisation: n_init directions, one step for all samples.
-        for r in range(self.n_init):
-            looking = attack & ray.affordable(everyone)
-            if walk is not None:
-                looking &= walk.has(everyone, r)
-            rows = looking.nonzero().squeeze(1)
-            if not len(rows):
-                break
-            direction, positions = self._directions(run, rows, x0, walk, r)
-            scale = torch.minimum(distortion(direction, self.norm), g[rows])
-            direction = ray.unit(direction)
-            adv = ray.adversarial(rows, direction, scale)
-            hi = ray.bisect(
-                rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, self.tol), adv
-            )
-            better = adv & (hi < g[rows])
-            g[rows[better]] = hi[better]
-            theta[rows[better]] = direction[better]
-            best.update(rows, ray.image(rows, direction, hi), better)
-            if positions is not None:
-                start_at[rows[better]] = positions[better]
+        ray = _Boundary(oracle, x0, run.goal, self.norm)
+        start = ray_start(ray, run, self.n_init, self.tol)
+        theta, g, best, attack = start.theta, start.g, start.best, start.attack
 
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
@@ -317,8 +272,83 @@ class RaySearch(Attack):
 
         return AttackResult(
             x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace,
-            start_index=None if walk is None else walk.start_index(start_at),
+            start_index=start.start_index(run),
         )
+
+
+@dataclass
+class RayStart:
+    """Where a ray search starts: per sample θ, g(θ), the best adversarial
+    image and the pool position of a targeted start (-1: none)."""
+
+    attack: torch.Tensor
+    """Samples to attack: not adversarial already, with a query left then."""
+    theta: torch.Tensor
+    g: torch.Tensor
+    best: BestAdversarial
+    start_at: torch.Tensor
+
+    def start_index(self, run: LabelRun) -> torch.Tensor | None:
+        """Data set index of each sample's start image (targeted), else None."""
+        return None if run.walk is None else run.walk.start_index(self.start_at)
+
+
+def _initial_directions(run: LabelRun, rows: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round ``r``'s initial directions for ``rows`` (unscaled; Gaussian in
+    the subspace), and for a targeted attack the pool positions they come from."""
+    if run.walk is None:
+        return run.directions.gaussian(rows, 1), None
+    positions = run.walk.positions(rows, r)
+    return run.walk.images(positions, run.x0.device, run.x0.dtype) - run.x0[rows], positions
+
+
+def ray_start(ray: _Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart:
+    """The clean check and OPT's initialisation, batched over the samples.
+
+    Clean check: one query of ``x0``; a sample already adversarial gets
+    g = 0 and is not attacked. Then ``n_init`` rounds, one direction per
+    sample and round for all samples at once (Gaussian, or targeted,
+    ``s − x0`` for the next data image ``s`` of the target class): one query
+    at ``min(‖θ‖, g*)`` decides whether θ can beat the best g* so far; a
+    direction that passes is bisected on ``[0, min(‖θ‖, g*)]`` down to
+    ``tol`` and kept if its g is smaller.
+    """
+    x0, walk = run.x0, run.walk
+    device = x0.device
+    n = len(x0)
+    everyone = torch.arange(n, device=device)
+    start_at = torch.full((n,), -1, dtype=torch.long, device=device)
+    theta = torch.zeros_like(x0)
+    g = torch.full((n,), float("inf"), device=device)
+    best = BestAdversarial(x0, ray.norm)
+
+    attack = ray.affordable(everyone)
+    sel = attack.nonzero().squeeze(1)
+    if len(sel):
+        clean_adv = ray.adversarial(sel, theta[sel], g.new_zeros(len(sel)))
+        g[sel[clean_adv]] = 0.0
+        attack[sel[clean_adv]] = False
+        best.update(sel, x0[sel], clean_adv)
+
+    for r in range(n_init):
+        looking = attack & ray.affordable(everyone)
+        if walk is not None:
+            looking &= walk.has(everyone, r)
+        rows = looking.nonzero().squeeze(1)
+        if not len(rows):
+            break
+        direction, positions = _initial_directions(run, rows, r)
+        scale = torch.minimum(distortion(direction, ray.norm), g[rows])
+        direction = ray.unit(direction)
+        adv = ray.adversarial(rows, direction, scale)
+        hi = ray.bisect(rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, tol), adv)
+        better = adv & (hi < g[rows])
+        g[rows[better]] = hi[better]
+        theta[rows[better]] = direction[better]
+        best.update(rows, ray.image(rows, direction, hi), better)
+        if positions is not None:
+            start_at[rows[better]] = positions[better]
+    return RayStart(attack, theta, g, best, start_at)
 
 
 def line_search(
