@@ -103,7 +103,7 @@ from .boundary import (
     col,
     unit,
 )
-from .ray_search import _Boundary, ray_start
+from .ray_search import Boundary, ray_start
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
@@ -221,7 +221,7 @@ class HopSkipJump(Attack):
 
         # Clean check and initialisation: OPT's search over n_init random
         # directions (targeted: target-class images), then the boundary search.
-        ray = _Boundary(oracle, x0, goal, self.norm)
+        ray = Boundary(oracle, x0, goal, self.norm)
         start = ray_start(ray, run, self.n_init, _INIT_TOL)
         best = start.best
         found = start.attack & torch.isfinite(start.g)

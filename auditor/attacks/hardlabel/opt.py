@@ -9,7 +9,7 @@ by its distance to the decision boundary,
 and θ is optimised with a zeroth-order gradient of g estimated from label
 queries only (Algorithm 1). Sign-OPT (:mod:`.sign_opt`) is built on this
 attack and differs only in the gradient estimate, so OPT reuses its ray
-queries (``_Boundary``), its best-example bookkeeping and its step-size
+queries (``Boundary``), its best-example bookkeeping and its step-size
 search (``ray_search.line_search``), its L∞ variant (the official
 ``OPT_attack_lf.py``) and its targeted start from data images. Every image sent to the oracle is clipped
 to [0,1]; per sample the attack returns the clipped ``x0 + g(θ) θ/‖θ‖`` of
@@ -72,7 +72,7 @@ import torch
 
 from ...oracles import LabelOracle
 from .boundary import col
-from .ray_search import RaySearch, _Boundary
+from .ray_search import Boundary, RaySearch
 
 _STEP_DOWN = 0.99
 _STEP_UP = 1.01
@@ -99,7 +99,7 @@ def _ration(oracle: LabelOracle, rows: torch.Tensor, want: torch.Tensor) -> torc
 
 
 def _two_sided_search(
-    ray: _Boundary, rows: torch.Tensor, theta: torch.Tensor, g0: torch.Tensor, tol: torch.Tensor
+    ray: Boundary, rows: torch.Tensor, theta: torch.Tensor, g0: torch.Tensor, tol: torch.Tensor
 ) -> torch.Tensor:
     """g along each ``theta`` row from a start at ``g0`` (official local search).
 
@@ -166,7 +166,7 @@ class OPT(RaySearch):
         """Two queries a probe's search at the least, and one line-search query."""
         return 2 * self.q + 1
 
-    def _estimate(self, ray: _Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _estimate(self, ray: Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g,
         for as many samples per search as ``max_rows`` allows."""
         shape = theta.shape[1:]

@@ -15,7 +15,7 @@ The norm ‖·‖ is the attack's: L2, or L∞ as in the official L∞ variants
 candidate is scaled to unit L∞ norm, so g is an L∞ distance). This module
 holds what they share, all batched over samples:
 
-* ``_Boundary``: label queries along rays ``x0 + λθ`` (every image clipped
+* ``Boundary``: label queries along rays ``x0 + λθ`` (every image clipped
   to [0,1]), OPT's binary search for g and its local search ("compute g(θ)
   locally", ratio 0.01, as the official code runs it);
 * ``BestAdversarial`` (:mod:`.boundary`): per sample, the clipped adversarial
@@ -65,7 +65,7 @@ _BETA_FLOOR = 1e-8
 _STEP_DOWN = 0.99
 
 
-class _Boundary:
+class Boundary:
     """Label queries along rays ``x0 + λ θ`` for a subset of the samples."""
 
     def __init__(self, oracle: LabelOracle, x0: torch.Tensor, goal: Goal, norm: str):
@@ -240,7 +240,7 @@ class RaySearch(Attack):
         x0 = run.x0
         device = oracle.device
         n = len(x0)
-        ray = _Boundary(oracle, x0, run.goal, self.norm)
+        ray = Boundary(oracle, x0, run.goal, self.norm)
         start = ray_start(ray, run, self.n_init, self.tol)
         theta, g, best, attack = start.theta, start.g, start.best, start.attack
 
@@ -302,7 +302,7 @@ def _initial_directions(run: LabelRun, rows: torch.Tensor, r: int) -> tuple[torc
     return run.walk.images(positions, run.x0.device, run.x0.dtype) - run.x0[rows], positions
 
 
-def ray_start(ray: _Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart:
+def ray_start(ray: Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart:
     """The clean check and OPT's initialisation, batched over the samples.
 
     Clean check: one query of ``x0``; a sample already adversarial gets
@@ -352,7 +352,7 @@ def ray_start(ray: _Boundary, run: LabelRun, n_init: int, tol: float) -> RayStar
 
 
 def line_search(
-    ray: _Boundary,
+    ray: Boundary,
     rows: torch.Tensor,
     theta: torch.Tensor,
     g: torch.Tensor,

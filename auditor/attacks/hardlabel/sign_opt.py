@@ -77,7 +77,7 @@ import torch
 
 from ..base import distortion
 from .boundary import col
-from .ray_search import RaySearch, _Boundary
+from .ray_search import Boundary, RaySearch
 
 _LINE_RESERVE = 25
 """Queries a sample keeps for the line search of its last iteration (the
@@ -101,7 +101,7 @@ class SignOPT(RaySearch):
         budget) and the line-search reserve."""
         return max(1, self.k // 4) + _LINE_RESERVE
 
-    def _estimate(self, ray: _Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
+    def _estimate(self, ray: Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
         """ĝ = (1/k_i) Σ sign(g(θ+βu) − g(θ)) u from k_i single-query probes,
         for as many samples per oracle call as ``max_rows`` allows; k_i = k,
         or in a sample's last iteration what its budget leaves after the
