@@ -169,7 +169,7 @@ class HopSkipJump(Attack):
         self, oracle, x, y, *, eps=None, seed=0, target=None, starts: StartPool | None = None
     ) -> AttackResult:
         run = begin(self, oracle, x, y, eps=eps, seed=seed, target=target, starts=starts)
-        x0, goal = run.x0, run.goal
+        x0 = run.x0
         device = oracle.device
         n = len(x0)
         d = x0[0].numel() if n else 1
@@ -179,9 +179,8 @@ class HopSkipJump(Attack):
         def remaining() -> torch.Tensor:
             return oracle.remaining().to(device)
 
-        def adversarial(rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-            """One query per row: is the image adversarial?"""
-            return goal.reached(rows, oracle.labels(images, idx=rows.cpu()))
+        ray = Boundary(oracle, x0, run.goal, self.norm)
+        adversarial = ray.judge  # one query per row: is the image adversarial?
 
         def bisect(rows: torch.Tensor, far: torch.Tensor, searching: torch.Tensor) -> torch.Tensor:
             """Boundary binary search from adversarial ``far`` towards x*.
@@ -221,7 +220,6 @@ class HopSkipJump(Attack):
 
         # Clean check and initialisation: OPT's search over n_init random
         # directions (targeted: target-class images), then the boundary search.
-        ray = Boundary(oracle, x0, goal, self.norm)
         start = ray_start(ray, run, self.n_init, _INIT_TOL)
         best = start.best
         found = start.attack & torch.isfinite(start.g)
