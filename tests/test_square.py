@@ -85,7 +85,8 @@ def test_l2_init_has_norm_eps_and_the_square_grid():
 
 
 def _naive_proposal(delta, corner, bump, eps):
-    """Algorithm 3 sample by sample, with full-image window masks."""
+    """Algorithm 3 sample by sample, with full-image window masks, as the
+    reference code computes it: the windows' norm over all channels."""
     out = delta.clone()
     m, c, h, w = delta.shape
     s = bump.shape[-1]
@@ -96,10 +97,10 @@ def _naive_proposal(delta, corner, bump, eps):
         w2 = torch.zeros(h, w, dtype=torch.bool)
         w2[r2 : r2 + s, c2 : c2 + s] = True
         total = delta[i].norm()
+        union = delta[i][:, w1 | w2].norm()
         for k in range(c):
             d = delta[i, k]
             old = d[w1].view(s, s)
-            union = d[w1 | w2].norm()
             new = bump[i, k] + old / (old.norm() + 1e-12)
             new = new / new.norm() * (max(eps**2 - total**2, 0) / c + union**2) ** 0.5
             out[i, k][w2] = 0.0
@@ -119,12 +120,26 @@ def test_l2_proposal_matches_the_algorithm():
     bump = eta * torch.randint(0, 2, (m, c, 1, 1), generator=gen).mul(2).sub(1)
     got = l2_proposal(delta, corner, bump, eps)
     assert torch.allclose(got, _naive_proposal(delta, corner, bump, eps), atol=1e-12)
-    # the missing norm is restored: ‖δ'‖₂ = ε before the final rescale
+    # each channel's W1 holds the windows' norm over all channels (not its own)
+    union = torch.stack([delta[i][:, _window(corner[i, 0], s, h, w) | _window(corner[i, 1], s, h, w)].norm()
+                         for i in range(m)])
+    lacking = (eps**2 - distortion(delta, "l2") ** 2) / c
+    w1 = torch.stack([got[i][:, _window(corner[i, 0], s, h, w)].norm(dim=1) for i in range(m)])
+    assert torch.allclose(w1, (union**2 + lacking).sqrt()[:, None].expand(m, c))
+    # one channel: the missing norm is restored (‖δ'‖₂ = ε before the final
+    # rescale), and with nothing missing the mass of both windows moves into W1
+    one = delta[:, :1] * (0.8 * eps / distortion(delta[:, :1], "l2")).view(-1, 1, 1, 1)
+    got = l2_proposal(one, corner, bump[:, :1], eps)
     assert torch.allclose(distortion(got, "l2"), torch.full((m,), eps, dtype=torch.float64))
-    # with nothing missing, the mass of both windows moves into W1
-    full = delta / 0.8
-    moved = l2_proposal(full, corner, bump, eps)
+    full = one / 0.8
+    moved = l2_proposal(full, corner, bump[:, :1], eps)
     assert torch.allclose(distortion(moved, "l2"), distortion(full, "l2"))
+
+
+def _window(corner, s, h, w):
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[corner[0] : corner[0] + s, corner[1] : corner[1] + s] = True
+    return mask
 
 
 # -- L2: ball, box, budgets ----------------------------------------------------

@@ -56,10 +56,13 @@ L2 (Algorithm 3 sampling distribution):
   most ``min(H, W)``).
 * line 4, δ ~ P (Algorithm 3, :func:`l2_proposal`): two windows W1 and W2
   of side s per sample. Per channel, W1 becomes ``η·sign +
-  δ_W1/‖δ_W1‖``, rescaled to ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0)/c)``,
-  and the rest of W2 becomes 0: the mass of both windows moves into W1,
-  plus each channel's share of the norm the current perturbation lacks
-  (what clipping to [0,1] took), exactly as the reference code does.
+  δ_W1/‖δ_W1‖``, rescaled to ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0)/c)``
+  with ‖δ_{W1∪W2}‖ the norm of both windows over *all* channels, and the
+  rest of W2 becomes 0, exactly as the reference code (and AutoAttack)
+  does. With one channel the mass of both windows moves into W1, plus the
+  norm the current perturbation lacks (what clipping to [0,1] took); with c
+  channels each channel's W1 gets the whole windows' mass, so line 5's
+  rescale concentrates the perturbation in W1 more strongly.
 * line 5: the whole δ rescaled to ‖δ‖₂ = ε, then clipped to [0,1], which can
   only shrink it. Float32 round-off can leave ‖δ‖₂ a few 1e-7 above ε.
 
@@ -221,10 +224,12 @@ def l2_proposal(
     (m, 2, 2) the (row, column) of the top-left corners of the windows W1
     and W2 of side s, ``bump`` (m, c, s, s) the signed bump η per sample and
     channel. Per channel, W1 gets ``η + δ_W1 / ‖δ_W1‖`` rescaled to norm
-    ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0) / c)`` and the rest of W2 is
-    zeroed: the mass of both windows moves into W1, with each channel's
-    share of the norm that ``delta`` lacks (the part clipping took). Returns
-    the new perturbation (a new tensor) before the rescale to ‖δ‖₂ = ε.
+    ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0) / c)``, where ‖δ_{W1∪W2}‖ is
+    the norm of both windows over all channels (the reference code's
+    ``norms_windows``), and the rest of W2 is zeroed. With one channel this
+    moves the mass of both windows into W1, plus the norm that ``delta``
+    lacks (the part clipping took). Returns the new perturbation (a new
+    tensor) before the rescale to ‖δ‖₂ = ε.
     """
     m, c, h, w = delta.shape
     s = bump.shape[-1]
@@ -242,7 +247,7 @@ def l2_proposal(
     index = windows.expand(m, c, 2 * s * s)
     in_w1, in_w2 = new.gather(2, index).split(s * s, dim=2)
     sq_w1 = in_w1.square()
-    norm_union = torch.linalg.vecdot(in_w2, in_w2) + (sq_w1 * outside).sum(2)
+    norm_union = (torch.linalg.vecdot(in_w2, in_w2) + (sq_w1 * outside).sum(2)).sum(1, keepdim=True)
     content = bump.reshape(m, c, s * s) + in_w1 / (sq_w1.sum(2, keepdim=True).sqrt() + 1e-12)
     target = ((eps**2 - norm2).clamp_min(0.0)[:, None] / c + norm_union).sqrt()
     scale = target / torch.linalg.vector_norm(content, dim=2).clamp_min(1e-12)
