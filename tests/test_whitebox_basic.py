@@ -162,6 +162,24 @@ def test_cw_finds_small_verified_adversarials(tiny_cnn, batch, cw_result):
     assert torch.equal(x[~result.success], result.x_adv[~result.success])
 
 
+def test_cw_rate_is_the_official_one_on_mid_range_pixels(tiny_cnn, batch):
+    # The digits drawn in grey on grey: no pixel starts near 0 or 1, so every
+    # coordinate gets the official rate 0.01, where one rate of 0.1 (the
+    # saturated pixels' rate) overshoots.
+    x, y = batch
+    grey = 0.3 + 0.4 * x
+    keep = fooled(tiny_cnn, grey, y).logical_not()
+    grey, y = grey[keep][:32], y[keep][:32]
+    sizes = {}
+    for rate in (0.01, 0.1):
+        attack = CarliniWagnerL2(learning_rate=rate, max_learning_rate=0.1)
+        result = attack(GradientOracle(tiny_cnn, len(y)), grey, y, seed=0)
+        assert result.success.all()
+        sizes[rate] = distortion(result.x_adv - grey, "l2").median()
+    # measured: median L2 0.91 against 1.05
+    assert sizes[0.01] < 0.95 * sizes[0.1]
+
+
 def test_cw_trace_queries_and_determinism(tiny_cnn, batch, cw_result):
     x, y = batch
     attack = CarliniWagnerL2()
@@ -200,7 +218,7 @@ def test_configs_are_validated_immutable_and_labelled():
     assert FGSM.kind == FIXED_EPS and CarliniWagnerL2.kind == MIN_NORM
     assert repr(CarliniWagnerL2()) == (
         "CarliniWagnerL2(norm='l2', binary_search_steps=5, steps=100, initial_const=0.01, "
-        "learning_rate=0.1, kappa=0.0, abort_early=True)"
+        "learning_rate=0.01, max_learning_rate=0.1, kappa=0.0, abort_early=True)"
     )
     for bad in (
         lambda: FGSM(norm="l1"),

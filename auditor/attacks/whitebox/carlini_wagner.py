@@ -44,15 +44,21 @@ sample is too slow for an audit, so here ``binary_search_steps = 5`` and
 ``steps = 100`` (at most 500 queries a sample), with
 ``initial_const = 1e-2``, one factor of 10 above the official start because
 five rounds leave fewer to climb from a constant too small to succeed, and
-``kappa = 0`` as in the official code. The learning rate is raised from
-0.01 to 0.1: Adam moves each coordinate of w by about the learning rate per
-step, so w can travel about lr × steps; a pixel at 0 or 1 starts at
-|w₀| ≈ 7.25 and 0.01 × 100 = 1 barely moves it. Measured on the MNIST test
-digits with two small CNNs (the test suite's and ``examples/mnist_cnn``), the
-official learning rate with these 100 steps found an adversarial example for
-about half the digits, while 0.1 found one for all of them, at a median L2
-within 3 % of the official 9 × 1000-step schedule with lr 0.01 (1.10
-against 1.07 and 1.10 against 1.09) for under 10 % of its queries.
+``kappa = 0`` as in the official code. The learning rate is the official
+0.01 where a pixel starts mid-range and grows, up to ``max_learning_rate``
+= 0.1, where it starts near 0 or 1: Adam moves each coordinate of w by about
+its rate per step, and a pixel moves ∂x'/∂w = 2x'(1 − x') times that, which
+is 0.5 at mid-grey and about 2·10⁻⁶ at a pixel of 0 or 1 (|w₀| ≈ 7.25, and
+0.01 × 100 steps = 1 barely moves it). So each coordinate's rate is
+``learning_rate × 0.5 / (2x(1 − x))`` within [``learning_rate``,
+``max_learning_rate``], x the clean pixel: every pixel can start moving about
+as fast as a mid-grey one. Measured against one rate for all (5 × 100
+steps): on 94 example MNIST digits (90 % of pixels saturated) 0.01 found an
+example for about half of them and 0.1 for all, at median L2 1.10; the
+per-pixel rate finds all, at 1.09, the official 9 × 1000-step schedule's
+median. On 29 colour digits (3 × 32 × 32, a small ResNet, 94 % of pixels
+mid-range) 0.1 overshoots: median L2 0.99, against 0.650 with 0.01 and 0.654
+with the per-pixel rate.
 
 ``eps`` is ignored (a minimum-norm attack). With an oracle budget, a sample
 is queried only while it has budget left. ``trace`` holds, after each
@@ -97,7 +103,10 @@ class CarliniWagnerL2(Attack):
     binary_search_steps: int = 5
     steps: int = 100
     initial_const: float = 1e-2
-    learning_rate: float = 0.1
+    learning_rate: float = 0.01
+    """Adam's rate for coordinates whose pixel starts mid-range (see above)."""
+    max_learning_rate: float = 0.1
+    """The rate for coordinates whose pixel starts at 0 or 1."""
     kappa: float = 0.0
     abort_early: bool = True
 
@@ -108,6 +117,8 @@ class CarliniWagnerL2(Attack):
             raise ValueError("C&W needs binary_search_steps >= 1 and steps >= 1")
         if not self.initial_const > 0 or not self.learning_rate > 0:
             raise ValueError("C&W needs initial_const > 0 and learning_rate > 0")
+        if not self.max_learning_rate >= self.learning_rate:
+            raise ValueError("C&W needs max_learning_rate >= learning_rate")
         if not self.kappa >= 0:
             raise ValueError("C&W needs kappa >= 0")
 
@@ -116,6 +127,9 @@ class CarliniWagnerL2(Attack):
         n, device = len(x), x.device
         shape = (-1, *([1] * (x.dim() - 1)))
         w0 = torch.atanh((2 * x - 1) * _TANH_SHRINK)
+        # per coordinate: as fast in pixels as a mid-grey one at learning_rate
+        slope = (2 * x * (1 - x)).clamp_min(1e-12)
+        rate = (0.5 * self.learning_rate / slope).clamp(self.learning_rate, self.max_learning_rate)
         const = torch.full((n,), self.initial_const, device=device)
         lower = torch.zeros(n, device=device)
         upper = torch.full((n,), _NO_UPPER, device=device)
@@ -167,7 +181,7 @@ class CarliniWagnerL2(Attack):
                 v[rows] = _BETA2 * v[rows] + (1 - _BETA2) * grad_w**2
                 m_hat = m[rows] / (1 - _BETA1 ** t[rows]).view(shape)
                 v_hat = v[rows] / (1 - _BETA2 ** t[rows]).view(shape)
-                w[rows] -= self.learning_rate * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+                w[rows] -= rate[rows] * m_hat / (v_hat.sqrt() + _ADAM_EPS)
 
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
