@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit
 from torch import nn
 
 from auditor.data.builtin import mnist
@@ -40,15 +41,7 @@ def mnist_test():
 def tiny_cnn(mnist_train) -> nn.Module:
     """A tiny CNN trained for two epochs (about 90 % test accuracy, not robust)."""
     torch.manual_seed(0)
-    model = tiny_cnn_arch()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = mnist_train.x, mnist_train.y
-    for _ in range(2):
-        for i in range(0, len(y), 100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
-            opt.step()
-    return model.eval()
+    return fit(tiny_cnn_arch(), mnist_train.x, mnist_train.y, epochs=2)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from helpers import Counting, fit, label_oracle, predict, score_oracle
 from torch import nn
 
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
@@ -20,7 +21,6 @@ from auditor.attacks.hardlabel.sign_opt import SignOPT
 from auditor.attacks.softlabel.gen_attack import GenAttack
 from auditor.attacks.softlabel.nes import NES
 from auditor.attacks.softlabel.square import SquareAttack
-from helpers import Counting, label_oracle, predict, score_oracle
 
 
 def colour_digits(data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +44,7 @@ def colour_cnn(mnist_train) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 10),
     )
-    x, y = colour_digits(mnist_train, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for i in range(0, len(y), 100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i : i + 100]), y[i : i + 100]).backward()
-            opt.step()
-    return model.eval()
+    return fit(model, *colour_digits(mnist_train, 1), epochs=3)
 
 
 @pytest.fixture(scope="module")
