@@ -329,8 +329,10 @@ def run_battery(
 
     With ``target`` (one class per sample, never its label) the audit is
     targeted: a sample is broken only where the model outputs its target.
-    Targeted attacks that start from data images (``starts_from_data``, the
-    hard-label ones) take them from ``starts``, which they then require.
+    Attacks that start from data images (``starts_from_data``, the
+    hard-label ones) take them from ``starts``: targeted, which they then
+    require, images of the target class; untargeted, images of other
+    classes for the samples no random direction took across the boundary.
     Transfer attacks run on each of ``surrogates``.
     """
     if (target is not None) != battery.targeted:
@@ -375,7 +377,7 @@ def run_battery(
                     budget_of_attack, device=model.device, on_charge=progress.run(description, total),
                 )
                 device = model.device
-            extra = {"starts": starts} if goal is not None and attack.starts_from_data else {}
+            extra = {"starts": starts} if starts is not None and attack.starts_from_data else {}
             result = attack(
                 oracle, x[active].to(device), y[active].to(device),
                 eps=eps, seed=_run_seed(seed, attack.label, eps, group),

@@ -231,7 +231,7 @@ def scan(
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
             outputs_probabilities=probabilities, target=targets, progress=bar,
-            starts=None if targets is None else StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
+            starts=StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
             surrogates=surrogate_sets,
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()

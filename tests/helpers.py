@@ -47,3 +47,35 @@ def predict(model, x: torch.Tensor) -> torch.Tensor:
     """The model's labels for x, cast to the model's parameter dtype (float32 or float64)."""
     with torch.no_grad():
         return model(x.to(next(model.parameters()).dtype)).argmax(1)
+
+
+class Ball(torch.nn.Module):
+    """Two classes: 1 only within L2 distance ``radius`` of ``centre``, else 0.
+
+    No noise image is ever class 1, so no random direction from a class-0
+    image crosses the boundary; the line to an image inside the ball does,
+    and the closest adversarial point lies on the line to ``centre``, at
+    distance ``‖x - centre‖ - radius``.
+    """
+
+    def __init__(self, centre: torch.Tensor, radius: float):
+        super().__init__()
+        self.register_buffer("centre", centre)
+        self.radius = radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inside = self.radius - (x - self.centre).flatten(1).norm(dim=1)
+        return torch.stack([torch.zeros_like(inside), inside], dim=1)
+
+
+def ball_case(samples: int = 4):
+    """A :class:`Ball` around a grey 1×8×8 image, dark class-0 samples (x, y),
+    and a start pool (x, y, data indices 100…) of other dark images and three
+    images inside the ball, the last three."""
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.full((1, 8, 8), 0.8)
+    x = torch.rand(samples, 1, 8, 8, generator=gen) * 0.2
+    inside = (centre + 0.05 * torch.randn(3, 1, 8, 8, generator=gen)).clamp(0, 1)
+    pool_x = torch.cat([torch.rand(5, 1, 8, 8, generator=gen) * 0.2, inside])
+    pool_y = torch.tensor([0] * 5 + [1] * 3)
+    return Ball(centre, 1.0), x, torch.zeros(samples, dtype=torch.long), (pool_x, pool_y, torch.arange(100, 108))

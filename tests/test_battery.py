@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from helpers import ball_case
 
 from auditor.access import Access
 from auditor.attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
@@ -156,3 +157,21 @@ def test_distortion_checkpoints_read_the_trace_at_each_query_count():
     points = distortion_at(per_sample, torch.tensor([600, 400, 900]))
     assert points[0] == (100, (5.0, inf, inf)) and points[1] == (200, (5.0, inf, 6.0))
     assert points[2] == (500, (5.0, 3.0, 6.0)) and points[3] == (900, (1.0, 3.0, 2.0))
+
+
+def test_untargeted_hard_label_runs_take_starts_from_the_data():
+    from auditor.attacks.hardlabel.boundary import StartPool
+    from auditor.attacks.hardlabel.sign_opt import SignOPT
+
+    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
+    model = TorchModel(ball, ModelInfo("ball", "state-dict", "0", (1, 8, 8), 2), device="cpu")
+    battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
+    without = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0)
+    assert not torch.isfinite(without.records.distortion).any()
+
+    starts = StartPool(pool_x, pool_y, pool_index)
+    outcome = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0, starts=starts)
+    closest = (x - ball.centre).flatten(1).norm(dim=1) - ball.radius
+    assert (outcome.records.distortion <= closest + 0.1).all()
+    (run,) = outcome.attacks[0].runs
+    assert set(run.start_index) <= {105, 106, 107}

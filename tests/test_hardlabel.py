@@ -1,4 +1,4 @@
-"""What the hard-label attacks share: exact batching, the L∞ ray search and targeted starts."""
+"""What the hard-label attacks share: exact batching, the L∞ ray search and starts from the data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Counting, predict
+from helpers import Counting, ball_case, label_oracle, predict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,3 +196,34 @@ def test_targeted_hard_label_scan_records_each_start_image(example_onnx, mnist_t
     for index, start in zip(run["per_sample"]["index"], starts):
         if start is not None:  # an image of that sample's target class, from the data
             assert int(mnist_test.y[start]) == targets[index]
+
+
+@pytest.mark.parametrize("label", ["sign-opt-l2", "sign-opt-linf", "opt-l2", "hop-skip-jump-l2"])
+def test_untargeted_attacks_start_from_other_class_images_when_noise_never_crosses(label):
+    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
+
+    def labels(z):
+        return ball(z).argmax(1)
+
+    attack = ATTACKS[label]
+    alone = attack(LabelOracle(labels, len(y), 400), x, y, seed=0)
+    assert not alone.success.any() and alone.start_index is None
+
+    oracle = LabelOracle(labels, len(y), 400)
+    result = attack(oracle, x, y, seed=0, starts=StartPool(pool_x, pool_y, pool_index))
+    assert result.success.all() and (oracle.queries() <= 400).all()
+    assert (labels(result.x_adv) == 1).all()
+    assert set(result.start_index.tolist()) <= {105, 106, 107}  # the images inside the ball
+    if attack.norm == "l2":  # at most a little above the closest adversarial point
+        closest = (x - ball.centre).flatten(1).norm(dim=1) - ball.radius
+        assert (distortion(result.x_adv - x, "l2") <= closest + 0.1).all()
+
+
+def test_a_sample_a_random_direction_starts_ignores_the_data(model64, correct_batch, pool):
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    attack = ATTACKS["hop-skip-jump-l2"]
+    plain = attack(label_oracle(model64, 8, 300), x, y, seed=1)
+    given = attack(label_oracle(model64, 8, 300), x, y, seed=1, starts=pool)
+    assert plain.success.all()
+    assert torch.equal(plain.x_adv, given.x_adv) and torch.equal(plain.queries, given.queries)
+    assert given.start_index is None

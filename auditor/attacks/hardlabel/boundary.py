@@ -1,5 +1,5 @@
 """What the hard-label attacks share: the goal of a label query, the best
-adversarial image held per sample, and starting images for targeted mode.
+adversarial image held per sample, and starting images from the data.
 
 * :class:`Goal`: a label is adversarial when it differs from the true label
   (untargeted) or equals the sample's target class (targeted).
@@ -15,7 +15,10 @@ adversarial image held per sample, and starting images for targeted mode.
   starts from images of the target class taken from the data, as Sign-OPT's
   and HopSkipJump's official targeted attacks do; the pool holds the data,
   and each sample walks through the images of its target class from a
-  random offset, so no image is tried twice before all were.
+  random offset, so no image is tried twice before all were. Untargeted, a
+  sample that no random direction took across the boundary walks through
+  images of the other classes instead (Foolbox's and the Boundary Attack's
+  starting points from the data).
 """
 
 from __future__ import annotations
@@ -207,34 +210,71 @@ class StartPool:
 
 
 class PoolWalk:
-    """Per sample, the pool images of its target class in a seeded order.
+    """Per sample, pool images of the classes it may start from, in a seeded order.
 
-    Round r gives sample i the image at position ``(offset_i + r) mod count``
-    among the pool images whose label is ``target_i``; a sample whose class
-    has no image in the pool gets none.
+    ``allowed`` (N, C) marks the classes whose images sample i may start
+    from: its target class (:meth:`to_targets`), or every class but its own
+    (:meth:`away_from`, the untargeted fallback). With ``a_i`` allowed
+    classes that have images, round r takes the ``(r mod a_i)``-th of them
+    (in class order) and, among its ``count`` images, the one at position
+    ``(⌊u_i · count⌋ + r // a_i) mod count``, with u_i uniform from the
+    sample's stream. Targeted (one class), round r is image ``offset_i + r``
+    of the target class, so no image is tried twice before all were;
+    untargeted, the rounds cycle through the other classes. A sample whose
+    allowed classes have no image in the pool gets none.
     """
 
-    def __init__(self, pool: StartPool, target: torch.Tensor, rng: SampleRandom):
-        device = target.device
+    def __init__(self, pool: StartPool, allowed: torch.Tensor, u: torch.Tensor):
+        device = allowed.device
         labels = pool.y.to(device)
         self.pool = pool
         self.order = torch.argsort(labels, stable=True)
-        classes = int(max(int(labels.max()) if len(labels) else 0, int(target.max()) if len(target) else 0)) + 1
-        counts = torch.bincount(labels, minlength=classes)
+        counts = torch.bincount(labels, minlength=allowed.shape[1])
         self.first = torch.cumsum(counts, 0) - counts
-        self.count = counts[target]
-        self.start = self.first[target]
-        draw = rng.rand(torch.arange(len(target)), 1, ()).to(device)
-        self.offset = (draw * self.count.clamp_min(1)).long()
+        self.counts = counts
+        self.allowed = allowed & (counts > 0)
+        self.classes = self.allowed.sum(1)
+        self.total = (self.allowed * counts).sum(1)
+        self.u = u
+
+    @staticmethod
+    def _width(pool: StartPool, labels: torch.Tensor) -> int:
+        top = max(int(pool.y.max()) if len(pool.y) else 0, int(labels.max()) if len(labels) else 0)
+        return top + 1
+
+    @classmethod
+    def to_targets(cls, pool: StartPool, target: torch.Tensor, rng: SampleRandom) -> PoolWalk:
+        """Images of each sample's target class (one draw from every sample's stream)."""
+        allowed = F.one_hot(target, cls._width(pool, target)).bool()
+        return cls(pool, allowed, rng.rand(torch.arange(len(target)), 1, ()).to(target.device))
+
+    @classmethod
+    def away_from(
+        cls, pool: StartPool, y: torch.Tensor, rows: torch.Tensor, rng: SampleRandom
+    ) -> PoolWalk:
+        """Images of any class but each sample's own, for ``rows`` only (one
+        draw from each of their streams; the other samples get none)."""
+        chosen = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        chosen[rows] = True
+        allowed = ~F.one_hot(y, cls._width(pool, y)).bool() & chosen[:, None]
+        u = torch.zeros(len(y), device=y.device)
+        u[rows] = rng.rand(rows, 1, ()).to(y.device)
+        return cls(pool, allowed, u)
 
     def has(self, rows: torch.Tensor, r: int) -> torch.Tensor:
-        """Mask over ``rows``: samples with an untried image left at round ``r``."""
-        return self.count[rows] > r
+        """Mask over ``rows``: samples with an image for round ``r``."""
+        return self.total[rows] > r
 
     def positions(self, rows: torch.Tensor, r: int) -> torch.Tensor:
         """Pool positions of round ``r``'s image for ``rows`` (which must have one)."""
-        step = (self.offset[rows] + r) % self.count[rows]
-        return self.order[self.start[rows] + step]
+        allowed = self.allowed[rows]
+        classes = self.classes[rows]
+        # the (r mod a)-th allowed class: the number of columns whose running
+        # count of allowed classes is at most r mod a
+        label = (allowed.cumsum(1) <= (r % classes)[:, None]).sum(1)
+        count = self.counts[label]
+        step = ((self.u[rows] * count).long() + r // classes) % count
+        return self.order[self.first[label] + step]
 
     def images(self, positions: torch.Tensor, device, dtype) -> torch.Tensor:
         return self.pool.x[positions.cpu()].to(device=device, dtype=dtype)
@@ -251,15 +291,17 @@ class PoolWalk:
 @dataclass(frozen=True)
 class LabelRun:
     """What a hard-label attack call starts from: the clean images on the
-    oracle's device, the goal, the per-sample random streams and, targeted,
-    the walk through the start pool, and the directions of the gradient
-    estimates (in the attack's ``subspace``)."""
+    oracle's device, the goal, the per-sample random streams, the data
+    images it may start from (``pool``) and, targeted, the walk through them
+    towards the targets, and the directions of the gradient estimates (in
+    the attack's ``subspace``)."""
 
     x0: torch.Tensor
     goal: Goal
     rng: SampleRandom
     walk: PoolWalk | None
     directions: Directions
+    pool: StartPool | None = None
 
 
 def begin(attack, oracle, x, y, *, eps, seed, target, starts: StartPool | None) -> LabelRun:
@@ -270,7 +312,7 @@ def begin(attack, oracle, x, y, *, eps, seed, target, starts: StartPool | None) 
     x0 = x.to(oracle.device)
     rng = SampleRandom(seed, x0)
     goal = Goal(y.to(oracle.device), None if target is None else target.to(oracle.device))
-    walk = None if target is None else PoolWalk(starts, goal.target, rng)
+    walk = None if target is None else PoolWalk.to_targets(starts, goal.target, rng)
     shape = tuple(x0.shape[1:])
     directions = Directions(rng, shape, subspace_factor(attack.subspace, shape), x0.dtype)
-    return LabelRun(x0, goal, rng, walk, directions)
+    return LabelRun(x0, goal, rng, walk, directions, starts)

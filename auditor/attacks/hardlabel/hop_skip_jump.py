@@ -29,7 +29,10 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
   setting) the directions point at data images of the target class, as
   the paper starts from "a target image", each sample walking through its
   class's images from a random offset; ``start_index`` records the one
-  kept. A boundary binary search (below) then refines the start.
+  kept. Untargeted, a sample that no random direction took across the
+  boundary then tries images of the other classes from the data, when the
+  call is given them (``starts``); ``start_index`` records those too. A
+  boundary binary search (below) then refines the start.
 * binary search (Sec. 3, Eq. 7 and the projection of Sec. 4.3): between the
   benign ``x*`` (``lo = 0``) and an adversarial point ``x̃`` (``hi``), halving
   ``hi − lo`` until it is at most the threshold θ; for L2 the points are the
@@ -283,7 +286,7 @@ class HopSkipJump(Attack):
 
         return AttackResult(
             x_adv=best.x, success=success, queries=oracle.queries(), trace=trace,
-            start_index=start.start_index(run),
+            start_index=start.start_index(),
         )
 
     def _gradient(self, adversarial, directions: Directions, rows, xt, delta, evals) -> torch.Tensor:

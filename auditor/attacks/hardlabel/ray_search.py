@@ -29,6 +29,8 @@ holds what they share, all batched over samples:
   target class from the data (the official targeted attacks' start), each
   sample walking through its class's images from a random offset; the data
   index of the image behind the best start is returned as ``start_index``.
+  Untargeted, a sample no Gaussian direction took across the boundary then
+  tries images of the other classes from the data, when it is given them.
 
 Budget: a sample starts an iteration only if it can afford
 ``iteration_cost`` queries; any query in a search is sent only for samples
@@ -52,6 +54,7 @@ from .boundary import (
     Directions,
     Goal,
     LabelRun,
+    PoolWalk,
     StartPool,
     begin,
     check_subspace,
@@ -272,14 +275,14 @@ class RaySearch(Attack):
 
         return AttackResult(
             x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace,
-            start_index=start.start_index(run),
+            start_index=start.start_index(),
         )
 
 
 @dataclass
 class RayStart:
     """Where a ray search starts: per sample θ, g(θ), the best adversarial
-    image and the pool position of a targeted start (-1: none)."""
+    image and the pool position of a start from the data (-1: none)."""
 
     attack: torch.Tensor
     """Samples to attack: not adversarial already, with a query left then."""
@@ -287,68 +290,82 @@ class RayStart:
     g: torch.Tensor
     best: BestAdversarial
     start_at: torch.Tensor
+    walk: PoolWalk | None = None
+    """The walk through the data the pool positions refer to, if any."""
 
-    def start_index(self, run: LabelRun) -> torch.Tensor | None:
-        """Data set index of each sample's start image (targeted), else None."""
-        return None if run.walk is None else run.walk.start_index(self.start_at)
+    def start_index(self) -> torch.Tensor | None:
+        """Data set index of each sample's start image (-1: none), or None
+        when no sample looked at the data."""
+        return None if self.walk is None else self.walk.start_index(self.start_at)
 
-
-def _initial_directions(run: LabelRun, rows: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Round ``r``'s initial directions for ``rows`` (unscaled; Gaussian in
-    the subspace), and for a targeted attack the pool positions they come from."""
-    if run.walk is None:
-        return run.directions.gaussian(rows, 1), None
-    positions = run.walk.positions(rows, r)
-    return run.walk.images(positions, run.x0.device, run.x0.dtype) - run.x0[rows], positions
+    def search(self, ray: Boundary, run: LabelRun, looking: torch.Tensor, n_init: int, tol: float) -> None:
+        """``n_init`` rounds over the samples in ``looking``, one direction per
+        sample and round for all of them at once: Gaussian, or with a walk
+        ``s − x0`` for its next data image ``s``. One query at
+        ``min(‖θ‖, g*)`` decides whether θ can beat the best g* so far; a
+        direction that passes is bisected on ``[0, min(‖θ‖, g*)]`` down to
+        ``tol`` and kept if its g is smaller."""
+        everyone = torch.arange(len(self.g), device=self.g.device)
+        for r in range(n_init):
+            mask = looking & ray.affordable(everyone)
+            if self.walk is not None:
+                mask &= self.walk.has(everyone, r)
+            rows = mask.nonzero().squeeze(1)
+            if not len(rows):
+                break
+            if self.walk is None:
+                direction, positions = run.directions.gaussian(rows, 1), None
+            else:
+                positions = self.walk.positions(rows, r)
+                direction = self.walk.images(positions, run.x0.device, run.x0.dtype) - run.x0[rows]
+            scale = torch.minimum(distortion(direction, ray.norm), self.g[rows])
+            direction = ray.unit(direction)
+            adv = ray.adversarial(rows, direction, scale)
+            hi = ray.bisect(rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, tol), adv)
+            better = adv & (hi < self.g[rows])
+            self.g[rows[better]] = hi[better]
+            self.theta[rows[better]] = direction[better]
+            self.best.update(rows, ray.image(rows, direction, hi), better)
+            if positions is not None:
+                self.start_at[rows[better]] = positions[better]
 
 
 def ray_start(ray: Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart:
     """The clean check and OPT's initialisation, batched over the samples.
 
     Clean check: one query of ``x0``; a sample already adversarial gets
-    g = 0 and is not attacked. Then ``n_init`` rounds, one direction per
-    sample and round for all samples at once (Gaussian, or targeted,
-    ``s − x0`` for the next data image ``s`` of the target class): one query
-    at ``min(‖θ‖, g*)`` decides whether θ can beat the best g* so far; a
-    direction that passes is bisected on ``[0, min(‖θ‖, g*)]`` down to
-    ``tol`` and kept if its g is smaller.
+    g = 0 and is not attacked. Then :meth:`RayStart.search` over ``n_init``
+    directions per sample: Gaussian ones, or in targeted mode towards the
+    data images of the target class. Untargeted, the samples for which no
+    Gaussian direction crossed the boundary (on a model that labels noise
+    as their class, none can) then search ``n_init`` directions towards
+    data images of the other classes, when the run has a pool: such an image
+    is usually classified as its own class, so the ray reaches the boundary.
     """
-    x0, walk = run.x0, run.walk
-    device = x0.device
+    x0 = run.x0
     n = len(x0)
-    everyone = torch.arange(n, device=device)
-    start_at = torch.full((n,), -1, dtype=torch.long, device=device)
-    theta = torch.zeros_like(x0)
-    g = torch.full((n,), float("inf"), device=device)
-    best = BestAdversarial(x0, ray.norm)
-
-    attack = ray.affordable(everyone)
-    sel = attack.nonzero().squeeze(1)
+    everyone = torch.arange(n, device=x0.device)
+    start = RayStart(
+        attack=ray.affordable(everyone),
+        theta=torch.zeros_like(x0),
+        g=torch.full((n,), float("inf"), device=x0.device),
+        best=BestAdversarial(x0, ray.norm),
+        start_at=torch.full((n,), -1, dtype=torch.long, device=x0.device),
+        walk=run.walk,
+    )
+    sel = start.attack.nonzero().squeeze(1)
     if len(sel):
-        clean_adv = ray.adversarial(sel, theta[sel], g.new_zeros(len(sel)))
-        g[sel[clean_adv]] = 0.0
-        attack[sel[clean_adv]] = False
-        best.update(sel, x0[sel], clean_adv)
+        clean_adv = ray.adversarial(sel, start.theta[sel], start.g.new_zeros(len(sel)))
+        start.g[sel[clean_adv]] = 0.0
+        start.attack[sel[clean_adv]] = False
+        start.best.update(sel, x0[sel], clean_adv)
 
-    for r in range(n_init):
-        looking = attack & ray.affordable(everyone)
-        if walk is not None:
-            looking &= walk.has(everyone, r)
-        rows = looking.nonzero().squeeze(1)
-        if not len(rows):
-            break
-        direction, positions = _initial_directions(run, rows, r)
-        scale = torch.minimum(distortion(direction, ray.norm), g[rows])
-        direction = ray.unit(direction)
-        adv = ray.adversarial(rows, direction, scale)
-        hi = ray.bisect(rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, tol), adv)
-        better = adv & (hi < g[rows])
-        g[rows[better]] = hi[better]
-        theta[rows[better]] = direction[better]
-        best.update(rows, ray.image(rows, direction, hi), better)
-        if positions is not None:
-            start_at[rows[better]] = positions[better]
-    return RayStart(attack, theta, g, best, start_at)
+    start.search(ray, run, start.attack, n_init, tol)
+    lost = start.attack & torch.isinf(start.g)
+    if run.walk is None and run.pool is not None and lost.any():
+        start.walk = PoolWalk.away_from(run.pool, run.goal.y, lost.nonzero().squeeze(1), run.rng)
+        start.search(ray, run, lost, n_init, tol)
+    return start
 
 
 def line_search(
