@@ -118,7 +118,7 @@ def test_l2_proposal_matches_the_algorithm():
     corner[1, 1] = corner[1, 0] + 1  # overlapping windows
     eta = meta_pseudo_gaussian(s, dtype=torch.float64)
     bump = eta * torch.randint(0, 2, (m, c, 1, 1), generator=gen).mul(2).sub(1)
-    got = l2_proposal(delta, corner, bump, eps)
+    got = l2_proposal(delta.clone(), corner, bump, eps)
     assert torch.allclose(got, _naive_proposal(delta, corner, bump, eps), atol=1e-12)
     # each channel's W1 holds the windows' norm over all channels (not its own)
     union = torch.stack([delta[i][:, _window(corner[i, 0], s, h, w) | _window(corner[i, 1], s, h, w)].norm()
@@ -129,10 +129,10 @@ def test_l2_proposal_matches_the_algorithm():
     # one channel: the missing norm is restored (‖δ'‖₂ = ε before the final
     # rescale), and with nothing missing the mass of both windows moves into W1
     one = delta[:, :1] * (0.8 * eps / distortion(delta[:, :1], "l2")).view(-1, 1, 1, 1)
-    got = l2_proposal(one, corner, bump[:, :1], eps)
+    got = l2_proposal(one.clone(), corner, bump[:, :1], eps)
     assert torch.allclose(distortion(got, "l2"), torch.full((m,), eps, dtype=torch.float64))
     full = one / 0.8
-    moved = l2_proposal(full, corner, bump[:, :1], eps)
+    moved = l2_proposal(full.clone(), corner, bump[:, :1], eps)
     assert torch.allclose(distortion(moved, "l2"), distortion(full, "l2"))
 
 

@@ -228,8 +228,8 @@ def l2_proposal(
     the norm of both windows over all channels (the reference code's
     ``norms_windows``), and the rest of W2 is zeroed. With one channel this
     moves the mass of both windows into W1, plus the norm that ``delta``
-    lacks (the part clipping took). Returns the new perturbation (a new
-    tensor) before the rescale to ‖δ‖₂ = ε.
+    lacks (the part clipping took). Writes the new perturbation, before the
+    rescale to ‖δ‖₂ = ε, into ``delta`` and returns it.
     """
     m, c, h, w = delta.shape
     s = bump.shape[-1]
@@ -241,9 +241,9 @@ def l2_proposal(
     inside = (shifted >= 0) & (shifted < s)
     outside = ~(inside[:, 0, :, None] & inside[:, 1, None, :]).view(m, 1, s * s)
 
-    flat = delta.reshape(m, c * h * w)
+    flat = delta.view(m, c * h * w)
     norm2 = torch.linalg.vecdot(flat, flat)
-    new = flat.clone().view(m, c, h * w)
+    new = delta.view(m, c, h * w)
     index = windows.expand(m, c, 2 * s * s)
     in_w1, in_w2 = new.gather(2, index).split(s * s, dim=2)
     sq_w1 = in_w1.square()
@@ -253,7 +253,7 @@ def l2_proposal(
     scale = target / torch.linalg.vector_norm(content, dim=2).clamp_min(1e-12)
     new.scatter_(2, index[:, :, s * s :], 0.0)
     new.scatter_(2, index[:, :, : s * s], content * scale[:, :, None])
-    return new.view(m, c, h, w)
+    return delta
 
 
 @dataclass(frozen=True)
@@ -324,13 +324,13 @@ class SquareAttack(Attack):
         are rows ``i·k … i·k+k-1`` of ``x_new``) and pick each row's best, the
         first successful one if any, else the one of lowest loss. Returns its
         index into ``x_new``, whether it improves the row, its loss and margin."""
-        margin, loss = _margin_and_loss(
-            oracle.probs(x_new, idx=work.rows_cpu[owner.cpu()]), work.y[owner], self.loss, targeted
-        )
+        rows, labels = (work.rows_cpu, work.y) if k == 1 else (work.rows_cpu[owner.cpu()], work.y[owner])
+        margin, loss = _margin_and_loss(oracle.probs(x_new, idx=rows), labels, self.loss, targeted)
         m = len(work.rows)
         score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
         best = torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
-        return best, work.improved(loss[best], margin[best], targeted), loss[best], margin[best]
+        loss, margin = loss[best], margin[best]
+        return best, work.improved(loss, margin, targeted), loss, margin
 
     def _linf(self, oracle, x, labels, eps, gen, n_iters, targeted):
         """Algorithm 1 with the L∞ sampling distribution (Algorithm 2)."""
@@ -401,7 +401,7 @@ class SquareAttack(Attack):
             code = torch.randint(1, 2**c, (mk, 1), generator=gen, device=device)
             flip = ((code >> channel_bits) & 1).bool() & same[:, None]
             proposal = torch.where(positive ^ flip[:, :, None], high, low)
-            x_new = work.x[owner] if k > 1 else work.x.clone()
+            x_new = torch.index_select(work.x, 0, owner) if k > 1 else work.x.clone()
             x_new.view(mk, c, h * w).scatter_(2, window, proposal)
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
@@ -464,20 +464,24 @@ class SquareAttack(Attack):
                 corner[:, :, 1] = torch.randint(0, w - s + 1, (mk, 2), generator=gen, device=device)
             transposed = torch.randint(0, 2, (mk,), generator=gen, device=device)
             signs = _signs((mk, c, 1, 1), gen, x)
-            bump = bumps[s][transposed] * signs
-            clean = work.constants[0][owner] if k > 1 else work.constants[0]
-            current = work.x[owner] if k > 1 else work.x
-            delta = l2_proposal(current - clean, corner, bump, eps)
+            bump = torch.index_select(bumps[s], 0, transposed) * signs
+            clean = work.constants[0]
+            delta = work.x - clean
+            if k > 1:
+                delta = torch.index_select(delta, 0, owner)
+            delta = l2_proposal(delta, corner, bump, eps)
 
-            # Alg. 1 line 5: back to ‖δ‖₂ = ε, then clipped to [0,1].
+            # Alg. 1 line 5: back to ‖δ‖₂ = ε, then clipped to [0,1]
+            # (clean images broadcast over each row's k proposals).
             size = torch.linalg.vector_norm(delta.view(mk, -1), dim=1).clamp_min(1e-12)
-            x_new = torch.addcmul(clean, delta, (eps / size).view(mk, 1, 1, 1))
-            x_new.clamp_(0.0, 1.0)
+            x_new = torch.addcmul(clean.view(m, 1, -1), delta.view(m, k, -1), (eps / size).view(m, k, 1))
+            x_new = x_new.clamp_(0.0, 1.0).view(mk, c, h, w)
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
             # strict improvement.
             best, improved, loss, margin = self._judge(oracle, work, x_new, owner, k, targeted)
-            work.x = torch.where(improved.view(m, 1, 1, 1), x_new[best], work.x)
+            taken = improved.nonzero().squeeze(1)
+            work.x.index_copy_(0, taken, torch.index_select(x_new, 0, best[taken]))
             work = search.settle(work, improved, loss, margin, k)
             it += k
         if work is not None:
