@@ -209,14 +209,19 @@ def test_untargeted_attacks_start_from_other_class_images_when_noise_never_cross
     alone = attack(LabelOracle(labels, len(y), 400), x, y, seed=0)
     assert not alone.success.any() and alone.start_index is None
 
+    pool = StartPool(pool_x, pool_y, pool_index)
     oracle = LabelOracle(labels, len(y), 400)
-    result = attack(oracle, x, y, seed=0, starts=StartPool(pool_x, pool_y, pool_index))
+    result = attack(oracle, x, y, seed=0, starts=pool)
     assert result.success.all() and (oracle.queries() <= 400).all()
     assert (labels(result.x_adv) == 1).all()
     assert set(result.start_index.tolist()) <= {105, 106, 107}  # the images inside the ball
     if attack.norm == "l2":  # at most a little above the closest adversarial point
         closest = (x - ball.centre).flatten(1).norm(dim=1) - ball.radius
         assert (distortion(result.x_adv - x, "l2") <= closest + 0.1).all()
+    for i in range(len(y)):  # batching stays exact
+        alone = attack(LabelOracle(labels, 1, 400), x[i : i + 1], y[i : i + 1], seed=0, starts=pool)
+        assert torch.equal(alone.x_adv[0], result.x_adv[i]) and int(alone.queries[0]) == int(result.queries[i])
+        assert int(alone.start_index[0]) == int(result.start_index[i])
 
 
 def test_a_sample_a_random_direction_starts_ignores_the_data(model64, correct_batch, pool):
