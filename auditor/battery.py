@@ -215,8 +215,10 @@ class RunReport:
     the most queries spent, the attack's best distortion (in its own norm) per
     sample attacked, as it stood when no sample had spent more queries."""
     start_index: tuple[int, ...] = ()
-    """Targeted attacks that start from data images: per sample attacked, the
-    data set index of the image behind its best start (-1 where none worked)."""
+    """Attacks that start from data images (targeted, or untargeted where no
+    random direction crossed the boundary): per sample attacked, the data set
+    index of the image behind its best start (-1 where none was used or
+    worked)."""
     surrogate: str | None = None
     """Transfer attacks: the surrogate set the run used."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .access import Access
+from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import Model
 from .oracles import GradientOracle
@@ -46,6 +47,7 @@ WEAKER_ATTACK_WINS = "weaker-attack-wins"
 NON_MONOTONE = "non-monotone"
 UNBOUNDED_ATTACK_FAILS = "unbounded-attack-fails"
 NOISE_BEATS_ATTACKS = "noise-beats-attacks"
+NO_ADVERSARIAL_FOUND = "no-adversarial-found"
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
@@ -171,6 +173,30 @@ def noise_beats_attacks(reports: Sequence["AttackReport"]) -> list[Check]:
                 "the attacks are not working on this model",
             ))
     return found
+
+
+def no_adversarial_found(records: "Records", reports: Sequence["AttackReport"]) -> list[Check]:
+    """Samples the minimum-norm attacks ran on that no attack fooled at any distortion.
+
+    A minimum-norm attack is unbounded: once it holds any adversarial image
+    it only shrinks it. A sample it never fooled counts as robust at every ε,
+    however large, because the attack found no way across the boundary
+    within its budget, not because the model resisted a perturbation of
+    that size.
+    """
+    labels = sorted({r.attack.label for r in reports if r.attack.kind == MIN_NORM and r.runs})
+    shown = sorted({p for r in reports if r.attack.kind == MIN_NORM for run in r.runs for p in run.positions})
+    if not shown:
+        return []
+    never = int(torch.isinf(records.distortion[torch.tensor(shown)]).sum())
+    if not never:
+        return []
+    return [Check(
+        NO_ADVERSARIAL_FOUND, "warning",
+        f"{never} of the {len(shown)} samples the minimum-norm attacks ({', '.join(labels)}) ran on were "
+        "never misclassified at any distortion within the budget: they count as robust at every ε, "
+        "so robust accuracy at the larger ε is the attacks' failure to start, not a property of the model",
+    )]
 
 
 UNBOUNDED_SAMPLES = 64

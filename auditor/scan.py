@@ -239,6 +239,7 @@ def scan(
     found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, max(eps_list))
     found += checks_mod.non_monotone(outcome.attacks)
     found += checks_mod.noise_beats_attacks(outcome.attacks)
+    found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
     if level == Access.WHITE_BOX:
         found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
     found += checks_mod.skipped_attacks(battery.skipped)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from helpers import ball_case
 from torch import nn
 
 import auditor
-from auditor.checks import gradient_checks, preflight
+from auditor.checks import gradient_checks, no_adversarial_found, preflight
 from auditor.models.base import ModelInfo
 from auditor.models.pytorch import TorchModel
 
@@ -64,3 +65,30 @@ def test_quantised_model_is_caught_and_its_worst_case_comes_from_gradient_free_a
     assert "weaker-attack-wins" in checks
     breakers = {s["broken_by"] for s in audit.results["samples"] if s["distortion"]}
     assert breakers & {"square-linf", "sign-opt-l2", "random-noise-linf"}
+
+
+def test_samples_no_minimum_norm_attack_could_start_on_are_flagged():
+    from auditor.access import Access
+    from auditor.attacks.hardlabel.boundary import StartPool
+    from auditor.attacks.hardlabel.sign_opt import SignOPT
+    from auditor.battery import Battery, run_battery
+
+    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
+    model = TorchModel(ball, ModelInfo("ball", "state-dict", "0", (1, 8, 8), 2), device="cpu")
+    battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
+    stuck = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0)
+    (check,) = no_adversarial_found(stuck.records, stuck.attacks)
+    assert check.id == "no-adversarial-found" and check.message.startswith("4 of the 4 samples")
+    started = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0,
+                          starts=StartPool(pool_x, pool_y, pool_index))
+    assert no_adversarial_found(started.records, started.attacks) == []
+
+
+def test_every_check_id_has_its_paragraph():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    ids = set(re.findall(r'^[A-Z_]+ = "([a-z-]+)"$', (root / "auditor" / "checks.py").read_text(), re.MULTILINE))
+    headings = set(re.findall(r"^## (\S+)$", (root / "docs" / "checks.md").read_text(), re.MULTILINE))
+    assert len(ids) >= 12 and ids <= headings, ids - headings
