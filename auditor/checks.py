@@ -184,8 +184,9 @@ def no_adversarial_found(records: "Records", reports: Sequence["AttackReport"]) 
     within its budget, not because the model resisted a perturbation of
     that size.
     """
-    labels = sorted({r.attack.label for r in reports if r.attack.kind == MIN_NORM and r.runs})
-    shown = sorted({p for r in reports if r.attack.kind == MIN_NORM for run in r.runs for p in run.positions})
+    min_norm = [r for r in reports if r.attack.kind == MIN_NORM and r.runs]
+    labels = sorted({r.attack.label for r in min_norm})
+    shown = sorted({p for r in min_norm for run in r.runs for p in run.positions})
     if not shown:
         return []
     never = int(torch.isinf(records.distortion[torch.tensor(shown)]).sum())

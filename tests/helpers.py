@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from auditor.attacks.hardlabel.boundary import StartPool
 from auditor.oracles import LabelOracle, ScoreOracle
 
 
@@ -70,12 +71,30 @@ class Ball(torch.nn.Module):
 
 def ball_case(samples: int = 4):
     """A :class:`Ball` around a grey 1×8×8 image, dark class-0 samples (x, y),
-    and a start pool (x, y, data indices 100…) of other dark images and three
-    images inside the ball, the last three."""
+    and a start pool (data indices 100…107) of other dark images and three
+    images inside the ball, 105…107."""
     gen = torch.Generator().manual_seed(0)
     centre = torch.full((1, 8, 8), 0.8)
     x = torch.rand(samples, 1, 8, 8, generator=gen) * 0.2
     inside = (centre + 0.05 * torch.randn(3, 1, 8, 8, generator=gen)).clamp(0, 1)
     pool_x = torch.cat([torch.rand(5, 1, 8, 8, generator=gen) * 0.2, inside])
     pool_y = torch.tensor([0] * 5 + [1] * 3)
-    return Ball(centre, 1.0), x, torch.zeros(samples, dtype=torch.long), (pool_x, pool_y, torch.arange(100, 108))
+    pool = StartPool(pool_x, pool_y, torch.arange(100, 108))
+    return Ball(centre, 1.0), x, torch.zeros(samples, dtype=torch.long), pool
+
+
+def ball_battery(starts: bool):
+    """The ball case through ``run_battery``: a hard-label L2 battery of one
+    small Sign-OPT, ε 6, budget 200, with or without the start pool.
+    Returns (ball, x, outcome)."""
+    from auditor.access import Access
+    from auditor.attacks.hardlabel.sign_opt import SignOPT
+    from auditor.battery import Battery, run_battery
+    from auditor.models.base import ModelInfo
+    from auditor.models.pytorch import TorchModel
+
+    ball, x, y, pool = ball_case()
+    model = TorchModel(ball, ModelInfo("ball", "state-dict", "0", (1, 8, 8), 2), device="cpu")
+    battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
+    outcome = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0, starts=pool if starts else None)
+    return ball, x, outcome

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from helpers import ball_case
+from helpers import ball_battery
 
 from auditor.access import Access
 from auditor.attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
@@ -160,17 +160,10 @@ def test_distortion_checkpoints_read_the_trace_at_each_query_count():
 
 
 def test_untargeted_hard_label_runs_take_starts_from_the_data():
-    from auditor.attacks.hardlabel.boundary import StartPool
-    from auditor.attacks.hardlabel.sign_opt import SignOPT
-
-    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
-    model = TorchModel(ball, ModelInfo("ball", "state-dict", "0", (1, 8, 8), 2), device="cpu")
-    battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
-    without = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0)
+    _, _, without = ball_battery(starts=False)
     assert not torch.isfinite(without.records.distortion).any()
 
-    starts = StartPool(pool_x, pool_y, pool_index)
-    outcome = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0, starts=starts)
+    ball, x, outcome = ball_battery(starts=True)
     closest = (x - ball.centre).flatten(1).norm(dim=1) - ball.radius
     assert (outcome.records.distortion <= closest + 0.1).all()
     (run,) = outcome.attacks[0].runs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import ball_case
+from helpers import ball_battery
 from torch import nn
 
 import auditor
@@ -68,19 +68,10 @@ def test_quantised_model_is_caught_and_its_worst_case_comes_from_gradient_free_a
 
 
 def test_samples_no_minimum_norm_attack_could_start_on_are_flagged():
-    from auditor.access import Access
-    from auditor.attacks.hardlabel.boundary import StartPool
-    from auditor.attacks.hardlabel.sign_opt import SignOPT
-    from auditor.battery import Battery, run_battery
-
-    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
-    model = TorchModel(ball, ModelInfo("ball", "state-dict", "0", (1, 8, 8), 2), device="cpu")
-    battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
-    stuck = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0)
+    _, _, stuck = ball_battery(starts=False)
     (check,) = no_adversarial_found(stuck.records, stuck.attacks)
     assert check.id == "no-adversarial-found" and check.message.startswith("4 of the 4 samples")
-    started = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0,
-                          starts=StartPool(pool_x, pool_y, pool_index))
+    _, _, started = ball_battery(starts=True)
     assert no_adversarial_found(started.records, started.attacks) == []
 
 

@@ -200,7 +200,7 @@ def test_targeted_hard_label_scan_records_each_start_image(example_onnx, mnist_t
 
 @pytest.mark.parametrize("label", ["sign-opt-l2", "sign-opt-linf", "opt-l2", "hop-skip-jump-l2"])
 def test_untargeted_attacks_start_from_other_class_images_when_noise_never_crosses(label):
-    ball, x, y, (pool_x, pool_y, pool_index) = ball_case()
+    ball, x, y, pool = ball_case()
 
     def labels(z):
         return ball(z).argmax(1)
@@ -209,7 +209,6 @@ def test_untargeted_attacks_start_from_other_class_images_when_noise_never_cross
     alone = attack(LabelOracle(labels, len(y), 400), x, y, seed=0)
     assert not alone.success.any() and alone.start_index is None
 
-    pool = StartPool(pool_x, pool_y, pool_index)
     oracle = LabelOracle(labels, len(y), 400)
     result = attack(oracle, x, y, seed=0, starts=pool)
     assert result.success.all() and (oracle.queries() <= 400).all()
