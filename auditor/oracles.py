@@ -86,21 +86,23 @@ class _QueryCounter:
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         if idx.shape != (x.shape[0],):
             raise ValueError("idx must name one sample per query row")
-        if len(idx) and (idx.min() < 0 or idx.max() >= self._n):
-            raise ValueError("idx out of range")
+        if len(idx):
+            low, high = idx.aminmax()
+            if int(low) < 0 or int(high) >= self._n:
+                raise ValueError("idx out of range")
         return idx
 
     def _charge(self, idx: torch.Tensor) -> None:
         counts = torch.bincount(idx, minlength=self._n)
-        if self._budget is not None:
-            over = (self._queries + counts) > self._budget
-            if over.any():
-                first = int(over.nonzero()[0])
-                raise BudgetExceeded(
-                    f"sample {first} would spend {int(self._queries[first] + counts[first])} "
-                    f"queries, over its budget of {self._budget}"
-                )
         self._queries += counts
+        if self._budget is not None and len(idx) and int(self._queries.max()) > self._budget:
+            # refused before the model runs: the charge is taken back
+            self._queries -= counts
+            first = int(((self._queries + counts) > self._budget).nonzero()[0])
+            raise BudgetExceeded(
+                f"sample {first} would spend {int(self._queries[first] + counts[first])} "
+                f"queries, over its budget of {self._budget}"
+            )
         if self._on_charge is not None:
             self._on_charge(len(idx))
 

@@ -67,6 +67,15 @@ def test_budget_is_never_exceeded(tiny_cnn, batch):
     assert oracle.remaining().tolist() == [1, 1, 1, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("bad", [[-1, 0], [0, 8]])
+def test_a_query_for_a_sample_the_oracle_does_not_serve_is_refused(tiny_cnn, batch, bad):
+    x, _ = batch
+    oracle = LabelOracle(lambda z: tiny_cnn(z).argmax(1), len(x), budget=2)
+    with pytest.raises(ValueError, match="idx out of range"):
+        oracle.labels(x[:2], idx=torch.tensor(bad))
+    assert oracle.queries().sum() == 0
+
+
 def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
     with pytest.raises(AuditError, match="pgd-linf needs white-box access"):
         build_battery(Access.SOFT_LABEL, "linf", ["pgd-linf"])

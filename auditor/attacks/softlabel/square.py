@@ -113,7 +113,9 @@ square images of side 25 or more.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -131,7 +133,7 @@ _ACCEPTANCE_WINDOW = 500
 def p_selection(p_init: float, it: int, n_iters: int) -> float:
     """Piecewise-constant schedule of ``p`` (Alg. 1 line 3, reference code)."""
     scaled = int(it / n_iters * 10000)
-    halvings = sum(scaled > bound for bound in _SCHEDULE)
+    halvings = bisect_left(_SCHEDULE, scaled)  # the bounds below ``scaled``
     return p_init / 2**halvings
 
 
@@ -216,7 +218,11 @@ def l2_init(
 
 
 def l2_proposal(
-    delta: torch.Tensor, corner: torch.Tensor, bump: torch.Tensor, eps: float
+    delta: torch.Tensor,
+    corner: torch.Tensor,
+    bump: torch.Tensor,
+    eps: float,
+    norm2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One draw of the L2 sampling distribution ([ACFH20] Algorithm 3).
 
@@ -228,32 +234,38 @@ def l2_proposal(
     the norm of both windows over all channels (the reference code's
     ``norms_windows``), and the rest of W2 is zeroed. With one channel this
     moves the mass of both windows into W1, plus the norm that ``delta``
-    lacks (the part clipping took). Writes the new perturbation, before the
-    rescale to ‖δ‖₂ = ε, into ``delta`` and returns it.
+    lacks (the part clipping took). ``norm2`` is ‖δ‖₂² per row, if the
+    caller has it. Writes the new perturbation, before the rescale to
+    ‖δ‖₂ = ε, into ``delta`` and returns it.
     """
     m, c, h, w = delta.shape
     s = bump.shape[-1]
-    span = torch.arange(s, device=delta.device)
-    lines = corner[:, :, :, None] + span  # (m, window, row/column, s)
-    windows = (lines[:, :, 0, :, None] * w + lines[:, :, 1, None, :]).view(m, 1, 2 * s * s)
-    # W1's pixels outside W2: the mass of W1 ∪ W2 without a full-image mask
-    shifted = lines[:, 0] - corner[:, 1, :, None]
-    inside = (shifted >= 0) & (shifted < s)
-    outside = ~(inside[:, 0, :, None] & inside[:, 1, None, :]).view(m, 1, s * s)
-
-    flat = delta.view(m, c * h * w)
-    norm2 = torch.linalg.vecdot(flat, flat)
-    new = delta.view(m, c, h * w)
+    if norm2 is None:
+        flat = delta.view(m, c * h * w)
+        norm2 = torch.linalg.vecdot(flat, flat)
+    start = corner[:, :, 0] * w + corner[:, :, 1]  # (m, window): flat index of the corner
+    windows = (start[:, :, None] + _window_offsets(s, w, delta.device)).view(m, 1, 2 * s * s)
     index = windows.expand(m, c, 2 * s * s)
+    new = delta.view(m, c, h * w)
     in_w1, in_w2 = new.gather(2, index).split(s * s, dim=2)
-    sq_w1 = in_w1.square()
-    norm_union = (torch.linalg.vecdot(in_w2, in_w2) + (sq_w1 * outside).sum(2)).sum(1, keepdim=True)
-    content = bump.reshape(m, c, s * s) + in_w1 / (sq_w1.sum(2, keepdim=True).sqrt() + 1e-12)
+    new.scatter_(2, index[:, :, s * s :], 0.0)
+    # W1 read again after W2 is zeroed: its pixels outside W2, so the two
+    # give the mass of W1 ∪ W2 without a full-image mask
+    w1_only = new.gather(2, index[:, :, : s * s])
+    norm_union = (torch.linalg.vecdot(in_w2, in_w2) + w1_only.square().sum(2)).sum(1, keepdim=True)
+    content = bump.reshape(m, c, s * s) + in_w1 / (in_w1.square().sum(2, keepdim=True).sqrt() + 1e-12)
     target = ((eps**2 - norm2).clamp_min(0.0)[:, None] / c + norm_union).sqrt()
     scale = target / torch.linalg.vector_norm(content, dim=2).clamp_min(1e-12)
-    new.scatter_(2, index[:, :, s * s :], 0.0)
     new.scatter_(2, index[:, :, : s * s], content * scale[:, :, None])
     return delta
+
+
+@lru_cache(maxsize=64)
+def _window_offsets(s: int, w: int, device: torch.device) -> torch.Tensor:
+    """Flat pixel offsets (s², row-major) of an s × s window from its top-left
+    corner, in images of width ``w``."""
+    span = torch.arange(s, device=device)
+    return (span[:, None] * w + span).view(s * s)
 
 
 @dataclass(frozen=True)
@@ -319,12 +331,12 @@ class SquareAttack(Attack):
             x_adv=search.x, success=search.queried & (search.margin < 0), queries=oracle.queries()
         )
 
-    def _judge(self, oracle, work: "_Working", x_new, owner, k: int, targeted: bool):
+    def _judge(self, oracle, work: "_Working", x_new, k: int, targeted: bool):
         """Alg. 1 lines 6-7 for k proposals per row: query them all (row i's
         are rows ``i·k … i·k+k-1`` of ``x_new``) and pick each row's best, the
         first successful one if any, else the one of lowest loss. Returns its
         index into ``x_new``, whether it improves the row, its loss and margin."""
-        rows, labels = (work.rows_cpu, work.y) if k == 1 else (work.rows_cpu[owner.cpu()], work.y[owner])
+        _, rows, labels = work.spread(k)
         margin, loss = _margin_and_loss(oracle.probs(x_new, idx=rows), labels, self.loss, targeted)
         m = len(work.rows)
         score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
@@ -368,7 +380,7 @@ class SquareAttack(Attack):
                     break
             m = len(work.rows)
             k = self._proposals(m, search.acceptance, work.left, last - it)
-            owner = torch.arange(m, device=device).repeat_interleave(k)
+            owner = work.spread(k)[0]
             mk = m * k
 
             # Alg. 1 line 3: side of the square from the schedule of p.
@@ -406,7 +418,7 @@ class SquareAttack(Attack):
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
             # strict improvement.
-            best, improved, loss, margin = self._judge(oracle, work, x_new, owner, k, targeted)
+            best, improved, loss, margin = self._judge(oracle, work, x_new, k, targeted)
             kept = torch.where(improved.view(m, 1, 1), proposal[best], current[best])
             work.x.view(m, c, h * w).scatter_(2, window[best], kept)
             work = search.settle(work, improved, loss, margin, k)
@@ -444,7 +456,7 @@ class SquareAttack(Attack):
                     break
             m = len(work.rows)
             k = self._proposals(m, search.acceptance, work.left, last - it)
-            owner = torch.arange(m, device=device).repeat_interleave(k)
+            owner = work.spread(k)[0]
             mk = m * k
 
             # Alg. 1 line 3, with the reference code's L2 rule: an odd side of
@@ -454,7 +466,7 @@ class SquareAttack(Attack):
             s = min(s + 1 - s % 2, h, w)
             if s not in bumps:
                 eta = meta_pseudo_gaussian(s, dtype=x.dtype, device=device)
-                bumps[s] = torch.stack([eta, eta.T])[:, None]  # (2, 1, s, s)
+                bumps[s] = torch.stack([-eta, -eta.T, eta, eta.T])  # by 2·(sign > 0) + transposed
 
             # Alg. 3: two random windows per proposal, W1 and W2 (corner[:, k]
             # the (row, column) of W(k+1)), and the signed bump η of W1.
@@ -463,13 +475,16 @@ class SquareAttack(Attack):
                 corner[:, :, 0] = torch.randint(0, h - s + 1, (mk, 2), generator=gen, device=device)
                 corner[:, :, 1] = torch.randint(0, w - s + 1, (mk, 2), generator=gen, device=device)
             transposed = torch.randint(0, 2, (mk,), generator=gen, device=device)
-            signs = _signs((mk, c, 1, 1), gen, x)
-            bump = torch.index_select(bumps[s], 0, transposed) * signs
+            positive = torch.randint(0, 2, (mk, c), generator=gen, device=device)
+            which = positive.mul_(2).add_(transposed[:, None]).view(mk * c)
+            bump = torch.index_select(bumps[s], 0, which).view(mk, c, s, s)
             clean = work.constants[0]
             delta = work.x - clean
+            flat = delta.view(m, -1)
+            norm2 = torch.linalg.vecdot(flat, flat)
             if k > 1:
-                delta = torch.index_select(delta, 0, owner)
-            delta = l2_proposal(delta, corner, bump, eps)
+                delta, norm2 = torch.index_select(delta, 0, owner), torch.index_select(norm2, 0, owner)
+            delta = l2_proposal(delta, corner, bump, eps, norm2)
 
             # Alg. 1 line 5: back to ‖δ‖₂ = ε, then clipped to [0,1]
             # (clean images broadcast over each row's k proposals).
@@ -479,7 +494,7 @@ class SquareAttack(Attack):
 
             # Alg. 1 lines 6-7: k queries, keep the best proposal if it is a
             # strict improvement.
-            best, improved, loss, margin = self._judge(oracle, work, x_new, owner, k, targeted)
+            best, improved, loss, margin = self._judge(oracle, work, x_new, k, targeted)
             taken = improved.nonzero().squeeze(1)
             work.x.index_copy_(0, taken, torch.index_select(x_new, 0, best[taken]))
             work = search.settle(work, improved, loss, margin, k)
@@ -563,6 +578,15 @@ class _Working:
     left: int
     """Queries every row can still spend before the set must be rebuilt."""
     constants: tuple[torch.Tensor, ...]
+    _spread: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def spread(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For k proposals per row (row i's are ``i·k … i·k+k-1``): the row
+        each proposal belongs to, its sample index (CPU) and its label."""
+        if k not in self._spread:
+            owner = torch.arange(len(self.rows), device=self.rows.device).repeat_interleave(k)
+            self._spread[k] = (owner, self.rows_cpu[owner.cpu()], self.y[owner])
+        return self._spread[k]
 
     def improved(self, loss: torch.Tensor, margin: torch.Tensor, targeted: bool) -> torch.Tensor:
         """Alg. 1 line 7: a strictly lower loss; targeted, also a proposal on
