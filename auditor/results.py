@@ -45,8 +45,8 @@ def _stats(values: Sequence[int], budget: int | None, total: int, measure: str) 
         array = np.asarray(values, dtype=np.float64)
         summary = {
             "mean": round(float(array.mean()), 3),
-            "median": float(np.median(array)),
-            "p90": float(np.percentile(array, 90)),
+            "median": round(float(np.median(array)), 3),
+            "p90": round(float(np.percentile(array, 90)), 3),
             "max": int(array.max()),
         }
     return {**summary, "budget": budget, "total": int(total), "measure": measure}

@@ -125,6 +125,16 @@ def test_runs_record_per_sample_queries_and_success_curves(tiny_cnn, mnist_test)
     assert curve["success_rate"][-1] == round(first.broken / first.samples, 6)
     broken_queries = [q for q, ok in zip(first.queries, first.success) if ok]
     assert run["queries_to_success"]["median"] == float(np.median(broken_queries))
+    # summary figures are rounded to 3 decimals, not printed as 442.20000000000005
+    assert run["queries_to_success"]["p90"] == round(float(np.percentile(broken_queries, 90)), 3)
+
+
+def test_query_summaries_are_rounded():
+    from auditor.results import _stats
+
+    summary = _stats([1, 2, 3, 4, 5, 6, 7, 8, 9, 12], budget=20, total=57, measure="to-success")
+    assert summary["p90"] == 9.3  # numpy gives 9.299999999999999
+    assert (summary["mean"], summary["median"], summary["max"]) == (5.7, 5.5, 12)
 
 
 def test_success_curve_counts_samples_broken_within_each_checkpoint():
