@@ -505,8 +505,6 @@ class SquareAttack(Attack):
         return search
 
 
-
-
 @dataclass
 class _Search:
     """Per-sample state of one Square run: the best point found and its losses."""
