@@ -96,12 +96,11 @@ class _QueryCounter:
         counts = torch.bincount(idx, minlength=self._n)
         self._queries += counts
         if self._budget is not None and len(idx) and int(self._queries.max()) > self._budget:
-            # refused before the model runs: the charge is taken back
-            self._queries -= counts
-            first = int(((self._queries + counts) > self._budget).nonzero()[0])
+            first = int((self._queries > self._budget).nonzero()[0])
+            wanted = int(self._queries[first])
+            self._queries -= counts  # refused before the model runs: nothing is charged
             raise BudgetExceeded(
-                f"sample {first} would spend {int(self._queries[first] + counts[first])} "
-                f"queries, over its budget of {self._budget}"
+                f"sample {first} would spend {wanted} queries, over its budget of {self._budget}"
             )
         if self._on_charge is not None:
             self._on_charge(len(idx))
