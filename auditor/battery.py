@@ -273,7 +273,7 @@ TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 def distortion_at(
-    trace, spent: torch.Tensor, checkpoints: Sequence[int] = TRACE_CHECKPOINTS
+    trace, spent: torch.Tensor, budget: int | None = None, checkpoints: Sequence[int] = TRACE_CHECKPOINTS
 ) -> tuple[tuple[int, tuple[float, ...]], ...]:
     """Each sample's best distortion at the query checkpoints of a trace.
 
@@ -281,7 +281,9 @@ def distortion_at(
     far (one count for all samples, or one per sample) and its best
     distortion then; at a checkpoint each sample takes its last entry within
     the checkpoint (``inf`` before its first). Checkpoints start at the first
-    entry and stop at the most queries spent."""
+    entry; those below the most queries spent are kept, and the last is the
+    budget (where there is one: no sample spent more, so its distortions
+    are the final ones), else the most queries spent."""
     if not trace:
         return ()
     n = len(trace[0][1])
@@ -290,7 +292,7 @@ def distortion_at(
     sizes = torch.cat([torch.full((1, n), torch.inf, dtype=torch.float64), sizes])
     most = int(spent.max()) if len(spent) else 0
     points = []
-    for checkpoint in [q for q in checkpoints if q < most] + [most]:
+    for checkpoint in [q for q in checkpoints if q < most] + [most if budget is None else budget]:
         last = (queries <= checkpoint).sum(dim=0)
         if not bool(last.any()):
             continue  # before the first entry of every sample
@@ -404,7 +406,7 @@ def run_battery(
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
                 success=tuple(within.tolist()),
-                distortion_at=distortion_at(result.trace, spent) if attack.kind != FIXED_EPS else (),
+                distortion_at=distortion_at(result.trace, spent, budget_of_attack) if attack.kind != FIXED_EPS else (),
                 start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
                 surrogate=None if group is None else group.name,
             ))

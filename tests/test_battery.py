@@ -160,6 +160,9 @@ def test_distortion_checkpoints_read_the_trace_at_each_query_count():
     assert summary == {"queries": [200, 500, 1000, 1300], "median": [6.0, 3.0, 3.0, 2.0],
                        "mean_found": [5.0, 3.333333, 3.333333, 2.333333], "found": [2, 3, 3, 3]}
     assert distortion_checkpoints(distortion_at(trace[:1], torch.tensor([150, 150, 150])))["median"] == [6.0]
+    # with a budget the list closes at it: no sample spent more, so those are the final distortions
+    budgeted = distortion_at(trace, torch.tensor([1300, 1250, 1300]), budget=1500)
+    assert [q for q, _ in budgeted] == [200, 500, 1000, 1500] and budgeted[-1][1] == points[-1][1]
     assert distortion_checkpoints([(500, (inf, inf, 2.0))])["median"] == [None]  # most not found yet
     # per-sample query counts: each sample reads its own last entry
     per_sample = [(torch.tensor([100, 300, 150]), torch.tensor([5.0, 4.0, 6.0])),
