@@ -273,7 +273,7 @@ TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 def distortion_at(
-    trace, spent: torch.Tensor, budget: int | None = None, checkpoints: Sequence[int] = TRACE_CHECKPOINTS
+    trace, spent: torch.Tensor, *, budget: int | None = None, checkpoints: Sequence[int] = TRACE_CHECKPOINTS
 ) -> tuple[tuple[int, tuple[float, ...]], ...]:
     """Each sample's best distortion at the query checkpoints of a trace.
 
@@ -406,7 +406,7 @@ def run_battery(
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
                 success=tuple(within.tolist()),
-                distortion_at=distortion_at(result.trace, spent, budget_of_attack) if attack.kind != FIXED_EPS else (),
+                distortion_at=distortion_at(result.trace, spent, budget=budget_of_attack) if attack.kind != FIXED_EPS else (),
                 start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
                 surrogate=None if group is None else group.name,
             ))

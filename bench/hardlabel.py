@@ -59,7 +59,7 @@ CHECKPOINTS = (500, 1000, 2000, 4000)
 def medians(trace, spent: torch.Tensor) -> dict[str, float | None]:
     """Median best distortion at each checkpoint within the budget."""
     out = {}
-    for queries, sizes in distortion_at(trace, spent, CHECKPOINTS):
+    for queries, sizes in distortion_at(trace, spent, checkpoints=CHECKPOINTS):
         if queries in CHECKPOINTS or queries == int(spent.max()):
             value = float(torch.tensor(sizes).median())
             out[str(queries)] = round(value, 4) if math.isfinite(value) else None
