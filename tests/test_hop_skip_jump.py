@@ -197,3 +197,33 @@ def test_ignores_eps(model64, correct_batch):
     a = HopSkipJump(init_num_evals=20)(label_oracle(model64, 4, 300), x, y, seed=0)
     b = HopSkipJump(init_num_evals=20)(label_oracle(model64, 4, 300), x, y, eps=9.0, seed=0)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.queries, b.queries)
+
+
+@pytest.mark.parametrize("tangent", [True, False])
+def test_l2_estimate_keeps_only_the_tilt_of_a_flat_boundary(tangent):
+    """A flat boundary whose normal is mostly along x_t − x*: with tangent
+    probes the estimate has no radial component and points along the tilt;
+    the paper's full-space probes mostly re-measure the radial part."""
+    from auditor.attacks.hardlabel.boundary import Directions, SampleRandom, unit
+
+    x0 = torch.tensor([0.5, 0.45], dtype=torch.float64).view(2, 1, 1, 1).repeat(1, 1, 8, 8)
+    radial, tilt = torch.zeros_like(x0), torch.zeros_like(x0)
+    radial[:, 0, 0, :], tilt[:, 0, 7, :] = 1.0, 1.0
+    radial, tilt = unit(radial), unit(tilt)
+    xt = x0 + 0.2 * radial
+    normal = 0.95 * radial + 0.31 * tilt
+
+    def adversarial(rows, z):
+        return ((z - xt[rows]) * normal[rows]).flatten(1).sum(1) > -1e-9
+
+    directions = Directions(SampleRandom(0, x0), (1, 8, 8), 1, torch.float64)
+    attack = HopSkipJump(tangent_probes=tangent)
+    along = radial.flatten(1) if tangent else None
+    grad = attack._gradient(adversarial, directions, torch.arange(2), xt, torch.full((2,), 0.01,
+                            dtype=torch.float64), torch.tensor([400, 400]), along)
+    on_radial = (grad * radial).flatten(1).sum(1)
+    on_tilt = (grad * tilt).flatten(1).sum(1)
+    if tangent:
+        assert on_radial.abs().max() < 1e-9 and (on_tilt > 0.8).all()
+    else:
+        assert (on_radial > on_tilt).all()

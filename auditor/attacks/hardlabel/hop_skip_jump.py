@@ -56,6 +56,23 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
   has the same sign (the official code), then normalised; the update
   direction ``v_t`` is that unit vector for L2 and its sign for L∞
   (Algorithm 1 line 6).
+* tangent probes (L2, not the paper's; ``tangent_probes``): each ``u_b``
+  has its component along ``x_t − x*`` removed before it is normalised, so
+  the probes lie in the tangent space of the sphere around ``x*`` through
+  ``x_t``, and so does the estimate. The radial component is the one part
+  of the boundary normal the attack cannot use: a step along ``x_t − x*``
+  is undone by the binary search back towards ``x*`` (on a flat boundary
+  it returns exactly to the same distance), while near convergence the
+  normal is almost radial, so with full-space probes most of each sign
+  φ_b is spent re-measuring it. Restricted to the tangent space, every
+  probe measures the tilt that the step and binary search turn into
+  progress, as Sign-OPT's probes on the sphere do. Median L2 on 38
+  colour digits with a small ResNet (3 × 32 × 32): from 1.60 to 1.44 at
+  1,000 queries and from 1.18 to 0.99 at 4,000 (ART's HopSkipJump: 2.52
+  and 1.18); on the example CNN (94 digits, seeds 0-1) from 1.27 to 1.20
+  at 1,000 and from 1.169 to 1.161 at 4,000. The L∞ attack's box binary
+  search has no such symmetry, and there the same change did worse (0.089
+  to 0.097 at 1,000 queries), so it probes in all directions.
 * step size (Algorithm 1 line 7, "geometric progression", Sec. 4.4):
   ξ_t = ‖x_t − x*‖/sqrt(t) in the attack's norm, halved until
   ``clip(x_t + ξ_t v_t)`` is adversarial (one query per try, at most
@@ -154,6 +171,10 @@ class HopSkipJump(Attack):
     in (:class:`~.boundary.Directions`, QEBA's spatial subspace); 1 draws
     them in full dimension, as the paper does; ``"auto"`` takes f = 2 for
     28 × 28 and 32 × 32 images."""
+    tangent_probes: bool = True
+    """L2: draw the gradient probes orthogonal to ``x_t − x*`` (see the
+    module docstring); False probes in all directions, as the paper does.
+    The L∞ attack always probes in all directions."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -257,7 +278,8 @@ class HopSkipJump(Attack):
             # (1) gradient-direction estimate at x_t (Alg. 1 line 5, Eq. 16)
             scale = math.sqrt(d) if self.norm == "l2" else float(d)
             delta = torch.where(tt == 1, torch.full_like(dist, _DELTA_FIRST), scale * theta * dist)
-            grad = self._gradient(adversarial, run.directions, rows, xt, delta, evals[rows])
+            radial = unit(xt - x0[rows]).flatten(1) if self.norm == "l2" and self.tangent_probes else None
+            grad = self._gradient(adversarial, run.directions, rows, xt, delta, evals[rows], radial)
             update = grad if self.norm == "l2" else grad.sign()
 
             # (2) geometric progression of the step size (Alg. 1 line 7)
@@ -289,8 +311,11 @@ class HopSkipJump(Attack):
             start_index=start.start_index(),
         )
 
-    def _gradient(self, adversarial, directions: Directions, rows, xt, delta, evals) -> torch.Tensor:
+    def _gradient(self, adversarial, directions: Directions, rows, xt, delta, evals, radial=None) -> torch.Tensor:
         """Unit estimate of the boundary normal at ``xt`` from ``evals`` probes per row.
+
+        With ``radial`` (unit rows of ``xt − x*``, flattened) each direction
+        loses its component along its row's radial vector first.
 
         Rows are grouped so that a group's probes (those of at least one row)
         fit in ``max_rows`` images, one oracle call per group; each row draws
@@ -313,6 +338,9 @@ class HopSkipJump(Attack):
             owner = torch.repeat_interleave(torch.arange(m, device=xt.device), counts)
             who = mine[owner]
             step = draw(rows[mine], counts).flatten(1)
+            if radial is not None:
+                along = torch.index_select(radial[mine], 0, owner)
+                step.sub_(along.mul_(torch.linalg.vecdot(step, along)[:, None]))
             step.mul_((delta[who] / distortion(step, "l2").clamp_min(1e-12))[:, None])
             base = torch.index_select(flat[mine], 0, owner)
             probe = step.add_(base).clamp_(0.0, 1.0)
