@@ -339,8 +339,7 @@ class HopSkipJump(Attack):
             who = mine[owner]
             step = draw(rows[mine], counts).flatten(1)
             if radial is not None:
-                along = torch.index_select(radial[mine], 0, owner)
-                step.sub_(along.mul_(torch.linalg.vecdot(step, along)[:, None]))
+                _project_out(step, radial[mine], counts)
             step.mul_((delta[who] / distortion(step, "l2").clamp_min(1e-12))[:, None])
             base = torch.index_select(flat[mine], 0, owner)
             probe = step.add_(base).clamp_(0.0, 1.0)
@@ -353,3 +352,19 @@ class HopSkipJump(Attack):
         mean_f = (sum_f / evals.to(dtype))[:, None]
         grad = torch.where(mean_f == 1, sum_u, torch.where(mean_f == -1, -sum_u, sum_fu - mean_f * sum_u))
         return unit(grad.view_as(xt))
+
+
+def _project_out(step: torch.Tensor, radial: torch.Tensor, counts: torch.Tensor) -> None:
+    """Remove from each row of ``step`` its component along its owner's unit
+    ``radial`` row, in place; ``step`` holds ``counts[i]`` rows for owner i,
+    in owner order. Owners with equal counts are taken together as a
+    (owners, count, d) block, so no radial row is copied per probe."""
+    sizes, owners = torch.unique_consecutive(counts, return_counts=True)
+    start, first = 0, 0
+    for size, many in zip(sizes.tolist(), owners.tolist()):
+        block = step[start : start + many * size].view(many, size, -1)
+        along = radial[first : first + many].unsqueeze(1)  # (owners, 1, d)
+        # per-probe dot products and an elementwise update, so a sample's
+        # probes come out the same in any batch (a batched matmul would not)
+        block.addcmul_(torch.linalg.vecdot(block, along).unsqueeze(2), along, value=-1)
+        start, first = start + many * size, first + many
