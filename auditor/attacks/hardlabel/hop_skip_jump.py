@@ -68,9 +68,9 @@ one stage gathered into oracle calls of up to ``max_rows`` images):
   probe measures the tilt that the step and binary search turn into
   progress, as Sign-OPT's probes on the sphere do. Median L2 on 38
   colour digits with a small ResNet (3 × 32 × 32): from 1.60 to 1.44 at
-  1,000 queries and from 1.18 to 0.99 at 4,000 (ART's HopSkipJump: 2.52
+  1,000 queries and from 1.18 to 1.00 at 4,000 (ART's HopSkipJump: 2.52
   and 1.18); on the example CNN (94 digits, seeds 0-1) from 1.27 to 1.20
-  at 1,000 and from 1.169 to 1.161 at 4,000. The L∞ attack's box binary
+  at 1,000 and from 1.169 to 1.160 at 4,000. The L∞ attack's box binary
   search has no such symmetry, and there the same change did worse (0.089
   to 0.097 at 1,000 queries), so it probes in all directions.
 * step size (Algorithm 1 line 7, "geometric progression", Sec. 4.4):
