@@ -207,12 +207,15 @@ def unbounded_attack(model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, 
     """PGD with a radius covering the whole [0,1] cube must reach 100 %.
 
     Any image is then reachable, so a failure means the gradients do not lead
-    anywhere (masking) or the attack is broken.
+    anywhere (masking) or the attack is broken. The walk starts at the clean
+    image, not at PGD's random start: a random start in a ball this large is
+    a random image, which an undefended network may classify with a softmax
+    saturated to exactly 1, where the cross-entropy has no gradient at all.
     """
     module = model.torch_module()
     x, y = x[:UNBOUNDED_SAMPLES], y[:UNBOUNDED_SAMPLES]
     eps = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
-    attack = PGD(norm=norm, steps=20)
+    attack = PGD(norm=norm, steps=20, random_start=False)
     result = attack(GradientOracle(module, len(y)), x.to(model.device), y.to(model.device), eps=eps, seed=seed)
     fooled = verify(model, x, result.x_adv, y, norm).fooled
     if bool(fooled.all()):

@@ -7,7 +7,7 @@ from helpers import ball_battery
 from torch import nn
 
 import auditor
-from auditor.checks import gradient_checks, no_adversarial_found, preflight
+from auditor.checks import gradient_checks, no_adversarial_found, preflight, unbounded_attack
 from auditor.models.base import ModelInfo
 from auditor.models.pytorch import TorchModel
 
@@ -83,3 +83,29 @@ def test_every_check_id_has_its_paragraph():
     ids = set(re.findall(r'^[A-Z_]+ = "([a-z-]+)"$', (root / "auditor" / "checks.py").read_text(), re.MULTILINE))
     headings = set(re.findall(r"^## (\S+)$", (root / "docs" / "checks.md").read_text(), re.MULTILINE))
     assert len(ids) >= 12 and ids <= headings, ids - headings
+
+
+class NoiseDetector(nn.Module):
+    """Adds 200 to class 0's logit on images far brighter than a digit (mean
+    pixel above about 0.35, as uniform noise): a saturated softmax there, and
+    no cross-entropy gradient for class-0 samples, but ordinary digits keep
+    the inner network's logits."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        logits = self.inner(x)
+        bright = torch.sigmoid(50 * (x.flatten(1).mean(1) - 0.35))
+        return logits + 200 * bright[:, None] * nn.functional.one_hot(torch.zeros_like(bright).long(), 10)
+
+
+def test_unbounded_attack_check(tiny_cnn, correct_batch):
+    x, y = correct_batch
+    assert unbounded_attack(_model(tiny_cnn), x, y, "linf", seed=0) == []
+    assert 0 in y.tolist()  # the samples a random start over the whole cube would leave stuck
+    assert unbounded_attack(_model(NoiseDetector(tiny_cnn).eval()), x, y, "linf", seed=0) == []
+    for norm in ("linf", "l2"):
+        (check,) = unbounded_attack(_model(Quantised(tiny_cnn).eval()), x, y, norm, seed=0)
+        assert check.id == "unbounded-attack-fails"
