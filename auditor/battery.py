@@ -79,6 +79,22 @@ def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer:
     return None
 
 
+def _lookup(name: str, norm: str) -> Attack:
+    """The catalogue attack called ``name``: its full label (``fgsm-l2``), or
+    the name without the norm suffix (``fgsm``), meaning the variant in the
+    threat norm, else the attack's only variant (``cw`` is ``cw-l2``)."""
+    if name in BY_LABEL:
+        return BY_LABEL[name]
+    if f"{name}-{norm}" in BY_LABEL:
+        return BY_LABEL[f"{name}-{norm}"]
+    variants = [  # the name plus one more part, the norm: "transfer" names none of the transfer attacks
+        label for label in BY_LABEL if label.startswith(f"{name}-") and label.count("-") == name.count("-") + 1
+    ]
+    if len(variants) == 1:
+        return BY_LABEL[variants[0]]
+    raise AuditError(f"unknown attack {name!r}; known attacks: {', '.join(BY_LABEL)}")
+
+
 def build_battery(
     level: Access,
     norm: str,
@@ -96,16 +112,11 @@ def build_battery(
     measured in the threat norm, but only in the threat norm where they have
     that variant. In targeted mode only attacks with a targeted mode run.
     Transfer attacks run at every level, but only with ``transfer``
-    (surrogate models to run them on). With ``names``: exactly those, each
-    checked.
+    (surrogate models to run them on). With ``names`` (labels, or names
+    without the norm suffix: see :func:`_lookup`): exactly those, each checked.
     """
     if names:
-        unknown = [name for name in names if name not in BY_LABEL]
-        if unknown:
-            raise AuditError(
-                f"unknown attack {unknown[0]!r}; known attacks: {', '.join(BY_LABEL)}"
-            )
-        chosen = [BY_LABEL[name] for name in names]
+        chosen = list({attack.label: attack for attack in (_lookup(name, norm) for name in names)}.values())
         for attack in chosen:
             reason = _refusal(attack, level, norm, targeted, transfer)
             if reason is not None:

@@ -67,7 +67,8 @@ def cli(debug: bool) -> None:
 @click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
 @click.option("--eps", type=float, multiple=True, help="Perturbation radius (repeatable); default depends on data and norm.")
 @click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
-@click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); default: the whole battery.")
+@click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); a name without its norm "
+              "(fgsm, sign-opt) means the threat norm's variant. Default: the whole battery.")
 @click.option("--target", help="Targeted audit: random, least-likely or a class index (targeted attacks only).")
 @click.option("--surrogate", "surrogates", multiple=True, type=click.Path(dir_okay=False),
               help="Surrogate model for transfer attacks, any model format with gradients (repeatable).")

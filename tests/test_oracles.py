@@ -83,6 +83,16 @@ def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
         build_battery(Access.WHITE_BOX, "l2", ["pgd-linf"])
     with pytest.raises(AuditError, match="unknown attack 'nope'"):
         build_battery(Access.WHITE_BOX, "linf", ["nope"])
+    with pytest.raises(AuditError, match="unknown attack 'transfer'"):
+        build_battery(Access.WHITE_BOX, "linf", ["transfer"])  # a prefix of many attacks, not a name
+
+
+def test_attack_names_without_the_norm_take_the_threat_norms_variant():
+    def labels(norm, names):
+        return [attack.label for attack in build_battery(Access.WHITE_BOX, norm, names).attacks]
+
+    assert labels("l2", ["fgsm", "sign-opt", "square"]) == ["fgsm-l2", "square-l2", "sign-opt-l2"]
+    assert labels("linf", ["fgsm", "fgsm-linf", "cw"]) == ["fgsm-linf", "cw-l2"]  # cw's only variant; one fgsm
 
 
 def test_battery_of_a_level_includes_weaker_levels():
