@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .access import DEFAULT_BUDGET, Access
+from .eps import eps_text, parse_eps
 from .errors import AuditError
 
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
@@ -29,12 +30,29 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+class Radius(click.ParamType):
+    """An ε on the command line: ``0.03`` or ``8/255``."""
+
+    name = "eps"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_eps(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+RADIUS = Radius()
+
+
 def _echo_summary(results: dict) -> None:
     threat = results["threat"]
     click.echo(f"access: {results['access']['level']} ({results['access']['reason']})")
     click.echo(f"clean accuracy: {results['clean_accuracy']:.1%} on {results['data']['n']} samples")
     for eps, value in results["robust_accuracy"].items():
-        click.echo(f"robust accuracy at {threat['norm']} eps={eps}: {value:.1%}")
+        click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {value:.1%}")
     for check in results["checks"]:
         click.echo(f"check [{check['level']}] {check['id']}: {check['message']}")
 
@@ -65,7 +83,8 @@ def cli(debug: bool) -> None:
 @click.option("--data", default="mnist", show_default=True, help="mnist, a .npz with x and y, or an image folder.")
 @click.option("-n", "--samples", type=int, help="Evaluate a class-balanced subset of N samples.")
 @click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
-@click.option("--eps", type=float, multiple=True, help="Perturbation radius (repeatable); default depends on data and norm.")
+@click.option("--eps", type=RADIUS, multiple=True,
+              help="Perturbation radius, e.g. 0.3 or 8/255 (repeatable); default depends on data and norm.")
 @click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); a name without its norm "
               "(fgsm, sign-opt) means the threat norm's variant. Default: the whole battery.")
@@ -108,7 +127,7 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", default="mnist", show_default=True,
               help="Training data: mnist (its train split), a .npz with x and y, or an image folder.")
-@click.option("--eps", type=float, required=True, help="Training and evaluation radius.")
+@click.option("--eps", type=RADIUS, required=True, help="Training and evaluation radius, e.g. 0.3 or 8/255.")
 @click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
 @click.option("--method", default="fast", show_default=True, type=click.Choice(["fast", "pgd", "free"]),
               help="fast: FGSM with random start (Wong et al. 2020); pgd: PGD-k (Madry et al. 2018); "
@@ -172,7 +191,7 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
     click.echo(f"clean accuracy: {before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}")
     for key, value in after["robust_accuracy"].items():
         was = before["robust_accuracy"][key]
-        click.echo(f"robust accuracy at {norm} eps={key}: {was:.1%} -> {value:.1%}")
+        click.echo(f"robust accuracy at {norm} eps={eps_text(key)}: {was:.1%} -> {value:.1%}")
     for event in result.guard_events:
         click.echo(f"guard: {event['message']}")
     click.echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from .access import Access
+from .eps import eps_key, eps_text, parse_eps
 from .errors import AuditError
 from .resources import policies_dir
 
@@ -160,13 +161,20 @@ def _access(value: Any, where: str, source: _Source) -> Access:
 
 
 def _eps(value: Any, where: str, source: _Source) -> float | str:
-    """A finite ε >= 0, or "min"/"max" (resolved against threat.eps later)."""
+    """A finite ε >= 0 (a number or a fraction such as ``8/255``), or
+    "min"/"max" (resolved against threat.eps later)."""
     if value in EPS_EXTREMES:
         return value
+    error = source.error(
+        f"{where}: expected a number >= 0, 'min' or 'max', got {value!r} (a number may be a fraction such as 8/255)"
+    )
+    if isinstance(value, str) and "/" in value:
+        try:
+            return parse_eps(value)
+        except ValueError:
+            raise error from None
     if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise source.error(
-            f"{where}: expected a number >= 0, 'min' or 'max', got {value!r}"
-        )
+        raise error
     return float(value)
 
 
@@ -181,8 +189,8 @@ def _fmt_fraction(value: float) -> str:
 
 
 def _fmt_eps(eps: float | str) -> str:
-    """An ε as in the robust_accuracy keys (``0.3``), or ``min``/``max``."""
-    return eps if isinstance(eps, str) else f"{eps:g}"
+    """An ε as the report shows it (``0.3``, ``8/255``), or ``min``/``max``."""
+    return eps if isinstance(eps, str) else eps_text(eps)
 
 
 # --------------------------------------------------------------------------- #
@@ -294,10 +302,10 @@ class RobustAccuracy(Requirement):
         eps = self._resolve_eps(threat.get("eps") or [])
         if eps is None:
             return self._verdict(False, "no ε was evaluated")
-        accuracy = (results.get("robust_accuracy") or {}).get(f"{eps:g}")
+        accuracy = (results.get("robust_accuracy") or {}).get(eps_key(eps))
         if accuracy is None:
-            return self._verdict(False, f"ε={eps:g} was not evaluated")
-        return self._verdict(accuracy >= self.min, f"{_fmt_fraction(accuracy)} at ε={eps:g}")
+            return self._verdict(False, f"ε={eps_text(eps)} was not evaluated")
+        return self._verdict(accuracy >= self.min, f"{_fmt_fraction(accuracy)} at ε={eps_text(eps)}")
 
     def _resolve_eps(self, evaluated: list[float]) -> float | None:
         """The concrete ε: the given one, or the smallest/largest evaluated."""

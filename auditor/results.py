@@ -22,16 +22,13 @@ import numpy as np
 from .attacks.base import FIXED_EPS
 from .attacks.transfer import TransferAttack
 from .battery import AttackReport, BatteryOutcome, RunReport
+from .eps import eps_key
 from .errors import AuditError
 
 SCHEMA = "auditor.results/1"
 TIMING_FIELDS = ("started", "seconds")
 """Top-level fields that differ between two runs with the same seed
 (plus ``attacks[].seconds``)."""
-
-
-def eps_key(eps: float) -> str:
-    return f"{eps:g}"
 
 
 def _accuracy_dict(values: dict[float, float]) -> dict[str, float]:

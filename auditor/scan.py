@@ -26,6 +26,7 @@ from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery
 from .data import Dataset, load_data
+from .eps import eps_key
 from .errors import AuditError
 from .models import check_model_on_data, load_model
 from .policy import PolicyResult, load_policy, write_junit
@@ -36,7 +37,6 @@ from .results import (
     attack_entry,
     auditor_version,
     dump,
-    eps_key,
     manifest,
     sample_entries,
     transfer_entry,
@@ -85,7 +85,8 @@ def resolve_eps(data_name: str, norm: str, eps: Sequence[float] | None) -> tuple
             raise AuditError(f"--eps must be > 0, got {value:g}")
         if norm == "linf" and value > 1:
             raise AuditError(f"--eps {value:g} exceeds the [0,1] pixel range for linf")
-    return tuple(sorted(set(float(value) for value in eps)))
+    # one radius per results key: 8/255 and 0.0313725 are the same row
+    return tuple(sorted({eps_key(value): float(value) for value in eps}.values()))
 
 
 def resolve_targets(

@@ -106,6 +106,22 @@ def test_robust_accuracy_eps_min_max(eps, actual):
     assert f"ε={eps}" in verdict.description
 
 
+def test_robust_accuracy_takes_and_shows_eps_as_a_fraction_of_255(tmp_path):
+    policy = load_policy(write(tmp_path, """\
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: 8/255}
+        """))
+    (requirement,) = policy.requirements
+    verdict = requirement.evaluate(results(threat={"norm": "linf", "eps": [8 / 255]}, robust_accuracy={"0.0313725": 0.6}))
+    assert verdict.passed and verdict.actual == "0.60 at ε=8/255"
+    assert "eps: expected a number >= 0, 'min' or 'max', got '8/0'" in load_error(tmp_path, """\
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: 8/0}
+        """)
+
+
 def test_robust_accuracy_eps_not_evaluated_fails():
     verdict = RobustAccuracy("r", 0.0, 0.25).evaluate(RESULTS)
     assert not verdict.passed

@@ -149,6 +149,15 @@ def test_view_formats_sections(results):
     assert view.chart_svg.startswith("<svg")
 
 
+def test_radii_of_whole_grey_levels_read_as_fractions(results):
+    results["threat"]["eps"] = [2 / 255, 8 / 255]
+    results["robust_accuracy"] = {"0.00784314": 0.5, "0.0313725": 0.25}
+    view = build_view(results)
+    assert [row.eps for row in view.robust_rows] == ["2/255", "8/255"]
+    assert "at ε=8/255 (L∞)" in view.verdict.summary
+    assert {field.label: field.value for field in view.threat}["ε"] == "2/255, 8/255"
+
+
 def test_query_cost_section_shows_curves_of_black_box_fixed_eps_attacks(results, tmp_path):
     view = build_view(results)
 

@@ -20,6 +20,7 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, PercentFormatter
 
+from ..eps import eps_text
 from ..errors import AuditError
 from .transfer import TransferView, transfer_view
 
@@ -326,7 +327,7 @@ def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
         eps, accuracy = worst
         mode = "targeted " if results["threat"].get("target") else ""
         summary = (
-            f"Robust accuracy {percent(accuracy)} at ε={eps} ({norm_name(results['threat']['norm'])}) "
+            f"Robust accuracy {percent(accuracy)} at ε={eps_text(eps)} ({norm_name(results['threat']['norm'])}) "
             f"against {mode}{access} attacks; clean accuracy {clean}."
         )
     if policy is None:
@@ -385,7 +386,7 @@ def _threat_fields(results: dict) -> tuple[Field, ...]:
         Field("Access level", results["access"]["level"]),
         Field("Why this level", results["access"]["reason"]),
         Field("Norm", f"{norm_name(threat['norm'])} ({threat['norm']})"),
-        Field("ε", ", ".join(f"{eps:g}" for eps in threat["eps"])),
+        Field("ε", ", ".join(eps_text(eps) for eps in threat["eps"])),
         Field("Query budget", f"{_budget(threat['budget'])} queries per sample"),
         Field("Goal", target_text(threat.get("target"))),
     )
@@ -407,7 +408,7 @@ def target_text(target: dict | None) -> str:
 def _robust_rows(accuracies: dict[str, float], n: int) -> tuple[RobustRow, ...]:
     """Robust accuracy per ε; samples broken are the ``n`` not robust (clean errors included)."""
     return tuple(
-        RobustRow(eps, percent(accuracies[eps]), f"{round((1 - accuracies[eps]) * n):,} of {n:,}")
+        RobustRow(eps_text(eps), percent(accuracies[eps]), f"{round((1 - accuracies[eps]) * n):,} of {n:,}")
         for eps in _sorted_eps(accuracies)
     )
 
@@ -448,7 +449,7 @@ def _query_row(attack: dict, run: dict) -> QueryRow:
     stats = run["queries_to_success"]
     return QueryRow(
         name=attack["name"],
-        eps=f"{run['eps']:g}",
+        eps=eps_text(run["eps"]),
         samples=f"{run['samples']:,}",
         success_rate=percent(run["broken"] / run["samples"] if run["samples"] else None),
         mean=_count(stats["mean"]),
@@ -477,7 +478,7 @@ def _query_chart(results: dict) -> Markup | None:
         for attack, run in runs:
             curve = run["success_curve"]
             axes.step(curve["queries"], [rate * 100 for rate in curve["success_rate"]], where="post",
-                      marker="o", markersize=3, linewidth=1.4, label=f"{attack['name']} (ε={run['eps']:g})")
+                      marker="o", markersize=3, linewidth=1.4, label=f"{attack['name']} (ε={eps_text(run['eps'])})")
         axes.set_xscale("log")
         axes.set_ylim(-4, 104)
         axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
@@ -605,7 +606,7 @@ def _chart(results: dict) -> Markup | None:
                             marker="o", markersize=4, linewidth=1.2)
         ticks = [0.0] + [float(eps) for eps in _sorted_eps(overall)]
         axes.xaxis.set_major_locator(FixedLocator(ticks))
-        axes.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
+        axes.xaxis.set_major_formatter(lambda value, _: eps_text(value))
         axes.set_ylim(-4, 104)  # room for markers at 0 % and 100 %
         axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
         axes.yaxis.set_major_formatter(PercentFormatter(decimals=0))
@@ -644,7 +645,7 @@ def _hardening(record: dict | None) -> HardeningView | None:
                                 _points(before["clean_accuracy"], after["clean_accuracy"]))]
     for eps in _sorted_eps(after["robust_accuracy"]):
         was, now = before["robust_accuracy"][eps], after["robust_accuracy"][eps]
-        comparison.append(ComparisonRow(f"Robust accuracy at ε={eps} ({norm})", percent(was), percent(now),
+        comparison.append(ComparisonRow(f"Robust accuracy at ε={eps_text(eps)} ({norm})", percent(was), percent(now),
                                         _points(was, now)))
     curve = tuple(
         CurveRow(
@@ -666,7 +667,7 @@ def _hardening(record: dict | None) -> HardeningView | None:
     planned = config["epochs"]
     ran = record["epochs_run"]
     stopped = " (stopped early)" if record["stopped_early"] else ""
-    summary = (f"{method['label']} for {ran} of {planned} epochs{stopped} at ε={record['threat']['eps']:g} "
+    summary = (f"{method['label']} for {ran} of {planned} epochs{stopped} at ε={eps_text(record['threat']['eps'])} "
                f"({norm}) took {record['training_seconds']:.1f} s of training; robust accuracy went from "
                f"{comparison[-1].before} to {comparison[-1].after}, clean accuracy from "
                f"{comparison[0].before} to {comparison[0].after}.")
@@ -674,7 +675,7 @@ def _hardening(record: dict | None) -> HardeningView | None:
     settings = (
         Field("Method", f"{method['label']} ({method['name']})"),
         Field("Method settings", ", ".join(f"{key}={value}" for key, value in method["params"].items())),
-        Field("Threat", f"ε={record['threat']['eps']:g}, {norm}"),
+        Field("Threat", f"ε={eps_text(record['threat']['eps'])}, {norm}"),
         Field("Epochs", f"{ran} of {planned}{stopped}, {record['updates']:,} updates"),
         Field("Optimiser", f"Adam, batch {config['batch_size']}, triangular cyclic learning rate peaking at "
                            f"{config['lr_max']:g} after {config['lr_peak']:.0%} of the updates"),

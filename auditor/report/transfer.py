@@ -79,7 +79,7 @@ def _matrix(eps: str, samples: int, methods: dict, sets: list[str], baseline: st
         if baseline is not None and group in base:
             sentence += f", against {_percent(base[group])} for {baseline} ({100 * (rate - base[group]):+.1f} points)"
         sentence += "."
-    return TransferMatrix(eps, samples, tuple(rows), sentence)
+    return TransferMatrix(eps_text(eps), samples, tuple(rows), sentence)
 
 
 def transfer_view(results: dict) -> TransferView | None:

@@ -1,0 +1,42 @@
+"""Radii as people write and read them: ``8/255`` as well as ``0.0313725``.
+
+results.json keys each ε by :func:`eps_key`; the command line and policies
+also take a fraction (:func:`parse_eps`), and the report and terminal show a
+whole number of 8-bit grey levels as one (:func:`eps_text`), the notation of
+AutoAttack and RobustBench.
+"""
+
+from __future__ import annotations
+
+import math
+
+GREY_LEVELS = 255
+
+
+def eps_key(eps: float) -> str:
+    """ε's key in results.json (``robust_accuracy``, the transfer matrix)."""
+    return f"{eps:g}"
+
+
+def parse_eps(text: str) -> float:
+    """A radius from ``0.03`` or ``8/255``; ValueError unless finite and >= 0."""
+    numerator, slash, denominator = str(text).partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{text!r} is not a number or a fraction such as 8/255") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a finite radius >= 0")
+    return value
+
+
+def eps_text(eps: float | str) -> str:
+    """ε for reading: ``8/255`` where ε is a whole number of grey levels that
+    its decimal key spells with many digits (``0.0313725``), else the key
+    (``0.3``, ``2``; ``0.2`` stays ``0.2``, not ``51/255``)."""
+    value = float(eps)
+    key = eps_key(value)
+    levels = round(value * GREY_LEVELS)
+    if len(key) > 6 and 0 < levels < GREY_LEVELS and abs(value * GREY_LEVELS - levels) < 1e-4:
+        return f"{levels}/{GREY_LEVELS}"
+    return key

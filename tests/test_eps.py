@@ -1,0 +1,36 @@
+"""Radii as people write them (8/255) and as the report and terminal show them."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from auditor.cli import cli
+from auditor.eps import eps_key, eps_text, parse_eps
+from auditor.scan import resolve_eps
+
+
+def test_fractions_parse_to_the_same_results_key_as_their_decimals():
+    assert parse_eps("8/255") == 8 / 255 and parse_eps("0.3") == 0.3 and parse_eps(" 2 ") == 2.0
+    assert eps_key(parse_eps("8/255")) == eps_key(0.0313725) == "0.0313725"
+    for bad in ("abc", "1/0", "-1/255", "nan", "inf", "8/", "/255"):
+        with pytest.raises(ValueError):
+            parse_eps(bad)
+
+
+def test_whole_grey_levels_read_as_fractions_and_short_decimals_stay():
+    assert [eps_text(k / 255) for k in (1, 2, 4, 8, 16)] == ["1/255", "2/255", "4/255", "8/255", "16/255"]
+    assert eps_text("0.0313725") == "8/255"  # a results key
+    assert [eps_text(value) for value in (0.3, 0.2, 0.1, 2.0, 0.5, 1.0, 0.0, 0.123456)] == [
+        "0.3", "0.2", "0.1", "2", "0.5", "1", "0", "0.123456"]
+
+
+def test_a_radius_given_twice_in_two_spellings_is_one_row():
+    assert [eps_key(eps) for eps in resolve_eps("mnist", "linf", [8 / 255, 0.0313725, 0.1])] == ["0.0313725", "0.1"]
+
+
+def test_cli_takes_fractions_and_refuses_bad_radii_in_one_line():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["scan", "examples/mnist_cnn.onnx", "--eps", "8/255x"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].endswith("'8/255x' is not a number or a fraction such as 8/255")
