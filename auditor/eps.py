@@ -19,14 +19,15 @@ def eps_key(eps: float) -> str:
 
 
 def parse_eps(text: str) -> float:
-    """A radius from ``0.03`` or ``8/255``; ValueError unless finite and >= 0."""
+    """A radius from ``0.03`` or ``8/255``; ValueError unless a finite number
+    (its range is the caller's to check: ``--eps`` needs > 0, policies >= 0)."""
     numerator, slash, denominator = str(text).partition("/")
     try:
         value = float(numerator) / float(denominator) if slash else float(numerator)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"{text!r} is not a number or a fraction such as 8/255") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{text!r} is not a finite radius >= 0")
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite radius")
     return value
 
 

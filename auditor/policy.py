@@ -170,7 +170,7 @@ def _eps(value: Any, where: str, source: _Source) -> float | str:
     )
     if isinstance(value, str) and "/" in value:
         try:
-            return parse_eps(value)
+            value = parse_eps(value)
         except ValueError:
             raise error from None
     if not _is_number(value) or not math.isfinite(value) or value < 0:

@@ -120,6 +120,11 @@ def test_robust_accuracy_takes_and_shows_eps_as_a_fraction_of_255(tmp_path):
         requirements:
           - robust_accuracy: {min: 0.5, eps: 8/0}
         """)
+    assert "got '-8/255'" in load_error(tmp_path, """\
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: -8/255}
+        """)
 
 
 def test_robust_accuracy_eps_not_evaluated_fails():
