@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..eps import eps_text
+
 
 @dataclass(frozen=True)
 class HeatCell:

@@ -303,9 +303,9 @@ class SquareAttack(Attack):
             raise ValueError(f"p_init must be in (0, 1], got {self.p_init}")
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-        for field in ("n_iters", "min_rows", "max_proposals"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for name in ("n_iters", "min_rows", "max_proposals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.hits_per_step <= 1.0:
             raise ValueError(f"hits_per_step must be in (0, 1], got {self.hits_per_step}")
 
