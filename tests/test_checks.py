@@ -104,6 +104,7 @@ class NoiseDetector(nn.Module):
 def test_unbounded_attack_check(tiny_cnn, correct_batch):
     x, y = correct_batch
     assert unbounded_attack(_model(tiny_cnn), x, y, "linf", seed=0) == []
+    assert unbounded_attack(_model(tiny_cnn), x, y, "l2", seed=0) == []
     assert 0 in y.tolist()  # the samples a random start over the whole cube would leave stuck
     assert unbounded_attack(_model(NoiseDetector(tiny_cnn).eval()), x, y, "linf", seed=0) == []
     for norm in ("linf", "l2"):
