@@ -12,6 +12,7 @@ from torch import nn
 
 from auditor import surrogates as zoo
 from auditor.access import Access
+from auditor.attacks import CATALOGUE
 from auditor.attacks.base import ORACLE_ACCESS, distortion
 from auditor.attacks.transfer import (
     METHODS,
@@ -122,6 +123,10 @@ def test_attack_configuration():
     mixed = TransferAttack((Admix(), DiverseInputs(), TranslationInvariance(), MomentumIterative()))
     assert mixed.label == "transfer-mi-di-ti-admix-linf"
     assert "Dong et al." in mixed.paper and "Admix" in mixed.paper
+    for attack in CATALOGUE:  # each paper cited once (MI's is also the core's; NI and SI share one)
+        citations = attack.paper.split("; ")
+        titles = [citation.split(" (")[0] for citation in citations]
+        assert len(set(titles)) == len(titles), attack.label
     with pytest.raises(ValueError, match="pipeline order: admix, di, ti, mi"):
         TransferAttack((Admix(), DiverseInputs(), MomentumIterative(), TranslationInvariance()))
     assert TransferAttack().label == "transfer-ifgsm-linf"

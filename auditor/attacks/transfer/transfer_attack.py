@@ -77,8 +77,10 @@ class TransferAttack(Attack):
 
     @property
     def paper(self) -> str:
-        """The core's papers and each transform's."""
-        return "; ".join([self.core_paper, *(transform.paper for transform in self.transforms)])
+        """The core's papers and each transform's, each paper once (MI's is
+        among the core's; NI and SI share one)."""
+        cited = [paper for paper in dict.fromkeys(t.paper for t in self.transforms) if paper not in self.core_paper]
+        return "; ".join([self.core_paper, *cited])
 
     @property
     def label(self) -> str:
