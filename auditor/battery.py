@@ -23,6 +23,7 @@ come for free.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 import zlib
@@ -92,7 +93,10 @@ def _lookup(name: str, norm: str) -> Attack:
     ]
     if len(variants) == 1:
         return BY_LABEL[variants[0]]
-    raise AuditError(f"unknown attack {name!r}; known attacks: {', '.join(BY_LABEL)}")
+    names = list(BY_LABEL) + sorted({label.rsplit("-", 1)[0] for label in BY_LABEL})
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise AuditError(f"unknown attack {name!r}{hint}; known attacks: {', '.join(BY_LABEL)}")
 
 
 def build_battery(

@@ -83,6 +83,8 @@ def test_mismatched_oracle_is_an_error_when_the_battery_is_built():
         build_battery(Access.WHITE_BOX, "l2", ["pgd-linf"])
     with pytest.raises(AuditError, match="unknown attack 'nope'"):
         build_battery(Access.WHITE_BOX, "linf", ["nope"])
+    with pytest.raises(AuditError, match=r"unknown attack 'signopt' \(did you mean sign-opt\?\)"):
+        build_battery(Access.WHITE_BOX, "linf", ["signopt"])
     with pytest.raises(AuditError, match="unknown attack 'transfer'"):
         build_battery(Access.WHITE_BOX, "linf", ["transfer"])  # a prefix of many attacks, not a name
 
