@@ -86,15 +86,13 @@ def _lookup(name: str, norm: str) -> Attack:
     threat norm, else the attack's only variant (``cw`` is ``cw-l2``)."""
     if name in BY_LABEL:
         return BY_LABEL[name]
-    if f"{name}-{norm}" in BY_LABEL:
+    base = {label: label.rsplit("-", 1)[0] for label in BY_LABEL}  # the label without its norm
+    variants = [label for label in BY_LABEL if base[label] == name]
+    if f"{name}-{norm}" in variants:
         return BY_LABEL[f"{name}-{norm}"]
-    variants = [  # the name plus one more part, the norm: "transfer" names none of the transfer attacks
-        label for label in BY_LABEL if label.startswith(f"{name}-") and label.count("-") == name.count("-") + 1
-    ]
     if len(variants) == 1:
         return BY_LABEL[variants[0]]
-    names = list(BY_LABEL) + sorted({label.rsplit("-", 1)[0] for label in BY_LABEL})
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, [*BY_LABEL, *sorted(set(base.values()))], n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise AuditError(f"unknown attack {name!r}{hint}; known attacks: {', '.join(BY_LABEL)}")
 
