@@ -3,7 +3,8 @@
 For each sample the battery keeps one record: the smallest *verified*
 adversarial distortion found so far in the threat norm (0 if the clean image
 is already misclassified, ``inf`` if none was found). Robust accuracy at ε
-is the fraction of samples whose record exceeds ε (+ a 1e-6 tolerance), so
+is the fraction of samples whose record exceeds ε (+ the float32 slack of
+:func:`~auditor.verify.eps_bound`), so
 it is the per-sample worst case over the whole battery, and curves over ε
 come for free.
 
@@ -41,7 +42,7 @@ from .errors import AuditError
 from .models.base import Model
 from .oracles import GradientOracle, ScoreOracle, SurrogateOracle
 from .progress import ScanProgress
-from .verify import EPS_TOLERANCE, Verified, verify
+from .verify import Verified, eps_bound, verify
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,10 @@ class Records:
     x_adv: torch.Tensor
 
     @classmethod
-    def start(
-        cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
-    ) -> "Records":
-        wrong = clean_pred != y if target is None else clean_pred == target
+    def start(cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor) -> "Records":
+        # targeted audits too: a sample the model already gets wrong is not
+        # robust, whatever class it outputs (robust accuracy ≤ clean accuracy)
+        wrong = clean_pred != y
         return cls(
             distortion=torch.where(wrong, 0.0, torch.inf).double(),
             broken_by=np.where(wrong.numpy(), "clean", None).astype(object),
@@ -196,7 +197,7 @@ class Records:
         self.queries[active[none_yet]] = torch.maximum(self.queries[active[none_yet]], spent[none_yet])
 
     def robust_at(self, eps: float) -> torch.Tensor:
-        return self.distortion > eps + EPS_TOLERANCE
+        return self.distortion > eps_bound(eps)
 
     def robust_accuracy(self, eps_list: Sequence[float]) -> dict[float, float]:
         return {eps: self.robust_at(eps).double().mean().item() for eps in eps_list}
@@ -359,7 +360,7 @@ def run_battery(
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
     clean_pred = model.forward(x.to(model.device)).argmax(1).cpu()
-    records = Records.start(x, clean_pred, y, target)
+    records = Records.start(x, clean_pred, y)
     transfer_start: torch.Tensor | None = None
     reports = []
     for attack in battery.attacks:
@@ -373,7 +374,7 @@ def run_battery(
         for eps, group in _plan(attack, eps_desc, surrogates):
             limit = eps if eps is not None else eps_desc[0]
             if transfer:
-                robust = transfer_start > eps + EPS_TOLERANCE
+                robust = transfer_start > eps_bound(eps)
             else:
                 robust = records.robust_at(eps if eps is not None else eps_desc[-1])
             active = robust.nonzero().flatten()
@@ -405,9 +406,9 @@ def run_battery(
             if transfer:
                 advance(len(active))
             checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
-            ok = checked.fooled & (checked.distortion <= (eps if eps is not None else torch.inf) + EPS_TOLERANCE)
+            ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
             records.update(active, ok, checked, spent, attack.label)
-            within = ok & (checked.distortion <= limit + EPS_TOLERANCE)
+            within = ok & (checked.distortion <= eps_bound(limit))
             first = within & ~broken[active]
             to_success[active[first]] = spent[first]
             attacked[active], broken[active[within]] = True, True

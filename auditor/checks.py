@@ -18,7 +18,7 @@ from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import Model
 from .oracles import GradientOracle
-from .verify import EPS_TOLERANCE, verify
+from .verify import eps_bound, verify
 
 if TYPE_CHECKING:
     from .battery import AttackReport, Records
@@ -139,7 +139,7 @@ def weaker_attack_wins(records: "Records", reports: Sequence["AttackReport"], ep
     weaker = {r.attack.label for r in reports if r.attack.access < Access.WHITE_BOX}
     if not white_box or not weaker:
         return []
-    within = (records.distortion <= eps + EPS_TOLERANCE).numpy()
+    within = (records.distortion <= eps_bound(eps)).numpy()
     winners = [label for label, ok in zip(records.broken_by.tolist(), within) if ok and label in weaker]
     if not winners:
         return []

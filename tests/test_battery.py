@@ -181,3 +181,34 @@ def test_untargeted_hard_label_runs_take_starts_from_the_data():
     assert (outcome.records.distortion <= closest + 0.1).all()
     (run,) = outcome.attacks[0].runs
     assert set(run.start_index) <= {105, 106, 107}
+
+
+def test_l2_examples_on_the_sphere_count_on_large_inputs():
+    """A float32 projection onto an L2 sphere of radius 3 in 3 × 224 × 224
+    lands a few 1e-6 outside it (its norm is summed in float32); those
+    examples are inside the ball and must count."""
+    from auditor.attacks.whitebox.fgsm import FGSM
+    from auditor.verify import eps_bound
+
+    shape, eps, n = (3, 224, 224), 3.0, 16
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen)
+    w /= w.norm()
+    # two classes split by the hyperplane w·(x - 0.5) = 0; every clean image
+    # sits at distance ε/2 on the class-0 side, so the L2 step of size ε
+    # along -w crosses it
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(w.numel(), 2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.stack([w.flatten(), -w.flatten()]))
+        net[1].bias.copy_(torch.stack([-(w * 0.5).sum(), (w * 0.5).sum()]))
+    x = 0.5 + 0.05 * (torch.rand(n, *shape, generator=gen) * 2 - 1)
+    x = x - ((x - 0.5).flatten(1) @ w.flatten()).view(-1, 1, 1, 1) * w + eps / 2 * w
+    y = torch.zeros(n, dtype=torch.long)
+    model = TorchModel(net.eval(), ModelInfo("linear", "state-dict", "0", shape, 2), device="cpu")
+    outcome = run_battery(
+        Battery(Access.WHITE_BOX, "l2", (FGSM(norm="l2"),)), model, x, y, eps_list=[eps], budget=None, seed=0
+    )
+    size = (outcome.records.x_adv - x).double().flatten(1).norm(dim=1)
+    assert float(size.max()) > eps + 1e-6  # the round-off this test is about
+    assert (size <= eps_bound(eps)).all() and eps_bound(eps) - eps < 1e-4
+    assert outcome.records.robust_accuracy([eps]) == {eps: 0.0}

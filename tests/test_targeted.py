@@ -12,7 +12,7 @@ import torch
 import auditor
 from auditor.access import Access
 from auditor.attacks.whitebox.apgd_t import APGDTargeted
-from auditor.battery import build_battery
+from auditor.battery import build_battery, run_battery
 from auditor.cli import main
 from auditor.errors import AuditError
 from auditor.models.base import ModelInfo
@@ -119,3 +119,20 @@ def test_least_likely_targets_are_the_lowest_scored_other_class(example_onnx):
     scores = model.forward(x).double()
     scores[torch.arange(len(y)), y] = float("inf")
     assert torch.equal(targets, scores.argmin(1))
+
+
+def test_clean_errors_are_not_robust_in_a_targeted_audit(tiny_cnn, mnist_test):
+    """A sample the model gets wrong before any attack counts as broken
+    whatever class it outputs, so robust accuracy never exceeds clean."""
+    model = TorchModel(tiny_cnn, ModelInfo("tiny", "state-dict", "0", (1, 28, 28), 10), device="cpu")
+    x, y = mnist_test.x[:300], mnist_test.y[:300]
+    clean = model.forward(x).argmax(1)
+    target = torch.where(clean == (y + 1) % 10, (y + 2) % 10, (y + 1) % 10)  # never the clean output
+    wrong = clean != y
+    assert wrong.any()
+    battery = build_battery(Access.HARD_LABEL, "linf", ["random-noise-linf"], targeted=True)
+    outcome = run_battery(battery, model, x, y, eps_list=[0.01], budget=2, seed=0, target=target)
+    records = outcome.records
+    assert torch.equal(records.distortion == 0, wrong)
+    assert (records.broken_by[wrong.numpy()] == "clean").all()
+    assert records.robust_accuracy([0.01])[0.01] <= 1 - float(wrong.double().mean())
