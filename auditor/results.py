@@ -94,7 +94,7 @@ def distortion_checkpoints(points) -> dict:
     """Median and mean of the attack's best distortion at each query checkpoint.
 
     Samples with no adversarial example yet count as infinitely far: the
-    median is null until half of them have one; the mean is over those
+    median is null until more than half of them have one; the mean is over those
     found, with the count found alongside."""
     queries, medians, means, found = [], [], [], []
     for checkpoint, sizes in points:

@@ -161,10 +161,11 @@ def resolve_surrogates(
 
 def eps_at_half(distortion: torch.Tensor) -> float | None:
     """The ε at which robust accuracy, read from the per-sample records,
-    falls to 50 %: the median record (the upper one for an even count), or
-    None when more than half of the samples were never broken."""
+    falls to 50 %: the smallest record at which at least half of the samples
+    are broken (the lower median for an even count), or None when more than
+    half of the samples were never broken."""
     ordered = distortion.double().sort().values
-    middle = float(ordered[len(ordered) // 2]) if len(ordered) else float("inf")
+    middle = float(ordered[(len(ordered) - 1) // 2]) if len(ordered) else float("inf")
     return round(middle, 6) if np.isfinite(middle) else None
 
 
