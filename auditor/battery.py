@@ -168,25 +168,36 @@ class Records:
     """(N,) object array: attack label, ``"clean"`` or ``None``."""
     queries: torch.Tensor
     x_adv: torch.Tensor
+    white_box: torch.Tensor
+    """The record counting the white-box attacks' examples only (and clean
+    errors), for the ``weaker-attack-wins`` check."""
 
     @classmethod
     def start(cls, x: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor) -> "Records":
         # targeted audits too: a sample the model already gets wrong is not
         # robust, whatever class it outputs (robust accuracy ≤ clean accuracy)
         wrong = clean_pred != y
+        distortion = torch.where(wrong, 0.0, torch.inf).double()
         return cls(
-            distortion=torch.where(wrong, 0.0, torch.inf).double(),
+            distortion=distortion,
             broken_by=np.where(wrong.numpy(), "clean", None).astype(object),
             queries=torch.zeros(len(y), dtype=torch.long),
             x_adv=x.clone(),
+            white_box=distortion.clone(),
         )
 
-    def update(self, active, ok, checked: Verified, spent: torch.Tensor, label: str) -> None:
-        """Keep, per sample, the smallest verified distortion and its example.
+    def update(
+        self, active, ok, checked: Verified, spent: torch.Tensor, label: str, white_box: bool = False
+    ) -> None:
+        """Keep, per sample, the smallest verified distortion and its example
+        (and, for a ``white_box`` attack, its own record).
 
         ``queries`` holds the queries of the run that set the record, or, for
         samples never broken, the most any single run spent on them.
         """
+        if white_box:
+            found = torch.where(ok, checked.distortion, torch.inf)
+            self.white_box[active] = torch.minimum(self.white_box[active], found)
         better = ok & (checked.distortion < self.distortion[active])
         winners = active[better]
         self.distortion[winners] = checked.distortion[better]
@@ -407,7 +418,7 @@ def run_battery(
                 advance(len(active))
             checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
             ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
-            records.update(active, ok, checked, spent, attack.label)
+            records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
             within = ok & (checked.distortion <= eps_bound(limit))
             first = within & ~broken[active]
             to_success[active[first]] = spent[first]

@@ -18,6 +18,7 @@ from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import Model
 from .oracles import GradientOracle
+from .eps import eps_text
 from .verify import eps_bound, verify
 
 if TYPE_CHECKING:
@@ -129,25 +130,32 @@ def gradient_checks(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return found
 
 
-def weaker_attack_wins(records: "Records", reports: Sequence["AttackReport"], eps: float) -> list[Check]:
-    """A weaker-access attack broke, within ε, samples the white-box ones could not.
+def weaker_attack_wins(
+    records: "Records", reports: Sequence["AttackReport"], eps_list: Sequence[float]
+) -> list[Check]:
+    """A weaker-access attack broke, within some ε, samples the white-box
+    attacks could not break within that ε.
 
-    In the cascade every later attack only sees samples the white-box attacks
-    failed on, so any such success is a sample they missed.
+    Per ε: samples whose record is within ε while the white-box attacks' own
+    record is not. The final record then belongs to a weaker attack.
     """
-    white_box = {r.attack.label for r in reports if r.attack.access == Access.WHITE_BOX}
-    weaker = {r.attack.label for r in reports if r.attack.access < Access.WHITE_BOX}
-    if not white_box or not weaker:
+    if not any(report.attack.access == Access.WHITE_BOX for report in reports):
         return []
-    within = (records.distortion <= eps_bound(eps)).numpy()
-    winners = [label for label, ok in zip(records.broken_by.tolist(), within) if ok and label in weaker]
-    if not winners:
+    missed = {}
+    for eps in sorted(eps_list):
+        bound = eps_bound(eps)
+        rows = ((records.distortion <= bound) & (records.white_box > bound)).nonzero().flatten()
+        if len(rows):
+            missed[eps] = rows
+    if not missed:
         return []
+    counts = ", ".join(f"{len(rows)} within ε={eps_text(eps)}" for eps, rows in missed.items())
+    winners = records.broken_by[torch.cat(list(missed.values())).unique().numpy()].tolist()
     by_attack = ", ".join(f"{label} ({winners.count(label)})" for label in sorted(set(winners)))
     return [Check(
         WEAKER_ATTACK_WINS, "warning",
-        f"weaker-access attacks broke {len(winners)} samples within ε={eps:g} that the white-box "
-        f"attacks missed: {by_attack}; gradients may be masked",
+        f"weaker-access attacks broke samples the white-box attacks missed at the same ε: {counts}; "
+        f"broken by {by_attack}; gradients may be masked",
     )]
 
 

@@ -110,3 +110,35 @@ def test_unbounded_attack_check(tiny_cnn, correct_batch):
     for norm in ("linf", "l2"):
         (check,) = unbounded_attack(_model(Quantised(tiny_cnn).eval()), x, y, norm, seed=0)
         assert check.id == "unbounded-attack-fails"
+
+
+def test_weaker_attack_wins_is_judged_per_eps():
+    """FGSM breaks samples 1 and 2 at 0.2; Square breaks sample 1 at 0.1 and
+    sample 3 (which FGSM never broke) at 0.25; sample 0 is a clean error. The
+    white-box attacks missed sample 1 at ε = 0.1 and sample 3 at 0.3 only."""
+    from types import SimpleNamespace
+
+    from auditor.attacks.softlabel.square import SquareAttack
+    from auditor.attacks.whitebox.fgsm import FGSM
+    from auditor.battery import Records
+    from auditor.checks import weaker_attack_wins
+    from auditor.verify import Verified
+
+    x = torch.zeros(4, 1, 2, 2)
+    records = Records.start(x, torch.tensor([1, 0, 0, 0]), torch.zeros(4, dtype=torch.long))
+
+    def found(rows, size, white_box):
+        rows = torch.tensor(rows)
+        checked = Verified(x[rows], torch.ones(len(rows), dtype=torch.bool), torch.full((len(rows),), size).double())
+        label = "fgsm-linf" if white_box else "square-linf"
+        records.update(rows, checked.fooled, checked, torch.ones(len(rows), dtype=torch.long), label, white_box)
+
+    found([1, 2], 0.2, white_box=True)
+    found([1], 0.1, white_box=False)
+    found([3], 0.25, white_box=False)
+    reports = [SimpleNamespace(attack=FGSM()), SimpleNamespace(attack=SquareAttack())]
+    (check,) = weaker_attack_wins(records, reports, [0.3, 0.1, 0.2])
+    assert check.id == "weaker-attack-wins"
+    assert "1 within ε=0.1, 1 within ε=0.3;" in check.message and "square-linf (2)" in check.message
+    assert weaker_attack_wins(records, reports, [0.2]) == []
+    assert weaker_attack_wins(records, reports[1:], [0.3]) == []  # no white-box attack ran
