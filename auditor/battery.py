@@ -235,6 +235,11 @@ class RunReport:
     at its first success)."""
     success: tuple[bool, ...] = ()
     """Per sample attacked: broken within the run's ε, verified."""
+    reached: tuple[int, ...] = ()
+    """Minimum-norm runs with a trace in the threat norm: per sample
+    attacked, the queries it had spent when the attack's best example first
+    came within the largest ε (its queries to success there; the queries
+    spent where the trace never shows it)."""
     distortion_at: tuple[tuple[int, tuple[float, ...]], ...] = ()
     """Minimum-norm runs with a trace: at each of ``TRACE_CHECKPOINTS`` up to
     the most queries spent, the attack's best distortion (in its own norm) per
@@ -255,9 +260,10 @@ class AttackReport:
     samples: int
     """Samples it attacked in any run."""
     queries_to_success: tuple[int, ...]
-    """Per sample it broke (within the run's ε): the queries of the first run
-    that broke it. Minimum-norm attacks spend their whole budget refining, so
-    for them this is the queries spent."""
+    """Per sample it broke (within the run's ε): the queries to success of
+    the first run that broke it (runs go from the largest ε down).
+    Minimum-norm attacks spend their whole budget refining: for them this is
+    ``RunReport.reached`` where the run has it, else the queries spent."""
     robust_accuracy: dict[float, float]
     """Cumulative robust accuracy after this attack, per ε."""
     budget: int | None
@@ -311,9 +317,8 @@ def distortion_at(
     are the final ones), else the most queries spent."""
     if not trace:
         return ()
-    n = len(trace[0][1])
-    queries = torch.stack([torch.as_tensor(q).cpu().expand(n) for q, _ in trace])
-    sizes = torch.stack([d.double().cpu() for _, d in trace])
+    queries, sizes = _trace_tensors(trace)
+    n = sizes.shape[1]
     sizes = torch.cat([torch.full((1, n), torch.inf, dtype=torch.float64), sizes])
     most = int(spent.max()) if len(spent) else 0
     points = []
@@ -323,6 +328,22 @@ def distortion_at(
             continue  # before the first entry of every sample
         points.append((checkpoint, tuple(sizes[last, torch.arange(n)].tolist())))
     return tuple(points)
+
+
+def _trace_tensors(trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trace as (entries, samples) tensors of queries spent and best distortion."""
+    n = len(trace[0][1])
+    queries = torch.stack([torch.as_tensor(q).cpu().expand(n) for q, _ in trace])
+    return queries, torch.stack([d.double().cpu() for _, d in trace])
+
+
+def queries_to_reach(trace, bound: float, spent: torch.Tensor) -> torch.Tensor:
+    """Per sample: the queries spent at the first trace entry where its best
+    distortion is within ``bound``; ``spent`` where no entry is."""
+    queries, sizes = _trace_tensors(trace)
+    within = sizes <= bound
+    first = within.int().argmax(dim=0)  # the first entry within, where there is one
+    return torch.where(within.any(dim=0), queries[first, torch.arange(sizes.shape[1])], spent)
 
 
 def _run_seed(seed: int, label: str, eps: float | None, group: SurrogateSet | None = None) -> int:
@@ -420,8 +441,11 @@ def run_battery(
             ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
             records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
             within = ok & (checked.distortion <= eps_bound(limit))
+            reached = None
+            if attack.kind == MIN_NORM and result.trace and attack.norm == battery.norm:
+                reached = queries_to_reach(result.trace, eps_bound(limit), spent)
             first = within & ~broken[active]
-            to_success[active[first]] = spent[first]
+            to_success[active[first]] = (spent if reached is None else reached)[first]
             attacked[active], broken[active[within]] = True, True
             if not transfer:
                 non_monotone += int((within & failed_larger[active]).sum())
@@ -430,7 +454,7 @@ def run_battery(
                 eps=eps, samples=len(active), broken=int(within.sum()),
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
-                success=tuple(within.tolist()),
+                success=tuple(within.tolist()), reached=() if reached is None else tuple(reached.tolist()),
                 distortion_at=distortion_at(result.trace, spent, budget=budget_of_attack) if attack.kind != FIXED_EPS else (),
                 start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
                 surrogate=None if group is None else group.name,

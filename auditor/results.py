@@ -65,7 +65,7 @@ def success_curve(queries: Sequence[int], success: Sequence[bool], budget: int |
 
 
 def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measure: str) -> dict:
-    to_success = [q for q, ok in zip(run.queries, run.success) if ok]
+    to_success = [q for q, ok in zip(run.reached or run.queries, run.success) if ok]
     entry = {
         "eps": run.eps, "samples": run.samples, "broken": run.broken, "queries": run.queries_total,
         "queries_to_success": _stats(to_success, budget, run.queries_total, measure),
@@ -75,6 +75,8 @@ def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measu
             "success": list(run.success),
         },
     }
+    if run.reached:
+        entry["per_sample"]["reached"] = list(run.reached)
     if run.surrogate is not None:
         entry["surrogate"] = run.surrogate
     if run.start_index:
@@ -111,13 +113,17 @@ def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:
     """One ``attacks[]`` item; ``indices`` maps batch positions to data set indices.
 
     Query statistics are over the samples the attack broke: queries to
-    success for fixed-ε attacks, queries spent for minimum-norm attacks
-    (which refine until the budget is used). Each run (one ε) also lists, per
-    sample, the queries it spent and whether it broke the sample, and, for
-    fixed-ε attacks, the success rate against queries at fixed checkpoints.
+    success (``measure: to-success``). A minimum-norm attack refines until
+    its budget is used; its queries to success are those it had spent when
+    its best example first came within the largest ε, read from its trace
+    (``per_sample.reached``), and the queries spent (``measure: spent``)
+    where it has no trace in the threat norm. Each run (one ε) also lists,
+    per sample, the queries it spent and whether it broke the sample, and,
+    for fixed-ε attacks, the success rate against queries at fixed checkpoints.
     """
     attack = report.attack
-    measure = "to-success" if attack.kind == FIXED_EPS else "spent"
+    timed = attack.kind == FIXED_EPS or all(run.reached for run in report.runs)
+    measure = "to-success" if timed else "spent"
     total = sum(run.queries_total for run in report.runs)
     return {
         "name": attack.label,

@@ -185,3 +185,21 @@ def test_min_norm_distortion_checkpoints_and_eps_50(hard_label_scan):
 ])
 def test_eps_50_is_where_half_of_the_samples_are_broken(records, expected):
     assert eps_at_half(torch.tensor(records)) == expected
+
+
+def test_min_norm_queries_to_success_are_read_from_the_trace(hard_label_scan):
+    """A minimum-norm attack keeps refining until its budget is spent; its
+    queries to success are those it had spent when its example first came
+    within the largest ε, not the budget."""
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    timed = [attack for attack in results["attacks"] if attack["kind"] == "min-norm"]
+    assert timed
+    for attack in timed:
+        (run,) = attack["runs"]
+        per_sample = run["per_sample"]
+        assert attack["queries"]["measure"] == "to-success"
+        assert all(0 < reached <= spent for reached, spent in zip(per_sample["reached"], per_sample["queries"]))
+        to_success = [q for q, ok in zip(per_sample["reached"], per_sample["success"]) if ok]
+        assert run["queries_to_success"]["median"] == pytest.approx(float(np.median(to_success)))
+        assert attack["queries"]["median"] == pytest.approx(float(np.median(to_success)))
+        assert attack["queries"]["median"] < BUDGET / 2  # spent would be about the budget

@@ -62,8 +62,8 @@ with the per-pixel rate.
 
 ``eps`` is ignored (a minimum-norm attack). With an oracle budget, a sample
 is queried only while it has budget left. ``trace`` holds, after each
-binary-search round, the largest per-sample query count so far and the best
-L2 distortion per sample (inf where none yet).
+binary-search round, each sample's query count so far and its best L2
+distortion (inf where none yet).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class CarliniWagnerL2(Attack):
             upper = torch.where(found, torch.minimum(upper, const), upper)
             lower = torch.where(found, lower, torch.maximum(lower, const))
             const = torch.where(upper < _NO_UPPER, (lower + upper) / 2, const * 10)
-            trace.append((int(oracle.queries().max()) if n else 0, best_l2.clone()))
+            trace.append((oracle.queries(), best_l2.clone()))
 
         return AttackResult(
             x_adv=best_x, success=torch.isfinite(best_l2), queries=oracle.queries(), trace=trace
