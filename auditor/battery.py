@@ -63,6 +63,8 @@ class Battery:
     skipped: tuple[tuple[str, str], ...] = ()
     """(attack label, reason) for catalogue attacks left out of this battery."""
     targeted: bool = False
+    left_out: tuple[str, ...] = ()
+    """A battery chosen by name: the default battery's attacks it leaves out."""
 
 
 NO_SURROGATES = "needs surrogate models (--surrogate PATH or --train-surrogates K)"
@@ -118,13 +120,20 @@ def build_battery(
     (surrogate models to run them on). With ``names`` (labels, or names
     without the norm suffix: see :func:`_lookup`): exactly those, each checked.
     """
-    if names:
+    if names is not None:
+        if not [name for name in names if name]:
+            raise AuditError("--attacks names no attack; leave it out for the default battery")
         chosen = list({attack.label: attack for attack in (_lookup(name, norm) for name in names)}.values())
         for attack in chosen:
             reason = _refusal(attack, level, norm, targeted, transfer)
             if reason is not None:
                 raise AuditError(f"attack {attack.label} {reason}")
-        return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)), targeted=targeted)
+        try:
+            default = build_battery(level, norm, targeted=targeted, transfer=transfer).attacks
+        except AuditError:  # no default battery here: nothing is left out
+            default = ()
+        left_out = tuple(attack.label for attack in default if attack not in chosen)
+        return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)), targeted=targeted, left_out=left_out)
     chosen, skipped = [], []
     for attack in CATALOGUE:
         if attack.access > level or not attack.in_default_battery:

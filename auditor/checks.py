@@ -49,6 +49,7 @@ NON_MONOTONE = "non-monotone"
 UNBOUNDED_ATTACK_FAILS = "unbounded-attack-fails"
 NOISE_BEATS_ATTACKS = "noise-beats-attacks"
 NO_ADVERSARIAL_FOUND = "no-adversarial-found"
+CUSTOM_BATTERY = "custom-battery"
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
@@ -93,6 +94,17 @@ def skipped_attacks(skipped: Sequence[tuple[str, str]]) -> list[Check]:
         Check(ATTACK_SKIPPED, "info", f"{label} was not run: {reason}")
         for label, reason in skipped
     ]
+
+
+def custom_battery(left_out: Sequence[str]) -> list[Check]:
+    """The battery was chosen by name and leaves out default attacks."""
+    if not left_out:
+        return []
+    return [Check(
+        CUSTOM_BATTERY, "warning",
+        f"--attacks left out {len(left_out)} attacks of the default battery ({', '.join(left_out)}): "
+        "robust accuracy is only the worst case over the attacks chosen",
+    )]
 
 
 def access_limited(level: Access, reason: str) -> list[Check]:
@@ -173,8 +185,8 @@ def non_monotone(reports: Sequence["AttackReport"]) -> list[Check]:
 
 def noise_beats_attacks(reports: Sequence["AttackReport"]) -> list[Check]:
     found = []
-    for report in reports:
-        if report.attack.name == "random-noise" and report.broken:
+    for position, report in enumerate(reports):
+        if report.attack.name == "random-noise" and report.broken and position > 0:
             found.append(Check(
                 NOISE_BEATS_ATTACKS, "warning",
                 f"uniform random noise broke {report.broken} samples that every attack before it missed: "

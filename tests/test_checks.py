@@ -142,3 +142,16 @@ def test_weaker_attack_wins_is_judged_per_eps():
     assert "1 within ε=0.1, 1 within ε=0.3;" in check.message and "square-linf (2)" in check.message
     assert weaker_attack_wins(records, reports, [0.2]) == []
     assert weaker_attack_wins(records, reports[1:], [0.3]) == []  # no white-box attack ran
+
+
+def test_noise_beats_attacks_needs_an_attack_before_the_noise():
+    from types import SimpleNamespace
+
+    from auditor.attacks.hardlabel.random_noise import RandomNoise
+    from auditor.attacks.whitebox.fgsm import FGSM
+    from auditor.checks import noise_beats_attacks
+
+    noise = SimpleNamespace(attack=RandomNoise(), broken=3)
+    assert noise_beats_attacks([noise]) == []  # nothing ran before it
+    (check,) = noise_beats_attacks([SimpleNamespace(attack=FGSM(), broken=0), noise])
+    assert check.id == "noise-beats-attacks" and "broke 3 samples" in check.message

@@ -97,6 +97,22 @@ def test_attack_names_without_the_norm_take_the_threat_norms_variant():
     assert labels("linf", ["fgsm", "fgsm-linf", "cw"]) == ["fgsm-linf", "cw-l2"]  # cw's only variant; one fgsm
 
 
+def test_a_battery_chosen_by_name_lists_the_default_attacks_it_leaves_out():
+    from auditor.checks import custom_battery
+
+    battery = build_battery(Access.WHITE_BOX, "linf", ["fgsm", "square"])
+    assert battery.left_out == ("apgd-ce-linf", "apgd-t-linf", "random-noise-linf")
+    (check,) = custom_battery(battery.left_out)
+    assert check.id == "custom-battery" and check.level == "warning" and "apgd-ce-linf" in check.message
+    default = [attack.label for attack in build_battery(Access.HARD_LABEL, "l2").attacks]
+    assert build_battery(Access.HARD_LABEL, "l2", default).left_out == ()
+    assert build_battery(Access.HARD_LABEL, "l2").left_out == ()
+    assert custom_battery(()) == []
+    for nothing in ([], [""]):
+        with pytest.raises(AuditError, match="--attacks names no attack"):
+            build_battery(Access.WHITE_BOX, "linf", nothing)
+
+
 def test_battery_of_a_level_includes_weaker_levels():
     labels = [attack.label for attack in build_battery(Access.WHITE_BOX, "linf").attacks]
     assert labels == ["apgd-ce-linf", "apgd-t-linf", "square-linf", "random-noise-linf"]
