@@ -9,6 +9,7 @@ layer over this function.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -26,7 +27,7 @@ from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery
 from .data import Dataset, load_data
-from .eps import eps_key
+from .eps import eps_key, parse_eps
 from .errors import AuditError
 from .models import check_model_on_data, load_model
 from .policy import PolicyResult, load_policy, write_junit
@@ -74,9 +75,27 @@ class AuditResult:
         return None if policy is None else policy["passed"]
 
 
-def resolve_eps(data_name: str, norm: str, eps: Sequence[float] | None) -> tuple[float, ...]:
+def _radius(value: float | str) -> float:
+    try:
+        radius = parse_eps(value) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError) as error:
+        raise AuditError(f"--eps: {error}") from None
+    if not math.isfinite(radius):
+        raise AuditError(f"--eps must be finite, got {radius:g}")
+    return radius
+
+
+def resolve_eps(
+    data_name: str, norm: str, eps: float | str | Sequence[float | str] | None
+) -> tuple[float, ...]:
+    """The radii of a scan: the data set's defaults, or those given (one
+    number or fraction, ``"8/255"``, or several)."""
     if norm not in ("linf", "l2"):
         raise AuditError(f"unknown norm {norm!r}; use linf or l2")
+    if isinstance(eps, (int, float, str)):
+        eps = (eps,)
+    if eps is not None:
+        eps = [_radius(value) for value in eps]
     if not eps:
         key = (data_name, norm) if (data_name, norm) in DEFAULT_EPS else (None, norm)
         return DEFAULT_EPS[key]
@@ -176,7 +195,7 @@ def scan(
     access: str = "auto",
     samples: int | None = None,
     norm: str = "linf",
-    eps: Sequence[float] | None = None,
+    eps: float | str | Sequence[float | str] | None = None,
     budget: int = DEFAULT_BUDGET,
     attacks: Sequence[str] | None = None,
     target: str | int | None = None,
@@ -197,7 +216,8 @@ def scan(
 
     With ``out`` the results.json, report.html, report.pdf (and junit.xml
     with a policy) are written there; nothing is written if anything fails.
-    ``target`` (``random``, ``least-likely`` or a class index) makes the audit
+    ``eps``: one radius or several, numbers or fractions (``"8/255"``); the
+    data set's defaults without it. ``target`` (``random``, ``least-likely`` or a class index) makes the audit
     targeted: only targeted attacks run, and a sample counts as broken only
     where the model outputs its target. ``surrogates`` (model files) and
     ``train_surrogates`` (a number of zoo models trained on the built-in
@@ -299,8 +319,11 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
     """Write results.json, the report, junit.xml and adversarials.npz to ``out``.
 
     Everything is staged in a temporary folder inside ``out`` and moved into
-    place only when all of it was written, so a failure leaves no new file.
+    place only when all of it was written, so a failure leaves no new file
+    (nor ``out`` itself, if it made it). Without a verdict, a junit.xml left
+    by an earlier run with a policy is removed: it would report that verdict.
     """
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     try:
@@ -309,7 +332,13 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
         np.savez_compressed(stage / "adversarials.npz", **audit.adversarials)
         if verdict is not None:
             write_junit(verdict, stage / "junit.xml")
+        else:
+            (out / "junit.xml").unlink(missing_ok=True)
         for path in stage.iterdir():
             path.replace(out / path.name)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)

@@ -35,3 +35,14 @@ def test_cli_takes_fractions_and_refuses_bad_radii_in_one_line():
     result = runner.invoke(cli, ["scan", "examples/mnist_cnn.onnx", "--eps", "8/255x"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].endswith("'8/255x' is not a number or a fraction such as 8/255")
+
+
+def test_the_python_api_takes_one_radius_or_fractions():
+    from auditor.errors import AuditError
+
+    assert resolve_eps("mnist", "linf", 0.3) == (0.3,)
+    assert resolve_eps("mnist", "linf", "8/255") == (8 / 255,)
+    assert resolve_eps("mnist", "l2", ["1/2", 1.0]) == (0.5, 1.0)
+    for bad, message in [("abc", "not a number"), (float("inf"), "finite"), ([None], "--eps")]:
+        with pytest.raises(AuditError, match=message):
+            resolve_eps("mnist", "l2", bad)

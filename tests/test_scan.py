@@ -203,3 +203,21 @@ def test_min_norm_queries_to_success_are_read_from_the_trace(hard_label_scan):
         assert run["queries_to_success"]["median"] == pytest.approx(float(np.median(to_success)))
         assert attack["queries"]["median"] == pytest.approx(float(np.median(to_success)))
         assert attack["queries"]["median"] < BUDGET / 2  # spent would be about the budget
+
+
+def test_outputs_replace_a_stale_junit_and_a_failure_leaves_no_folder(hard_label_scan, tmp_path):
+    from auditor.errors import AuditError
+    from auditor.scan import AuditResult, write_outputs
+
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "junit.xml").write_text("<testsuites><testsuite name='an earlier policy' failures='1'/></testsuites>")
+    write_outputs(AuditResult(results=results, adversarials={}), out)  # no policy this time
+    assert sorted(path.name for path in out.iterdir()) == ["adversarials.npz", "report.html", "report.pdf",
+                                                           "results.json"]
+    broken = dict(results)
+    del broken["robust_accuracy"]
+    with pytest.raises((KeyError, AuditError)):  # the report cannot be built
+        write_outputs(AuditResult(results=broken, adversarials={}), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
