@@ -14,6 +14,7 @@ from auditor.access import Access
 from auditor.data.base import Dataset
 from auditor.errors import AuditError
 from auditor.models import ModelInfo, TorchModel, check_model_on_data, load_model
+from auditor.models.base import plural
 
 ARCH_SOURCE = '''
 from torch import nn
@@ -179,6 +180,73 @@ def test_torch_export(tiny_cnn, images, expected, tmp_path, dynamic):
     assert model.info.num_classes == 10
     torch.testing.assert_close(model.forward(images), expected, atol=1e-5, rtol=1e-5)
     model.torch_module().eval()
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["batch-1", "batch-2-padded"])
+def test_torch_export_fixed_batch_runs_in_chunks(tiny_cnn, images, tmp_path, batch):
+    """A program exported for exactly ``batch`` rows takes any number of rows,
+    for logits and for gradients (it used to fail a guard on the batch size)."""
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(tiny_cnn, (images[:batch],)), str(path))
+    model = load_model(path, device="cpu")
+    x = images[:5]
+    with torch.no_grad():
+        expected = tiny_cnn(x)
+    torch.testing.assert_close(model.forward(x), expected, atol=1e-5, rtol=1e-5)
+    module = model.torch_module()
+    ours = x.clone().requires_grad_(True)
+    logits = module(ours)
+    assert logits.shape == (5, 10)
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
+    labels = torch.arange(5) % 10
+    nn.functional.cross_entropy(logits, labels).backward()
+    eager = x.clone().requires_grad_(True)
+    nn.functional.cross_entropy(tiny_cnn(eager), labels).backward()
+    torch.testing.assert_close(ours.grad, eager.grad, atol=1e-6, rtol=1e-4)
+
+
+def _save_as(fmt: str, net: nn.Module, example: torch.Tensor, folder: pathlib.Path) -> pathlib.Path:
+    """``net`` written to ``folder`` as ``fmt``: onnx, torchscript, pt2 (torch.export) or pickle."""
+    if fmt == "onnx":
+        path = folder / "model.onnx"
+        torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    elif fmt == "pt2":
+        path = folder / "model.pt2"
+        torch.export.save(torch.export.export(net, (example,)), str(path))
+    elif fmt == "torchscript":
+        path = folder / "model.pt"
+        torch.jit.save(torch.jit.trace(net, example), str(path))
+    else:
+        path = folder / "model.pt"
+        torch.save(net, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2", "torchscript"])
+def test_single_output_model_is_refused(mnist_test, tmp_path, fmt):
+    """A (N, 1) output is not a classifier: refused at load where the file
+    declares it (ONNX, torch.export), else at the check on data."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 1)).eval()
+    path = _save_as(fmt, net, mnist_test.x[:2], tmp_path)
+    expected = f"model {path} has 1 output; a classifier needs at least 2 classes"
+    with pytest.raises(AuditError) as excinfo:
+        check_model_on_data(load_model(path, device="cpu"), mnist_test)
+    assert _message(excinfo) == expected
+    if fmt == "torchscript":
+        return
+    with pytest.raises(AuditError) as excinfo:
+        load_model(path, device="cpu")
+    assert _message(excinfo) == expected
+
+
+def test_class_counts_read_as_english(mnist_test):
+    assert plural(1, "class") == "1 class"
+    assert plural(2, "class") == "2 classes"
+    assert plural(1, "output") == "1 output"
+    assert plural(0, "output") == "0 outputs"
+    two = _wrap(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2)))
+    with pytest.raises(AuditError, match="^model has 2 classes but the labels go up to 9$"):
+        check_model_on_data(two, mnist_test)
 
 
 def test_state_dict_with_arch(tiny_cnn, images, expected, tmp_path, arch_file):

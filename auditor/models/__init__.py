@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..data.base import Dataset
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize
+from .base import Model, ModelInfo, Normalize, plural, require_classes
 from .onnxrt import OnnxModel, external_data_files, load_onnx
 from .pytorch import (
     TorchModel,
@@ -190,8 +190,8 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
     """Check that ``model`` fits ``dataset`` and return its number of classes.
 
     Compares the declared input shape with the images, runs the first few
-    images through the model and checks the logits: (N, K), finite, and K
-    larger than every label.
+    images through the model and checks the logits: (N, K), finite, K at
+    least 2 and larger than every label.
     """
     declared = model.info.input_shape
     actual = tuple(dataset.x.shape[1:])
@@ -215,7 +215,8 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
     if logits.isinf().any():
         raise AuditError("model returned infinite outputs on the data")
     num_classes = int(logits.shape[1])
+    require_classes(num_classes, model.info.path)
     top_label = int(dataset.y.max())
     if num_classes <= top_label:
-        raise AuditError(f"model has {num_classes} classes but the labels go up to {top_label}")
+        raise AuditError(f"model has {plural(num_classes, 'class')} but the labels go up to {top_label}")
     return num_classes

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from ..access import Access
+from ..errors import AuditError
+
+MIN_CLASSES = 2
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,24 @@ class ModelInfo:
     ``None`` when only the data can tell."""
     num_classes: int | None
     """K when the artifact declares it; ``None`` when only a forward pass can tell."""
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 class"``, ``"3 classes"``: ``count`` and ``noun``, plural unless ``count`` is 1."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "x", "sh", "ch")) else f"{count} {noun}s"
+
+
+def require_classes(num_classes: int | None, path: str) -> None:
+    """Refuse a model with fewer than two outputs per image: it is not a
+    classifier, and its "predictions" can never be wrong. ``None`` (not known
+    yet) passes."""
+    if num_classes is not None and num_classes < MIN_CLASSES:
+        raise AuditError(
+            f"model {path} has {plural(num_classes, 'output')}; "
+            f"a classifier needs at least {MIN_CLASSES} classes"
+        )
 
 
 class Model(abc.ABC):

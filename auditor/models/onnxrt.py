@@ -24,9 +24,9 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize
+from .base import Model, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
-from .pytorch import CHUNK, run_chunked
+from .pytorch import CHUNK, FixedBatch, run_chunked
 
 if TYPE_CHECKING:
     from . import ModelRequest
@@ -78,19 +78,6 @@ def _providers(device: str) -> list[str]:
     if cuda and (device == "auto" or device.startswith("cuda")):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-class _FixedBatch(nn.Module):
-    """Runs a graph that only accepts ``batch`` rows on any number of rows
-    (chunked and zero-padded, see :func:`run_chunked`); differentiable."""
-
-    def __init__(self, module: nn.Module, batch: int):
-        super().__init__()
-        self.module = module
-        self.batch = batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_chunked(self.module, x, self.batch, True)
 
 
 class OnnxModel(Model):
@@ -154,7 +141,7 @@ class OnnxModel(Model):
         if shape is None or None in shape:
             raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
         if self._fixed_batch:
-            module = _FixedBatch(module, self._chunk)
+            module = FixedBatch(module, self._chunk)
         if self._normalisation is not None:
             module = nn.Sequential(Normalize(*self._normalisation), module)
         generator = torch.Generator().manual_seed(0)
@@ -212,6 +199,7 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
         raise AuditError(f"model {request.path} takes a {len(shape)}-D input {shape}; expected (N, C, H, W)")
     output_shape = session.get_outputs()[0].shape
     num_classes = _static(output_shape[-1]) if len(output_shape) == 2 else None
+    require_classes(num_classes, request.path)
     input_shape = tuple(_static(dim) for dim in shape[1:])
     fixed_batch = _static(shape[0])
     if fixed_batch is not None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize
+from .base import Model, ModelInfo, Normalize, require_classes
 
 if TYPE_CHECKING:
     from . import ModelRequest
@@ -78,6 +78,19 @@ def run_chunked(
     return torch.cat(outputs)
 
 
+class FixedBatch(nn.Module):
+    """Runs a graph that only accepts ``batch`` rows on any number of rows
+    (chunked and zero-padded, see :func:`run_chunked`); differentiable."""
+
+    def __init__(self, module: nn.Module, batch: int):
+        super().__init__()
+        self.module = module
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_chunked(self.module, x, self.batch, True)
+
+
 class _ExportedModule(nn.Module):
     """Holds the module of a ``torch.export`` program.
 
@@ -112,14 +125,16 @@ class TorchModel(Model):
         device: str = "auto",
         fixed_batch: int | None = None,
     ):
-        """``fixed_batch`` is the batch size the module only accepts, if any."""
+        """``fixed_batch`` is the batch size the module only accepts, if any:
+        the module then runs (for logits and for gradients) in chunks of
+        exactly that many rows, the last one zero-padded."""
         self.info = info
         self._device = resolve_device(device)
+        if fixed_batch is not None:
+            module = FixedBatch(module, fixed_batch)
         if mean is not None and std is not None:
             module = nn.Sequential(Normalize(mean, std), module)
         self._module = module.eval().to(self._device)
-        self._chunk = fixed_batch or CHUNK
-        self._fixed_batch = fixed_batch is not None
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +145,7 @@ class TorchModel(Model):
         def run(part: torch.Tensor) -> torch.Tensor:
             return self._module(part.to(self._device, torch.float32)).float().to(x.device)
 
-        return run_chunked(run, x, self._chunk, self._fixed_batch)
+        return run_chunked(run, x, CHUNK, False)
 
     def torch_module(self) -> nn.Module:
         return self._module
@@ -211,6 +226,7 @@ def load_export(request: ModelRequest) -> TorchModel:
         raise AuditError(f"model {request.path} takes a {len(shape)}-D input; expected (N, C, H, W)")
     output = next(node for node in program.graph.nodes if node.op == "output").meta.get("val")
     num_classes = _static(output[0].shape[-1]) if output and output[0].ndim == 2 else None
+    require_classes(num_classes, request.path)
     input_shape = tuple(_static(dim) for dim in shape[1:])
     fixed_batch = _static(shape[0])
     if fixed_batch is not None:
