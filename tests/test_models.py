@@ -249,6 +249,26 @@ def test_class_counts_read_as_english(mnist_test):
         check_model_on_data(two, mnist_test)
 
 
+@pytest.mark.parametrize(
+    "fmt, what",
+    [
+        ("onnx", "an ONNX graph"),
+        ("torchscript", "a TorchScript program"),
+        ("pt2", "a torch.export program"),
+        ("pickle", "a pickled module"),
+    ],
+)
+def test_arch_is_refused_for_formats_with_their_own(tmp_path, arch_file, fmt, what):
+    """--arch builds weights files only; given for any other format it is an
+    error, not silently ignored."""
+    example = torch.rand(2, 1, 28, 28)
+    path = _save_as(fmt, PickledNet().eval(), example, tmp_path)
+    with pytest.raises(AuditError) as excinfo:
+        load_model(path, arch="tiny_arch:build", trust_pickle=True, device="cpu")
+    assert _message(excinfo) == f"--arch applies only to state_dict/safetensors weights; model {path} is {what}"
+    assert load_model(path, trust_pickle=True, device="cpu").forward(example).shape == (2, 10)
+
+
 def test_state_dict_with_arch(tiny_cnn, images, expected, tmp_path, arch_file):
     path = tmp_path / "tiny.pth"
     torch.save(tiny_cnn.state_dict(), path)
@@ -340,9 +360,11 @@ def test_pickled_module_needs_trust(images, tmp_path):
 def test_corrupt_file(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"this is not a model at all" * 10)
+    # --arch only where the format takes one: for the others it is refused before the file is read
+    arch = None if path.suffix in (".onnx", ".pt2") else "tiny_arch:build"
     with pytest.raises(AuditError, match=f"model {path}") as excinfo:
-        load_model(path, arch="tiny_arch:build")
-    _message(excinfo)
+        load_model(path, arch=arch)
+    assert "--arch" not in _message(excinfo)
 
 
 def test_empty_and_missing_file(tmp_path):

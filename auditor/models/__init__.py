@@ -44,7 +44,13 @@ SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "torch-export", ".safetensors": "safe
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = b"\x80"
 """The first opcode of a pickle of protocol 2 or later."""
-WEIGHTS_FORMATS = ("state-dict", "safetensors")
+SELF_CONTAINED = {
+    "onnx": "an ONNX graph",
+    "torchscript": "a TorchScript program",
+    "torch-export": "a torch.export program",
+    "pickle": "a pickled module",
+}
+"""Formats that carry their own architecture (so ``--arch`` has no use) -> what they are."""
 CHECK_SAMPLES = 16
 """Images run through the model by :func:`check_model_on_data`."""
 
@@ -140,6 +146,19 @@ def _check_channels(model: Model, mean: tuple[float, ...], std: tuple[float, ...
             )
 
 
+def _check_arch(arch: str | None, fmt: str, path: str) -> None:
+    """Refuse ``arch`` for a format that carries its own architecture.
+
+    Called with the detected format before loading and again with the loaded
+    one: a ``torch.save`` file is only known to be a weights file or a whole
+    pickled module once it is read.
+    """
+    if arch is not None and fmt in SELF_CONTAINED:
+        raise AuditError(
+            f"--arch applies only to state_dict/safetensors weights; model {path} is {SELF_CONTAINED[fmt]}"
+        )
+
+
 def load_model(
     path: str | Path,
     *,
@@ -152,9 +171,10 @@ def load_model(
     """Load a model artifact as a :class:`Model`.
 
     ``arch`` (``module:factory`` or ``file.py:factory``) builds the module
-    for weights files; ``mean``/``std`` fold input normalisation into the
-    model; ``trust_pickle`` allows unpickling whole modules (which runs
-    arbitrary code from the file). ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
+    for weights files and is refused for any other format; ``mean``/``std``
+    fold input normalisation into the model; ``trust_pickle`` allows
+    unpickling whole modules (which runs arbitrary code from the file).
+    ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
     """
     shown = str(path)
     file = Path(path)
@@ -166,6 +186,7 @@ def load_model(
         raise AuditError(f"model {shown} is empty")
     mean, std = _normalisation(mean, std)
     fmt = detect_format(file, shown)
+    _check_arch(arch, fmt, shown)
     files = [file, *external_data_files(file, shown)] if fmt == "onnx" else [file]
     request = ModelRequest(
         path=shown,
@@ -180,8 +201,7 @@ def load_model(
     model = LOADERS[fmt](request)
     if mean is not None:
         _check_channels(model, mean, std)
-    if arch is not None and model.info.format not in WEIGHTS_FORMATS:
-        logger.warning("--arch is ignored: model %s is a %s file, not a weights file", shown, model.info.format)
+    _check_arch(arch, model.info.format, shown)
     logger.info("loaded model %s (%s, sha256 %s)", shown, model.info.format, model.info.sha256[:12])
     return model
 
