@@ -111,8 +111,16 @@ def test_image_folder(tmp_path):
     data = load_data(str(tmp_path))
     assert isinstance(data, Dataset) and data.name == str(tmp_path)
     assert data.x.shape == (3, 1, 8, 8) and data.x.dtype == torch.float32
-    assert data.y.tolist() == [0, 0, 1]
+    assert data.y.tolist() == [0, 0, 1] and data.classes == ("cat", "dog")
     torch.testing.assert_close(data.x.amax(dim=(1, 2, 3)), torch.tensor([0.0, 0.2, 1.0]))
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    _png(tmp_path / "cat" / "a.png", 0)
+    _png(tmp_path / "dog" / "a.png", 255)
+    _png(tmp_path / ".ipynb_checkpoints" / "a.png", 128)  # would be class 0 and shift the labels
+    data = load_folder(tmp_path)
+    assert data.classes == ("cat", "dog") and data.y.tolist() == [0, 1]
 
 
 def test_image_folder_rgb(tmp_path):

@@ -221,3 +221,16 @@ def test_outputs_replace_a_stale_junit_and_a_failure_leaves_no_folder(hard_label
     with pytest.raises((KeyError, AuditError)):  # the report cannot be built
         write_outputs(AuditResult(results=broken, adversarials={}), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_results_record_the_architecture_and_normalisation_and_a_narrowed_battery():
+    import auditor
+
+    audit = auditor.scan("examples/mnist_cnn.safetensors", "mnist", arch="examples.mnist_cnn:build",
+                         mean=(0.1,), std=(0.9,), access="hard-label", attacks=["random-noise"],
+                         samples=10, budget=5, eps=0.1)
+    model = audit.results["model"]
+    assert model["arch"] == "examples.mnist_cnn:build"
+    assert model["normalisation"] == {"mean": [0.1], "std": [0.9]}
+    ids = {check["id"] for check in audit.results["checks"]}
+    assert "custom-battery" in ids and "noise-beats-attacks" not in ids  # noise alone has nothing to beat

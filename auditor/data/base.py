@@ -17,6 +17,9 @@ class Dataset:
     """(N,C,H,W) float32 in [0,1], on the CPU."""
     y: torch.Tensor
     """(N,) int64 labels."""
+    classes: tuple[str, ...] | None = None
+    """Class names by label, where the data names them (an image folder's
+    subfolders)."""
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

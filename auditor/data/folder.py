@@ -1,6 +1,7 @@
 """Labelled images from a folder with one subfolder per class (``ImageFolder`` layout).
 
-Classes are the sorted subfolder names, labelled 0, 1, ... Grayscale images
+Classes are the sorted subfolder names, labelled 0, 1, ...; hidden
+subfolders (``.ipynb_checkpoints``) are not classes. Grayscale images
 keep one channel; all others are read as RGB. All images must have the same
 shape, since the auditor evaluates them as one batch.
 """
@@ -30,11 +31,23 @@ def _open(path: str) -> Image.Image:
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
 
 
+class _VisibleFolders(ImageFolder):
+    """``ImageFolder`` whose classes are the subfolders not hidden by a dot."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(
+            entry.name for entry in Path(directory).iterdir() if entry.is_dir() and not entry.name.startswith(".")
+        )
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: label for label, name in enumerate(classes)}
+
+
 def load_folder(path: str | Path) -> Dataset:
     """All images under ``path/<class>/``; the name is ``path`` as given."""
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
     try:
-        folder = ImageFolder(str(path), transform=to_tensor, loader=_open)
+        folder = _VisibleFolders(str(path), transform=to_tensor, loader=_open)
     except FileNotFoundError as exc:
         raise AuditError(f"data folder {path} contains no images") from exc
     try:
@@ -44,4 +57,4 @@ def load_folder(path: str | Path) -> Dataset:
     except OSError as exc:
         raise AuditError(f"data folder {path}: cannot read an image ({exc})") from exc
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
-    return Dataset(name=str(path), x=x, y=y)
+    return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))
