@@ -356,10 +356,27 @@ def test_missing_policy_names_builtins(tmp_path):
         ("policy: p\nrequirements: [{clean_accuracy: {min: 0.5}\n", "invalid YAML"),
         ("policy: p\n  bad: indent\nrequirements: x\n", "invalid YAML"),
         ("policy: !!python/object:os.system ls\nrequirements: []\n", "invalid YAML"),
+        ("policy: p\nrequirements:\n  - clean_accuracy: {min: 0.5, min: 0.99}\n",
+         "invalid YAML: duplicate key 'min' (line 3, column 32)"),
+        ("policy: p\npolicy: q\nrequirements: [{no_checks_at: error}]\n",
+         "invalid YAML: duplicate key 'policy' (line 2, column 1)"),
+        ("policy: p\nrequirements:\n  - id: a\n    id: b\n    no_checks_at: error\n",
+         "invalid YAML: duplicate key 'id' (line 4, column 5)"),
     ],
 )
 def test_bad_policies_raise_one_line_audit_error(tmp_path, text, problem):
     assert problem in load_error(tmp_path, text)
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    path = write(tmp_path, """\
+        policy: p
+        requirements:
+          - clean_accuracy: &base {min: 0.5}
+          - id: stricter
+            clean_accuracy: {<<: *base, min: 0.9}
+        """)
+    assert [r.min for r in load_policy(path).requirements] == [0.5, 0.9]
 
 
 def test_error_names_the_requirement(tmp_path):
