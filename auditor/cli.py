@@ -7,7 +7,9 @@ and prints. Exit codes: 0 ran and passed, 1 a policy requirement failed,
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import click
 
 from .access import DEFAULT_BUDGET, Access
 from .eps import eps_text, parse_eps
-from .errors import AuditError
+from .errors import AuditError, short_reason
 
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -46,6 +48,52 @@ class Radius(click.ParamType):
 
 RADIUS = Radius()
 
+_OUTPUTS = "auditor.outputs"
+"""Key in the click context's ``meta``: the output paths of the command being run."""
+
+
+class OutputPath(click.Path):
+    """A path the command writes (``--out``, ``--junit``). Remembered, so that an
+    OSError on it, inside it or on a folder above it reads
+    ``cannot write to PATH: reason`` (see :class:`AuditorGroup`)."""
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        if ctx is not None:
+            ctx.meta.setdefault(_OUTPUTS, []).append(Path(path))
+        return path
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _output_error(exc: OSError, outputs: list[Path]) -> AuditError | None:
+    """The one-line error for an OSError met writing one of ``outputs``, or
+    None when it is not about them."""
+    failed = [Path(os.path.abspath(name)) for name in (exc.filename, exc.filename2)
+              if isinstance(name, (str, os.PathLike))]
+    for output in outputs:
+        target = Path(os.path.abspath(output))
+        if any(path == target or target in path.parents or path in target.parents for path in failed) or (
+            not failed and exc.errno in _WRITE_ERRNOS
+        ):
+            return AuditError(f"cannot write to {output}: {exc.strerror or short_reason(exc)}")
+    return None
+
+
+class AuditorGroup(click.Group):
+    """The command group; an OSError writing a command's outputs is bad
+    input (an unwritable ``--out``), reported as one line with exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            error = _output_error(exc, ctx.meta.get(_OUTPUTS, []))
+            if error is None:
+                raise
+            raise error from exc
+
 
 def _echo_summary(results: dict) -> None:
     threat = results["threat"]
@@ -69,7 +117,7 @@ def _exit_code(results: dict) -> int:
     return EXIT_POLICY_FAILED if policy is not None and not policy["passed"] else EXIT_PASS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AuditorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors (may be given anywhere).")
 def cli(debug: bool) -> None:
     """auditor: audit an image classifier's robustness under a threat model."""
@@ -98,7 +146,7 @@ def cli(debug: bool) -> None:
 @click.option("--std", help="Per-channel std folded into the model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (runs code from the file!).")
 @click.option("--policy", help="Policy YAML (or a shipped name: default, strict) to gate on.")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for results.json and the reports.")
+@click.option("--out", type=OutputPath(file_okay=False), help="Folder for results.json and the reports.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.pass_obj
@@ -133,7 +181,7 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
               help="fast: FGSM with random start (Wong et al. 2020); pgd: PGD-k (Madry et al. 2018); "
                    "free: m replays (Shafahi et al. 2019).")
 @click.option("--epochs", type=int, help="Passes over the training data (default 20).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=OutputPath(file_okay=False),
               help="Folder for the hardened model, before/ and after/ scans, hardening.json and the report.")
 @click.option("--no-guard", is_flag=True,
               help="Experiments only: never roll back on catastrophic overfitting.")
@@ -201,14 +249,14 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
 @cli.command(epilog="Example: auditor check out/scan/results.json --policy strict --junit junit.xml")
 @click.argument("results_path", metavar="RESULTS", type=click.Path(dir_okay=False))
 @click.option("--policy", required=True, help="Policy YAML, or a shipped name: default, strict.")
-@click.option("--junit", type=click.Path(dir_okay=False), help="Write one JUnit testcase per requirement here.")
+@click.option("--junit", type=OutputPath(dir_okay=False), help="Write one JUnit testcase per requirement here.")
 def check(results_path, policy, junit):
     """Apply a policy to a results.json; exit 1 if a requirement fails."""
     from .policy import load_policy, write_junit
-    from .results import load_results
+    from .report.schema import read_results
 
     gate = load_policy(policy)
-    verdict = gate.evaluate(load_results(Path(results_path)))
+    verdict = gate.evaluate(read_results(results_path))
     _echo_policy(verdict.to_dict())
     if junit:
         write_junit(verdict, Path(junit))
@@ -217,15 +265,14 @@ def check(results_path, policy, junit):
 
 @cli.command(epilog="Example: auditor report out/scan/results.json --out out/rerendered")
 @click.argument("results_path", metavar="RESULTS", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for report.html and report.pdf.")
+@click.option("--out", required=True, type=OutputPath(file_okay=False), help="Folder for report.html and report.pdf.")
 def report(results_path, out):
     """Re-render report.html and report.pdf from a results.json."""
     from .report.render import write_report
-    from .results import load_results
+    from .report.schema import read_results
 
-    results = load_results(Path(results_path))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    html, pdf = write_report(results, Path(out))
+    results = read_results(results_path)
+    html, pdf = write_report(results, Path(out), source=results_path)  # creates out only once built
     click.echo(f"wrote {html} and {pdf}")
     return EXIT_PASS
 
@@ -257,7 +304,7 @@ def attacks():
 
 
 @cli.command(epilog="Example: auditor demo --out out/demo")
-@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="out/demo", show_default=True, type=OutputPath(file_okay=False))
 @click.option("--model", "model_path", default="examples/mnist_cnn.onnx", show_default=True,
               type=click.Path(dir_okay=False), help="The example model (examples/train_mnist.py writes it).")
 @click.option("-n", "--samples", type=int, default=200, show_default=True)

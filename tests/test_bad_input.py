@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -117,3 +118,128 @@ def test_pickle_payload_never_runs(artefacts, capsys):
     code, _ = run(capsys, "scan", artefacts / "payload.pt", "--arch", "examples.mnist_cnn:build")
     assert code == 2
     assert not (artefacts / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- #
+# auditor check / auditor report on bad results files, unwritable outputs
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def scanned(example_onnx, tmp_path_factory):
+    """A real results.json (a small hard-label scan), for editing copies of it."""
+    from auditor import scan
+
+    path = tmp_path_factory.mktemp("scanned") / "results.json"
+    audit = scan(example_onnx, "mnist", access="hard-label", samples=10, budget=20, attacks=["sign-opt"])
+    path.write_text(json.dumps(audit.results))
+    return path
+
+
+def _edited(scanned: Path, folder: Path, field: str, value) -> Path:
+    """A copy of the scanned results.json with one top-level field set (or, with None, removed)."""
+    results = json.loads(scanned.read_text())
+    if value is None:
+        del results[field]
+    else:
+        results[field] = value
+    path = folder / "results.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+BAD_RESULTS = {
+    "clean accuracy a string": ("clean_accuracy", "high", "clean_accuracy must be a number in [0, 1], got 'high'"),
+    "robust accuracy missing": ("robust_accuracy", None, "missing required field 'robust_accuracy'"),
+    "robust accuracy above 1": ("robust_accuracy", {"0.1": 1.5}, "robust_accuracy['0.1'] must be a number in [0, 1]"),
+    "threat without budget": ("threat", {"norm": "linf", "eps": [0.1]}, "missing required field 'threat.budget'"),
+    "attacks not a list": ("attacks", {"sign-opt-linf": {}}, "attacks must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RESULTS)
+def test_check_rejects_bad_results_with_one_line(case, scanned, capsys, tmp_path):
+    path = _edited(scanned, tmp_path, *BAD_RESULTS[case][:2])
+    code, err = run(capsys, "check", path, "--policy", "strict", "--junit", tmp_path / "junit" / "junit.xml")
+    assert code == 2
+    assert err.startswith(f"error: {path}: {BAD_RESULTS[case][2]}") and err.count("\n") == 1, err
+    assert not (tmp_path / "junit").exists()
+
+
+@pytest.mark.parametrize("case", BAD_RESULTS)
+def test_report_rejects_bad_results_and_creates_no_folder(case, scanned, capsys, tmp_path):
+    path = _edited(scanned, tmp_path, *BAD_RESULTS[case][:2])
+    code, err = run(capsys, "report", path, "--out", tmp_path / "out" / "report")
+    assert code == 2
+    assert err.startswith(f"error: {path}: {BAD_RESULTS[case][2]}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scanned_results_pass_check_and_report(scanned, capsys, tmp_path):
+    code, _ = run(capsys, "check", scanned, "--policy", "default")
+    assert code in (0, 1)  # a verdict, not an error
+    code, _ = run(capsys, "report", scanned, "--out", tmp_path / "out")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.pdf"]
+
+
+@pytest.mark.parametrize("command", [["check", "--policy", "strict"], ["report", "--out", "{tmp}/out"]])
+def test_missing_results_file_reads_no_such_file(command, capsys, tmp_path):
+    missing = tmp_path / "missing.json"
+    args = [command[0], missing, *(arg.format(tmp=tmp_path) for arg in command[1:])]
+    code, err = run(capsys, *args)
+    assert code == 2
+    assert err == f"error: cannot read results.json: no such file: {missing}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_policy_key_is_one_line_exit_2(scanned, capsys, tmp_path):
+    policy = tmp_path / "dup.yaml"
+    policy.write_text("policy: p\nrequirements:\n  - clean_accuracy: {min: 0.5, min: 0.99}\n")
+    code, err = run(capsys, "check", scanned, "--policy", policy)
+    assert code == 2
+    assert err == f"error: policy {policy}: invalid YAML: duplicate key 'min' (line 3, column 32)\n"
+
+
+@pytest.fixture
+def blocked(tmp_path) -> Path:
+    """A regular file: no folder can be created below it."""
+    path = tmp_path / "a-file"
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize("unwritable", ["{blocked}/out", "/proc/x"])
+def test_unwritable_report_out_is_one_line_exit_2(unwritable, scanned, blocked, capsys):
+    out = unwritable.format(blocked=blocked)
+    if out.startswith("/proc") and not Path("/proc/self").exists():
+        pytest.skip("no /proc")
+    code, err = run(capsys, "report", scanned, "--out", out)
+    assert code == 2
+    assert err.startswith(f"error: cannot write to {out}: ") and err.count("\n") == 1, err
+    assert "internal error" not in err
+
+
+def test_unwritable_junit_is_one_line_exit_2(scanned, blocked, capsys):
+    code, err = run(capsys, "check", scanned, "--policy", "default", "--junit", blocked / "junit.xml")
+    assert code == 2
+    assert err.startswith(f"error: cannot write to {blocked / 'junit.xml'}: ") and err.count("\n") == 1, err
+
+
+def test_unwritable_scan_out_is_one_line_exit_2(example_onnx, blocked, capsys):
+    out = blocked / "scan"
+    code, err = run(capsys, "scan", example_onnx, "--access", "hard-label", "-n", "10", "--budget", "10",
+                    "--attacks", "sign-opt", "--out", out)
+    assert code == 2
+    assert err.startswith(f"error: cannot write to {out}: ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_os_errors_elsewhere_are_not_called_write_errors(tmp_path):
+    from auditor.cli import _output_error
+
+    out = tmp_path / "out"
+    unrelated = FileNotFoundError(2, "No such file or directory", str(tmp_path / "model.onnx"))
+    assert _output_error(unrelated, [out]) is None
+    inside = PermissionError(13, "Permission denied", str(out / ".partial-x" / "results.json"))
+    assert str(_output_error(inside, [out])) == f"cannot write to {out}: Permission denied"

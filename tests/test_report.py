@@ -11,6 +11,7 @@ import weasyprint
 from auditor.errors import AuditError
 from auditor.report.build import build_view
 from auditor.report.render import render_html, write_report
+from auditor.report.schema import validate_results
 
 
 @pytest.fixture
@@ -255,5 +256,66 @@ def test_non_results_raise_audit_error(bad, tmp_path):
 def test_incomplete_results_raise_audit_error(results):
     del results["threat"]
 
-    with pytest.raises(AuditError, match="missing 'threat'"):
+    with pytest.raises(AuditError, match="missing required field 'threat'"):
         build_view(results)
+
+
+def test_complete_results_validate(results):
+    assert validate_results(results) is results
+
+
+def _set(results: dict, field: str, value) -> None:
+    """Set (or with ``DELETE``, remove) a dotted field such as ``threat.budget`` or ``attacks.0.queries``."""
+    *parents, last = [int(part) if part.isdigit() else part for part in field.split(".")]
+    for part in parents:
+        results = results[part]
+    if value is DELETE:
+        del results[last]
+    else:
+        results[last] = value
+
+
+DELETE = object()
+MALFORMED = [
+    ("clean_accuracy", "high", "clean_accuracy must be a number in [0, 1], got 'high'"),
+    ("clean_accuracy", 1.5, "clean_accuracy must be a number in [0, 1], got 1.5"),
+    ("clean_accuracy", True, "clean_accuracy must be a number in [0, 1], got True"),
+    ("clean_accuracy", DELETE, "missing required field 'clean_accuracy'"),
+    ("robust_accuracy", DELETE, "missing required field 'robust_accuracy'"),
+    ("robust_accuracy", [0.5], "robust_accuracy must be a mapping of ε to numbers in [0, 1], got [0.5]"),
+    ("robust_accuracy", {"big": 0.5}, "robust_accuracy: key 'big' is not an ε (a number >= 0)"),
+    ("robust_accuracy", {"0.1": "62%"}, "robust_accuracy['0.1'] must be a number in [0, 1], got '62%'"),
+    ("threat.norm", DELETE, "missing required field 'threat.norm'"),
+    ("threat.eps", [0.1, "0.2"], "threat.eps[1] must be a number >= 0, got '0.2'"),
+    ("threat.budget", "2000", "threat.budget must be an integer >= 1 or null, got '2000'"),
+    ("attacks", {}, "attacks must be a list, got {}"),
+    ("attacks.1", "sign-opt", "attacks[1] must be a mapping, got 'sign-opt'"),
+    ("attacks.0.queries.median", "80", "attacks[0].queries.median must be a number >= 0 or null, got '80'"),
+    ("samples", None, "samples must be a list, got None"),
+    ("checks.0", "softmax", "checks[0] must be a mapping, got 'softmax'"),
+    ("data.n", -1, "data.n must be an integer >= 0, got -1"),
+    ("seconds", "42 s", "seconds must be a number >= 0, got '42 s'"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), MALFORMED)
+def test_malformed_results_raise_one_line_error_naming_the_field(results, tmp_path, field, value, problem):
+    _set(results, field, value)
+
+    with pytest.raises(AuditError) as info:
+        write_report(results, tmp_path / "out" / "report", source="runs.json")
+
+    assert str(info.value) == f"runs.json: {problem}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_write_removes_the_folders_it_created(results, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("weasyprint broke")
+
+    monkeypatch.setattr(weasyprint.HTML, "write_pdf", fail)
+
+    with pytest.raises(RuntimeError, match="weasyprint broke"):
+        write_report(results, tmp_path / "new" / "report")
+
+    assert list(tmp_path.iterdir()) == []

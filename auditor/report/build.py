@@ -22,9 +22,9 @@ from matplotlib.ticker import FixedLocator, PercentFormatter
 
 from ..eps import eps_text
 from ..errors import AuditError
+from .schema import validate_results
 from .transfer import TransferView, transfer_view
 
-SCHEMA = "auditor.results/1"
 CHECKS_DOC = "docs/checks.md"
 MISSING = "—"
 
@@ -237,10 +237,10 @@ def build_view(results: dict, source: str = "input") -> ReportView:
 
     ``source`` names the results (for example its file name) in error messages.
     Raises :class:`AuditError` when ``results`` is not an ``auditor.results/1``
-    dict or lacks a field the report needs.
+    dict (see :func:`~auditor.report.schema.validate_results`) or lacks a
+    field the report needs.
     """
-    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
-        raise AuditError(f"{source} is not an auditor results file (expected schema {SCHEMA!r})")
+    validate_results(results, source)
     try:
         return _build(results)
     except KeyError as missing:

@@ -8,6 +8,7 @@ WeasyPrint, which is not allowed to fetch anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,16 +46,20 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
     """Write ``report.html`` and ``report.pdf`` for a results dict into ``out_dir``.
 
     Returns the two paths. Bad results raise :class:`~auditor.errors.AuditError`
-    before anything is written (``source`` names them in the message). Both
-    files are written in a temporary directory inside ``out_dir`` and renamed
-    at the end; if writing fails, the temporary directory is deleted, neither
-    ``report.html`` nor ``report.pdf`` is left in ``out_dir`` (not even from an
-    earlier run, which would no longer match), and the error propagates.
+    before anything is written (``source`` names them in the message), and
+    ``out_dir`` is created only then. Both files are written in a temporary
+    directory inside ``out_dir`` and renamed at the end; if writing fails, the
+    temporary directory is deleted, neither ``report.html`` nor ``report.pdf``
+    is left in ``out_dir`` (not even from an earlier run, which would no longer
+    match), the folders this call created are removed again, and the error
+    propagates.
     """
     html = render_html(build_view(results, source=source))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
     html_path, pdf_path = out_dir / HTML_NAME, out_dir / PDF_NAME
+    created = _missing_folders(out_dir)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".report-") as temp:
             html_temp, pdf_temp = Path(temp) / HTML_NAME, Path(temp) / PDF_NAME
             html_temp.write_text(html, encoding="utf-8")
@@ -62,7 +67,20 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
             os.replace(html_temp, html_path)
             os.replace(pdf_temp, pdf_path)
     except BaseException:
-        html_path.unlink(missing_ok=True)
-        pdf_path.unlink(missing_ok=True)
+        # best effort: the error that got us here is the one to report
+        with contextlib.suppress(OSError):
+            html_path.unlink(missing_ok=True)
+            pdf_path.unlink(missing_ok=True)
+            for folder in created:  # deepest first; not empty only if someone else wrote there
+                folder.rmdir()
         raise
     return html_path, pdf_path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

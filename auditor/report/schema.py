@@ -1,0 +1,169 @@
+"""Validation of a loaded results.json (schema ``auditor.results/1``).
+
+``auditor check`` and ``auditor report`` read results files that may come
+from another machine, an older version or a hand edit. Before either uses
+one, :func:`validate_results` checks the top-level fields of design.md §3 and
+their basic types, and raises an :class:`~auditor.errors.AuditError` with a
+one-line message naming the field, e.g.
+``results.json: clean_accuracy must be a number in [0, 1], got 'high'``.
+It checks what the policy gate and the report read directly; deeper fields
+of ``attacks[]`` (runs, curves) are the report's to check.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import AuditError
+
+SCHEMA = "auditor.results/1"
+
+
+def read_results(path: str | Path) -> dict:
+    """Load and validate a results.json; :class:`AuditError` if it is missing or bad."""
+    from ..results import load_results  # results imports the attack battery (torch)
+
+    path = Path(path)
+    if not path.exists():
+        raise AuditError(f"cannot read results.json: no such file: {path}")
+    return validate_results(load_results(path), str(path))
+
+
+def validate_results(results: Any, source: str = "input") -> dict:
+    """Return ``results`` if it is an ``auditor.results/1`` dict with the
+    fields the gate and the report rely on; else raise :class:`AuditError`.
+
+    ``source`` (for example the file's path) starts the message.
+    """
+    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
+        raise AuditError(f"{source} is not an auditor results file (expected schema {SCHEMA!r})")
+    check = _Checker(results, source)
+    check.field("auditor_version", _optional(_string), "a string or null")
+    check.field("seed", _integer, "an integer")
+    check.field("started", _string, "a string")
+    check.field("seconds", _non_negative, "a number >= 0")
+    check.field("model", _mapping, "a mapping")
+    check.field("data", _mapping, "a mapping")
+    check.field("data.n", _count, "an integer >= 0")
+    check.field("access", _mapping, "a mapping")
+    check.field("access.level", _string, "a string")
+    check.field("threat", _mapping, "a mapping")
+    check.field("threat.norm", _string, "a string")
+    check.items("threat.eps", _non_negative, "a number >= 0")
+    check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null")
+    check.field("clean_accuracy", _fraction, "a number in [0, 1]")
+    check.field("robust_accuracy", _mapping, "a mapping of ε to numbers in [0, 1]")
+    for key in results["robust_accuracy"]:
+        if not _eps_key(key):
+            raise check.error(f"robust_accuracy: key {key!r} is not an ε (a number >= 0)")
+        check.field(("robust_accuracy", key), _fraction, "a number in [0, 1]")
+    for number in check.items("attacks", _mapping, "a mapping"):
+        check.field(("attacks", number, "access"), _string, "a string")
+        check.field(("attacks", number, "queries"), _mapping, "a mapping")
+        check.field(("attacks", number, "queries", "median"), _optional(_non_negative), "a number >= 0 or null")
+    check.items("samples", _mapping, "a mapping")
+    check.items("checks", _mapping, "a mapping")
+    check.field("manifest", _mapping, "a mapping")
+    return results
+
+
+class _Checker:
+    """Checks fields by name, ``"threat.eps"`` or ``("attacks", 0, "queries")``,
+    and raises one-line errors that name them."""
+
+    def __init__(self, results: dict, source: str):
+        self.results = results
+        self.source = source
+
+    def error(self, problem: str) -> AuditError:
+        return AuditError(f"{self.source}: {problem}")
+
+    def field(self, name: str | tuple, valid: Callable[[Any], bool], expected: str) -> Any:
+        """The value of field ``name``, if present and ``valid`` accepts it."""
+        parts = tuple(name.split(".")) if isinstance(name, str) else name
+        value: Any = self.results
+        for depth, part in enumerate(parts):
+            if isinstance(part, str) and part not in value:
+                raise self.error(f"missing required field '{_display(parts[: depth + 1])}'")
+            value = value[part]
+        if not valid(value):
+            raise self.error(f"{_display(parts)} must be {expected}, got {_show(value)}")
+        return value
+
+    def items(self, name: str, valid: Callable[[Any], bool], expected: str) -> range:
+        """Check that field ``name`` is a list whose items ``valid`` accepts; their indices."""
+        values = self.field(name, _list, "a list")
+        parts = tuple(name.split("."))
+        for number in range(len(values)):
+            self.field((*parts, number), valid, expected)
+        return range(len(values))
+
+
+def _display(parts: tuple) -> str:
+    """``("attacks", 0, "queries")`` as ``attacks[0].queries``; an ε key as ``robust_accuracy['0.1']``."""
+    text = str(parts[0])
+    for part in parts[1:]:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif "." in part:
+            text += f"[{part!r}]"
+        else:
+            text += f".{part}"
+    return text
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float; JSON true/false are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fraction(value: Any) -> bool:
+    return _number(value) and 0 <= value <= 1
+
+
+def _non_negative(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return _integer(value) and value >= 0
+
+
+def _positive_integer(value: Any) -> bool:
+    return _integer(value) and value >= 1
+
+
+def _string(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _mapping(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _optional(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or valid(value)
+
+
+def _list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _eps_key(key: str) -> bool:
+    """A ``robust_accuracy`` key: an ε written as a number (``"0.1"``, ``"0.0313725"``)."""
+    try:
+        return _non_negative(float(key))
+    except ValueError:
+        return False
