@@ -4,7 +4,8 @@ The harness never trusts an attack's ``success`` mask. Every candidate is
 clipped to [0,1], sent through the model adapter's ``forward`` (for an ONNX
 file that is the onnxruntime session, not a converted torch copy) and counts
 only if it is finite and misclassified (in a targeted audit: classified as
-its target). Its distortion is measured in the
+its target). An output row with a NaN score names no class (``argmax`` would
+return the NaN's index): it is misclassified, and never on target. Its distortion is measured in the
 threat norm, whatever norm the attack itself optimised.
 """
 
@@ -54,7 +55,11 @@ def verify(
     x_adv = x_adv.detach().cpu().float()
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
     x_adv = torch.where(finite.view(-1, 1, 1, 1), x_adv, x).clamp(0.0, 1.0)
-    predicted = model.forward(x_adv.to(model.device)).argmax(1).cpu()
+    scores = model.forward(x_adv.to(model.device)).cpu()
+    # a row the model answers with a NaN has no class: not the label (so it
+    # counts untargeted, where the model failed), and not the target
+    answered = ~torch.isnan(scores).any(dim=1)
+    predicted = torch.where(answered, scores.argmax(1), -1)
     fooled = finite & (predicted != y if target is None else predicted == target.cpu())
     size = distortion((x_adv - x).double(), norm)
     return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

@@ -212,3 +212,22 @@ def test_l2_examples_on_the_sphere_count_on_large_inputs():
     assert float(size.max()) > eps + 1e-6  # the round-off this test is about
     assert (size <= eps_bound(eps)).all() and eps_bound(eps) - eps < 1e-4
     assert outcome.records.robust_accuracy([eps]) == {eps: 0.0}
+
+
+def test_an_output_with_nan_names_no_class():
+    """argmax would read a NaN row as its NaN's index; verification reads it
+    as no class: misclassified, and never on a target."""
+    from auditor.verify import verify
+
+    class NanAbove(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.stack([x.flatten(1).mean(1), -x.flatten(1).mean(1)], dim=1)  # always class 0
+            return torch.where(x.flatten(1).mean(1, keepdim=True) > 0.5, torch.nan, logits)
+
+    model = TorchModel(NanAbove(), ModelInfo("nan", "state-dict", "0", (1, 2, 2), 2), device="cpu")
+    x = torch.full((2, 1, 2, 2), 0.4)
+    x_adv = torch.stack([torch.full((1, 2, 2), 0.45), torch.full((1, 2, 2), 0.6)])  # the second gives NaN
+    y = torch.zeros(2, dtype=torch.long)
+    assert verify(model, x, x_adv, y, "linf").fooled.tolist() == [False, True]
+    assert verify(model, x, x_adv, y, "linf", target=torch.ones(2, dtype=torch.long)).fooled.tolist() == [False, False]
+    assert verify(model, x, x_adv, torch.ones(2, dtype=torch.long), "linf", target=y).fooled.tolist() == [True, False]
