@@ -157,7 +157,7 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
 
     audit = run_scan(
         model, data, access=access, samples=samples, norm=norm, eps=eps or None, budget=budget,
-        attacks=[name.strip() for name in attacks.split(",")] if attacks else None, target=target,
+        attacks=[name.strip() for name in attacks.split(",")] if attacks is not None else None, target=target,
         surrogates=surrogates, train_surrogates=train_surrogates,
         arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
         policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),

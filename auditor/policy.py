@@ -288,6 +288,10 @@ class RobustAccuracy(Requirement):
         threat = results.get("threat") or {}
         if self.norm is not None and threat.get("norm") != self.norm:
             return self._verdict(False, f"results are for {threat.get('norm')}")
+        if threat.get("target"):
+            # only hitting the target counted: any other misclassification
+            # under attack was left robust
+            return self._verdict(False, "results are from a targeted audit")
         if self.access is not None:
             level_name = (results.get("access") or {}).get("level")
             level = _ACCESS_BY_NAME.get(level_name)
@@ -343,6 +347,11 @@ class MedianQueries(Requirement):
 
     def evaluate(self, results: Mapping[str, Any]) -> Verdict:
         level = self.access.cli_name
+        scanned = (results.get("access") or {}).get("level")
+        if scanned != level:
+            # in a scan at another level the cascade showed this level's
+            # attacks only the samples stronger attacks missed, or none
+            return self._verdict(False, f"query cost at {level} needs a scan at {level} access, not {scanned}")
         attacks = [a for a in results.get("attacks") or [] if a.get("access") == level]
         if not attacks:
             return self._verdict(False, f"no {level} attack was run")

@@ -91,6 +91,7 @@ CASES = {
     "eps zero": (["scan", "{example}", "--eps", "0"], "--eps must be > 0"),
     "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
     "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
+    "empty attack list": (["scan", "{example}", "--attacks", ""], "--attacks names no attack"),
     "stronger access than the file allows": (["scan", "{root}/hardmax.onnx", "--access", "white-box"], "Hardmax"),
     "no surrogates at access none": (["scan", "{example}", "--access", "none"], "give --surrogate PATH"),
     "surrogate not found": (["scan", "{example}", "--surrogate", "{root}/missing.onnx"], "missing.onnx"),

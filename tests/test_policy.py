@@ -168,17 +168,28 @@ def test_robust_accuracy_access_ordering(required, passed):
 # --------------------------------------------------------------------------- #
 
 
+HARD_LABEL = results(access={"level": "hard-label", "reason": "asked"})
+
+
 def test_median_queries_takes_the_cheapest_attack_of_that_level():
-    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(RESULTS)
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(HARD_LABEL)
     assert verdict.passed
     assert verdict.actual == "1200 queries (sign-opt-linf)"
-    assert not MedianQueries("q", 1300, Access.HARD_LABEL).evaluate(RESULTS).passed
+    assert not MedianQueries("q", 1300, Access.HARD_LABEL).evaluate(HARD_LABEL).passed
 
 
 def test_median_queries_uses_exactly_that_level():
     # The soft-label attack needs only 80 queries, but is not a hard-label attack.
-    assert MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(RESULTS).passed
-    assert not MedianQueries("q", 1000, Access.SOFT_LABEL).evaluate(RESULTS).passed
+    soft = results(attacks=RESULTS["attacks"][:1])
+    assert MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(HARD_LABEL).passed
+    assert not MedianQueries("q", 1000, Access.SOFT_LABEL).evaluate(soft).passed
+
+
+def test_median_queries_needs_a_scan_at_that_level():
+    """In a soft-label scan the hard-label attacks saw only what Square missed."""
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(RESULTS)
+    assert not verdict.passed
+    assert verdict.actual == "query cost at hard-label needs a scan at hard-label access, not soft-label"
 
 
 def test_median_queries_nothing_broken_passes():
@@ -186,15 +197,24 @@ def test_median_queries_nothing_broken_passes():
         {"name": "hsja-linf", "access": "hard-label", "queries": {"median": None}},
         {"name": "sign-opt-linf", "access": "hard-label", "queries": {"median": None}},
     ]
-    verdict = MedianQueries("q", 10**9, Access.HARD_LABEL).evaluate(results(attacks=attacks))
+    verdict = MedianQueries("q", 10**9, Access.HARD_LABEL).evaluate(
+        results(access=HARD_LABEL["access"], attacks=attacks))
     assert verdict.passed
     assert verdict.actual == "no hard-label attack broke any sample"
 
 
 def test_median_queries_no_attack_of_that_level_fails():
-    verdict = MedianQueries("q", 0, Access.WHITE_BOX).evaluate(RESULTS)
+    white_box = results(access={"level": "white-box", "reason": "asked"})
+    verdict = MedianQueries("q", 0, Access.WHITE_BOX).evaluate(white_box)
     assert not verdict.passed
     assert verdict.actual == "no white-box attack was run"
+
+
+def test_robust_accuracy_refuses_a_targeted_audit():
+    targeted = results(threat={**RESULTS["threat"], "target": {"mode": "random"}})
+    verdict = RobustAccuracy("r", 0.5, "min").evaluate(targeted)
+    assert not verdict.passed and verdict.actual == "results are from a targeted audit"
+    assert RobustAccuracy("r", 0.5, "min").evaluate(RESULTS).passed
 
 
 # --------------------------------------------------------------------------- #
@@ -247,7 +267,7 @@ def test_load_full_policy(tmp_path):
     assert policy.requirements[1] == RobustAccuracy(
         "robust_accuracy", 0.8, 0.3, "linf", Access.WHITE_BOX
     )
-    result = policy.evaluate(RESULTS)
+    result = policy.evaluate(HARD_LABEL)
     assert [v.passed for v in result.verdicts] == [True, False, True, False, True]
     assert not result.passed
 
@@ -409,7 +429,7 @@ def test_to_dict_round_trips_through_json(tmp_path):
 
 
 def test_junit_has_one_testcase_per_requirement(tmp_path):
-    result = load_policy(write(tmp_path, FULL_POLICY)).evaluate(RESULTS)
+    result = load_policy(write(tmp_path, FULL_POLICY)).evaluate(HARD_LABEL)
     path = tmp_path / "out" / "junit.xml"
     write_junit(result, path)
     suite = ET.parse(path).getroot()

@@ -15,6 +15,7 @@ from pypdf import PdfReader
 
 from auditor.cli import main
 from auditor.scan import eps_at_half
+from auditor.verify import eps_bound
 
 BUDGET = 2000
 
@@ -48,7 +49,7 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     assert results["attacks"][0]["queries"]["max"] <= BUDGET
     # robust accuracy is derived from the per-sample records
     for eps, value in results["robust_accuracy"].items():
-        robust = [s["distortion"] is None or s["distortion"] > float(eps) + 1e-6 for s in results["samples"]]
+        robust = [s["distortion"] is None or s["distortion"] > eps_bound(float(eps)) for s in results["samples"]]
         assert value == pytest.approx(np.mean(robust))
     samples = results["samples"]
     assert results["clean_accuracy"] == pytest.approx(np.mean([s["label"] == s["clean_pred"] for s in samples]))
@@ -57,9 +58,9 @@ def test_scan_writes_results_and_reports(hard_label_scan):
     (run,) = attack["runs"]
     assert attack["samples"] == run["samples"] == sum(s["broken_by"] != "clean" for s in samples)
     assert attack["success_rate"] == pytest.approx(sum(run["per_sample"]["success"]) / attack["samples"], abs=1e-6)
-    spent = [q for q, ok in zip(run["per_sample"]["queries"], run["per_sample"]["success"]) if ok]
-    assert attack["queries"]["median"] == np.median(spent)
-    assert attack["queries"]["measure"] == "spent"
+    reached = [q for q, ok in zip(run["per_sample"]["reached"], run["per_sample"]["success"]) if ok]
+    assert attack["queries"]["median"] == np.median(reached)
+    assert attack["queries"]["measure"] == "to-success"
     # HopSkipJump (L∞) attacks every sample Sign-OPT left robust at the smallest ε, and only those
     hsj = set(results["attacks"][1]["runs"][0]["per_sample"]["index"])
     left = {i for i, ok in zip(run["per_sample"]["index"], run["per_sample"]["success"]) if not ok}
