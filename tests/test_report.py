@@ -319,3 +319,15 @@ def test_failed_write_removes_the_folders_it_created(results, tmp_path, monkeypa
         write_report(results, tmp_path / "new" / "report")
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_narrowed_battery_transfer_budgets_and_float_params_read_plainly(results):
+    results["checks"].append({"id": "custom-battery", "level": "warning", "message": "--attacks left out ..."})
+    results["attacks"][0]["params"] = {"norm": "linf", "resize": 1.1036789297658862}
+    transfer = {**results["attacks"][0], "name": "transfer-mi-linf", "access": "none",
+                "queries": {**results["attacks"][0]["queries"], "budget": None}}
+    results["attacks"].append(transfer)
+    view = build_view(results)
+    assert "against hard-label attacks chosen with --attacks;" in view.verdict.summary
+    assert view.attacks[0].params == "norm=linf, resize=1.10368"
+    assert view.attacks[-1].budget == "1 (its verification)" and view.attacks[0].budget == "2,000"

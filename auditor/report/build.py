@@ -293,6 +293,11 @@ def _plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
+def _param(value) -> str:
+    """An attack parameter as written in the report: floats to 6 significant digits."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _budget(budget: int | None) -> str:
     return "unlimited" if budget is None else f"{budget:,}"
 
@@ -326,9 +331,10 @@ def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
     else:
         eps, accuracy = worst
         mode = "targeted " if results["threat"].get("target") else ""
+        chosen = any(check.get("id") == "custom-battery" for check in results.get("checks") or ())
         summary = (
             f"Robust accuracy {percent(accuracy)} at ε={eps_text(eps)} ({norm_name(results['threat']['norm'])}) "
-            f"against {mode}{access} attacks; clean accuracy {clean}."
+            f"against {mode}{access} attacks{' chosen with --attacks' if chosen else ''}; clean accuracy {clean}."
         )
     if policy is None:
         detail = "No policy was applied: the results are informational."
@@ -426,10 +432,10 @@ def _attack_row(attack: dict) -> AttackRow:
         queries_median=_count(queries["median"]),
         queries_p90=_count(queries["p90"]),
         queries_max=_count(queries["max"]),
-        budget=_budget(queries["budget"]),
+        budget="1 (its verification)" if attack["access"] == "none" else _budget(queries["budget"]),
         seconds=f"{attack['seconds']:.1f} s",
         paper=attack["paper"],
-        params=", ".join(f"{key}={value}" for key, value in attack["params"].items()),
+        params=", ".join(f"{key}={_param(value)}" for key, value in attack["params"].items()),
     )
 
 
