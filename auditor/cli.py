@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import shlex
 import sys
@@ -23,13 +24,16 @@ from .errors import AuditError, short_reason
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(part) for part in text.split(","))
+        values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        values = ()
+    if not values or not all(math.isfinite(value) for value in values):
+        raise click.BadParameter(f"expected comma-separated finite numbers, got {text!r}", param_hint=option)
+    return values
 
 
 class Radius(click.ParamType):
@@ -159,7 +163,7 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
         model, data, access=access, samples=samples, norm=norm, eps=eps or None, budget=budget,
         attacks=[name.strip() for name in attacks.split(",")] if attacks is not None else None, target=target,
         surrogates=surrogates, train_surrogates=train_surrogates,
-        arch=arch, mean=_floats(mean), std=_floats(std), trust_pickle=trust_pickle,
+        arch=arch, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), trust_pickle=trust_pickle,
         policy=policy, out=out, seed=seed, device=device, progress=sys.stderr.isatty(),
         command=command,
     )
@@ -228,8 +232,8 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
         options["clip_to_box"] = True
     result = run_harden(
         model, data, eps=eps, out=out, norm=norm, method=method, guard=not no_guard,
-        seed=seed, eval_data=eval_data, samples=samples, budget=budget, arch=arch, mean=_floats(mean),
-        std=_floats(std), trust_pickle=trust_pickle, device=device, progress=sys.stderr.isatty(),
+        seed=seed, eval_data=eval_data, samples=samples, budget=budget, arch=arch, mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"), trust_pickle=trust_pickle, device=device, progress=sys.stderr.isatty(),
         command=command, **options,
     )
     record = result.record

@@ -90,6 +90,8 @@ CASES = {
     "unknown policy key": (["scan", "{example}", "--policy", "{root}/unknown_key.yaml"], "clean_acuracy"),
     "eps zero": (["scan", "{example}", "--eps", "0"], "--eps must be > 0"),
     "eps negative": (["scan", "{example}", "--eps=-0.1"], "--eps must be > 0"),
+    "mean not a number": (["scan", "{example}", "--mean", "a"], "Invalid value for --mean"),
+    "std not finite": (["scan", "{example}", "--std", "nan"], "Invalid value for --std"),
     "unknown attack": (["scan", "{example}", "--attacks", "pgd-linf,nope"], "unknown attack 'nope'"),
     "empty attack list": (["scan", "{example}", "--attacks", ""], "--attacks names no attack"),
     "stronger access than the file allows": (["scan", "{root}/hardmax.onnx", "--access", "white-box"], "Hardmax"),

@@ -68,7 +68,7 @@ def test_npz_single_channel(tmp_path):
         ({"x": np.zeros((2, 1, 4, 4), np.float32)}, "missing array 'y'"),
         ({"y": np.zeros(2, np.int64)}, "missing array 'x'"),
         ({"x": np.full((2, 1, 4, 4), 2.0), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
-        ({"x": np.full((2, 1, 4, 4), np.nan), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
+        ({"x": np.full((2, 1, 4, 4), np.nan), "y": np.zeros(2, np.int64)}, r"x has NaN values"),
         ({"x": np.zeros((3, 1, 4, 4)), "y": np.zeros(2, np.int64)}, "x and y lengths differ"),
         ({"x": np.zeros((2, 4)), "y": np.zeros(2, np.int64)}, "x has shape"),
         ({"x": np.zeros((2, 1, 4, 4), np.int64), "y": np.zeros(2, np.int64)}, "x must be float"),

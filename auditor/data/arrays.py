@@ -44,6 +44,8 @@ def _images(path: str | Path, x: np.ndarray) -> np.ndarray:
         if x.ndim == 4:
             x = x.transpose(0, 3, 1, 2)
     elif np.issubdtype(x.dtype, np.floating):
+        if np.isnan(x).any():
+            raise AuditError(f"data {path}: x has NaN values")
         if not ((x >= 0) & (x <= 1)).all():
             raise AuditError(f"data {path}: x has values outside [0,1]")
     else:
