@@ -272,16 +272,16 @@ def test_target_equal_to_label_is_refused(tiny_cnn, correct_batch, norm):
     seed=st.integers(0, 2**16),
     n=st.integers(1, 6),
     norm=st.sampled_from(["linf", "l2"]),
-    min_rows=st.integers(1, 40),
+    rows=st.integers(1, 40),
     max_proposals=st.integers(1, 8),
 )
-def test_several_proposals_keep_budget_ball_and_box(tiny_cnn, correct_batch, budget, seed, n, norm, min_rows,
+def test_several_proposals_keep_budget_ball_and_box(tiny_cnn, correct_batch, budget, seed, n, norm, rows,
                                                     max_proposals):
     x, y = correct_batch[0][:n], correct_batch[1][:n]
     eps = 0.1 if norm == "linf" else 1.5
     counter = Counting(lambda z: tiny_cnn(z).softmax(1))
     oracle = score_oracle(tiny_cnn, n, budget, counter)
-    attack = SquareAttack(norm=norm, min_rows=min_rows, max_proposals=max_proposals)
+    attack = SquareAttack(norm=norm, fill_values=rows * 784, max_proposals=max_proposals)
     result = attack(oracle, x, y, eps=eps, seed=seed)
     assert (result.queries <= budget).all() and counter.rows == int(result.queries.sum())
     assert (distortion(result.x_adv - x, norm) <= eps + 1e-5).all()
@@ -293,28 +293,32 @@ def test_several_proposals_keep_budget_ball_and_box(tiny_cnn, correct_batch, bud
 def test_several_proposals_make_fewer_calls_for_the_same_success(tiny_cnn, correct_batch, norm, eps):
     x, y = correct_batch
     runs = {}
-    for min_rows in (1, 512):
+    for fill in (1, 512 * 784):
         counter = Counting(lambda z: tiny_cnn(z).softmax(1))
-        attack = SquareAttack(norm=norm, min_rows=min_rows)
+        attack = SquareAttack(norm=norm, fill_values=fill)
         result = attack(score_oracle(tiny_cnn, len(y), 1000, counter), x, y, eps=eps, seed=0)
-        runs[min_rows] = (result.success.float().mean().item(), counter.calls)
-    (one_rate, one_calls), (many_rate, many_calls) = runs[1], runs[512]
+        runs[fill] = (result.success.float().mean().item(), counter.calls)
+    (one_rate, one_calls), (many_rate, many_calls) = runs[1], runs[512 * 784]
     # measured: 565 (L∞) and 841 (L2) calls instead of 1,000, at the same success rate (56 % L∞, 66 % L2)
     assert many_calls < 0.9 * one_calls
     assert many_rate >= one_rate - 0.07
 
 
 def test_proposals_follow_the_acceptance_rate():
-    attack = SquareAttack(min_rows=512, max_proposals=32, hits_per_step=0.3)
+    attack = SquareAttack(fill_values=512 * 784, max_proposals=32, hits_per_step=0.3)
     # while most proposals improve, one per step; then about hits_per_step / r
-    assert attack._proposals(4, 1.0, 1000, 1000) == 1
-    assert attack._proposals(4, 0.1, 1000, 1000) == 3
-    assert attack._proposals(4, 0.01, 1000, 1000) == 30
-    # capped by max_proposals, by min_rows images in all, and by the budget left
-    assert attack._proposals(4, 0.001, 1000, 1000) == 32
-    assert attack._proposals(100, 0.001, 1000, 1000) == 5
-    assert attack._proposals(4, 0.001, 7, 1000) == 7 and attack._proposals(4, 0.001, 1000, 2) == 2
-    assert attack._proposals(600, 0.001, 1000, 1000) == 1
+    assert attack._proposals(4, 784, 1.0, 1000, 1000) == 1
+    assert attack._proposals(4, 784, 0.1, 1000, 1000) == 3
+    assert attack._proposals(4, 784, 0.01, 1000, 1000) == 30
+    # capped by max_proposals, by fill_values input values in all, and by the budget left
+    assert attack._proposals(4, 784, 0.001, 1000, 1000) == 32
+    assert attack._proposals(100, 784, 0.001, 1000, 1000) == 5
+    assert attack._proposals(4, 784, 0.001, 7, 1000) == 7 and attack._proposals(4, 784, 0.001, 1000, 2) == 2
+    assert attack._proposals(600, 784, 0.001, 1000, 1000) == 1
+    # larger inputs fill a call with fewer images: 130 of 3 × 32 × 32, 2 of 3 × 224 × 224
+    assert attack._proposals(26, 3 * 32 * 32, 0.001, 1000, 1000) == 5
+    assert attack._proposals(70, 3 * 32 * 32, 0.001, 1000, 1000) == 1
+    assert attack._proposals(1, 3 * 224 * 224, 0.001, 1000, 1000) == 2
 
 
 def test_acceptance_estimate_tracks_the_steps():
