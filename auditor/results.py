@@ -24,8 +24,8 @@ from .attacks.transfer import TransferAttack
 from .battery import AttackReport, BatteryOutcome, RunReport
 from .eps import eps_key
 from .errors import AuditError
+from .report.schema import SCHEMA
 
-SCHEMA = "auditor.results/1"
 TIMING_FIELDS = ("started", "seconds")
 """Top-level fields that differ between two runs with the same seed
 (plus ``attacks[].seconds``)."""
