@@ -42,7 +42,7 @@ from .errors import AuditError
 from .models.base import Model
 from .oracles import GradientOracle, ScoreOracle, SurrogateOracle
 from .progress import ScanProgress
-from .verify import Verified, eps_bound, verify
+from .verify import Verified, eps_bound, labels_of, verify
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _oracle_forward(model: Model, oracle_class: type, probabilities: bool) -> Ca
         if probabilities:
             return model.forward
         return lambda x: torch.softmax(model.forward(x), dim=1)
-    return lambda x: model.forward(x).argmax(1)
+    return lambda x: labels_of(model.forward(x))
 
 
 TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
@@ -387,7 +387,8 @@ def run_battery(
     """Run the cascade on (x, y) and return the verified per-sample records.
 
     With ``target`` (one class per sample, never its label) the audit is
-    targeted: a sample is broken only where the model outputs its target.
+    targeted: an attack breaks a sample only where the model outputs its
+    target (a sample misclassified before any attack is broken already).
     Attacks that start from data images (``starts_from_data``, the
     hard-label ones) take them from ``starts``: targeted, which they then
     require, images of the target class; untargeted, images of other
@@ -400,7 +401,7 @@ def run_battery(
         raise ValueError("transfer attacks need surrogate sets")
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
-    clean_pred = model.forward(x.to(model.device)).argmax(1).cpu()
+    clean_pred = labels_of(model.forward(x.to(model.device))).cpu()
     records = Records.start(x, clean_pred, y)
     transfer_start: torch.Tensor | None = None
     reports = []

@@ -355,6 +355,8 @@ class MedianQueries(Requirement):
         attacks = [a for a in results.get("attacks") or [] if a.get("access") == level]
         if not attacks:
             return self._verdict(False, f"no {level} attack was run")
+        if all(attack.get("samples") == 0 for attack in attacks):
+            return self._verdict(False, f"no {level} attack had a sample to attack")
         medians = [
             (attack["queries"]["median"], attack.get("name", "?"))
             for attack in attacks

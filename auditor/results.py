@@ -122,7 +122,7 @@ def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:
     for fixed-ε attacks, the success rate against queries at fixed checkpoints.
     """
     attack = report.attack
-    timed = attack.kind == FIXED_EPS or all(run.reached for run in report.runs)
+    timed = attack.kind == FIXED_EPS or (bool(report.runs) and all(run.reached for run in report.runs))
     measure = "to-success" if timed else "spent"
     total = sum(run.queries_total for run in report.runs)
     return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import shutil
 import tempfile
 import time
@@ -77,6 +78,8 @@ class AuditResult:
 
 def _radius(value: float | str) -> float:
     try:
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real, np.ndarray, torch.Tensor)):
+            raise TypeError(f"{value!r} is not a radius")
         radius = parse_eps(value) if isinstance(value, str) else float(value)
     except (TypeError, ValueError) as error:
         raise AuditError(f"--eps: {error}") from None
@@ -92,7 +95,7 @@ def resolve_eps(
     number or fraction, ``"8/255"``, or several)."""
     if norm not in ("linf", "l2"):
         raise AuditError(f"unknown norm {norm!r}; use linf or l2")
-    if isinstance(eps, (int, float, str)):
+    if eps is not None and (isinstance(eps, str) or np.ndim(eps) == 0):
         eps = (eps,)
     if eps is not None:
         eps = [_radius(value) for value in eps]
@@ -217,14 +220,20 @@ def scan(
     With ``out`` the results.json, report.html, report.pdf (and junit.xml
     with a policy) are written there; nothing is written if anything fails.
     ``eps``: one radius or several, numbers or fractions (``"8/255"``); the
-    data set's defaults without it. ``target`` (``random``, ``least-likely`` or a class index) makes the audit
-    targeted: only targeted attacks run, and a sample counts as broken only
-    where the model outputs its target. ``surrogates`` (model files) and
+    data set's defaults without it. ``target`` (``random``,
+    ``least-likely`` or a class index) makes the audit targeted: only
+    targeted attacks run, and an attack breaks a sample only where the model
+    outputs its target (a sample misclassified before any attack counts as
+    broken, as in untargeted audits). ``surrogates`` (model files) and
     ``train_surrogates`` (a number of zoo models trained on the built-in
     training split) give the transfer attacks their surrogate models; they
     run at every access level, and alone at ``access="none"``.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    for name, value in (("--budget", budget), ("--seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise AuditError(f"{name} must be an integer, got {value!r}")
+    budget, seed = int(budget), int(seed)
     if budget < 1:
         raise AuditError(f"--budget must be >= 1, got {budget}")
     if samples is not None and samples < 1:

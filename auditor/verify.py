@@ -42,6 +42,13 @@ class Verified:
     """(N,) float64 distortion in the threat norm."""
 
 
+def labels_of(scores: torch.Tensor) -> torch.Tensor:
+    """Top-1 labels of a batch of scores; -1 for a row with a NaN, which
+    names no class (``argmax`` would return the NaN's index): it is never the
+    label, so it counts as misclassified, and never a target."""
+    return torch.where(torch.isnan(scores).any(dim=1), -1, scores.argmax(dim=1))
+
+
 def verify(
     model: Model,
     x: torch.Tensor,
@@ -55,11 +62,7 @@ def verify(
     x_adv = x_adv.detach().cpu().float()
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
     x_adv = torch.where(finite.view(-1, 1, 1, 1), x_adv, x).clamp(0.0, 1.0)
-    scores = model.forward(x_adv.to(model.device)).cpu()
-    # a row the model answers with a NaN has no class: not the label (so it
-    # counts untargeted, where the model failed), and not the target
-    answered = ~torch.isnan(scores).any(dim=1)
-    predicted = torch.where(answered, scores.argmax(1), -1)
+    predicted = labels_of(model.forward(x_adv.to(model.device))).cpu()
     fooled = finite & (predicted != y if target is None else predicted == target.cpu())
     size = distortion((x_adv - x).double(), norm)
     return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

@@ -231,3 +231,33 @@ def test_an_output_with_nan_names_no_class():
     assert verify(model, x, x_adv, y, "linf").fooled.tolist() == [False, True]
     assert verify(model, x, x_adv, y, "linf", target=torch.ones(2, dtype=torch.long)).fooled.tolist() == [False, False]
     assert verify(model, x, x_adv, torch.ones(2, dtype=torch.long), "linf", target=y).fooled.tolist() == [True, False]
+
+
+def test_clean_predictions_read_nan_rows_as_no_class_too():
+    """The clean check and the label oracle use the same reading as
+    verification: a sample whose clean output has a NaN is misclassified."""
+    from auditor.verify import labels_of
+
+    assert labels_of(torch.tensor([[float("nan"), 1.0, 0.0], [0.0, 2.0, 1.0]])).tolist() == [-1, 1]
+
+    class NanOnBright(torch.nn.Module):
+        def forward(self, x):
+            mean = x.flatten(1).mean(1, keepdim=True)
+            return torch.where(mean > 0.5, torch.nan, torch.cat([mean, -mean], dim=1))
+
+    model = TorchModel(NanOnBright(), ModelInfo("nan", "state-dict", "0", (1, 2, 2), 2), device="cpu")
+    x = torch.stack([torch.full((1, 2, 2), 0.2), torch.full((1, 2, 2), 0.8)])
+    outcome = run_battery(Battery(Access.HARD_LABEL, "linf", (Liar(),)), model, x, torch.zeros(2, dtype=torch.long),
+                          eps_list=[0.01], budget=1, seed=0)
+    assert outcome.clean_pred.tolist() == [0, -1]
+    assert outcome.records.broken_by.tolist()[1] == "clean" and float(outcome.records.distortion[1]) == 0.0
+
+
+def test_a_minimum_norm_attack_that_attacked_nothing_reports_queries_spent():
+    from auditor.attacks.hardlabel.sign_opt import SignOPT
+    from auditor.battery import AttackReport
+    from auditor.results import attack_entry
+
+    report = AttackReport(attack=SignOPT(), runs=(), samples=0, queries_to_success=(), robust_accuracy={},
+                          budget=100)
+    assert attack_entry(report, [])["queries"]["measure"] == "spent"  # no trace read, nothing timed

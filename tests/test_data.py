@@ -119,6 +119,8 @@ def test_hidden_folders_are_not_classes(tmp_path):
     _png(tmp_path / "cat" / "a.png", 0)
     _png(tmp_path / "dog" / "a.png", 255)
     _png(tmp_path / ".ipynb_checkpoints" / "a.png", 128)  # would be class 0 and shift the labels
+    _png(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png", 128)  # a second cat
+    _png(tmp_path / "dog" / ".hidden.png", 128)
     data = load_folder(tmp_path)
     assert data.classes == ("cat", "dog") and data.y.tolist() == [0, 1]
 

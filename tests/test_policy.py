@@ -203,6 +203,14 @@ def test_median_queries_nothing_broken_passes():
     assert verdict.actual == "no hard-label attack broke any sample"
 
 
+def test_median_queries_fails_when_its_attacks_had_no_sample():
+    """Every sample misclassified before any attack: nothing was measured."""
+    attacks = [{**attack, "samples": 0, "queries": {"median": None}} for attack in RESULTS["attacks"]]
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(results(access=HARD_LABEL["access"],
+                                                                           attacks=attacks))
+    assert not verdict.passed and verdict.actual == "no hard-label attack had a sample to attack"
+
+
 def test_median_queries_no_attack_of_that_level_fails():
     white_box = results(access={"level": "white-box", "reason": "asked"})
     verdict = MedianQueries("q", 0, Access.WHITE_BOX).evaluate(white_box)

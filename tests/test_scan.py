@@ -235,3 +235,11 @@ def test_results_record_the_architecture_and_normalisation_and_a_narrowed_batter
     assert model["normalisation"] == {"mean": [0.1], "std": [0.9]}
     ids = {check["id"] for check in audit.results["checks"]}
     assert "custom-battery" in ids and "noise-beats-attacks" not in ids  # noise alone has nothing to beat
+
+
+def test_scan_refuses_a_budget_that_is_not_an_integer_before_it_runs(example_onnx):
+    import auditor
+    from auditor.errors import AuditError
+
+    with pytest.raises(AuditError, match="--budget must be an integer, got 50.5"):
+        auditor.scan(example_onnx, "mnist", budget=50.5)

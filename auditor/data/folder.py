@@ -9,12 +9,14 @@ shape, since the auditor evaluates them as one batch.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 from ..errors import AuditError
@@ -31,8 +33,16 @@ def _open(path: str) -> Image.Image:
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
 
 
+def _visible_image(path: str, root: str) -> bool:
+    """An image file with no hidden (dot-named) folder or name on its path below ``root``."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(
+        part.startswith(".") for part in Path(os.path.relpath(path, root)).parts
+    )
+
+
 class _VisibleFolders(ImageFolder):
-    """``ImageFolder`` whose classes are the subfolders not hidden by a dot."""
+    """``ImageFolder`` whose classes are the subfolders not hidden by a dot,
+    and whose images are the files not hidden inside them."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = sorted(
@@ -47,7 +57,8 @@ def load_folder(path: str | Path) -> Dataset:
     """All images under ``path/<class>/``; the name is ``path`` as given."""
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
     try:
-        folder = _VisibleFolders(str(path), transform=to_tensor, loader=_open)
+        folder = _VisibleFolders(str(path), transform=to_tensor, loader=_open,
+                                 is_valid_file=lambda file: _visible_image(file, os.path.expanduser(path)))
     except FileNotFoundError as exc:
         raise AuditError(f"data folder {path} contains no images") from exc
     try:

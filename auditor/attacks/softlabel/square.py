@@ -90,8 +90,9 @@ more than the call itself (3 × 32 × 32 CNNs and ResNets), proposals from
 one point buy no time and cost queries (on a 3 × 32 × 32 CNN, 188 images,
 L2 ε = 1, seeds 0-2: mean queries to success 4 % higher with up to 512
 images per call than with one proposal per step, in the same wall time),
-so larger inputs fill calls with fewer images, and from 3 × 224 × 224 on
-each step is one proposal per sample, as in the paper.
+so larger inputs fill calls with fewer images: 130 of 3 × 32 × 32, and
+at most 2 of 3 × 224 × 224, where a step is one proposal per sample as in
+the paper as soon as two samples are attacked.
 
 Defaults: ``p_init = 0.8`` for both norms. For L∞ it is the value the
 reference repository (``max-andr/square-attack``, README) runs on the
