@@ -340,19 +340,21 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
     """
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    stage = None
     try:
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
         (stage / "results.json").write_text(dump(audit.results))
         write_report(audit.results, stage)
         np.savez_compressed(stage / "adversarials.npz", **audit.adversarials)
         if verdict is not None:
             write_junit(verdict, stage / "junit.xml")
-        else:
-            (out / "junit.xml").unlink(missing_ok=True)
         for path in stage.iterdir():
             path.replace(out / path.name)
+        if verdict is None:
+            (out / "junit.xml").unlink(missing_ok=True)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         if made and not any(out.iterdir()):
             out.rmdir()
         raise
