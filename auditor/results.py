@@ -23,8 +23,6 @@ from .attacks.base import FIXED_EPS
 from .attacks.transfer import TransferAttack
 from .battery import AttackReport, BatteryOutcome, RunReport
 from .eps import eps_key
-from .errors import AuditError
-from .report.schema import SCHEMA
 
 TIMING_FIELDS = ("started", "seconds")
 """Top-level fields that differ between two runs with the same seed
@@ -223,16 +221,6 @@ def manifest(command: str, device: str) -> dict:
         "command": command,
         "device": device,
     }
-
-
-def load_results(path: Path) -> dict:
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditError(f"results file {path}: cannot read JSON ({exc})") from None
-    if not isinstance(results, dict) or results.get("schema") != SCHEMA:
-        raise AuditError(f"{path} is not an auditor results file (schema {SCHEMA})")
-    return results
 
 
 def dump(results: dict) -> str:

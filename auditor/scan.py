@@ -34,8 +34,8 @@ from .models import check_model_on_data, load_model
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
 from .report.render import write_report
+from .report.schema import SCHEMA
 from .results import (
-    SCHEMA,
     attack_entry,
     auditor_version,
     dump,

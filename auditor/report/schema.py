@@ -12,6 +12,7 @@ of ``attacks[]`` (runs, curves) are the report's to check.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +24,14 @@ SCHEMA = "auditor.results/1"
 
 def read_results(path: str | Path) -> dict:
     """Load and validate a results.json; :class:`AuditError` if it is missing or bad."""
-    from ..results import load_results  # results imports the attack battery (torch)
-
     path = Path(path)
     if not path.exists():
         raise AuditError(f"cannot read results.json: no such file: {path}")
-    return validate_results(load_results(path), str(path))
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditError(f"results file {path}: cannot read JSON ({exc})") from None
+    return validate_results(results, str(path))
 
 
 def validate_results(results: Any, source: str = "input") -> dict:
