@@ -136,7 +136,8 @@ def cli(debug: bool) -> None:
 @click.option("-n", "--samples", type=int, help="Evaluate a class-balanced subset of N samples.")
 @click.option("--norm", default="linf", show_default=True, type=click.Choice(["linf", "l2"]))
 @click.option("--eps", type=RADIUS, multiple=True,
-              help="Perturbation radius, e.g. 0.3 or 8/255 (repeatable); default depends on data and norm.")
+              help="Perturbation radius, e.g. 0.3 or 8/255 (repeatable). Default: 0.1, 0.2, 0.3 (linf) or "
+                   "1, 1.5, 2 (l2) for greyscale images up to 32x32; else 2/255, 4/255, 8/255 or 0.25, 0.5, 1.")
 @click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); a name without its norm "
               "(fgsm, sign-opt) means the threat norm's variant. Default: the whole battery.")

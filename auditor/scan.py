@@ -48,13 +48,21 @@ from .surrogates import Surrogate, accuracy, train_surrogates
 log = logging.getLogger(__name__)
 
 DEFAULT_EPS = {
-    ("mnist", "linf"): (0.1, 0.2, 0.3),
-    ("mnist", "l2"): (1.0, 1.5, 2.0),
-    (None, "linf"): (2 / 255, 4 / 255, 8 / 255),
-    (None, "l2"): (0.25, 0.5, 1.0),
+    ("digits", "linf"): (0.1, 0.2, 0.3),
+    ("digits", "l2"): (1.0, 1.5, 2.0),
+    ("photos", "linf"): (2 / 255, 4 / 255, 8 / 255),
+    ("photos", "l2"): (0.25, 0.5, 1.0),
 }
-"""ε grids used when ``--eps`` is not given: the standard MNIST radii for the
-built-in data, and the usual CIFAR/ImageNet radii for anything else."""
+"""ε grids used when ``--eps`` is not given, by the kind of image: the
+standard MNIST radii for greyscale images of at most 32 × 32 (MNIST,
+Fashion-MNIST and the like, built in or not), the usual CIFAR/ImageNet radii
+for anything else."""
+
+
+def image_kind(shape: Sequence[int]) -> str:
+    """``"digits"`` for greyscale images of at most 32 × 32 (C, H, W), else ``"photos"``."""
+    channels, height, width = shape
+    return "digits" if channels == 1 and max(height, width) <= 32 else "photos"
 
 
 @dataclass(frozen=True)
@@ -89,10 +97,12 @@ def _radius(value: float | str) -> float:
 
 
 def resolve_eps(
-    data_name: str, norm: str, eps: float | str | Sequence[float | str] | None
+    shape: Sequence[int], norm: str, eps: float | str | Sequence[float | str] | None
 ) -> tuple[float, ...]:
-    """The radii of a scan: the data set's defaults, or those given (one
-    number or fraction, ``"8/255"``, or several)."""
+    """The radii of a scan on images of ``shape`` (C, H, W): the defaults for
+    that kind of image, or those given (one number or fraction, ``"8/255"``,
+    or several). A radius must be one that leaves the image somewhere to go:
+    at most 1 in L∞, at most the diameter √(C·H·W) of the pixel cube in L2."""
     if norm not in ("linf", "l2"):
         raise AuditError(f"unknown norm {norm!r}; use linf or l2")
     if eps is not None and (isinstance(eps, str) or np.ndim(eps) == 0):
@@ -100,13 +110,18 @@ def resolve_eps(
     if eps is not None:
         eps = [_radius(value) for value in eps]
     if not eps:
-        key = (data_name, norm) if (data_name, norm) in DEFAULT_EPS else (None, norm)
-        return DEFAULT_EPS[key]
+        return DEFAULT_EPS[(image_kind(shape), norm)]
+    diameter = math.sqrt(math.prod(shape))
     for value in eps:
         if not value > 0:
             raise AuditError(f"--eps must be > 0, got {value:g}")
         if norm == "linf" and value > 1:
             raise AuditError(f"--eps {value:g} exceeds the [0,1] pixel range for linf")
+        if norm == "l2" and value > diameter:
+            raise AuditError(
+                f"--eps {value:g} exceeds the L2 diameter {diameter:.4g} of [0,1] images of shape "
+                f"{'x'.join(map(str, shape))}"
+            )
     # one radius per results key: 8/255 and 0.0313725 are the same row
     return tuple(sorted({eps_key(value): float(value) for value in eps}.values()))
 
@@ -240,7 +255,7 @@ def scan(
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
-    eps_list = resolve_eps(dataset.name, norm, eps)
+    eps_list = resolve_eps(tuple(dataset.x.shape[1:]), norm, eps)
     adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
     num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)

@@ -7,7 +7,10 @@ from click.testing import CliRunner
 
 from auditor.cli import cli
 from auditor.eps import eps_key, eps_text, parse_eps
+from auditor.errors import AuditError
 from auditor.scan import resolve_eps
+
+DIGIT = (1, 28, 28)
 
 
 def test_fractions_parse_to_the_same_results_key_as_their_decimals():
@@ -27,7 +30,7 @@ def test_whole_grey_levels_read_as_fractions_and_short_decimals_stay():
 
 
 def test_a_radius_given_twice_in_two_spellings_is_one_row():
-    assert [eps_key(eps) for eps in resolve_eps("mnist", "linf", [8 / 255, 0.0313725, 0.1])] == ["0.0313725", "0.1"]
+    assert [eps_key(eps) for eps in resolve_eps(DIGIT, "linf", [8 / 255, 0.0313725, 0.1])] == ["0.0313725", "0.1"]
 
 
 def test_cli_takes_fractions_and_refuses_bad_radii_in_one_line():
@@ -38,11 +41,26 @@ def test_cli_takes_fractions_and_refuses_bad_radii_in_one_line():
 
 
 def test_the_python_api_takes_one_radius_or_fractions():
-    from auditor.errors import AuditError
-
-    assert resolve_eps("mnist", "linf", 0.3) == (0.3,)
-    assert resolve_eps("mnist", "linf", "8/255") == (8 / 255,)
-    assert resolve_eps("mnist", "l2", ["1/2", 1.0]) == (0.5, 1.0)
+    assert resolve_eps(DIGIT, "linf", 0.3) == (0.3,)
+    assert resolve_eps(DIGIT, "linf", "8/255") == (8 / 255,)
+    assert resolve_eps(DIGIT, "l2", ["1/2", 1.0]) == (0.5, 1.0)
     for bad, message in [("abc", "not a number"), (float("inf"), "finite"), ([None], "--eps")]:
         with pytest.raises(AuditError, match=message):
-            resolve_eps("mnist", "l2", bad)
+            resolve_eps(DIGIT, "l2", bad)
+
+
+def test_default_radii_follow_the_image_kind_not_the_data_source():
+    # an .npz of MNIST-sized digits is audited at the MNIST radii, like the built-in data
+    assert resolve_eps((1, 28, 28), "linf", None) == (0.1, 0.2, 0.3)
+    assert resolve_eps((1, 32, 32), "l2", ()) == (1.0, 1.5, 2.0)
+    # colour images, and greyscale ones larger than 32 x 32, at the CIFAR/ImageNet radii
+    assert resolve_eps((3, 32, 32), "linf", None) == (2 / 255, 4 / 255, 8 / 255)
+    assert resolve_eps((1, 224, 224), "l2", None) == (0.25, 0.5, 1.0)
+
+
+def test_an_l2_radius_beyond_the_pixel_cube_is_refused():
+    assert resolve_eps((1, 2, 2), "l2", 2.0) == (2.0,)  # exactly the diameter sqrt(4)
+    with pytest.raises(AuditError, match="exceeds the L2 diameter 2 of"):
+        resolve_eps((1, 2, 2), "l2", 2.5)
+    with pytest.raises(AuditError, match="exceeds the \\[0,1\\] pixel range"):
+        resolve_eps(DIGIT, "linf", 1.5)

@@ -243,3 +243,14 @@ def test_scan_refuses_a_budget_that_is_not_an_integer_before_it_runs(example_onn
 
     with pytest.raises(AuditError, match="--budget must be an integer, got 50.5"):
         auditor.scan(example_onnx, "mnist", budget=50.5)
+
+
+def test_default_radii_come_from_the_image_shape_whatever_the_data_source(example_onnx, tmp_path):
+    import auditor
+    from auditor.data.builtin import mnist
+
+    digits = mnist("test")
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=digits.x[:10].numpy(), y=digits.y[:10].numpy())
+    audit = auditor.scan(example_onnx, str(path), access="hard-label", attacks=["random-noise"], budget=5)
+    assert audit.results["threat"]["eps"] == [0.1, 0.2, 0.3]  # MNIST's radii, not 2/255 ... 8/255
