@@ -9,6 +9,9 @@ AutoAttack and RobustBench.
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
+from .errors import AuditError
 
 GREY_LEVELS = 255
 
@@ -41,3 +44,18 @@ def eps_text(eps: float | str) -> str:
     if len(key) > 6 and 0 < levels < GREY_LEVELS and abs(value * GREY_LEVELS - levels) < 1e-4:
         return f"{levels}/{GREY_LEVELS}"
     return key
+
+
+def check_radius(eps: float, norm: str, shape: Sequence[int] | None = None) -> None:
+    """AuditError unless ``eps`` is a radius that leaves an image somewhere to
+    go: > 0, at most 1 in L∞ and, given the image ``shape`` (C, H, W), at most
+    the diameter √(C·H·W) of the pixel cube [0,1]^d in L2."""
+    if not eps > 0:
+        raise AuditError(f"--eps must be > 0, got {eps:g}")
+    if norm == "linf" and eps > 1:
+        raise AuditError(f"--eps {eps:g} exceeds the [0,1] pixel range for linf")
+    if norm == "l2" and shape is not None and eps > math.sqrt(math.prod(shape)):
+        raise AuditError(
+            f"--eps {eps:g} exceeds the L2 diameter {math.sqrt(math.prod(shape)):.4g} of [0,1] images of shape "
+            f"{'x'.join(map(str, shape))}"
+        )

@@ -28,7 +28,7 @@ from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery
 from .data import Dataset, load_data
-from .eps import eps_key, parse_eps
+from .eps import check_radius, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_model_on_data, load_model
 from .policy import PolicyResult, load_policy, write_junit
@@ -111,17 +111,8 @@ def resolve_eps(
         eps = [_radius(value) for value in eps]
     if not eps:
         return DEFAULT_EPS[(image_kind(shape), norm)]
-    diameter = math.sqrt(math.prod(shape))
     for value in eps:
-        if not value > 0:
-            raise AuditError(f"--eps must be > 0, got {value:g}")
-        if norm == "linf" and value > 1:
-            raise AuditError(f"--eps {value:g} exceeds the [0,1] pixel range for linf")
-        if norm == "l2" and value > diameter:
-            raise AuditError(
-                f"--eps {value:g} exceeds the L2 diameter {diameter:.4g} of [0,1] images of shape "
-                f"{'x'.join(map(str, shape))}"
-            )
+        check_radius(value, norm, shape)
     # one radius per results key: 8/255 and 0.0313725 are the same row
     return tuple(sorted({eps_key(value): float(value) for value in eps}.values()))
 

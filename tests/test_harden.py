@@ -319,3 +319,12 @@ def test_bad_flags_exit_2_with_one_line(example_onnx, tmp_path, capsys, args, me
 def test_unknown_api_options_are_refused(example_onnx, tmp_path):
     with pytest.raises(AuditError, match="unknown hardening option"):
         auditor.harden(example_onnx, eps=0.3, out=tmp_path, learning_rate=1.0)
+
+
+def test_harden_refuses_an_l2_radius_beyond_the_pixel_cube_before_training(example_onnx, tmp_path):
+    import auditor
+
+    out = tmp_path / "hardened.onnx"
+    with pytest.raises(AuditError, match="exceeds the L2 diameter 28 of \\[0,1\\] images of shape 1x28x28"):
+        auditor.harden(example_onnx, "mnist", eps=40.0, norm="l2", out=out)
+    assert not out.exists()

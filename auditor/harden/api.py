@@ -30,6 +30,7 @@ from torch import nn
 
 from ..access import DEFAULT_BUDGET
 from ..data import Dataset, load_data
+from ..eps import check_radius
 from ..errors import AuditError
 from ..models import check_model_on_data, load_model
 from ..models.pytorch import resolve_device
@@ -156,6 +157,7 @@ def harden(
     trainer_method = METHODS[config.method](config)
     source = Path(model)
     training_data = load_data(data, split="train")
+    check_radius(config.eps, config.norm, tuple(training_data.x.shape[1:]))
     evaluation = eval_data or data
     check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                                    device="cpu"), training_data)

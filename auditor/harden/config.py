@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..eps import check_radius
 from ..errors import AuditError
 
 NORMS = ("linf", "l2")
@@ -67,10 +68,7 @@ class HardenConfig:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise AuditError(f"unknown norm {self.norm!r}; use linf or l2")
-        if not self.eps > 0:
-            raise AuditError(f"--eps must be > 0, got {self.eps:g}")
-        if self.norm == "linf" and self.eps > 1:
-            raise AuditError(f"--eps {self.eps:g} exceeds the [0,1] pixel range for linf")
+        check_radius(self.eps, self.norm)
         positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--steps": self.steps,
                     "--replays": self.replays, "--guard-steps": self.guard_steps,
                     "--guard-every": self.guard_every}
