@@ -33,6 +33,15 @@ def label_oracle(model64, n, budget, counter: Counting | None = None):
     return LabelOracle(counter or Counting(lambda z: model64(z.double()).argmax(1)), n, budget)
 
 
+def first_found(trace) -> torch.Tensor:
+    """Per sample, the distortion of the first adversarial example its trace
+    shows (``inf`` where none): the start a minimum-norm attack refines."""
+    sizes = torch.stack([size for _, size in trace])
+    found = torch.isfinite(sizes)
+    first = found.int().argmax(dim=0)
+    return torch.where(found.any(dim=0), sizes[first, torch.arange(sizes.shape[1])], torch.inf)
+
+
 def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> torch.nn.Module:
     """Train ``model`` with Adam (lr 3e-3) on batches of 100 in order; returns it in eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -202,9 +202,9 @@ def test_sign_opt_trace(correct_batch, sign_opt_runs):
     assert torch.isinf(last[~result.success]).all()
     expected = distortion(result.x_adv - x, "l2")[result.success]
     assert torch.allclose(last[result.success], expected, atol=1e-5)
-    # the median best distortion never goes up from one iteration to the next
-    medians = [d[torch.isfinite(d)].median().item() for _, d in result.trace]
-    assert all(b <= a + 1e-6 for a, b in zip(medians, medians[1:]))
+    # no sample's best distortion ever goes up from one entry to the next
+    sizes = torch.stack([d for _, d in result.trace])
+    assert (sizes[1:] <= sizes[:-1]).all()
 
 
 def test_sign_opt_batches_rows_across_samples(sign_opt_runs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from auditor.attacks.hardlabel.boundary import Directions, SampleRandom, StartPo
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
 from auditor.attacks.hardlabel.sign_opt import SignOPT
+from auditor.battery import queries_to_reach
 from auditor.oracles import LabelOracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,6 +60,46 @@ def test_batching_is_exact(model64, correct_batch, label):
         assert bool(alone.success[0]) == bool(batch.success[i])
         assert int(alone.queries[0]) == int(batch.queries[i])
         assert torch.equal(alone.trace[-1][1][0], batch.trace[-1][1][i])
+        for bound in (1.0, 3.0):  # queries to come within a bound, read from the trace
+            reached_alone = queries_to_reach(alone.trace, bound, alone.queries)
+            assert int(reached_alone[0]) == int(queries_to_reach(batch.trace, bound, batch.queries)[i])
+
+
+class FirstAdversarial(LabelOracle):
+    """A label oracle that notes, per sample, its query count after the
+    first call that returned it an adversarial label."""
+
+    def __init__(self, labels, y, budget):
+        super().__init__(labels, len(y), budget)
+        self.y = y
+        self.first = torch.full((len(y),), -1)
+
+    def labels(self, x, idx=None):
+        out = super().labels(x, idx)
+        rows = torch.arange(len(self.y)) if idx is None else torch.as_tensor(idx)
+        hit = rows[out.cpu() != self.y[rows]].unique()
+        hit = hit[self.first[hit] < 0]
+        self.first[hit] = self.queries()[hit]
+        return out
+
+
+@pytest.mark.parametrize("label", ["sign-opt-l2", "opt-l2", "hop-skip-jump-l2"])
+def test_trace_shows_what_the_initialisation_found(model64, correct_batch, label):
+    """The trace has the queries at which each sample's best example first
+    appeared, not the queries at the end of the initialisation: a sample's
+    first adversarial label is followed only by that direction's binary
+    search (at most ~20 queries here) before it holds an example."""
+    attack = replace(ATTACKS[label], n_init=100)
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    oracle = FirstAdversarial(one_by_one(model64), y, 400)
+    result = attack(oracle, x, y, seed=0)
+    reached = queries_to_reach(result.trace, 1e6, result.queries)  # first held any adversarial
+    found = result.success
+    assert found.sum() >= 6
+    assert (reached[found] >= oracle.first[found]).all()
+    assert (reached[found] <= oracle.first[found] + 25).all(), (reached, oracle.first)
+    # the whole initialisation costs far more: a trace read only after it would be late
+    assert (reached[found] < 60).float().mean() > 0.5
 
 
 def test_probes_per_call_do_not_change_results(model64, correct_batch):

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Counting, label_oracle, predict
+from helpers import Counting, first_found, label_oracle, predict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,8 +107,8 @@ def test_budgets_hold_for_random_budgets(model64, correct_batch, budget, seed, n
 def test_unlimited_budget_stops_at_max_iter(model64, correct_batch):
     x, y = correct_batch[0][:3], correct_batch[1][:3]
     result = HopSkipJump(max_iter=2, init_num_evals=10)(label_oracle(model64, 3, None), x, y)
-    assert len(result.trace) <= 3
-    assert (result.queries < 200).all()
+    shorter = HopSkipJump(max_iter=1, init_num_evals=10)(label_oracle(model64, 3, None), x, y)
+    assert (shorter.queries < result.queries).all() and (result.queries < 200).all()
 
 
 # -- results -------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_l2_quality_at_2000_queries(correct_batch, runs):
     assert result.success.float().mean() > 0.9
     assert torch.equal(result.queries, oracle.queries())
     l2 = distortion(result.x_adv - x, "l2")[result.success]
-    first = result.trace[0][1]
+    first = first_found(result.trace)
     assert l2.median() < 0.5 * first[torch.isfinite(first)].median()
 
 
@@ -158,7 +158,7 @@ def test_trace(correct_batch, runs, norm):
 
 def test_linf_distortion_shrinks(correct_batch, runs):
     result, _, _ = runs["linf"]
-    first, last = result.trace[0][1], result.trace[-1][1]
+    first, last = first_found(result.trace), result.trace[-1][1]
     ok = torch.isfinite(first)
     assert ok.float().mean() > 0.9
     assert last[ok].median() < 0.9 * first[ok].median()

@@ -5,7 +5,10 @@ adversarial image held per sample, and starting images from the data.
   (untargeted) or equals the sample's target class (targeted).
 * :class:`BestAdversarial`: per sample, the verified adversarial image of
   smallest distortion in the attack's norm held so far; it is the attack's
-  ``x_adv`` and its sizes are the trace.
+  ``x_adv``, and it keeps the trace: an entry (queries spent, best
+  distortion) each time some sample's best improves, so the queries at
+  which a sample's best first came within ε are exact to the update, in
+  the initialisation as in the iterations.
 * :class:`SampleRandom`: one random stream per sample, so that batching is
   exact: a sample gets the same result in a batch as alone, with the same
   seed.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -57,19 +61,32 @@ class Goal:
 
 
 class BestAdversarial:
-    """Per sample, the adversarial image of smallest distortion held so far."""
+    """Per sample, the adversarial image of smallest distortion held so far,
+    and the trace of (queries spent, best distortion) over all samples:
+    one entry at the start and one after each update that improved a
+    sample (:meth:`closed_trace` adds one at the end). ``queries`` is the
+    oracle's per-sample count."""
 
-    def __init__(self, x0: torch.Tensor, norm: str):
+    def __init__(self, x0: torch.Tensor, norm: str, queries: Callable[[], torch.Tensor]):
         self.x0 = x0
         self.norm = norm
         self.x = x0.clone()
         self.size = torch.full((len(x0),), float("inf"), device=x0.device)
+        self._queries = queries
+        self.trace = [(queries().clone(), self.size.clone())]
 
     def update(self, rows: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> None:
         size = distortion(images - self.x0[rows], self.norm).to(self.size.dtype)
         better = valid & (size < self.size[rows])
+        if not bool(better.any()):
+            return
         self.x[rows[better]] = images[better]
         self.size[rows[better]] = size[better]
+        self.trace.append((self._queries().clone(), self.size.clone()))
+
+    def closed_trace(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The trace with a last entry at the queries spent now: the run's result."""
+        return [*self.trace, (self._queries().clone(), self.size.clone())]
 
 
 class SampleRandom:

@@ -96,8 +96,8 @@ until its budget is spent.
 
 Per sample the attack keeps the verified adversarial image of smallest
 distortion in ``norm`` it has held; that is ``x_adv``, and its distortion is
-the one in the trace (one checkpoint after initialisation, one after each
-iteration).
+the one in the trace (an entry after each initialisation round and each
+iteration that improved some sample's best).
 
 Defaults are those of the official code (``Jianbo-Lab/HSJA``, ``hsja.py``):
 ``init_num_evals = 100`` (B_0), ``max_num_evals = 1e4``, ``gamma = 1``,
@@ -256,7 +256,6 @@ class HopSkipJump(Attack):
 
         active = found.clone()
         t = torch.zeros(n, dtype=torch.long, device=device)
-        trace = [(oracle.queries().clone(), best.size.clone())]
 
         for _ in range(self.max_iter):
             t_next = t + 1
@@ -304,10 +303,9 @@ class HopSkipJump(Attack):
                 new = bisect(rows, stepped, moved)
                 current[rows[moved]] = new[moved]
                 best.update(rows, new, moved)
-            trace.append((oracle.queries().clone(), best.size.clone()))
 
         return AttackResult(
-            x_adv=best.x, success=success, queries=oracle.queries(), trace=trace,
+            x_adv=best.x, success=success, queries=oracle.queries(), trace=best.closed_trace(),
             start_index=start.start_index(),
         )
 

@@ -23,12 +23,14 @@ holds what they share, all batched over samples:
   smaller g farther in L2);
 * ``RaySearch.__call__``: clean check, initialisation, then iterations of
   estimate, step-size line search (``line_search``, the official code's)
-  and the α/β resets, with a trace of (queries, best distortion) after each
-  iteration. The initialisation takes the best of ``n_init`` directions:
-  Gaussian ones, or in targeted mode ``s − x0`` for images ``s`` of the
-  target class from the data (the official targeted attacks' start), each
-  sample walking through its class's images from a random offset; the data
-  index of the image behind the best start is returned as ``start_index``.
+  and the α/β resets; the trace of (queries, best distortion) has an entry
+  after each initialisation round and each iteration that improved some
+  sample's best (``BestAdversarial``). The initialisation takes the best of
+  ``n_init`` directions: Gaussian ones, or in targeted mode ``s − x0`` for
+  images ``s`` of the target class from the data (the official targeted
+  attacks' start), each sample walking through its class's images from a
+  random offset; the data index of the image behind the best start is
+  returned as ``start_index``.
   Untargeted, a sample no Gaussian direction took across the boundary then
   tries images of the other classes from the data, when it is given them.
 
@@ -250,7 +252,6 @@ class RaySearch(Attack):
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
         beta = torch.full((n,), self.beta, device=device)
-        trace = [(oracle.queries().clone(), best.size.clone())]
 
         for _ in range(self.max_iter):
             active &= oracle.remaining().to(device) >= self.iteration_cost
@@ -271,10 +272,9 @@ class RaySearch(Attack):
             alpha[rows], beta[rows] = step, smooth
             active[rows[smooth < _BETA_FLOOR]] = False
             best.update(rows, ray.image(rows, best_th, best_g), torch.isfinite(best_g))
-            trace.append((oracle.queries().clone(), best.size.clone()))
 
         return AttackResult(
-            x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=trace,
+            x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=best.closed_trace(),
             start_index=start.start_index(),
         )
 
@@ -349,7 +349,7 @@ def ray_start(ray: Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart
         attack=ray.affordable(everyone),
         theta=torch.zeros_like(x0),
         g=torch.full((n,), float("inf"), device=x0.device),
-        best=BestAdversarial(x0, ray.norm),
+        best=BestAdversarial(x0, ray.norm, ray.oracle.queries),
         start_at=torch.full((n,), -1, dtype=torch.long, device=x0.device),
         walk=run.walk,
     )
