@@ -8,6 +8,7 @@ example is exact.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from auditor.attacks.base import MIN_NORM, distortion
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
+from auditor.oracles import LabelOracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,6 +172,23 @@ def test_batches_rows_across_samples(runs):
         assert counter.rows == int(result.queries.sum())
         # a loop over samples would make one call per sample per query round
         assert counter.calls * 20 < counter.rows
+
+
+def test_probe_calls_stay_within_max_rows(model64, correct_batch):
+    """Rows are grouped so that no call carries more than max_rows images
+    (no row here has more probes than that), and the grouping changes nothing."""
+    x, y = correct_batch[0][:6], correct_batch[1][:6]
+    sizes = []
+
+    def labels(z):
+        sizes.append(len(z))
+        return model64(z.double()).argmax(1)
+
+    attack = HopSkipJump(init_num_evals=20, n_init=5)
+    narrow = replace(attack, max_rows=60)(LabelOracle(labels, 6, 300), x, y, seed=2)
+    wide = attack(label_oracle(model64, 6, 300), x, y, seed=2)
+    assert max(sizes) <= 60 and sum(sizes) == int(narrow.queries.sum())
+    assert torch.equal(narrow.x_adv, wide.x_adv) and torch.equal(narrow.queries, wide.queries)
 
 
 def test_misclassified_input_costs_one_query(model64, correct_batch):

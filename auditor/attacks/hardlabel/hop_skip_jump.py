@@ -107,6 +107,7 @@ geometric-progression step search; 64 iterations.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -315,8 +316,9 @@ class HopSkipJump(Attack):
         With ``radial`` (unit rows of ``xt − x*``, flattened) each direction
         loses its component along its row's radial vector first.
 
-        Rows are grouped so that a group's probes (those of at least one row)
-        fit in ``max_rows`` images, one oracle call per group; each row draws
+        Consecutive rows are grouped so that a group's probes fit in
+        ``max_rows`` images (a row with more probes is a group alone), one
+        oracle call per group; each row draws
         its probes from its own stream, all in one draw, and its sums run over
         its own probes in order, so they do not depend on the batch. They sum
         the clipped steps ``δ_t u_b``: dividing by δ_t does not change the
@@ -326,11 +328,14 @@ class HopSkipJump(Attack):
         dtype = xt.dtype
         sums = torch.zeros((2, len(rows), flat.shape[1]), device=xt.device, dtype=dtype)
         sum_f = torch.zeros(len(rows), device=xt.device, dtype=dtype)
-        before = torch.cumsum(evals, 0) - evals
-        group = torch.div(before, self.max_rows, rounding_mode="floor")
+        ends = torch.cumsum(evals, 0).tolist()
         draw = directions.gaussian if self.norm == "l2" else directions.uniform
-        for g in torch.unique(group).tolist():
-            mine = (group == g).nonzero().squeeze(1)
+        first = 0
+        while first < len(rows):
+            done = ends[first - 1] if first else 0
+            last = max(first + 1, bisect_right(ends, done + self.max_rows))
+            mine = torch.arange(first, last, device=xt.device)
+            first = last
             counts = evals[mine]
             m = len(mine)
             owner = torch.repeat_interleave(torch.arange(m, device=xt.device), counts)
