@@ -11,7 +11,12 @@ threat model allows:
 
 The three classes are unrelated on purpose: a ``LabelOracle`` is not a
 ``ScoreOracle`` with less, so no ``isinstance`` or ``super()`` trick reaches
-more than the declared access. The model is held only in a private closure.
+more than the declared access. Their public methods are the whole interface;
+the model function and the counters are private attributes. Python cannot
+hide an object from code in the same process (``vars(oracle)`` reaches
+them), so the guarantee for the attacks is a rule that a test enforces: no
+module under ``auditor/attacks`` reads a private attribute of another
+object or introspects one (``tests/test_oracles.py``).
 
 Every oracle serves a fixed batch of ``n`` samples. Each query row names the
 sample it belongs to (``idx``); one image through the model is one query for

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import auditor
 from auditor.access import Access
 from auditor.battery import build_battery
 from auditor.errors import AuditError
@@ -169,3 +173,49 @@ def test_every_soft_label_attack_is_handed_only_a_score_oracle(tiny_cnn, batch):
     run_battery(battery, model, x, y, eps_list=[0.1], budget=30, seed=0)
     assert [label for label, _, _ in handed] == [attack.label for attack in soft]
     assert all(kind is ScoreOracle and names == PUBLIC_COUNTING | {"probs"} for _, kind, names in handed)
+
+
+INTROSPECTION = {"vars", "getattr", "setattr", "globals", "locals", "gc", "inspect", "ctypes", "sys"}
+
+
+def introspection(source: str) -> list[str]:
+    """What in ``source`` could reach past an oracle's public methods: a
+    private attribute of anything but ``self``/``cls``/``super()``, a dunder
+    other than a method of ``super()``, or an introspection tool (``vars``,
+    ``getattr`` … on anything but ``self``; ``gc``, ``inspect``, ``sys``)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            base = node.value
+            own = isinstance(base, ast.Name) and base.id in ("self", "cls")
+            via_super = isinstance(base, ast.Call) and getattr(base.func, "id", None) == "super"
+            if not (own or via_super):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in INTROSPECTION:
+            first = node.args[0] if node.args else None
+            if not (isinstance(first, ast.Name) and first.id == "self"):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Name) and node.id in INTROSPECTION - {"vars", "getattr", "setattr"}:
+            found.append(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            found += [name for name in names if name.split(".")[0] in INTROSPECTION]
+    return found
+
+
+def test_introspection_finds_ways_around_an_oracle():
+    assert introspection("oracle._probabilities(x)") == ["oracle._probabilities"]
+    assert introspection("f = vars(oracle)['_labels']") == ["vars(oracle)"]
+    assert introspection("oracle.probs.__self__") == ["oracle.probs.__self__"]
+    assert introspection("import gc") == ["gc"]
+    assert introspection("self._cache = super().__post_init__()") == []
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(auditor.__file__).parent / "attacks").rglob("*.py")), ids=lambda path: path.name
+)
+def test_attacks_use_only_the_public_oracle_interface(path):
+    """Python cannot hide the model inside an oracle from code in the same
+    process; what keeps an attack to its access level is that no attack
+    module looks past the public methods of the objects it is given."""
+    assert introspection(path.read_text()) == []
