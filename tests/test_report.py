@@ -141,7 +141,7 @@ def test_view_formats_sections(results):
     ]
     square, sign_opt = view.attacks
     queries = (square.queries_mean, square.queries_median, square.queries_p90, square.queries_max)
-    assert queries == ("123", "80", "300", "1,900") and square.budget == "2,000"
+    assert queries == ("123.4", "80", "300", "1,900") and square.budget == "2,000"
     assert square.params == "norm=linf, p_init=0.8"
     assert sign_opt.queries_median == "—" and sign_opt.success_rate == "40.0 %"
     assert view.checks[0].link == "docs/checks.md#softmax-outputs"
@@ -164,7 +164,7 @@ def test_query_cost_section_shows_curves_of_black_box_fixed_eps_attacks(results,
 
     (row,) = view.query_rows  # Sign-OPT is minimum-norm: no success curve
     assert (row.name, row.eps, row.samples, row.success_rate) == ("square-linf", "0.3", "99", "94.9 %")
-    assert (row.mean, row.median, row.p90, row.budget) == ("118", "75", "280", "2,000")
+    assert (row.mean, row.median, row.p90, row.budget) == ("117.5", "75", "280", "2,000")
     assert view.query_chart_svg.startswith("<svg")
     _, pdf_path = write_report(results, tmp_path)
     assert "Query cost" in _pdf_text(pdf_path)

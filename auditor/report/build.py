@@ -286,7 +286,11 @@ def norm_name(norm: str) -> str:
 
 
 def _count(value: float | None) -> str:
-    return MISSING if value is None else f"{value:,.0f}"
+    """A query count or statistic: whole numbers as they are, others
+    (means, medians between two counts, percentiles) to one decimal."""
+    if value is None:
+        return MISSING
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
 
 
 def _plural(count: int, noun: str) -> str:
