@@ -107,7 +107,7 @@ def test_probes_per_call_do_not_change_results(model64, correct_batch):
     labels = one_by_one(model64)
     wide = SignOPT(k=30, n_init=10)(LabelOracle(labels, 6, 300), x, y, seed=1)
     counter = Counting(labels)
-    narrow = SignOPT(k=30, n_init=10, max_rows=40)(LabelOracle(counter, 6, 300), x, y, seed=1)
+    narrow = SignOPT(k=30, n_init=10, max_values=40 * 28 * 28)(LabelOracle(counter, 6, 300), x, y, seed=1)
     assert torch.equal(wide.x_adv, narrow.x_adv) and torch.equal(wide.queries, narrow.queries)
     assert counter.rows == int(narrow.queries.sum())
 
@@ -273,3 +273,21 @@ def test_a_sample_a_random_direction_starts_ignores_the_data(model64, correct_ba
     assert plain.success.all()
     assert torch.equal(plain.x_adv, given.x_adv) and torch.equal(plain.queries, given.queries)
     assert given.start_index is None
+
+
+def test_probe_calls_carry_fewer_images_when_images_are_larger():
+    """max_values counts input values: 10,000 MNIST digits' worth is 638
+    images of 3 × 64 × 64, so Sign-OPT's 200 probes per sample go three
+    samples to a call, not fifty."""
+    weights = torch.randn(10, 3 * 64 * 64, generator=torch.Generator().manual_seed(0))
+    sizes = []
+
+    def labels(z):
+        sizes.append(len(z))
+        return (z.flatten(1) @ weights.T).argmax(1)
+
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = (x.flatten(1) @ weights.T).argmax(1)
+    result = SignOPT(k=200, n_init=10)(LabelOracle(labels, 8, 700), x, y, seed=0)
+    assert result.success.all()
+    assert max(sizes) == 600  # three samples' probes

@@ -58,7 +58,7 @@ def test_identity():
         {"init_num_evals": 0},
         {"max_num_evals": 0},
         {"n_init": 0},
-        {"max_rows": 0},
+        {"max_values": 0},
         {"max_iter": -1},
         {"max_step_halvings": -1},
         {"gamma": 0.0},
@@ -174,8 +174,8 @@ def test_batches_rows_across_samples(runs):
         assert counter.calls * 20 < counter.rows
 
 
-def test_probe_calls_stay_within_max_rows(model64, correct_batch):
-    """Rows are grouped so that no call carries more than max_rows images
+def test_probe_calls_stay_within_max_values(model64, correct_batch):
+    """Rows are grouped so that no call carries more than max_values input values
     (no row here has more probes than that), and the grouping changes nothing."""
     x, y = correct_batch[0][:6], correct_batch[1][:6]
     sizes = []
@@ -185,7 +185,7 @@ def test_probe_calls_stay_within_max_rows(model64, correct_batch):
         return model64(z.double()).argmax(1)
 
     attack = HopSkipJump(init_num_evals=20, n_init=5)
-    narrow = replace(attack, max_rows=60)(LabelOracle(labels, 6, 300), x, y, seed=2)
+    narrow = replace(attack, max_values=60 * 28 * 28)(LabelOracle(labels, 6, 300), x, y, seed=2)
     wide = attack(label_oracle(model64, 6, 300), x, y, seed=2)
     assert max(sizes) <= 60 and sum(sizes) == int(narrow.queries.sum())
     assert torch.equal(narrow.x_adv, wide.x_adv) and torch.equal(narrow.queries, wide.queries)

@@ -64,7 +64,7 @@ def test_opt_metadata():
         {"tol": 0.0},
         {"max_line_search": 0},
         {"max_iter": -1},
-        {"max_rows": 0},
+        {"max_values": 0},
     ],
 )
 def test_opt_rejects_bad_config(kwargs):
@@ -107,12 +107,12 @@ def test_opt_never_exceeds_budget(model64, correct_batch, budget):
     seed=st.integers(0, 2**31 - 1),
     n=st.integers(1, 4),
     q=st.integers(1, 12),
-    max_rows=st.integers(1, 40),
+    rows=st.integers(1, 40),
 )
-def test_opt_budget_property(model64, correct_batch, budget, seed, n, q, max_rows):
+def test_opt_budget_property(model64, correct_batch, budget, seed, n, q, rows):
     x, y = correct_batch[0][:n], correct_batch[1][:n]
     oracle = label_oracle(model64, n, budget)
-    result = OPT(q=q, n_init=10, max_rows=max_rows)(oracle, x, y, seed=seed)
+    result = OPT(q=q, n_init=10, max_values=rows * 28 * 28)(oracle, x, y, seed=seed)
     _check(result, oracle, model64, x, y, budget)
 
 

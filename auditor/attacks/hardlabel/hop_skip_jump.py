@@ -10,7 +10,7 @@ oracle lies in [0,1].
 
 Steps, batched over the samples (per-sample ``x_t``, distortion, iteration
 count t, δ_t; masks of active samples; the probes of all active samples of
-one stage gathered into oracle calls of up to ``max_rows`` images):
+one stage gathered into oracle calls of up to ``max_values`` input values):
 
 * clean check: one query of ``x*``; a sample already misclassified is a
   success at distortion 0 and is not attacked.
@@ -116,12 +116,14 @@ import torch
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
+    PROBE_VALUES,
     SUBSPACE_AUTO,
     Directions,
     StartPool,
     begin,
     check_subspace,
     col,
+    rows_within,
     unit,
 )
 from .ray_search import Boundary, ray_start
@@ -163,10 +165,10 @@ class HopSkipJump(Attack):
     """Halvings of ξ_t before a step search gives up for the iteration."""
     max_iter: int = 64
     """Iteration cap (bounds the attack when the oracle has no budget)."""
-    max_rows: int = 10000
-    """Images per oracle call for the gradient probes: the probes of as many
-    samples as fit, at least one sample's. It bounds memory and never
-    changes results."""
+    max_values: int = PROBE_VALUES
+    """Input values per oracle call for the gradient probes (10,000 MNIST
+    digits): the probes of as many samples as fit, at least one sample's. It
+    bounds memory whatever the image size and never changes results."""
     subspace: int | str = SUBSPACE_AUTO
     """Factor f of the low-frequency subspace the gradient probes are drawn
     in (:class:`~.boundary.Directions`, QEBA's spatial subspace); 1 draws
@@ -180,7 +182,7 @@ class HopSkipJump(Attack):
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
             raise ValueError(f"HopSkipJump supports norms {self.norms}, got {self.norm!r}")
-        for field in ("init_num_evals", "max_num_evals", "n_init", "max_rows"):
+        for field in ("init_num_evals", "max_num_evals", "n_init", "max_values"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         for field in ("max_iter", "max_step_halvings"):
@@ -317,7 +319,7 @@ class HopSkipJump(Attack):
         loses its component along its row's radial vector first.
 
         Consecutive rows are grouped so that a group's probes fit in
-        ``max_rows`` images (a row with more probes is a group alone), one
+        ``max_values`` input values (a row with more probes is a group alone), one
         oracle call per group; each row draws
         its probes from its own stream, all in one draw, and its sums run over
         its own probes in order, so they do not depend on the batch. They sum
@@ -329,11 +331,12 @@ class HopSkipJump(Attack):
         sums = torch.zeros((2, len(rows), flat.shape[1]), device=xt.device, dtype=dtype)
         sum_f = torch.zeros(len(rows), device=xt.device, dtype=dtype)
         ends = torch.cumsum(evals, 0).tolist()
+        cap = rows_within(self.max_values, xt)
         draw = directions.gaussian if self.norm == "l2" else directions.uniform
         first = 0
         while first < len(rows):
             done = ends[first - 1] if first else 0
-            last = max(first + 1, bisect_right(ends, done + self.max_rows))
+            last = max(first + 1, bisect_right(ends, done + cap))
             mine = torch.arange(first, last, device=xt.device)
             first = last
             counts = evals[mine]

@@ -33,7 +33,7 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   (given up, the direction dropped, past ``2 g(θ)``; the official code gives
   up past λ = 20), then bisect to ``β/500``. All probes of all samples run
   together, one oracle call per search step carrying every row still
-  searching (``max_rows`` bounds the rows: the probes of as many samples as
+  searching (``max_values`` bounds the input values: the probes of as many samples as
   fit search together, then the next samples'; each sample draws its ``u``
   from its own random stream, so batching is exact). ``ĝ = (1/q) Σ (g(θ') − g(θ))/β · u`` over the probes that found g.
 * update (Algorithm 1, line 6) with the official step-size search, done by
@@ -71,7 +71,7 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle
-from .boundary import col
+from .boundary import col, rows_within
 from .ray_search import Boundary, RaySearch
 
 _STEP_DOWN = 0.99
@@ -152,7 +152,7 @@ class OPT(RaySearch):
     name: ClassVar[str] = "opt"
     paper: ClassVar[str] = "Cheng et al., OPT, ICLR 2019"
     in_default_battery: ClassVar[bool] = False
-    counts: ClassVar[tuple[str, ...]] = ("q", "n_init", "max_line_search", "max_rows")
+    counts: ClassVar[tuple[str, ...]] = ("q", "n_init", "max_line_search", "max_values")
 
     q: int = 10
     """Random directions per gradient estimate."""
@@ -168,9 +168,9 @@ class OPT(RaySearch):
 
     def _estimate(self, ray: Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g,
-        for as many samples per search as ``max_rows`` allows."""
+        for as many samples per search as ``max_values`` allows."""
         shape = theta.shape[1:]
-        group = max(1, self.max_rows // self.q)
+        group = max(1, rows_within(self.max_values, theta) // self.q)
         grad = torch.empty_like(theta)
         probe_th = theta.clone()
         probe_g = torch.full_like(g, float("inf"))

@@ -51,6 +51,7 @@ import torch
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
+    PROBE_VALUES,
     SUBSPACE_AUTO,
     BestAdversarial,
     Directions,
@@ -187,7 +188,7 @@ class RaySearch(Attack):
     # double the cost of the gradient-masking check above hard-label access;
     # AutoAttack's check is Square alone.
     at_stronger_levels: ClassVar[bool] = False
-    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_rows")
+    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values")
     """Integer fields that must be at least 1."""
 
     norm: str = "l2"
@@ -204,9 +205,10 @@ class RaySearch(Attack):
     """Step-size tries per phase of the line search."""
     max_iter: int = 1000
     """Iteration cap (bounds the attack when the oracle has no budget)."""
-    max_rows: int = 10000
-    """Images per oracle call for the probes: the probes of as many samples as
-    fit, at least one sample's. It bounds memory and never changes results."""
+    max_values: int = PROBE_VALUES
+    """Input values per oracle call for the probes (10,000 MNIST digits): the
+    probes of as many samples as fit, at least one sample's. It bounds
+    memory whatever the image size and never changes results."""
     subspace: int | str = SUBSPACE_AUTO
     """Factor f of the low-frequency subspace the gradient estimate's random
     directions are drawn in (:class:`~.boundary.Directions`); 1 draws them in

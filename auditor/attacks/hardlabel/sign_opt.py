@@ -36,7 +36,7 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   oracle of Sec. 3.1): ``k`` unit Gaussian ``u``; sign(g(θ+βu) − g(θ)) is +1
   when ``x0 + g(θ)(θ+βu)/‖θ+βu‖`` is still not adversarial and −1
   otherwise, one query each, the probes of all samples gathered into oracle
-  calls of up to ``max_rows`` images; each sample draws its ``u`` from its
+  calls of up to ``max_values`` input values; each sample draws its ``u`` from its
   own random stream, so batching is exact;
   ``ĝ = (1/k) Σ sign_i · u_i``.
 * update and evaluation (Algorithm 1, lines 4-5) with the step-size line
@@ -76,7 +76,7 @@ from typing import ClassVar
 import torch
 
 from ..base import distortion
-from .boundary import col
+from .boundary import col, rows_within
 from .ray_search import Boundary, RaySearch
 
 _LINE_RESERVE = 25
@@ -90,7 +90,7 @@ class SignOPT(RaySearch):
 
     name: ClassVar[str] = "sign-opt"
     paper: ClassVar[str] = "Cheng et al., Sign-OPT, ICLR 2020"
-    counts: ClassVar[tuple[str, ...]] = ("k", "n_init", "max_line_search", "max_rows")
+    counts: ClassVar[tuple[str, ...]] = ("k", "n_init", "max_line_search", "max_values")
 
     k: int = 200
     """Random directions per sign-gradient estimate."""
@@ -103,14 +103,14 @@ class SignOPT(RaySearch):
 
     def _estimate(self, ray: Boundary, directions, rows, theta, g, beta) -> tuple[torch.Tensor, None, None]:
         """ĝ = (1/k_i) Σ sign(g(θ+βu) − g(θ)) u from k_i single-query probes,
-        for as many samples per oracle call as ``max_rows`` allows; k_i = k,
+        for as many samples per oracle call as ``max_values`` allows; k_i = k,
         or in a sample's last iteration what its budget leaves after the
         line-search reserve. ``u`` is a unit direction; the probe for u is
         ``x0 + g(θ)(θ+βu)/‖θ+βu‖``. Each sample's sum runs over its own
         probes in order, so it does not depend on the batch."""
         left = ray.oracle.remaining().to(rows.device)[rows]
         probes = torch.clamp(left - _LINE_RESERVE, max=self.k)
-        group = max(1, self.max_rows // self.k)
+        group = max(1, rows_within(self.max_values, theta) // self.k)
         grad = torch.empty_like(theta)
         for start in range(0, len(rows), group):
             part = slice(start, start + group)
