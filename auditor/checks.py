@@ -17,7 +17,7 @@ from .access import Access
 from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import Model
-from .oracles import GradientOracle
+from .oracles import GradientOracle, input_gradient
 from .eps import eps_text
 from .verify import eps_bound, verify
 
@@ -121,8 +121,7 @@ def gradient_checks(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     """Input gradients of the cross-entropy must be finite and not all zero."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = torch.nn.functional.cross_entropy(module(x).float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        grad = input_gradient(torch.nn.functional.cross_entropy(module(x).float(), y, reduction="sum"), x)
     flat = grad.flatten(1)
     found = []
     nan = int((~torch.isfinite(flat)).any(dim=1).sum())

@@ -34,6 +34,17 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
+def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``d loss / d x`` for a scalar ``loss``; zeros where the loss does not
+    depend on ``x`` through autograd (a model that outputs a one-hot argmax,
+    runs under ``no_grad`` or ignores its input): such a model has no
+    gradient to follow, which the ``zero-gradients`` check reports."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
 class BudgetExceeded(RuntimeError):
     """A query was refused because a sample would exceed its budget."""
 
@@ -140,8 +151,7 @@ class GradientOracle(_QueryCounter):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self._module(x).float()
-            loss = loss_fn(logits)
-            (grad,) = torch.autograd.grad(loss.sum(), x)
+            grad = input_gradient(loss_fn(logits).sum(), x)
         return logits.detach(), grad.detach()
 
 
@@ -218,5 +228,5 @@ class SurrogateOracle:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self._logits(x)
-            (grad,) = torch.autograd.grad(loss_fn(logits).sum(), x)
+            grad = input_gradient(loss_fn(logits).sum(), x)
         return logits.detach(), grad.detach()

@@ -23,6 +23,17 @@ class Quantised(nn.Module):
         return self.inner(torch.round(x * 255) / 255)
 
 
+class OneHot(nn.Module):
+    """Outputs the one-hot argmax of its inner model, scaled: no gradient path at all."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(self.inner(x).argmax(1), 10).float() * 10
+
+
 class Noisy(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -52,6 +63,20 @@ def test_gradient_checks(tiny_cnn, mnist_test):
     x, y = mnist_test.x[:16], mnist_test.y[:16]
     assert gradient_checks(tiny_cnn, x, y) == []
     assert "zero-gradients" in _ids(gradient_checks(Quantised(tiny_cnn), x, y))
+    assert "zero-gradients" in _ids(gradient_checks(OneHot(tiny_cnn), x, y))
+
+
+def test_a_model_without_a_gradient_path_is_audited_not_crashed(tiny_cnn, tmp_path):
+    """A white-box scan of a one-hot argmax defence: autograd has nothing to
+    differentiate, the gradient attacks see zero gradients, the check says
+    so and the gradient-free attacks give the worst case."""
+    path = tmp_path / "one_hot.pt"
+    torch.jit.script(OneHot(tiny_cnn).eval()).save(str(path))
+    audit = auditor.scan(path, "mnist", access="white-box", samples=20, eps=[0.2], budget=200)
+    checks = {check["id"]: check for check in audit.results["checks"]}
+    assert checks["zero-gradients"]["message"].startswith("20 of 20 samples")
+    breakers = {s["broken_by"] for s in audit.results["samples"] if s["distortion"]}
+    assert breakers and not breakers & {"apgd-ce", "apgd-t"}
 
 
 def test_quantised_model_is_caught_and_its_worst_case_comes_from_gradient_free_attacks(
