@@ -85,7 +85,7 @@ CASES = {
     "input shape": (["scan", "{root}/rgb.onnx"], "(3, 32, 32)"),
     "class count": (["scan", "{root}/five.onnx"], "5 classes"),
     "nan outputs": (["scan", "{root}/nan.onnx"], "NaN"),
-    "empty data folder": (["scan", "{example}", "--data", "{root}/empty_dir"], "no images"),
+    "empty data folder": (["scan", "{example}", "--data", "{root}/empty_dir"], "no class folders"),
     "malformed npz": (["scan", "{example}", "--data", "{root}/no_y.npz"], "'y'"),
     "unknown policy key": (["scan", "{example}", "--policy", "{root}/unknown_key.yaml"], "clean_acuracy"),
     "eps zero": (["scan", "{example}", "--eps", "0"], "--eps must be > 0"),

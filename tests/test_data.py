@@ -141,12 +141,17 @@ def test_image_folder_mixed_sizes(tmp_path):
 
 
 def test_empty_image_folders(tmp_path):
-    with pytest.raises(AuditError, match="contains no images"):
+    with pytest.raises(AuditError, match="has no class folders"):
         load_data(str(tmp_path))
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "notes.txt").write_text("no images here")
     with pytest.raises(AuditError, match="contains no images"):
         load_folder(tmp_path)
+    _png(tmp_path / "dogs" / "x.png", 0)
+    (tmp_path / "owls").mkdir()
+    with pytest.raises(AuditError, match="class folder cats, owls has no images") as excinfo:
+        load_folder(tmp_path)
+    _message(excinfo)
 
 
 def test_unknown_data_spec():

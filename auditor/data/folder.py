@@ -45,22 +45,40 @@ class _VisibleFolders(ImageFolder):
     and whose images are the files not hidden inside them."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(
-            entry.name for entry in Path(directory).iterdir() if entry.is_dir() and not entry.name.startswith(".")
-        )
+        classes = _class_names(directory)
         if not classes:
             raise FileNotFoundError(f"no class folders in {directory}")
         return classes, {name: label for label, name in enumerate(classes)}
 
 
+def _class_names(directory: str) -> list[str]:
+    """The subfolders of ``directory`` not hidden by a dot, sorted."""
+    return sorted(entry.name for entry in Path(directory).iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _no_images(path: str | Path, root: str) -> str:
+    """Why a folder gave no data set: no class folders, or which are empty."""
+    classes = _class_names(root)
+    if not classes:
+        return f"data folder {path} has no class folders (one subfolder of images per class)"
+    empty = [
+        name for name in classes
+        if not any(_visible_image(str(file), root) for file in Path(root, name).rglob("*") if file.is_file())
+    ]
+    if len(empty) == len(classes):
+        return f"data folder {path} contains no images"
+    return f"data folder {path}: class folder {', '.join(empty)} has no images (every class folder needs one)"
+
+
 def load_folder(path: str | Path) -> Dataset:
     """All images under ``path/<class>/``; the name is ``path`` as given."""
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    root = os.path.expanduser(path)
     try:
         folder = _VisibleFolders(str(path), transform=to_tensor, loader=_open,
-                                 is_valid_file=lambda file: _visible_image(file, os.path.expanduser(path)))
+                                 is_valid_file=lambda file: _visible_image(file, root))
     except FileNotFoundError as exc:
-        raise AuditError(f"data folder {path} contains no images") from exc
+        raise AuditError(_no_images(path, root)) from exc
     try:
         x, y = next(iter(DataLoader(folder, batch_size=len(folder))))
     except RuntimeError as exc:
