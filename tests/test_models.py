@@ -54,6 +54,13 @@ class NanNet(nn.Module):
         return x.flatten(1)[:, :10] * float("nan")
 
 
+class Pair(nn.Module):
+    """Returns (logits, features), as some networks do."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :10], x
+
+
 class Payload:
     """Creates ``marker`` when unpickled: stands in for malicious code in a pickle."""
 
@@ -400,8 +407,15 @@ def test_check_nan_outputs(mnist_test):
 
 
 def test_check_model_failure_and_bad_output(mnist_test):
-    with pytest.raises(AuditError, match="model failed on the data: ") as excinfo:
+    with pytest.raises(AuditError, match=r"model failed on images of shape \(1, 28, 28\): ") as excinfo:
         check_model_on_data(_wrap(nn.Linear(3, 2)), mnist_test)
     _message(excinfo)
+    # a TorchScript error is a long traceback; the message keeps the error it ends with
+    colour = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    with pytest.raises(AuditError, match=r"to have 3 channels, but got 1 channels instead$") as excinfo:
+        check_model_on_data(_wrap(colour), mnist_test)
+    _message(excinfo)
+    with pytest.raises(AuditError, match="the model returns a tuple, not a tensor of logits"):
+        check_model_on_data(_wrap(Pair()), mnist_test)
     with pytest.raises(AuditError, match=r"outputs of shape \(16,\)"):
         check_model_on_data(_wrap(nn.Flatten(0)), Dataset("flat", torch.rand(16, 1, 1, 1), torch.zeros(16).long()))

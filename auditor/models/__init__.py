@@ -206,6 +206,13 @@ def load_model(
     return model
 
 
+def _last_line(exc: BaseException) -> str:
+    """The cause of an error in one short line: the last line of a long
+    message (a TorchScript traceback ends with the error it wraps)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return short_reason(exc) if len(lines) <= 1 else short_reason(Exception(lines[-1]))
+
+
 def check_model_on_data(model: Model, dataset: Dataset) -> int:
     """Check that ``model`` fits ``dataset`` and return its number of classes.
 
@@ -224,7 +231,7 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
     try:
         logits = model.forward(sample)
     except Exception as exc:
-        raise AuditError(f"model failed on the data: {short_reason(exc)}") from exc
+        raise AuditError(f"model failed on images of shape {actual}: {_last_line(exc)}") from exc
     if logits.ndim != 2 or logits.shape[0] != len(sample):
         raise AuditError(
             f"model returned outputs of shape {tuple(logits.shape)} for {len(sample)} images; "

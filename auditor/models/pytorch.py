@@ -143,7 +143,10 @@ class TorchModel(Model):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         def run(part: torch.Tensor) -> torch.Tensor:
-            return self._module(part.to(self._device, torch.float32)).float().to(x.device)
+            logits = self._module(part.to(self._device, torch.float32))
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"the model returns a {type(logits).__name__}, not a tensor of logits")
+            return logits.float().to(x.device)
 
         return run_chunked(run, x, CHUNK, False)
 
