@@ -156,6 +156,7 @@ def test_radii_of_whole_grey_levels_read_as_fractions(results):
     view = build_view(results)
     assert [row.eps for row in view.robust_rows] == ["2/255", "8/255"]
     assert "at ε=8/255 (L∞)" in view.verdict.summary
+    assert {headline.label: headline.note for headline in view.headlines}["Robust accuracy"] == "at ε=8/255 (L∞)"
     assert {field.label: field.value for field in view.threat}["ε"] == "2/255, 8/255"
 
 

@@ -356,7 +356,7 @@ def _headlines(results: dict) -> tuple[Headline, ...]:
     robust = (
         Headline("Robust accuracy", MISSING, "no attacks were run")
         if worst is None
-        else Headline("Robust accuracy", percent(worst[1]), f"at ε={worst[0]} ({norm})")
+        else Headline("Robust accuracy", percent(worst[1]), f"at ε={eps_text(worst[0])} ({norm})")
     )
     checks = results["checks"]
     serious = sum(check["level"] != "info" for check in checks)
