@@ -173,7 +173,10 @@ def resolve_surrogates(
         module = model.torch_module()
         if module is None:
             raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
-        check_model_on_data(model, dataset)
+        try:
+            check_model_on_data(model, dataset)
+        except AuditError as exc:
+            raise AuditError(f"surrogate {path}: {exc}") from exc
         found.append(Surrogate(Path(path).name, module.eval(), str(path), accuracy(module, x, y)))
     if train:
         if dataset.name != "mnist":

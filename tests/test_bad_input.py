@@ -99,6 +99,8 @@ CASES = {
     "surrogate not found": (["scan", "{example}", "--surrogate", "{root}/missing.onnx"], "missing.onnx"),
     "corrupt surrogate": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/corrupt.onnx"],
                           "corrupt.onnx"),
+    "surrogate input shape": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/rgb.onnx"],
+                              "rgb.onnx: model expects input (3, 32, 32)"),
     "negative surrogate count": (["scan", "{example}", "--train-surrogates", "-1"], "--train-surrogates must be"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
