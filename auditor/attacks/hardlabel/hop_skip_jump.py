@@ -319,9 +319,9 @@ class HopSkipJump(Attack):
         loses its component along its row's radial vector first.
 
         Consecutive rows are grouped so that a group's probes fit in
-        ``max_values`` input values (a row with more probes is a group alone), one
-        oracle call per group; each row draws
-        its probes from its own stream, all in one draw, and its sums run over
+        ``max_values`` input values (a row with more probes is a group
+        alone), one oracle call per group; each row draws its probes from
+        its own stream, all in one draw, and its sums run over
         its own probes in order, so they do not depend on the batch. They sum
         the clipped steps ``δ_t u_b``: dividing by δ_t does not change the
         unit direction, so it is left out.

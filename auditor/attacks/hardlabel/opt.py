@@ -33,8 +33,8 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   (given up, the direction dropped, past ``2 g(θ)``; the official code gives
   up past λ = 20), then bisect to ``β/500``. All probes of all samples run
   together, one oracle call per search step carrying every row still
-  searching (``max_values`` bounds the input values: the probes of as many samples as
-  fit search together, then the next samples'; each sample draws its ``u``
+  searching (``max_values`` bounds the input values: the probes of as many
+  samples as fit search together, then the next samples'; each sample draws its ``u``
   from its own random stream, so batching is exact). ``ĝ = (1/q) Σ (g(θ') − g(θ))/β · u`` over the probes that found g.
 * update (Algorithm 1, line 6) with the official step-size search, done by
   ``ray_search.line_search``: try ``θ − α ĝ`` and double α while g keeps

@@ -36,8 +36,8 @@ Steps, batched over the samples (per-sample θ, g, α, β and masks):
   oracle of Sec. 3.1): ``k`` unit Gaussian ``u``; sign(g(θ+βu) − g(θ)) is +1
   when ``x0 + g(θ)(θ+βu)/‖θ+βu‖`` is still not adversarial and −1
   otherwise, one query each, the probes of all samples gathered into oracle
-  calls of up to ``max_values`` input values; each sample draws its ``u`` from its
-  own random stream, so batching is exact;
+  calls of up to ``max_values`` input values; each sample draws its ``u``
+  from its own random stream, so batching is exact;
   ``ĝ = (1/k) Σ sign_i · u_i``.
 * update and evaluation (Algorithm 1, lines 4-5) with the step-size line
   search of the official code: try ``θ − α ĝ`` and double α while g keeps
