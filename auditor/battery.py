@@ -28,7 +28,7 @@ import difflib
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -68,6 +68,33 @@ class Battery:
 
 
 NO_SURROGATES = "needs surrogate models (--surrogate PATH or --train-surrogates K)"
+
+
+def attack_budget(attack: Attack, budget: int | None) -> int | None:
+    """The per-sample query budget of ``attack``: ``budget`` for the
+    black-box attacks, none for white-box and transfer attacks."""
+    return None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
+
+
+def within_budget(battery: Battery, budget: int | None, shape: tuple[int, ...]) -> Battery:
+    """``battery`` without the attacks that cannot take one step within the
+    budget on images of ``shape`` (each is listed as skipped, with why)."""
+    costly = {
+        attack.label: attack.step_cost(shape)
+        for attack in battery.attacks
+        if attack_budget(attack, budget) is not None and attack.step_cost(shape) > budget
+    }
+    if not costly:
+        return battery
+    kept = tuple(attack for attack in battery.attacks if attack.label not in costly)
+    if not kept:
+        needs = ", ".join(f"{label} {cost}" for label, cost in costly.items())
+        raise AuditError(f"--budget {budget} is below one step of every attack chosen (queries per sample: {needs})")
+    skipped = tuple(
+        (label, f"one step needs {cost:,} queries per sample; the budget is {budget:,}")
+        for label, cost in costly.items()
+    )
+    return replace(battery, attacks=kept, skipped=battery.skipped + skipped)
 
 
 def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool) -> str | None:
@@ -409,7 +436,7 @@ def run_battery(
         transfer = attack.oracle is SurrogateOracle
         if transfer and transfer_start is None:
             transfer_start = records.distortion.clone()
-        budget_of_attack = None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
+        budget_of_attack = attack_budget(attack, budget)
         attacked = torch.zeros(len(y), dtype=torch.bool)
         broken, to_success = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.long)
         failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), 0, []

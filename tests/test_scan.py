@@ -254,3 +254,22 @@ def test_default_radii_come_from_the_image_shape_whatever_the_data_source(exampl
     np.savez(path, x=digits.x[:10].numpy(), y=digits.y[:10].numpy())
     audit = auditor.scan(example_onnx, str(path), access="hard-label", attacks=["random-noise"], budget=5)
     assert audit.results["threat"]["eps"] == [0.1, 0.2, 0.3]  # MNIST's radii, not 2/255 ... 8/255
+
+
+def test_attacks_that_cannot_take_a_step_within_the_budget_are_skipped_and_said(example_onnx):
+    """NES needs 2q+1 = 29 queries per step on 28 x 28 digits, GenAttack one
+    population (6): under --budget 20 NES is skipped with an attack-skipped
+    check rather than reported as run and failed; when every chosen attack
+    is too costly the scan refuses to start."""
+    from auditor import scan
+    from auditor.attacks.softlabel.gen_attack import GenAttack
+    from auditor.attacks.softlabel.nes import NES
+    from auditor.errors import AuditError
+
+    assert NES().step_cost((1, 28, 28)) == 29 and GenAttack().step_cost((1, 28, 28)) == 6
+    audit = scan(example_onnx, "mnist", access="soft-label", samples=8, eps=[0.3], budget=20)
+    assert {attack["name"] for attack in audit.results["attacks"]} == {"square-linf", "genattack-linf", "random-noise-linf"}
+    skipped = [check["message"] for check in audit.results["checks"] if check["id"] == "attack-skipped"]
+    assert skipped == ["nes-linf was not run: one step needs 29 queries per sample; the budget is 20"]
+    with pytest.raises(AuditError, match="--budget 20 is below one step of every attack chosen"):
+        scan(example_onnx, "mnist", access="soft-label", samples=8, eps=[0.3], budget=20, attacks=["nes"])

@@ -100,6 +100,11 @@ class Attack(abc.ABC):
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
+    def step_cost(self, shape: tuple[int, ...]) -> int:
+        """Queries one sample of ``shape`` needs for the attack to take a
+        step; a smaller budget lets it do nothing (1: any budget will do)."""
+        return 1
+
     @abc.abstractmethod
     def __call__(
         self,

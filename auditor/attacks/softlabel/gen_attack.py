@@ -190,6 +190,10 @@ class GenAttack(Attack):
         if self.max_generations < 0:
             raise ValueError(f"max_generations must be >= 0, got {self.max_generations}")
 
+    def step_cost(self, shape: tuple[int, ...]) -> int:
+        """One evaluation of a population."""
+        return self.population
+
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
         device = oracle.device

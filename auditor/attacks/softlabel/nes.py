@@ -168,16 +168,23 @@ class NES(Attack):
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
 
+    def _q_beta(self, d: int) -> tuple[int, float]:
+        """q and β for inputs of dimension ``d``: the fields, else the defaults."""
+        q_default, beta_default = default_q_beta(d)
+        q = int(self.q) if self.q is not None else q_default
+        return q, float(self.beta) if self.beta is not None else beta_default
+
+    def step_cost(self, shape: tuple[int, ...]) -> int:
+        """One iteration: the iterate and its 2q probes."""
+        return 2 * self._q_beta(math.prod(shape))[0] + 1
+
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
         device = oracle.device
         gen = generator(seed, device)
         x = x.to(device)
         n = len(x)
-        d = x[0].numel()
-        q_default, beta_default = default_q_beta(d)
-        q = int(self.q) if self.q is not None else q_default
-        beta = float(self.beta) if self.beta is not None else beta_default
+        q, beta = self._q_beta(x[0].numel())
         cost = 2 * q + 1
         cls = (y if target is None else target).to(device).long()
         sign = 1.0 if target is None else -1.0
