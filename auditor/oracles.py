@@ -45,6 +45,55 @@ def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
+GRAD_VALUES = 2**23
+"""Input values per pass of a model with its autograd graph, at most: 10,700
+MNIST digits, 2,730 images of 3 × 32 × 32, 55 of 3 × 224 × 224 (a
+ResNet-50's graph for 55 images takes a few GB)."""
+
+
+def logits_and_gradient(
+    forward: Forward, x: torch.Tensor, loss_fn: PerSampleLoss, max_values: int = GRAD_VALUES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, d loss_fn(logits).sum() / dx)`` with at most ``max_values``
+    input values in one pass with an autograd graph.
+
+    A larger batch is done in three steps: its logits chunk by chunk without
+    a graph; the gradient of the loss with respect to them (``loss_fn`` sees
+    the whole batch's logits, as it expects); then each chunk's
+    vector-Jacobian product with its part of that gradient. The result is
+    the one-pass gradient, for one more forward pass.
+    """
+    parts = _passes(x.detach(), max_values)
+    if len(parts) == 1:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = forward(x).float()
+            grad = input_gradient(loss_fn(logits).sum(), x)
+        return logits.detach(), grad.detach()
+    logits = logits_in_passes(forward, x, max_values).requires_grad_(True)
+    with torch.enable_grad():
+        upstream = input_gradient(loss_fn(logits).sum(), logits)
+    grads = []
+    for part, weights in zip(parts, upstream.split(len(parts[0]))):
+        part = part.detach().requires_grad_(True)
+        with torch.enable_grad():
+            grads.append(input_gradient((forward(part).float() * weights).sum(), part).detach())
+    return logits.detach(), torch.cat(grads)
+
+
+def _passes(x: torch.Tensor, max_values: int) -> tuple[torch.Tensor, ...]:
+    """``x`` split into passes of at most ``max_values`` input values (at
+    least one image each); an empty batch is one pass."""
+    per_pass = max(1, max_values // max(1, x[0].numel())) if len(x) else 1
+    return x.split(per_pass) or (x,)
+
+
+def logits_in_passes(forward: Forward, x: torch.Tensor, max_values: int = GRAD_VALUES) -> torch.Tensor:
+    """``forward(x)`` without autograd, at most ``max_values`` input values a pass."""
+    with torch.no_grad():
+        return torch.cat([forward(part).float() for part in _passes(x, max_values)])
+
+
 class BudgetExceeded(RuntimeError):
     """A query was refused because a sample would exceed its budget."""
 
@@ -128,15 +177,20 @@ class GradientOracle(_QueryCounter):
     One forward (and backward) pass of one image is one query.
     """
 
-    def __init__(self, module: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
+    def __init__(
+        self, module: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None,
+        max_values: int = GRAD_VALUES,
+    ):
+        """``max_values`` bounds the input values of one pass through
+        ``module`` (see :func:`logits_and_gradient`); it never changes results."""
         super().__init__(n, budget, device, on_charge)
         self._module = module
+        self._max_values = max_values
 
     def logits(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         rows = self._rows(x, idx)
         self._charge(rows)
-        with torch.no_grad():
-            return self._module(x).float()
+        return logits_in_passes(self._module, x, self._max_values)
 
     def loss_grad(
         self, x: torch.Tensor, loss_fn: PerSampleLoss, idx: torch.Tensor | None = None
@@ -148,11 +202,7 @@ class GradientOracle(_QueryCounter):
         """
         rows = self._rows(x, idx)
         self._charge(rows)
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._module(x).float()
-            grad = input_gradient(loss_fn(logits).sum(), x)
-        return logits.detach(), grad.detach()
+        return logits_and_gradient(self._module, x, loss_fn, self._max_values)
 
 
 class ScoreOracle(_QueryCounter):
@@ -225,8 +275,4 @@ class SurrogateOracle:
         ``loss_fn`` maps logits (M,K) to a per-sample loss (M,), as for
         :meth:`GradientOracle.loss_grad`.
         """
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._logits(x)
-            grad = input_gradient(loss_fn(logits).sum(), x)
-        return logits.detach(), grad.detach()
+        return logits_and_gradient(self._logits, x, loss_fn)

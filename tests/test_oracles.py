@@ -60,6 +60,29 @@ def test_gradient_oracle_counts_forward_backward(tiny_cnn, batch):
     assert oracle.queries().tolist() == [3, 1, 1, 1, 1, 2, 1, 1]
 
 
+def test_gradient_oracle_passes_are_bounded_and_change_nothing(tiny_cnn, batch):
+    """A batch larger than max_values input values goes through the model a
+    few images at a time (its autograd graph too), with the same logits,
+    gradients and query counts as in one pass."""
+    x, y = batch
+    seen = []
+
+    def module(z):
+        seen.append(len(z))
+        return tiny_cnn(z)
+
+    def loss(logits):  # closes over the whole batch's labels, as attacks' losses do
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    whole = GradientOracle(tiny_cnn, len(x))
+    narrow = GradientOracle(module, len(x), max_values=3 * 28 * 28)
+    (logits, grad), (logits3, grad3) = whole.loss_grad(x, loss), narrow.loss_grad(x, loss)
+    assert max(seen) == 3 and grad.abs().sum() > 0
+    assert torch.allclose(logits, logits3, atol=1e-6) and torch.allclose(grad, grad3, atol=1e-7)
+    assert narrow.queries().tolist() == whole.queries().tolist() == [1] * 8
+    assert torch.allclose(narrow.logits(x), logits, atol=1e-6) and max(seen) == 3
+
+
 def test_budget_is_never_exceeded(tiny_cnn, batch):
     x, _ = batch
     oracle = LabelOracle(lambda z: tiny_cnn(z).argmax(1), len(x), budget=2)
