@@ -55,6 +55,7 @@ def test_declares_soft_label_fixed_eps():
         {"momentum": -0.1},
         {"patience": 0},
         {"max_iters": 0},
+        {"max_values": 0},
     ],
 )
 def test_rejects_bad_config(kwargs):
@@ -192,6 +193,22 @@ def test_batches_all_samples_into_one_call_per_iteration(linf_run):
     # samples are active: never more calls than one sample's iterations
     assert counter.calls <= int(result.queries.max()) // COST + 1
     assert counter.rows > 10 * counter.calls
+
+
+def test_calls_hold_at_most_max_values_input_values(tiny_cnn, correct_batch):
+    """Probes of three samples' worth of values a call: the batch goes in
+    groups of three, each sample's queries still counted exactly."""
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    sizes = []
+
+    def probabilities(z):
+        sizes.append(len(z))
+        return tiny_cnn(z).softmax(1)
+
+    oracle = score_oracle(tiny_cnn, 8, 5 * COST, Counting(probabilities))
+    result = NES(max_values=3 * COST * 28 * 28)(oracle, x, y, eps=0.05, seed=0)
+    assert max(sizes) == 3 * COST and sum(sizes) == int(result.queries.sum())
+    assert (result.queries <= 5 * COST).all()
 
 
 def test_successful_samples_stop_querying(tiny_cnn, correct_batch):

@@ -49,7 +49,9 @@ still attacked:
 Query cost, exact: one iteration costs **2q + 1 queries per sample**: the
 current iterate (to detect success and drive the step-size schedule) and
 its 2q antithetic probes, all rows of all active samples in *one* oracle
-call. A sample runs an iteration only if its ``remaining()`` is at least
+call (or, where they hold more than ``max_values`` input values, in calls
+of as many samples as fit: 2,951 MNIST digits, 8 images of 3 × 224 × 224;
+the probes of a call are drawn when it is made). A sample runs an iteration only if its ``remaining()`` is at least
 2q + 1. When it can no longer afford one (or after ``max_iters``
 iterations when the oracle has no budget), its last, not yet evaluated
 iterate is evaluated with one more query if it has one left, in a single
@@ -151,6 +153,9 @@ class NES(Attack):
     """Iterations without a new best loss before α is halved."""
     max_iters: int = 1000
     """Iteration cap, used only when the oracle has no budget."""
+    max_values: int = 2**26
+    """Input values of probes per oracle call, at most (at least one sample's
+    2q + 1 images): it bounds the memory the probes take (256 MB per copy)."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -167,6 +172,8 @@ class NES(Attack):
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        if self.max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {self.max_values}")
 
     def _q_beta(self, d: int) -> tuple[int, float]:
         """q and β for inputs of dimension ``d``: the fields, else the defaults."""
@@ -212,15 +219,12 @@ class NES(Attack):
                     break
                 if iters is not None:
                     work.left = min(work.left, iters - it)
-            m = len(work.rows)
 
-            # Probes: the iterate and x ± βu_i, one oracle call for all rows.
-            u = torch.randn((m, q, *x.shape[1:]), generator=gen, device=device)
-            centre = work.x[:, None]
-            batch = torch.cat([centre, centre + beta * u, centre - beta * u], dim=1)
-            probs = oracle.probs(batch.flatten(0, 1), idx=work.idx_cpu).to(device)
-            h = _loss(probs, work.cls_rep, sign).view(m, cost)
-            h0, h_plus, h_minus = h[:, 0], h[:, 1 : q + 1], h[:, q + 1 :]
+            # Probes: the iterate and x ± βu_i, one oracle call for all rows
+            # (per group of samples where they would hold more than max_values),
+            # and the antithetic NES estimate from them.
+            h, grad = self._probe(oracle, work, q, beta, sign, gen)
+            h0 = h[:, 0]
             work.x_eval = work.x
             it += 1
             work.left -= 1
@@ -236,9 +240,7 @@ class NES(Attack):
             )
             work.stall = torch.where(drop, torch.zeros_like(work.stall), work.stall)
 
-            # Antithetic NES estimate and the PGD step (descending h).
-            weights = (h_plus - h_minus) / (2 * q * beta)
-            grad = torch.einsum("mq,mq...->m...", weights, u)
+            # The PGD step on the estimate (descending h).
             if self.momentum > 0:
                 grad = self.momentum * work.g + (1 - self.momentum) * grad
                 work.g = grad
@@ -268,6 +270,26 @@ class NES(Attack):
             pending[final] = False
 
         return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
+
+    def _probe(self, oracle, work: "_Working", q: int, beta: float, sign: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration's queries for the working set: per sample the loss h
+        at the iterate and at its 2q probes (m, 2q+1), and the antithetic
+        estimate ``Σ (h(x+βu) − h(x−βu)) u / (2qβ)``; as many samples a call
+        as ``max_values`` allows."""
+        cost = 2 * q + 1
+        per_call = max(1, self.max_values // (cost * work.x[0].numel()))
+        hs, grads = [], []
+        for first in range(0, len(work.rows), per_call):
+            centre = work.x[first : first + per_call, None]
+            u = torch.randn((len(centre), q, *centre.shape[2:]), generator=gen, device=centre.device)
+            batch = torch.cat([centre, centre + beta * u, centre - beta * u], dim=1)
+            rows = slice(first * cost, (first + len(centre)) * cost)
+            probs = oracle.probs(batch.flatten(0, 1), idx=work.idx_cpu[rows]).to(work.x.device)
+            h = _loss(probs, work.cls_rep[rows], sign).view(len(centre), cost)
+            weights = (h[:, 1 : q + 1] - h[:, q + 1 :]) / (2 * q * beta)
+            hs.append(h)
+            grads.append(torch.einsum("mq,mq...->m...", weights, u))
+        return torch.cat(hs), torch.cat(grads)
 
 
 @dataclass
