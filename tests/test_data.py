@@ -149,9 +149,12 @@ def test_empty_image_folders(tmp_path):
         load_folder(tmp_path)
     _png(tmp_path / "dogs" / "x.png", 0)
     (tmp_path / "owls").mkdir()
-    with pytest.raises(AuditError, match="class folder cats, owls has no images") as excinfo:
+    with pytest.raises(AuditError, match="class folders cats, owls have no images") as excinfo:
         load_folder(tmp_path)
     _message(excinfo)
+    _png(tmp_path / "owls" / "x.png", 0)
+    with pytest.raises(AuditError, match="class folder cats has no images"):
+        load_folder(tmp_path)
 
 
 def test_unknown_data_spec():

@@ -67,7 +67,8 @@ def _no_images(path: str | Path, root: str) -> str:
     ]
     if len(empty) == len(classes):
         return f"data folder {path} contains no images"
-    return f"data folder {path}: class folder {', '.join(empty)} has no images (every class folder needs one)"
+    which = f"class folder {empty[0]} has" if len(empty) == 1 else f"class folders {', '.join(empty)} have"
+    return f"data folder {path}: {which} no images (every class folder needs one)"
 
 
 def load_folder(path: str | Path) -> Dataset:
