@@ -46,6 +46,7 @@ def untargeted_run(tiny_cnn, correct_batch):
         {"temperature": 0.0},
         {"plateau_length": 0},
         {"max_generations": -1},
+        {"max_values": 0},
     ],
 )
 def test_rejects_bad_config(kwargs):
@@ -200,6 +201,23 @@ def test_one_model_call_per_generation(untargeted_run):
     assert counter.calls == generations
     assert counter.rows == int(oracle.queries().sum())
     assert counter.rows > 5 * counter.calls
+
+
+def test_populations_go_in_groups_of_max_values(tiny_cnn, correct_batch):
+    """Populations of three samples' worth of values: evaluated (and bred)
+    three samples at a time; budgets, the ε-ball and the box still hold."""
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    sizes = []
+
+    def probabilities(z):
+        sizes.append(len(z))
+        return tiny_cnn(z).softmax(1)
+
+    oracle = score_oracle(tiny_cnn, 8, 10 * POP, Counting(probabilities))
+    result = GenAttack(max_values=3 * POP * 28 * 28)(oracle, x, y, eps=0.05, seed=0)
+    assert max(sizes) == 3 * POP and sum(sizes) == int(result.queries.sum())
+    assert (result.queries <= 10 * POP).all()
+    assert (result.x_adv - x).abs().max() <= 0.05 + 1e-6 and 0 <= result.x_adv.min() <= result.x_adv.max() <= 1
 
 
 def test_targeted_reaches_the_target(tiny_cnn, correct_batch):

@@ -66,7 +66,11 @@ a sample that cannot pay stops alone while the others go on. With ε = 0
 nothing can evolve and only the initial population is evaluated.
 
 Each evaluation is one oracle call for all active samples (``n_active · N``
-rows, the ``idx`` of each sample repeated N times).
+rows, the ``idx`` of each sample repeated N times), and each generation
+is bred for all of them at once, unless their populations hold more than
+``max_values`` input values (3,566 MNIST populations; 18 of 3 × 224 × 224):
+then evaluation and breeding go group by group of samples, which bounds
+the memory of the crossover and mutation tensors.
 
 Departure from Foolbox 3's ``GenAttack``: that one runs only targeted; here
 ``target=None`` gives the untargeted fitness above.
@@ -173,6 +177,9 @@ class GenAttack(Attack):
     """Generations without improvement of the best fitness that make a plateau."""
     max_generations: int = 10000
     """Generations after the initial population, at most (whatever the budget)."""
+    max_values: int = 2**24
+    """Input values of the populations evaluated and bred together, at most
+    (at least one sample's): it bounds memory on large images."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -189,6 +196,8 @@ class GenAttack(Attack):
             raise ValueError(f"plateau_length must be >= 1, got {self.plateau_length}")
         if self.max_generations < 0:
             raise ValueError(f"max_generations must be >= 0, got {self.max_generations}")
+        if self.max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {self.max_values}")
 
     def step_cost(self, shape: tuple[int, ...]) -> int:
         """One evaluation of a population."""
@@ -219,12 +228,19 @@ class GenAttack(Attack):
         noise = (torch.rand((len(rows), size, *shape), generator=gen, device=device) * 2 - 1) * eps
         pop = torch.minimum(torch.maximum(x[rows, None] + noise, work.lower), work.upper)
 
+        per_group = max(1, self.max_values // (size * x[0].numel()))
         for step in range(generations + 1):
             m = len(work.rows)
-            # Alg. 1, ComputeFitness: one oracle call for all populations.
-            probs = oracle.probs(pop.flatten(0, 1), idx=work.rows_cpu.repeat_interleave(size))
-            fit, adv = fitness(probs.to(device), work.label.repeat_interleave(size), targeted)
-            fit, adv = fit.view(m, size), adv.view(m, size)
+            # Alg. 1, ComputeFitness: one oracle call for all populations (a group's).
+            scored = [
+                fitness(
+                    oracle.probs(pop[part].flatten(0, 1), idx=work.rows_cpu[part].repeat_interleave(size)).to(device),
+                    work.label[part].repeat_interleave(size), targeted,
+                )
+                for part in _groups(m, per_group)
+            ]
+            fit = torch.cat([fit for fit, _ in scored]).view(m, size)
+            adv = torch.cat([adv for _, adv in scored]).view(m, size)
 
             # Success test: a sample with an adversarial member is done.
             elite = fit.argmax(dim=1)
@@ -250,33 +266,47 @@ class GenAttack(Attack):
             rho, alpha = mutation_schedule(
                 work.plateaus if self.adaptive else None, self.rho_min, self.alpha_min, m
             )
-
-            # Elitism.
-            idx = torch.arange(m, device=device)
-            elite_x = pop[idx, elite]
-            # Selection probabilities (float64: τ = 0.1 sharpens a lot).
-            select = torch.softmax(fit.double() / self.temperature, dim=1)
-            # Parents: 2(N-1) per sample, with replacement.
-            parents = torch.multinomial(select, 2 * (size - 1), replacement=True, generator=gen)
-            first, second = parents[:, : size - 1], parents[:, size - 1 :]
-            p1, p2 = select.gather(1, first), select.gather(1, second)
-            share = (p1 / (p1 + p2).clamp_min(1e-300)).to(x.dtype)
-            # Uniform crossover, parent 1 with probability p1/(p1+p2).
-            take_first = torch.rand((m, size - 1, *shape), generator=gen, device=device)
-            take_first = take_first < share.view(m, size - 1, *[1] * len(shape))
-            children = torch.where(take_first, _gather(pop, first), _gather(pop, second))
-            # Mutation, U(-αε, αε) with probability ρ per coordinate.
-            bcast = (m, 1, *[1] * len(shape))
-            hit = torch.rand(children.shape, generator=gen, device=device)
-            hit = hit < rho.to(device=device, dtype=x.dtype).view(bcast)
-            step_noise = torch.rand(children.shape, generator=gen, device=device) * 2 - 1
-            step_noise = step_noise * (alpha.to(device=device, dtype=x.dtype) * eps).view(bcast)
-            children = torch.where(hit, children + step_noise, children)
-            # Clip back to the ε-ball ∩ [0,1].
-            children = torch.minimum(torch.maximum(children, work.lower), work.upper)
-            pop = torch.cat([elite_x[:, None], children], dim=1)
+            pop = torch.cat([
+                self._breed(pop[part], fit[part], elite[part], rho[part], alpha[part],
+                            work.lower[part], work.upper[part], eps, gen)
+                for part in _groups(m, per_group)
+            ])
 
         return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
+
+    def _breed(self, pop, fit, elite, rho, alpha, lower, upper, eps: float, gen) -> torch.Tensor:
+        """The next generation of the populations ``pop`` (m, N, C, H, W)
+        from their fitness: the elite, then N - 1 children by selection,
+        crossover and mutation, clipped to the box ``[lower, upper]``."""
+        m, size, shape, device = len(pop), self.population, pop.shape[2:], pop.device
+        # Elitism.
+        elite_x = pop[torch.arange(m, device=device), elite]
+        # Selection probabilities (float64: τ = 0.1 sharpens a lot).
+        select = torch.softmax(fit.double() / self.temperature, dim=1)
+        # Parents: 2(N-1) per sample, with replacement.
+        parents = torch.multinomial(select, 2 * (size - 1), replacement=True, generator=gen)
+        first, second = parents[:, : size - 1], parents[:, size - 1 :]
+        p1, p2 = select.gather(1, first), select.gather(1, second)
+        share = (p1 / (p1 + p2).clamp_min(1e-300)).to(pop.dtype)
+        # Uniform crossover, parent 1 with probability p1/(p1+p2).
+        take_first = torch.rand((m, size - 1, *shape), generator=gen, device=device)
+        take_first = take_first < share.view(m, size - 1, *[1] * len(shape))
+        children = torch.where(take_first, _gather(pop, first), _gather(pop, second))
+        # Mutation, U(-αε, αε) with probability ρ per coordinate.
+        bcast = (m, 1, *[1] * len(shape))
+        hit = torch.rand(children.shape, generator=gen, device=device)
+        hit = hit < rho.to(device=device, dtype=pop.dtype).view(bcast)
+        step_noise = torch.rand(children.shape, generator=gen, device=device) * 2 - 1
+        step_noise = step_noise * (alpha.to(device=device, dtype=pop.dtype) * eps).view(bcast)
+        children = torch.where(hit, children + step_noise, children)
+        # Clip back to the ε-ball ∩ [0,1].
+        children = torch.minimum(torch.maximum(children, lower), upper)
+        return torch.cat([elite_x[:, None], children], dim=1)
+
+
+def _groups(m: int, per_group: int) -> list[slice]:
+    """Consecutive groups of at most ``per_group`` of ``m`` samples."""
+    return [slice(first, first + per_group) for first in range(0, m, per_group)]
 
 
 def _gather(pop: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
