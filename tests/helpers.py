@@ -9,16 +9,18 @@ from auditor.oracles import LabelOracle, ScoreOracle
 
 
 class Counting:
-    """A model function that counts its calls and rows."""
+    """A model function that counts its calls and rows, and keeps each call's size."""
 
     def __init__(self, fn):
         self.fn = fn
         self.calls = 0
         self.rows = 0
+        self.sizes: list[int] = []
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.rows += len(z)
+        self.sizes.append(len(z))
         return self.fn(z)
 
 

@@ -280,14 +280,9 @@ def test_probe_calls_carry_fewer_images_when_images_are_larger():
     images of 3 × 64 × 64, so Sign-OPT's 200 probes per sample go three
     samples to a call, not fifty."""
     weights = torch.randn(10, 3 * 64 * 64, generator=torch.Generator().manual_seed(0))
-    sizes = []
-
-    def labels(z):
-        sizes.append(len(z))
-        return (z.flatten(1) @ weights.T).argmax(1)
-
+    counter = Counting(lambda z: (z.flatten(1) @ weights.T).argmax(1))
     x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     y = (x.flatten(1) @ weights.T).argmax(1)
-    result = SignOPT(k=200, n_init=10)(LabelOracle(labels, 8, 700), x, y, seed=0)
+    result = SignOPT(k=200, n_init=10)(LabelOracle(counter, 8, 700), x, y, seed=0)
     assert result.success.all()
-    assert max(sizes) == 600  # three samples' probes
+    assert max(counter.sizes) == 600  # three samples' probes

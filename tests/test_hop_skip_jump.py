@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from auditor.attacks.base import MIN_NORM, distortion
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
-from auditor.oracles import LabelOracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,16 +177,11 @@ def test_probe_calls_stay_within_max_values(model64, correct_batch):
     """Rows are grouped so that no call carries more than max_values input values
     (no row here has more probes than that), and the grouping changes nothing."""
     x, y = correct_batch[0][:6], correct_batch[1][:6]
-    sizes = []
-
-    def labels(z):
-        sizes.append(len(z))
-        return model64(z.double()).argmax(1)
-
+    counter = Counting(lambda z: model64(z.double()).argmax(1))
     attack = HopSkipJump(init_num_evals=20, n_init=5)
-    narrow = replace(attack, max_values=60 * 28 * 28)(LabelOracle(labels, 6, 300), x, y, seed=2)
+    narrow = replace(attack, max_values=60 * 28 * 28)(label_oracle(model64, 6, 300, counter), x, y, seed=2)
     wide = attack(label_oracle(model64, 6, 300), x, y, seed=2)
-    assert max(sizes) <= 60 and sum(sizes) == int(narrow.queries.sum())
+    assert max(counter.sizes) <= 60 and counter.rows == int(narrow.queries.sum())
     assert torch.equal(narrow.x_adv, wide.x_adv) and torch.equal(narrow.queries, wide.queries)
 
 
