@@ -17,7 +17,7 @@ from .access import Access
 from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import Model
-from .oracles import GradientOracle, input_gradient
+from .oracles import GradientOracle, logits_and_gradient
 from .eps import eps_text
 from .verify import eps_bound, verify
 
@@ -119,9 +119,9 @@ def access_limited(level: Access, reason: str) -> list[Check]:
 
 def gradient_checks(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Check]:
     """Input gradients of the cross-entropy must be finite and not all zero."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        grad = input_gradient(torch.nn.functional.cross_entropy(module(x).float(), y, reduction="sum"), x)
+    _, grad = logits_and_gradient(
+        module, x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    )
     flat = grad.flatten(1)
     found = []
     nan = int((~torch.isfinite(flat)).any(dim=1).sum())

@@ -45,6 +45,12 @@ def input_gradient(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
+def items_within(max_values: int, each: int) -> int:
+    """How many items of ``each`` input values fit in ``max_values``; at
+    least one. The rule every bounded model call and probe batch uses."""
+    return max(1, max_values // max(1, each))
+
+
 GRAD_VALUES = 2**23
 """Input values per pass of a model with its autograd graph, at most: 10,700
 MNIST digits, 2,730 images of 3 × 32 × 32, 55 of 3 × 224 × 224 (a
@@ -70,7 +76,8 @@ def logits_and_gradient(
             logits = forward(x).float()
             grad = input_gradient(loss_fn(logits).sum(), x)
         return logits.detach(), grad.detach()
-    logits = logits_in_passes(forward, x, max_values).requires_grad_(True)
+    with torch.no_grad():
+        logits = torch.cat([forward(part).float() for part in parts]).requires_grad_(True)
     with torch.enable_grad():
         upstream = input_gradient(loss_fn(logits).sum(), logits)
     grads = []
@@ -84,8 +91,7 @@ def logits_and_gradient(
 def _passes(x: torch.Tensor, max_values: int) -> tuple[torch.Tensor, ...]:
     """``x`` split into passes of at most ``max_values`` input values (at
     least one image each); an empty batch is one pass."""
-    per_pass = max(1, max_values // max(1, x[0].numel())) if len(x) else 1
-    return x.split(per_pass) or (x,)
+    return x.split(items_within(max_values, x[0].numel()) if len(x) else 1) or (x,)
 
 
 def logits_in_passes(forward: Forward, x: torch.Tensor, max_values: int = GRAD_VALUES) -> torch.Tensor:

@@ -42,12 +42,6 @@ digits, 2,552 images of 3 × 32 × 32, 52 of 3 × 224 × 224 (31 MB of float32
 per copy of the probes)."""
 
 
-def rows_within(values: int, images: torch.Tensor) -> int:
-    """How many images shaped like the rows of ``images`` hold at most
-    ``values`` input values; at least 1."""
-    return max(1, values // images[0].numel())
-
-
 def col(v: torch.Tensor) -> torch.Tensor:
     """A (M,) vector shaped to broadcast against (M,C,H,W)."""
     return v.view(-1, *([1] * 3))

@@ -113,7 +113,7 @@ from typing import ClassVar
 
 import torch
 
-from ...oracles import LabelOracle
+from ...oracles import LabelOracle, items_within
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
     PROBE_VALUES,
@@ -123,7 +123,6 @@ from .boundary import (
     begin,
     check_subspace,
     col,
-    rows_within,
     unit,
 )
 from .ray_search import Boundary, ray_start
@@ -331,7 +330,7 @@ class HopSkipJump(Attack):
         sums = torch.zeros((2, len(rows), flat.shape[1]), device=xt.device, dtype=dtype)
         sum_f = torch.zeros(len(rows), device=xt.device, dtype=dtype)
         ends = torch.cumsum(evals, 0).tolist()
-        cap = rows_within(self.max_values, xt)
+        cap = items_within(self.max_values, xt[0].numel())
         draw = directions.gaussian if self.norm == "l2" else directions.uniform
         first = 0
         while first < len(rows):

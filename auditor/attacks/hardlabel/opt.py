@@ -70,8 +70,8 @@ from typing import ClassVar
 
 import torch
 
-from ...oracles import LabelOracle
-from .boundary import col, rows_within
+from ...oracles import LabelOracle, items_within
+from .boundary import col
 from .ray_search import Boundary, RaySearch
 
 _STEP_DOWN = 0.99
@@ -170,7 +170,7 @@ class OPT(RaySearch):
         """ĝ = (1/q) Σ (g(θ') − g(θ))/β · u, and the best probe θ' with its g,
         for as many samples per search as ``max_values`` allows."""
         shape = theta.shape[1:]
-        group = max(1, rows_within(self.max_values, theta) // self.q)
+        group = items_within(self.max_values, self.q * theta[0].numel())
         grad = torch.empty_like(theta)
         probe_th = theta.clone()
         probe_g = torch.full_like(g, float("inf"))

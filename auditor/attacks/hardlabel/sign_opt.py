@@ -75,8 +75,9 @@ from typing import ClassVar
 
 import torch
 
+from ...oracles import items_within
 from ..base import distortion
-from .boundary import col, rows_within
+from .boundary import col
 from .ray_search import Boundary, RaySearch
 
 _LINE_RESERVE = 25
@@ -110,7 +111,7 @@ class SignOPT(RaySearch):
         probes in order, so it does not depend on the batch."""
         left = ray.oracle.remaining().to(rows.device)[rows]
         probes = torch.clamp(left - _LINE_RESERVE, max=self.k)
-        group = max(1, rows_within(self.max_values, theta) // self.k)
+        group = items_within(self.max_values, self.k * theta[0].numel())
         grad = torch.empty_like(theta)
         for start in range(0, len(rows), group):
             part = slice(start, start + group)

@@ -83,7 +83,7 @@ from typing import ClassVar
 
 import torch
 
-from ...oracles import ScoreOracle
+from ...oracles import ScoreOracle, items_within
 from ..base import FIXED_EPS, Attack, AttackResult, check_call, generator
 
 _RHO_SCALE = 0.5
@@ -228,7 +228,7 @@ class GenAttack(Attack):
         noise = (torch.rand((len(rows), size, *shape), generator=gen, device=device) * 2 - 1) * eps
         pop = torch.minimum(torch.maximum(x[rows, None] + noise, work.lower), work.upper)
 
-        per_group = max(1, self.max_values // (size * x[0].numel()))
+        per_group = items_within(self.max_values, size * x[0].numel())
         for step in range(generations + 1):
             m = len(work.rows)
             # Alg. 1, ComputeFitness: one oracle call for all populations (a group's).

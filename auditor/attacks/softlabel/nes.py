@@ -51,16 +51,16 @@ current iterate (to detect success and drive the step-size schedule) and
 its 2q antithetic probes, all rows of all active samples in *one* oracle
 call (or, where they hold more than ``max_values`` input values, in calls
 of as many samples as fit: 2,951 MNIST digits, 8 images of 3 × 224 × 224;
-the probes of a call are drawn when it is made). A sample runs an iteration only if its ``remaining()`` is at least
-2q + 1. When it can no longer afford one (or after ``max_iters``
+the probes of a call are drawn when it is made). A sample runs an
+iteration only if its ``remaining()`` is at least 2q + 1. When it can no longer afford one (or after ``max_iters``
 iterations when the oracle has no budget), its last, not yet evaluated
 iterate is evaluated with one more query if it has one left, in a single
 final call shared by all such samples. So with a budget B (and a fresh
 oracle) a sample that never succeeds spends ``k·(2q+1) + [B > k·(2q+1)]``
 queries with ``k = ⌊B/(2q+1)⌋``: B when B is a multiple of 2q+1 (its last
 step then goes unevaluated), else ``k·(2q+1) + 1``, leaving the rest of the
-budget, fewer than 2q queries, unspent (B = 500 on MNIST, q = 14: 494). A sample
-whose iterate is found adversarial in its k-th iteration spends exactly
+budget, fewer than 2q queries, unspent (B = 500 on MNIST, q = 14: 494).
+A sample whose iterate is found adversarial in its k-th iteration spends exactly
 k·(2q+1) queries and nothing more (k·(2q+1) + 1 if found by the final
 evaluation). ``eps = 0`` costs one query (the clean image) per sample.
 
@@ -100,7 +100,7 @@ from typing import ClassVar
 
 import torch
 
-from ...oracles import ScoreOracle
+from ...oracles import ScoreOracle, items_within
 from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project
 from .margins import log_margin
 
@@ -277,7 +277,7 @@ class NES(Attack):
         estimate ``Σ (h(x+βu) − h(x−βu)) u / (2qβ)``; as many samples a call
         as ``max_values`` allows."""
         cost = 2 * q + 1
-        per_call = max(1, self.max_values // (cost * work.x[0].numel()))
+        per_call = items_within(self.max_values, cost * work.x[0].numel())
         hs, grads = [], []
         for first in range(0, len(work.rows), per_call):
             centre = work.x[first : first + per_call, None]
