@@ -76,25 +76,25 @@ def attack_budget(attack: Attack, budget: int | None) -> int | None:
     return None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
 
 
-def within_budget(battery: Battery, budget: int | None, shape: tuple[int, ...]) -> Battery:
-    """``battery`` without the attacks that cannot take one step within the
-    budget on images of ``shape`` (each is listed as skipped, with why)."""
-    costly = {
-        attack.label: attack.step_cost(shape)
-        for attack in battery.attacks
-        if attack_budget(attack, budget) is not None and attack.step_cost(shape) > budget
-    }
-    if not costly:
+def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_classes: int) -> Battery:
+    """``battery`` without the attacks that cannot run on this model and
+    data, each listed as skipped with why: its loss needs more classes than
+    the model has, or one step on images of ``shape`` costs more queries
+    than the budget."""
+    reasons = {}
+    for attack in battery.attacks:
+        cost = attack.step_cost(shape)
+        if attack.min_classes > num_classes:
+            reasons[attack.label] = f"its loss needs at least {attack.min_classes} classes; the model has {num_classes}"
+        elif attack_budget(attack, budget) is not None and cost > budget:
+            reasons[attack.label] = f"one step needs {cost:,} queries per sample; the budget is {budget:,}"
+    if not reasons:
         return battery
-    kept = tuple(attack for attack in battery.attacks if attack.label not in costly)
+    kept = tuple(attack for attack in battery.attacks if attack.label not in reasons)
     if not kept:
-        needs = ", ".join(f"{label} {cost}" for label, cost in costly.items())
-        raise AuditError(f"--budget {budget} is below one step of every attack chosen (queries per sample: {needs})")
-    skipped = tuple(
-        (label, f"one step needs {cost:,} queries per sample; the budget is {budget:,}")
-        for label, cost in costly.items()
-    )
-    return replace(battery, attacks=kept, skipped=battery.skipped + skipped)
+        why = "; ".join(f"{label}: {reason}" for label, reason in reasons.items())
+        raise AuditError(f"no attack chosen can run ({why})")
+    return replace(battery, attacks=kept, skipped=battery.skipped + tuple(reasons.items()))
 
 
 def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool) -> str | None:

@@ -26,7 +26,7 @@ import torch
 from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
-from .battery import SurrogateSet, build_battery, run_battery, within_budget
+from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
 from .eps import check_radius, eps_key, parse_eps
 from .errors import AuditError
@@ -256,7 +256,7 @@ def scan(
     battery = build_battery(
         level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates > 0
     )
-    battery = within_budget(battery, budget, tuple(dataset.x.shape[1:]))
+    battery = runnable(battery, budget, tuple(dataset.x.shape[1:]), num_classes)
 
     indices = dataset.balanced_indices(samples)
     x, y = dataset.x[indices], dataset.y[indices]

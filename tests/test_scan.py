@@ -271,5 +271,29 @@ def test_attacks_that_cannot_take_a_step_within_the_budget_are_skipped_and_said(
     assert {attack["name"] for attack in audit.results["attacks"]} == {"square-linf", "genattack-linf", "random-noise-linf"}
     skipped = [check["message"] for check in audit.results["checks"] if check["id"] == "attack-skipped"]
     assert skipped == ["nes-linf was not run: one step needs 29 queries per sample; the budget is 20"]
-    with pytest.raises(AuditError, match="--budget 20 is below one step of every attack chosen"):
+    with pytest.raises(AuditError, match=r"no attack chosen can run \(nes-linf: one step needs 29 queries per sample; the budget is 20\)"):
         scan(example_onnx, "mnist", access="soft-label", samples=8, eps=[0.3], budget=20, attacks=["nes"])
+
+
+def test_attacks_whose_loss_needs_more_classes_than_the_model_has_are_skipped_and_said(tmp_path):
+    """APGD-T's targeted DLR loss needs 4 classes and APGD-DLR's 3: on a
+    3-class model the default white-box battery runs without APGD-T and
+    says so; asked only for APGD-DLR, a 2-class model is refused."""
+    import auditor
+    from auditor.data.builtin import mnist
+    from auditor.errors import AuditError
+
+    digits = mnist("test")
+    for classes in (2, 3):
+        keep = digits.y < classes
+        np.savez(tmp_path / f"d{classes}.npz", x=digits.x[keep][:12].numpy(), y=digits.y[keep][:12].numpy())
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, classes))
+        torch.jit.trace(module, torch.zeros(1, 1, 28, 28)).save(str(tmp_path / f"m{classes}.pt"))
+    audit = auditor.scan(str(tmp_path / "m3.pt"), str(tmp_path / "d3.npz"), access="white-box", eps=[0.1], budget=30)
+    names = {attack["name"] for attack in audit.results["attacks"]}
+    assert "apgd-ce-linf" in names and "apgd-t-linf" not in names
+    skipped = [check["message"] for check in audit.results["checks"] if check["id"] == "attack-skipped"]
+    assert "apgd-t-linf was not run: its loss needs at least 4 classes; the model has 3" in skipped
+    with pytest.raises(AuditError, match=r"apgd-dlr-linf: its loss needs at least 3 classes; the model has 2"):
+        auditor.scan(str(tmp_path / "m2.pt"), str(tmp_path / "d2.npz"), access="white-box", eps=[0.1], attacks=["apgd-dlr"])

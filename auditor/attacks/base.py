@@ -100,6 +100,11 @@ class Attack(abc.ABC):
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def min_classes(self) -> int:
+        """The fewest classes the attack's loss is defined for."""
+        return 2
+
     def step_cost(self, shape: tuple[int, ...]) -> int:
         """Queries one sample of ``shape`` needs for the attack to take a
         step; a smaller budget lets it do nothing (1: any budget will do)."""

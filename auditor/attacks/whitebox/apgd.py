@@ -296,6 +296,11 @@ class APGD(APGDConfig):
         return f"{self.name}-{self.loss}-{self.norm}"
 
     @property
+    def min_classes(self) -> int:
+        """DLR's denominator takes the third-largest logit."""
+        return 3 if self.loss == "dlr" else 2
+
+    @property
     def in_default_battery(self) -> bool:
         """APGD-CE runs by default (AutoAttack's standard version); APGD-DLR on request."""
         return self.loss == "ce"

@@ -61,6 +61,11 @@ class APGDTargeted(APGDConfig):
 
     targeted = True
 
+    @property
+    def min_classes(self) -> int:
+        """The targeted DLR's denominator takes the fourth-largest logit."""
+        return 4
+
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
         gen = generator(seed, x.device)
