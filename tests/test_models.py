@@ -176,6 +176,23 @@ def test_torchscript(tiny_cnn, images, expected, tmp_path):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_float64_torchscript_gets_its_input_in_float64(tiny_cnn, images, expected, tmp_path):
+    """A float64 module is fed float64 and gives float32 logits, for the
+    forward pass and for gradients (it was fed float32 and failed)."""
+    import copy
+
+    path = tmp_path / "tiny64.pt"
+    wide = copy.deepcopy(tiny_cnn).double()
+    torch.jit.save(torch.jit.trace(wide, images[:2].double()), str(path))
+    model = load_model(path, device="cpu")
+    logits = model.forward(images)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    x = images[:4].clone().requires_grad_(True)
+    model.torch_module()(x).sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "fixed-batch"])
 def test_torch_export(tiny_cnn, images, expected, tmp_path, dynamic):
     path = tmp_path / "tiny.pt2"

@@ -112,6 +112,27 @@ class _ExportedModule(nn.Module):
         return self.program(x)
 
 
+class InputDtype(nn.Module):
+    """A module whose weights are not float32 (float64, say), fed its input
+    in their dtype; it returns float32 logits, as every adapter does."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.dtype)).float()
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point weight (float32 if none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
 class TorchModel(Model):
     """An ``nn.Module`` (normalisation folded in front) in eval mode on ``device``."""
 
@@ -132,6 +153,8 @@ class TorchModel(Model):
         self._device = resolve_device(device)
         if fixed_batch is not None:
             module = FixedBatch(module, fixed_batch)
+        if weight_dtype(module) != torch.float32:
+            module = InputDtype(module, weight_dtype(module))
         if mean is not None and std is not None:
             module = nn.Sequential(Normalize(mean, std), module)
         self._module = module.eval().to(self._device)
