@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from auditor.attacks import BY_LABEL
 from auditor.attacks.base import distortion
-from auditor.attacks.hardlabel.boundary import Directions, SampleRandom, StartPool, subspace_factor
+from auditor.attacks.hardlabel.boundary import BestAdversarial, Directions, SampleRandom, StartPool, subspace_factor
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
 from auditor.attacks.hardlabel.sign_opt import SignOPT
-from auditor.battery import queries_to_reach
+from auditor.battery import distortion_at, queries_to_reach
 from auditor.oracles import LabelOracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +100,110 @@ def test_trace_shows_what_the_initialisation_found(model64, correct_batch, label
     assert (reached[found] <= oracle.first[found] + 25).all(), (reached, oracle.first)
     # the whole initialisation costs far more: a trace read only after it would be late
     assert (reached[found] < 60).float().mean() > 0.5
+
+
+class Ledger(LabelOracle):
+    """A label oracle that writes down every query: the sample, its query
+    number, and whether the image was adversarial and how far it lay."""
+
+    def __init__(self, labels, x, y, norm, budget):
+        super().__init__(labels, len(y), budget)
+        self.x, self.y, self.norm = x, y, norm
+        self.entries: list[tuple[int, int, float]] = []  # (sample, query number, distortion of an adversarial image)
+
+    def labels(self, x, idx=None):
+        before = self.queries()
+        out = super().labels(x, idx)
+        rows = torch.arange(len(self.y)) if idx is None else torch.as_tensor(idx)
+        seen = torch.zeros(len(self.y), dtype=torch.long)
+        for row, image, label in zip(rows.tolist(), x, out.tolist()):
+            seen[row] += 1
+            if label != int(self.y[row]):
+                size = float(distortion(image[None] - self.x[row : row + 1], self.norm))
+                self.entries.append((row, int(before[row] + seen[row]), size))
+        return out
+
+    def best_within(self, queries: int) -> torch.Tensor:
+        """Per sample, the smallest adversarial distortion among its first ``queries`` queries."""
+        best = torch.full((len(self.y),), float("inf"), dtype=torch.float64)
+        for row, number, size in self.entries:
+            if number <= queries:
+                best[row] = min(best[row], size)
+        return best
+
+    def first_within(self, bound: float) -> torch.Tensor:
+        """Per sample, the query number of its first adversarial image within ``bound`` (-1: none)."""
+        first = torch.full((len(self.y),), -1, dtype=torch.long)
+        for row, number, size in self.entries:
+            if size <= bound and (first[row] < 0 or number < first[row]):
+                first[row] = number
+        return first
+
+
+@pytest.mark.parametrize("label", list(ATTACKS))
+def test_the_best_and_its_trace_are_exact_to_the_query(model64, correct_batch, label):
+    """``x_adv`` is the closest adversarial image the attack ever queried,
+    and the trace gives, per sample, the very query at which its best came
+    within a bound, and its best after any number of queries: probes, step
+    tries and searches all count, not only the iterate each step settles on."""
+    attack = ATTACKS[label]
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    oracle = Ledger(one_by_one(model64), x, y, attack.norm, 400)
+    result = attack(oracle, x, y, seed=0)
+    sizes = distortion(result.x_adv - x, attack.norm).double()
+    assert result.success.sum() >= 6
+    assert torch.allclose(sizes[result.success], oracle.best_within(400)[result.success], rtol=1e-6)
+    for queries in (30, 100, 250):
+        at = dict(distortion_at(result.trace, result.queries, checkpoints=(queries,)))[queries]
+        assert torch.allclose(torch.tensor(at, dtype=torch.float64), oracle.best_within(queries), rtol=1e-6), queries
+    for bound in sorted({float(s) for s in sizes[result.success]})[::2]:
+        first = oracle.first_within(bound * (1 + 1e-9))
+        reached = queries_to_reach(result.trace, bound * (1 + 1e-9), result.queries)
+        assert torch.equal(reached[first > 0], first[first > 0]), bound
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5), calls=st.integers(1, 6), repeats=st.booleans())
+def test_best_adversarial_records_every_improvement_at_its_query(seed, n, calls, repeats):
+    """Calls with one row per sample or several, against a row-by-row
+    reference: the same best image per sample, and a trace that reads, for
+    every bound and query count, what the reference saw by then."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 1, 3, 3, generator=gen)
+    spent = torch.zeros(n, dtype=torch.long)
+    best = BestAdversarial(x0, "l2", lambda: spent.clone())
+    seen = []  # (sample, query number, distortion) of every adversarial row
+    ref_x, ref_size = x0.clone(), torch.full((n,), float("inf"))
+    for _ in range(calls):
+        rows = torch.randint(0, n, (3 * n,), generator=gen) if repeats else torch.randperm(n, generator=gen)
+        images = (x0[rows] + torch.randn(len(rows), 1, 3, 3, generator=gen)).clamp(0, 1)
+        adversarial = torch.rand(len(rows), generator=gen) < 0.6
+        before = spent.clone()
+        spent += torch.bincount(rows, minlength=n)
+        best.record(rows, images, adversarial, before)
+        number = before.clone()
+        for row, image, adv in zip(rows.tolist(), images, adversarial.tolist()):
+            number[row] += 1
+            size = float(distortion(image[None] - x0[row : row + 1], "l2"))
+            if adv:
+                seen.append((row, int(number[row]), size))
+                if size < ref_size[row]:
+                    ref_x[row], ref_size[row] = image, size
+    assert torch.equal(best.x, ref_x)
+    trace = best.closed_trace()
+    for bound in sorted({size for _, _, size in seen}):
+        first = torch.full((n,), -1)
+        for row, number, size in seen:
+            if size <= bound and first[row] < 0:
+                first[row] = number
+        reached = queries_to_reach(trace, bound, spent)
+        assert torch.equal(reached[first > 0], first[first > 0])
+    for queries in range(1, int(spent.max()) + 1):
+        held = dict(distortion_at(trace, spent, checkpoints=(queries,))).get(queries)
+        if held is None:
+            continue
+        want = [min([size for row, number, size in seen if row == i and number <= queries], default=float("inf")) for i in range(n)]
+        assert torch.allclose(torch.tensor(held, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)), queries
 
 
 def test_probes_per_call_do_not_change_results(model64, correct_batch):

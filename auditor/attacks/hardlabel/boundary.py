@@ -3,12 +3,11 @@ adversarial image held per sample, and starting images from the data.
 
 * :class:`Goal`: a label is adversarial when it differs from the true label
   (untargeted) or equals the sample's target class (targeted).
-* :class:`BestAdversarial`: per sample, the verified adversarial image of
-  smallest distortion in the attack's norm held so far; it is the attack's
-  ``x_adv``, and it keeps the trace: an entry (queries spent, best
-  distortion) each time some sample's best improves, so the queries at
-  which a sample's best first came within ε are exact to the update, in
-  the initialisation as in the iterations.
+* :class:`BestAdversarial`: per sample, the adversarial image of smallest
+  distortion in the attack's norm among all label queries so far; it is
+  the attack's ``x_adv``, and it keeps the trace: an entry (queries spent,
+  best distortion) at each query that improved some sample's best, so the
+  queries at which a sample's best first came within ε are exact.
 * :class:`SampleRandom`: one random stream per sample, so that batching is
   exact: a sample gets the same result in a batch as alone, with the same
   seed.
@@ -66,12 +65,59 @@ class Goal:
         return labels == self.target[rows]
 
 
+def call_rank(samples: torch.Tensor) -> torch.Tensor:
+    """Per row of one oracle call, how many earlier rows of the call belong
+    to the same sample: the row is that sample's query ``rank + 1`` of the call."""
+    ordered, perm = torch.sort(samples, stable=True)
+    first = torch.searchsorted(ordered, ordered)
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(len(ordered), device=samples.device) - first
+    return rank
+
+
+def _run_keys(samples: torch.Tensor, size: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer keys for hits sorted by sample whose running minimum restarts
+    with each sample: later samples get smaller high bits, and the bits of
+    a non-negative float32 order as the float does."""
+    return ((n - samples) << 32) | size.float().view(torch.int32).long()
+
+
+def _entries(before, best, samples, at, size, last) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Trace entries for improvements (sorted by sample, then query ``at``):
+    entry j holds each sample's j-th improvement, or its last one where it
+    has fewer; the samples with none keep their count ``before`` the call.
+    ``best`` is the best after them all."""
+    ordinal = call_rank(samples)
+    entries = int(ordinal.max()) + 1
+    count = before.expand(entries, -1).clone()
+    held = best.cpu().expand(entries, -1).clone()
+    # an improvement holds from its ordinal up to the next one of its sample, the last one to the end
+    until = torch.where(last, torch.full_like(ordinal, entries), torch.roll(ordinal, -1))
+    span = until - ordinal
+    rows = torch.repeat_interleave(ordinal, span) + _offsets(span)
+    cols = torch.repeat_interleave(samples, span)
+    count[rows, cols] = torch.repeat_interleave(at, span)
+    held[rows, cols] = torch.repeat_interleave(size, span).to(held.dtype)
+    return list(zip(count.unbind(0), held.to(best.device).unbind(0)))
+
+
+def _offsets(span: torch.Tensor) -> torch.Tensor:
+    """0, 1, …, span[i] − 1 for each i, concatenated."""
+    return torch.arange(int(span.sum())) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
+
+
 class BestAdversarial:
-    """Per sample, the adversarial image of smallest distortion held so far,
-    and the trace of (queries spent, best distortion) over all samples:
-    one entry at the start and one after each update that improved a
-    sample (:meth:`closed_trace` adds one at the end). ``queries`` is the
-    oracle's per-sample count."""
+    """Per sample, the adversarial image of smallest distortion queried so
+    far, and the trace of (queries spent, best distortion) over all samples.
+
+    :meth:`record` sees every label query, so the best is the best the
+    attacker has seen, whichever step asked, and the trace is exact to the
+    query: an entry at the start, then after a call that improved some
+    sample's best, entries that give each improvement with that sample's
+    count at the very query that found it (samples not improved keep their
+    count before the call, at which their best already held).
+    :meth:`closed_trace` adds one at the end. ``queries`` is the oracle's
+    per-sample count."""
 
     def __init__(self, x0: torch.Tensor, norm: str, queries: Callable[[], torch.Tensor]):
         self.x0 = x0
@@ -81,14 +127,53 @@ class BestAdversarial:
         self._queries = queries
         self.trace = [(queries().clone(), self.size.clone())]
 
-    def update(self, rows: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> None:
-        size = distortion(images - self.x0[rows], self.norm).to(self.size.dtype)
-        better = valid & (size < self.size[rows])
-        if not bool(better.any()):
+    def record(
+        self,
+        rows: torch.Tensor,
+        images: torch.Tensor,
+        adversarial: torch.Tensor,
+        before: torch.Tensor,
+        sizes: torch.Tensor | None = None,
+    ) -> None:
+        """Take in one oracle call: ``images`` queried for samples ``rows``
+        in that order, which were ``adversarial``; ``before`` is each
+        sample's query count before the call, ``sizes`` the images'
+        distortions where the caller has them."""
+        hit = adversarial.nonzero().squeeze(1)
+        if not len(hit):
             return
-        self.x[rows[better]] = images[better]
-        self.size[rows[better]] = size[better]
-        self.trace.append((self._queries().clone(), self.size.clone()))
+        samples = rows.index_select(0, hit)
+        if sizes is None:
+            size = distortion(images.index_select(0, hit).sub_(self.x0.index_select(0, samples)), self.norm)
+        else:
+            size = sizes.index_select(0, hit)
+        size = size.to(self.size.dtype)
+        keep = (size < self.size.index_select(0, samples)).nonzero().squeeze(1)
+        if not len(keep):  # nothing beats the best before the call
+            return
+        hit, samples, size = hit.index_select(0, keep), samples.index_select(0, keep), size.index_select(0, keep)
+        cpu = rows.cpu()
+        if len(torch.unique(cpu)) == len(cpu):  # a row per sample: a hit is its sample's one improvement
+            self.x.index_copy_(0, samples, images.index_select(0, hit))
+            self.size.index_copy_(0, samples, size)
+            count = before.clone()
+            count.index_copy_(0, samples.cpu(), before.index_select(0, samples.cpu()) + 1)
+            self.trace.append((count, self.size.clone()))
+            return
+        at = (before.index_select(0, cpu) + call_rank(cpu) + 1).index_select(0, hit.cpu())
+        # each sample's hits in query order; those that beat all earlier ones are its improvements
+        order = torch.argsort(samples, stable=True)
+        hit, samples, size, at = hit[order], samples[order], size[order], at[order.cpu()]
+        key = _run_keys(samples, size, len(self.size))
+        improves = torch.ones_like(samples, dtype=torch.bool)
+        improves[1:] = key[1:] < torch.cummin(key, 0).values[:-1]
+        events = improves.nonzero().squeeze(1)
+        hit, samples, size, at = hit[events], samples[events], size[events], at[events.cpu()]
+        last = torch.ones_like(samples, dtype=torch.bool)  # a sample's last improvement is its new best
+        last[:-1] = samples[1:] != samples[:-1]
+        self.x[samples[last]] = images[hit[last]]
+        self.size[samples[last]] = size[last]
+        self.trace.extend(_entries(before, self.size, samples.cpu(), at, size.cpu(), last.cpu()))
 
     def closed_trace(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The trace with a last entry at the queries spent now: the run's result."""

@@ -94,10 +94,10 @@ for more than a sample's ``remaining()``. The attack runs at most
 ``eps`` is ignored: a minimum-norm attack keeps shrinking the distortion
 until its budget is spent.
 
-Per sample the attack keeps the verified adversarial image of smallest
-distortion in ``norm`` it has held; that is ``x_adv``, and its distortion is
-the one in the trace (an entry after each initialisation round and each
-iteration that improved some sample's best).
+Per sample the attack keeps the adversarial image of smallest distortion in
+``norm`` among all it queried (probes, step tries and binary searches
+alike); that is ``x_adv``, and the trace records each improvement at the
+query that found it.
 
 Defaults are those of the official code (``Jianbo-Lab/HSJA``, ``hsja.py``):
 ``init_num_evals = 100`` (B_0), ``max_num_evals = 1e4``, ``gamma = 1``,
@@ -247,14 +247,11 @@ class HopSkipJump(Attack):
         # Clean check and initialisation: OPT's search over n_init random
         # directions (targeted: target-class images), then the boundary search.
         start = ray_start(ray, run, self.n_init, _INIT_TOL)
-        best = start.best
         found = start.attack & torch.isfinite(start.g)
-        success = torch.isfinite(start.g)
-        current = best.x.clone()
+        current = ray.best.x.clone()
         rows = found.nonzero().squeeze(1)
         if len(rows):
             current[rows] = bisect(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
-            best.update(rows, current[rows], torch.ones_like(rows, dtype=torch.bool))
 
         active = found.clone()
         t = torch.zeros(n, dtype=torch.long, device=device)
@@ -304,10 +301,10 @@ class HopSkipJump(Attack):
             if moved.any():
                 new = bisect(rows, stepped, moved)
                 current[rows[moved]] = new[moved]
-                best.update(rows, new, moved)
 
         return AttackResult(
-            x_adv=best.x, success=success, queries=oracle.queries(), trace=best.closed_trace(),
+            x_adv=ray.best.x, success=torch.isfinite(ray.best.size), queries=oracle.queries(),
+            trace=ray.best.closed_trace(),
             start_index=start.start_index(),
         )
 

@@ -71,7 +71,7 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle, items_within
-from .boundary import col
+from .boundary import call_rank, col
 from .ray_search import Boundary, RaySearch
 
 _STEP_DOWN = 0.99
@@ -91,11 +91,7 @@ def _ration(oracle: LabelOracle, rows: torch.Tensor, want: torch.Tensor) -> torc
         return cand
     samples = rows[cand]
     left = oracle.remaining().to(rows.device)[samples]
-    ordered, perm = torch.sort(samples, stable=True)
-    first = torch.searchsorted(ordered, ordered)
-    rank = torch.empty_like(perm)
-    rank[perm] = torch.arange(len(ordered), device=rows.device) - first
-    return cand[rank < left]
+    return cand[call_rank(samples) < left]
 
 
 def _two_sided_search(

@@ -18,14 +18,12 @@ holds what they share, all batched over samples:
 * ``Boundary``: label queries along rays ``x0 + λθ`` (every image clipped
   to [0,1]), OPT's binary search for g and its local search ("compute g(θ)
   locally", ratio 0.01, as the official code runs it);
-* ``BestAdversarial`` (:mod:`.boundary`): per sample, the clipped adversarial
-  image of smallest distortion among the (θ, g) held (clipping can make a
-  smaller g farther in L2);
+* ``BestAdversarial`` (:mod:`.boundary`): per sample, the adversarial image
+  of smallest distortion among all the boundary queried, and the trace of
+  (queries, best distortion), exact to the query;
 * ``RaySearch.__call__``: clean check, initialisation, then iterations of
   estimate, step-size line search (``line_search``, the official code's)
-  and the α/β resets; the trace of (queries, best distortion) has an entry
-  after each initialisation round and each iteration that improved some
-  sample's best (``BestAdversarial``). The initialisation takes the best of
+  and the α/β resets. The initialisation takes the best of
   ``n_init`` directions: Gaussian ones, or in targeted mode ``s − x0`` for
   images ``s`` of the target class from the data (the official targeted
   attacks' start), each sample walking through its class's images from a
@@ -79,6 +77,8 @@ class Boundary:
         self.x0 = x0
         self.goal = goal
         self.norm = norm
+        self.best = BestAdversarial(x0, norm, oracle.queries)
+        """Every adversarial image queried through :meth:`judge` is offered to it."""
 
     def unit(self, v: torch.Tensor) -> torch.Tensor:
         """Directions scaled to unit norm in the attack's norm."""
@@ -95,9 +95,14 @@ class Boundary:
         """One query per row: is ``clip(x0 + λ θ)`` adversarial?"""
         return self.judge(rows, self.image(rows, theta, lbd))
 
-    def judge(self, rows: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """One query per row: is the image adversarial for its sample?"""
-        return self.goal.reached(rows, self.oracle.labels(images, idx=rows.cpu()))
+    def judge(self, rows: torch.Tensor, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """One query per row: is the image adversarial for its sample? The
+        adversarial ones go to :attr:`best`; ``sizes``, their distortions
+        if the caller has them, saves it working them out."""
+        before = self.oracle.queries()
+        adversarial = self.goal.reached(rows, self.oracle.labels(images, idx=rows.cpu()))
+        self.best.record(rows, images, adversarial, before, sizes)
+        return adversarial
 
     def probe_images(
         self,
@@ -107,17 +112,20 @@ class Boundary:
         u: torch.Tensor,
         coef: torch.Tensor,
         lbd: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``clip(x0 + λ (θ + c u)/‖θ + c u‖)`` for probe rows ``u`` (P, d) of
         the samples ``rows[owner]``, with ``theta`` (one row per sample of
-        ``rows``) and per-probe ``coef`` c and ``lbd`` λ. Built in place, a
-        handful of passes over the probes, as (P, C, H, W) images."""
+        ``rows``) and per-probe ``coef`` c and ``lbd`` λ, as (P, C, H, W)
+        images, and their distortions. Built in place, a handful of passes
+        over the probes."""
         flat = theta.flatten(1)
         probe = torch.index_select(flat, 0, owner)
         probe.addcmul_(u, coef[:, None])
         probe.mul_((lbd / distortion(probe, self.norm).clamp_min(1e-12))[:, None])
-        probe.add_(torch.index_select(self.x0[rows].flatten(1), 0, owner))
-        return probe.clamp_(0.0, 1.0).view(len(owner), *theta.shape[1:])
+        base = torch.index_select(self.x0[rows].flatten(1), 0, owner)
+        probe.add_(base).clamp_(0.0, 1.0)
+        sizes = distortion(base.neg_().add_(probe), self.norm)
+        return probe.view(len(owner), *theta.shape[1:]), sizes
 
     def bisect(
         self,
@@ -249,7 +257,7 @@ class RaySearch(Attack):
         n = len(x0)
         ray = Boundary(oracle, x0, run.goal, self.norm)
         start = ray_start(ray, run, self.n_init, self.tol)
-        theta, g, best, attack = start.theta, start.g, start.best, start.attack
+        theta, g, attack = start.theta, start.g, start.attack
 
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
@@ -273,24 +281,23 @@ class RaySearch(Attack):
             theta[rows], g[rows] = best_th, best_g
             alpha[rows], beta[rows] = step, smooth
             active[rows[smooth < _BETA_FLOOR]] = False
-            best.update(rows, ray.image(rows, best_th, best_g), torch.isfinite(best_g))
 
         return AttackResult(
-            x_adv=best.x, success=torch.isfinite(g), queries=oracle.queries(), trace=best.closed_trace(),
+            x_adv=ray.best.x, success=torch.isfinite(ray.best.size), queries=oracle.queries(),
+            trace=ray.best.closed_trace(),
             start_index=start.start_index(),
         )
 
 
 @dataclass
 class RayStart:
-    """Where a ray search starts: per sample θ, g(θ), the best adversarial
-    image and the pool position of a start from the data (-1: none)."""
+    """Where a ray search starts: per sample θ, g(θ) and the pool position of
+    a start from the data (-1: none)."""
 
     attack: torch.Tensor
     """Samples to attack: not adversarial already, with a query left then."""
     theta: torch.Tensor
     g: torch.Tensor
-    best: BestAdversarial
     start_at: torch.Tensor
     walk: PoolWalk | None = None
     """The walk through the data the pool positions refer to, if any."""
@@ -327,7 +334,6 @@ class RayStart:
             better = adv & (hi < self.g[rows])
             self.g[rows[better]] = hi[better]
             self.theta[rows[better]] = direction[better]
-            self.best.update(rows, ray.image(rows, direction, hi), better)
             if positions is not None:
                 self.start_at[rows[better]] = positions[better]
 
@@ -351,7 +357,6 @@ def ray_start(ray: Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart
         attack=ray.affordable(everyone),
         theta=torch.zeros_like(x0),
         g=torch.full((n,), float("inf"), device=x0.device),
-        best=BestAdversarial(x0, ray.norm, ray.oracle.queries),
         start_at=torch.full((n,), -1, dtype=torch.long, device=x0.device),
         walk=run.walk,
     )
@@ -360,7 +365,6 @@ def ray_start(ray: Boundary, run: LabelRun, n_init: int, tol: float) -> RayStart
         clean_adv = ray.adversarial(sel, start.theta[sel], start.g.new_zeros(len(sel)))
         start.g[sel[clean_adv]] = 0.0
         start.attack[sel[clean_adv]] = False
-        start.best.update(sel, x0[sel], clean_adv)
 
     start.search(ray, run, start.attack, n_init, tol)
     lost = start.attack & torch.isinf(start.g)
