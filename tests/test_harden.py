@@ -22,7 +22,7 @@ from auditor.harden.config import HardenConfig
 from auditor.harden.export import export
 from auditor.harden.guard import Check, Guard
 from auditor.harden.methods import METHODS
-from auditor.harden.train import cyclic_lr, ramped_eps, train
+from auditor.harden.train import cyclic_lr, minibatches, ramped_eps, train
 from auditor.harden.trainable import make_trainable
 from auditor.models import load_model
 
@@ -95,7 +95,8 @@ def test_disabled_guard_records_the_collapse_once_and_never_acts():
 
 def test_config_refuses_bad_values_in_one_line():
     for kwargs, message in (({"eps": 0}, "--eps must be > 0"), ({"eps": 0.3, "epochs": 0}, "--epochs"),
-                            ({"eps": 2.0}, "exceeds"), ({"eps": 0.3, "lr_peak": 1.0}, "--lr-peak")):
+                            ({"eps": 2.0}, "exceeds"), ({"eps": 0.3, "lr_peak": 1.0}, "--lr-peak"),
+                            ({"eps": 0.3, "guard": False, "guard_size": 0}, "--guard-size must be >= 1")):
         with pytest.raises(AuditError, match=message):
             HardenConfig(**kwargs)
 
@@ -121,6 +122,62 @@ def test_each_method_trains_and_records_a_curve(one_thread, tiny_cnn, mnist_trai
     assert outcome.curve[-1]["eps"] == pytest.approx(config.eps) and outcome.curve[-1]["loss"] > 0
     assert all(0 <= row[key] <= 1 for row in outcome.curve for key in ("clean", "fgsm", "pgd"))
     assert any(not torch.equal(old, new) for old, new in zip(before, network.parameters()))
+
+
+def _dropout_bn_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(28 * 28, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(32, 10),
+    )
+
+
+def test_training_with_dropout_and_batchnorm_is_seeded_and_takes_a_last_batch_of_one(one_thread, mnist_train):
+    """Dropout draws from a stream seeded with the config's seed (two runs
+    give the same weights, and the caller's generator is left as it was);
+    201 images in batches of 100 train as 100 + 101, since BatchNorm
+    cannot train on a last batch of one image."""
+    assert [len(batch) for batch in minibatches(torch.arange(201), 100)] == [100, 101]
+    assert [len(batch) for batch in minibatches(torch.arange(1), 100)] == [1]
+    config = HardenConfig(eps=0.1, epochs=1, batch_size=100, seed=5)
+    weights = []
+    for _ in range(2):
+        network = _dropout_bn_network()
+        guard = Guard(mnist_train.x[-32:], mnist_train.y[-32:], eps=config.eps, norm=config.norm, steps=2,
+                      drop=0.2, enabled=True)
+        torch.manual_seed(len(weights))  # the caller's generator: a different state each run
+        state = torch.get_rng_state()
+        outcome = train(network, list(network.parameters()), mnist_train.x[:201], mnist_train.y[:201],
+                        METHODS["fast"](config), config, guard, torch.device("cpu"))
+        assert torch.equal(torch.get_rng_state(), state)
+        assert outcome.updates == 2
+        weights.append([parameter.detach().clone() for parameter in network.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+class _InGraphNormalisation(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(0.1, 0.2, 28).view(1, 1, 28, 1))
+        self.register_buffer("std", torch.linspace(0.3, 0.4, 28).view(1, 1, 28, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def test_an_onnx_graphs_own_normalisation_is_not_trained(tmp_path):
+    """The constants of ``(x − mean) / std`` at the graph's input stay
+    constants; the convolution's and the linear layer's weights train
+    (every multi-element initializer used to, std drifting 12 % in 3 epochs)."""
+    path = tmp_path / "normalised.onnx"
+    network = torch.nn.Sequential(_InGraphNormalisation(), torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 26 * 26, 10))
+    torch.onnx.export(network, torch.zeros(1, 1, 28, 28), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    assert [node.op_type for node in graph.node][:2] == ["Sub", "Div"]
+    trainable = make_trainable(load_model(path, device="cpu"), path, None, None, torch.device("cpu"))
+    assert sorted(trainable.initializers) == ["1.bias", "1.weight", "3.bias", "3.weight"]
 
 
 # Export in the input's format -------------------------------------------------------------------------

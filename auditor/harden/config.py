@@ -75,8 +75,8 @@ class HardenConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise AuditError(f"{flag} must be >= 1, got {value}")
-        if self.guard and self.guard_size < 1:
-            raise AuditError(f"--guard-size must be >= 1 with the guard on, got {self.guard_size}")
+        if self.guard_size < 1:  # with --no-guard too: its images still measure the training curve
+            raise AuditError(f"--guard-size must be >= 1, got {self.guard_size}")
         if not self.lr_max > 0:
             raise AuditError(f"--lr-max must be > 0, got {self.lr_max:g}")
         if not 0 < self.lr_peak < 1:

@@ -200,6 +200,15 @@ def _curve_row(check: Check, trainer: Trainer, losses: float, correct: int, seen
     }
 
 
+def minibatches(order: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """``order`` in batches of ``size``; a last batch of one image joins the
+    one before it (BatchNorm cannot train on a single image)."""
+    parts = order.split(size)
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts = (*parts[:-2], torch.cat(parts[-2:]))
+    return parts
+
+
 def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
           method: Method, config: HardenConfig, guard: Guard, device: torch.device,
           progress=None) -> TrainingOutcome:
@@ -209,9 +218,18 @@ def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y:
     of the curve each), and every ``guard_every`` updates inside longer
     epochs; when it trips it has restored the best weights, and training
     stops. ``progress`` is a :class:`~auditor.progress.TrainingProgress` or ``None``.
+    Whatever the module draws from torch's global generator (dropout, say)
+    comes from a stream seeded with ``config.seed``, which is put back after.
     """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _train(module, parameters, x, y, method, config, guard, device, progress)
+
+
+def _train(module, parameters, x, y, method, config, guard, device, progress) -> TrainingOutcome:
     started = time.perf_counter()
-    batches = math.ceil(len(y) / config.batch_size)
+    batches = len(minibatches(torch.arange(len(y)), config.batch_size))
     passes = method.data_passes(config.epochs)
     trainer = Trainer(module, parameters, config, device, passes * batches * method.updates_per_batch)
     order_gen = torch.Generator().manual_seed(config.seed)
@@ -224,7 +242,7 @@ def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y:
         module.train()
         order = torch.randperm(len(y), generator=order_gen)
         losses, correct, seen, check = 0.0, 0, 0, None
-        for index, rows in enumerate(order.split(config.batch_size)):
+        for index, rows in enumerate(minibatches(order, config.batch_size)):
             result = method.train_batch(trainer, x[rows].to(device), y[rows].to(device))
             if progress is not None:
                 progress.advance(epoch=epoch, loss=result.loss)

@@ -7,7 +7,9 @@ checked against onnxruntime when it was loaded); the converter keeps the
 graph's initializers as constant buffers, so here the floating-point weight
 tensors among them become ``nn.Parameter``\\ s. Scalars stay constants, and so
 do batch-normalisation running statistics (the converted graph is in
-inference mode, where they are fixed).
+inference mode, where they are fixed) and the constants of a normalisation
+the graph applies to its input (``x − mean``, ``/ std``): hardening trains
+the network, not its preprocessing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ from ..models.convert import OnnxGraphModule
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
+
+PREPROCESSING = {"Sub", "Div", "Mul", "Add", "Cast", "Identity"}
+"""Operators that, applied to the graph's input with constant operands, are
+its preprocessing (normalisation), whose constants are not trained."""
+
+
+def _preprocessing_constants(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Initializers used by the preprocessing chain that starts at the graph
+    input: each node of ``PREPROCESSING`` whose other inputs are all
+    initializers continues the chain (the nodes are in topological order)."""
+    chain = {value.name for value in graph.input} - names
+    constants = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type in PREPROCESSING and any(name in chain for name in inputs) and all(
+            name in chain or name in names for name in inputs
+        ):
+            chain.update(node.output)
+            constants.update(name for name in inputs if name in names)
+    return constants
 
 
 @dataclass(frozen=True)
@@ -55,10 +77,11 @@ def _onnx(model: Model, file: Path) -> tuple[nn.Module, dict[str, str]]:
         for position in BATCH_NORM_STATISTICS
         if len(node.input) > position
     }
+    fixed = statistics | _preprocessing_constants(graph, names)
     initializers = {}
     for value, attribute in network.value_buffers.items():
         tensor = getattr(network, attribute)
-        if value in names and value not in statistics and tensor.is_floating_point() and tensor.numel() > 1:
+        if value in names and value not in fixed and tensor.is_floating_point() and tensor.numel() > 1:
             delattr(network, attribute)
             network.register_parameter(attribute, nn.Parameter(tensor.clone()))
             initializers[value] = attribute
