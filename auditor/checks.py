@@ -23,6 +23,7 @@ from .verify import eps_bound, verify
 
 if TYPE_CHECKING:
     from .battery import AttackReport, Records
+    from .surrogates import Surrogate
 
 LEVELS = ("info", "warning", "error")
 
@@ -50,6 +51,7 @@ UNBOUNDED_ATTACK_FAILS = "unbounded-attack-fails"
 NOISE_BEATS_ATTACKS = "noise-beats-attacks"
 NO_ADVERSARIAL_FOUND = "no-adversarial-found"
 CUSTOM_BATTERY = "custom-battery"
+WEAK_SURROGATE = "weak-surrogate"
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
@@ -87,6 +89,20 @@ def low_clean_accuracy(clean_accuracy: float) -> list[Check]:
         f"clean accuracy is {clean_accuracy:.1%}: check that the data matches the model "
         "(labels, channel order, --mean/--std)",
     )]
+
+
+def weak_surrogates(surrogates: Sequence["Surrogate"]) -> list[Check]:
+    """A surrogate that gets most audit samples wrong crafts examples that
+    say little about the model."""
+    return [
+        Check(
+            WEAK_SURROGATE, "warning",
+            f"surrogate {surrogate.name} classifies {surrogate.clean_accuracy:.1%} of the audit samples correctly: "
+            "its transfer attacks say little, and robust accuracy where only transfer attacks run may be overstated",
+        )
+        for surrogate in surrogates
+        if surrogate.clean_accuracy is not None and surrogate.clean_accuracy < LOW_CLEAN_ACCURACY_BELOW
+    ]
 
 
 def skipped_attacks(skipped: Sequence[tuple[str, str]]) -> list[Check]:

@@ -155,11 +155,13 @@ def resolve_targets(
 
 def resolve_surrogates(
     paths: Sequence[str | Path], train: int, dataset: Dataset, x: torch.Tensor, y: torch.Tensor,
-    num_classes: int, seed: int,
+    num_classes: int, seed: int, trust_pickle: bool = False,
 ) -> tuple[list[Surrogate], tuple[SurrogateSet, ...]]:
     """The surrogate models of a scan and the sets transfer attacks run on.
 
-    ``paths`` load as any model file does and must give gradients; ``train``
+    ``paths`` load as a model file with its own architecture does
+    (TorchScript, ``torch.export``, ONNX, or a pickle with ``trust_pickle``),
+    must give gradients and have the model's ``num_classes``; ``train``
     more are trained (or read from the cache) on the built-in training
     split. Each surrogate alone is a set, and with two or more their
     ensemble (averaged logits) is one more. Clean accuracy is measured on
@@ -169,14 +171,16 @@ def resolve_surrogates(
         raise AuditError(f"--train-surrogates must be >= 0, got {train}")
     found = []
     for path in paths:
-        model = load_model(path, device="cpu")
+        try:
+            model = load_model(path, device="cpu", trust_pickle=trust_pickle)
+            classes = check_model_on_data(model, dataset)
+        except AuditError as exc:
+            raise AuditError(f"surrogate {path}: {exc}") from exc
         module = model.torch_module()
         if module is None:
             raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
-        try:
-            check_model_on_data(model, dataset)
-        except AuditError as exc:
-            raise AuditError(f"surrogate {path}: {exc}") from exc
+        if classes != num_classes:
+            raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
         found.append(Surrogate(Path(path).name, module.eval(), str(path), accuracy(module, x, y)))
     if train:
         if dataset.name != "mnist":
@@ -263,7 +267,7 @@ def scan(
     targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
     indices, x, y = indices[keep], x[keep], y[keep]
     surrogate_models, surrogate_sets = resolve_surrogates(
-        surrogates, train_surrogates, dataset, x, y, num_classes, seed
+        surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
     )
     found, probabilities = checks_mod.preflight(adapter, x[:64])
     if level == Access.WHITE_BOX:
@@ -277,6 +281,7 @@ def scan(
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)
+    found += checks_mod.weak_surrogates(surrogate_models)
     found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
     found += checks_mod.non_monotone(outcome.attacks)
     found += checks_mod.noise_beats_attacks(outcome.attacks)

@@ -141,3 +141,26 @@ def test_report_heat_map_states_rates_gains_and_the_best_cell():
                            "against 50.0 % for transfer-ifgsm-linf (+12.0 points).")
     assert view.surrogates[0].clean_accuracy == "93.0 %"
     assert transfer_view({"transfer": None}) is None
+
+
+def test_surrogates_must_have_the_models_classes_and_a_weak_one_is_flagged(example_onnx, tmp_path):
+    """A surrogate with other classes is one clear error (two of them crashed
+    stacking their logits); a pickled surrogate loads with trust_pickle, as
+    the model does; an untrained surrogate gets a weak-surrogate warning."""
+    torch.manual_seed(0)
+
+    def linear(classes: int) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, classes))
+
+    twelve = tmp_path / "twelve.pt"
+    torch.jit.trace(linear(12), torch.zeros(1, 1, 28, 28)).save(str(twelve))
+    with pytest.raises(AuditError, match=r"surrogate .*twelve.pt has 12 classes, the model 10"):
+        auditor.scan(example_onnx, "mnist", access="none", samples=8, eps=[0.2], surrogates=[twelve])
+    pickled = tmp_path / "untrained.pth"
+    torch.save(linear(10), pickled)
+    with pytest.raises(AuditError, match=r"surrogate .*untrained.pth: .*--trust-pickle"):
+        auditor.scan(example_onnx, "mnist", access="none", samples=8, eps=[0.2], surrogates=[pickled])
+    audit = auditor.scan(example_onnx, "mnist", access="none", samples=8, eps=[0.2], surrogates=[pickled],
+                         attacks=["transfer-ifgsm"], trust_pickle=True)
+    (weak,) = [check for check in audit.results["checks"] if check["id"] == "weak-surrogate"]
+    assert weak["level"] == "warning" and weak["message"].startswith("surrogate untrained.pth classifies")
