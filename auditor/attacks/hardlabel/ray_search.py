@@ -97,8 +97,8 @@ class Boundary:
 
     def judge(self, rows: torch.Tensor, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row: is the image adversarial for its sample? The
-        adversarial ones go to :attr:`best`; ``sizes``, their distortions
-        if the caller has them, saves it working them out."""
+        adversarial ones go to :attr:`best`; ``sizes`` gives the images'
+        distortions where the caller already has them."""
         before = self.oracle.queries()
         adversarial = self.goal.reached(rows, self.oracle.labels(images, idx=rows.cpu()))
         self.best.record(rows, images, adversarial, before, sizes)
