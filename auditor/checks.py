@@ -52,6 +52,10 @@ NOISE_BEATS_ATTACKS = "noise-beats-attacks"
 NO_ADVERSARIAL_FOUND = "no-adversarial-found"
 CUSTOM_BATTERY = "custom-battery"
 WEAK_SURROGATE = "weak-surrogate"
+SMALL_BUDGET = "small-budget"
+
+SMALL_BUDGET_ERROR_BELOW = 100
+SMALL_BUDGET_WARNING_BELOW = 1000
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
@@ -88,6 +92,19 @@ def low_clean_accuracy(clean_accuracy: float) -> list[Check]:
         LOW_CLEAN_ACCURACY, "warning",
         f"clean accuracy is {clean_accuracy:.1%}: check that the data matches the model "
         "(labels, channel order, --mean/--std)",
+    )]
+
+
+def small_budget(level: Access, budget: int) -> list[Check]:
+    """At soft- or hard-label access the budget-bound attacks are the
+    strongest that run, and too few queries show nothing about them."""
+    if level not in (Access.SOFT_LABEL, Access.HARD_LABEL) or budget >= SMALL_BUDGET_WARNING_BELOW:
+        return []
+    severity = "error" if budget < SMALL_BUDGET_ERROR_BELOW else "warning"
+    return [Check(
+        SMALL_BUDGET, severity,
+        f"--budget {budget:,} is below {SMALL_BUDGET_WARNING_BELOW:,} queries per sample: at {level.cli_name} "
+        "access the attacks barely start, so robust accuracy is overstated",
     )]
 
 

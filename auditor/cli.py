@@ -13,6 +13,7 @@ import math
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -345,22 +346,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command = " ".join(["auditor", *(shlex.quote(arg) for arg in args)])
         code = cli.main(args=args, prog_name="auditor", standalone_mode=False, obj=command)
-    except click.ClickException as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc.format_message()}", err=True)
-        code = EXIT_ERROR
-    except AuditError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_ERROR
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         code = EXIT_ERROR
-    except Exception as exc:  # an internal bug: still one line unless --debug
-        if debug:
-            raise
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+    except Exception as exc:
+        if debug:  # the whole traceback, and still the error exit code
+            traceback.print_exc()
+        elif isinstance(exc, click.ClickException):
+            click.echo(f"error: {exc.format_message()}", err=True)
+        elif isinstance(exc, AuditError):
+            click.echo(f"error: {exc}", err=True)
+        else:  # an internal bug: still one line unless --debug
+            click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else EXIT_PASS)

@@ -362,8 +362,13 @@ class MedianQueries(Requirement):
             for attack in attacks
             if (attack.get("queries") or {}).get("median") is not None
         ]
-        if not medians:
-            return self._verdict(True, f"no {level} attack broke any sample")
+        if not medians:  # every sample held out for the whole budget, which must reach the bar
+            budget = (results.get("threat") or {}).get("budget")
+            if budget is None or budget < self.min:
+                return self._verdict(
+                    False, f"no {level} attack broke any sample, but a budget of {budget} queries cannot show {self.min}"
+                )
+            return self._verdict(True, f"no {level} attack broke any sample within {budget} queries")
         cheapest, name = min(medians, key=lambda median_and_name: median_and_name[0])
         return self._verdict(cheapest >= self.min, f"{cheapest:g} queries ({name})")
 

@@ -119,6 +119,14 @@ def test_bad_input_is_one_line_exit_2(case, artefacts, example_onnx, capsys, tmp
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.parametrize("args", [["scan", "{root}/missing.onnx"], ["scan", "{example}", "--eps=-1"], ["--frobnicate"]])
+def test_debug_shows_the_traceback_and_keeps_exit_code_2(args, artefacts, example_onnx, capsys):
+    """--debug adds the traceback; the exit code stays 2 (it was 1, the
+    code of a failed policy, so CI could not tell the two apart)."""
+    code, err = run(capsys, "--debug", *(a.format(root=artefacts, example=example_onnx) for a in args))
+    assert code == 2 and "Traceback" in err
+
+
 def test_pickle_payload_never_runs(artefacts, capsys):
     code, _ = run(capsys, "scan", artefacts / "payload.pt", "--arch", "examples.mnist_cnn:build")
     assert code == 2

@@ -180,3 +180,18 @@ def test_noise_beats_attacks_needs_an_attack_before_the_noise():
     assert noise_beats_attacks([noise]) == []  # nothing ran before it
     (check,) = noise_beats_attacks([SimpleNamespace(attack=FGSM(), broken=0), noise])
     assert check.id == "noise-beats-attacks" and "broke 3 samples" in check.message
+
+
+def test_a_tiny_budget_at_hard_label_access_is_an_error_and_fails_the_default_policy(example_onnx):
+    """With --budget 1 no label-only attack can start, and every sample
+    looked robust: the default policy passed an undefended model."""
+    import auditor
+
+    audit = auditor.scan(example_onnx, "mnist", access="hard-label", samples=8, eps=[0.1], budget=1,
+                         policy="default")
+    (check,) = [check for check in audit.results["checks"] if check["id"] == "small-budget"]
+    assert check["level"] == "error" and check["message"].startswith("--budget 1 is below 1,000 queries per sample")
+    assert audit.results["policy"]["passed"] is False
+    fine = auditor.scan(example_onnx, "mnist", access="white-box", samples=8, eps=[0.1], budget=1,
+                        attacks=["fgsm"])
+    assert "small-budget" not in {check["id"] for check in fine.results["checks"]}
