@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import shutil
 import tempfile
 import time
@@ -251,6 +252,8 @@ def scan(
         raise AuditError(f"--budget must be >= 1, got {budget}")
     if samples is not None and samples < 1:
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
+    if out is not None:
+        check_writable(Path(out))
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
     eps_list = resolve_eps(tuple(dataset.x.shape[1:]), norm, eps)
@@ -346,14 +349,37 @@ def scan(
     return audit
 
 
+OUTPUT_ORDER = ("adversarials.npz", "junit.xml", "report.html", "report.pdf", "results.json")
+"""The order outputs move into place: results.json, which the others are
+read against, last."""
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that cannot become a folder of
+    outputs: a file, inside a file, or without write permission."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AuditError(f"cannot write to {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AuditError(f"cannot write to {out}: permission denied on {existing}")
+    for name in OUTPUT_ORDER:
+        if (out / name).is_dir():
+            raise AuditError(f"cannot write to {out / name}: it is a folder")
+
+
 def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = None) -> None:
     """Write results.json, the report, junit.xml and adversarials.npz to ``out``.
 
     Everything is staged in a temporary folder inside ``out`` and moved into
-    place only when all of it was written, so a failure leaves no new file
-    (nor ``out`` itself, if it made it). Without a verdict, a junit.xml left
-    by an earlier run with a policy is removed: it would report that verdict.
+    place only when all of it was written, results.json last; if a move
+    fails, the files already moved are taken out and the earlier run's put
+    back, so a failure leaves no new file (nor ``out`` itself, if it made
+    it). Without a verdict, a junit.xml left by an earlier run with a policy
+    is removed: it would report that verdict.
     """
+    check_writable(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = None
@@ -364,8 +390,7 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
         np.savez_compressed(stage / "adversarials.npz", **audit.adversarials)
         if verdict is not None:
             write_junit(verdict, stage / "junit.xml")
-        for path in stage.iterdir():
-            path.replace(out / path.name)
+        _move_into_place(stage, out)
         if verdict is None:
             (out / "junit.xml").unlink(missing_ok=True)
     except BaseException:
@@ -375,3 +400,24 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
             out.rmdir()
         raise
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """Move the staged outputs into ``out`` in ``OUTPUT_ORDER``, keeping the
+    files they replace in ``stage`` until all have moved; on failure undo."""
+    moved, kept = [], []
+    try:
+        for name in OUTPUT_ORDER:
+            if not (stage / name).exists():
+                continue
+            if (out / name).exists():
+                (out / name).replace(stage / f"earlier-{name}")
+                kept.append(name)
+            (stage / name).replace(out / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            (out / name).unlink(missing_ok=True)
+        for name in kept:
+            (stage / f"earlier-{name}").replace(out / name)
+        raise

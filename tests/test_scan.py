@@ -224,6 +224,43 @@ def test_outputs_replace_a_stale_junit_and_a_failure_leaves_no_folder(hard_label
     assert not (tmp_path / "new").exists()
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_the_scan(example_onnx, tmp_path):
+    import auditor
+    from auditor.errors import AuditError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(AuditError, match=r"cannot write to .*afile/sub: .*afile is not a folder"):
+        auditor.scan(example_onnx, "nonexistent-data", out=tmp_path / "afile" / "sub")  # before the data is read
+    (tmp_path / "out" / "report.pdf").mkdir(parents=True)
+    with pytest.raises(AuditError, match=r"cannot write to .*report.pdf: it is a folder"):
+        auditor.scan(example_onnx, "nonexistent-data", out=tmp_path / "out")
+
+
+def test_a_failed_move_puts_the_earlier_run_back(hard_label_scan, tmp_path, monkeypatch):
+    """Outputs move in one by one; when one move fails, those already moved
+    are taken out and the earlier run's files are back as they were."""
+    from auditor.scan import AuditResult, write_outputs
+
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "report.html", "report.pdf", "adversarials.npz"):
+        (out / name).write_text(f"earlier {name}")
+    real = Path.replace
+
+    def failing(self, target):
+        if self.name == "report.pdf" and self.parent.name.startswith(".partial-"):  # the new one
+            raise OSError(28, "No space left on device", str(target))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing)
+    with pytest.raises(OSError):
+        write_outputs(AuditResult(results=results, adversarials={}), out)
+    assert {path.name: path.read_text() for path in out.iterdir()} == {
+        name: f"earlier {name}" for name in ("results.json", "report.html", "report.pdf", "adversarials.npz")
+    }
+
+
 def test_results_record_the_architecture_and_normalisation_and_a_narrowed_battery():
     import auditor
 
