@@ -132,6 +132,24 @@ def test_image_folder_rgb(tmp_path):
     assert data.x.shape == (2, 3, 8, 8)
 
 
+def test_sixteen_bit_and_grey_palette_images_stay_one_channel_with_their_values(tmp_path):
+    """A 16-bit greyscale PNG reads as one channel scaled from 0..65535 (it
+    was made RGB with every non-zero pixel saturated), and a palette image
+    with a grey palette as 8-bit greyscale (it was made RGB)."""
+    ramp = np.arange(64, dtype=np.float64).reshape(8, 8) / 63
+    (tmp_path / "wide").mkdir()
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "wide" / "a.png")
+    assert Image.open(tmp_path / "wide" / "a.png").mode.startswith("I")
+    (tmp_path / "palette").mkdir()
+    grey = Image.fromarray((ramp * 255).round().astype(np.uint8), "P")
+    grey.putpalette([level for i in range(256) for level in (i, i, i)])
+    grey.save(tmp_path / "palette" / "a.png")
+    data = load_folder(tmp_path)
+    assert data.classes == ("palette", "wide") and data.x.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(data.x[1, 0], torch.from_numpy(ramp).float(), atol=0.5 / 65535 + 1e-6, rtol=0)
+    torch.testing.assert_close(data.x[0, 0], torch.from_numpy(ramp).float(), atol=0.5 / 255 + 1e-6, rtol=0)
+
+
 def test_image_folder_mixed_sizes(tmp_path):
     _png(tmp_path / "a" / "x.png", 0, size=8)
     _png(tmp_path / "b" / "x.png", 0, size=16)

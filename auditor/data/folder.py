@@ -2,7 +2,8 @@
 
 Classes are the sorted subfolder names, labelled 0, 1, ...; hidden
 subfolders (``.ipynb_checkpoints``) are not classes. Grayscale images
-keep one channel; all others are read as RGB. All images must have the same
+keep one channel (8-bit, 16-bit, or a palette of greys); all others are
+read as RGB. All images must have the same
 shape, since the auditor evaluates them as one batch.
 """
 
@@ -12,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -25,12 +27,28 @@ from .base import Dataset
 logger = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA")
+WIDE_GRAYSCALE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""16-bit grayscale (``I`` is how some Pillow versions open a 16-bit PNG)."""
 
 
-def _open(path: str) -> Image.Image:
-    """The image at ``path``: single-channel if it is grayscale, else RGB."""
+def _open(path: str) -> Image.Image | torch.Tensor:
+    """The image at ``path``: single-channel if it is grayscale (16-bit ones
+    as a (1, H, W) float tensor scaled from 0..65535, palette images whose
+    palette is all grey as 8-bit), else RGB."""
     with Image.open(path) as image:
+        if image.mode in WIDE_GRAYSCALE_MODES:
+            values = np.asarray(image, dtype=np.float64)
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"{path}: {image.mode} pixel values outside 0..65535 (not a 16-bit image)")
+            return torch.from_numpy((values / 65535).astype(np.float32))[None]
+        if image.mode in ("P", "PA") and _grey_palette(image):
+            return image.convert("L")
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
+
+
+def _grey_palette(image: Image.Image) -> bool:
+    palette = image.getpalette("RGB") or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette), 3))
 
 
 def _visible_image(path: str, root: str) -> bool:
@@ -84,7 +102,7 @@ def load_folder(path: str | Path) -> Dataset:
         x, y = next(iter(DataLoader(folder, batch_size=len(folder))))
     except RuntimeError as exc:
         raise AuditError(f"data folder {path}: images must all have the same shape ({exc})") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise AuditError(f"data folder {path}: cannot read an image ({exc})") from exc
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
     return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))
