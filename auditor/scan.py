@@ -32,6 +32,7 @@ from .data import Dataset, load_data
 from .eps import check_radius, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_model_on_data, load_model
+from .models.pytorch import arch_sha256
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
 from .report.render import write_report
@@ -309,7 +310,7 @@ def scan(
             "sha256": info.sha256,
             "input_shape": list(x.shape[1:]),
             "num_classes": num_classes,
-            **({"arch": arch} if arch else {}),
+            **({"arch": arch, "arch_sha256": arch_sha256(arch)} if arch else {}),
             **({"normalisation": {
                 "mean": [float(v) for v in (mean if mean is not None else (0.0,))],
                 "std": [float(v) for v in (std if std is not None else (1.0,))],

@@ -332,3 +332,12 @@ def test_a_narrowed_battery_transfer_budgets_and_float_params_read_plainly(resul
     assert "against hard-label attacks chosen with --attacks;" in view.verdict.summary
     assert view.attacks[0].params == "norm=linf, resize=1.10368"
     assert view.attacks[-1].budget == "1 (its verification)" and view.attacks[0].budget == "2,000"
+
+
+def test_the_model_section_names_the_architecture_and_its_source_hash(results):
+    """Weights files are identified by their weights and by the code that
+    builds the network; the report shows both when the results have them."""
+    assert "Architecture" not in [field.label for field in build_view(results).model]
+    results["model"].update(arch="examples.mnist_cnn:build", arch_sha256="ab" * 32)
+    fields = {field.label: field.value for field in build_view(results).model}
+    assert fields["Architecture"] == "examples.mnist_cnn:build" and fields["Architecture SHA-256"] == "ab" * 32

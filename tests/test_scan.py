@@ -267,8 +267,12 @@ def test_results_record_the_architecture_and_normalisation_and_a_narrowed_batter
     audit = auditor.scan("examples/mnist_cnn.safetensors", "mnist", arch="examples.mnist_cnn:build",
                          mean=(0.1,), std=(0.9,), access="hard-label", attacks=["random-noise"],
                          samples=10, budget=5, eps=0.1)
+    import hashlib
+
     model = audit.results["model"]
     assert model["arch"] == "examples.mnist_cnn:build"
+    # the code that builds the network is identified too: same weights, edited module, other hash
+    assert model["arch_sha256"] == hashlib.sha256(Path("examples/mnist_cnn.py").read_bytes()).hexdigest()
     assert model["normalisation"] == {"mean": [0.1], "std": [0.9]}
     ids = {check["id"] for check in audit.results["checks"]}
     assert "custom-battery" in ids and "noise-beats-attacks" not in ids  # noise alone has nothing to beat

@@ -9,6 +9,7 @@ they are refused unless the user passes ``--trust-pickle``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -272,6 +273,17 @@ def _import(module_name: str):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     return importlib.import_module(module_name)
+
+
+def arch_sha256(arch: str) -> str | None:
+    """SHA-256 of the source file of ``arch``'s module (imported by
+    :func:`build_arch`), so the results identify the code that built the
+    network as well as its weights; None where there is no such file."""
+    module_name = arch.rpartition(":")[0]
+    source = module_name if module_name.endswith(".py") else getattr(sys.modules.get(module_name), "__file__", None)
+    if source is None or not Path(source).is_file():
+        return None
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
 
 
 def build_arch(arch: str) -> nn.Module:

@@ -377,6 +377,8 @@ def _model_fields(model: dict) -> tuple[Field, ...]:
         Field("Input shape", " × ".join(str(size) for size in model["input_shape"])),
         Field("Classes", str(model["num_classes"])),
         Field("SHA-256", model["sha256"], mono=True),
+        *((Field("Architecture", model["arch"], mono=True),) if model.get("arch") else ()),
+        *((Field("Architecture SHA-256", model["arch_sha256"], mono=True),) if model.get("arch_sha256") else ()),
     )
 
 
