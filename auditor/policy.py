@@ -365,9 +365,8 @@ class MedianQueries(Requirement):
         if not medians:  # every sample held out for the whole budget, which must reach the bar
             budget = (results.get("threat") or {}).get("budget")
             if budget is None or budget < self.min:
-                return self._verdict(
-                    False, f"no {level} attack broke any sample, but a budget of {budget} queries cannot show {self.min}"
-                )
+                spent = "the results record no budget" if budget is None else f"a budget of {budget} queries"
+                return self._verdict(False, f"no {level} attack broke any sample, but {spent} cannot show {self.min}")
             return self._verdict(True, f"no {level} attack broke any sample within {budget} queries")
         cheapest, name = min(medians, key=lambda median_and_name: median_and_name[0])
         return self._verdict(cheapest >= self.min, f"{cheapest:g} queries ({name})")

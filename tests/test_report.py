@@ -225,6 +225,7 @@ def test_without_policy_the_report_is_not_gated(results):
 
 def test_without_attacks_the_report_has_no_chart(results):
     results.update(access={"level": "none", "reason": "auto: no access"}, robust_accuracy={}, attacks=[])
+    results["threat"]["eps"] = []
 
     view = build_view(results)
 
@@ -296,7 +297,31 @@ MALFORMED = [
     ("checks.0", "softmax", "checks[0] must be a mapping, got 'softmax'"),
     ("data.n", -1, "data.n must be an integer >= 0, got -1"),
     ("seconds", "42 s", "seconds must be a number >= 0, got '42 s'"),
+    ("samples.0.distortion", "x", "samples[0].distortion must be a number >= 0 or null, got 'x'"),
+    ("attacks.0.params", "x", "attacks[0].params must be a mapping, got 'x'"),
+    ("threat.target", "random", "threat.target must be a mapping or null, got 'random'"),
+    ("threat.eps", [0.1, 0.2], "robust_accuracy has ε ['0.1', '0.2', '0.3'] but threat.eps is ['0.1', '0.2']"),
+    ("policy.passed", True, "policy.passed is true, but 1 of 2 requirements failed"),
+    ("policy.passed", "no", "policy.passed must be true or false, got 'no'"),
 ]
+
+
+def test_results_without_a_budget_follow_the_design_contract(results):
+    """design.md §3 lists threat {norm, eps}; the budget is extra, not required."""
+    del results["threat"]["budget"]
+    assert validate_results(results) is results
+
+
+def test_robust_accuracy_must_agree_with_the_samples_when_all_are_listed(results):
+    """With every sample listed, robust accuracy at ε is the share whose
+    distortion is none or above ε: 2 of 3 at 0.1 (a hand-edited 0.99 was
+    rendered beside the samples' counts)."""
+    results["data"]["n"] = 3
+    results["robust_accuracy"] = {"0.1": 2 / 3, "0.2": 2 / 3, "0.3": 1 / 3}
+    assert validate_results(results) is results
+    results["robust_accuracy"]["0.1"] = 0.99
+    with pytest.raises(AuditError, match=r"robust_accuracy 0.1 is 0.99, but the samples' distortions give 0.666667"):
+        validate_results(results)
 
 
 @pytest.mark.parametrize(("field", "value", "problem"), MALFORMED)

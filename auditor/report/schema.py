@@ -17,7 +17,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ..eps import eps_key
 from ..errors import AuditError
+from ..verify import eps_bound
 
 SCHEMA = "auditor.results/1"
 
@@ -55,7 +57,8 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("threat", _mapping, "a mapping")
     check.field("threat.norm", _string, "a string")
     check.items("threat.eps", _non_negative, "a number >= 0")
-    check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null")
+    check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null", required=False)
+    check.field("threat.target", _optional(_mapping), "a mapping or null", required=False)
     check.field("clean_accuracy", _fraction, "a number in [0, 1]")
     check.field("robust_accuracy", _mapping, "a mapping of ε to numbers in [0, 1]")
     for key in results["robust_accuracy"]:
@@ -66,10 +69,43 @@ def validate_results(results: Any, source: str = "input") -> dict:
         check.field(("attacks", number, "access"), _string, "a string")
         check.field(("attacks", number, "queries"), _mapping, "a mapping")
         check.field(("attacks", number, "queries", "median"), _optional(_non_negative), "a number >= 0 or null")
-    check.items("samples", _mapping, "a mapping")
+        check.field(("attacks", number, "params"), _mapping, "a mapping", required=False)
+    for number in check.items("samples", _mapping, "a mapping"):
+        check.field(("samples", number, "distortion"), _optional(_non_negative), "a number >= 0 or null")
     check.items("checks", _mapping, "a mapping")
     check.field("manifest", _mapping, "a mapping")
+    _check_agreement(check, results)
     return results
+
+
+def _check_agreement(check: "_Checker", results: dict) -> None:
+    """Refuse summaries that contradict what they summarise: the ε of
+    robust_accuracy and threat.eps, robust accuracy and the per-sample
+    distortions where all samples are listed (robust at ε: none, or above
+    ε's verification bound; the
+    distortions are rounded to 6 decimals, so a bound ± 1e-6 is allowed),
+    and a policy verdict and its requirements."""
+    listed = sorted(eps_key(eps) for eps in results["threat"]["eps"])
+    if sorted(results["robust_accuracy"]) != listed:
+        raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
+    sizes = [sample["distortion"] for sample in results["samples"]]
+    whole = sizes and len(sizes) == results["data"]["n"]  # a file listing every sample
+    for key, value in results["robust_accuracy"].items() if whole else ():
+        bound = eps_bound(float(key))
+        surely = sum(size is None or size > bound + 1e-6 for size in sizes) / len(sizes)
+        maybe = sum(size is None or size > bound - 1e-6 for size in sizes) / len(sizes)
+        if not surely - 1e-6 <= value <= maybe + 1e-6:
+            raise check.error(f"robust_accuracy {key} is {value}, but the samples' distortions give {surely:.6g}")
+    policy = results.get("policy")
+    if policy is None:
+        return
+    check.field("policy", _mapping, "a mapping or null")
+    passed = check.field("policy.passed", _boolean, "true or false")
+    verdicts = [check.field(("policy", "requirements", number, "passed"), _boolean, "true or false")
+                for number in check.items("policy.requirements", _mapping, "a mapping")]
+    if passed != all(verdicts):
+        raise check.error(f"policy.passed is {str(passed).lower()}, but {verdicts.count(False)} of "
+                          f"{len(verdicts)} requirements failed")
 
 
 class _Checker:
@@ -83,12 +119,15 @@ class _Checker:
     def error(self, problem: str) -> AuditError:
         return AuditError(f"{self.source}: {problem}")
 
-    def field(self, name: str | tuple, valid: Callable[[Any], bool], expected: str) -> Any:
-        """The value of field ``name``, if present and ``valid`` accepts it."""
+    def field(self, name: str | tuple, valid: Callable[[Any], bool], expected: str, required: bool = True) -> Any:
+        """The value of field ``name``, if present and ``valid`` accepts it;
+        None for a missing field that is not ``required``."""
         parts = tuple(name.split(".")) if isinstance(name, str) else name
         value: Any = self.results
         for depth, part in enumerate(parts):
             if isinstance(part, str) and part not in value:
+                if not required and depth == len(parts) - 1:
+                    return None
                 raise self.error(f"missing required field '{_display(parts[: depth + 1])}'")
             value = value[part]
         if not valid(value):
@@ -146,6 +185,10 @@ def _count(value: Any) -> bool:
 
 def _positive_integer(value: Any) -> bool:
     return _integer(value) and value >= 1
+
+
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 def _string(value: Any) -> bool:
