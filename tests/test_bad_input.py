@@ -165,7 +165,10 @@ BAD_RESULTS = {
     "clean accuracy a string": ("clean_accuracy", "high", "clean_accuracy must be a number in [0, 1], got 'high'"),
     "robust accuracy missing": ("robust_accuracy", None, "missing required field 'robust_accuracy'"),
     "robust accuracy above 1": ("robust_accuracy", {"0.1": 1.5}, "robust_accuracy['0.1'] must be a number in [0, 1]"),
-    "threat without budget": ("threat", {"norm": "linf", "eps": [0.1]}, "missing required field 'threat.budget'"),
+    "threat without eps": ("threat", {"norm": "linf", "budget": 100}, "missing required field 'threat.eps'"),
+    "threat eps not those of robust accuracy": (
+        "threat", {"norm": "linf", "eps": [0.1]}, "robust_accuracy has ε ['0.1', '0.2', '0.3'] but threat.eps is ['0.1']"
+    ),
     "attacks not a list": ("attacks", {"sign-opt-linf": {}}, "attacks must be a list"),
 }
 
