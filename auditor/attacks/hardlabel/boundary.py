@@ -153,7 +153,7 @@ class BestAdversarial:
             return
         hit, samples, size = hit.index_select(0, keep), samples.index_select(0, keep), size.index_select(0, keep)
         cpu = rows.cpu()
-        if len(torch.unique(cpu)) == len(cpu):  # a row per sample: a hit is its sample's one improvement
+        if len(set(cpu.tolist())) == len(cpu):  # a row per sample: a hit is its sample's one improvement
             self.x.index_copy_(0, samples, images.index_select(0, hit))
             self.size.index_copy_(0, samples, size)
             count = before.clone()

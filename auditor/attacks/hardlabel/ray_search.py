@@ -88,12 +88,11 @@ class Boundary:
         """Mask over ``rows``: samples with at least one query left."""
         return self.oracle.remaining().to(rows.device)[rows] >= 1
 
-    def image(self, rows: torch.Tensor, theta: torch.Tensor, lbd: torch.Tensor) -> torch.Tensor:
-        return (self.x0[rows] + col(lbd) * theta).clamp(0.0, 1.0)
-
     def adversarial(self, rows: torch.Tensor, theta: torch.Tensor, lbd: torch.Tensor) -> torch.Tensor:
         """One query per row: is ``clip(x0 + λ θ)`` adversarial?"""
-        return self.judge(rows, self.image(rows, theta, lbd))
+        base = self.x0[rows]
+        images = (base + col(lbd) * theta).clamp_(0.0, 1.0)
+        return self.judge(rows, images, distortion(images - base, self.norm))
 
     def judge(self, rows: torch.Tensor, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """One query per row: is the image adversarial for its sample? The
