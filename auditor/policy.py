@@ -362,12 +362,18 @@ class MedianQueries(Requirement):
             for attack in attacks
             if (attack.get("queries") or {}).get("median") is not None
         ]
-        if not medians:  # every sample held out for the whole budget, which must reach the bar
-            budget = (results.get("threat") or {}).get("budget")
-            if budget is None or budget < self.min:
-                spent = "the results record no budget" if budget is None else f"a budget of {budget} queries"
-                return self._verdict(False, f"no {level} attack broke any sample, but {spent} cannot show {self.min}")
-            return self._verdict(True, f"no {level} attack broke any sample within {budget} queries")
+        if not medians:  # no success to measure: only the queries the samples withstood show a cost
+            spent = [
+                attack["queries"]["total"] / attack["samples"]
+                for attack in attacks
+                if attack.get("samples") and (attack.get("queries") or {}).get("total") is not None
+            ]
+            if not spent:
+                return self._verdict(False, f"no {level} attack broke any sample, and none recorded its queries")
+            most = max(spent)
+            return self._verdict(
+                most >= self.min, f"no {level} attack broke any sample; the most spent was {most:g} queries a sample"
+            )
         cheapest, name = min(medians, key=lambda median_and_name: median_and_name[0])
         return self._verdict(cheapest >= self.min, f"{cheapest:g} queries ({name})")
 

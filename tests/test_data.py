@@ -150,6 +150,15 @@ def test_sixteen_bit_and_grey_palette_images_stay_one_channel_with_their_values(
     torch.testing.assert_close(data.x[0, 0], torch.from_numpy(ramp).float(), atol=0.5 / 255 + 1e-6, rtol=0)
 
 
+def test_a_32_bit_integer_image_is_refused_in_one_line(tmp_path):
+    """Mode I has no range of its own: 8-bit values in it would read 257
+    times too dark as 16-bit, 16-bit ones saturated as 8-bit."""
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((4, 4), 200, dtype=np.int32)).save(tmp_path / "a" / "x.tiff")
+    with pytest.raises(AuditError, match=r"x.tiff: I \(32-bit integer\) images have no fixed range"):
+        load_folder(tmp_path)
+
+
 def test_image_folder_mixed_sizes(tmp_path):
     _png(tmp_path / "a" / "x.png", 0, size=8)
     _png(tmp_path / "b" / "x.png", 0, size=16)

@@ -206,6 +206,15 @@ def test_best_adversarial_records_every_improvement_at_its_query(seed, n, calls,
         assert torch.allclose(torch.tensor(held, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)), queries
 
 
+@pytest.mark.parametrize("label", ["sign-opt-l2", "hop-skip-jump-l2"])
+def test_float64_images_run(model64, correct_batch, label):
+    """The ray search keeps g in its own dtype (float64 images stopped it
+    with 'Index put requires the source and destination dtypes match')."""
+    x, y = correct_batch[0][:2].double(), correct_batch[1][:2]
+    result = ATTACKS[label](LabelOracle(lambda z: model64(z).argmax(1), 2, 120), x, y, seed=0)
+    assert result.success.all() and result.x_adv.dtype == torch.float64
+
+
 def test_probes_per_call_do_not_change_results(model64, correct_batch):
     x, y = correct_batch[0][:6], correct_batch[1][:6]
     labels = one_by_one(model64)

@@ -312,6 +312,17 @@ def test_results_without_a_budget_follow_the_design_contract(results):
     assert validate_results(results) is results
 
 
+def test_agreement_uses_the_exact_eps_not_its_rounded_key(results):
+    """ε = 10/3 is keyed '3.33333', 3e-6 below it: a sample 3.333366 away is
+    within ε's bound, so broken, and a robust accuracy of 0 is right."""
+    eps = 10 / 3
+    results["threat"]["eps"] = [eps]
+    results["robust_accuracy"] = {"3.33333": 0.0}
+    results["data"]["n"] = 1
+    results["samples"] = [{**results["samples"][0], "distortion": 3.333366}]
+    assert validate_results(results) is results
+
+
 def test_robust_accuracy_must_agree_with_the_samples_when_all_are_listed(results):
     """With every sample listed, robust accuracy at ε is the share whose
     distortion is none or above ε: 2 of 3 at 0.1 (a hand-edited 0.99 was

@@ -27,20 +27,21 @@ from .base import Dataset
 logger = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA")
-WIDE_GRAYSCALE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-"""16-bit grayscale (``I`` is how some Pillow versions open a 16-bit PNG)."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _open(path: str) -> Image.Image | torch.Tensor:
     """The image at ``path``: single-channel if it is grayscale (16-bit ones
     as a (1, H, W) float tensor scaled from 0..65535, palette images whose
-    palette is all grey as 8-bit), else RGB."""
+    palette is all grey as 8-bit), else RGB. A 32-bit integer image (mode
+    ``I``) has no range of its own and is refused."""
     with Image.open(path) as image:
-        if image.mode in WIDE_GRAYSCALE_MODES:
+        if image.mode in SIXTEEN_BIT_MODES:
             values = np.asarray(image, dtype=np.float64)
-            if values.min() < 0 or values.max() > 65535:
-                raise ValueError(f"{path}: {image.mode} pixel values outside 0..65535 (not a 16-bit image)")
             return torch.from_numpy((values / 65535).astype(np.float32))[None]
+        if image.mode in ("I", "F"):
+            raise ValueError(f"{path}: {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
+                             "images have no fixed range; save 8- or 16-bit images")
         if image.mode in ("P", "PA") and _grey_palette(image):
             return image.convert("L")
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")

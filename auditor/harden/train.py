@@ -221,7 +221,7 @@ def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y:
     Whatever the module draws from torch's global generator (dropout, say)
     comes from a stream seeded with ``config.seed``, which is put back after.
     """
-    devices = [device] if device.type == "cuda" else []
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them all
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         return _train(module, parameters, x, y, method, config, guard, device, progress)

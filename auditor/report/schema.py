@@ -85,13 +85,14 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     ε's verification bound; the
     distortions are rounded to 6 decimals, so a bound ± 1e-6 is allowed),
     and a policy verdict and its requirements."""
-    listed = sorted(eps_key(eps) for eps in results["threat"]["eps"])
+    exact = {eps_key(eps): eps for eps in results["threat"]["eps"]}  # the keys are rounded
+    listed = sorted(exact)
     if sorted(results["robust_accuracy"]) != listed:
         raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
     sizes = [sample["distortion"] for sample in results["samples"]]
     whole = sizes and len(sizes) == results["data"]["n"]  # a file listing every sample
     for key, value in results["robust_accuracy"].items() if whole else ():
-        bound = eps_bound(float(key))
+        bound = eps_bound(exact[key])
         surely = sum(size is None or size > bound + 1e-6 for size in sizes) / len(sizes)
         maybe = sum(size is None or size > bound - 1e-6 for size in sizes) / len(sizes)
         if not surely - 1e-6 <= value <= maybe + 1e-6:

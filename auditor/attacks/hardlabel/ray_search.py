@@ -331,7 +331,7 @@ class RayStart:
             adv = ray.adversarial(rows, direction, scale)
             hi = ray.bisect(rows, direction, torch.zeros_like(scale), scale, torch.full_like(scale, tol), adv)
             better = adv & (hi < self.g[rows])
-            self.g[rows[better]] = hi[better]
+            self.g[rows[better]] = hi[better].to(self.g.dtype)
             self.theta[rows[better]] = direction[better]
             if positions is not None:
                 self.start_at[rows[better]] = positions[better]
