@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         code = EXIT_ERROR
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `auditor`: the help, not an "error: Usage" line
+        click.echo(exc.format_message(), err=True)
+        code = EXIT_ERROR
     except Exception as exc:
         if debug:  # the whole traceback, and still the error exit code
             traceback.print_exc()

@@ -259,3 +259,9 @@ def test_os_errors_elsewhere_are_not_called_write_errors(tmp_path):
     assert _output_error(unrelated, [out]) is None
     inside = PermissionError(13, "Permission denied", str(out / ".partial-x" / "results.json"))
     assert str(_output_error(inside, [out])) == f"cannot write to {out}: Permission denied"
+
+
+def test_bare_auditor_prints_its_help_and_exits_2(capsys):
+    """No command is a usage error (exit 2) whose text is the help, not an 'error: Usage' line."""
+    code, err = run(capsys)
+    assert code == 2 and err.startswith("Usage: auditor") and "scan" in err
