@@ -153,15 +153,25 @@ class BestAdversarial:
             return
         hit, samples, size = hit.index_select(0, keep), samples.index_select(0, keep), size.index_select(0, keep)
         cpu = rows.cpu()
-        if len(set(cpu.tolist())) == len(cpu):  # a row per sample: a hit is its sample's one improvement
-            self.x.index_copy_(0, samples, images.index_select(0, hit))
-            self.size.index_copy_(0, samples, size)
-            count = before.clone()
-            count.index_copy_(0, samples.cpu(), before.index_select(0, samples.cpu()) + 1)
-            self.trace.append((count, self.size.clone()))
-            return
-        at = (before.index_select(0, cpu) + call_rank(cpu) + 1).index_select(0, hit.cpu())
-        # each sample's hits in query order; those that beat all earlier ones are its improvements
+        if len(set(cpu.tolist())) == len(cpu):
+            self._take_one_each(images, hit, samples, size, before)
+        else:
+            at = (before.index_select(0, cpu) + call_rank(cpu) + 1).index_select(0, hit.cpu())
+            self._take_in_query_order(images, hit, samples, size, at, before)
+
+    def _take_one_each(self, images, hit, samples, size, before) -> None:
+        """A call with one row per sample: each hit is its sample's one
+        improvement, at its first query of the call."""
+        self.x.index_copy_(0, samples, images.index_select(0, hit))
+        self.size.index_copy_(0, samples, size)
+        count = before.clone()
+        count[samples.cpu()] += 1
+        self.trace.append((count, self.size.clone()))
+
+    def _take_in_query_order(self, images, hit, samples, size, at, before) -> None:
+        """A call with several rows for some samples: each sample's hits in
+        query order ``at``; those that beat all its earlier ones are its
+        improvements, the last of them its new best."""
         order = torch.argsort(samples, stable=True)
         hit, samples, size, at = hit[order], samples[order], size[order], at[order.cpu()]
         key = _run_keys(samples, size, len(self.size))
@@ -169,7 +179,7 @@ class BestAdversarial:
         improves[1:] = key[1:] < torch.cummin(key, 0).values[:-1]
         events = improves.nonzero().squeeze(1)
         hit, samples, size, at = hit[events], samples[events], size[events], at[events.cpu()]
-        last = torch.ones_like(samples, dtype=torch.bool)  # a sample's last improvement is its new best
+        last = torch.ones_like(samples, dtype=torch.bool)
         last[:-1] = samples[1:] != samples[:-1]
         self.x[samples[last]] = images[hit[last]]
         self.size[samples[last]] = size[last]
