@@ -32,7 +32,7 @@ from .data import Dataset, load_data
 from .eps import check_radius, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_model_on_data, load_model
-from .models.pytorch import arch_sha256
+from .models.pytorch import arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
 from .report.render import write_report
@@ -206,6 +206,7 @@ def eps_at_half(distortion: torch.Tensor) -> float | None:
     return round(middle, 6) if np.isfinite(middle) else None
 
 
+@deterministic_kernels()
 def scan(
     model: str | Path,
     data: str = "mnist",

@@ -436,3 +436,44 @@ def test_check_model_failure_and_bad_output(mnist_test):
         check_model_on_data(_wrap(Pair()), mnist_test)
     with pytest.raises(AuditError, match=r"outputs of shape \(16,\)"):
         check_model_on_data(_wrap(nn.Flatten(0)), Dataset("flat", torch.rand(16, 1, 1, 1), torch.zeros(16).long()))
+
+
+SPY_ARCH = """
+import torch
+from torch import nn
+
+SEEN = []
+
+
+class Spy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+    def forward(self, x):
+        SEEN.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return self.net(x)
+
+
+def build():
+    return Spy()
+"""
+
+
+def test_a_scan_runs_the_model_with_deterministic_kernels_and_puts_the_settings_back(tmp_path, monkeypatch):
+    """On a GPU cuDNN's fastest kernels may add in any order, so a seed
+    would not fix the gradients: the scan asks for deterministic ones, and
+    leaves torch's settings as it found them."""
+    import importlib
+
+    import auditor
+
+    (tmp_path / "spy_arch.py").write_text(SPY_ARCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spy = importlib.import_module("spy_arch")
+    save_file(spy.build().state_dict(), str(tmp_path / "spy.safetensors"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    auditor.scan(tmp_path / "spy.safetensors", "mnist", arch="spy_arch:build", access="white-box",
+                 attacks=["fgsm"], samples=4, eps=[0.1])
+    assert spy.SEEN and set(spy.SEEN) == {(True, False)}
+    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..attacks.base import distortion, project, uniform_in_ball
+from ..models.pytorch import deterministic_kernels
 from .config import HardenConfig
 from .guard import Check, Guard
 
@@ -222,7 +223,7 @@ def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y:
     comes from a stream seeded with ``config.seed``, which is put back after.
     """
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them all
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), deterministic_kernels():
         torch.manual_seed(config.seed)
         return _train(module, parameters, x, y, method, config, guard, device, progress)
 

@@ -182,6 +182,8 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
     # onnxruntime's worker threads spin between runs by default, which starves
     # torch's own threads in the attack code running between queries.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # on a GPU its fastest kernels may add in any order: a seed must give the same results
+    options.use_deterministic_compute = "CUDAExecutionProvider" in providers
     try:
         session = onnxruntime.InferenceSession(str(request.file), options, providers=providers)
     except Exception as exc:

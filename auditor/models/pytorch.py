@@ -9,6 +9,7 @@ they are refused unless the user passes ``--trust-pickle``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -45,6 +46,20 @@ DESCRIPTIONS = {
     "safetensors": "safetensors weights with --arch",
     "pickle": "pickled PyTorch module",
 }
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """cuDNN's deterministic kernels and no autotuning for the duration, so
+    that a seed gives the same gradients on a GPU (its fastest kernels may
+    add in any order); the earlier settings are put back after. Also a
+    decorator."""
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 def resolve_device(device: str) -> torch.device:
