@@ -268,6 +268,8 @@ def scan(
     battery = runnable(battery, budget, tuple(dataset.x.shape[1:]), num_classes)
 
     indices = dataset.balanced_indices(samples)
+    if samples is not None and samples > len(dataset):
+        log.warning("-n %d: the data has %d images; all of them are audited", samples, len(dataset))
     x, y = dataset.x[indices], dataset.y[indices]
     targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
     indices, x, y = indices[keep], x[keep], y[keep]

@@ -278,6 +278,19 @@ def test_results_record_the_architecture_and_normalisation_and_a_narrowed_batter
     assert "custom-battery" in ids and "noise-beats-attacks" not in ids  # noise alone has nothing to beat
 
 
+def test_more_samples_than_the_data_has_are_said(example_onnx, tmp_path, caplog):
+    import auditor
+    from auditor.data.builtin import mnist
+
+    digits = mnist("test")
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=digits.x[:6].numpy(), y=digits.y[:6].numpy())
+    audit = auditor.scan(example_onnx, str(path), access="hard-label", attacks=["random-noise"], budget=5,
+                         samples=500)
+    assert audit.results["data"]["n"] == 6
+    assert "-n 500: the data has 6 images; all of them are audited" in caplog.text
+
+
 def test_scan_refuses_a_budget_that_is_not_an_integer_before_it_runs(example_onnx):
     import auditor
     from auditor.errors import AuditError
