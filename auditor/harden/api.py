@@ -41,7 +41,7 @@ from .config import HardenConfig
 from .export import export, hardened_name
 from .guard import Guard
 from .methods import METHODS
-from .train import TrainingOutcome, minibatches, train
+from .train import TrainingOutcome, batch_count, train
 from .trainable import make_trainable
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def harden(
                       **scan_options)
         write_outputs(before, stage / "before")
         x, y = training_data.x[train_rows], training_data.y[train_rows]
-        batches = trainer_method.data_passes(config.epochs) * len(minibatches(torch.arange(len(y)), config.batch_size))
+        batches = trainer_method.data_passes(config.epochs) * batch_count(len(y), config.batch_size)
         with TrainingProgress(progress, f"harden {config.method}", batches) as bar:
             outcome = train(trainable.module, list(trainable.parameters), x, y, trainer_method, config,
                             monitor, train_device, bar)

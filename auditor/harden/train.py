@@ -210,6 +210,11 @@ def minibatches(order: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     return parts
 
 
+def batch_count(images: int, size: int) -> int:
+    """How many batches :func:`minibatches` makes of ``images`` images."""
+    return len(minibatches(torch.arange(images), size))
+
+
 def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
           method: Method, config: HardenConfig, guard: Guard, device: torch.device,
           progress=None) -> TrainingOutcome:
@@ -230,7 +235,7 @@ def train(module: nn.Module, parameters: list[nn.Parameter], x: torch.Tensor, y:
 
 def _train(module, parameters, x, y, method, config, guard, device, progress) -> TrainingOutcome:
     started = time.perf_counter()
-    batches = len(minibatches(torch.arange(len(y)), config.batch_size))
+    batches = batch_count(len(y), config.batch_size)
     passes = method.data_passes(config.epochs)
     trainer = Trainer(module, parameters, config, device, passes * batches * method.updates_per_batch)
     order_gen = torch.Generator().manual_seed(config.seed)

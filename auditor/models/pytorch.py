@@ -169,8 +169,9 @@ class TorchModel(Model):
         self._device = resolve_device(device)
         if fixed_batch is not None:
             module = FixedBatch(module, fixed_batch)
-        if weight_dtype(module) != torch.float32:
-            module = InputDtype(module, weight_dtype(module))
+        dtype = weight_dtype(module)
+        if dtype != torch.float32:
+            module = InputDtype(module, dtype)
         if mean is not None and std is not None:
             module = nn.Sequential(Normalize(mean, std), module)
         self._module = module.eval().to(self._device)
