@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auditor.attacks.base import distortion, generator
+from auditor.oracles import ScoreOracle
 from auditor.attacks.softlabel.square import (
     SquareAttack,
     l2_init,
@@ -332,3 +333,33 @@ def test_acceptance_estimate_tracks_the_steps():
     for _ in range(300):  # the same share with 4 proposals a row: r = 1 - 0.9^(1/4)
         search.observe(0.1, 4, 10)
     assert abs(search.acceptance - (1 - 0.9**0.25)) < 1e-3
+
+
+def _two_sided(x: torch.Tensor) -> torch.Tensor:
+    """Three classes on a one-pixel image, the true class 0. From 0.5 up it
+    is classified right with p_0 = 0.36; below, class 1 wins but p_0 = 0.47,
+    so the misclassified side has the higher p_0 (cross-entropy prefers the
+    correct side)."""
+    right = x.flatten(1)[:, :1] >= 0.5
+    logits = torch.where(right, torch.tensor([0.0, -0.1, -0.1]), torch.tensor([0.0, 0.1, -10.0]))
+    return logits.softmax(1)
+
+
+def test_ce_loss_keeps_a_success_that_raises_the_true_class():
+    x, y = torch.full((8, 1, 1, 1), 0.5), torch.zeros(8, dtype=torch.long)
+    result = SquareAttack(loss="ce")(ScoreOracle(_two_sided, 8, 50), x, y, eps=0.1, seed=1)
+    # the stripes hit the misclassified side 0.4 within two queries; before the
+    # fix a sample whose stripes started at 0.6 rejected it and spent all 50
+    assert result.success.all()
+    assert (_two_sided(result.x_adv).argmax(1) != 0).all()
+    assert (result.queries < 50).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_labels_of_any_integer_dtype(tiny_cnn, correct_batch, dtype):
+    x, y = correct_batch[0][:6], correct_batch[1][:6]
+    runs = [
+        SquareAttack()(score_oracle(tiny_cnn, 6, 40), x, labels, eps=0.3, seed=0)
+        for labels in (y, y.to(dtype))
+    ]
+    assert torch.equal(runs[0].x_adv, runs[1].x_adv)

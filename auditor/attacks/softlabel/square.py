@@ -25,8 +25,8 @@ oracle call per iteration for all of them:
   500, 1000, 2000, 4000, 6000 and 8000 of 10,000, with the iteration index
   rescaled by ``10000 / n_iters`` for other budgets; ``s = round(sqrt(p·H·W))``.
 * lines 6-7, one query per active sample with budget left; the proposal is
-  accepted where its loss is strictly lower (targeted, also where it reaches
-  the target, AutoAttack's rule).
+  accepted where its loss is strictly lower or where it succeeds
+  (AutoAttack's rule: under ``"ce"`` a success need not lower ``log p_y``).
 
 L∞ (Algorithm 2 sampling distribution):
 
@@ -58,9 +58,11 @@ L2 (Algorithm 3 sampling distribution):
   of side s per sample. Per channel, W1 becomes ``η·sign +
   δ_W1/‖δ_W1‖``, rescaled to ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0)/c)``
   with ‖δ_{W1∪W2}‖ the norm of both windows over *all* channels, and the
-  rest of W2 becomes 0, exactly as the reference code (and AutoAttack)
-  does. With one channel the mass of both windows moves into W1, plus the
-  norm the current perturbation lacks (what clipping to [0,1] took); with c
+  rest of W2 becomes 0, as AutoAttack does (the original repository's
+  ``square_attack_l2`` takes that norm per channel instead; the two agree
+  for one channel). With one channel the mass of both windows moves into
+  W1, plus the norm the current perturbation lacks (what clipping to [0,1]
+  took); with c
   channels each channel's W1 gets the whole windows' mass, so line 5's
   rescale concentrates the perturbation in W1 more strongly.
 * line 5: the whole δ rescaled to ‖δ‖₂ = ε, then clipped to [0,1], which can
@@ -241,7 +243,7 @@ def l2_proposal(
     and W2 of side s, ``bump`` (m, c, s, s) the signed bump η per sample and
     channel. Per channel, W1 gets ``η + δ_W1 / ‖δ_W1‖`` rescaled to norm
     ``sqrt(‖δ_{W1∪W2}‖² + max(ε² - ‖δ‖², 0) / c)``, where ‖δ_{W1∪W2}‖ is
-    the norm of both windows over all channels (the reference code's
+    the norm of both windows over all channels (AutoAttack's
     ``norms_windows``), and the rest of W2 is zeroed. With one channel this
     moves the mass of both windows into W1, plus the norm that ``delta``
     lacks (the part clipping took). ``norm2`` is ‖δ‖₂² per row, if the
@@ -334,7 +336,7 @@ class SquareAttack(Attack):
         x = x.to(device)
         y = y.to(device)
         targeted = target is not None
-        labels = target.to(device=device, dtype=torch.long) if targeted else y
+        labels = (target if targeted else y).to(device=device, dtype=torch.long)
         n_iters = self.n_iters if oracle.budget is None else oracle.budget
         run = self._linf if self.norm == "linf" else self._l2
         search = run(oracle, x, labels, eps, gen, n_iters, targeted)
@@ -353,7 +355,7 @@ class SquareAttack(Attack):
         score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
         best = torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
         loss, margin = loss[best], margin[best]
-        return best, work.improved(loss, margin, targeted), loss, margin
+        return best, work.improved(loss, margin), loss, margin
 
     def _linf(self, oracle, x, labels, eps, gen, n_iters, targeted):
         """Algorithm 1 with the L∞ sampling distribution (Algorithm 2)."""
@@ -597,11 +599,10 @@ class _Working:
             self._spread[k] = (owner, self.rows_cpu[owner.cpu()], self.y[owner])
         return self._spread[k]
 
-    def improved(self, loss: torch.Tensor, margin: torch.Tensor, targeted: bool) -> torch.Tensor:
-        """Alg. 1 line 7: a strictly lower loss; targeted, also a proposal on
-        target (AutoAttack's rule)."""
-        better = loss < self.loss
-        return better | (margin < 0) if targeted else better
+    def improved(self, loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """Alg. 1 line 7: a strictly lower loss, or a successful proposal
+        (AutoAttack's rule; a success need not lower the cross-entropy)."""
+        return (loss < self.loss) | (margin < 0)
 
     def settle(self, improved: torch.Tensor, loss: torch.Tensor, margin: torch.Tensor, spent: int) -> bool:
         """Record a step's losses and queries; True when the set must be
