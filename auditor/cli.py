@@ -144,8 +144,9 @@ def cli(debug: bool) -> None:
               "(fgsm, sign-opt) means the threat norm's variant. Default: the whole battery.")
 @click.option("--target", help="Targeted audit: random, least-likely or a class index (targeted attacks only).")
 @click.option("--surrogate", "surrogates", multiple=True, type=click.Path(dir_okay=False),
-              help="Surrogate model for transfer attacks (repeatable): TorchScript, .pt2 or ONNX with the "
-              "model's classes and its own normalisation; a pickle with --trust-pickle.")
+              help="Surrogate model for transfer attacks (repeatable, each file once): TorchScript, .pt2 or "
+              "ONNX with the model's classes and its own normalisation; a pickle with --trust-pickle. Named "
+              "after the file, with as many parent folders as tell it apart from the other surrogates.")
 @click.option("--train-surrogates", type=int, default=0, show_default=True,
               help="Train K surrogates (MLP, CNN, ResNet-style, cached) on the built-in training split.")
 @click.option("--arch", help="module:factory building the network, for weights files.")

@@ -146,6 +146,8 @@ def transfer_entry(surrogates, sets, reports: Sequence[AttackReport], eps_list) 
     method run on that surrogate set, over the samples robust at ε when the
     transfer attacks started (``samples[ε]``, the same for every cell).
     ``baseline`` is plain I-FGSM, the method the others are compared with.
+    Two runs for one cell (two sets of one name) are an internal error, never
+    one overwriting the other.
     """
     if not surrogates:
         return None
@@ -161,7 +163,10 @@ def transfer_entry(surrogates, sets, reports: Sequence[AttackReport], eps_list) 
         for run in report.runs:
             key = eps_key(run.eps)
             samples[key] = run.samples
-            matrix[key].setdefault(attack.label, {})[run.surrogate] = round(run.broken / run.samples, 6)
+            row = matrix[key].setdefault(attack.label, {})
+            if run.surrogate in row:
+                raise ValueError(f"two runs of {attack.label} on surrogate set {run.surrogate!r} at {key}")
+            row[run.surrogate] = round(run.broken / run.samples, 6)
     return {
         "surrogates": [
             {"name": s.name, "source": s.source,

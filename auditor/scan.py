@@ -45,7 +45,7 @@ from .results import (
     sample_entries,
     transfer_entry,
 )
-from .surrogates import Surrogate, accuracy, train_surrogates
+from .surrogates import ENSEMBLE, Surrogate, accuracy, file_names, train_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,14 @@ def resolve_surrogates(
     must give gradients and have the model's ``num_classes``; ``train``
     more are trained (or read from the cache) on the built-in training
     split. Each surrogate alone is a set, and with two or more their
-    ensemble (averaged logits) is one more. Clean accuracy is measured on
+    ensemble (averaged logits) is one more; every set has its own name
+    (:func:`~auditor.surrogates.file_names`). Clean accuracy is measured on
     the audit's samples.
     """
     if train < 0:
         raise AuditError(f"--train-surrogates must be >= 0, got {train}")
     found = []
-    for path in paths:
+    for name, path in zip(file_names(paths), paths):
         try:
             model = load_model(path, device="cpu", trust_pickle=trust_pickle)
             classes = check_model_on_data(model, dataset)
@@ -183,7 +184,7 @@ def resolve_surrogates(
             raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
         if classes != num_classes:
             raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
-        found.append(Surrogate(Path(path).name, module.eval(), str(path), accuracy(module, x, y)))
+        found.append(Surrogate(name, module.eval(), str(path), accuracy(module, x, y)))
     if train:
         if dataset.name != "mnist":
             raise AuditError("--train-surrogates needs a training split; only --data mnist has one")
@@ -192,7 +193,7 @@ def resolve_surrogates(
                                   seed=seed, evaluate=evaluate)
     sets = [SurrogateSet(s.name, (s.module,)) for s in found]
     if len(found) > 1:
-        sets.append(SurrogateSet("ensemble", tuple(s.module for s in found)))
+        sets.append(SurrogateSet(ENSEMBLE, tuple(s.module for s in found)))
     return found, tuple(sets)
 
 

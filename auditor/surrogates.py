@@ -29,10 +29,11 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data.base import Dataset
+from .errors import AuditError
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,45 @@ def _resnet(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 ZOO: dict[str, Builder] = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
 """name → builder(input_shape (C,H,W), num_classes) → an untrained module."""
+
+ENSEMBLE = "ensemble"
+"""The name of the surrogate set that averages the logits of all the surrogates."""
+
+
+def _reserved(name: str) -> bool:
+    """Whether ``name`` is :data:`ENSEMBLE` or a name :func:`train_surrogates` gives (``cnn-1``)."""
+    return name == ENSEMBLE or re.fullmatch(f"({'|'.join(ZOO)})(-[0-9]+)?", name) is not None
+
+
+def file_names(paths: Sequence[str | Path]) -> list[str]:
+    """The names of the surrogate model files ``paths``, one each, all different.
+
+    A file is named after its basename, with as many of its parent folders
+    as it takes to tell it apart from the other files (``a/surrogate.pt``
+    and ``b/surrogate.pt``), read from its absolute path. A name is never
+    :data:`ENSEMBLE` or a trained surrogate's name (``mlp``, ``cnn-1``, ...):
+    such a file takes its folder too (``models/mlp``). The same file given
+    twice, under any path, is an :class:`~auditor.errors.AuditError`: the
+    two would be one model counted twice in the ensemble.
+    """
+    first: dict[Path, str] = {}
+    for path in paths:
+        real = Path(path).resolve()
+        if real in first:
+            also = "" if first[real] == str(path) else f" (also as {first[real]})"
+            raise AuditError(f"surrogate {path} is given twice{also}; give each surrogate once")
+        first[real] = str(path)
+    parts = [PurePath(os.path.abspath(path)).parts for path in paths]
+    names = []
+    for i, own in enumerate(parts):
+        for k in range(1, len(own) + 1):
+            suffix = own[-k:]
+            if not _reserved(str(PurePath(*suffix))) and all(
+                other[-k:] != suffix for j, other in enumerate(parts) if j != i
+            ):
+                break
+        names.append(str(PurePath(*suffix)))
+    return names
 
 
 @dataclass(frozen=True)

@@ -251,3 +251,31 @@ def test_nesterov_looks_as_many_steps_ahead_as_the_momentum_holds_in_either_norm
     ahead = Nesterov().lookahead(x, momentum, step) - x
     size = ahead.abs().max() if norm == "linf" else ahead.norm()
     assert float(size) == pytest.approx(reach)
+
+
+def test_rap_behind_a_look_ahead_outside_the_range_stays_within_eps_n_of_the_iterate():
+    """NI's look-ahead is not clipped and leaves [0,1] by more than ε_n near
+    saturated pixels; n_rap is still the inner maximisation around the
+    iterate x_t: every inner gradient is taken within ε_n of x_t, inside
+    [0,1], and ‖n_rap‖∞ ≤ ε_n. Anchored at the look-ahead, the [0,1] clamp
+    made |n_rap| the whole overshoot (0.5 here)."""
+    from auditor.attacks.transfer.transform import Step
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(4, 1, 6, 6, generator=gen) > 0.5).float()
+    ahead = x + 0.5 * (2 * x - 1)
+    weight = torch.randn(1, 1, 6, 6, generator=gen)
+    seen = []
+
+    def grad_at(point: torch.Tensor) -> torch.Tensor:
+        seen.append(point)
+        return weight.expand_as(point)
+
+    rap = ReverseAdversarialPerturbation(eps_n=0.1, steps=4, late_start=0)
+    step = Step(index=0, x=x, eps=0.3, alpha=0.03, norm="linf", gen=gen, grad_at=grad_at)
+    n = rap.lookahead(ahead, None, step) - ahead
+    assert 0 < n.abs().max() <= 0.1 + 1e-6
+    assert ((x + n) >= 0).all() and ((x + n) <= 1).all()
+    assert len(seen) == 4
+    for point in seen:
+        assert (point - x).abs().max() <= 0.1 + 1e-6 and point.min() >= 0 and point.max() <= 1

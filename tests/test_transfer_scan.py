@@ -12,10 +12,14 @@ from torch import nn
 import auditor
 from auditor.access import Access
 from auditor.attacks import BY_LABEL
-from auditor.battery import Battery, SurrogateSet, build_battery, run_battery
+from auditor.battery import AttackReport, Battery, RunReport, SurrogateSet, build_battery, run_battery
 from auditor.cli import main
 from auditor.errors import AuditError
 from auditor.models import ModelInfo, TorchModel
+from auditor.report.transfer import transfer_view
+from auditor.results import transfer_entry
+from auditor.scan import resolve_surrogates
+from auditor.surrogates import Surrogate
 
 METHODS = ("transfer-ifgsm-linf", "transfer-mi-di-ti-linf")
 
@@ -123,8 +127,6 @@ def test_bad_surrogate_input_is_one_clear_error(example_onnx, cache, tmp_path, m
 
 
 def test_report_heat_map_states_rates_gains_and_the_best_cell():
-    from auditor.report.transfer import transfer_view
-
     results = {"transfer": {
         "surrogates": [{"name": "mlp", "source": "trained", "clean_accuracy": 0.93}],
         "sets": ["mlp", "ensemble"], "baseline": "transfer-ifgsm-linf", "samples": {"0.2": 50},
@@ -164,3 +166,59 @@ def test_surrogates_must_have_the_models_classes_and_a_weak_one_is_flagged(examp
                          attacks=["transfer-ifgsm"], trust_pickle=True)
     (weak,) = [check for check in audit.results["checks"] if check["id"] == "weak-surrogate"]
     assert weak["level"] == "warning" and weak["message"].startswith("surrogate untrained.pth classifies")
+
+
+def _best_sentence(matrix: dict) -> str:
+    results = {"transfer": {"surrogates": [], "sets": ["cnn", "mlp"], "baseline": "transfer-ifgsm-linf",
+                            "samples": {"0.3": 50}, "matrix": {"0.3": matrix}}}
+    return transfer_view(results).matrices[0].best
+
+
+def test_report_best_cell_leaves_the_baseline_out_and_breaks_ties_by_gain():
+    """At 100 % from the cnn, the best cell was the first maximum: the
+    baseline itself, "+0.0 points" against itself."""
+    base = {"cnn": 1.0, "mlp": 0.4}
+    tied = {"transfer-ifgsm-linf": base, "transfer-mi-linf": {"cnn": 1.0, "mlp": 0.9},
+            "transfer-di-linf": {"cnn": 0.9, "mlp": 1.0}}
+    assert _best_sentence(tied) == ("Best: transfer-di-linf from mlp, 100.0 % of the samples, "
+                                    "against 40.0 % for transfer-ifgsm-linf (+60.0 points).")
+    no_gain = {"transfer-ifgsm-linf": base, "transfer-mi-linf": {"cnn": 1.0, "mlp": 0.3}}
+    assert _best_sentence(no_gain) == ("Best: transfer-mi-linf from cnn, 100.0 % of the samples; "
+                                       "no method beats transfer-ifgsm-linf from the same surrogates.")
+    alone = {"transfer-ifgsm-linf": base}
+    assert _best_sentence(alone) == "Best: transfer-ifgsm-linf from cnn, 100.0 % of the samples."
+
+
+def test_surrogate_sets_have_distinct_names_and_a_file_counts_once(tmp_path, mnist_test):
+    """Two files with one basename, a file named like the ensemble and one
+    named like a zoo model: each set keeps its own name (one name made the
+    matrix keep a single column for two sets); the same file twice, under
+    any path, is one clear error."""
+    torch.manual_seed(0)
+    paths = [tmp_path / "a" / "surrogate.pt", tmp_path / "b" / "surrogate.pt", tmp_path / "c" / "ensemble",
+             tmp_path / "c" / "mlp", tmp_path / "c" / "other.pt"]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        torch.jit.trace(linear, torch.zeros(1, 1, 28, 28)).save(str(path))
+    x, y = mnist_test.x[:8], mnist_test.y[:8]
+    found, sets = resolve_surrogates(paths, 0, mnist_test, x, y, 10, 0)
+    names = ["a/surrogate.pt", "b/surrogate.pt", "c/ensemble", "c/mlp", "other.pt"]
+    assert [s.name for s in found] == names and [s.source for s in found] == [str(p) for p in paths]
+    assert [group.name for group in sets] == [*names, "ensemble"]
+    again = tmp_path / "b" / ".." / "a" / "surrogate.pt"
+    twice = r"surrogate .*/a/surrogate.pt is given twice \(also as .*a/surrogate.pt\)"
+    with pytest.raises(AuditError, match=twice):
+        resolve_surrogates([paths[0], paths[3], again], 0, mnist_test, x, y, 10, 0)
+    with pytest.raises(AuditError, match=r"surrogate .*mlp is given twice; give each surrogate once$"):
+        resolve_surrogates([paths[3], paths[3]], 0, mnist_test, x, y, 10, 0)
+
+
+def test_transfer_matrix_refuses_two_runs_for_one_cell():
+    """Two runs of one method on two sets of one name overwrote each other."""
+    runs = tuple(RunReport(0.2, 10, broken, 10, 0.0, surrogate="surrogate.pt") for broken in (8, 1))
+    report = AttackReport(BY_LABEL[METHODS[0]], runs, 10, (), {}, None)
+    surrogates = [Surrogate("surrogate.pt", nn.Identity(), f"{folder}/surrogate.pt", None) for folder in "ab"]
+    sets = tuple(SurrogateSet(s.name, (s.module,)) for s in surrogates)
+    with pytest.raises(ValueError, match="two runs of transfer-ifgsm-linf on surrogate set 'surrogate.pt'"):
+        transfer_entry(surrogates, sets, [report], [0.2])

@@ -7,6 +7,7 @@ it, with its gain over plain I-FGSM from the same set in percentage points.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..eps import eps_text
@@ -34,7 +35,7 @@ class TransferMatrix:
     samples: int
     rows: tuple[TransferRow, ...]
     best: str
-    """One sentence: the best cell and its gain over the baseline."""
+    """One sentence: the best cell other than the baseline's and its gain over the baseline."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,47 @@ def _shade(rate: float) -> str:
     return f"rgba(178, 34, 34, {0.08 + 0.72 * rate:.2f})"
 
 
+def _best(methods: dict, sets: list[str], baseline: str | None) -> str:
+    """The sentence on the best cell of one matrix, "" when it has none.
+
+    The best cell is the highest rate of a method other than the baseline
+    (of the baseline only when it ran alone), ties going to the larger gain
+    over the baseline from the same set. Its gain is stated when some cell
+    beats the baseline; when none does, the sentence says so instead.
+    """
+    base = methods.get(baseline, {})
+    gains = {
+        (method, group): rate - base[group]
+        for method, rates in methods.items()
+        if method != baseline
+        for group, rate in rates.items()
+        if rate is not None and group in base
+    }
+    searched = [method for method in methods if method != baseline] or list(methods)
+    candidates = [
+        (methods[method][group], gains.get((method, group), -math.inf), method, group)
+        for method in searched
+        for group in sets
+        if methods[method].get(group) is not None
+    ]
+    if not candidates:
+        return ""
+    rate, _, method, group = max(candidates, key=lambda cell: cell[:2])
+    sentence = f"Best: {method} from {group}, {_percent(rate)} of the samples"
+    if not gains:
+        return sentence + "."
+    if max(gains.values()) <= 0:
+        return sentence + f"; no method beats {baseline} from the same surrogates."
+    if (method, group) not in gains:
+        return sentence + "."
+    return sentence + (
+        f", against {_percent(base[group])} for {baseline} ({100 * gains[method, group]:+.1f} points)."
+    )
+
+
 def _matrix(eps: str, samples: int, methods: dict, sets: list[str], baseline: str | None) -> TransferMatrix:
     base = methods.get(baseline, {})
-    rows, best = [], None
+    rows = []
     for method, rates in methods.items():
         cells = []
         for group in sets:
@@ -71,17 +110,8 @@ def _matrix(eps: str, samples: int, methods: dict, sets: list[str], baseline: st
             if rate is not None and method != baseline and group in base:
                 gain = f"{100 * (rate - base[group]):+.1f}"
             cells.append(HeatCell(_percent(rate), gain, _shade(rate or 0.0)))
-            if rate is not None and (best is None or rate > best[0]):
-                best = (rate, method, group)
         rows.append(TransferRow(method, method == baseline, tuple(cells)))
-    sentence = ""
-    if best is not None:
-        rate, method, group = best
-        sentence = f"Best: {method} from {group}, {_percent(rate)} of the samples"
-        if baseline is not None and group in base:
-            sentence += f", against {_percent(base[group])} for {baseline} ({100 * (rate - base[group]):+.1f} points)"
-        sentence += "."
-    return TransferMatrix(eps_text(eps), samples, tuple(rows), sentence)
+    return TransferMatrix(eps_text(eps), samples, tuple(rows), _best(methods, sets, baseline))
 
 
 def transfer_view(results: dict) -> TransferView | None:

@@ -20,6 +20,14 @@ an adversarial region; RAP then refines that region toward a flat one. The paper
 [0,1] pixel range here. The inner steps see the same input transforms and
 surrogate ensemble as the outer gradient; the neighbourhood stays L∞ for
 an L2 attack too.
+
+With NI, the gradient is taken at a look-ahead point x^nes_t that is not
+clipped and often lies outside [0,1]. n_rap is still the reverse
+perturbation of the iterate x_t, as in the paper (and the reference code,
+which adds it to the in-range x_adv): the inner steps run around x_t,
+keeping x_t + n in [0,1], and the outer gradient is taken at
+x^nes_t + n_rap. So ‖n_rap‖∞ ≤ ε_n always holds; anchored at x^nes_t
+instead, the [0,1] clamp would pull n back by the whole overshoot.
 """
 
 from __future__ import annotations
@@ -58,12 +66,14 @@ class ReverseAdversarialPerturbation(Transform):
             raise ValueError(f"RAP late_start {self.late_start} must be below the attack's {steps} steps")
 
     def lookahead(self, x: torch.Tensor, state: None, step: Step) -> torch.Tensor:
-        """x + n_rap from step K_LS on (Algorithm 1, inner maximisation), else x."""
+        """x + n_rap from step K_LS on, else x: n_rap is the inner maximisation (Algorithm 1) around
+        the iterate x_t = ``step.x``, which ``x`` is unless NI looks ahead of it."""
         if step.index < self.late_start:
             return x
-        low, high = -x, 1.0 - x
+        anchor = step.x
+        low, high = (-anchor).clamp(min=-self.eps_n), (1.0 - anchor).clamp(max=self.eps_n)
         n = ((torch.rand(x.shape, generator=step.gen, device=x.device) * 2 - 1) * self.eps_n).clamp(low, high)
         alpha_n = self.eps_n / self.steps
         for _ in range(self.steps):
-            n = (n - alpha_n * step.grad_at(x + n).sign()).clamp(-self.eps_n, self.eps_n).clamp(low, high)
+            n = (n - alpha_n * step.grad_at(anchor + n).sign()).clamp(low, high)
         return x + n

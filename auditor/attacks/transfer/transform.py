@@ -24,7 +24,8 @@ pipeline order of the papers' combined attacks: Admix mixes first, SI
 scales the mixed images, DI resizes the scaled copies (Wang et al. 2021,
 Eq. 8 with DI); then the variance is added to the raw gradient, the sum is
 smoothed by TI and accumulated into the momentum (Wang & He 2021, Alg. 1
-with TI); RAP's inner maximisation starts from NI's look-ahead point.
+with TI); RAP's reverse perturbation, found around the iterate x_t, is
+added to NI's look-ahead point.
 """
 
 from __future__ import annotations
