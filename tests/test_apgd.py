@@ -7,7 +7,7 @@ import torch
 
 from auditor.attacks.base import distortion
 from auditor.attacks.whitebox.apgd import APGD, checkpoints, dlr
-from auditor.attacks.whitebox.apgd_t import APGDTargeted, targeted_dlr
+from auditor.attacks.whitebox.apgd_t import APGDTargeted, reach_dlr, targeted_dlr
 from auditor.attacks.whitebox.pgd import PGD
 from auditor.oracles import GradientOracle
 
@@ -146,3 +146,18 @@ def test_dlr_losses():
     labels = torch.tensor([[0, 3], [2, 3]])
     # row 0: -(4 - 0) / (4 - (1 + 0) / 2); row 1: -(1 - 2) / (3 - (1 + 0) / 2)
     assert torch.allclose(targeted_dlr(logits, labels), torch.tensor([-4 / 3.5, 1 / 2.5]))
+
+
+def test_targeted_audit_loss_is_positive_exactly_when_the_target_is_on_top():
+    """A targeted audit succeeds when t is the top class: its loss must see
+    every class above t. Eq. 5 compares t with y only, so it rewards a
+    point where a third class still beats t."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, 10, generator=gen) * 3
+    y = torch.randint(0, 10, (2000,), generator=gen)
+    t = (y + torch.randint(1, 10, (2000,), generator=gen)) % 10
+    labels = torch.stack([y, t], dim=1)
+    on_top = logits.argmax(1) == t
+    assert torch.equal(reach_dlr(logits, labels) > 0, on_top)
+    third_above = (targeted_dlr(logits, labels) > 0) & ~on_top
+    assert third_above.any()

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from auditor.access import Access
+from auditor.attacks import CATALOGUE
 from auditor.attacks.base import FIXED_EPS, MIN_NORM, distortion
 from auditor.attacks.whitebox.carlini_wagner import CarliniWagnerL2
 from auditor.attacks.whitebox.fgsm import FGSM
@@ -237,3 +239,20 @@ def test_configs_are_validated_immutable_and_labelled():
         CarliniWagnerL2().steps = 10
     with pytest.raises(ValueError):
         FGSM()(None, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "attack", [a for a in CATALOGUE if a.access == Access.WHITE_BOX], ids=lambda a: a.label
+)
+def test_float64_batches_on_a_float64_model(attack):
+    """Every white-box attack takes a float64 model and batch (C&W's
+    per-sample records were float32 and refused the float64 distances)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).double().eval()
+    x = torch.rand(4, 3, 2, 2, dtype=torch.float64)
+    y = model(x).argmax(1)
+    fields = {field.name for field in dataclasses.fields(attack)}
+    short = {"steps": 5, "binary_search_steps": 2}
+    small = dataclasses.replace(attack, **{name: value for name, value in short.items() if name in fields})
+    result = small(GradientOracle(model, 4), x, y, eps=None if attack.kind == MIN_NORM else EPS[attack.norm])
+    assert result.x_adv.dtype == torch.float64 and result.x_adv.shape == x.shape

@@ -19,7 +19,11 @@ the loss and the loop over targets:
   y), not reaching the target, and a sample leaves the batch at its first
   misclassified iterate, which is its ``x_adv``;
 * targeted mode (``target=`` given, a targeted audit): the given class is the
-  only target, and success is reaching it.
+  only target, and success is reaching it, so the loss is Eq. 5 with z_y
+  replaced by the largest other logit, max_{i≠t} z_i (:func:`reach_dlr`;
+  Eq. 5 itself ignores a third class above the target). On an MNIST CNN
+  (200 digits, random targets, L∞ ε = 0.15 and 0.2) it reached the target
+  on 1-2.5 points more of the samples, and never on fewer.
 
 Queries: 1 a sample for the clean logits (a sample already misclassified
 there succeeds with ``x_adv = x``), then at most ``steps + 1`` a run, so at
@@ -38,14 +42,29 @@ from ..base import AttackResult, check_call, generator
 from .apgd import APGDConfig, apgd_run
 
 
-def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The targeted DLR loss, [CH20] Eq. 5; ``labels`` holds rows (y, t)."""
+def _scaled(difference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``-difference`` over the targeted DLR's scale, z_π1 − (z_π3 + z_π4)/2."""
     if logits.shape[1] < 4:
         raise ValueError("the targeted DLR loss needs at least 4 classes")
+    top = logits.topk(4, dim=1).values
+    return -difference / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The targeted DLR loss, [CH20] Eq. 5; ``labels`` holds rows (y, t)."""
     own = logits.gather(1, labels[:, :1]).squeeze(1)
     target = logits.gather(1, labels[:, 1:]).squeeze(1)
-    top = logits.topk(4, dim=1).values
-    return -(own - target) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+    return _scaled(own - target, logits)
+
+
+def reach_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 with z_y replaced by the largest logit but the target's,
+    ``max_{i≠t} z_i``: the loss of a targeted audit, where success is the
+    target's being the top class, so every class above it is in the way,
+    not only y; ``labels`` holds rows (y, t)."""
+    target = labels[:, 1:]
+    others = logits.scatter(1, target, -torch.inf).amax(1)
+    return _scaled(others - logits.gather(1, target).squeeze(1), logits)
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class APGDTargeted(APGDConfig):
                 labels = torch.stack([y[rows], ranked[rows, j]], dim=1)
                 found, fooled = apgd_run(
                     oracle, x[rows], y[rows] if target is None else target[rows], rows, labels,
-                    targeted_dlr, eps=eps, norm=self.norm, steps=self.steps, rho=self.rho,
+                    targeted_dlr if target is None else reach_dlr, eps=eps, norm=self.norm, steps=self.steps, rho=self.rho,
                     momentum=self.momentum, gen=gen, reach=target is not None,
                 )
                 x_adv[rows[fooled]] = found[fooled]

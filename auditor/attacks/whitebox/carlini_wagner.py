@@ -130,11 +130,11 @@ class CarliniWagnerL2(Attack):
         # per coordinate: as fast in pixels as a mid-grey one at learning_rate
         slope = (2 * x * (1 - x)).clamp_min(1e-12)
         rate = (0.5 * self.learning_rate / slope).clamp(self.learning_rate, self.max_learning_rate)
-        const = torch.full((n,), self.initial_const, device=device)
-        lower = torch.zeros(n, device=device)
-        upper = torch.full((n,), _NO_UPPER, device=device)
+        const = torch.full((n,), self.initial_const, dtype=x.dtype, device=device)
+        lower = torch.zeros(n, dtype=x.dtype, device=device)
+        upper = torch.full((n,), _NO_UPPER, dtype=x.dtype, device=device)
         best_x = x.clone()
-        best_l2 = torch.full((n,), math.inf, device=device)
+        best_l2 = torch.full((n,), math.inf, dtype=x.dtype, device=device)
         check_every = math.ceil(self.steps / 10)
         trace = []
         for _ in range(self.binary_search_steps):
@@ -143,7 +143,7 @@ class CarliniWagnerL2(Attack):
             t = torch.zeros(n, device=device)
             found = torch.zeros(n, dtype=torch.bool, device=device)
             active = torch.ones(n, dtype=torch.bool, device=device)
-            previous = torch.full((n,), math.inf, device=device)
+            previous = torch.full((n,), math.inf, dtype=x.dtype, device=device)
             for step in range(self.steps):
                 active &= oracle.remaining().to(device) > 0
                 rows = active.nonzero().flatten()
