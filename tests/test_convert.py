@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from auditor.access import Access
+from auditor.errors import AuditError
 from auditor.models import load_model
 from auditor.models.base import Normalize
 from auditor.models.convert import ConversionError, check_agreement, convert_onnx
@@ -90,6 +91,19 @@ class KitchenSink(nn.Module):
         z = torch.cat([pooled, extra], 1)
         logits = self.fc(torch.maximum(z, z.new_full((1,), -3.0)).unsqueeze(1)).squeeze(1)
         return F.log_softmax(logits, -1)
+
+
+class Upsampler(nn.Module):
+    """Nearest upsampling between a conv and the classifier: ``Upsample`` at
+    opset 9 and ``Resize`` (inputs X, scales) at opset 10 in the legacy export."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, stride=2)
+        self.fc = nn.Linear(2 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(F.interpolate(torch.relu(self.conv(x)), scale_factor=2, mode="nearest").flatten(1))
 
 
 def _mlp() -> nn.Module:
@@ -180,6 +194,12 @@ def test_converted_models_agree(tmp_path, factory, shape, export_kwargs):
 
 def test_legacy_export_of_tiny_cnn(tiny_cnn, tmp_path):
     _export_and_compare(tiny_cnn, (1, 28, 28), tmp_path / "tiny.onnx", LEGACY)
+
+
+@pytest.mark.parametrize("opset", [9, 10])
+def test_nearest_upsampling_exported_before_opset_11(tmp_path, opset):
+    export_kwargs = {**LEGACY, "opset_version": opset}
+    _export_and_compare(_seeded(Upsampler), (1, 28, 28), tmp_path / "up.onnx", export_kwargs)
 
 
 @pytest.mark.parametrize("export_kwargs", [LEGACY, _dynamo(18), _dynamo(20)], ids=["legacy", "dynamo18", "dynamo20"])
@@ -283,6 +303,49 @@ def test_disagreement_is_reported():
         check_agreement(nn.Flatten(), lambda images: images.flatten(1) + 0.5, x)
 
 
+def test_float16_cnn_is_white_box_and_a_wrong_conversion_still_refused(tmp_path):
+    """float32's tolerances are below float16 rounding: logits near 1 differ
+    by an ulp (~1e-3) between torch and onnxruntime, both as far from float64."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("MatMul", ["f", "Wf"], ["logits"]),
+    ]
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float16), "W"),
+        numpy_helper.from_array((rng.standard_normal((64, 10)) * 0.3).astype(np.float16), "Wf"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["n", 10])],
+        weights,
+    )
+    path = tmp_path / "fp16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    model = load_model(path, device="cpu")
+    assert model.access_ceiling[0] == Access.WHITE_BOX
+    x = torch.rand(CHECK_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    module = convert_onnx(onnx.load(str(path)))
+    assert module.precision == torch.float16
+    with pytest.raises(ConversionError, match="converted graph disagrees with onnxruntime"):
+        check_agreement(module, lambda images: model.forward(images) + 0.05, x, precision=module.precision)
+
+
+def test_input_without_a_shape_is_refused_clearly(tmp_path):
+    path = tmp_path / "no_shape.onnx"
+    _hand_made(path, "Relu")
+    proto = onnx.load(str(path))
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    onnx.save(proto, str(path))
+    message = r"input 'x' has no declared shape .*; re-export it with an \(N, C, H, W\) input shape$"
+    with pytest.raises(AuditError, match=message):
+        load_model(path)
+
+
 # Single ops at the opsets where their inputs and attributes changed -------------------------
 
 
@@ -333,6 +396,11 @@ OP_CASES = {
                       {"mode": "edge"}, 18),
     "pad-constant-value": ("Pad", [2, 3], [np.array([1, 0, 0, 2], I64), np.array(0.5, np.float32)], {}, 13),
     "pad-attr": ("Pad", [2, 3], [], {"pads": [0, 1, 1, 0], "value": -1.0}, 10),
+    "pad-edge-batch-and-channel": (
+        "Pad", [2, 3, 4, 4], [np.array([1, 0, 0, 1, 0, 2, 1, 0], I64)], {"mode": "edge"}, 13,
+    ),
+    "pad-reflect-2d": ("Pad", [4, 6], [np.array([2, 1, 1, 3], I64)], {"mode": "reflect"}, 13),
+    "pad-wrap-after-crop": ("Pad", [4, 6], [np.array([-1, 2, 2, -1], I64)], {"mode": "wrap"}, 19),
     "clip-max-only": ("Clip", [3, 4], [None, np.array(0.5, np.float32)], {}, 13),
     "clip-attr": ("Clip", [3, 4], [], {"min": 0.2, "max": 0.6}, 6),
     "gather-negative-scalar": ("Gather", [3, 4], [np.array(-1, I64)], {"axis": 1}, 13),
@@ -352,6 +420,19 @@ OP_CASES = {
     "conv-asymmetric-pads": ("Conv", [1, 2, 6, 6], [np.linspace(-1, 1, 36, dtype=np.float32).reshape(2, 2, 3, 3)],
                              {"pads": [0, 1, 2, 0], "dilations": [1, 2]}, 13),
     "maxpool-asymmetric-pads": ("MaxPool", [1, 2, 6, 6], [], {"kernel_shape": [3, 3], "pads": [0, 1, 1, 0]}, 13),
+    "maxpool-ceil-end-pads": (
+        "MaxPool", [1, 2, 6, 6], [],
+        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1}, 19,
+    ),
+    "avgpool-ceil-end-pads": (
+        "AveragePool", [1, 2, 7, 6], [],
+        {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 2, 1], "ceil_mode": 1}, 19,
+    ),
+    "avgpool-ceil-end-pads-counted": (
+        "AveragePool", [1, 2, 5, 5], [],
+        {"kernel_shape": [3, 3], "strides": [3, 3], "pads": [0, 0, 2, 2], "ceil_mode": 1, "count_include_pad": 1},
+        19,
+    ),
     "avgpool-asymmetric-pads": (
         "AveragePool", [1, 2, 6, 6], [], {"kernel_shape": [3, 2], "pads": [1, 0, 0, 1], "strides": [2, 1]}, 19,
     ),
@@ -363,6 +444,20 @@ OP_CASES = {
     "resize-bilinear-sizes": (
         "Resize", [1, 2, 3, 3], [None, None, np.array([1, 2, 5, 4], I64)], {"mode": "linear"}, 13,
     ),
+    "resize-axes": (
+        "Resize", [1, 2, 3, 3], [None, np.array([3, 2], np.float32)],
+        {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor",
+         "axes": [-1, 2]}, 18,
+    ),
+    "resize-pytorch-half-pixel-to-length-1": (
+        "Resize", [1, 2, 5, 6], [None, None, np.array([1, 2, 1, 4], I64)],
+        {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, 13,
+    ),
+    "resize-opset10-nearest": (
+        "Resize", [1, 2, 3, 3], [np.array([1, 1, 2, 1.5], np.float32)], {"mode": "nearest"}, 10,
+    ),
+    "upsample-scales-attr": ("Upsample", [1, 2, 3, 3], [], {"scales": [1.0, 1.0, 3.0, 2.0]}, 7),
+    "upsample-scales-input": ("Upsample", [1, 2, 3, 3], [np.array([1, 1, 2, 2.5], np.float32)], {}, 9),
     "prelu": ("PRelu", [2, 3], [np.array([0.1, 0.2, 0.3], np.float32)], {}, 13),
     "hard-sigmoid": ("HardSigmoid", [2, 3], [], {"alpha": 0.3}, 13),
     "gelu-tanh": ("Gelu", [2, 3], [], {"approximate": "tanh"}, 20),
@@ -383,3 +478,52 @@ def test_single_op_matches_onnxruntime(tmp_path, case):
     x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(0))
     module = convert_onnx(onnx.load(str(path)))
     check_agreement(module, _session_forward(path), x, atol=1e-5, rtol=1e-5)
+
+
+REFUSED_CASES = {
+    "resize-opset10-linear": (
+        "Resize", [np.array([1, 1, 2, 2], np.float32)], {"mode": "linear"}, 10,
+        "Resize mode 'linear' at opset 10 is not supported",
+    ),
+    "upsample-linear": (
+        "Upsample", [np.array([1, 1, 2, 2], np.float32)], {"mode": "linear"}, 9,
+        "Upsample mode 'linear' at opset 9 is not supported",
+    ),
+    "resize-opset10-nearest-downsampling": (
+        "Resize", [np.array([1, 1, 0.6, 1], np.float32)], {"mode": "nearest"}, 10,
+        "Resize nearest with a scale below 1 at opset 10 is not supported",
+    ),
+    "resize-keep-aspect-ratio": (
+        "Resize", [None, None, np.array([1, 2, 8, 8], I64)],
+        {"mode": "linear", "keep_aspect_ratio_policy": "not_larger"}, 18,
+        "Resize keep_aspect_ratio_policy 'not_larger' is not supported",
+    ),
+}
+"""(op, constants, attrs, opset, message): nodes onnxruntime runs that the converter refuses."""
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CASES.values()), ids=list(REFUSED_CASES))
+def test_single_op_without_an_exact_conversion_is_refused(case):
+    op_type, constants, attrs, opset, message = case
+    module = convert_onnx(_single_node(op_type, [1, 2, 5, 6], constants, attrs, opset))
+    with pytest.raises(ConversionError, match=message):
+        module(torch.rand(1, 2, 5, 6))
+
+
+@pytest.mark.parametrize(
+    ("attrs", "flags"),
+    [({"detect_negative": 0}, [True, False, False]), ({"detect_positive": 0}, [False, True, False])],
+    ids=["positive-only", "negative-only"],
+)
+def test_is_inf_honours_its_detect_attributes(attrs, flags):
+    graph = helper.make_graph(
+        [helper.make_node("IsInf", ["x"], ["y"], **attrs)],
+        "is-inf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, [1, 3])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.array([[np.inf, -np.inf, 1.0]], np.float32)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": x})[0].tolist() == [flags]
+    assert convert_onnx(proto)(torch.from_numpy(x)).bool().tolist() == [flags]

@@ -10,7 +10,8 @@ Shapes are never frozen: ``Shape`` yields a real int64 tensor at run time and
 the ops that consume shapes (``Reshape``, ``Expand``, ``Slice``...) read it
 then, so a graph exported with a dynamic batch size keeps it. The semantics
 follow the ONNX operator docs for opsets 11-20 (axes, pads, min/max and split
-sizes as inputs or as attributes, ``Reshape``'s ``allowzero``...).
+sizes as inputs or as attributes, ``Reshape``'s ``allowzero``...), and those
+of ``Upsample`` (opsets 7-9) and ``Resize`` at opset 10.
 
 The module only approximates onnxruntime numerically; :func:`check_agreement`
 measures how closely, and callers refuse a conversion that disagrees.
@@ -157,6 +158,16 @@ def _where(node: Node, condition: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(condition, a, b)
 
 
+def _is_inf(node: Node, x: Tensor) -> Tensor:
+    """ONNX IsInf: +inf unless ``detect_positive`` is 0, -inf unless ``detect_negative`` is 0."""
+    found = torch.zeros_like(x, dtype=torch.bool)
+    if node.attr("detect_positive", 1):
+        found |= x == math.inf
+    if node.attr("detect_negative", 1):
+        found |= x == -math.inf
+    return found
+
+
 # Activations ------------------------------------------------------------------
 
 
@@ -247,10 +258,27 @@ class _Window:
         return self.pads[: len(self.kernel)]
 
     @property
+    def ends(self) -> list[int]:
+        return self.pads[len(self.kernel) :]
+
+    @property
     def symmetric(self) -> bool:
         """Pads torch can apply itself: the same at both ends, at most half the kernel."""
-        ends = self.pads[len(self.kernel) :]
-        return self.begins == ends and all(pad <= k // 2 for pad, k in zip(self.begins, self.kernel))
+        return self.begins == self.ends and all(pad <= k // 2 for pad, k in zip(self.begins, self.kernel))
+
+    def pooled_sizes(self, x: Tensor, ceil_mode: bool) -> list[int]:
+        """ONNX's pooling output size in each spatial dimension of ``x``: with
+        ``ceil_mode`` a last window that would start in the end padding is dropped."""
+        sizes = []
+        for size, k, stride, dilation, begin, end in zip(
+            x.shape[2:], self.kernel, self.strides, self.dilations, self.begins, self.ends
+        ):
+            span = size + begin + end - (k - 1) * dilation - 1
+            count = (-(-span // stride) if ceil_mode else span // stride) + 1
+            if ceil_mode and (count - 1) * stride >= size + begin:
+                count -= 1
+            sizes.append(count)
+        return sizes
 
     def torch_pads(self) -> list[int]:
         """The pads in ``F.pad`` order (last dimension first)."""
@@ -290,23 +318,33 @@ def _conv(node: Node, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return conv(x, weight, bias, window.strides, padding, window.dilations, node.attr("group", 1))
 
 
+def _crop(x: Tensor, sizes: list[int]) -> Tensor:
+    """``x`` cut to ``sizes`` in its trailing dimensions."""
+    return x[(..., *(slice(0, size) for size in sizes))]
+
+
 def _max_pool(node: Node, x: Tensor) -> Tensor:
+    """ONNX MaxPool without the Indices output. Pads torch cannot apply go in
+    explicitly as -inf, and the output is cut to ONNX's size: with
+    ``ceil_mode`` torch would keep a last window starting in the end padding."""
     if node.outputs > 1:
         raise ConversionError("MaxPool with an Indices output is not supported")
     window = _window(node, x, node.attr("kernel_shape"))
-    padding = window.begins
-    if not window.symmetric:
-        x = F.pad(x, window.torch_pads(), value=-math.inf)
-        padding = [0] * len(padding)
     pool = MAX_POOL[len(window.kernel)]
-    return pool(
-        x, window.kernel, window.strides, padding, window.dilations, ceil_mode=bool(node.attr("ceil_mode", 0))
-    )
+    ceil_mode = bool(node.attr("ceil_mode", 0))
+    if window.symmetric:
+        return pool(x, window.kernel, window.strides, window.begins, window.dilations, ceil_mode=ceil_mode)
+    padded = F.pad(x, window.torch_pads(), value=-math.inf)
+    no_pads = [0] * len(window.kernel)
+    out = pool(padded, window.kernel, window.strides, no_pads, window.dilations, ceil_mode=ceil_mode)
+    return _crop(out, window.pooled_sizes(x, ceil_mode))
 
 
 def _average_pool(node: Node, x: Tensor) -> Tensor:
-    """Pads torch cannot apply go in explicitly; excluded pads are then
-    divided out with the same pooling over a mask of ones."""
+    """ONNX AveragePool without dilations. Pads torch cannot apply go in
+    explicitly, the output is cut to ONNX's size as in :func:`_max_pool`, and
+    unless ``count_include_pad`` the pads are divided out with the same
+    pooling over a mask of ones."""
     window = _window(node, x, node.attr("kernel_shape"))
     if any(dilation != 1 for dilation in window.dilations):
         raise ConversionError("AveragePool with dilations is not supported")
@@ -316,11 +354,13 @@ def _average_pool(node: Node, x: Tensor) -> Tensor:
     if window.symmetric:
         return pool(x, window.kernel, window.strides, window.begins, ceil_mode, count_pads)
     no_pads = [0] * len(window.kernel)
-    total = pool(F.pad(x, window.torch_pads()), window.kernel, window.strides, no_pads, ceil_mode, True)
+    sizes = window.pooled_sizes(x, ceil_mode)
+    padded = F.pad(x, window.torch_pads())
+    total = _crop(pool(padded, window.kernel, window.strides, no_pads, ceil_mode, True), sizes)
     if count_pads:
         return total
     ones = F.pad(torch.ones_like(x[:1, :1]), window.torch_pads())
-    return total / pool(ones, window.kernel, window.strides, no_pads, ceil_mode, True)
+    return total / _crop(pool(ones, window.kernel, window.strides, no_pads, ceil_mode, True), sizes)
 
 
 def _global_average_pool(node: Node, x: Tensor) -> Tensor:
@@ -521,7 +561,25 @@ def _range(node: Node, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
-PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
+def _pad_positions(mode: str, size: int, begin: int, end: int, device: torch.device) -> Tensor:
+    """The input positions an edge, reflect or wrap pad of ``begin``/``end``
+    reads along a dimension of ``size``. Negative pads crop first, and the
+    positive ones then pad what is left (as onnxruntime does)."""
+    start = max(-begin, 0)
+    kept = size - start - max(-end, 0)
+    positions = torch.arange(-max(begin, 0), kept + max(end, 0), device=device)
+    if mode == "edge":
+        positions = positions.clamp(0, kept - 1)
+    elif mode == "wrap":
+        positions = positions.remainder(kept)
+    else:
+        period = max(2 * (kept - 1), 1)
+        positions = positions.remainder(period)
+        positions = torch.where(positions < kept, positions, period - positions)
+    return start + positions
 
 
 def _pad(
@@ -531,7 +589,11 @@ def _pad(
     value: Tensor | None = None,
     axes: Tensor | None = None,
 ) -> Tensor:
-    """Pads, value and axes are inputs since opset 11 (axes since 18), attributes before."""
+    """ONNX Pad: pads (all begins, then all ends; negative ones crop), value
+    and axes are inputs since opset 11 (axes since 18), attributes before.
+    Constant pads use ``F.pad``; edge, reflect and wrap gather the positions
+    they read along each padded dimension, which may be any dimension
+    (``F.pad``'s own modes pad only the trailing ones)."""
     amounts = _from_input_or_attr(node, pads, "pads")
     count = len(amounts) // 2
     dims = [dim % x.ndim for dim in (_ints(axes) or range(count))]
@@ -539,13 +601,16 @@ def _pad(
     for i, dim in enumerate(dims):
         full[dim], full[dim + x.ndim] = amounts[i], amounts[i + count]
     padded = [d for d in range(x.ndim) if full[d] or full[d + x.ndim]]
-    first = padded[0] if padded else x.ndim
-    torch_pads = [pad for d in reversed(range(first, x.ndim)) for pad in (full[d], full[d + x.ndim])]
     mode = node.attr("mode", "constant")
     if mode not in PAD_MODES:
         raise ConversionError(f"Pad mode {mode!r} is not supported")
     if mode != "constant":
-        return F.pad(x, torch_pads, mode=PAD_MODES[mode])
+        for dim in padded:
+            positions = _pad_positions(mode, x.shape[dim], full[dim], full[dim + x.ndim], x.device)
+            x = x.index_select(dim, positions)
+        return x
+    first = padded[0] if padded else x.ndim
+    torch_pads = [pad for d in reversed(range(first, x.ndim)) for pad in (full[d], full[d + x.ndim])]
     fill = value.item() if value is not None else node.attr("value", 0.0)
     return F.pad(x, torch_pads, value=fill)
 
@@ -560,6 +625,30 @@ RESIZE_MODES = {
 LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
 
 
+def _interpolate(
+    x: Tensor,
+    interpolation: str,
+    align_corners: bool | None,
+    target: list[int] | None,
+    factors: list[float] | None,
+) -> Tensor:
+    """``F.interpolate`` of ``x`` to the full-rank ``target`` size or by the
+    full-rank ``factors`` (used for the coordinates too), over the spatial dimensions only."""
+    if x.ndim not in LINEAR_MODES:
+        raise ConversionError(f"resizing a {x.ndim}-D tensor is not supported")
+    if interpolation == "linear":
+        interpolation = LINEAR_MODES[x.ndim]
+    if target is not None:
+        if target[:2] != list(x.shape[:2]):
+            raise ConversionError("Resize of the batch or channel dimension is not supported")
+        return F.interpolate(x, size=target[2:], mode=interpolation, align_corners=align_corners)
+    if factors[:2] != [1.0, 1.0]:
+        raise ConversionError("Resize of the batch or channel dimension is not supported")
+    return F.interpolate(
+        x, scale_factor=factors[2:], mode=interpolation, align_corners=align_corners, recompute_scale_factor=False
+    )
+
+
 def _resize(
     node: Node,
     x: Tensor,
@@ -567,28 +656,66 @@ def _resize(
     scales: Tensor | None = None,
     sizes: Tensor | None = None,
 ) -> Tensor:
-    """The resizes ``nn.Upsample``/``F.interpolate`` export: nearest (floor)
-    and (bi/tri)linear, over the spatial dimensions only."""
+    """ONNX Resize from opset 11: nearest with asymmetric coordinates rounded
+    down, and (bi/tri)linear with half_pixel, pytorch_half_pixel or
+    align_corners coordinates, over the spatial dimensions only. ``scales``
+    or ``sizes`` cover the ``axes`` (opset 18; all by default); an output
+    length of 1 samples coordinate 0 under pytorch_half_pixel. At opset 10
+    the second input is ``scales`` (there is no ``roi``): see :func:`_upsample`."""
+    if node.opset < 11:
+        return _upsample(node, x, roi)
     mode = node.attr("mode", "nearest")
     transform = node.attr("coordinate_transformation_mode", "half_pixel")
     family = RESIZE_MODES.get((mode, transform))
-    nearest_floor = mode != "nearest" or node.attr("nearest_mode", "round_prefer_floor") == "floor"
-    if family is None or not nearest_floor or node.attr("antialias", 0) or x.ndim not in LINEAR_MODES:
+    if family is None:
         raise ConversionError(f"Resize mode {mode!r} with {transform!r} coordinates is not supported")
-    interpolation, align_corners = family
-    if interpolation == "linear":
-        interpolation = LINEAR_MODES[x.ndim]
+    nearest_mode = node.attr("nearest_mode", "round_prefer_floor")
+    if mode == "nearest" and nearest_mode != "floor":
+        raise ConversionError(f"Resize nearest_mode {nearest_mode!r} is not supported (only 'floor')")
+    if node.attr("antialias", 0):
+        raise ConversionError("Resize with antialias is not supported")
+    axes = [axis % x.ndim for axis in node.attr("axes") or range(x.ndim)]
+    target, factors = None, None
     if sizes is not None and sizes.numel():
-        target = _ints(sizes)
-        if target[:2] != list(x.shape[:2]):
-            raise ConversionError("Resize of the batch or channel dimension is not supported")
-        return F.interpolate(x, size=target[2:], mode=interpolation, align_corners=align_corners)
-    factors = [float(value) for value in scales.tolist()]
-    if factors[:2] != [1.0, 1.0]:
-        raise ConversionError("Resize of the batch or channel dimension is not supported")
-    return F.interpolate(
-        x, scale_factor=factors[2:], mode=interpolation, align_corners=align_corners, recompute_scale_factor=False
-    )
+        policy = node.attr("keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            raise ConversionError(f"Resize keep_aspect_ratio_policy {policy!r} is not supported")
+        target = list(x.shape)
+        for axis, size in zip(axes, _ints(sizes)):
+            target[axis] = size
+    else:
+        factors = [1.0] * x.ndim
+        for axis, factor in zip(axes, scales.tolist()):
+            factors[axis] = float(factor)
+    if transform == "pytorch_half_pixel":
+        for dim in range(2, x.ndim):
+            length = target[dim] if target is not None else math.floor(x.shape[dim] * factors[dim])
+            if length == 1:
+                x = x.narrow(dim, 0, 1)
+                if factors is not None:
+                    factors[dim] = 1.0
+    return _interpolate(x, *family, target, factors)
+
+
+def _upsample(node: Node, x: Tensor, scales: Tensor | None = None) -> Tensor:
+    """ONNX Upsample (opsets 7 to 9: ``scales`` an attribute at 7, an input
+    from 9) and Resize-10: asymmetric coordinates. Mode nearest rounds them
+    down, as torch's ``mode="nearest"`` does, when no scale is below 1
+    (onnxruntime rounds a downsampled coordinate up, so that is refused);
+    mode linear is refused, its asymmetric coordinates being unlike torch's."""
+    mode = node.attr("mode", "nearest")
+    if mode != "nearest":
+        raise ConversionError(
+            f"{node.op_type} mode {mode!r} at opset {node.opset} is not supported (asymmetric coordinates)"
+        )
+    factors = [float(value) for value in scales.tolist()] if scales is not None else node.attr("scales")
+    if factors is None:
+        raise ConversionError(f"{node.op_type} without scales (opset {node.opset}) is not supported")
+    if any(factor < 1 for factor in factors):
+        raise ConversionError(
+            f"{node.op_type} nearest with a scale below 1 at opset {node.opset} is not supported"
+        )
+    return _interpolate(x, "nearest", None, None, factors)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -612,7 +739,6 @@ CONVERTERS: dict[str, Converter] = {
             "GreaterOrEqual": torch.ge,
             "HardSwish": F.hardswish,
             "Identity": _identity,
-            "IsInf": torch.isinf,
             "IsNaN": torch.isnan,
             "Less": torch.lt,
             "LessOrEqual": torch.le,
@@ -648,6 +774,7 @@ CONVERTERS: dict[str, Converter] = {
     "CastLike": _cast_like,
     "Clip": _clip,
     "Where": _where,
+    "IsInf": _is_inf,
     "LeakyRelu": _leaky_relu,
     "PRelu": _prelu,
     "Elu": _elu,
@@ -697,6 +824,7 @@ CONVERTERS: dict[str, Converter] = {
     "Range": _range,
     "Pad": _pad,
     "Resize": _resize,
+    "Upsample": _upsample,
 }
 """ONNX op type (default domain) -> converter. ``Constant`` nodes are folded
 into the module's buffers when it is built."""
@@ -723,7 +851,9 @@ class OnnxGraphModule(nn.Module):
 
     Initializers and ``Constant`` values are buffers, so ``.to(device)``
     moves them. The input is cast to the graph's input type and the first
-    graph output is returned as float32.
+    graph output is returned as float32. ``precision`` is the least precise
+    floating type among the input and the constants, the one the graph's
+    arithmetic rounds to (float32 when there is none).
     """
 
     def __init__(
@@ -738,6 +868,9 @@ class OnnxGraphModule(nn.Module):
         self.input_name = input_name
         self.input_dtype = input_dtype
         self.output_name = output_name
+        dtypes = (input_dtype, *(value.dtype for value in constants.values()))
+        floating = [dtype for dtype in dtypes if dtype.is_floating_point]
+        self.precision = max(floating, key=lambda dtype: torch.finfo(dtype).eps, default=torch.float32)
         self._buffers_by_value: dict[str, str] = {}
         for index, (name, value) in enumerate(constants.items()):
             buffer = f"constant_{index}"
@@ -908,19 +1041,38 @@ def convert_onnx(model_proto: onnx.ModelProto) -> OnnxGraphModule:
     return module.eval()
 
 
+AGREEMENT_TOLERANCES = {
+    torch.float64: (1e-6, 1e-5),
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (10 * torch.finfo(torch.float16).eps, 10 * torch.finfo(torch.float16).eps),
+    torch.bfloat16: (10 * torch.finfo(torch.bfloat16).eps, 10 * torch.finfo(torch.bfloat16).eps),
+}
+"""A graph's precision -> the (atol, rtol) :func:`check_agreement` allows it.
+float32's leave room for torch and onnxruntime summing in different orders;
+float16's and bfloat16's are ten units in the last place at 1 (about 1e-2 and
+8e-2), as both runtimes round every intermediate result to them; float64's
+are tighter, though the outputs are compared in float32."""
+
+
 def check_agreement(
     module: nn.Module,
     session_forward: Callable[[Tensor], Tensor],
     x: Tensor,
     *,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    precision: torch.dtype = torch.float32,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> float:
     """The max abs difference between ``module`` and the session on ``x``.
 
     Raises :class:`ConversionError` when the outputs differ in shape or by
-    more than ``atol + rtol * |session output|`` anywhere.
+    more than ``atol + rtol * |session output|`` anywhere. Tolerances not
+    given are those of :data:`AGREEMENT_TOLERANCES` for ``precision``, the
+    graph's (:attr:`OnnxGraphModule.precision`).
     """
+    default_atol, default_rtol = AGREEMENT_TOLERANCES[precision]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
     with torch.no_grad():
         converted = module(x).detach().float().cpu()
         reference = session_forward(x).detach().float().cpu()

@@ -137,6 +137,7 @@ class OnnxModel(Model):
         """The graph in ``file`` as a torch module (normalisation in front) on
         the CPU, and its max abs difference from the session on a random check batch."""
         module = convert_onnx(onnx.load(str(file)))
+        precision = module.precision
         shape = self.info.input_shape
         if shape is None or None in shape:
             raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
@@ -146,7 +147,7 @@ class OnnxModel(Model):
             module = nn.Sequential(Normalize(*self._normalisation), module)
         generator = torch.Generator().manual_seed(0)
         batch = torch.rand((CHECK_BATCH, *shape), generator=generator)
-        return module.eval(), check_agreement(module, self.forward, batch)
+        return module.eval(), check_agreement(module, self.forward, batch, precision=precision)
 
     def enable_gradients(self, file: Path) -> None:
         """Convert the graph in ``file`` (the session's model, with any external
@@ -197,6 +198,11 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
     if inputs[0].type not in INPUT_DTYPES:
         raise AuditError(f"model {request.path} takes {inputs[0].type} input; expected float, float16 or double")
     shape = inputs[0].shape
+    if not shape:
+        raise AuditError(
+            f"model {request.path}: its input {inputs[0].name!r} has no declared shape (or is a scalar); "
+            "re-export it with an (N, C, H, W) input shape"
+        )
     if len(shape) != 4:
         raise AuditError(f"model {request.path} takes a {len(shape)}-D input {shape}; expected (N, C, H, W)")
     output_shape = session.get_outputs()[0].shape
