@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, Mapping
 import yaml
 
 from .access import Access
+from .checks import CUSTOM_BATTERY
 from .eps import eps_key, eps_text, parse_eps
 from .errors import AuditError
 from .resources import policies_dir
@@ -30,6 +32,7 @@ from .resources import policies_dir
 NORMS = ("linf", "l2")
 CHECK_LEVELS = ("info", "warning", "error")  # in increasing severity
 EPS_EXTREMES = ("min", "max")
+BATTERIES = ("default", "any")
 
 _ACCESS_BY_NAME = {level.cli_name: level for level in Access}
 _TOP_LEVEL_KEYS = ("policy", "description", "requirements")
@@ -193,6 +196,15 @@ def _fmt_eps(eps: float | str) -> str:
     return eps if isinstance(eps, str) else eps_text(eps)
 
 
+def _narrowed(results: Mapping[str, Any]) -> str | None:
+    """The reason a ``battery: default`` requirement fails: the scan's
+    battery left out default attacks (a ``custom-battery`` check), else None."""
+    for check in results.get("checks") or []:
+        if check.get("id") == CUSTOM_BATTERY:
+            return f"the scan left out default attacks ({CUSTOM_BATTERY}); battery: any accepts it"
+    return None
+
+
 # --------------------------------------------------------------------------- #
 # Requirements
 # --------------------------------------------------------------------------- #
@@ -253,7 +265,7 @@ class CleanAccuracy(Requirement):
 
 @dataclass(frozen=True)
 class RobustAccuracy(Requirement):
-    """``robust_accuracy: {min, eps, norm?, access?}``: accuracy under attack >= min."""
+    """``robust_accuracy: {min, eps, norm?, access?, battery?}``: accuracy under attack >= min."""
 
     KEY: ClassVar[str] = "robust_accuracy"
 
@@ -262,10 +274,11 @@ class RobustAccuracy(Requirement):
     eps: float | str
     norm: str | None = None
     access: Access | None = None
+    battery: str = "default"
 
     @classmethod
     def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "RobustAccuracy":
-        spec = _options(value, ("min", "eps", "norm", "access"), ("min", "eps"), where, source)
+        spec = _options(value, ("min", "eps", "norm", "access", "battery"), ("min", "eps"), where, source)
         norm = spec.get("norm")
         access = spec.get("access")
         return cls(
@@ -274,6 +287,7 @@ class RobustAccuracy(Requirement):
             eps=_eps(spec["eps"], f"{where}.eps", source),
             norm=None if norm is None else _choice(norm, NORMS, f"{where}.norm", source),
             access=None if access is None else _access(access, f"{where}.access", source),
+            battery=_choice(spec.get("battery", "default"), BATTERIES, f"{where}.battery", source),
         )
 
     def describe(self) -> str:
@@ -292,6 +306,9 @@ class RobustAccuracy(Requirement):
             # only hitting the target counted: any other misclassification
             # under attack was left robust
             return self._verdict(False, "results are from a targeted audit")
+        narrowed = _narrowed(results) if self.battery == "default" else None
+        if narrowed:
+            return self._verdict(False, narrowed)
         if self.access is not None:
             level_name = (results.get("access") or {}).get("level")
             level = _ACCESS_BY_NAME.get(level_name)
@@ -322,21 +339,23 @@ class RobustAccuracy(Requirement):
 
 @dataclass(frozen=True)
 class MedianQueries(Requirement):
-    """``median_queries: {min, access}``: the cheapest attack of a level needs >= min queries."""
+    """``median_queries: {min, access, battery?}``: the cheapest attack of a level needs >= min queries."""
 
     KEY: ClassVar[str] = "median_queries"
 
     id: str
     min: int
     access: Access
+    battery: str = "default"
 
     @classmethod
     def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "MedianQueries":
-        spec = _options(value, ("min", "access"), ("min", "access"), where, source)
+        spec = _options(value, ("min", "access", "battery"), ("min", "access"), where, source)
         return cls(
             rid,
             min=_count(spec["min"], f"{where}.min", source),
             access=_access(spec["access"], f"{where}.access", source),
+            battery=_choice(spec.get("battery", "default"), BATTERIES, f"{where}.battery", source),
         )
 
     def describe(self) -> str:
@@ -352,6 +371,9 @@ class MedianQueries(Requirement):
             # in a scan at another level the cascade showed this level's
             # attacks only the samples stronger attacks missed, or none
             return self._verdict(False, f"query cost at {level} needs a scan at {level} access, not {scanned}")
+        narrowed = _narrowed(results) if self.battery == "default" else None
+        if narrowed:
+            return self._verdict(False, narrowed)
         attacks = [a for a in results.get("attacks") or [] if a.get("access") == level]
         if not attacks:
             return self._verdict(False, f"no {level} attack was run")
@@ -583,12 +605,26 @@ def _unique_id(key: str, taken: set[str]) -> str:
 # --------------------------------------------------------------------------- #
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""Characters XML 1.0 cannot hold, even escaped (most control characters)."""
+
+
+def _xml(text: str) -> str:
+    """``text`` with the characters XML 1.0 cannot hold replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
-    """Write the verdicts as a JUnit XML test suite, one test case per requirement."""
+    """Write the verdicts as a JUnit XML test suite, one test case per requirement.
+
+    Names and messages come from the policy file and the results; a
+    character XML cannot hold (a control character in a YAML string) is
+    replaced, so that CI parsers can read the file.
+    """
     failures = [v for v in policy_result.verdicts if not v.passed]
     suite = ET.Element(
         "testsuite",
-        name=f"auditor policy: {policy_result.name}",
+        name=_xml(f"auditor policy: {policy_result.name}"),
         tests=str(len(policy_result.verdicts)),
         failures=str(len(failures)),
     )
@@ -596,15 +632,17 @@ def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=f"auditor.policy.{policy_result.name}",
-            name=verdict.id,
+            classname=_xml(f"auditor.policy.{policy_result.name}"),
+            name=_xml(verdict.id),
         )
         if not verdict.passed:
             failure = ET.SubElement(
-                case, "failure", message=f"{verdict.description}; actual: {verdict.actual}"
+                case, "failure", message=_xml(f"{verdict.description}; actual: {verdict.actual}")
             )
-            failure.text = f"required: {verdict.description}\nactual: {verdict.actual}\n"
+            failure.text = _xml(f"required: {verdict.description}\nactual: {verdict.actual}\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.indent(suite)
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    with path.open("wb") as out:
+        ET.ElementTree(suite).write(out, encoding="utf-8", xml_declaration=True)
+        out.write(b"\n")

@@ -476,3 +476,53 @@ def test_junit_escapes_special_characters(tmp_path):
     assert case.find("failure").get("message") == (
         "x < y & z; actual: 'quoted' <tag>\nsecond line"
     )
+
+
+# --------------------------------------------------------------------------- #
+# narrowed batteries
+# --------------------------------------------------------------------------- #
+
+
+NARROWED = results(
+    access=HARD_LABEL["access"],
+    checks=[{"id": "custom-battery", "level": "warning", "message": "--attacks left out 4 attacks ..."}],
+)
+
+
+def test_a_narrowed_battery_passes_no_robustness_or_cost_bar_unless_the_policy_accepts_it():
+    """`--attacks random-noise` left the example CNN 100 % robust where the
+    full battery finds 12.5 %, and the default policy passed it: a battery
+    that left out default attacks shows neither robustness nor query cost."""
+    reason = "the scan left out default attacks (custom-battery); battery: any accepts it"
+    for requirement in (RobustAccuracy("r", 0.5, 0.1), MedianQueries("q", 1000, Access.HARD_LABEL)):
+        verdict = requirement.evaluate(NARROWED)
+        assert not verdict.passed and verdict.actual == reason
+        assert requirement.evaluate(results(access=HARD_LABEL["access"])).passed
+    assert RobustAccuracy("r", 0.5, 0.1, battery="any").evaluate(NARROWED).passed
+    assert MedianQueries("q", 1000, Access.HARD_LABEL, battery="any").evaluate(NARROWED).passed
+
+
+def test_battery_option_loads_and_is_checked(tmp_path):
+    policy = load_policy(write(tmp_path, """
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: 0.1, battery: any}
+          - median_queries: {min: 10, access: hard-label, battery: default}
+    """))
+    assert [r.battery for r in policy.requirements] == ["any", "default"]
+    message = load_error(tmp_path, """
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: 0.1, battery: some}
+    """)
+    assert message.endswith("requirement 1 (robust_accuracy).battery: expected one of default, any, got 'some'")
+
+
+def test_junit_is_well_formed_whatever_characters_the_names_hold(tmp_path):
+    """A YAML string may hold control characters that XML 1.0 cannot."""
+    verdict = Verdict("id\x07", "clean accuracy >= 0.5", False, "0.1\x1b[31m")
+    write_junit(PolicyResult("p\x00q", False, (verdict,)), tmp_path / "j.xml")
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    assert suite.get("name") == "auditor policy: p\ufffdq"
+    assert suite.find("testcase").get("name") == "id\ufffd"
+    assert (tmp_path / "j.xml").read_text(encoding="utf-8").endswith("</testsuite>\n")
