@@ -234,3 +234,27 @@ def test_is_deterministic(tiny_cnn, correct_batch):
     assert torch.equal(runs[0].x_adv, runs[1].x_adv)
     assert torch.equal(runs[0].queries, runs[1].queries)
     assert not torch.equal(runs[0].x_adv, runs[2].x_adv)
+
+
+def test_breeding_draws_crossover_and_mutation_as_the_paper_says():
+    """One uniform per coordinate makes both draws: parent 1 with
+    probability p1/(p1+p2), then, whatever the parent, a mutation with
+    probability ρ, uniform in [-αε, αε]."""
+    size, side = 6, 200
+    values = torch.tensor([0.25, 0.75] * 3)
+    pop = values.view(1, size, 1, 1, 1).expand(1, size, 1, side, side).clone()
+    attack = GenAttack(population=size)
+    children = attack._breed(
+        pop, torch.zeros(1, size), torch.tensor([0]), torch.tensor([0.3]), torch.tensor([0.1]),
+        torch.zeros(1, 1, 1, side, side), torch.ones(1, 1, 1, side, side), 1.0, torch.Generator().manual_seed(0),
+    )[0, 1:].flatten()
+    parent = torch.where(children < 0.5, 0.25, 0.75)
+    noise = children - parent
+    mutated = noise != 0
+    assert 0.29 < float(mutated.float().mean()) < 0.31
+    for side_taken in (parent == 0.25, parent == 0.75):  # mutation independent of the parent taken
+        assert 0.28 < float(mutated[side_taken].float().mean()) < 0.32
+    step = noise[mutated]
+    assert float(step.abs().max()) <= 0.1 + 1e-6
+    assert abs(float(step.mean())) < 0.002 and 0.048 < float(step.abs().mean()) < 0.052
+    assert 0.48 < float((step > 0).float().mean()) < 0.52

@@ -288,17 +288,21 @@ class GenAttack(Attack):
         first, second = parents[:, : size - 1], parents[:, size - 1 :]
         p1, p2 = select.gather(1, first), select.gather(1, second)
         share = (p1 / (p1 + p2).clamp_min(1e-300)).to(pop.dtype)
-        # Uniform crossover, parent 1 with probability p1/(p1+p2).
-        take_first = torch.rand((m, size - 1, *shape), generator=gen, device=device)
-        take_first = take_first < share.view(m, size - 1, *[1] * len(shape))
+        # Uniform crossover, parent 1 with probability p1/(p1+p2), and mutation,
+        # U(-αε, αε) with probability ρ, from one uniform u per coordinate
+        # (drawing is most of a generation's own cost): u < share picks parent 1,
+        # and u rescaled within the side it fell on, v, is again uniform and
+        # independent of that choice; v < ρ mutates, by (2v/ρ - 1)·αε, and v/ρ
+        # is uniform given v < ρ.
+        share = share.view(m, size - 1, *[1] * len(shape))
+        u = torch.rand((m, size - 1, *shape), generator=gen, device=device)
+        take_first = u < share
         children = torch.where(take_first, _gather(pop, first), _gather(pop, second))
-        # Mutation, U(-αε, αε) with probability ρ per coordinate.
+        v = torch.where(take_first, u / share.clamp_min(1e-30), (u - share) / (1 - share).clamp_min(1e-30))
         bcast = (m, 1, *[1] * len(shape))
-        hit = torch.rand(children.shape, generator=gen, device=device)
-        hit = hit < rho.to(device=device, dtype=pop.dtype).view(bcast)
-        step_noise = torch.rand(children.shape, generator=gen, device=device) * 2 - 1
-        step_noise = step_noise * (alpha.to(device=device, dtype=pop.dtype) * eps).view(bcast)
-        children = torch.where(hit, children + step_noise, children)
+        rho = rho.to(device=device, dtype=pop.dtype).view(bcast)
+        step = (alpha.to(device=device, dtype=pop.dtype) * eps).view(bcast)
+        children = torch.where(v < rho, children + (2 * v / rho - 1) * step, children)
         # Clip back to the ε-ball ∩ [0,1].
         children = torch.minimum(torch.maximum(children, lower), upper)
         return torch.cat([elite_x[:, None], children], dim=1)
