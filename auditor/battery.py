@@ -76,25 +76,35 @@ def attack_budget(attack: Attack, budget: int | None) -> int | None:
     return None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
 
 
+def _cannot_run(attack: Attack, budget: int | None, shape: tuple[int, ...], num_classes: int) -> str | None:
+    """Why ``attack`` cannot run on this model and data, or None: its loss
+    needs more classes than the model has, or one step on images of
+    ``shape`` costs more queries than the budget."""
+    cost = attack.step_cost(shape)
+    if attack.min_classes > num_classes:
+        return f"its loss needs at least {attack.min_classes} classes; the model has {num_classes}"
+    if attack_budget(attack, budget) is not None and cost > budget:
+        return f"one step needs {cost:,} queries per sample; the budget is {budget:,}"
+    return None
+
+
 def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_classes: int) -> Battery:
     """``battery`` without the attacks that cannot run on this model and
-    data, each listed as skipped with why: its loss needs more classes than
-    the model has, or one step on images of ``shape`` costs more queries
-    than the budget."""
-    reasons = {}
-    for attack in battery.attacks:
-        cost = attack.step_cost(shape)
-        if attack.min_classes > num_classes:
-            reasons[attack.label] = f"its loss needs at least {attack.min_classes} classes; the model has {num_classes}"
-        elif attack_budget(attack, budget) is not None and cost > budget:
-            reasons[attack.label] = f"one step needs {cost:,} queries per sample; the budget is {budget:,}"
-    if not reasons:
-        return battery
+    data (:func:`_cannot_run`), each listed as skipped with why. A default
+    attack that could not have run either is not one a chosen battery left out."""
+    reasons = {
+        attack.label: reason
+        for attack in battery.attacks
+        if (reason := _cannot_run(attack, budget, shape, num_classes)) is not None
+    }
+    left_out = tuple(
+        label for label in battery.left_out if _cannot_run(BY_LABEL[label], budget, shape, num_classes) is None
+    )
     kept = tuple(attack for attack in battery.attacks if attack.label not in reasons)
     if not kept:
         why = "; ".join(f"{label}: {reason}" for label, reason in reasons.items())
         raise AuditError(f"no attack chosen can run ({why})")
-    return replace(battery, attacks=kept, skipped=battery.skipped + tuple(reasons.items()))
+    return replace(battery, attacks=kept, skipped=battery.skipped + tuple(reasons.items()), left_out=left_out)
 
 
 def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool) -> str | None:
@@ -439,7 +449,7 @@ def run_battery(
         budget_of_attack = attack_budget(attack, budget)
         attacked = torch.zeros(len(y), dtype=torch.bool)
         broken, to_success = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.long)
-        failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), 0, []
+        failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool), []
         for eps, group in _plan(attack, eps_desc, surrogates):
             limit = eps if eps is not None else eps_desc[0]
             if transfer:
@@ -485,7 +495,7 @@ def run_battery(
             to_success[active[first]] = (spent if reached is None else reached)[first]
             attacked[active], broken[active[within]] = True, True
             if not transfer:
-                non_monotone += int((within & failed_larger[active]).sum())
+                non_monotone[active[within & failed_larger[active]]] = True
                 failed_larger[active[~within]] = True
             runs.append(RunReport(
                 eps=eps, samples=len(active), broken=int(within.sum()),
@@ -501,6 +511,6 @@ def run_battery(
             attack=attack, runs=tuple(runs), samples=int(attacked.sum()),
             queries_to_success=tuple(to_success[broken].tolist()),
             robust_accuracy=records.robust_accuracy(eps_list),
-            budget=budget_of_attack, non_monotone=non_monotone,
+            budget=budget_of_attack, non_monotone=int(non_monotone.sum()),
         ))
     return BatteryOutcome(clean_pred=clean_pred, records=records, attacks=tuple(reports))

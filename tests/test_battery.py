@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -261,3 +261,46 @@ def test_a_minimum_norm_attack_that_attacked_nothing_reports_queries_spent():
     report = AttackReport(attack=SignOPT(), runs=(), samples=0, queries_to_success=(), robust_accuracy={},
                           budget=100)
     assert attack_entry(report, [])["queries"]["measure"] == "spent"  # no trace read, nothing timed
+
+
+class _MeanAbove(torch.nn.Module):
+    """Two classes: 1 when the image's mean is above 0.5."""
+
+    def forward(self, x):
+        shift = x.flatten(1).mean(1) - 0.5
+        return torch.stack([-shift, shift], 1) * 100
+
+
+@dataclass(frozen=True)
+class GivesUpAtLargest(Attack):
+    """Shifts every pixel by ε, except at ε = 0.3, where it does nothing."""
+
+    name = "gives-up"
+    oracle = LabelOracle
+    kind = FIXED_EPS
+    norms = ("linf",)
+    paper = "none"
+    norm: str = "linf"
+
+    def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None):
+        oracle.labels(x)
+        shift = 0.0 if eps == 0.3 else eps
+        return AttackResult(x_adv=x + shift, success=torch.ones(len(x), dtype=torch.bool), queries=oracle.queries())
+
+
+def test_non_monotone_counts_samples_not_runs():
+    """Two samples fail at ε = 0.3 and then break at 0.2 and again at 0.1
+    (a record of 0.2 is still robust at 0.1): two samples, not four events;
+    random noise, which does not optimise, raises no non-monotone check."""
+    from auditor import checks
+    from auditor.attacks.hardlabel.random_noise import RandomNoise
+
+    model = TorchModel(_MeanAbove(), ModelInfo("mean", "state-dict", "0", (1, 4, 4), 2), device="cpu")
+    x, y = torch.full((2, 1, 4, 4), 0.45), torch.zeros(2, dtype=torch.long)
+    battery = Battery(Access.HARD_LABEL, "linf", (GivesUpAtLargest(),))
+    (report,) = run_battery(battery, model, x, y, eps_list=[0.1, 0.2, 0.3], budget=10, seed=0).attacks
+    assert [run.broken for run in report.runs] == [0, 2, 2]
+    assert report.non_monotone == 2
+    (check,) = checks.non_monotone([report])
+    assert check.message.startswith("gives-up-linf broke 2 samples at a smaller ε")
+    assert checks.non_monotone([replace(report, attack=RandomNoise(norm="linf"))]) == []

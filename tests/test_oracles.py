@@ -10,7 +10,7 @@ import torch
 
 import auditor
 from auditor.access import Access
-from auditor.battery import build_battery
+from auditor.battery import build_battery, runnable
 from auditor.errors import AuditError
 from auditor.oracles import BudgetExceeded, GradientOracle, LabelOracle, ScoreOracle
 
@@ -138,6 +138,18 @@ def test_a_battery_chosen_by_name_lists_the_default_attacks_it_leaves_out():
     for nothing in ([], [""]):
         with pytest.raises(AuditError, match="--attacks names no attack"):
             build_battery(Access.WHITE_BOX, "linf", nothing)
+
+
+def test_a_default_attack_that_could_not_run_is_not_left_out():
+    """With --budget 20 NES cannot take one step (29 queries), so the default
+    soft-label battery skips it: naming the attacks that do run is the
+    default battery, with no custom-battery check to fail a policy."""
+    default = runnable(build_battery(Access.SOFT_LABEL, "linf"), 20, (1, 28, 28), 10)
+    assert [label for label, _ in default.skipped] == ["nes-linf"]
+    named = build_battery(Access.SOFT_LABEL, "linf", [attack.label for attack in default.attacks])
+    assert named.left_out == ("nes-linf",)
+    assert runnable(named, 20, (1, 28, 28), 10).left_out == ()
+    assert runnable(named, 1000, (1, 28, 28), 10).left_out == ("nes-linf",)
 
 
 def test_battery_of_a_level_includes_weaker_levels():
