@@ -3,7 +3,7 @@ Carlini et al., "On Evaluating Adversarial Robustness", 2019).
 
 Each check has an id that never changes, a level (info < warning < error)
 and a paragraph in ``docs/checks.md`` under the same id. Policies cite the
-level (``no_checks_at: warning``); the report links each id to its paragraph.
+level (``no_checks_at: warning``); the report quotes each raised id's paragraph.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import click
 from .access import DEFAULT_BUDGET, Access
 from .eps import eps_text, parse_eps
 from .errors import AuditError, short_reason
+from .report.formatting import percent
 
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -103,9 +104,9 @@ class AuditorGroup(click.Group):
 def _echo_summary(results: dict) -> None:
     threat = results["threat"]
     click.echo(f"access: {results['access']['level']} ({results['access']['reason']})")
-    click.echo(f"clean accuracy: {results['clean_accuracy']:.1%} on {results['data']['n']} samples")
+    click.echo(f"clean accuracy: {percent(results['clean_accuracy'])} on {results['data']['n']} samples")
     for eps, value in results["robust_accuracy"].items():
-        click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {value:.1%}")
+        click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {percent(value)}")
     for check in results["checks"]:
         click.echo(f"check [{check['level']}] {check['id']}: {check['message']}")
 
@@ -244,10 +245,10 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
     before, after = record["before"], record["after"]
     seconds = record["training_seconds"]
     click.echo(f"{record['method']['label']}: {record['epochs_run']} epochs in {seconds:.1f} s")
-    click.echo(f"clean accuracy: {before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}")
+    click.echo(f"clean accuracy: {percent(before['clean_accuracy'])} -> {percent(after['clean_accuracy'])}")
     for key, value in after["robust_accuracy"].items():
         was = before["robust_accuracy"][key]
-        click.echo(f"robust accuracy at {norm} eps={eps_text(key)}: {was:.1%} -> {value:.1%}")
+        click.echo(f"robust accuracy at {norm} eps={eps_text(key)}: {percent(was)} -> {percent(value)}")
     for event in result.guard_events:
         click.echo(f"guard: {event['message']}")
     click.echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")

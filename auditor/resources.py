@@ -1,4 +1,4 @@
-"""Files shipped inside the wheel: report templates and policies."""
+"""Files shipped inside the wheel: report templates, policies and the docs the report quotes."""
 
 from __future__ import annotations
 
@@ -12,3 +12,8 @@ def templates_dir() -> Path:
 
 def policies_dir() -> Path:
     return Path(str(importlib.resources.files("auditor.policies")))
+
+
+def docs_dir() -> Path:
+    """``docs/``: the report quotes the explanation of each check from ``checks.md``."""
+    return Path(str(importlib.resources.files("auditor.docs")))

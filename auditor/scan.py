@@ -201,7 +201,12 @@ def eps_at_half(distortion: torch.Tensor) -> float | None:
     """The ε at which robust accuracy, read from the per-sample records,
     falls to 50 %: the smallest record at which at least half of the samples
     are broken (the lower median for an even count), or None when more than
-    half of the samples were never broken."""
+    half of the samples were never broken.
+
+    A record is the smallest distortion an attack found (a fixed-ε attack's
+    lies at the ε it ran at), so robust accuracy reaches 50 % at or below
+    this ε; records of minimum-norm attacks can put it beyond the largest
+    audited ε, outside the threat model (the report says which)."""
     ordered = distortion.double().sort().values
     middle = float(ordered[(len(ordered) - 1) // 2]) if len(ordered) else float("inf")
     return round(middle, 6) if np.isfinite(middle) else None

@@ -1,4 +1,4 @@
-"""templates/ and policies/ ship inside the wheel."""
+"""templates/, policies/ and docs/ ship inside the wheel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_contains_templates_and_policies(tmp_path):
+def test_wheel_contains_templates_policies_and_docs(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
          "--quiet", "-w", str(tmp_path)],
@@ -21,4 +21,5 @@ def test_wheel_contains_templates_and_policies(tmp_path):
     assert "auditor/templates/report.html.j2" in names
     assert "auditor/templates/report.css" in names
     assert {"auditor/policies/default.yaml", "auditor/policies/strict.yaml"} <= names
+    assert "auditor/docs/checks.md" in names  # the report quotes each raised check's explanation
     assert "auditor/attacks/hardlabel/sign_opt.py" in names

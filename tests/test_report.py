@@ -8,8 +8,9 @@ import pypdf
 import pytest
 import weasyprint
 
+from auditor.cli import _echo_summary
 from auditor.errors import AuditError
-from auditor.report.build import build_view
+from auditor.report.build import build_view, check_explanations
 from auditor.report.render import render_html, write_report
 from auditor.report.schema import validate_results
 
@@ -144,7 +145,6 @@ def test_view_formats_sections(results):
     assert queries == ("123.4", "80", "300", "1,900") and square.budget == "2,000"
     assert square.params == "norm=linf, p_init=0.8"
     assert sign_opt.queries_median == "—" and sign_opt.success_rate == "40.0 %"
-    assert view.checks[0].link == "docs/checks.md#softmax-outputs"
     distortion = view.distortion
     assert (distortion.median, distortion.broken, distortion.not_broken) == ("0.21", "1 sample", "1 sample")
     assert view.chart_svg.startswith("<svg")
@@ -303,6 +303,28 @@ MALFORMED = [
     ("threat.eps", [0.1, 0.2], "robust_accuracy has ε ['0.1', '0.2', '0.3'] but threat.eps is ['0.1', '0.2']"),
     ("policy.passed", True, "policy.passed is true, but 1 of 2 requirements failed"),
     ("policy.passed", "no", "policy.passed must be true or false, got 'no'"),
+    ("model.input_shape", 5, "model.input_shape must be a list, got 5"),
+    ("model.input_shape", [1, 0, 28], "model.input_shape[1] must be an integer >= 1, got 0"),
+    ("eps_50", -1, "eps_50 must be a number >= 0 or null, got -1"),
+    ("eps_50", "abc", "eps_50 must be a number >= 0 or null, got 'abc'"),
+    ("data.n", 2, "samples lists 3 samples, more than data.n = 2"),
+    ("attacks.0.name", 5, "attacks[0].name must be a string, got 5"),
+    ("checks.0.level", 3, "checks[0].level must be a string, got 3"),
+    ("attacks.0.samples", "abc", "attacks[0].samples must be an integer >= 0, got 'abc'"),
+    ("attacks.0.success_rate", "abc", "attacks[0].success_rate must be a number in [0, 1] or null, got 'abc'"),
+    ("attacks.0.seconds", None, "attacks[0].seconds must be a number >= 0, got None"),
+    ("attacks.0.queries.mean", "abc", "attacks[0].queries.mean must be a number >= 0 or null, got 'abc'"),
+    ("attacks.0.robust_accuracy", {"zz": 0.5}, "attacks[0].robust_accuracy: key 'zz' is not an ε (a number >= 0)"),
+    ("attacks.0.robust_accuracy", {"0.1": "x"},
+     "attacks[0].robust_accuracy['0.1'] must be a number in [0, 1], got 'x'"),
+    ("attacks.0.runs.0.eps", "abc", "attacks[0].runs[0].eps must be a number >= 0 or null, got 'abc'"),
+    ("attacks.0.runs.0.broken", 100, "attacks[0].runs[0]: broken is 100, more than its 99 samples"),
+    ("attacks.0.runs.0.success_curve.success_rate", ["x"],
+     "attacks[0].runs[0].success_curve.success_rate[0] must be a number in [0, 1] or null, got 'x'"),
+    ("attacks.0.runs.0.success_curve.queries", [1, 10],
+     "attacks[0].runs[0].success_curve: its lists differ in length (queries 2, success_rate 5)"),
+    ("attacks.1.runs.0.distortion_at_queries.median", [None, "3.1", 2.25],
+     "attacks[1].runs[0].distortion_at_queries.median[1] must be a number >= 0 or null, got '3.1'"),
 ]
 
 
@@ -377,3 +399,161 @@ def test_the_model_section_names_the_architecture_and_its_source_hash(results):
     results["model"].update(arch="examples.mnist_cnn:build", arch_sha256="ab" * 32)
     fields = {field.label: field.value for field in build_view(results).model}
     assert fields["Architecture"] == "examples.mnist_cnn:build" and fields["Architecture SHA-256"] == "ab" * 32
+
+
+def test_percentages_never_round_to_100_or_0_unless_exact(results, capsys):
+    """1 sample broken of 4,000 is 99.975 % robust: one decimal would show
+    "100.0 %" beside "1 of 4,000" broken, so the report, the transfer matrix
+    and the CLI summary all show "> 99.9 %" (and "< 0.1 %" at the other end)."""
+    results["data"]["n"] = 4000
+    results["robust_accuracy"] = {"0.1": 0.99975, "0.2": 0.99975, "0.3": 0.00025}
+    results["clean_accuracy"] = 1.0
+    results["attacks"][0]["success_rate"] = 0.00025
+    results["transfer"] = {
+        "surrogates": [{"name": "mlp", "source": "trained", "clean_accuracy": 0.99975}],
+        "sets": ["mlp"], "baseline": "transfer-ifgsm-linf", "samples": {"0.3": 4000},
+        "matrix": {"0.3": {"transfer-ifgsm-linf": {"mlp": 0.00025}}},
+    }
+
+    view = build_view(results)
+
+    assert [(row.robust_accuracy, row.broken) for row in view.robust_rows] == [
+        ("> 99.9 %", "1 of 4,000"), ("> 99.9 %", "1 of 4,000"), ("< 0.1 %", "3,999 of 4,000"),
+    ]
+    assert view.verdict.summary.startswith("Robust accuracy < 0.1 % at ε=0.3") and "clean accuracy 100.0 %" in \
+        view.verdict.summary
+    assert view.attacks[0].success_rate == "< 0.1 %"
+    (matrix,) = view.transfer.matrices
+    assert matrix.rows[0].cells[0].text == "< 0.1 %" and view.transfer.surrogates[0].clean_accuracy == "> 99.9 %"
+    _echo_summary(results)
+    out = capsys.readouterr().out
+    assert "clean accuracy: 100.0 % on 4000 samples" in out
+    assert "robust accuracy at linf eps=0.1: > 99.9 %" in out and "robust accuracy at linf eps=0.3: < 0.1 %" in out
+
+
+def _hard_label_at(results: dict, eps: list, distortions: list, eps_50) -> None:
+    """Results listing every sample, with these distortions, at these ε."""
+    results["threat"]["eps"] = eps
+    results["samples"] = [{**results["samples"][0], "index": number, "distortion": distortion}
+                          for number, distortion in enumerate(distortions)]
+    results["data"]["n"] = len(distortions)
+    results["robust_accuracy"] = {
+        f"{value:g}": sum(d is None or d > value for d in distortions) / len(distortions) for value in eps
+    }
+    results["eps_50"] = eps_50
+
+
+def test_distortions_beyond_the_audited_eps_are_not_counted_as_broken(results):
+    """A hard-label scan at ε = 0.05 whose minimum-norm attacks found examples
+    at 0.1 and 0.12: those samples are robust under the threat model, so the
+    report counts them apart, and the ε where half are broken (0.1) is outside
+    the audited threat model and said to be."""
+    _hard_label_at(results, [0.05], [0.0244, 0.1, 0.12, None], 0.1)
+
+    view = build_view(results)
+
+    distortion = view.distortion
+    assert (distortion.broken, distortion.median, distortion.largest_eps) == ("1 sample", "0.0244", "0.05")
+    assert (distortion.beyond, distortion.beyond_median, distortion.not_broken) == ("2 samples", "0.11", "1 sample")
+    assert distortion.eps_50 == (
+        "Robust accuracy stays above 50 % at every audited ε (up to 0.05). Minimum-norm attacks found adversarial "
+        "examples within ε = 0.1 of half of the samples: beyond the audited ε, outside the threat model, robust "
+        "accuracy falls to 50 % at or below ε = 0.1.")
+    html = " ".join(render_html(view).split())
+    assert "Found beyond the audited ε, by minimum-norm attacks: 2 samples" in html
+
+
+@pytest.mark.parametrize("eps_50", [0.05, None])
+def test_eps_50_must_agree_with_the_samples_when_all_are_listed(results, eps_50):
+    """eps_50 is the lower median of the per-sample distortions: with every
+    sample listed, a hand-edited value is refused like a robust accuracy."""
+    _hard_label_at(results, [0.05], [0.0244, 0.1, 0.12, None], eps_50)
+
+    with pytest.raises(AuditError, match=rf"eps_50 is {eps_50}, but the samples' distortions give 0.1$"):
+        validate_results(results)
+
+
+def test_eps_50_within_the_audited_eps_reads_as_an_upper_bound(results):
+    """Fixed-ε attacks put their examples at the ε they ran at: half broken at
+    0.1 means robust accuracy falls to 50 % at or below 0.1, not at 0.1."""
+    _hard_label_at(results, [0.1, 0.2, 0.3], [0.1, 0.1, 0.2, None], 0.1)
+
+    text = build_view(results).distortion.eps_50
+
+    assert text.startswith("Robust accuracy falls to 50 % at or below ε = 0.1: half of the samples")
+    assert text.endswith("a fixed-ε attack's examples lie at the ε it ran at.")
+    assert "beyond the audited ε" not in text
+
+
+def test_eps_50_sentence_without_a_value(results):
+    """Null eps_50 (more than half never broken) reads as a sentence; results
+    without the field (older versions) leave the sentence out."""
+    _hard_label_at(results, [0.1], [0.05, None, None], None)
+    assert build_view(results).distortion.eps_50 == (
+        "More than half of the samples have no adversarial example from any attack, so the audit finds no ε at "
+        "which robust accuracy falls to 50 %.")
+    del results["eps_50"]
+    view = build_view(results)
+    section = render_html(view).split("Adversarial distortion")[1].split("</section>")[0]
+    assert view.distortion.eps_50 == "" and "50 %" not in section
+
+
+def test_unreadable_fields_beyond_the_checks_are_a_one_line_audit_error(results, tmp_path):
+    """A hand-edited transfer record the schema does not describe is refused
+    as malformed, not reported as an internal error, and nothing is written."""
+    results["transfer"] = {"surrogates": "mlp", "sets": [], "baseline": None, "samples": {}, "matrix": {}}
+
+    with pytest.raises(AuditError, match=r"^runs.json is a malformed auditor results file: string indices"):
+        write_report(results, tmp_path / "out", source="runs.json")
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_explains_each_raised_check_from_the_shipped_docs(results, tmp_path):
+    """The check id's explanation is in the report itself (a link to
+    docs/checks.md resolves nowhere next to a report or in its PDF), once per
+    id, without markdown marks or links; an id the docs lack says so."""
+    results["checks"] += [
+        {"id": "custom-battery", "level": "warning", "message": "--attacks left out square-linf"},
+        {"id": "softmax-outputs", "level": "warning", "message": "again"},
+        {"id": "made-up", "level": "info", "message": "from a newer version"},
+    ]
+
+    view = build_view(results)
+
+    assert [note.id for note in view.check_notes] == ["softmax-outputs", "custom-battery", "made-up"]
+    softmax, custom, unknown = view.check_notes
+    assert softmax.paragraphs[0].startswith("The model's outputs are non-negative and sum to one: it returns "
+                                            "probabilities, not logits.")
+    assert "--attacks chose the battery" in custom.paragraphs[0]
+    assert not any(mark in custom.paragraphs[0] for mark in ("**", "`", "](", ".md"))
+    assert unknown.paragraphs == ("This auditor version's documentation does not describe this check.",)
+    html = render_html(view)
+    assert "docs/checks.md" not in html and 'id="check-softmax-outputs"' in html
+    _, pdf_path = write_report(results, tmp_path)
+    assert "it returns probabilities, not logits" in _pdf_text(pdf_path)
+
+
+def test_every_documented_check_reads_as_plain_text():
+    """Each paragraph of docs/checks.md, as the report quotes it, is text
+    without markdown marks or links."""
+    explanations = check_explanations()
+
+    assert len(explanations) >= 12
+    for check_id, paragraphs in explanations.items():
+        assert paragraphs and all(not any(mark in text for mark in ("**", "`", "](")) for text in paragraphs), check_id
+        assert paragraphs[0][0].isupper() or paragraphs[0].startswith("--"), check_id
+
+
+def test_query_budget_is_stated_for_the_black_box_attacks_only(results):
+    """White-box attacks have no query budget (the attack table says
+    "unlimited"); the threat model says which attacks the budget limits."""
+    def budget() -> str:
+        return {field.label: field.value for field in build_view(results).threat}["Query budget"]
+
+    assert budget() == "2,000 queries per sample for each soft- and hard-label attack"
+    results["attacks"][1].update(access="white-box")
+    assert budget() == ("2,000 queries per sample for each soft- and hard-label attack; the white-box attacks "
+                        "are not limited by it")
+    results["attacks"][0].update(access="white-box")
+    assert budget() == "not used: no soft- or hard-label attack ran"

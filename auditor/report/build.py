@@ -10,6 +10,7 @@ section is a new field here plus a new partial template.
 from __future__ import annotations
 
 import io
+import re
 import statistics
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,13 +21,17 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, PercentFormatter
 
+from ..attacks.base import FIXED_EPS
 from ..eps import eps_text
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
+from ..resources import docs_dir
+from ..verify import eps_bound
+from .formatting import MISSING, percent
 from .schema import validate_results
 from .transfer import TransferView, transfer_view
 
-CHECKS_DOC = "docs/checks.md"
-MISSING = "—"
+CHECKS_DOC = "checks.md"
+"""The explanation of every check id, in the shipped docs (``docs/checks.md``)."""
 
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
@@ -120,12 +125,19 @@ class DistortionRow:
 
 @dataclass(frozen=True)
 class CheckRow:
-    """A sanity check raised during the scan, with a link to its documentation."""
+    """A sanity check raised during the scan."""
 
     id: str
     level: str
     message: str
-    link: str
+
+
+@dataclass(frozen=True)
+class CheckNote:
+    """What a check raised in the scan means, from its paragraph in ``docs/checks.md``."""
+
+    id: str
+    paragraphs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -149,20 +161,27 @@ class PolicyView:
 
 @dataclass(frozen=True)
 class DistortionSummary:
-    """Smallest verified adversarial distortions over the evaluated samples.
+    """Smallest verified adversarial distortions over the evaluated samples,
+    split at the largest audited ε.
 
-    ``broken``, ``clean_errors`` and ``not_broken`` are counts of samples as
-    phrases (``"1 sample"``, ``"40 samples"``).
+    ``broken``, ``beyond``, ``clean_errors`` and ``not_broken`` are counts of
+    samples as phrases (``"1 sample"``, ``"40 samples"``).
     """
 
     norm: str
+    largest_eps: str
+    broken: str
+    """Samples an attack broke within the largest audited ε: broken under the threat model."""
     median: str
     mean: str
-    broken: str
+    beyond: str
+    """Samples whose only adversarial examples, found by minimum-norm attacks,
+    lie beyond the largest audited ε: robust under the threat model ("" when none)."""
+    beyond_median: str
     clean_errors: str
     not_broken: str
     eps_50: str
-    """The ε where robust accuracy falls to 50 %, or a phrase when it never does."""
+    """A sentence on the ε where robust accuracy falls to 50 % ("" for results without ``eps_50``)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +245,7 @@ class ReportView:
     distortion_rows: tuple[DistortionRow, ...]
     distortion_chart_svg: Markup | None
     checks: tuple[CheckRow, ...]
+    check_notes: tuple[CheckNote, ...]
     policy: PolicyView | None
     manifest: tuple[Field, ...]
     hardening: HardeningView | None = None
@@ -237,18 +257,21 @@ def build_view(results: dict, source: str = "input") -> ReportView:
 
     ``source`` names the results (for example its file name) in error messages.
     Raises :class:`AuditError` when ``results`` is not an ``auditor.results/1``
-    dict (see :func:`~auditor.report.schema.validate_results`) or lacks a
-    field the report needs.
+    dict (see :func:`~auditor.report.schema.validate_results`), lacks a
+    field the report needs, or has one the checks there do not cover but the
+    report cannot read (a hand edit of the ``transfer`` or ``hardening``
+    record, say).
     """
     validate_results(results, source)
     try:
         return _build(results)
     except KeyError as missing:
         raise AuditError(f"{source} is not a complete auditor results file: missing {missing}") from None
+    except (TypeError, ValueError, AttributeError) as error:
+        raise AuditError(f"{source} is a malformed auditor results file: {short_reason(error)}") from None
 
 
 def _build(results: dict) -> ReportView:
-    norm = results["threat"]["norm"]
     policy = _policy(results.get("policy"))
     return ReportView(
         title="Model robustness audit",
@@ -261,23 +284,19 @@ def _build(results: dict) -> ReportView:
         threat=_threat_fields(results),
         robust_rows=_robust_rows(results["robust_accuracy"], results["data"]["n"]),
         chart_svg=_chart(results),
-        distortion=_distortion(results["samples"], norm, results.get("eps_50", MISSING)),
+        distortion=_distortion(results),
         attacks=tuple(_attack_row(attack) for attack in results["attacks"]),
         query_rows=tuple(_query_row(attack, run) for attack, run in _query_runs(results)),
         query_chart_svg=_query_chart(results),
         distortion_rows=_distortion_rows(results),
         distortion_chart_svg=_distortion_chart(results),
-        checks=tuple(_check_row(check) for check in results["checks"]),
+        checks=tuple(CheckRow(check["id"], check["level"], check["message"]) for check in results["checks"]),
+        check_notes=_check_notes(results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
         hardening=_hardening(results.get("hardening")),
         transfer=transfer_view(results),
     )
-
-
-def percent(fraction: float | None) -> str:
-    """Format a fraction as a percentage with one decimal, e.g. ``"62.0 %"``."""
-    return MISSING if fraction is None else f"{fraction * 100:.1f} %"
 
 
 def norm_name(norm: str) -> str:
@@ -399,9 +418,27 @@ def _threat_fields(results: dict) -> tuple[Field, ...]:
         Field("Why this level", results["access"]["reason"]),
         Field("Norm", f"{norm_name(threat['norm'])} ({threat['norm']})"),
         Field("ε", ", ".join(eps_text(eps) for eps in threat["eps"])),
-        Field("Query budget", f"{_budget(threat['budget'])} queries per sample"),
+        Field("Query budget", _budget_text(results)),
         Field("Goal", target_text(threat.get("target"))),
     )
+
+
+_UNLIMITED = {"white-box": "white-box", "none": "transfer"}
+"""Access levels whose attacks the query budget does not limit, by the name
+of their attacks: white-box attacks have the gradients, and transfer attacks
+query the model once per example, to verify it."""
+
+
+def _budget_text(results: dict) -> str:
+    """The query budget and the attacks it limits: only soft- and hard-label ones."""
+    access = [attack["access"] for attack in results["attacks"]]
+    if all(level in _UNLIMITED for level in access):
+        return "not used: no soft- or hard-label attack ran"
+    text = f"{_budget(results['threat']['budget'])} queries per sample for each soft- and hard-label attack"
+    unlimited = [name for level, name in _UNLIMITED.items() if level in access]
+    if unlimited:
+        text += f"; the {' and '.join(unlimited)} attacks are not limited by it"
+    return text
 
 
 def target_text(target: dict | None) -> str:
@@ -550,8 +587,36 @@ def _distortion_chart(results: dict) -> Markup | None:
         return _svg(figure)
 
 
-def _check_row(check: dict) -> CheckRow:
-    return CheckRow(check["id"], check["level"], check["message"], f"{CHECKS_DOC}#{check['id']}")
+_HEADING = re.compile(r"^## (\S+)[ \t]*$", re.MULTILINE)
+_LEVEL_LEAD = re.compile(r"^\*\*(?:info|warning|error)\.\*\*\s*")
+_LINK_ASIDE = re.compile(r"\s*\(\[[^\]]*\]\([^)]*\)\)")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+
+
+def check_explanations() -> dict[str, tuple[str, ...]]:
+    """Each check id's paragraphs in the shipped ``docs/checks.md``, as plain
+    text: without the leading level (the report shows it), emphasis and code
+    marks; a report has nowhere to link to, so a link keeps its text and a
+    parenthesised link ("([policies](policies.md#requirements))") goes."""
+    parts = _HEADING.split((docs_dir() / CHECKS_DOC).read_text(encoding="utf-8"))
+    explanations = {}
+    for check_id, body in zip(parts[1::2], parts[2::2]):
+        text = _LINK.sub(r"\1", _LINK_ASIDE.sub("", _LEVEL_LEAD.sub("", body.strip())))
+        text = text.replace("**", "").replace("`", "")
+        text = text[:1].upper() + text[1:]  # "error below 100 queries ..." once its marks are gone
+        blocks = text.split("\n\n")
+        explanations[check_id] = tuple(" ".join(block.split()) for block in blocks if block.strip())
+    return explanations
+
+
+def _check_notes(checks: list[dict]) -> tuple[CheckNote, ...]:
+    """One note per check id raised, in order of first appearance."""
+    if not checks:
+        return ()
+    explanations = check_explanations()
+    unknown = ("This auditor version's documentation does not describe this check.",)
+    ids = dict.fromkeys(check["id"] for check in checks)
+    return tuple(CheckNote(check_id, explanations.get(check_id, unknown)) for check_id in ids)
 
 
 def _policy(policy: dict | None) -> PolicyView | None:
@@ -564,20 +629,59 @@ def _policy(policy: dict | None) -> PolicyView | None:
     return PolicyView(policy["name"], bool(policy["passed"]), requirements)
 
 
-def _distortion(samples: list[dict], norm: str, eps_50) -> DistortionSummary:
-    """Distortions of the samples an attack broke; clean errors (distortion 0) are counted apart."""
+def _distortion(results: dict) -> DistortionSummary:
+    """The samples' smallest verified distortions, split at the largest
+    audited ε (within its verification bound: broken under the threat model;
+    beyond it: found by a minimum-norm attack, robust under the threat
+    model). Clean errors (distortion 0) are counted apart."""
+    samples, audited = results["samples"], results["threat"]["eps"]
+    bound = eps_bound(max(audited)) if audited else 0.0
     found = [sample["distortion"] for sample in samples if sample["distortion"] is not None]
-    broken = [distortion for distortion in found if distortion > 0]
+    broken = [distortion for distortion in found if 0 < distortion <= bound]
+    beyond = [distortion for distortion in found if distortion > bound]
     return DistortionSummary(
-        norm=norm_name(norm),
+        norm=norm_name(results["threat"]["norm"]),
+        largest_eps=eps_text(max(audited)) if audited else MISSING,
+        broken=_plural(len(broken), "sample"),
         median=f"{statistics.median(broken):.3g}" if broken else MISSING,
         mean=f"{statistics.fmean(broken):.3g}" if broken else MISSING,
-        broken=_plural(len(broken), "sample"),
-        clean_errors=_plural(len(found) - len(broken), "sample"),
+        beyond=_plural(len(beyond), "sample") if beyond else "",
+        beyond_median=f"{statistics.median(beyond):.3g}" if beyond else MISSING,
+        clean_errors=_plural(len(found) - len(broken) - len(beyond), "sample"),
         not_broken=_plural(len(samples) - len(found), "sample"),
-        eps_50=(f"{eps_50:.3g}" if isinstance(eps_50, (int, float)) else
-                "never reached: more than half of the samples were not broken" if eps_50 is None else MISSING),
+        eps_50=_eps_50_text(results),
     )
+
+
+def _eps_50_text(results: dict) -> str:
+    """The sentence on ``eps_50``, the lower median of the per-sample
+    distortions (:func:`auditor.scan.eps_at_half`).
+
+    Each distortion is the smallest an attack found, not the smallest there
+    is, and a fixed-ε attack's example lies at the ε it ran at, so robust
+    accuracy reaches 50 % *at or below* ``eps_50``. Beyond the largest
+    audited ε only minimum-norm attacks find examples: there ``eps_50`` is
+    outside the threat model, and the sentence says so.
+    """
+    if "eps_50" not in results:
+        return ""
+    eps_50, largest = results["eps_50"], max(results["threat"]["eps"], default=0.0)
+    if eps_50 is None:
+        return ("More than half of the samples have no adversarial example from any attack, so the audit "
+                "finds no ε at which robust accuracy falls to 50 %.")
+    if eps_50 == 0:
+        return ("Half of the samples or more are misclassified without an attack: robust accuracy is 50 % or "
+                "less at every ε.")
+    if eps_50 <= eps_bound(largest):
+        fixed = any(attack["kind"] == FIXED_EPS for attack in results["attacks"])
+        return (f"Robust accuracy falls to 50 % at or below ε = {eps_50:.3g}: half of the samples have a "
+                f"verified adversarial example within that distance. This ε is an upper bound: the attacks find "
+                f"small distortions, not always the smallest"
+                + (", and a fixed-ε attack's examples lie at the ε it ran at." if fixed else "."))
+    return (f"Robust accuracy stays above 50 % at every audited ε (up to {eps_text(largest)}). Minimum-norm "
+            f"attacks found adversarial examples within ε = {eps_50:.3g} of half of the samples: beyond the "
+            f"audited ε, outside the threat model, robust accuracy falls to 50 % at or below "
+            f"ε = {eps_50:.3g}.")
 
 
 def _manifest_fields(results: dict) -> tuple[Field, ...]:

@@ -6,8 +6,9 @@ one, :func:`validate_results` checks the top-level fields of design.md §3 and
 their basic types, and raises an :class:`~auditor.errors.AuditError` with a
 one-line message naming the field, e.g.
 ``results.json: clean_accuracy must be a number in [0, 1], got 'high'``.
-It checks what the policy gate and the report read directly; deeper fields
-of ``attacks[]`` (runs, curves) are the report's to check.
+It checks the fields the policy gate and the report read, down to the runs
+and curves of ``attacks[]``; fields written only by newer versions (such as
+``eps_50`` and ``attacks[].runs``) are checked where present.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("started", _string, "a string")
     check.field("seconds", _non_negative, "a number >= 0")
     check.field("model", _mapping, "a mapping")
+    check.items("model.input_shape", _positive_integer, "an integer >= 1")
     check.field("data", _mapping, "a mapping")
     check.field("data.n", _count, "an integer >= 0")
     check.field("access", _mapping, "a mapping")
@@ -60,22 +62,88 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null", required=False)
     check.field("threat.target", _optional(_mapping), "a mapping or null", required=False)
     check.field("clean_accuracy", _fraction, "a number in [0, 1]")
-    check.field("robust_accuracy", _mapping, "a mapping of ε to numbers in [0, 1]")
-    for key in results["robust_accuracy"]:
-        if not _eps_key(key):
-            raise check.error(f"robust_accuracy: key {key!r} is not an ε (a number >= 0)")
-        check.field(("robust_accuracy", key), _fraction, "a number in [0, 1]")
+    _check_accuracies(check, ("robust_accuracy",))
+    check.field("eps_50", _optional(_non_negative), "a number >= 0 or null", required=False)
     for number in check.items("attacks", _mapping, "a mapping"):
-        check.field(("attacks", number, "access"), _string, "a string")
-        check.field(("attacks", number, "queries"), _mapping, "a mapping")
-        check.field(("attacks", number, "queries", "median"), _optional(_non_negative), "a number >= 0 or null")
-        check.field(("attacks", number, "params"), _mapping, "a mapping", required=False)
-    for number in check.items("samples", _mapping, "a mapping"):
+        _check_attack(check, ("attacks", number))
+    samples = check.items("samples", _mapping, "a mapping")
+    for number in samples:
         check.field(("samples", number, "distortion"), _optional(_non_negative), "a number >= 0 or null")
-    check.items("checks", _mapping, "a mapping")
+    if len(samples) > results["data"]["n"]:
+        raise check.error(f"samples lists {len(samples)} samples, more than data.n = {results['data']['n']}")
+    for number in check.items("checks", _mapping, "a mapping"):
+        for field in ("id", "level", "message"):
+            check.field(("checks", number, field), _string, "a string")
     check.field("manifest", _mapping, "a mapping")
     _check_agreement(check, results)
     return results
+
+
+def _check_accuracies(check: "_Checker", name: tuple) -> None:
+    """Field ``name`` is a mapping of ε keys to robust accuracies."""
+    accuracies = check.field(name, _mapping, "a mapping of ε to numbers in [0, 1]")
+    for key in accuracies:
+        if not _eps_key(key):
+            raise check.error(f"{_display(name)}: key {key!r} is not an ε (a number >= 0)")
+        check.field((*name, key), _fraction, "a number in [0, 1]")
+
+
+def _check_attack(check: "_Checker", name: tuple) -> None:
+    """One ``attacks[]`` item: the fields of design.md §3, and where present
+    its attacked samples, paper and runs (each run's ε, counts, query
+    statistics and curves)."""
+    for field in ("name", "access", "kind", "norm"):
+        check.field((*name, field), _string, "a string")
+    check.field((*name, "paper"), _string, "a string", required=False)
+    check.field((*name, "params"), _mapping, "a mapping", required=False)
+    check.field((*name, "samples"), _count, "an integer >= 0", required=False)
+    check.field((*name, "success_rate"), _optional(_fraction), "a number in [0, 1] or null")
+    check.field((*name, "seconds"), _non_negative, "a number >= 0")
+    _check_accuracies(check, (*name, "robust_accuracy"))
+    _check_queries(check, (*name, "queries"), required=True)
+    if not check.has((*name, "runs")):
+        return
+    for number in check.items((*name, "runs"), _mapping, "a mapping"):
+        run = (*name, "runs", number)
+        check.field((*run, "eps"), _optional(_non_negative), "a number >= 0 or null", required=False)
+        attacked = check.field((*run, "samples"), _count, "an integer >= 0", required=False)
+        broken = check.field((*run, "broken"), _count, "an integer >= 0", required=False)
+        if attacked is not None and broken is not None and broken > attacked:
+            raise check.error(f"{_display(run)}: broken is {broken}, more than its {attacked} samples")
+        if check.has((*run, "queries_to_success")):
+            _check_queries(check, (*run, "queries_to_success"), required=False)
+        _check_curve(check, (*run, "success_curve"), {
+            "queries": (_count, "an integer >= 0"),
+            "success_rate": (_optional(_fraction), "a number in [0, 1] or null"),
+        })
+        _check_curve(check, (*run, "distortion_at_queries"), {
+            "queries": (_count, "an integer >= 0"),
+            "median": (_optional(_non_negative), "a number >= 0 or null"),
+            "mean_found": (_optional(_non_negative), "a number >= 0 or null"),
+            "found": (_count, "an integer >= 0"),
+        })
+
+
+def _check_queries(check: "_Checker", name: tuple, required: bool) -> None:
+    """Query statistics: mean, median, p90 and max (null when nothing was
+    broken) and the budget (null: unlimited)."""
+    check.field(name, _mapping, "a mapping")
+    for field in ("mean", "median", "p90", "max"):
+        check.field((*name, field), _optional(_non_negative), "a number >= 0 or null", required=required)
+    check.field((*name, "budget"), _optional(_positive_integer), "an integer >= 1 or null", required=required)
+
+
+def _check_curve(check: "_Checker", name: tuple, columns: dict[str, tuple[Callable, str]]) -> None:
+    """A curve, if present: a mapping of equally long lists, one per column
+    of ``columns`` (column: (valid, expected)), each item valid."""
+    if not check.has(name):
+        return
+    check.field(name, _mapping, "a mapping")
+    lengths = {column: len(check.items((*name, column), valid, expected))
+               for column, (valid, expected) in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise check.error(f"{_display(name)}: its lists differ in length "
+                          f"({', '.join(f'{column} {length}' for column, length in lengths.items())})")
 
 
 def _check_agreement(check: "_Checker", results: dict) -> None:
@@ -84,7 +152,8 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     distortions where all samples are listed (robust at ε: none, or above
     ε's verification bound; the
     distortions are rounded to 6 decimals, so a bound ± 1e-6 is allowed),
-    and a policy verdict and its requirements."""
+    eps_50 and the median of those distortions, and a policy verdict and its
+    requirements."""
     exact = {eps_key(eps): eps for eps in results["threat"]["eps"]}  # the keys are rounded
     listed = sorted(exact)
     if sorted(results["robust_accuracy"]) != listed:
@@ -97,6 +166,8 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
         maybe = sum(size is None or size > bound - 1e-6 for size in sizes) / len(sizes)
         if not surely - 1e-6 <= value <= maybe + 1e-6:
             raise check.error(f"robust_accuracy {key} is {value}, but the samples' distortions give {surely:.6g}")
+    if whole and "eps_50" in results:
+        _check_eps_50(check, results["eps_50"], sizes)
     policy = results.get("policy")
     if policy is None:
         return
@@ -107,6 +178,16 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     if passed != all(verdicts):
         raise check.error(f"policy.passed is {str(passed).lower()}, but {verdicts.count(False)} of "
                           f"{len(verdicts)} requirements failed")
+
+
+def _check_eps_50(check: "_Checker", eps_50: float | None, sizes: list) -> None:
+    """eps_50 is the lower median of the per-sample distortions (null when
+    that is "none found"), as :func:`auditor.scan.eps_at_half` computes it."""
+    ordered = sorted(math.inf if size is None else size for size in sizes)
+    middle = ordered[(len(ordered) - 1) // 2]
+    expected = None if math.isinf(middle) else middle
+    if (eps_50 is None) != (expected is None) or (expected is not None and abs(eps_50 - expected) > 1e-6):
+        raise check.error(f"eps_50 is {_show(eps_50)}, but the samples' distortions give {_show(expected)}")
 
 
 class _Checker:
@@ -135,10 +216,17 @@ class _Checker:
             raise self.error(f"{_display(parts)} must be {expected}, got {_show(value)}")
         return value
 
-    def items(self, name: str, valid: Callable[[Any], bool], expected: str) -> range:
+    def has(self, name: tuple) -> bool:
+        """Whether field ``name`` is present; its parents must have been checked."""
+        value: Any = self.results
+        for part in name[:-1]:
+            value = value[part]
+        return name[-1] in value
+
+    def items(self, name: str | tuple, valid: Callable[[Any], bool], expected: str) -> range:
         """Check that field ``name`` is a list whose items ``valid`` accepts; their indices."""
         values = self.field(name, _list, "a list")
-        parts = tuple(name.split("."))
+        parts = tuple(name.split(".")) if isinstance(name, str) else name
         for number in range(len(values)):
             self.field((*parts, number), valid, expected)
         return range(len(values))

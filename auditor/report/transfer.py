@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..eps import eps_text
+from .formatting import percent
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,6 @@ class TransferView:
     baseline: str | None
 
 
-def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f} %"
-
-
 def _shade(rate: float) -> str:
     return f"rgba(178, 34, 34, {0.08 + 0.72 * rate:.2f})"
 
@@ -87,7 +84,7 @@ def _best(methods: dict, sets: list[str], baseline: str | None) -> str:
     if not candidates:
         return ""
     rate, _, method, group = max(candidates, key=lambda cell: cell[:2])
-    sentence = f"Best: {method} from {group}, {_percent(rate)} of the samples"
+    sentence = f"Best: {method} from {group}, {percent(rate)} of the samples"
     if not gains:
         return sentence + "."
     if max(gains.values()) <= 0:
@@ -95,7 +92,7 @@ def _best(methods: dict, sets: list[str], baseline: str | None) -> str:
     if (method, group) not in gains:
         return sentence + "."
     return sentence + (
-        f", against {_percent(base[group])} for {baseline} ({100 * gains[method, group]:+.1f} points)."
+        f", against {percent(base[group])} for {baseline} ({100 * gains[method, group]:+.1f} points)."
     )
 
 
@@ -109,7 +106,7 @@ def _matrix(eps: str, samples: int, methods: dict, sets: list[str], baseline: st
             gain = ""
             if rate is not None and method != baseline and group in base:
                 gain = f"{100 * (rate - base[group]):+.1f}"
-            cells.append(HeatCell(_percent(rate), gain, _shade(rate or 0.0)))
+            cells.append(HeatCell(percent(rate), gain, _shade(rate or 0.0)))
         rows.append(TransferRow(method, method == baseline, tuple(cells)))
     return TransferMatrix(eps_text(eps), samples, tuple(rows), _best(methods, sets, baseline))
 
@@ -126,6 +123,6 @@ def transfer_view(results: dict) -> TransferView | None:
         if methods
     )
     surrogates = tuple(
-        SurrogateRow(s["name"], s["source"], _percent(s.get("clean_accuracy"))) for s in transfer["surrogates"]
+        SurrogateRow(s["name"], s["source"], percent(s.get("clean_accuracy"))) for s in transfer["surrogates"]
     )
     return TransferView(tuple(sets), surrogates, matrices, baseline)
