@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -87,13 +88,30 @@ def _output_error(exc: OSError, outputs: list[Path]) -> AuditError | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, CI cancellation), raised where the program is so
+    that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a command, carried past click, which would
+    otherwise print a bare newline and raise :class:`click.exceptions.Abort`."""
+
+
 class AuditorGroup(click.Group):
     """The command group; an OSError writing a command's outputs is bad
-    input (an unwritable ``--out``), reported as one line with exit code 2."""
+    input (an unwritable ``--out``), reported as one line with exit code 2;
+    an interruption is passed on as :class:`Interrupted`."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise Interrupted("terminated" if isinstance(exc, Terminated) else "interrupted") from exc
         except OSError as exc:
             error = _output_error(exc, ctx.meta.get(_OUTPUTS, []))
             if error is None:
@@ -336,7 +354,11 @@ def demo(out, model_path, samples):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning errors into one line and exit code 2."""
+    """Entry point: run the CLI, turning errors into one line and exit code 2.
+
+    Ctrl-C and SIGTERM end the command the same way: its cleanup runs and
+    ``error: interrupted`` (``error: terminated``) is printed.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [arg for arg in args if arg != "--debug"]
@@ -345,11 +367,15 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:  # library warnings (torch, weasyprint) would break the one-line contract
         for noisy in ("py.warnings", "weasyprint", "fontTools"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         command = " ".join(["auditor", *(shlex.quote(arg) for arg in args)])
         code = cli.main(args=args, prog_name="auditor", standalone_mode=False, obj=command)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except Interrupted as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = EXIT_ERROR
+    except (click.exceptions.Abort, KeyboardInterrupt):  # interrupted outside a command
+        click.echo("error: interrupted", err=True)
         code = EXIT_ERROR
     except click.exceptions.NoArgsIsHelpError as exc:  # bare `auditor`: the help, not an "error: Usage" line
         click.echo(exc.format_message(), err=True)
@@ -364,4 +390,5 @@ def main(argv: list[str] | None = None) -> None:
         else:  # an internal bug: still one line unless --debug
             click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
         code = EXIT_ERROR
+    signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else EXIT_PASS)

@@ -31,7 +31,7 @@ from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
 from .eps import check_radius, eps_key, parse_eps
 from .errors import AuditError
-from .models import check_model_on_data, load_model
+from .models import check_model_on_data, load_model, normalisation
 from .models.pytorch import arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
@@ -77,7 +77,17 @@ class AuditResult:
 
     @property
     def robust_accuracy(self) -> dict[str, float]:
+        """Robust accuracy (0 to 1) at each audited ε, keyed as in results.json:
+        the ε as text, ``f"{eps:g}"`` (``"0.3"``, ``"0.0313725"`` for 8/255)."""
         return self.results["robust_accuracy"]
+
+    def robust_accuracy_at(self, eps: float | str) -> float:
+        """Robust accuracy at ``eps`` (a number or a fraction such as ``"8/255"``);
+        AuditError unless the scan audited that ε."""
+        key = eps_key(to_radius(eps))
+        if key not in self.robust_accuracy:
+            raise AuditError(f"eps {eps} was not audited; audited: {', '.join(self.robust_accuracy)}")
+        return self.robust_accuracy[key]
 
     @property
     def passed(self) -> bool | None:
@@ -86,7 +96,18 @@ class AuditResult:
         return None if policy is None else policy["passed"]
 
 
-def _radius(value: float | str) -> float:
+def check_data_spec(data, flag: str = "data") -> None:
+    """AuditError unless ``data`` names data the way the API takes it: a path or a name, not arrays."""
+    if not isinstance(data, (str, os.PathLike)):
+        raise AuditError(
+            f"{flag} must be mnist, the path of a .npz with x and y, or an image folder, "
+            f"got {type(data).__name__} (save arrays with numpy.savez)"
+        )
+
+
+def to_radius(value: float | str) -> float:
+    """One ``eps`` of the Python API as a float: a number or a fraction such as
+    ``"8/255"``; AuditError unless a finite number (its range is checked apart)."""
     try:
         if isinstance(value, bool) or not isinstance(value, (str, numbers.Real, np.ndarray, torch.Tensor)):
             raise TypeError(f"{value!r} is not a radius")
@@ -110,7 +131,7 @@ def resolve_eps(
     if eps is not None and (isinstance(eps, str) or np.ndim(eps) == 0):
         eps = (eps,)
     if eps is not None:
-        eps = [_radius(value) for value in eps]
+        eps = [to_radius(value) for value in eps]
     if not eps:
         return DEFAULT_EPS[(image_kind(shape), norm)]
     for value in eps:
@@ -239,23 +260,93 @@ def scan(
 ) -> AuditResult:
     """Audit ``model`` on ``data`` and return the verified results.
 
-    With ``out`` the results.json, report.html, report.pdf (and junit.xml
-    with a policy) are written there; nothing is written if anything fails.
-    ``eps``: one radius or several, numbers or fractions (``"8/255"``); the
-    data set's defaults without it. ``target`` (``random``,
-    ``least-likely`` or a class index) makes the audit targeted: only
-    targeted attacks run, and an attack breaks a sample only where the model
-    outputs its target (a sample misclassified before any attack counts as
-    broken, as in untargeted audits). ``surrogates`` (model files) and
-    ``train_surrogates`` (a number of zoo models trained on the built-in
-    training split) give the transfer attacks their surrogate models; they
-    run at every access level, and alone at ``access="none"``.
+    The Python form of ``auditor scan``; each parameter is the CLI option of
+    the same name.
+
+    Parameters
+    ----------
+    model : str or Path
+        The model file: ONNX, TorchScript, ``torch.export`` (``.pt2``),
+        safetensors or a ``torch.save`` state_dict (with ``arch``), or a
+        pickled module (with ``trust_pickle``).
+    data : str or Path, default ``"mnist"``
+        ``"mnist"`` (the built-in test split), a ``.npz`` with ``x`` and
+        ``y``, or an image folder with one subfolder per class.
+    access : str, default ``"auto"``
+        What the attacker sees: ``none``, ``hard-label``, ``soft-label`` or
+        ``white-box``; ``auto`` takes the most the model file allows.
+    samples : int, optional
+        Audit a class-balanced subset of this many samples (default: all).
+    norm : str, default ``"linf"``
+        The threat norm, ``linf`` or ``l2``.
+    eps : float, str or sequence of them, optional
+        The radii, numbers or fractions (``"8/255"``). Default: 0.1, 0.2, 0.3
+        (linf) or 1, 1.5, 2 (l2) for greyscale images up to 32x32, else
+        2/255, 4/255, 8/255 or 0.25, 0.5, 1.
+    budget : int, default 5000
+        Queries per sample for each black-box attack.
+    attacks : str or sequence of str, optional
+        Attack names (``auditor attacks``), or one string ``"a,b"``; a name
+        without its norm (``fgsm``) means the threat norm's variant.
+        Default: the whole battery of the access level.
+    target : str or int, optional
+        Makes the audit targeted: ``random``, ``least-likely`` or a class
+        index. Only targeted attacks run, and an attack breaks a sample only
+        where the model outputs its target (a sample misclassified before any
+        attack counts as broken).
+    surrogates : str, Path or sequence of them, default ()
+        Surrogate model files for the transfer attacks (TorchScript, ``.pt2``
+        or ONNX with the model's classes and their own normalisation).
+    train_surrogates : int, default 0
+        Train (or read from the cache) this many zoo surrogates on the
+        built-in training split. Transfer attacks run at every access level
+        with surrogates, and alone at ``access="none"``.
+    arch : str, optional
+        ``module:factory`` or ``file.py:factory`` building the network, for
+        weights files only.
+    mean, std : float or sequence of float, optional
+        Input normalisation folded into the model: one value, or one per
+        channel; a missing one is 0 (mean) or 1 (std).
+    trust_pickle : bool, default False
+        Allow a pickled module (runs code from the file).
+    policy : str or Path, optional
+        Policy YAML, or a shipped name (``default``, ``strict``), applied to
+        the results (see :attr:`AuditResult.passed`).
+    out : str or Path, optional
+        Folder for results.json, adversarials.npz, report.html, report.pdf
+        (and junit.xml with a policy); nothing is written if anything fails.
+    seed : int, default 0
+        Seed of every random choice; the same seed gives the same results.
+    device : str, default ``"auto"``
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+    progress : bool, default False
+        Show a progress bar on stderr.
+    command : str, optional
+        The command line recorded in results.json's manifest.
+
+    Returns
+    -------
+    AuditResult
+        The results dict (results.json) and the verified adversarial examples.
+
+    Raises
+    ------
+    AuditError
+        Bad input: a model, data set, policy, output folder or parameter value
+        that cannot be used, with a one-line message.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
-    for name, value in (("--budget", budget), ("--seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise AuditError(f"{name} must be an integer, got {value!r}")
     budget, seed = int(budget), int(seed)
+    samples = None if samples is None else int(samples)
+    check_data_spec(data)
+    if isinstance(attacks, str):
+        attacks = [name.strip() for name in attacks.split(",")]
+    if isinstance(surrogates, (str, os.PathLike)):
+        surrogates = (surrogates,)
+    mean, std = normalisation(mean, std)
     if budget < 1:
         raise AuditError(f"--budget must be >= 1, got {budget}")
     if samples is not None and samples < 1:

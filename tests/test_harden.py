@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -385,3 +386,74 @@ def test_harden_refuses_an_l2_radius_beyond_the_pixel_cube_before_training(examp
     with pytest.raises(AuditError, match="exceeds the L2 diameter 28 of \\[0,1\\] images of shape 1x28x28"):
         auditor.harden(example_onnx, "mnist", eps=40.0, norm="l2", out=out)
     assert not out.exists()
+
+
+def _interrupt_the_before_scan(monkeypatch, interrupt):
+    def interrupted(*args, **kwargs):
+        interrupt()
+        raise AssertionError("the interruption did not stop the scan")
+
+    monkeypatch.setattr(importlib.import_module("auditor.harden.api"), "scan", interrupted)
+
+
+def test_ctrl_c_is_one_line_exit_2_and_leaves_no_out_folder(example_onnx, tmp_path, capsys, monkeypatch):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _interrupt_the_before_scan(monkeypatch, ctrl_c)
+    out = tmp_path / "made" / "out"
+    assert run_cli("harden", example_onnx, "--eps", "0.3", "--out", out) == 2
+    assert capsys.readouterr().err == "error: interrupted\n"
+    assert not out.exists()
+
+
+def test_sigterm_runs_the_cleanup_like_ctrl_c(example_onnx, tmp_path, capsys, monkeypatch):
+    """SIGTERM (timeout, CI cancellation) would skip every finally block and
+    leave a staged before/results.json; the CLI turns it into an interruption."""
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    _interrupt_the_before_scan(monkeypatch, lambda: signal.raise_signal(signal.SIGTERM))
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        out = tmp_path / "out"
+        assert run_cli("harden", example_onnx, "--eps", "0.3", "--out", out) == 2
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "error: terminated\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "5"], "--steps applies to --method pgd only, not fast"),
+    (["--method", "pgd", "--replays", "2"], "--replays applies to --method free only, not pgd"),
+    (["--method", "free", "--zero-init"], "--zero-init applies to --method fast only, not free"),
+])
+def test_options_of_another_method_are_refused(example_onnx, tmp_path, capsys, args, message):
+    assert run_cli("harden", example_onnx, "--eps", "0.3", "--out", tmp_path / "out", *args) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_config_records_only_the_chosen_methods_own_settings():
+    record = HardenConfig(eps=0.3, method="pgd").to_dict()
+    assert (record["steps"], record["replays"], record["random_init"]) == (40, None, None)
+    record = HardenConfig(eps=0.3, method="fast", random_init=False).to_dict()
+    assert (record["steps"], record["replays"], record["random_init"]) == (None, None, False)
+    with pytest.raises(AuditError, match="--steps applies to --method pgd only"):
+        HardenConfig(eps=0.3, method="free", steps=3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eps": "8/255", "epochs": 0}, "--epochs must be >= 1"),
+    ({"eps": "abc"}, "--eps: 'abc' is not a number"),
+    ({"eps": 0.3, "data": (np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, int))}, "data must be mnist"),
+    ({"eps": 0.3, "eval_data": np.zeros((2, 1, 28, 28), np.float32)}, "eval_data must be mnist"),
+])
+def test_api_takes_eps_as_text_and_refuses_bad_values_with_audit_errors(example_onnx, tmp_path, overrides,
+                                                                       message):
+    overrides = {"data": "mnist", **overrides}
+    with pytest.raises(AuditError, match=message):
+        auditor.harden(example_onnx, overrides.pop("data"), out=tmp_path / "out", **overrides)
+    assert not (tmp_path / "out").exists()

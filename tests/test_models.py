@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -477,3 +478,26 @@ def test_a_scan_runs_the_model_with_deterministic_kernels_and_puts_the_settings_
                  attacks=["fgsm"], samples=4, eps=[0.1])
     assert spy.SEEN and set(spy.SEEN) == {(True, False)}
     assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
+
+
+def test_uint8_nchw_npz_gets_a_layout_hint(example_onnx, tmp_path):
+    from auditor.data import load_npz
+
+    path = tmp_path / "nchw.npz"
+    np.savez(path, x=np.zeros((4, 1, 28, 28), np.uint8), y=np.arange(4))
+    with pytest.raises(AuditError) as excinfo:
+        check_model_on_data(load_model(example_onnx, device="cpu"), load_npz(path))
+    assert _message(excinfo) == ("model expects input (1, 28, 28) but data has (28, 1, 28): uint8 4-D arrays are "
+                                 "read as (N, H, W, C); yours looks like (N, C, H, W)")
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "--device tpu: Expected one of"),
+                                             ("meta", "--device meta: ONNX models run on cpu or cuda")])
+def test_onnx_devices_are_checked(example_onnx, device, message):
+    with pytest.raises(AuditError, match=message):
+        load_model(example_onnx, device=device)
+
+
+def test_a_single_mean_and_std_apply_to_every_channel(example_onnx, mnist_test):
+    scaled = load_model(example_onnx, mean=0.5, std=2.0, device="cpu").forward(mnist_test.x[:4])
+    assert torch.equal(scaled, load_model(example_onnx, mean=(0.5,), std=(2.0,), device="cpu").forward(mnist_test.x[:4]))

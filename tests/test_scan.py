@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -351,3 +352,52 @@ def test_attacks_whose_loss_needs_more_classes_than_the_model_has_are_skipped_an
     assert "apgd-t-linf was not run: its loss needs at least 4 classes; the model has 3" in skipped
     with pytest.raises(AuditError, match=r"apgd-dlr-linf: its loss needs at least 3 classes; the model has 2"):
         auditor.scan(str(tmp_path / "m2.pt"), str(tmp_path / "d2.npz"), access="white-box", eps=[0.1], attacks=["apgd-dlr"])
+
+
+def test_a_string_is_one_attack_list_or_one_surrogate(example_onnx):
+    import auditor
+
+    audit = auditor.scan(example_onnx, "mnist", access="white-box", attacks="fgsm, pgd", eps=0.1, samples=4,
+                         surrogates=str(example_onnx))
+    assert [attack["name"] for attack in audit.results["attacks"]][:2] == ["fgsm-linf", "pgd-linf"]
+    assert [surrogate["source"] for surrogate in audit.results["transfer"]["surrogates"]] == [str(example_onnx)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"samples": "10"}, "-n/--samples must be an integer, got '10'"),
+    ({"samples": 2.5}, "-n/--samples must be an integer, got 2.5"),
+    ({"mean": "0.5"}, "--mean must be a number or a sequence of numbers"),
+    ({"data": (np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, int))}, "data must be mnist, the path of a .npz"),
+    ({"model": torch.nn.Flatten()}, "model must be the path of a model file, got Flatten"),
+    ({"device": "tpu"}, "--device tpu: "),
+])
+def test_bad_api_values_are_audit_errors(example_onnx, overrides, message):
+    import auditor
+    from auditor.errors import AuditError
+
+    arguments = {"model": example_onnx, "data": "mnist", "attacks": ["fgsm"], "eps": 0.1, "samples": 4, **overrides}
+    with pytest.raises(AuditError, match=re.escape(message)):
+        auditor.scan(**arguments)
+
+
+def test_a_single_mean_is_one_value_for_every_channel_and_robust_accuracy_reads_by_eps(example_onnx):
+    import auditor
+    from auditor.errors import AuditError
+
+    audit = auditor.scan(example_onnx, "mnist", attacks="fgsm", eps=["8/255", 0.1], samples=4, mean=0.0)
+    assert audit.results["model"]["normalisation"] == {"mean": [0.0], "std": [1.0]}
+    assert audit.robust_accuracy_at("8/255") == audit.robust_accuracy_at(8 / 255) == audit.robust_accuracy["0.0313725"]
+    with pytest.raises(AuditError, match="eps 0.2 was not audited; audited: 0.0313725, 0.1"):
+        audit.robust_accuracy_at(0.2)
+
+
+def test_scan_documents_every_parameter():
+    import inspect
+
+    import auditor
+
+    documented = auditor.scan.__doc__.split("Parameters\n    ----------\n")[1].split("Returns\n")[0]
+    names = {name for line in documented.splitlines() if " : " in line and not line.startswith(" " * 8)
+             for name in line.split(" : ")[0].strip().split(", ")}
+    assert names == set(inspect.signature(auditor.scan).parameters)
+    assert "AuditError" in auditor.scan.__doc__.split("Raises\n")[1]

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
@@ -99,11 +98,18 @@ def load_folder(path: str | Path) -> Dataset:
                                  is_valid_file=lambda file: _visible_image(file, root))
     except FileNotFoundError as exc:
         raise AuditError(_no_images(path, root)) from exc
+    images = []
     try:
-        x, y = next(iter(DataLoader(folder, batch_size=len(folder))))
-    except RuntimeError as exc:
-        raise AuditError(f"data folder {path}: images must all have the same shape ({exc})") from exc
+        for index in range(len(folder)):
+            image, _ = folder[index]
+            if images and image.shape != images[0].shape:
+                raise AuditError(
+                    f"data folder {path}: images must all have the same shape; {folder.samples[index][0]} "
+                    f"is {tuple(image.shape)}, {folder.samples[0][0]} is {tuple(images[0].shape)}"
+                )
+            images.append(image)
     except (OSError, ValueError) as exc:
         raise AuditError(f"data folder {path}: cannot read an image ({exc})") from exc
+    x, y = torch.stack(images), torch.tensor(folder.targets, dtype=torch.long)
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
     return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))

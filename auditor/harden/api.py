@@ -31,12 +31,12 @@ from ..access import DEFAULT_BUDGET
 from ..data import Dataset, load_data
 from ..eps import check_radius
 from ..errors import AuditError
-from ..models import check_model_on_data, load_model
+from ..models import check_model_on_data, load_model, normalisation
 from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
 from ..results import auditor_version, dump
-from ..scan import AuditResult, scan, write_outputs
+from ..scan import AuditResult, check_data_spec, scan, to_radius, write_outputs
 from .config import HardenConfig
 from .export import export, hardened_name
 from .guard import Guard
@@ -109,7 +109,7 @@ def harden(
     model: str | Path,
     data: str = "mnist",
     *,
-    eps: float,
+    eps: float | str,
     out: str | Path,
     norm: str = "linf",
     method: str = "fast",
@@ -133,16 +133,18 @@ def harden(
     ``data`` is ``mnist`` (its train split), a ``.npz`` or an image folder;
     the before/after scans run on ``eval_data`` (default: the same spec, so
     the test split for ``mnist``) at white-box access, with ``samples``,
-    ``budget``, ``seed`` and the single radius ``eps`` in ``norm``.
+    ``budget``, ``seed`` and the single radius ``eps`` in ``norm`` (a number
+    or a fraction such as ``"8/255"``, as for :func:`auditor.scan`).
     ``epochs`` defaults to :class:`HardenConfig`'s (20); ``options`` are
     further :class:`HardenConfig` fields (``batch_size``,
-    ``lr_max``, ``alpha``, ``random_init``, ``steps``, ``replays``,
-    ``guard_size``, ``guard_every``, ``guard_drop``, ...).
+    ``lr_max``, ``alpha``, ``guard_size``, ``guard_every``, ``guard_drop``,
+    ...); ``random_init`` (``fast``), ``steps`` (``pgd``) and ``replays``
+    (``free``) are refused for the other methods.
 
     ``out`` receives ``<name>-hardened<suffix>`` (the input's format),
     ``before/`` and ``after/`` (full scan outputs), ``hardening.json``,
     ``results.json`` and ``report.html``/``report.pdf``; nothing is written
-    if anything fails.
+    if anything fails (nor is ``out`` left behind, if this call made it).
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
     unknown = sorted(set(options) - CONFIG_FIELDS)
@@ -150,9 +152,14 @@ def harden(
         raise AuditError(f"unknown hardening option(s): {', '.join(unknown)}")
     if epochs is not None:
         options["epochs"] = epochs
+    eps = to_radius(eps)
+    check_data_spec(data)
+    if eval_data is not None:
+        check_data_spec(eval_data, "eval_data")
+    mean, std = normalisation(mean, std)
+    if method not in METHODS:
+        raise AuditError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     config = HardenConfig(eps=eps, norm=norm, method=method, guard=guard, seed=seed, **options)
-    if config.method not in METHODS:
-        raise AuditError(f"unknown method {config.method!r}; use one of {', '.join(METHODS)}")
     trainer_method = METHODS[config.method](config)
     source = Path(model)
     training_data = load_data(data, split="train")
@@ -171,6 +178,7 @@ def harden(
                         seed=seed, device=device, command=command or "auditor.harden() from Python")
 
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
     try:
@@ -218,8 +226,12 @@ def harden(
         (stage / "results.json").write_text(dump(results))
         write_report(results, stage)
         _move_into_place(stage, out)
-    finally:
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     return HardenResult(record=record, model_path=out / name, before=before, after=after,
                         network=trainable.network.eval())
 

@@ -21,10 +21,22 @@ from ..errors import AuditError
 
 NORMS = ("linf", "l2")
 
+METHOD_OPTIONS = {
+    "random_init": ("fast", "--zero-init", True),
+    "steps": ("pgd", "--steps", 40),
+    "replays": ("free", "--replays", 8),
+}
+"""Settings only one method uses: field -> (method, CLI flag, default)."""
+
 
 @dataclass(frozen=True)
 class HardenConfig:
-    """Everything that decides what a hardening run computes (times aside)."""
+    """Everything that decides what a hardening run computes (times aside).
+
+    The settings of :data:`METHOD_OPTIONS` are refused for the other methods;
+    the chosen method's own is filled with its default when not given, and
+    the others stay ``None`` (recorded as not applying).
+    """
 
     eps: float
     """Training radius in ``norm`` (pixel space, [0,1] images)."""
@@ -49,12 +61,12 @@ class HardenConfig:
     """Whether the training adversary's images are clipped to [0,1]. Off by default: measured on the
     built-in MNIST at ε = 0.3, FGSM-RS fine-tuning with clipped perturbations masks gradients (about
     10 % PGD-50-10 accuracy against 54 % unclipped, 10 epochs); evaluation always stays in [0,1]."""
-    random_init: bool = True
-    """``fast``: start FGSM from a uniform point of the ε-ball (False: from zero)."""
-    steps: int = 40
-    """``pgd``: attack steps per batch (Madry et al.'s MNIST setting)."""
-    replays: int = 8
-    """``free``: replays m of each minibatch (Shafahi et al.)."""
+    random_init: bool | None = None
+    """``fast`` only: start FGSM from a uniform point of the ε-ball (False: from zero); default True."""
+    steps: int | None = None
+    """``pgd`` only: attack steps per batch; default 40 (Madry et al.'s MNIST setting)."""
+    replays: int | None = None
+    """``free`` only: replays m of each minibatch; default 8 (Shafahi et al.)."""
     guard: bool = True
     guard_size: int = 256
     """Training images held out for the guard's PGD check."""
@@ -69,9 +81,15 @@ class HardenConfig:
         if self.norm not in NORMS:
             raise AuditError(f"unknown norm {self.norm!r}; use linf or l2")
         check_radius(self.eps, self.norm)
+        for field, (method, flag, default) in METHOD_OPTIONS.items():
+            if self.method == method and getattr(self, field) is None:
+                object.__setattr__(self, field, default)
+            elif self.method != method and getattr(self, field) is not None:
+                raise AuditError(f"{flag} applies to --method {method} only, not {self.method}")
         positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--steps": self.steps,
                     "--replays": self.replays, "--guard-steps": self.guard_steps,
                     "--guard-every": self.guard_every}
+        positive = {flag: value for flag, value in positive.items() if value is not None}
         for flag, value in positive.items():
             if value < 1:
                 raise AuditError(f"{flag} must be >= 1, got {value}")

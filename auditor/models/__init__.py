@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import numbers
+import os
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -117,14 +120,15 @@ def _sha256(files: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def _normalisation(
+def normalisation(
     mean: Iterable[float] | None, std: Iterable[float] | None
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """Validated ``(mean, std)``; a missing one defaults to 0 (mean) or 1 (std)."""
+    """Validated ``(mean, std)``; a missing one defaults to 0 (mean) or 1 (std),
+    and a single number is one value for every channel."""
     if mean is None and std is None:
         return None, None
-    mean = (0.0,) if mean is None else tuple(float(value) for value in mean)
-    std = (1.0,) if std is None else tuple(float(value) for value in std)
+    mean = (0.0,) if mean is None else _values("--mean", mean)
+    std = (1.0,) if std is None else _values("--std", std)
     if not mean or not std:
         raise AuditError("--mean and --std need at least one value each")
     if len(mean) != len(std) and 1 not in (len(mean), len(std)):
@@ -132,6 +136,21 @@ def _normalisation(
     if any(value <= 0 for value in std):
         raise AuditError(f"--std values must be positive, got {std}")
     return mean, std
+
+
+def _values(flag: str, values) -> tuple[float, ...]:
+    """``values`` (a number or a sequence of numbers) as a tuple of finite floats."""
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
+        values = (values,)
+    try:
+        if isinstance(values, (str, bytes)) or any(isinstance(value, (str, bool)) for value in values):
+            raise TypeError
+        result = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise AuditError(f"{flag} must be a number or a sequence of numbers, got {values!r}") from None
+    if not all(math.isfinite(value) for value in result):
+        raise AuditError(f"{flag} values must be finite, got {result}")
+    return result
 
 
 def _check_channels(model: Model, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -172,10 +191,18 @@ def load_model(
 
     ``arch`` (``module:factory`` or ``file.py:factory``) builds the module
     for weights files and is refused for any other format; ``mean``/``std``
-    fold input normalisation into the model; ``trust_pickle`` allows
+    fold input normalisation into the model (one number, or one per
+    channel); ``trust_pickle`` allows
     unpickling whole modules (which runs arbitrary code from the file).
     ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise AuditError(
+            f"model must be the path of a model file, got {type(path).__name__} "
+            "(save an nn.Module with torch.jit.save, torch.export or torch.onnx.export)"
+        )
+    if not isinstance(device, str):
+        raise AuditError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     shown = str(path)
     file = Path(path)
     if not file.exists():
@@ -184,7 +211,7 @@ def load_model(
         raise AuditError(f"model {shown} is not a file")
     if file.stat().st_size == 0:
         raise AuditError(f"model {shown} is empty")
-    mean, std = _normalisation(mean, std)
+    mean, std = normalisation(mean, std)
     fmt = detect_format(file, shown)
     _check_arch(arch, fmt, shown)
     files = [file, *external_data_files(file, shown)] if fmt == "onnx" else [file]
@@ -213,6 +240,16 @@ def _last_line(exc: BaseException) -> str:
     return short_reason(exc) if len(lines) <= 1 else short_reason(Exception(lines[-1]))
 
 
+def _layout_hint(declared: tuple, actual: tuple, dataset: Dataset) -> str:
+    """A hint when ``actual`` is what an (N, C, H, W) uint8 ``.npz`` array of
+    the ``declared`` shape becomes read as (N, H, W, C): (W, C, H)."""
+    if not str(dataset.name).lower().endswith(".npz") or len(actual) != 3 or len(declared) != 3:
+        return ""
+    if all(want is None or want == got for want, got in zip(declared, (actual[1], actual[2], actual[0]))):
+        return ": uint8 4-D arrays are read as (N, H, W, C); yours looks like (N, C, H, W)"
+    return ""
+
+
 def check_model_on_data(model: Model, dataset: Dataset) -> int:
     """Check that ``model`` fits ``dataset`` and return its number of classes.
 
@@ -226,7 +263,7 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
         len(declared) != len(actual)
         or any(want is not None and want != got for want, got in zip(declared, actual))
     ):
-        raise AuditError(f"model expects input {declared} but data has {actual}")
+        raise AuditError(f"model expects input {declared} but data has {actual}{_layout_hint(declared, actual, dataset)}")
     sample = dataset.x[:CHECK_SAMPLES]
     try:
         logits = model.forward(sample)

@@ -26,7 +26,7 @@ from ..access import Access
 from ..errors import AuditError, short_reason
 from .base import Model, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
-from .pytorch import CHUNK, FixedBatch, run_chunked
+from .pytorch import CHUNK, FixedBatch, resolve_device, run_chunked
 
 if TYPE_CHECKING:
     from . import ModelRequest
@@ -69,7 +69,12 @@ def external_data_files(file: Path, path: str) -> list[Path]:
 
 
 def _providers(device: str) -> list[str]:
-    """CUDA first when requested (or ``auto``) and available, then the CPU."""
+    """CUDA first when requested (or ``auto``) and available, then the CPU.
+
+    ``device`` is checked as for PyTorch models (:func:`resolve_device`), and
+    must be a CPU or CUDA device."""
+    if device != "auto" and resolve_device(device).type not in ("cpu", "cuda"):
+        raise AuditError(f"--device {device}: ONNX models run on cpu or cuda")
     cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     if device.startswith("cuda") and not cuda:
         raise AuditError(
