@@ -135,10 +135,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _got(value: Any) -> str:
+    """``value`` as an error message shows it, with a hint for text YAML
+    took for a number (``1e-1``: YAML 1.1 reads exponents without a dot as text)."""
+    try:
+        number = isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        number = False
+    return f"{value!r} (text to YAML: write a number with a dot, e.g. 1.0e-1)" if number else repr(value)
+
+
 def _fraction(value: Any, where: str, source: _Source) -> float:
     """A number in [0, 1] (an accuracy threshold)."""
     if not _is_number(value) or not 0 <= value <= 1:
-        raise source.error(f"{where}: expected a number in [0, 1], got {value!r}")
+        raise source.error(f"{where}: expected a number in [0, 1], got {_got(value)}")
     return float(value)
 
 
@@ -169,7 +179,7 @@ def _eps(value: Any, where: str, source: _Source) -> float | str:
     if value in EPS_EXTREMES:
         return value
     error = source.error(
-        f"{where}: expected a number >= 0, 'min' or 'max', got {value!r} (a number may be a fraction such as 8/255)"
+        f"{where}: expected a number >= 0, 'min' or 'max', got {_got(value)} (a number may be a fraction such as 8/255)"
     )
     if isinstance(value, str) and "/" in value:
         try:

@@ -526,3 +526,25 @@ def test_junit_is_well_formed_whatever_characters_the_names_hold(tmp_path):
     assert suite.get("name") == "auditor policy: p\ufffdq"
     assert suite.find("testcase").get("name") == "id\ufffd"
     assert (tmp_path / "j.xml").read_text(encoding="utf-8").endswith("</testsuite>\n")
+
+
+def test_an_exponent_yaml_read_as_text_gets_a_hint(tmp_path):
+    """YAML 1.1 reads 5e-1 (no dot) as the string '5e-1'."""
+    message = load_error(tmp_path, """
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 5e-1, eps: 1e-1}
+    """)
+    assert message.endswith("min: expected a number in [0, 1], got '5e-1' "
+                            "(text to YAML: write a number with a dot, e.g. 1.0e-1)")
+    message = load_error(tmp_path, """
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 0.5, eps: 1e-1}
+    """)
+    assert "got '1e-1' (text to YAML: write a number with a dot" in message
+    assert load_policy(write(tmp_path, """
+        policy: p
+        requirements:
+          - robust_accuracy: {min: 5.0e-1, eps: 1.0e-1}
+    """)).requirements[0].min == 0.5
