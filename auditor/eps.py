@@ -9,7 +9,7 @@ AutoAttack and RobustBench.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .errors import AuditError
 
@@ -59,3 +59,19 @@ def check_radius(eps: float, norm: str, shape: Sequence[int] | None = None) -> N
             f"--eps {eps:g} exceeds the L2 diameter {math.sqrt(math.prod(shape)):.4g} of [0,1] images of shape "
             f"{'x'.join(map(str, shape))}"
         )
+
+
+def eps_at_half(distortions: Iterable[float | None]) -> float | None:
+    """The ε at which robust accuracy, read from the per-sample records
+    (None or inf: never broken), falls to 50 %: the smallest record at which
+    at least half of the samples are broken (the lower median for an even
+    count), rounded to 6 decimals as results.json stores it, or None when
+    more than half of the samples were never broken.
+
+    A record is the smallest distortion an attack found (a fixed-ε attack's
+    lies at the ε it ran at), so robust accuracy reaches 50 % at or below
+    this ε; records of minimum-norm attacks can put it beyond the largest
+    audited ε, outside the threat model (the report says which)."""
+    ordered = sorted(math.inf if size is None else float(size) for size in distortions)
+    middle = ordered[(len(ordered) - 1) // 2] if ordered else math.inf
+    return round(middle, 6) if math.isfinite(middle) else None

@@ -29,7 +29,7 @@ from .access import DEFAULT_BUDGET, Access, resolve_access
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
-from .eps import check_radius, eps_key, parse_eps
+from .eps import check_radius, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_model_on_data, load_model, normalisation
 from .models.pytorch import arch_sha256, deterministic_kernels
@@ -216,21 +216,6 @@ def resolve_surrogates(
     if len(found) > 1:
         sets.append(SurrogateSet(ENSEMBLE, tuple(s.module for s in found)))
     return found, tuple(sets)
-
-
-def eps_at_half(distortion: torch.Tensor) -> float | None:
-    """The ε at which robust accuracy, read from the per-sample records,
-    falls to 50 %: the smallest record at which at least half of the samples
-    are broken (the lower median for an even count), or None when more than
-    half of the samples were never broken.
-
-    A record is the smallest distortion an attack found (a fixed-ε attack's
-    lies at the ε it ran at), so robust accuracy reaches 50 % at or below
-    this ε; records of minimum-norm attacks can put it beyond the largest
-    audited ε, outside the threat model (the report says which)."""
-    ordered = distortion.double().sort().values
-    middle = float(ordered[(len(ordered) - 1) // 2]) if len(ordered) else float("inf")
-    return round(middle, 6) if np.isfinite(middle) else None
 
 
 @deterministic_kernels()
@@ -424,7 +409,7 @@ def scan(
         "robust_accuracy": {
             eps_key(e): round(v, 6) for e, v in outcome.records.robust_accuracy(eps_list).items()
         },
-        "eps_50": eps_at_half(outcome.records.distortion),
+        "eps_50": eps_at_half(outcome.records.distortion.tolist()),
         "attacks": [attack_entry(report, indices.tolist()) for report in outcome.attacks],
         "transfer": transfer_entry(surrogate_models, surrogate_sets, outcome.attacks, eps_list),
         "samples": sample_entries(indices.tolist(), y, outcome, targets),

@@ -15,7 +15,7 @@ import torch
 from pypdf import PdfReader
 
 from auditor.cli import main
-from auditor.scan import eps_at_half
+from auditor.eps import eps_at_half
 from auditor.verify import eps_bound
 
 BUDGET = 2000

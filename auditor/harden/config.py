@@ -34,8 +34,8 @@ class HardenConfig:
     """Everything that decides what a hardening run computes (times aside).
 
     The settings of :data:`METHOD_OPTIONS` are refused for the other methods;
-    the chosen method's own is filled with its default when not given, and
-    the others stay ``None`` (recorded as not applying).
+    :meth:`setting` reads the chosen method's own, with its default when not
+    given, and the record holds None for the others (not applying).
     """
 
     eps: float
@@ -81,13 +81,11 @@ class HardenConfig:
         if self.norm not in NORMS:
             raise AuditError(f"unknown norm {self.norm!r}; use linf or l2")
         check_radius(self.eps, self.norm)
-        for field, (method, flag, default) in METHOD_OPTIONS.items():
-            if self.method == method and getattr(self, field) is None:
-                object.__setattr__(self, field, default)
-            elif self.method != method and getattr(self, field) is not None:
+        for field, (method, flag, _) in METHOD_OPTIONS.items():
+            if self.method != method and getattr(self, field) is not None:
                 raise AuditError(f"{flag} applies to --method {method} only, not {self.method}")
-        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--steps": self.steps,
-                    "--replays": self.replays, "--guard-steps": self.guard_steps,
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--steps": self.setting("steps"),
+                    "--replays": self.setting("replays"), "--guard-steps": self.guard_steps,
                     "--guard-every": self.guard_every}
         positive = {flag: value for flag, value in positive.items() if value is not None}
         for flag, value in positive.items():
@@ -108,5 +106,12 @@ class HardenConfig:
         if not 0 < self.guard_drop <= 1:
             raise AuditError(f"--guard-drop must lie in (0, 1], got {self.guard_drop:g}")
 
+    def setting(self, field: str):
+        """A :data:`METHOD_OPTIONS` setting: as given, else its default for
+        the method that uses it, else None (it does not apply)."""
+        method, _, default = METHOD_OPTIONS[field]
+        value = getattr(self, field)
+        return default if value is None and self.method == method else value
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), **{field: self.setting(field) for field in METHOD_OPTIONS}}

@@ -57,7 +57,7 @@ class FastAT(Method):
     def from_config(cls, config: HardenConfig) -> FastAT:
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         scale = DEFAULT_EPS_SCALE if config.eps_scale is None else config.eps_scale
-        return cls(norm=config.norm, alpha=alpha, eps_scale=scale, random_init=config.random_init)
+        return cls(norm=config.norm, alpha=alpha, eps_scale=scale, random_init=config.setting("random_init"))
 
     def train_batch(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> BatchOutcome:
         eps = trainer.eps * self.eps_scale

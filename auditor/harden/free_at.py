@@ -42,7 +42,7 @@ class FreeAT(Method):
     def from_config(cls, config: HardenConfig) -> FreeAT:
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         scale = 1.0 if config.eps_scale is None else config.eps_scale
-        return cls(norm=config.norm, replays=config.replays, alpha=alpha, eps_scale=scale)
+        return cls(norm=config.norm, replays=config.setting("replays"), alpha=alpha, eps_scale=scale)
 
     @property
     def updates_per_batch(self) -> int:

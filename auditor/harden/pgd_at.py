@@ -43,7 +43,7 @@ class PGDAT(Method):
     def from_config(cls, config: HardenConfig) -> PGDAT:
         alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
         scale = 1.0 if config.eps_scale is None else config.eps_scale
-        return cls(norm=config.norm, steps=config.steps, alpha=alpha, eps_scale=scale)
+        return cls(norm=config.norm, steps=config.setting("steps"), alpha=alpha, eps_scale=scale)
 
     def train_batch(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> BatchOutcome:
         eps, box = trainer.eps * self.eps_scale, trainer.config.clip_to_box

@@ -655,7 +655,7 @@ def _distortion(results: dict) -> DistortionSummary:
 
 def _eps_50_text(results: dict) -> str:
     """The sentence on ``eps_50``, the lower median of the per-sample
-    distortions (:func:`auditor.scan.eps_at_half`).
+    distortions (:func:`auditor.eps.eps_at_half`).
 
     Each distortion is the smallest an attack found, not the smallest there
     is, and a fixed-ε attack's example lies at the ε it ran at, so robust

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..eps import eps_key
+from ..eps import eps_at_half, eps_key
 from ..errors import AuditError
 from ..verify import eps_bound
 
@@ -181,11 +181,8 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
 
 
 def _check_eps_50(check: "_Checker", eps_50: float | None, sizes: list) -> None:
-    """eps_50 is the lower median of the per-sample distortions (null when
-    that is "none found"), as :func:`auditor.scan.eps_at_half` computes it."""
-    ordered = sorted(math.inf if size is None else size for size in sizes)
-    middle = ordered[(len(ordered) - 1) // 2]
-    expected = None if math.isinf(middle) else middle
+    """eps_50 is :func:`~auditor.eps.eps_at_half` of the per-sample distortions."""
+    expected = eps_at_half(sizes)
     if (eps_50 is None) != (expected is None) or (expected is not None and abs(eps_50 - expected) > 1e-6):
         raise check.error(f"eps_50 is {_show(eps_50)}, but the samples' distortions give {_show(expected)}")
 
