@@ -262,7 +262,9 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
     record = result.record
     before, after = record["before"], record["after"]
     seconds = record["training_seconds"]
-    click.echo(f"{record['method']['label']}: {record['epochs_run']} epochs in {seconds:.1f} s")
+    unit = "epochs" if record["method"]["params"].get("replays") is None else "passes over the data"
+    click.echo(f"{record['method']['label']}: {record['epochs_run']} of {record['epochs_planned']} {unit} "
+               f"in {seconds:.1f} s")
     click.echo(f"clean accuracy: {percent(before['clean_accuracy'])} -> {percent(after['clean_accuracy'])}")
     for key, value in after["robust_accuracy"].items():
         was = before["robust_accuracy"][key]

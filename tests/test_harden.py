@@ -13,6 +13,7 @@ import onnxruntime
 import pytest
 import torch
 from conftest import tiny_cnn_arch
+from onnx import numpy_helper
 from pypdf import PdfReader
 from safetensors.torch import save_file
 
@@ -26,6 +27,8 @@ from auditor.harden.methods import METHODS
 from auditor.harden.train import cyclic_lr, minibatches, ramped_eps, train
 from auditor.harden.trainable import make_trainable
 from auditor.models import load_model
+from auditor.models.pytorch import InputDtype
+from auditor.report.build import build_view
 
 WALL_TIMES = ("started", "seconds", "training_seconds")
 
@@ -102,6 +105,18 @@ def test_config_refuses_bad_values_in_one_line():
             HardenConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field, flag", [
+    ("lr_max", "--lr-max"), ("alpha", "--alpha"), ("eps_scale", "--eps-scale"), ("lr_peak", "--lr-peak"),
+    ("eps_warmup", "--eps-warmup"), ("guard_drop", "--guard-drop"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_config_refuses_infinite_and_nan_settings(field, flag, value):
+    """``--lr-max inf`` used to train and fail at the end, writing the record ("Out of range float
+    values are not JSON compliant")."""
+    with pytest.raises(AuditError, match=f"^{flag} must "):
+        HardenConfig(eps=0.3, **{field: value})
+
+
 # The methods -----------------------------------------------------------------------------------------
 
 
@@ -119,6 +134,7 @@ def test_each_method_trains_and_records_a_curve(one_thread, tiny_cnn, mnist_trai
     outcome = train(network, list(network.parameters()), mnist_train.x[:200], mnist_train.y[:200],
                     METHODS[method](config), config, guard, torch.device("cpu"))
     assert outcome.updates == updates
+    assert outcome.epochs_run == outcome.epochs_planned == METHODS[method](config).data_passes(config.epochs)
     assert [row["epoch"] for row in outcome.curve] == list(range(outcome.epochs_run + 1))
     assert outcome.curve[-1]["eps"] == pytest.approx(config.eps) and outcome.curve[-1]["loss"] > 0
     assert all(0 <= row[key] <= 1 for row in outcome.curve for key in ("clean", "fgsm", "pgd"))
@@ -156,6 +172,20 @@ def test_training_with_dropout_and_batchnorm_is_seeded_and_takes_a_last_batch_of
     assert all(torch.equal(a, b) for a, b in zip(*weights))
 
 
+def test_free_training_carries_its_perturbation_through_a_last_batch_of_one_image_more(one_thread, tiny_cnn,
+                                                                                     mnist_train):
+    """201 images in batches of 100 train as 100 + 101: free's δ, carried from batch to batch,
+    must have a row for the 101st image (it had 100, and the second batch crashed)."""
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    config = HardenConfig(eps=0.1, method="free", epochs=2, replays=2, batch_size=100)
+    guard = Guard(mnist_train.x[-32:], mnist_train.y[-32:], eps=config.eps, norm=config.norm, steps=2,
+                  drop=0.2, enabled=True)
+    outcome = train(network, list(network.parameters()), mnist_train.x[:201], mnist_train.y[:201],
+                    METHODS["free"](config), config, guard, torch.device("cpu"))
+    assert outcome.updates == 4 and outcome.epochs_run == outcome.epochs_planned == 1
+
+
 class _InGraphNormalisation(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -181,6 +211,45 @@ def test_an_onnx_graphs_own_normalisation_is_not_trained(tmp_path):
     assert sorted(trainable.initializers) == ["1.bias", "1.weight", "3.bias", "3.weight"]
 
 
+class _FixedBatchNetwork(torch.nn.Module):
+    """Flattens with ``view(batch, -1)``: exported without a dynamic axis, the graph's reshape
+    holds the example's batch size, so the graph only takes batches of that size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, stride=2)
+        self.linear = torch.nn.Linear(4 * 13 * 13, 10)
+
+    def forward(self, x):
+        return self.linear(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+def test_an_onnx_graph_with_a_fixed_batch_size_trains_on_any_batch_and_keeps_its_graph(one_thread, tmp_path,
+                                                                                      mnist_train):
+    """The adapter runs such a graph in padded chunks of its batch size; training goes through
+    them (batches of 6 and 7 on a graph of batch 4), and the written graph is the original one,
+    fixed batch size included, with the trained weights (it used to be refused)."""
+    path, dest = tmp_path / "fixed.onnx", tmp_path / "fixed-hardened.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(_FixedBatchNetwork().eval(), torch.zeros(4, 1, 28, 28), str(path), input_names=["x"],
+                      output_names=["y"], dynamo=False)
+    model = load_model(path, device="cpu")
+    trainable = make_trainable(model, path, None, None, torch.device("cpu"))
+    assert sorted(trainable.initializers) == ["conv.bias", "conv.weight", "linear.bias", "linear.weight"]
+    config = HardenConfig(eps=0.1, epochs=1, batch_size=6)
+    guard = Guard(mnist_train.x[-8:], mnist_train.y[-8:], eps=config.eps, norm=config.norm, steps=2, drop=0.2,
+                  enabled=True)
+    outcome = train(trainable.module, list(trainable.parameters), mnist_train.x[:13], mnist_train.y[:13],
+                    METHODS["fast"](config), config, guard, torch.device("cpu"))
+    assert outcome.updates == 2
+    diff = export(trainable, "onnx", path, dest, mnist_train.x[:9], arch=None, trust_pickle=False)
+    assert diff < 1e-4
+    original, trained = onnx.load(str(path)), onnx.load(str(dest))
+    assert trained.graph.input == original.graph.input and trained.graph.node == original.graph.node
+    weights = [[numpy_helper.to_array(t) for t in proto.graph.initializer] for proto in (original, trained)]
+    assert any(not np.array_equal(old, new) for old, new in zip(*weights))
+
+
 # Export in the input's format -------------------------------------------------------------------------
 
 TINY_ARCH = """
@@ -196,7 +265,7 @@ def build():
 
 
 def _write(fmt: str, network: torch.nn.Module, folder: Path) -> Path:
-    example = torch.rand(2, 1, 28, 28)
+    example = torch.rand(2, 1, 28, 28, dtype=next(network.parameters()).dtype)
     writers = {
         "safetensors": lambda path: save_file({k: v.contiguous() for k, v in network.state_dict().items()},
                                               path),
@@ -233,6 +302,29 @@ def test_pytorch_formats_are_written_back_in_their_own_format(tmp_path, tiny_cnn
     with torch.no_grad():
         changed = written.forward(mnist_test.x[:16]) - network(mnist_test.x[:16])
     assert changed.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export", "pickle"])
+def test_float64_networks_are_written_back_without_the_adapters_wrapper(tmp_path, tiny_cnn, mnist_test, fmt):
+    """The adapter runs a float64 network inside an ``InputDtype`` wrapper; the file gets the
+    network itself. TorchScript could not be written, pickle held the wrapper, and torch.export
+    wrote a program taking float32, which refused the float64 images it is fed once loaded."""
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    source = _write(fmt, network.double().eval(), tmp_path)
+    options = {"arch": None, "trust_pickle": fmt == "pickle"}
+    trainable = make_trainable(load_model(source, device="cpu", **options), source, None, None,
+                               torch.device("cpu"))
+    with torch.no_grad():
+        for parameter in trainable.parameters:
+            parameter.mul_(1.5)
+    dest = tmp_path / f"out{source.suffix}"
+    assert export(trainable, fmt, source, dest, mnist_test.x[:16], **options) < 1e-4
+    loaded = load_model(dest, device="cpu", **options).torch_module()
+    assert isinstance(loaded, InputDtype) and not isinstance(loaded.module, InputDtype)
+    assert all(parameter.dtype == torch.float64 for parameter in loaded.parameters())
+    if fmt == "pickle":
+        assert type(loaded.module) is torch.nn.Sequential
 
 
 # ONNX in, ONNX out, end to end ---------------------------------------------------------------------------
@@ -351,6 +443,31 @@ def test_a_seed_makes_the_record_reproducible(one_thread, small_data, tmp_path):
     assert reloaded.info.format == "safetensors" and one["output"]["sha256"] == reloaded.info.sha256
 
 
+def test_free_runs_count_passes_and_scans_of_the_training_data_are_flagged(one_thread, small_data, tmp_path,
+                                                                           capsys):
+    """Free AT with --epochs 2 and 2 replays makes one pass over the data: the record, the summary
+    and the report count passes against the passes planned (the report read "1 of 2 epochs").
+    Scanning "..././train.npz" is scanning the training data, and the report says so."""
+    train, _ = small_data
+    out = tmp_path / "out"
+    code = run_cli("harden", "examples/mnist_cnn.safetensors", "--arch", "examples.mnist_cnn:build", "--mean",
+                   "0.1", "--std", "0.9", "--data", train, "--eval-data", f"{train.parent}/./{train.name}",
+                   "--eps", "0.3", "--method", "free", "--replays", "2", "--epochs", "2", "--guard-size", "64",
+                   "-n", "10", "--budget", "50", "--device", "cpu", "--out", out)
+    assert code == 0
+    assert "free adversarial training: 1 of 1 passes over the data in " in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    record = results["hardening"]
+    assert (record["epochs_run"], record["epochs_planned"], record["stopped_early"]) == (1, 1, False)
+    assert record["data"]["eval_is_training_data"] is True
+    html = (out / "report.html").read_text()
+    assert "free adversarial training for 1 of 1 passes over the data, each minibatch replayed 2 times at" in html
+    assert "(the training data: before/after overstate robustness)" in html
+    record.update(epochs_planned=3, stopped_early=True)
+    (epochs,) = [field.value for field in build_view(results).hardening.settings if field.label == "Epochs"]
+    assert epochs.startswith("1 of 3 passes over the data, each minibatch replayed 2 times (stopped early), ")
+
+
 def test_a_failure_leaves_no_output(small_data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise AuditError("disk full")
@@ -366,6 +483,7 @@ def test_a_failure_leaves_no_output(small_data, tmp_path, monkeypatch):
     (["--eps", "0.3", "--method", "bogus"], "Invalid value for '--method'"),
     (["--eps", "0.3", "--guard-size", "100000"], "leaves no training data"),
     (["--eps", "0.3", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--eps", "0.3", "--lr-max", "inf"], "--lr-max must be a finite number > 0, got inf"),
 ])
 def test_bad_flags_exit_2_with_one_line(example_onnx, tmp_path, capsys, args, message):
     assert run_cli("harden", example_onnx, "--out", tmp_path / "out", *args) == 2

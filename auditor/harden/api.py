@@ -197,6 +197,7 @@ def harden(
                      **scan_options)
         after.results["model"]["path"] = str(out / name)
         write_outputs(after, stage / "after")
+        training_sha256 = training_data.sha256  # the scans ran on the training data if theirs has this hash
         record = {
             "schema": SCHEMA,
             "auditor_version": auditor_version(),
@@ -213,9 +214,9 @@ def harden(
             "output": {"path": str(out / name), "format": raw.info.format,
                        "sha256": after.results["model"]["sha256"],
                        "check": {"images": len(x[:CHECK_ROWS]), "max_abs_diff": float(f"{diff:.3g}")}},
-            "data": {"name": training_data.name, "sha256": training_data.sha256, "train": len(y),
-                     "guard": len(guard_rows), "eval": evaluation, "eval_is_training_data":
-                     evaluation != "mnist" and evaluation == data},
+            "data": {"name": training_data.name, "sha256": training_sha256, "train": len(y),
+                     "guard": len(guard_rows), "eval": evaluation,
+                     "eval_is_training_data": before.results["data"]["sha256"] == training_sha256},
             **_training_fields(outcome, monitor),
             "before": _summary(before, "before/results.json"),
             "after": _summary(after, "after/results.json"),
@@ -239,6 +240,7 @@ def harden(
 def _training_fields(outcome: TrainingOutcome, monitor: Guard) -> dict:
     return {
         "epochs_run": outcome.epochs_run,
+        "epochs_planned": outcome.epochs_planned,
         "updates": outcome.updates,
         "stopped_early": outcome.stopped_early,
         "curve": list(outcome.curve),

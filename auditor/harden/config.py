@@ -14,6 +14,7 @@ is built in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..eps import check_radius
@@ -93,16 +94,14 @@ class HardenConfig:
                 raise AuditError(f"{flag} must be >= 1, got {value}")
         if self.guard_size < 1:  # with --no-guard too: its images still measure the training curve
             raise AuditError(f"--guard-size must be >= 1, got {self.guard_size}")
-        if not self.lr_max > 0:
-            raise AuditError(f"--lr-max must be > 0, got {self.lr_max:g}")
+        finite_positive = {"--lr-max": self.lr_max, "--alpha": self.alpha, "--eps-scale": self.eps_scale}
+        for flag, value in finite_positive.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise AuditError(f"{flag} must be a finite number > 0, got {value:g}")
         if not 0 < self.lr_peak < 1:
             raise AuditError(f"--lr-peak must lie strictly between 0 and 1, got {self.lr_peak:g}")
         if not 0 <= self.eps_warmup <= 1:
             raise AuditError(f"--eps-warmup must lie in [0, 1], got {self.eps_warmup:g}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise AuditError(f"--alpha must be > 0, got {self.alpha:g}")
-        if self.eps_scale is not None and not self.eps_scale > 0:
-            raise AuditError(f"--eps-scale must be > 0, got {self.eps_scale:g}")
         if not 0 < self.guard_drop <= 1:
             raise AuditError(f"--guard-drop must lie in (0, 1], got {self.guard_drop:g}")
 

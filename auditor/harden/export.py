@@ -10,6 +10,9 @@
   dimension when the original program had one.
 * pickle: ``torch.save`` of the module (it loads with ``--trust-pickle`` as before).
 
+Each writer saves the file's own module (:attr:`Trainable.artifact`), on the
+CPU, not the adapter's wrappers around it.
+
 Every written file is loaded again with :func:`auditor.models.load_model`
 (for ONNX, an onnxruntime session) and its logits are compared with the
 trained module's on a check batch; a disagreement is an :class:`AuditError`.
@@ -18,6 +21,7 @@ trained module's on a check batch; a disagreement is an :class:`AuditError`.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,14 +39,14 @@ Writer = Callable[[Trainable, Path, Path, torch.Tensor], None]
 
 
 def _state_dict(trainable: Trainable) -> dict[str, torch.Tensor]:
-    state = trainable.network.state_dict()
+    state = trainable.artifact.state_dict()
     return {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
 
 
 def _onnx(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
     proto = onnx.load(str(source))
     trained = {
-        value: getattr(trainable.network, attribute).detach().cpu()
+        value: getattr(trainable.artifact, attribute).detach().cpu()
         for value, attribute in trainable.initializers.items()
     }
     for tensor in proto.graph.initializer:
@@ -61,14 +65,19 @@ def _torch_state_dict(trainable: Trainable, source: Path, dest: Path, example: t
 
 
 def _torchscript(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
-    torch.jit.save(trainable.network, str(dest))
+    trained = io.BytesIO()  # saved and loaded back onto the CPU: .cpu() on a scripted copy warns about .grad
+    torch.jit.save(trainable.artifact, trained)
+    trained.seek(0)
+    torch.jit.save(torch.jit.load(trained, map_location="cpu"), str(dest))
 
 
 def _torch_export(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
     program = torch.export.load(str(source))
     (name,) = program.graph_signature.user_inputs
-    batch = next(node for node in program.graph.nodes if node.name == name).meta["val"].shape[0]
-    network = copy.deepcopy(trainable.network).cpu()
+    image = next(node for node in program.graph.nodes if node.name == name).meta["val"]
+    batch = image.shape[0]
+    network = copy.deepcopy(trainable.artifact).cpu()
+    example = example.to(image.dtype)
     if isinstance(batch, int):
         example = example[:1].expand(batch, *example.shape[1:]).contiguous()
         exported = torch.export.export(network, (example,))
@@ -79,7 +88,7 @@ def _torch_export(trainable: Trainable, source: Path, dest: Path, example: torch
 
 
 def _pickle(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
-    torch.save(copy.deepcopy(trainable.network).cpu(), dest)
+    torch.save(copy.deepcopy(trainable.artifact).cpu(), dest)
 
 
 WRITERS: dict[str, Writer] = {
@@ -100,7 +109,7 @@ def hardened_name(source: Path) -> str:
 
 def export(trainable: Trainable, fmt: str, source: Path, dest: Path, check: torch.Tensor, *,
            arch: str | None, trust_pickle: bool) -> float:
-    """Write ``trainable.network`` to ``dest`` in ``fmt`` and return the max abs logit difference
+    """Write ``trainable.artifact`` to ``dest`` in ``fmt`` and return the max abs logit difference
     between the written file (loaded as a scan would load it) and the trained module on ``check``."""
     trainable.network.eval()
     try:

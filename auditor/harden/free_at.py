@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import HardenConfig
-from .train import BatchOutcome, Method, Trainer, clip_delta, steepest_ascent
+from .train import BatchOutcome, Method, Trainer, clip_delta, largest_batch, steepest_ascent
 
 DEFAULT_ALPHA = 1.0
 """α / ε (Shafahi et al., Algorithm 1 line 8)."""
@@ -55,7 +55,7 @@ class FreeAT(Method):
         box = trainer.config.clip_to_box
         carried = trainer.state.get("delta")
         if carried is None:
-            carried = x.new_zeros((trainer.config.batch_size, *x.shape[1:]))  # line 2
+            carried = x.new_zeros((largest_batch(trainer.config.batch_size), *x.shape[1:]))  # line 2
         delta = carried[: len(x)].clone()
         for _ in range(self.replays):  # line 4
             eps = trainer.eps * self.eps_scale

@@ -176,6 +176,9 @@ class TrainingOutcome:
     curve: tuple[dict, ...]
     final: dict
     epochs_run: int
+    """Passes made over the training data (the curve's epochs)."""
+    epochs_planned: int
+    """Passes a run that is not stopped makes: ``epochs``, or ``⌈epochs/m⌉`` for ``free``."""
     updates: int
     stopped_early: bool
     seconds: float
@@ -208,6 +211,11 @@ def minibatches(order: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     if len(parts) > 1 and len(parts[-1]) == 1:
         parts = (*parts[:-2], torch.cat(parts[-2:]))
     return parts
+
+
+def largest_batch(size: int) -> int:
+    """The most images :func:`minibatches` puts in one batch: ``size`` plus a last single image."""
+    return size + 1
 
 
 def batch_count(images: int, size: int) -> int:
@@ -278,6 +286,6 @@ def _train(module, parameters, x, y, method, config, guard, device, progress) ->
                  epoch, curve[-1]["loss"], check.clean, check.fgsm, check.pgd)
     final = guard.measure(module, epoch=epoch, iteration=trainer.updates) if stopped else check
     return TrainingOutcome(
-        curve=tuple(curve), final=final.accuracies(), epochs_run=epoch, updates=trainer.updates,
-        stopped_early=stopped, seconds=time.perf_counter() - started,
+        curve=tuple(curve), final=final.accuracies(), epochs_run=epoch, epochs_planned=passes,
+        updates=trainer.updates, stopped_early=stopped, seconds=time.perf_counter() - started,
     )

@@ -10,6 +10,11 @@ do batch-normalisation running statistics (the converted graph is in
 inference mode, where they are fixed) and the constants of a normalisation
 the graph applies to its input (``x − mean``, ``/ std``): hardening trains
 the network, not its preprocessing.
+
+The model adapters may wrap the file's module: :class:`FixedBatch` runs a
+graph or program with a fixed batch size on any number of rows, and
+:class:`InputDtype` feeds a float64 (say) network float32 images. Training
+goes through the wrappers; the writers save the module inside them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from ..errors import AuditError
 from ..models import Model, Normalize
 from ..models.convert import OnnxGraphModule
+from ..models.pytorch import FixedBatch, InputDtype
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
@@ -55,17 +61,28 @@ class Trainable:
     """The network to train, as the artifact holds it, and the module that trains."""
 
     network: nn.Module
-    """The artifact's own network (no normalisation), on the training device."""
+    """The loaded network (no normalisation) as the adapter runs it: float32 images, any number
+    of rows, in; float32 logits out. On the training device."""
     module: nn.Module
     """``network`` behind the ``--mean/--std`` normalisation: what is trained and attacked."""
+    artifact: nn.Module
+    """The file's own module inside ``network``'s adapter wrappers: what is written back."""
     parameters: tuple[nn.Parameter, ...]
     initializers: dict[str, str] = field(default_factory=dict)
-    """ONNX only: initializer name -> the ``network`` parameter trained in its place."""
+    """ONNX only: initializer name -> the ``artifact`` parameter trained in its place."""
+
+
+def _unwrapped(network: nn.Module | None) -> nn.Module | None:
+    """The file's own module inside the adapter's :class:`FixedBatch` and :class:`InputDtype` wrappers."""
+    while isinstance(network, (FixedBatch, InputDtype)):
+        network = network.module
+    return network
 
 
 def _onnx(model: Model, file: Path) -> tuple[nn.Module, dict[str, str]]:
     network = model.torch_module()
-    if not isinstance(network, OnnxGraphModule):
+    converted = _unwrapped(network)
+    if not isinstance(converted, OnnxGraphModule):
         reason = model.access_ceiling[1]
         raise AuditError(f"model {model.info.path}: cannot train the ONNX graph ({reason})")
     graph = onnx.load(str(file), load_external_data=False).graph
@@ -79,11 +96,11 @@ def _onnx(model: Model, file: Path) -> tuple[nn.Module, dict[str, str]]:
     }
     fixed = statistics | _preprocessing_constants(graph, names)
     initializers = {}
-    for value, attribute in network.value_buffers.items():
-        tensor = getattr(network, attribute)
+    for value, attribute in converted.value_buffers.items():
+        tensor = getattr(converted, attribute)
         if value in names and value not in fixed and tensor.is_floating_point() and tensor.numel() > 1:
-            delattr(network, attribute)
-            network.register_parameter(attribute, nn.Parameter(tensor.clone()))
+            delattr(converted, attribute)
+            converted.register_parameter(attribute, nn.Parameter(tensor.clone()))
             initializers[value] = attribute
     return network, initializers
 
@@ -118,4 +135,5 @@ def make_trainable(model: Model, file: Path, mean: Sequence[float] | None, std: 
         mean = (0.0,) if mean is None else tuple(mean)
         std = (1.0,) if std is None else tuple(std)
         module = nn.Sequential(Normalize(mean, std), network).to(device)
-    return Trainable(network=network, module=module, parameters=parameters, initializers=initializers)
+    return Trainable(network=network, module=module, artifact=_unwrapped(network), parameters=parameters,
+                     initializers=initializers)

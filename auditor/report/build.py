@@ -780,10 +780,12 @@ def _hardening(record: dict | None) -> HardeningView | None:
         guard_text = "The guard rolled training back to its best weights and stopped it."
     else:
         guard_text = "The guard checked every epoch and never had to act."
-    planned = config["epochs"]
-    ran = record["epochs_run"]
+    planned = record.get("epochs_planned", config["epochs"])  # older records lack it (right for fast, pgd)
+    replays = method["params"].get("replays")
+    unit = "epochs" if replays is None else f"passes over the data, each minibatch replayed {replays} times"
     stopped = " (stopped early)" if record["stopped_early"] else ""
-    summary = (f"{method['label']} for {ran} of {planned} epochs{stopped} at ε={eps_text(record['threat']['eps'])} "
+    epochs = f"{record['epochs_run']} of {planned} {unit}{stopped}"
+    summary = (f"{method['label']} for {epochs} at ε={eps_text(record['threat']['eps'])} "
                f"({norm}) took {record['training_seconds']:.1f} s of training; robust accuracy went from "
                f"{comparison[-1].before} to {comparison[-1].after}, clean accuracy from "
                f"{comparison[0].before} to {comparison[0].after}.")
@@ -792,7 +794,7 @@ def _hardening(record: dict | None) -> HardeningView | None:
         Field("Method", f"{method['label']} ({method['name']})"),
         Field("Method settings", ", ".join(f"{key}={value}" for key, value in method["params"].items())),
         Field("Threat", f"ε={eps_text(record['threat']['eps'])}, {norm}"),
-        Field("Epochs", f"{ran} of {planned}{stopped}, {record['updates']:,} updates"),
+        Field("Epochs", f"{epochs}, {record['updates']:,} updates"),
         Field("Optimiser", f"Adam, batch {config['batch_size']}, triangular cyclic learning rate peaking at "
                            f"{config['lr_max']:g} after {config['lr_peak']:.0%} of the updates"),
         Field("ε warm-up", f"linear over the first {config['eps_warmup']:.0%} of the updates"
