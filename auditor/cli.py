@@ -220,7 +220,9 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
 @click.option("--batch-size", type=int, help="Minibatch size (default 50).")
 @click.option("--lr-max", type=float, help="Peak of the cyclic learning rate (default 5e-3).")
 @click.option("--eps-warmup", type=float, help="Fraction of training over which ε ramps up (default 0.4).")
-@click.option("--alpha", type=float, help="Attack step as a multiple of ε (fast 1.5, pgd 1/30, free 1).")
+@click.option("--alpha", type=float,
+              help="Attack step as a multiple of the training radius, --eps × --eps-scale "
+                   "(fast 1.5, i.e. 1.8·ε at its default scale 1.2; pgd 1/30; free 1).")
 @click.option("--eps-scale", type=float,
               help="Training radius as a multiple of --eps (fast 1.2, pgd and free 1).")
 @click.option("--steps", type=int, help="pgd: attack steps per batch (default 40).")
@@ -337,7 +339,8 @@ def attacks():
 @click.option("--model", "model_path", default="examples/mnist_cnn.onnx", show_default=True,
               type=click.Path(dir_okay=False), help="The example model (examples/train_mnist.py writes it).")
 @click.option("-n", "--samples", type=int, default=200, show_default=True)
-def demo(out, model_path, samples):
+@click.pass_obj
+def demo(command, out, model_path, samples):
     """Audit the example MNIST CNN on the built-in data and write a report.
 
     The default policy is applied and its verdict shown in the report; the
@@ -348,7 +351,7 @@ def demo(out, model_path, samples):
     if not Path(model_path).exists():
         raise AuditError(f"example model {model_path} not found: run `make demo` from a clone of the repository")
     audit = run_scan(model_path, "mnist", samples=samples, policy="default", out=out,
-                     progress=sys.stderr.isatty(), command=f"auditor demo --out {out}")
+                     progress=sys.stderr.isatty(), command=command)
     _echo_summary(audit.results)
     _echo_policy(audit.results["policy"])
     click.echo(f"wrote {Path(out) / 'report.pdf'}")

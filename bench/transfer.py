@@ -7,8 +7,8 @@ class-balanced test digits that the target (``examples/mnist_cnn.onnx``,
 verified on its onnxruntime session) classifies correctly, from each
 surrogate alone and from their logit ensemble:
 
-* ``surrogates``: name, clean accuracy on the whole test split, seconds to
-  train or load;
+* ``surrogates``: name and clean accuracy on the whole test split, and
+  ``surrogate_seconds``: the time to train (or load from the cache) all three;
 * ``success_rate``: per method label, per surrogate set, the fraction of
   the 200 images the target misclassifies (one target query per image);
 * ``seconds``: per method label, per surrogate set, the attack's wall time;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,13 @@ def test_same_seed_gives_identical_results(example_onnx, tmp_path):
     assert [a["name"] for a in first["attacks"]] == [
         "square-linf", "nes-linf", "genattack-linf", "random-noise-linf"
     ]
+
+
+def test_demo_records_its_own_command_line(example_onnx, tmp_path):
+    args = ["demo", "-n", "1", "--model", str(example_onnx), "--out", str(tmp_path / "demo")]
+    assert run_cli(*args) == 0
+    manifest = json.loads((tmp_path / "demo" / "results.json").read_text())["manifest"]
+    assert manifest["command"] == shlex.join(["auditor", *args])
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
