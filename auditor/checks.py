@@ -68,7 +68,7 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
     checks = []
     batch = x.to(model.device)
     first, second = model.forward(batch), model.forward(batch)
-    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5, equal_nan=True):
         checks.append(Check(
             RANDOMISED_MODEL, "warning",
             "two identical forward passes gave different outputs: the model is randomised, "

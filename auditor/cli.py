@@ -60,11 +60,13 @@ _OUTPUTS = "auditor.outputs"
 
 
 class OutputPath(click.Path):
-    """A path the command writes (``--out``, ``--junit``). Remembered, so that an
+    """A path the command writes (``--out``, ``--junit``); not empty. Remembered, so that an
     OSError on it, inside it or on a folder above it reads
     ``cannot write to PATH: reason`` (see :class:`AuditorGroup`)."""
 
     def convert(self, value, param, ctx):
+        if value == "":  # would write into the working directory
+            self.fail("the path is empty", param, ctx)
         path = super().convert(value, param, ctx)
         if ctx is not None:
             ctx.meta.setdefault(_OUTPUTS, []).append(Path(path))

@@ -31,7 +31,7 @@ from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
 from .eps import check_radius, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
-from .models import check_model_on_data, load_model, normalisation
+from .models import check_channels, check_finite_outputs, check_model_on_data, load_model, normalisation
 from .models.pytorch import arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
@@ -97,12 +97,16 @@ class AuditResult:
 
 
 def check_data_spec(data, flag: str = "data") -> None:
-    """AuditError unless ``data`` names data the way the API takes it: a path or a name, not arrays."""
+    """AuditError unless ``data`` names data the way the API takes it: a path
+    or a name, not arrays, and not empty (which would read the working
+    directory as an image folder)."""
     if not isinstance(data, (str, os.PathLike)):
         raise AuditError(
             f"{flag} must be mnist, the path of a .npz with x and y, or an image folder, "
             f"got {type(data).__name__} (save arrays with numpy.savez)"
         )
+    if not str(data):
+        raise AuditError(f"{flag} is empty: give mnist, the path of a .npz with x and y, or an image folder")
 
 
 def to_radius(value: float | str) -> float:
@@ -337,9 +341,12 @@ def scan(
     if samples is not None and samples < 1:
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     if out is not None:
+        if not str(out):
+            raise AuditError("--out is empty: give the folder for the results")
         check_writable(Path(out))
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
+    check_channels(mean, std, dataset.x.shape[1], f"data {dataset.name} has")
     eps_list = resolve_eps(tuple(dataset.x.shape[1:]), norm, eps)
     adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
     num_classes = check_model_on_data(adapter, dataset)
@@ -355,6 +362,7 @@ def scan(
     x, y = dataset.x[indices], dataset.y[indices]
     targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
     indices, x, y = indices[keep], x[keep], y[keep]
+    check_finite_outputs(adapter, x, dataset)
     surrogate_models, surrogate_sets = resolve_surrogates(
         surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
     )

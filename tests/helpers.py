@@ -1,7 +1,10 @@
-"""Helpers shared by the black-box attack tests (import as ``from helpers import ...``)."""
+"""Helpers shared by the tests (import as ``from helpers import ...``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from auditor.attacks.hardlabel.boundary import StartPool
@@ -109,3 +112,21 @@ def ball_battery(starts: bool):
     battery = Battery(Access.HARD_LABEL, "l2", (SignOPT(k=10, n_init=5),))
     outcome = run_battery(battery, model, x, y, eps_list=[6.0], budget=200, seed=0, starts=pool if starts else None)
     return ball, x, outcome
+
+
+def baked_batch_onnx(path: Path, batch: int = 16) -> Path:
+    """A linear MNIST classifier whose graph reshapes to exactly ``batch`` rows,
+    though its input declares a symbolic batch."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weights = numpy_helper.from_array(np.random.RandomState(0).randn(784, 10).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([batch, 784], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "baked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=[weights, shape],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from auditor.cli import main
+from helpers import baked_batch_onnx
 
 
 class _NanHead(nn.Module):
@@ -31,6 +32,63 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+class _Picky(nn.Module):
+    """A classifier that fails on any pixel between two 8-bit levels, as an attack's are."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        levels = x * 255
+        if bool((levels - levels.round()).abs().max() > 1e-3):
+            raise RuntimeError("pixels between 8-bit levels")
+        return self.net(x)
+
+
+class _NanOnBright(nn.Module):
+    """Logits of a linear layer, NaN for images brighter than 0.5 on average."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        bright = x.flatten(1).mean(1, keepdim=True) > 0.5
+        return torch.where(bright, torch.full_like(self.fc(x.flatten(1)), float("nan")), self.fc(x.flatten(1)))
+
+
+class _ChannelMean(nn.Module):
+    """Takes any number of channels (their mean): nothing about it says how many the data has."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.mean(1).flatten(1))
+
+
+def _pt2_variants(root: Path) -> None:
+    """A .pt2 whose sample inputs are a pickle payload (creating ``root/PWNED_PT2``
+    when unpickled) and one with an operator torch does not know."""
+    import io
+    import zipfile
+
+    good = root / "linear.pt2"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    torch.export.save(torch.export.export(net, (torch.rand(2, 1, 28, 28),)), str(good))
+    payload = io.BytesIO()
+    torch.save(_Payload(root / "PWNED_PT2"), payload)
+    with zipfile.ZipFile(good) as original:
+        members = [(info.filename, original.read(info.filename)) for info in original.infolist()]
+    for name, edit in (("payload.pt2", lambda member, data: payload.getvalue() if member.endswith("model.pt") else data),
+                       ("unknown_op.pt2", lambda member, data: data.replace(b"aten.linear", b"aten.nosuchop"))):
+        with zipfile.ZipFile(root / name, "w") as copy:
+            for member, data in members:
+                copy.writestr(member, edit(member, data))
 
 
 def _unconvertible(path: Path) -> Path:
@@ -57,7 +115,7 @@ def _onnx(module: nn.Module, shape, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(tmp_path_factory, tiny_cnn):
     root = tmp_path_factory.mktemp("bad")
     (root / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 10)
     (root / "empty.onnx").write_bytes(b"")
@@ -70,6 +128,15 @@ def artefacts(tmp_path_factory):
     (root / "unknown_key.yaml").write_text("policy: p\nrequirements:\n  - clean_acuracy: {min: 0.5}\n")
     with open(root / "payload.pt", "wb") as stream:
         pickle.dump({"weights": _Payload(root / "PWNED")}, stream)
+    _pt2_variants(root)
+    torch.jit.save(torch.jit.trace(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), torch.rand(1, 1, 28, 28)),
+                   str(root / "script.pt2"))
+    baked_batch_onnx(root / "batch16.onnx")
+    torch.jit.save(torch.jit.script(_Picky(tiny_cnn)), str(root / "picky.pt"))
+    torch.jit.save(torch.jit.script(_NanOnBright()), str(root / "nan_bright.pt"))
+    np.savez(root / "dark_then_bright.npz", x=np.concatenate([np.full((16, 28, 28), 20, np.uint8),
+                                                              np.full((4, 28, 28), 200, np.uint8)]), y=np.arange(20) % 10)
+    torch.jit.save(torch.jit.script(_ChannelMean()), str(root / "any_channels.pt"))
     return root
 
 
@@ -100,10 +167,26 @@ CASES = {
     "corrupt surrogate": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/corrupt.onnx"],
                           "corrupt.onnx"),
     "surrogate input shape": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/rgb.onnx"],
-                              "rgb.onnx: model expects input (3, 32, 32)"),
+                              "rgb.onnx expects input (3, 32, 32) but data mnist has (1, 28, 28)"),
     "negative surrogate count": (["scan", "{example}", "--train-surrogates", "-1"], "--train-surrogates must be"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),
+    "pickle payload in a .pt2": (["scan", "{root}/payload.pt2"], "payload.pt2 contains pickled code/objects"),
+    "TorchScript named .pt2": (["scan", "{root}/script.pt2"], "its archive has no archive_format record"),
+    ".pt2 torch cannot read": (["scan", "{root}/unknown_op.pt2"], "failed to resolve torch.ops.aten.nosuchop"),
+    "batch size fixed inside the graph": (["scan", "{root}/batch16.onnx"], "fails on a batch of 3"),
+    "model fails in the middle of the battery": (
+        ["scan", "{root}/picky.pt", "--access", "hard-label", "--attacks", "sign-opt", "-n", "4", "--budget", "20"],
+        "picky.pt failed on a batch of"),
+    "NaN outputs beyond the checked images": (
+        ["scan", "{root}/nan_bright.pt", "--data", "{root}/dark_then_bright.npz", "--attacks", "fgsm", "--eps", "0.1"],
+        "returned NaN or infinite outputs on 4 of the 20 audited images"),
+    "mean for more channels than the data": (["scan", "{root}/any_channels.pt", "--mean", "0.1,0.2,0.3"],
+                                             "--mean has 3 values but data mnist has 1 channel(s)"),
+    "std for more channels than the training data": (
+        ["harden", "{root}/any_channels.pt", "--eps", "0.1", "--std", "0.1,0.2,0.3"],
+        "--std has 3 values but data mnist has 1 channel(s)"),
+    "empty data": (["scan", "{example}", "--data", ""], "data is empty"),
 }
 
 
@@ -127,10 +210,37 @@ def test_debug_shows_the_traceback_and_keeps_exit_code_2(args, artefacts, exampl
     assert code == 2 and "Traceback" in err
 
 
-def test_pickle_payload_never_runs(artefacts, capsys):
+def test_pickle_payload_never_runs(artefacts, example_onnx, capsys):
     code, _ = run(capsys, "scan", artefacts / "payload.pt", "--arch", "examples.mnist_cnn:build")
     assert code == 2
     assert not (artefacts / "PWNED").exists()
+    for args in (["scan", artefacts / "payload.pt2"], ["scan", example_onnx, "--surrogate", artefacts / "payload.pt2"],
+                 ["harden", artefacts / "payload.pt2", "--eps", "0.1", "--out", artefacts / "hardened"]):
+        code, _ = run(capsys, *args)
+        assert code == 2
+    assert not (artefacts / "PWNED_PT2").exists()
+
+
+@pytest.mark.parametrize("command", [["scan", "{example}"], ["harden", "{example}", "--eps", "0.1"],
+                                     ["report", "{results}"]])
+def test_an_empty_out_is_refused(command, example_onnx, capsys, tmp_path):
+    """``--out ""`` would write the outputs into the working directory."""
+    results = tmp_path / "results.json"
+    args = [arg.format(example=example_onnx, results=results) for arg in command]
+    code, err = run(capsys, *args, "--out", "")
+    assert code == 2
+    assert err == "error: Invalid value for '--out': the path is empty\n"
+
+
+def test_the_api_refuses_an_empty_out_and_empty_data(example_onnx):
+    from auditor import AuditError, harden, scan
+
+    with pytest.raises(AuditError, match="^--out is empty"):
+        scan(example_onnx, out="")
+    with pytest.raises(AuditError, match="^data is empty"):
+        scan(example_onnx, "")
+    with pytest.raises(AuditError, match="^--out is empty"):
+        harden(example_onnx, "mnist", eps=0.1, out="")
 
 
 # --------------------------------------------------------------------------- #

@@ -74,6 +74,7 @@ def test_npz_single_channel(tmp_path):
         ({"x": np.zeros((2, 1, 4, 4), np.int64), "y": np.zeros(2, np.int64)}, "x must be float"),
         ({"x": np.zeros((2, 1, 4, 4)), "y": np.zeros(2)}, "y must be a 1-D integer array"),
         ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([0, -1])}, "y has negative labels"),
+        ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([0, 2**63], np.uint64)}, "y has labels too large"),
         ({"x": np.zeros((0, 1, 4, 4)), "y": np.zeros(0, np.int64)}, "contains no images"),
         ({"x": np.array([None, 1], dtype=object), "y": np.zeros(2, np.int64)}, "cannot read its arrays"),
     ],
@@ -187,3 +188,46 @@ def test_empty_image_folders(tmp_path):
 def test_unknown_data_spec():
     with pytest.raises(AuditError, match="unknown data 'cifar10': use mnist, a .npz file or an image folder"):
         load_data("cifar10")
+
+
+def test_a_truncated_image_is_refused_even_after_weasyprint_is_imported(tmp_path):
+    """WeasyPrint sets Pillow's LOAD_TRUNCATED_IMAGES for the whole process
+    when it is imported (by the report): a truncated image then read as one
+    with black rows. It is refused, and the setting is left as it was."""
+    import weasyprint  # noqa: F401  (imported for its side effect)
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES
+    _png(tmp_path / "a" / "whole.png", 200, size=64)
+    cut = tmp_path / "b" / "cut.png"
+    cut.parent.mkdir()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(AuditError, match=f"cannot read an image \\({cut}: ") as excinfo:
+        load_folder(tmp_path)
+    _message(excinfo)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A small PNG whose header claims ``width`` x ``height`` greyscale pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path):
+    """Pillow refuses an image claiming 400 million pixels with an error that
+    is not an OSError; it was an internal error."""
+    _png(tmp_path / "a" / "x.png", 0)
+    _png_claiming(tmp_path / "b" / "bomb.png", 20000, 20000)
+    with pytest.raises(AuditError, match=f"cannot read an image \\({tmp_path / 'b' / 'bomb.png'}: Image size") as excinfo:
+        load_folder(tmp_path)
+    _message(excinfo)

@@ -16,6 +16,7 @@ from auditor.data.base import Dataset
 from auditor.errors import AuditError
 from auditor.models import ModelInfo, TorchModel, check_model_on_data, load_model
 from auditor.models.base import plural
+from helpers import baked_batch_onnx
 
 ARCH_SOURCE = '''
 from torch import nn
@@ -270,7 +271,7 @@ def test_class_counts_read_as_english(mnist_test):
     assert plural(1, "output") == "1 output"
     assert plural(0, "output") == "0 outputs"
     two = _wrap(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2)))
-    with pytest.raises(AuditError, match="^model has 2 classes but the labels go up to 9$"):
+    with pytest.raises(AuditError, match="^model test has 2 classes but the labels of data mnist go up to 9$"):
         check_model_on_data(two, mnist_test)
 
 
@@ -409,23 +410,24 @@ def test_check_shape_mismatch(tiny_cnn, tmp_path):
     path = tmp_path / "tiny.onnx"
     torch.onnx.export(tiny_cnn, (torch.rand(1, 1, 28, 28),), str(path), dynamo=False)
     rgb = Dataset(name="rgb", x=torch.rand(4, 3, 32, 32), y=torch.zeros(4, dtype=torch.long))
-    with pytest.raises(AuditError, match=r"model expects input \(1, 28, 28\) but data has \(3, 32, 32\)"):
+    with pytest.raises(AuditError, match=rf"model {path} expects input \(1, 28, 28\) but data rgb has \(3, 32, 32\)"):
         check_model_on_data(load_model(path), rgb)
 
 
 def test_check_too_few_classes(mnist_test):
     five = _wrap(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 5)))
-    with pytest.raises(AuditError, match="model has 5 classes but the labels go up to 9"):
+    with pytest.raises(AuditError, match="model test has 5 classes but the labels of data mnist go up to 9"):
         check_model_on_data(five, mnist_test)
 
 
 def test_check_nan_outputs(mnist_test):
-    with pytest.raises(AuditError, match="model returned NaN outputs on the data"):
+    with pytest.raises(AuditError, match="model test returned NaN outputs on data mnist"):
         check_model_on_data(_wrap(NanNet()), mnist_test)
 
 
 def test_check_model_failure_and_bad_output(mnist_test):
-    with pytest.raises(AuditError, match=r"model failed on images of shape \(1, 28, 28\): ") as excinfo:
+    failed = r"model test failed on a batch of 16 images of shape \(1, 28, 28\) from data mnist: "
+    with pytest.raises(AuditError, match=failed) as excinfo:
         check_model_on_data(_wrap(nn.Linear(3, 2)), mnist_test)
     _message(excinfo)
     # a TorchScript error is a long traceback; the message keeps the error it ends with
@@ -487,8 +489,8 @@ def test_uint8_nchw_npz_gets_a_layout_hint(example_onnx, tmp_path):
     np.savez(path, x=np.zeros((4, 1, 28, 28), np.uint8), y=np.arange(4))
     with pytest.raises(AuditError) as excinfo:
         check_model_on_data(load_model(example_onnx, device="cpu"), load_npz(path))
-    assert _message(excinfo) == ("model expects input (1, 28, 28) but data has (28, 1, 28): uint8 4-D arrays are "
-                                 "read as (N, H, W, C); yours looks like (N, C, H, W)")
+    assert _message(excinfo) == (f"model {example_onnx} expects input (1, 28, 28) but data {path} has (28, 1, 28): "
+                                 "uint8 4-D arrays are read as (N, H, W, C); yours looks like (N, C, H, W)")
 
 
 @pytest.mark.parametrize("device, message", [("tpu", "--device tpu: Expected one of"),
@@ -501,3 +503,257 @@ def test_onnx_devices_are_checked(example_onnx, device, message):
 def test_a_single_mean_and_std_apply_to_every_channel(example_onnx, mnist_test):
     scaled = load_model(example_onnx, mean=0.5, std=2.0, device="cpu").forward(mnist_test.x[:4])
     assert torch.equal(scaled, load_model(example_onnx, mean=(0.5,), std=(2.0,), device="cpu").forward(mnist_test.x[:4]))
+
+
+# --------------------------------------------------------------------------- #
+# An untrusted torch.export archive runs no code from the file
+# --------------------------------------------------------------------------- #
+
+PAYLOAD_MODULE = "import pathlib\npathlib.Path({marker!r}).touch()\n\n\nclass Fn:\n    apply = staticmethod(abs)\n"
+
+
+def _rewritten(source: pathlib.Path, target: pathlib.Path, edits: dict) -> pathlib.Path:
+    """A copy of the archive ``source`` in which each member whose name ends
+    with a key of ``edits`` is replaced by that key's function of its bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for info in original.infolist():
+            data = original.read(info.filename)
+            for ending, edit in edits.items():
+                if info.filename.endswith(ending):
+                    data = edit(data)
+            copy.writestr(info, data)
+    return target
+
+
+def _torch_saved(value) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _pickled_weight(marker: pathlib.Path) -> dict:
+    """Edits that mark the first weight as pickled and make it a payload."""
+    import json
+
+    def config(data: bytes) -> bytes:
+        document = json.loads(data)
+        first = next(iter(document["config"].values()))
+        first["use_pickle"] = True
+        return json.dumps(document).encode()
+
+    return {"model_weights_config.json": config, "data/weights/weight_0": lambda data: _torch_saved(Payload(marker))}
+
+
+def _python_shape(marker: pathlib.Path) -> dict:
+    """Edits that make the batch dimension's expression Python code (sympify evaluates it)."""
+    def expression(data: bytes) -> bytes:
+        symbol = data.split(b'"expr_str": "')[1].split(b'"')[0]
+        code = f"(__import__('pathlib').Path({str(marker)!r}).touch(), ".encode() + symbol + b")[1]"
+        return data.replace(symbol, code)
+
+    return {"models/model.json": expression}
+
+
+def _importing_node(marker: pathlib.Path) -> dict:
+    """Edits that make the first node call a function that imports the module ``pt2_payload``."""
+    import json
+
+    def node(data: bytes) -> bytes:
+        document = json.loads(data)
+        first = document["graph_module"]["graph"]["nodes"][0]
+        first["target"] = "torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch"
+        first["inputs"] = [{"name": "function_cls_name", "arg": {"as_string": "pt2_payload.Fn"}, "kind": 1},
+                           {"name": "x", "arg": {"as_tensor": {"name": "input"}}, "kind": 1}]
+        return json.dumps(document).encode()
+
+    return {"models/model.json": node}
+
+
+def _importing_treespec(marker: pathlib.Path) -> dict:
+    """Edits that make the keyword arguments' tree spec a defaultdict whose factory is in ``pt2_payload``."""
+    import json
+
+    def spec(data: bytes) -> bytes:
+        document = json.loads(data)
+        signature = document["graph_module"]["module_call_graph"][0]["signature"]
+        protocol, tree = json.loads(signature["in_spec"])
+        tree["children_spec"][1] = {"type": "collections.defaultdict", "children_spec": [], "context": {
+            "default_factory_module": "pt2_payload", "default_factory_name": "Fn", "dict_context": {"dict_context": []}}}
+        signature["in_spec"] = json.dumps([protocol, tree])
+        return json.dumps(document).encode()
+
+    return {"models/model.json": spec}
+
+
+HOSTILE_PT2 = {
+    "sample inputs unpickle a payload": (lambda marker: {"data/sample_inputs/model.pt": lambda data: _torch_saved(
+        Payload(marker))}, r"pickled code/objects \(.*data/sample_inputs/model.pt\)"),
+    "a weight marked use_pickle": (_pickled_weight, r"pickled tensors \(weight_0 in .*model_weights_config.json\)"),
+    "a shape expression that is code": (_python_shape, r"a shape expression that is Python code"),
+    "a node that imports a module": (_importing_node, "a graph node that imports Python modules"),
+    "a tree spec that imports a module": (_importing_treespec, "an input or output structure that imports Python"),
+}
+
+
+@pytest.fixture(scope="module")
+def dynamic_pt2(tmp_path_factory) -> pathlib.Path:
+    """A tiny torch.export program with a dynamic batch (so its graph has shape expressions)."""
+    path = tmp_path_factory.mktemp("pt2") / "dynamic.pt2"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    program = torch.export.export(net, (torch.rand(3, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", HOSTILE_PT2)
+def test_a_hostile_pt2_is_refused_and_runs_nothing(dynamic_pt2, tmp_path, monkeypatch, case):
+    """torch.export.load unpickles (sample inputs it fails to read safely,
+    weights marked use_pickle), evaluates shape expressions and lets a graph
+    import modules; without --trust-pickle none of it may run."""
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "pt2_payload.py").write_text(PAYLOAD_MODULE.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    edits, refused = HOSTILE_PT2[case]
+    path = _rewritten(dynamic_pt2, tmp_path / "hostile.pt2", edits(marker))
+    with pytest.raises(AuditError, match=f"^model {path} contains {refused}") as excinfo:
+        load_model(path, device="cpu")
+    assert _message(excinfo).endswith("and was refused; pass --trust-pickle only if you trust its source")
+    assert not marker.exists()
+
+
+def test_a_pt2_loads_with_trust_pickle_too(dynamic_pt2, mnist_test):
+    x = mnist_test.x[:5]
+    trusted = load_model(dynamic_pt2, trust_pickle=True, device="cpu").forward(x)
+    torch.testing.assert_close(trusted, load_model(dynamic_pt2, device="cpu").forward(x))
+
+
+def test_a_graph_given_a_function_that_is_not_an_operator_is_refused(dynamic_pt2):
+    """torch.save writes only operators as node arguments; a file can name
+    any function reachable from torch (torch.os.system) for an operator to call."""
+    import os
+
+    from auditor.models.export_archive import check_program
+
+    program = torch.export.load(str(dynamic_pt2))
+    node = next(node for node in program.graph.nodes if node.op == "call_function")
+    node.args = (*node.args, os.system)
+    with pytest.raises(AuditError, match=f"^model m.pt2 contains a graph node that calls system \\({node.name}\\)"):
+        check_program(program, "m.pt2")
+
+
+def test_pt2_members_that_torch_would_read_differently_are_refused(dynamic_pt2, tmp_path):
+    """Torch's zip reader finds members without regard to case: two members
+    whose names differ only in case would let it read one and us the other."""
+    import zipfile
+
+    path = tmp_path / "twice.pt2"
+    with zipfile.ZipFile(dynamic_pt2) as original, zipfile.ZipFile(path, "w") as copy:
+        sample = next(name for name in original.namelist() if name.endswith("model.pt"))
+        copy.writestr(sample.upper(), original.read(sample))
+        for info in original.infolist():
+            copy.writestr(info, original.read(info.filename))
+    with pytest.raises(AuditError, match="not a readable torch.export program \\(two members named"):
+        load_model(path)
+
+
+# --------------------------------------------------------------------------- #
+# Failures at run time, batch sizes and non-finite outputs
+# --------------------------------------------------------------------------- #
+
+
+def test_a_batch_size_fixed_inside_the_graph_is_caught_by_the_check(mnist_test, tmp_path):
+    """A graph that only runs on 16 rows passed the check on 16 images and
+    failed in the middle of the scan."""
+    path = baked_batch_onnx(tmp_path / "baked.onnx")
+    model = load_model(path, device="cpu")
+    with pytest.raises(AuditError) as excinfo:
+        check_model_on_data(model, mnist_test)
+    assert _message(excinfo).startswith(
+        f"model {path} runs on a batch of 16 images of data mnist but fails on a batch of 3 "
+        "(a batch size fixed inside the graph?): [ONNXRuntimeError]"
+    )
+
+
+def test_outputs_that_depend_on_the_batch_are_refused(mnist_test):
+    class BatchMean(nn.Module):
+        """Subtracts the batch's mean image, as batch statistics do."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(28 * 28, 10)
+
+        def forward(self, x):
+            return self.linear((x - x.mean(0)).flatten(1))
+
+    with pytest.raises(AuditError, match="^model test gives other outputs for 3 images of data mnist alone than in a "
+                                         "batch of 16: its outputs depend on the batch") as excinfo:
+        check_model_on_data(_wrap(BatchMean()), mnist_test)
+    _message(excinfo)
+
+
+def test_a_randomised_model_is_not_taken_for_one_that_depends_on_the_batch(mnist_test):
+    """Two passes of a randomised model differ anyway: the preflight checks report it."""
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10] + torch.randn(len(x), 10)
+
+    assert check_model_on_data(_wrap(Noisy()), mnist_test) == 10
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_failure_at_run_time_is_one_line_naming_model_and_batch(tmp_path, fmt):
+    """Each adapter's forward turns a failure of the model into an AuditError."""
+    if fmt == "onnx":
+        path = baked_batch_onnx(tmp_path / "baked.onnx")
+    else:
+        path = tmp_path / "linear.pt"
+        torch.jit.save(torch.jit.script(nn.Linear(5, 10)), str(path))
+    with pytest.raises(AuditError, match=f"^model {path} failed on a batch of 3: ") as excinfo:
+        load_model(path, device="cpu").forward(torch.rand(3, 1, 28, 28))
+    _message(excinfo)
+
+
+def test_preflight_does_not_call_a_model_with_nan_outputs_randomised(mnist_test):
+    """NaN differs from itself: two identical passes with NaN in them read as a randomised model."""
+    from auditor.checks import RANDOMISED_MODEL, preflight
+
+    found, _ = preflight(_wrap(NanNet()), mnist_test.x[:8])
+    assert RANDOMISED_MODEL not in [check.id for check in found]
+
+
+def test_non_finite_outputs_on_any_audited_image_are_refused(mnist_test):
+    from auditor.models import check_finite_outputs
+
+    class NanOnBright(nn.Module):
+        def forward(self, x):
+            logits = x.flatten(1)[:, :10]
+            return torch.where(x.flatten(1).mean(1, keepdim=True) > 0.5, torch.nan, logits)
+
+    x = torch.cat([torch.zeros(20, 1, 28, 28), torch.ones(3, 1, 28, 28)])
+    check_finite_outputs(_wrap(NanOnBright()), x[:20], mnist_test)
+    with pytest.raises(AuditError, match="^model test returned NaN or infinite outputs on 3 of the 23 audited "
+                                         "images of data mnist$"):
+        check_finite_outputs(_wrap(NanOnBright()), x, mnist_test)
+
+
+def test_mean_and_std_must_fit_the_data_as_well_as_the_model():
+    from auditor.models import check_channels
+
+    check_channels((0.5,), (0.2, 0.3, 0.4), 3, "data d has")
+    check_channels(None, None, 1, "data d has")
+    with pytest.raises(AuditError, match=r"^--std has 2 values but data d has 3 channel\(s\)$"):
+        check_channels((0.5,), (0.2, 0.3), 3, "data d has")
+
+
+def test_onnxruntime_logs_nothing_when_a_run_fails(tmp_path, capfd):
+    """onnxruntime's own error log (several coloured lines on the process's
+    stderr) came before the one-line error."""
+    model = load_model(baked_batch_onnx(tmp_path / "baked.onnx"), device="cpu")
+    capfd.readouterr()
+    with pytest.raises(AuditError):
+        model.forward(torch.rand(3, 1, 28, 28))
+    assert capfd.readouterr().err == ""

@@ -70,4 +70,6 @@ def load_npz(path: str | Path) -> Dataset:
         raise AuditError(f"data {path}: contains no images")
     if (y < 0).any():
         raise AuditError(f"data {path}: y has negative labels")
+    if y.max() > np.iinfo(np.int64).max:  # only unsigned 64-bit labels can be; as int64 they would wrap
+        raise AuditError(f"data {path}: y has labels too large for a class index (up to {y.max()})")
     return Dataset(name=str(path), x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)))

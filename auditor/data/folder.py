@@ -9,37 +9,56 @@ shape, since the auditor evaluates them as one batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 from .base import Dataset
 
 logger = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What Pillow raises for a file it cannot decode: OSError (UnidentifiedImageError,
+truncated data), ValueError, SyntaxError and EOFError from format plugins, and
+DecompressionBombError for an image whose header claims too many pixels."""
+
+
+@contextlib.contextmanager
+def _truncated_images_refused():
+    """Pillow raises OSError on a truncated image for the duration, whatever
+    another library (WeasyPrint does, on import) set for the process: filled
+    in with black rows, it would be audited as if it were whole. The setting
+    is put back after."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _open(path: str) -> Image.Image | torch.Tensor:
     """The image at ``path``: single-channel if it is grayscale (16-bit ones
     as a (1, H, W) float tensor scaled from 0..65535, palette images whose
     palette is all grey as 8-bit), else RGB. A 32-bit integer image (mode
-    ``I``) has no range of its own and is refused."""
-    with Image.open(path) as image:
+    ``I``) has no range of its own and is refused, as is a truncated one."""
+    with _truncated_images_refused(), Image.open(path) as image:
         if image.mode in SIXTEEN_BIT_MODES:
             values = np.asarray(image, dtype=np.float64)
             return torch.from_numpy((values / 65535).astype(np.float32))[None]
         if image.mode in ("I", "F"):
-            raise ValueError(f"{path}: {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
+            raise ValueError(f"{image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
                              "images have no fixed range; save 8- or 16-bit images")
         if image.mode in ("P", "PA") and _grey_palette(image):
             return image.convert("L")
@@ -99,17 +118,18 @@ def load_folder(path: str | Path) -> Dataset:
     except FileNotFoundError as exc:
         raise AuditError(_no_images(path, root)) from exc
     images = []
-    try:
-        for index in range(len(folder)):
+    for index, (file, _) in enumerate(folder.samples):
+        try:
             image, _ = folder[index]
-            if images and image.shape != images[0].shape:
-                raise AuditError(
-                    f"data folder {path}: images must all have the same shape; {folder.samples[index][0]} "
-                    f"is {tuple(image.shape)}, {folder.samples[0][0]} is {tuple(images[0].shape)}"
-                )
-            images.append(image)
-    except (OSError, ValueError) as exc:
-        raise AuditError(f"data folder {path}: cannot read an image ({exc})") from exc
+        except UNREADABLE as exc:
+            reason = short_reason(exc)
+            raise AuditError(f"data folder {path}: cannot read an image ({file}: {reason})") from exc
+        if images and image.shape != images[0].shape:
+            raise AuditError(
+                f"data folder {path}: images must all have the same shape; {file} "
+                f"is {tuple(image.shape)}, {folder.samples[0][0]} is {tuple(images[0].shape)}"
+            )
+        images.append(image)
     x, y = torch.stack(images), torch.tensor(folder.targets, dtype=torch.long)
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
     return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))

@@ -31,7 +31,7 @@ from ..access import DEFAULT_BUDGET
 from ..data import Dataset, load_data
 from ..eps import check_radius
 from ..errors import AuditError
-from ..models import check_model_on_data, load_model, normalisation
+from ..models import check_channels, check_model_on_data, load_model, normalisation
 from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
@@ -153,6 +153,8 @@ def harden(
     if epochs is not None:
         options["epochs"] = epochs
     eps = to_radius(eps)
+    if not str(out):
+        raise AuditError("--out is empty: give the folder for the hardened model")
     check_data_spec(data)
     if eval_data is not None:
         check_data_spec(eval_data, "eval_data")
@@ -163,6 +165,7 @@ def harden(
     trainer_method = METHODS[config.method](config)
     source = Path(model)
     training_data = load_data(data, split="train")
+    check_channels(mean, std, training_data.x.shape[1], f"data {training_data.name} has")
     check_radius(config.eps, config.norm, tuple(training_data.x.shape[1:]))
     evaluation = eval_data or data
     check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,

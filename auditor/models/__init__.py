@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..data.base import Dataset
-from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize, plural, require_classes
+from ..errors import AuditError
+from .base import Model, ModelFailed, ModelInfo, Normalize, plural, require_classes
 from .onnxrt import OnnxModel, external_data_files, load_onnx
 from .pytorch import (
     TorchModel,
@@ -36,6 +38,8 @@ __all__ = [
     "Normalize",
     "OnnxModel",
     "TorchModel",
+    "check_channels",
+    "check_finite_outputs",
     "check_model_on_data",
     "detect_format",
     "load_model",
@@ -56,6 +60,12 @@ SELF_CONTAINED = {
 """Formats that carry their own architecture (so ``--arch`` has no use) -> what they are."""
 CHECK_SAMPLES = 16
 """Images run through the model by :func:`check_model_on_data`."""
+ODD_BATCH = 3
+"""The batch that :func:`check_model_on_data` runs as well: neither a power
+of two nor a divisor of :data:`CHECK_SAMPLES`, batch sizes graphs are often exported with."""
+BATCH_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3}
+"""How close the logits of an image must be in batches of different sizes
+(kernels may add in another order)."""
 
 
 @dataclass(frozen=True)
@@ -153,16 +163,17 @@ def _values(flag: str, values) -> tuple[float, ...]:
     return result
 
 
-def _check_channels(model: Model, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """``--mean``/``--std`` have one value or one per channel of the model's input."""
-    channels = model.info.input_shape[0] if model.info.input_shape else None
-    if channels is None:
+def check_channels(
+    mean: tuple[float, ...] | None, std: tuple[float, ...] | None, channels: int | None, owner: str
+) -> None:
+    """``--mean``/``--std`` have one value or one per channel; ``owner`` says
+    whose ``channels`` these are (``"model m.onnx takes"``, ``"data d.npz has"``).
+    Nothing to check without normalisation or a known channel count."""
+    if mean is None or std is None or channels is None:
         return
     for flag, values in (("--mean", mean), ("--std", std)):
         if len(values) not in (1, channels):
-            raise AuditError(
-                f"{flag} has {len(values)} values but model {model.info.path} takes {channels} channel(s)"
-            )
+            raise AuditError(f"{flag} has {len(values)} values but {owner} {channels} channel(s)")
 
 
 def _check_arch(arch: str | None, fmt: str, path: str) -> None:
@@ -226,18 +237,11 @@ def load_model(
         device=device,
     )
     model = LOADERS[fmt](request)
-    if mean is not None:
-        _check_channels(model, mean, std)
+    declared = model.info.input_shape[0] if model.info.input_shape else None
+    check_channels(mean, std, declared, f"model {shown} takes")
     _check_arch(arch, model.info.format, shown)
     logger.info("loaded model %s (%s, sha256 %s)", shown, model.info.format, model.info.sha256[:12])
     return model
-
-
-def _last_line(exc: BaseException) -> str:
-    """The cause of an error in one short line: the last line of a long
-    message (a TorchScript traceback ends with the error it wraps)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return short_reason(exc) if len(lines) <= 1 else short_reason(Exception(lines[-1]))
 
 
 def _layout_hint(declared: tuple, actual: tuple, dataset: Dataset) -> str:
@@ -255,32 +259,86 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
 
     Compares the declared input shape with the images, runs the first few
     images through the model and checks the logits: (N, K), finite, K at
-    least 2 and larger than every label.
+    least 2 and larger than every label. The first :data:`ODD_BATCH` of them
+    run again as a batch of their own and must give the same logits: a graph
+    with a batch size fixed inside it (in a reshape, say) fails on any other.
     """
+    path, name = model.info.path, dataset.name
     declared = model.info.input_shape
     actual = tuple(dataset.x.shape[1:])
     if declared is not None and (
         len(declared) != len(actual)
         or any(want is not None and want != got for want, got in zip(declared, actual))
     ):
-        raise AuditError(f"model expects input {declared} but data has {actual}{_layout_hint(declared, actual, dataset)}")
+        hint = _layout_hint(declared, actual, dataset)
+        raise AuditError(f"model {path} expects input {declared} but data {name} has {actual}{hint}")
     sample = dataset.x[:CHECK_SAMPLES]
-    try:
-        logits = model.forward(sample)
-    except Exception as exc:
-        raise AuditError(f"model failed on images of shape {actual}: {_last_line(exc)}") from exc
+    logits = _logits(model, sample, dataset)
     if logits.ndim != 2 or logits.shape[0] != len(sample):
         raise AuditError(
-            f"model returned outputs of shape {tuple(logits.shape)} for {len(sample)} images; "
-            "expected (images, classes)"
+            f"model {path} returned outputs of shape {tuple(logits.shape)} for {len(sample)} images "
+            f"of data {name}; expected (images, classes)"
         )
     if logits.isnan().any():
-        raise AuditError("model returned NaN outputs on the data")
+        raise AuditError(f"model {path} returned NaN outputs on data {name}")
     if logits.isinf().any():
-        raise AuditError("model returned infinite outputs on the data")
+        raise AuditError(f"model {path} returned infinite outputs on data {name}")
+    if len(sample) > ODD_BATCH:
+        _check_batch_independent(model, sample, logits, dataset)
     num_classes = int(logits.shape[1])
-    require_classes(num_classes, model.info.path)
+    require_classes(num_classes, path)
     top_label = int(dataset.y.max())
     if num_classes <= top_label:
-        raise AuditError(f"model has {plural(num_classes, 'class')} but the labels go up to {top_label}")
+        raise AuditError(
+            f"model {path} has {plural(num_classes, 'class')} but the labels of data {name} "
+            f"go up to {top_label}"
+        )
     return num_classes
+
+
+def _logits(model: Model, images: torch.Tensor, dataset: Dataset) -> torch.Tensor:
+    """``model.forward(images)``; a failure names the model, the batch and the data."""
+    try:
+        return model.forward(images)
+    except ModelFailed as exc:
+        raise AuditError(
+            f"model {model.info.path} failed on a batch of {len(images)} images of shape "
+            f"{tuple(images.shape[1:])} from data {dataset.name}: {exc.reason}"
+        ) from exc
+
+
+def _check_batch_independent(
+    model: Model, sample: torch.Tensor, logits: torch.Tensor, dataset: Dataset
+) -> None:
+    """The first :data:`ODD_BATCH` images of ``sample`` give the same logits
+    on their own as in ``sample`` (``logits``), unless the model is randomised
+    (two passes over ``sample`` differ), which the preflight checks report."""
+    path, name = model.info.path, dataset.name
+    try:
+        alone = model.forward(sample[:ODD_BATCH])
+    except ModelFailed as exc:
+        raise AuditError(
+            f"model {path} runs on a batch of {len(sample)} images of data {name} but fails on a batch of "
+            f"{ODD_BATCH} (a batch size fixed inside the graph?): {exc.reason}"
+        ) from exc
+    within = logits[:ODD_BATCH]
+    if alone.shape == within.shape and torch.allclose(alone, within, **BATCH_TOLERANCE):
+        return
+    if torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE):
+        raise AuditError(
+            f"model {path} gives other outputs for {ODD_BATCH} images of data {name} alone than in a batch "
+            f"of {len(sample)}: its outputs depend on the batch (a batch size fixed inside the graph, "
+            "or batch statistics)"
+        )
+
+
+def check_finite_outputs(model: Model, x: torch.Tensor, dataset: Dataset) -> None:
+    """Refuse a model that gives NaN or infinite logits on any of the audited
+    images ``x`` of ``dataset``: its predictions there name no class."""
+    logits = model.forward(x.to(model.device))
+    bad = int((~torch.isfinite(logits).all(dim=1)).sum())
+    if bad:
+        raise AuditError(
+            f"model {model.info.path} returned NaN or infinite outputs on {bad} of the {len(x)} "
+            f"audited images of data {dataset.name}"
+        )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..access import Access
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 
 MIN_CLASSES = 2
 
@@ -41,6 +41,22 @@ def plural(count: int, noun: str) -> str:
     if count == 1:
         return f"{count} {noun}"
     return f"{count} {noun}es" if noun.endswith(("s", "x", "sh", "ch")) else f"{count} {noun}s"
+
+
+def last_line(exc: BaseException) -> str:
+    """The cause of an error in one short line: the last line of a long
+    message (a TorchScript traceback ends with the error it wraps)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return short_reason(exc) if len(lines) <= 1 else short_reason(Exception(lines[-1]))
+
+
+class ModelFailed(AuditError):
+    """A model that raised an error on a batch of images; ``reason`` is the
+    cause in one line."""
+
+    def __init__(self, path: str, rows: int, exc: BaseException):
+        self.reason = last_line(exc)
+        super().__init__(f"model {path} failed on a batch of {rows}: {self.reason}")
 
 
 def require_classes(num_classes: int | None, path: str) -> None:

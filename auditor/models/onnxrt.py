@@ -24,7 +24,7 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize, require_classes
+from .base import Model, ModelFailed, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
 from .pytorch import CHUNK, FixedBatch, resolve_device, run_chunked
 
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 CHECK_BATCH = 4
 """Random images in [0,1] on which the converted graph must match the session."""
+
+FATAL_ONLY = 4
+"""onnxruntime's log severity that logs fatal errors only."""
 
 INPUT_DTYPES = {
     "tensor(float)": np.float32,
@@ -128,7 +131,10 @@ class OnnxModel(Model):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().to("cpu", torch.float32)
-        logits = run_chunked(self._run, images, self._chunk, self._fixed_batch)
+        try:
+            logits = run_chunked(self._run, images, self._chunk, self._fixed_batch)
+        except Exception as exc:
+            raise ModelFailed(self.info.path, len(x), exc) from exc
         return logits.float().to(x.device)
 
     def torch_module(self) -> nn.Module | None:
@@ -184,7 +190,9 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
     """An ONNX file, run on onnxruntime."""
     providers = _providers(request.device)
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    # fatal only: a failure is raised as an exception and reported in one line;
+    # onnxruntime's own (multi-line, coloured) error log would come before it
+    options.log_severity_level = FATAL_ONLY
     # onnxruntime's worker threads spin between runs by default, which starves
     # torch's own threads in the attack code running between queries.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

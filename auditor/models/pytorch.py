@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import pickle
@@ -29,7 +30,8 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelInfo, Normalize, require_classes
+from .base import Model, ModelFailed, ModelInfo, Normalize, last_line, require_classes
+from .export_archive import check_archive, check_layout, check_program
 
 if TYPE_CHECKING:
     from . import ModelRequest
@@ -188,7 +190,10 @@ class TorchModel(Model):
                 raise TypeError(f"the model returns a {type(logits).__name__}, not a tensor of logits")
             return logits.float().to(x.device)
 
-        return run_chunked(run, x, CHUNK, False)
+        try:
+            return run_chunked(run, x, CHUNK, False)
+        except Exception as exc:
+            raise ModelFailed(self.info.path, len(x), exc) from exc
 
     def torch_module(self) -> nn.Module:
         return self._module
@@ -244,20 +249,77 @@ def _static(dim: int | torch.SymInt) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+EXPORT_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
+"""The loggers ``torch.export.load`` writes to. When a file is not an archive
+it can read, it logs a warning with a whole traceback, then raises an error
+that says to look at it."""
+
+
+class _HeldRecords(logging.Filter):
+    """A filter that keeps the records of the loggers it is added to instead of letting them print."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _held_export_logs():
+    """Hold back the records of :data:`EXPORT_LOGGERS` for the duration (the
+    filter is removed after); yields the list they are kept in."""
+    held = _HeldRecords()
+    loggers = [logging.getLogger(name) for name in EXPORT_LOGGERS]
+    for export_logger in loggers:
+        export_logger.addFilter(held)
+    try:
+        yield held.records
+    finally:
+        for export_logger in loggers:
+            export_logger.removeFilter(held)
+
+
+def _load_failure(exc: Exception, records: list[logging.LogRecord]) -> str:
+    """Why ``torch.export.load`` failed, in one line: the last line of the
+    last error it logged (its own error then only points at that log), else
+    of ``exc``."""
+    logged = [record.exc_info[1] for record in records if record.exc_info]
+    return last_line(logged[-1] if logged else exc)
+
+
 def load_export(request: ModelRequest) -> TorchModel:
     """A ``torch.export`` program (``.pt2``); shapes come from its graph.
 
-    A program exported with a static batch size runs in chunks of exactly
-    that size (see :func:`run_chunked`).
+    Unless ``request.trust_pickle``, the archive is first checked for
+    anything that would unpickle or run code (:mod:`.export_archive`); the
+    bytes checked are the bytes loaded. A program exported with a static
+    batch size runs in chunks of exactly that size (see :func:`run_chunked`).
     """
     if not zipfile.is_zipfile(request.file):
         raise AuditError(f"model {request.path}: not a readable torch.export program (not a zip archive)")
+    data = request.file.read_bytes()
     try:
-        program = torch.export.load(str(request.file))
-    except Exception as exc:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError) as exc:
         raise AuditError(
             f"model {request.path}: not a readable torch.export program ({short_reason(exc)})"
         ) from exc
+    with archive:
+        check_layout(archive, request.path)
+        if not request.trust_pickle:
+            check_archive(archive, request.path)
+    with _held_export_logs() as records:
+        try:
+            program = torch.export.load(io.BytesIO(data))
+        except Exception as exc:
+            raise AuditError(
+                f"model {request.path}: not a readable torch.export program ({_load_failure(exc, records)})"
+            ) from exc
+    if not request.trust_pickle:
+        check_program(program, request.path)
     user_inputs = program.graph_signature.user_inputs
     if len(user_inputs) != 1:
         raise AuditError(

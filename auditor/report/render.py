@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import jinja2
-import weasyprint
 
 from ..resources import templates_dir
 from .build import ReportView, build_view
@@ -54,6 +53,10 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
     match), the folders this call created are removed again, and the error
     propagates.
     """
+    # imported here, not with this module: importing WeasyPrint makes Pillow
+    # load truncated images for the whole process (ImageFile.LOAD_TRUNCATED_IMAGES)
+    import weasyprint
+
     html = render_html(build_view(results, source=source))
     out_dir = Path(out_dir)
     html_path, pdf_path = out_dir / HTML_NAME, out_dir / PDF_NAME
