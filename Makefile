@@ -21,8 +21,11 @@ $(EXAMPLE): | $(STAMP)
 demo: $(STAMP) | $(EXAMPLE)
 	$(VENV)/bin/auditor demo --out out/demo
 
+# Test files run in parallel, one per worker at a time (module fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

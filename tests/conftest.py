@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from auditor.data.builtin import mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_ONNX = ROOT / "examples" / "mnist_cnn.onnx"
+
+
+def pytest_configure(config):
+    """A worker of a parallel run (pytest-xdist, as ``make test`` runs) keeps
+    torch to one thread: the workers already use the cores, and more threads
+    than cores make the small tensor ops of the attack tests many times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def tiny_cnn_arch() -> nn.Module:
