@@ -21,7 +21,7 @@ import click
 
 from .access import DEFAULT_BUDGET, Access
 from .eps import eps_text, parse_eps
-from .errors import AuditError, short_reason
+from .errors import AuditError, printable, short_reason
 from .report.formatting import percent
 
 EXIT_PASS, EXIT_POLICY_FAILED, EXIT_ERROR = 0, 1, 2
@@ -123,19 +123,23 @@ class AuditorGroup(click.Group):
 
 def _echo_summary(results: dict) -> None:
     threat = results["threat"]
-    click.echo(f"access: {results['access']['level']} ({results['access']['reason']})")
+    click.echo(printable(f"access: {results['access']['level']} ({results['access']['reason']})"))
     click.echo(f"clean accuracy: {percent(results['clean_accuracy'])} on {results['data']['n']} samples")
     for eps, value in results["robust_accuracy"].items():
         click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {percent(value)}")
     for check in results["checks"]:
-        click.echo(f"check [{check['level']}] {check['id']}: {check['message']}")
+        click.echo(printable(f"check [{check['level']}] {check['id']}: {check['message']}"))
 
 
 def _echo_policy(policy: dict) -> None:
+    """The verdicts, one line each; names and ids come from the policy file,
+    so their control characters are shown as escapes."""
     for requirement in policy["requirements"]:
         mark = "PASS" if requirement["passed"] else "FAIL"
-        click.echo(f"{mark}  {requirement['id']}: {requirement['description']} (actual: {requirement['actual']})")
-    click.echo(f"policy {policy['name']}: {'passed' if policy['passed'] else 'FAILED'}")
+        click.echo(printable(
+            f"{mark}  {requirement['id']}: {requirement['description']} (actual: {requirement['actual']})"
+        ))
+    click.echo(printable(f"policy {policy['name']}: {'passed' if policy['passed'] else 'FAILED'}"))
 
 
 def _exit_code(results: dict) -> int:
@@ -391,11 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:  # the whole traceback, and still the error exit code
             traceback.print_exc()
         elif isinstance(exc, click.ClickException):
-            click.echo(f"error: {exc.format_message()}", err=True)
-        elif isinstance(exc, AuditError):
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc.format_message())}", err=True)
+        elif isinstance(exc, AuditError):  # may quote an input file (a policy, an ONNX input name)
+            click.echo(f"error: {printable(str(exc))}", err=True)
         else:  # an internal bug: still one line unless --debug
-            click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+            message = f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)"
+            click.echo(f"error: {printable(message)}", err=True)
         code = EXIT_ERROR
     signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else EXIT_PASS)

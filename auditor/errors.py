@@ -5,6 +5,11 @@ flag). The CLI prints its message as one line and exits with code 2; the
 Python API lets it propagate.
 """
 
+import re
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+"""Control characters but tab: terminal escape sequences, line breaks."""
+
 
 class AuditError(Exception):
     """Bad input: printed as one line by the CLI, exit code 2."""
@@ -14,3 +19,9 @@ def short_reason(exc: BaseException, limit: int = 200) -> str:
     """The text of ``exc`` on one line, at most ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters shown as escapes (``\\x1b``, ``\\n``),
+    so that text from an input file can neither drive the terminal nor break the line."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)

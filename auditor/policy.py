@@ -26,7 +26,7 @@ import yaml
 from .access import Access
 from .checks import CUSTOM_BATTERY
 from .eps import eps_key, eps_text, parse_eps
-from .errors import AuditError
+from .errors import AuditError, short_reason
 from .resources import policies_dir
 
 NORMS = ("linf", "l2")
@@ -106,7 +106,7 @@ def _check_keys(
     for key in spec:
         if key not in allowed:
             raise source.error(
-                f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}"
+                f"{where}: unknown key {_shown(key)}; allowed: {', '.join(allowed)}"
             )
     for key in required:
         if key not in spec:
@@ -135,6 +135,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` as an error message shows it: its repr, cut to ``limit``
+    characters, since a wrong value in a policy file may be long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _got(value: Any) -> str:
     """``value`` as an error message shows it, with a hint for text YAML
     took for a number (``1e-1``: YAML 1.1 reads exponents without a dot as text)."""
@@ -142,7 +149,8 @@ def _got(value: Any) -> str:
         number = isinstance(value, str) and math.isfinite(float(value))
     except ValueError:
         number = False
-    return f"{value!r} (text to YAML: write a number with a dot, e.g. 1.0e-1)" if number else repr(value)
+    hint = " (text to YAML: write a number with a dot, e.g. 1.0e-1)" if number else ""
+    return _shown(value) + hint
 
 
 def _fraction(value: Any, where: str, source: _Source) -> float:
@@ -155,7 +163,7 @@ def _fraction(value: Any, where: str, source: _Source) -> float:
 def _count(value: Any, where: str, source: _Source) -> int:
     """An integer >= 0 (a query threshold)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise source.error(f"{where}: expected an integer >= 0, got {value!r}")
+        raise source.error(f"{where}: expected an integer >= 0, got {_shown(value)}")
     return value
 
 
@@ -163,7 +171,7 @@ def _choice(value: Any, choices: tuple[str, ...], where: str, source: _Source) -
     """One of a fixed set of strings."""
     if value not in choices:
         raise source.error(
-            f"{where}: expected one of {', '.join(choices)}, got {value!r}"
+            f"{where}: expected one of {', '.join(choices)}, got {_shown(value)}"
         )
     return value
 
@@ -497,17 +505,31 @@ def load_policy(path_or_name: str | Path) -> Policy:
         raise source.error(f"invalid YAML: {_yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise source.error(f"cannot read: {exc}") from exc
+    except ValueError as exc:  # a value YAML cannot build: an integer of over 4300 digits, a 13th month
+        raise source.error(f"invalid YAML value: {short_reason(exc)}") from exc
+    except RecursionError as exc:
+        raise source.error("invalid YAML: nested too deeply") from exc
     return _parse_policy(document, source)
 
 
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.safe_load``'s loader, except that a key given twice in one
-    mapping is an error (SafeLoader keeps the last one silently)."""
+    mapping is an error (SafeLoader keeps the last one silently) and that
+    aliases (``*name``) are refused: nested ones make a small file load as a
+    huge document (a "billion laughs"), and a policy has no use for them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a policy", alias.start_mark
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: {min: 0.5}` may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
@@ -517,7 +539,7 @@ class _StrictLoader(yaml.SafeLoader):
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r}", key_node.start_mark,
+                    f"duplicate key {_shown(key)}", key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -542,10 +564,10 @@ def _parse_policy(document: Any, source: _Source) -> Policy:
     _check_keys(document, _TOP_LEVEL_KEYS, ("policy", "requirements"), "top level", source)
     name = document["policy"]
     if not isinstance(name, str) or not name:
-        raise source.error(f"policy: expected a non-empty string, got {name!r}")
+        raise source.error(f"policy: expected a non-empty string, got {_shown(name)}")
     description = document.get("description")
     if description is not None and not isinstance(description, str):
-        raise source.error(f"description: expected a string, got {description!r}")
+        raise source.error(f"description: expected a string, got {_shown(description)}")
     items = document["requirements"]
     if not isinstance(items, list) or not items:
         raise source.error("requirements: expected a non-empty list")
@@ -561,7 +583,7 @@ def _parse_requirements(items: list[Any], source: _Source) -> tuple[Requirement,
         if rid is None:
             continue
         if rid in taken:
-            raise source.error(f"requirement {number}: duplicate id {rid!r}")
+            raise source.error(f"requirement {number}: duplicate id {_shown(rid)}")
         taken.add(rid)
     requirements = []
     for number, (item, key, rid) in enumerate(zip(items, keys, explicit), 1):
@@ -585,7 +607,7 @@ def _requirement_key(item: Any, number: int, source: _Source) -> str:
     unknown = [key for key in keys if key not in REQUIREMENT_TYPES]
     if unknown:
         raise source.error(
-            f"requirement {number}: unknown key {unknown[0]!r}; allowed: {allowed}, id"
+            f"requirement {number}: unknown key {_shown(unknown[0])}; allowed: {allowed}, id"
         )
     if len(keys) != 1:
         raise source.error(
@@ -598,7 +620,7 @@ def _explicit_id(item: Mapping[str, Any], number: int, source: _Source) -> str |
     """The item's ``id``, if given; it must be a non-empty string."""
     rid = item.get("id")
     if rid is not None and (not isinstance(rid, str) or not rid):
-        raise source.error(f"requirement {number}: id: expected a non-empty string, got {rid!r}")
+        raise source.error(f"requirement {number}: id: expected a non-empty string, got {_shown(rid)}")
     return rid
 
 

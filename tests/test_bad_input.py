@@ -327,6 +327,46 @@ def test_duplicate_policy_key_is_one_line_exit_2(scanned, capsys, tmp_path):
     assert err == f"error: policy {policy}: invalid YAML: duplicate key 'min' (line 3, column 32)\n"
 
 
+def test_check_shows_control_characters_of_the_policy_as_escapes(scanned, capsys, tmp_path):
+    """Names and ids from a policy file are printed: their escape sequences
+    (here one setting the terminal's title) must not reach the terminal."""
+    policy = tmp_path / "esc.yaml"
+    policy.write_text('policy: "p\\e]0;pwned\\a"\n'
+                      'requirements:\n  - id: "x\\e[2Jcleared"\n    no_checks_at: error\n')
+    with pytest.raises(SystemExit):
+        main(["check", str(scanned), "--policy", str(policy)])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "  x\\x1b[2Jcleared: no checks at level error or above" in out
+    assert "policy p\\x1b]0;pwned\\x07: " in out
+
+
+def test_error_lines_show_control_characters_as_escapes(capsys, tmp_path):
+    policy = tmp_path / "p\x1b]0;pwned\x07\nq.yaml"
+    policy.write_text("policy: p\n")
+    code, err = run(capsys, "check", tmp_path / "results.json", "--policy", policy)
+    assert code == 2
+    shown = f"{tmp_path}/p\\x1b]0;pwned\\x07\\nq.yaml"
+    assert err == f"error: policy {shown}: top level: missing required key 'requirements'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [('{"seed": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+     ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded")],
+    ids=["integer of 5000 digits", "nested 100000 deep"],
+)
+@pytest.mark.parametrize("command", [["check", "--policy", "strict"], ["report", "--out", "{tmp}/out"]])
+def test_json_python_cannot_read_is_one_line_exit_2(command, text, problem, capsys, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(text)
+    code, err = run(capsys, command[0], path, *(arg.format(tmp=tmp_path) for arg in command[1:]))
+    assert code == 2
+    assert err.startswith(f"error: results file {path}: cannot read JSON (") and err.count("\n") == 1, err
+    assert problem in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def blocked(tmp_path) -> Path:
     """A regular file: no folder can be created below it."""

@@ -399,6 +399,12 @@ def test_missing_policy_names_builtins(tmp_path):
          "invalid YAML: duplicate key 'policy' (line 2, column 1)"),
         ("policy: p\nrequirements:\n  - id: a\n    id: b\n    no_checks_at: error\n",
          "invalid YAML: duplicate key 'id' (line 4, column 5)"),
+        ("policy: p\nrequirements:\n  - clean_accuracy: &base {min: 0.5}\n  - clean_accuracy: *base\n",
+         "invalid YAML: aliases (*name) are not allowed in a policy (line 4, column 21)"),
+        ("policy: p\nrequirements:\n  - median_queries: {min: " + "9" * 5000 + ", access: hard-label}\n",
+         "invalid YAML value: Exceeds the limit (4300 digits) for integer string conversion"),
+        ("policy: " + "[" * 10_000 + "]" * 10_000 + "\nrequirements: [{no_checks_at: error}]\n",
+         "invalid YAML: nested too deeply"),
     ],
 )
 def test_bad_policies_raise_one_line_audit_error(tmp_path, text, problem):
@@ -409,11 +415,40 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
     path = write(tmp_path, """\
         policy: p
         requirements:
-          - clean_accuracy: &base {min: 0.5}
+          - clean_accuracy: {min: 0.5}
           - id: stricter
-            clean_accuracy: {<<: *base, min: 0.9}
+            clean_accuracy: {<<: {min: 0.5}, min: 0.9}
         """)
     assert [r.min for r in load_policy(path).requirements] == [0.5, 0.9]
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Nested aliases make a few hundred bytes load as millions of strings,
+    which an error message quoting the value would spell out in full."""
+    bomb = '&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'
+    for level in range(1, 6):
+        bomb = f"&a{level} [{bomb}, " + ", ".join([f"*a{level - 1}"] * 8) + "]"
+    message = load_error(tmp_path, f"policy: {bomb}\nrequirements: [{{no_checks_at: error}}]\n")
+    assert "invalid YAML: aliases (*name) are not allowed in a policy (line 1, column " in message
+    assert len(message) < 200
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("policy: [{long}]\nrequirements: [{{no_checks_at: error}}]\n",
+         "policy: expected a non-empty string, got ['xxx"),
+        ("policy: p\nrequirements: [{{clean_accuracy: {{min: {long}}}}}]\n",
+         "min: expected a number in [0, 1], got 'xxx"),
+        ("policy: p\nrequirements: [{{no_checks_at: {long}}}]\n",
+         "expected one of info, warning, error, got 'xxx"),
+    ],
+)
+def test_a_long_wrong_value_is_cut_short_in_the_message(tmp_path, text, problem):
+    message = load_error(tmp_path, text.format(long="x" * 100_000))
+    assert problem in message
+    shown = message.rsplit(", got ", 1)[1]
+    assert len(shown) == 60 and shown.endswith("x…")
 
 
 def test_error_names_the_requirement(tmp_path):

@@ -7,11 +7,12 @@ import copy
 import pypdf
 import pytest
 import weasyprint
+from PIL import Image
 
 from auditor.cli import _echo_summary
 from auditor.errors import AuditError
 from auditor.report.build import build_view, check_explanations
-from auditor.report.render import render_html, write_report
+from auditor.report.render import render_html, write_pdf, write_report
 from auditor.report.schema import validate_results
 
 
@@ -245,6 +246,20 @@ def test_failed_pdf_leaves_no_files(results, tmp_path, monkeypatch):
         write_report(results, tmp_path)
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pdf_loads_nothing_the_html_refers_to(tmp_path, caplog):
+    """Neither a file nor the network: WeasyPrint skips each URL with a logged error."""
+    image = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+    html = (f'<p>text</p><img src="{image.as_uri()}"><img src="file:///etc/passwd">'
+            '<link rel="stylesheet" href="http://127.0.0.1:1/style.css">')
+    write_pdf(html, tmp_path / "report.pdf")
+    page = pypdf.PdfReader(tmp_path / "report.pdf").pages[0]
+    assert "text" in page.extract_text()
+    assert not page.images
+    for url in (image.as_uri(), "file:///etc/passwd", "http://127.0.0.1:1/style.css"):
+        assert f"disallowed protocol: {url}" in caplog.text
 
 
 @pytest.mark.parametrize("bad", [{"schema": "auditor.policy/1"}, {"accuracy": 0.9}, [1, 2]])

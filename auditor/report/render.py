@@ -36,11 +36,6 @@ def render_html(view: ReportView) -> str:
     return _environment().get_template("report.html.j2").render(view=view)
 
 
-def _refuse_fetch(url: str) -> dict:
-    """WeasyPrint URL fetcher that loads nothing: the report must not touch the network or disk."""
-    raise ValueError(f"the report must not load external resources ({url})")
-
-
 def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.pdf`` for a results dict into ``out_dir``.
 
@@ -53,10 +48,6 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
     match), the folders this call created are removed again, and the error
     propagates.
     """
-    # imported here, not with this module: importing WeasyPrint makes Pillow
-    # load truncated images for the whole process (ImageFile.LOAD_TRUNCATED_IMAGES)
-    import weasyprint
-
     html = render_html(build_view(results, source=source))
     out_dir = Path(out_dir)
     html_path, pdf_path = out_dir / HTML_NAME, out_dir / PDF_NAME
@@ -66,7 +57,7 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".report-") as temp:
             html_temp, pdf_temp = Path(temp) / HTML_NAME, Path(temp) / PDF_NAME
             html_temp.write_text(html, encoding="utf-8")
-            weasyprint.HTML(string=html, url_fetcher=_refuse_fetch).write_pdf(pdf_temp)
+            write_pdf(html, pdf_temp)
             os.replace(html_temp, html_path)
             os.replace(pdf_temp, pdf_path)
     except BaseException:
@@ -78,6 +69,18 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
                 folder.rmdir()
         raise
     return html_path, pdf_path
+
+
+def write_pdf(html: str, path: Path) -> None:
+    """Render ``html`` to a PDF at ``path`` without loading anything it refers to:
+    WeasyPrint skips, with a logged warning, every URL (no protocol is allowed),
+    so that the report touches neither the network nor the disk."""
+    # imported here, not with this module: importing WeasyPrint makes Pillow
+    # load truncated images for the whole process (ImageFile.LOAD_TRUNCATED_IMAGES)
+    import weasyprint
+
+    refuse_all = weasyprint.urls.URLFetcher(allowed_protocols=())
+    weasyprint.HTML(string=html, url_fetcher=refuse_all).write_pdf(path)
 
 
 def _missing_folders(folder: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..eps import eps_at_half, eps_key
-from ..errors import AuditError
+from ..errors import AuditError, short_reason
 from ..verify import eps_bound
 
 SCHEMA = "auditor.results/1"
@@ -32,8 +32,8 @@ def read_results(path: str | Path) -> dict:
         raise AuditError(f"cannot read results.json: no such file: {path}")
     try:
         results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditError(f"results file {path}: cannot read JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, too long an int
+        raise AuditError(f"results file {path}: cannot read JSON ({short_reason(exc)})") from None
     return validate_results(results, str(path))
 
 
