@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from auditor.data import load_data, load_folder, load_npz
+from auditor.data import arrays, folder
 from auditor.data.base import Dataset
 from auditor.errors import AuditError
 
@@ -165,7 +169,11 @@ def test_image_folder_mixed_sizes(tmp_path):
     _png(tmp_path / "b" / "x.png", 0, size=16)
     with pytest.raises(AuditError, match="must all have the same shape") as excinfo:
         load_folder(tmp_path)
-    assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is (1, 16, 16), {tmp_path / 'a' / 'x.png'} is (1, 8, 8)")
+    assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is 16x16 pixels, {tmp_path / 'a' / 'x.png'} is 8x8")
+    _png(tmp_path / "b" / "x.png", 0, size=8, mode="RGB")
+    with pytest.raises(AuditError, match="must all have the same shape") as excinfo:
+        load_folder(tmp_path)
+    assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is (3, 8, 8), {tmp_path / 'a' / 'x.png'} is (1, 8, 8)")
 
 
 def test_empty_image_folders(tmp_path):
@@ -230,4 +238,77 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path):
     _png_claiming(tmp_path / "b" / "bomb.png", 20000, 20000)
     with pytest.raises(AuditError, match=f"cannot read an image \\({tmp_path / 'b' / 'bomb.png'}: Image size") as excinfo:
         load_folder(tmp_path)
+    _message(excinfo)
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "class-folder"])
+def test_symlinks_out_of_the_image_folder_are_refused(tmp_path, link):
+    """torchvision follows symlinks anywhere: an image outside the folder
+    was audited, and copied into adversarials.npz."""
+    root, outside = tmp_path / "data", tmp_path / "private"
+    _png(root / "a" / "x.png", 0)
+    _png(root / "b" / "x.png", 0)
+    _png(outside / "holiday.png", 77)
+    escape = {"file": root / "a" / "z.png", "folder": root / "b" / "linked", "class-folder": root / "c"}[link]
+    escape.symlink_to(outside / "holiday.png" if link == "file" else outside)
+    with pytest.raises(AuditError, match=f"data folder {root}: {escape} leads out of the folder") as excinfo:
+        load_folder(root)
+    _message(excinfo)
+
+
+def test_symlinks_inside_the_image_folder_are_followed_once(tmp_path):
+    _png(tmp_path / "a" / "x.png", 0)
+    _png(tmp_path / "b" / "x.png", 255)
+    (tmp_path / "a" / "y.png").symlink_to(tmp_path / "b" / "x.png")
+    (tmp_path / "b" / "loop").symlink_to(tmp_path / "b")  # walked for ever by torchvision
+    data = load_folder(tmp_path)
+    assert data.y.tolist() == [0, 0, 1]
+    assert data.x[1].max() == 1.0
+
+
+def test_a_fifo_in_the_image_folder_is_refused(tmp_path):
+    _png(tmp_path / "a" / "x.png", 0)
+    os.mkfifo(tmp_path / "a" / "y.png")  # reading it would wait for ever
+    with pytest.raises(AuditError, match=f"{tmp_path / 'a' / 'y.png'} is not a regular file"):
+        load_folder(tmp_path)
+
+
+def test_images_over_the_limits_are_refused_before_they_are_decoded(tmp_path, monkeypatch):
+    """Sizes come from the headers: a 9000x9000 PNG of 80 KB took 2 GB as float32."""
+    _png_claiming(tmp_path / "a" / "big.png", 5000, 4000)  # its data would not even decode
+    with pytest.raises(AuditError, match="big.png is 5000x4000 pixels, over the limit of 16777216") as excinfo:
+        load_folder(tmp_path)
+    _message(excinfo)
+    (tmp_path / "a" / "big.png").unlink()
+    for name in "abc":
+        _png(tmp_path / name / "x.png", 0, size=8)
+    monkeypatch.setattr(folder, "MAX_VALUES", 2 * 64)
+    with pytest.raises(AuditError, match="the images hold over 128 values"):
+        load_folder(tmp_path)
+
+
+def _npz_declaring(path, x_shape: tuple[int, ...], y_length: int) -> None:
+    """A .npz whose float32 ``x`` and int64 ``y`` headers declare these shapes, with no data."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, shape, dtype in (("x", x_shape, "<f4"), ("y", (y_length,), "<i8")):
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array_header_1_0(
+                    member, {"descr": dtype, "fortran_order": False, "shape": shape}
+                )
+
+
+def test_npz_over_the_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 1 MB archive declaring 2**28 float32 values took 2.3 GB before its
+    lengths were compared: headers are now checked before any data is read."""
+    path = tmp_path / "bomb.npz"
+    _npz_declaring(path, (2**24, 1, 4, 4), 0)
+    with pytest.raises(AuditError, match=r"x and y lengths differ \(16777216 and 0\)"):
+        load_npz(path)
+    _npz_declaring(path, (2**25, 1, 4, 4), 2**25)
+    with pytest.raises(AuditError, match=r"x has shape \(33554432, 1, 4, 4\), over the limit of 268435456 values"):
+        load_npz(path)
+    np.savez(path, x=np.zeros((3, 1, 4, 4), np.float32), y=np.zeros(3, np.int64))
+    monkeypatch.setattr(arrays, "MAX_VALUES", 47)
+    with pytest.raises(AuditError, match="x has shape .* over the limit of 47 values") as excinfo:
+        load_npz(path)
     _message(excinfo)

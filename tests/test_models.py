@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
+import re
 
 import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -153,6 +158,88 @@ def test_onnx_hash_covers_external_data(tiny_cnn, tmp_path):
     side.unlink()
     with pytest.raises(AuditError, match="external data file"):
         load_model(path)
+
+
+def _external_data_onnx(folder: pathlib.Path) -> pathlib.Path:
+    """``folder/linear.onnx``, a (N,1,4,4) -> 3 logits graph whose weights are in ``folder/w.bin``."""
+    weights = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3), np.float32), "W")
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [-1, 16])
+    nodes = [
+        onnx.helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+        onnx.helper.make_node("MatMul", ["flat", "W"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "linear",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        [weights, shape],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    path = folder / "linear.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    return path
+
+
+def _relocate(path: pathlib.Path, location: str) -> None:
+    """Point the external weights of the graph at ``path`` to ``location``, unchecked."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(model.SerializeToString())
+
+
+def test_onnx_external_data_inside_the_folder_loads(tmp_path):
+    path = _external_data_onnx(tmp_path)
+    model = load_model(path)
+    assert model.info.input_shape == (1, 4, 4)
+    assert model.info.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        ("parent", "without '..'"),
+        ("absolute", "without '..'"),
+        ("symlink", "not a regular file"),
+        ("symlinked-folder", "out of the model's folder"),
+        ("fifo", "not a regular file"),
+        ("device", "not a regular file"),
+        ("short", "is 4 bytes, but a tensor reads up to byte"),
+    ],
+)
+def test_onnx_external_data_is_checked_before_it_is_read(tmp_path, target, match):
+    """Locations onnxruntime would refuse are refused before the hash reads
+    them: reading a FIFO, a device or /proc/self/pagemap would hang."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _external_data_onnx(folder)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((folder / "w.bin").read_bytes())
+    if target == "parent":
+        location = "../outside.bin"
+    elif target == "absolute":
+        location = str(outside)
+    elif target == "symlink":
+        location = "link.bin"
+        (folder / location).symlink_to(outside)
+    elif target == "symlinked-folder":
+        location = "linked/outside.bin"
+        (folder / "linked").symlink_to(tmp_path, target_is_directory=True)
+    elif target == "fifo":
+        location = "pipe.bin"
+        os.mkfifo(folder / location)
+    elif target == "device":
+        location = "zero"
+        os.symlink("/dev/zero", folder / location)
+    else:
+        location = "w.bin"
+        (folder / location).write_bytes(b"\0" * 4)
+    _relocate(path, location)
+    with pytest.raises(AuditError, match=re.escape(f"model {path}: external data location {location!r}")) as excinfo:
+        load_model(path)
+    assert match in _message(excinfo)
 
 
 def test_onnx_normalisation_is_folded_in(tiny_cnn, images, tmp_path):

@@ -22,6 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 
 from ..errors import AuditError, short_reason
+from .arrays import MAX_VALUES
 from .base import Dataset
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBom
 """What Pillow raises for a file it cannot decode: OSError (UnidentifiedImageError,
 truncated data), ValueError, SyntaxError and EOFError from format plugins, and
 DecompressionBombError for an image whose header claims too many pixels."""
+
+MAX_PIXELS = 2**24
+"""The most pixels one image may have (4096 x 4096). Pillow's own limit lets
+through images of some 90 million pixels, gigabytes once read as float32;
+sizes are checked on the headers, before any image is decoded."""
 
 
 @contextlib.contextmanager
@@ -87,6 +93,55 @@ class _VisibleFolders(ImageFolder):
             raise FileNotFoundError(f"no class folders in {directory}")
         return classes, {name: label for label, name in enumerate(classes)}
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's samples, but walked by :func:`_files_inside`: torchvision
+        follows symlinked folders wherever they lead, and round a loop for ever."""
+        root = os.path.expanduser(directory)
+        samples = [
+            (file, label)
+            for name, label in sorted(class_to_idx.items())
+            for file in _files_inside(root, name, is_valid_file)
+        ]
+        if len({label for _, label in samples}) < len(class_to_idx):
+            raise FileNotFoundError(f"a class folder of {directory} has no images")
+        return samples
+
+
+def _files_inside(root: str, name: str, is_valid_file) -> list[str]:
+    """The valid files below the class folder ``root/name``, in torchvision's
+    order. Symlinks are followed while they stay inside ``root``, each folder
+    once; one that leads out of it is refused, and so is a valid file that is
+    not a regular one (a FIFO or a device, which reading would never end).
+    Hidden subfolders are skipped, as their files are not valid."""
+    top = os.path.realpath(root)
+
+    def inside(path: str) -> str:
+        real = os.path.realpath(path)
+        if not Path(real).is_relative_to(top):
+            raise AuditError(f"data folder {root}: {path} leads out of the folder (to {real})")
+        return real
+
+    start = os.path.join(root, name)
+    seen = {inside(start)}
+    found = []
+    for folder, subfolders, files in os.walk(start, followlinks=True):
+        kept = []
+        for sub in sorted(subfolders):
+            real = None if sub.startswith(".") else inside(os.path.join(folder, sub))
+            if real is not None and real not in seen:
+                seen.add(real)
+                kept.append(sub)
+        subfolders[:] = kept
+        for file in files:
+            path = os.path.join(folder, file)
+            if is_valid_file(path):
+                inside(path)
+                if not os.path.isfile(path):
+                    raise AuditError(f"data folder {root}: {path} is not a regular file")
+                found.append((folder, file))
+    return [os.path.join(folder, file) for folder, file in sorted(found)]
+
 
 def _class_names(directory: str) -> list[str]:
     """The subfolders of ``directory`` not hidden by a dot, sorted."""
@@ -108,6 +163,36 @@ def _no_images(path: str | Path, root: str) -> str:
     return f"data folder {path}: {which} no images (every class folder needs one)"
 
 
+def _check_sizes(path: str | Path, files: list[str]) -> None:
+    """Every image has the size of the first, at most :data:`MAX_PIXELS`
+    pixels, and all of them at most :data:`~auditor.data.arrays.MAX_VALUES`
+    values (three per pixel, one for a greyscale mode), as their headers say:
+    Pillow reads the size without decoding the image."""
+    first = None
+    values = 0
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                size, mode = image.size, image.mode
+        except UNREADABLE as exc:
+            raise AuditError(f"data folder {path}: cannot read an image ({file}: {short_reason(exc)})") from exc
+        first = first or (file, size)
+        if size[0] * size[1] > MAX_PIXELS:
+            raise AuditError(
+                f"data folder {path}: {file} is {size[0]}x{size[1]} pixels, over the limit of {MAX_PIXELS}"
+            )
+        if size != first[1]:
+            raise AuditError(
+                f"data folder {path}: images must all have the same shape; {file} "
+                f"is {size[0]}x{size[1]} pixels, {first[0]} is {first[1][0]}x{first[1][1]}"
+            )
+        values += size[0] * size[1] * (1 if mode in GRAYSCALE_MODES + SIXTEEN_BIT_MODES else 3)
+        if values > MAX_VALUES:
+            raise AuditError(
+                f"data folder {path}: the images hold over {MAX_VALUES} values; audit a subset of them"
+            )
+
+
 def load_folder(path: str | Path) -> Dataset:
     """All images under ``path/<class>/``; the name is ``path`` as given."""
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -117,6 +202,7 @@ def load_folder(path: str | Path) -> Dataset:
                                  is_valid_file=lambda file: _visible_image(file, root))
     except FileNotFoundError as exc:
         raise AuditError(_no_images(path, root)) from exc
+    _check_sizes(path, [file for file, _ in folder.samples])
     images = []
     for index, (file, _) in enumerate(folder.samples):
         try:

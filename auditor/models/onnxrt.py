@@ -12,6 +12,8 @@ otherwise everything stays on the CPU.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,20 +57,51 @@ def external_data_files(file: Path, path: str) -> list[Path]:
     """The external data files the graph in ``file`` refers to, sorted.
 
     The default ``torch.onnx.export`` may keep the weights in a side file
-    (``model.onnx.data``); the model's hash must cover it too.
+    (``model.onnx.data``); the model's hash must cover it too. The files are
+    hashed before onnxruntime reads the graph, so each location is first
+    held to onnxruntime's rules (:func:`_external_data_file`), and each
+    tensor's ``offset`` + ``length`` must lie within its file.
     """
     try:
         graph = onnx.load(str(file), load_external_data=False).graph
+        infos = [ExternalDataInfo(tensor) for tensor in graph.initializer if uses_external_data(tensor)]
     except Exception as exc:
         raise AuditError(f"model {path}: not a readable ONNX model ({short_reason(exc)})") from exc
-    locations = {
-        ExternalDataInfo(tensor).location for tensor in graph.initializer if uses_external_data(tensor)
-    }
-    files = sorted(file.parent / location for location in locations)
-    missing = [str(side) for side in files if not side.is_file()]
-    if missing:
-        raise AuditError(f"model {path}: external data file {missing[0]} is missing")
-    return files
+    files: dict[str, tuple[Path, int]] = {}
+    for info in infos:
+        if info.location not in files:
+            files[info.location] = _external_data_file(file, info.location, path)
+        side, size = files[info.location]
+        end = (info.offset or 0) + (info.length or 0)
+        if end > size:
+            raise AuditError(
+                f"model {path}: external data location {info.location!r} is {size} bytes, "
+                f"but a tensor reads up to byte {end}"
+            )
+    return sorted(side for side, _ in files.values())
+
+
+def _external_data_file(file: Path, location: str, path: str) -> tuple[Path, int]:
+    """The file at ``location`` (relative to the folder of the model
+    ``file``) and its size, checked as onnxruntime checks it: a relative path
+    with no ``..`` component, that stays inside the model's folder and names a
+    regular file, not a symlink (nor a device or FIFO that would never end)."""
+    where = f"model {path}: external data location {location!r}"
+    relative = Path(location)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise AuditError(f"{where} must be a relative path inside the model's folder, without '..'")
+    side = file.parent / relative
+    try:
+        info = os.lstat(side)
+    except FileNotFoundError:
+        raise AuditError(f"model {path}: external data file {side} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"{where} cannot be read ({short_reason(exc)})") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise AuditError(f"{where} is not a regular file (symlinks, devices and FIFOs are refused)")
+    if not Path(os.path.realpath(side)).is_relative_to(os.path.realpath(file.parent)):
+        raise AuditError(f"{where} leads out of the model's folder through a symlinked folder")
+    return side, info.st_size
 
 
 def _providers(device: str) -> list[str]:
