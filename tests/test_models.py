@@ -645,6 +645,15 @@ def _python_shape(marker: pathlib.Path) -> dict:
     return {"models/model.json": expression}
 
 
+def _huge_power(marker: pathlib.Path) -> dict:
+    """Edits that make the batch dimension's expression a power sympy would compute for ever."""
+    def expression(data: bytes) -> bytes:
+        symbol = data.split(b'"expr_str": "')[1].split(b'"')[0]
+        return data.replace(symbol, b"Pow(Integer(10), Integer(1000000000000000000))")
+
+    return {"models/model.json": expression}
+
+
 def _importing_node(marker: pathlib.Path) -> dict:
     """Edits that make the first node call a function that imports the module ``pt2_payload``."""
     import json
@@ -681,6 +690,7 @@ HOSTILE_PT2 = {
         Payload(marker))}, r"pickled code/objects \(.*data/sample_inputs/model.pt\)"),
     "a weight marked use_pickle": (_pickled_weight, r"pickled tensors \(weight_0 in .*model_weights_config.json\)"),
     "a shape expression that is code": (_python_shape, r"a shape expression that is Python code"),
+    "a shape expression too large to compute": (_huge_power, r"a shape expression .* too large to compute"),
     "a node that imports a module": (_importing_node, "a graph node that imports Python modules"),
     "a tree spec that imports a module": (_importing_treespec, "an input or output structure that imports Python"),
 }

@@ -13,7 +13,8 @@ pickles being only one of them:
 * compiled AOTInductor code (``data/aotinductor/``) is loaded as a shared
   library;
 * shape expressions (``expr_str`` in the program's JSON) go through
-  ``sympy.sympify``, which evaluates its text as Python;
+  ``sympy.sympify``, which evaluates its text as Python (and computes a
+  power of literals at once, however large);
 * tree specs (``in_spec``/``out_spec``) of a ``defaultdict`` or with an enum
   import the module the file names;
 * graph nodes may call ``_call_custom_autograd_function_in_pre_dispatch``,
@@ -70,6 +71,11 @@ SYMPY_CALLS = frozenset({
     "ToFloat", "Identity",
 })
 SYMPY_CONSTANTS = frozenset({"true", "false", "oo", "zoo", "nan"})
+POWER_CALLS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
+"""Calls whose second argument is an exponent: with literal operands sympy
+computes them at once, so ``Pow(10, 10**18)`` would never finish loading."""
+MAX_EXPONENT = 64
+"""The largest literal exponent (or shift) taken, on a base with no power in it."""
 NAMED_BY_TEXT = ("Symbol", "Float")
 """The only calls that take text (a symbol's name, a number's digits); any
 other sympy function would ``sympify`` a text argument, running it."""
@@ -133,8 +139,35 @@ def _plain_sympy(node: ast.AST, text_allowed: bool = False) -> bool:
             and isinstance(keyword.value.value, (bool, int))
             for keyword in node.keywords
         )
-        return arguments_plain and options_plain
+        return arguments_plain and options_plain and _bounded_power(node)
     return False
+
+
+def _bounded_power(call: ast.Call) -> bool:
+    """Whether a power in a shape expression is cheap to build: its exponent
+    is symbolic (sympy leaves it unevaluated) or a literal of at most
+    :data:`MAX_EXPONENT` on a base without powers, so no nesting of literal
+    powers makes a number too large to compute."""
+    if call.func.id not in POWER_CALLS or len(call.args) != 2:
+        return True
+    base, exponent = call.args
+    if _calls(exponent, {"Symbol"}):
+        return True
+    literal = exponent.args[0] if isinstance(exponent, ast.Call) and len(exponent.args) == 1 else exponent
+    try:
+        value = ast.literal_eval(literal)
+    except ValueError:  # not a plain number
+        return False
+    small = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_EXPONENT
+    return small and not _calls(base, POWER_CALLS)
+
+
+def _calls(node: ast.AST, names: frozenset[str] | set[str]) -> bool:
+    """Whether ``node`` calls any of ``names`` anywhere inside it."""
+    return any(
+        isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in names
+        for inner in ast.walk(node)
+    )
 
 
 def _safe_expression(text) -> bool:
@@ -176,7 +209,7 @@ def _check_json(document, member: str, path: str) -> None:
         if isinstance(payload, str) and payload.startswith(PICKLED_CONSTANT_PREFIXES):
             raise _refused(path, f"pickled objects ({payload} in {member})")
         if "expr_str" in node and not _safe_expression(node["expr_str"]):
-            raise _refused(path, f"a shape expression that is Python code ({member})")
+            raise _refused(path, f"a shape expression that is Python code or too large to compute ({member})")
         if any(isinstance(node.get(key), str) and _treespec_imports(node[key]) for key in TREESPEC_KEYS):
             raise _refused(path, f"an input or output structure that imports Python modules ({member})")
 
