@@ -341,9 +341,7 @@ def scan(
     if samples is not None and samples < 1:
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     if out is not None:
-        if not str(out):
-            raise AuditError("--out is empty: give the folder for the results")
-        check_writable(Path(out))
+        check_writable(out)
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
     check_channels(mean, std, dataset.x.shape[1], f"data {dataset.name} has")
@@ -448,9 +446,13 @@ OUTPUT_ORDER = ("adversarials.npz", "junit.xml", "report.html", "report.pdf", "r
 read against, last."""
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: str | Path) -> None:
     """Refuse, before any work, an ``out`` that cannot become a folder of
-    outputs: a file, inside a file, or without write permission."""
+    outputs: empty (the working directory), a file, inside a file, or
+    without write permission."""
+    if not str(out):
+        raise AuditError("--out is empty: give the folder for the outputs")
+    out = Path(out)
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

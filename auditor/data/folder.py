@@ -163,6 +163,10 @@ def _no_images(path: str | Path, root: str) -> str:
     return f"data folder {path}: {which} no images (every class folder needs one)"
 
 
+def _unreadable(path: str | Path, file: str, exc: Exception) -> AuditError:
+    return AuditError(f"data folder {path}: cannot read an image ({file}: {short_reason(exc)})")
+
+
 def _check_sizes(path: str | Path, files: list[str]) -> None:
     """Every image has the size of the first, at most :data:`MAX_PIXELS`
     pixels, and all of them at most :data:`~auditor.data.arrays.MAX_VALUES`
@@ -175,7 +179,7 @@ def _check_sizes(path: str | Path, files: list[str]) -> None:
             with Image.open(file) as image:
                 size, mode = image.size, image.mode
         except UNREADABLE as exc:
-            raise AuditError(f"data folder {path}: cannot read an image ({file}: {short_reason(exc)})") from exc
+            raise _unreadable(path, file, exc) from exc
         first = first or (file, size)
         if size[0] * size[1] > MAX_PIXELS:
             raise AuditError(
@@ -208,8 +212,7 @@ def load_folder(path: str | Path) -> Dataset:
         try:
             image, _ = folder[index]
         except UNREADABLE as exc:
-            reason = short_reason(exc)
-            raise AuditError(f"data folder {path}: cannot read an image ({file}: {reason})") from exc
+            raise _unreadable(path, file, exc) from exc
         if images and image.shape != images[0].shape:
             raise AuditError(
                 f"data folder {path}: images must all have the same shape; {file} "

@@ -36,7 +36,7 @@ from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
 from ..results import auditor_version, dump
-from ..scan import AuditResult, check_data_spec, scan, to_radius, write_outputs
+from ..scan import AuditResult, check_data_spec, check_writable, scan, to_radius, write_outputs
 from .config import HardenConfig
 from .export import export, hardened_name
 from .guard import Guard
@@ -153,8 +153,7 @@ def harden(
     if epochs is not None:
         options["epochs"] = epochs
     eps = to_radius(eps)
-    if not str(out):
-        raise AuditError("--out is empty: give the folder for the hardened model")
+    check_writable(out)
     check_data_spec(data)
     if eval_data is not None:
         check_data_spec(eval_data, "eval_data")
