@@ -420,6 +420,7 @@ def run_battery(
     starts: StartPool | None = None,
     surrogates: Sequence[SurrogateSet] = (),
     progress: ScanProgress | None = None,
+    clean_logits: torch.Tensor | None = None,
 ) -> BatteryOutcome:
     """Run the cascade on (x, y) and return the verified per-sample records.
 
@@ -430,7 +431,8 @@ def run_battery(
     hard-label ones) take them from ``starts``: targeted, which they then
     require, images of the target class; untargeted, images of other
     classes for the samples no random direction took across the boundary.
-    Transfer attacks run on each of ``surrogates``.
+    Transfer attacks run on each of ``surrogates``. ``clean_logits``, the
+    model's logits on ``x`` if the caller has them, spare a clean pass.
     """
     if (target is not None) != battery.targeted:
         raise ValueError("a targeted battery needs targets, and only it takes them")
@@ -438,7 +440,9 @@ def run_battery(
         raise ValueError("transfer attacks need surrogate sets")
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
-    clean_pred = labels_of(model.forward(x.to(model.device))).cpu()
+    if clean_logits is None:
+        clean_logits = model.forward(x.to(model.device))
+    clean_pred = labels_of(clean_logits).cpu()
     records = Records.start(x, clean_pred, y)
     transfer_start: torch.Tensor | None = None
     reports = []

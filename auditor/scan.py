@@ -31,7 +31,7 @@ from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
 from .eps import check_radius, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
-from .models import check_channels, check_finite_outputs, check_model_on_data, load_model, normalisation
+from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
 from .models.pytorch import arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
@@ -145,14 +145,14 @@ def resolve_eps(
 
 
 def resolve_targets(
-    target: str | int | None, adapter, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
+    target: str | int | None, logits: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict | None]:
     """Targets for a targeted audit: (targets or None, samples kept, threat entry).
 
     ``random``: a class other than the label, drawn per sample from the seed;
     ``least-likely``: the class other than the label that the model scores
-    lowest on the clean image (the auditor's choice of target, not a query of
-    the attacker); a class
+    lowest in ``logits``, its clean logits (the auditor's choice of target, not
+    a query of the attacker); a class
     index: that class, and samples of that class are left out (no image can
     be pushed to its own label).
     """
@@ -164,7 +164,7 @@ def resolve_targets(
         shift = torch.randint(1, num_classes, (len(y),), generator=gen)
         return (y + shift) % num_classes, everyone, {"mode": "random"}
     if target == "least-likely":
-        scores = adapter.forward(x.to(adapter.device)).cpu().double()
+        scores = logits.double()
         scores.scatter_(1, y[:, None], float("inf"))  # a target is never the label
         return scores.argmin(1), everyone, {"mode": "least-likely"}
     try:
@@ -358,9 +358,9 @@ def scan(
     if samples is not None and samples > len(dataset):
         log.warning("-n %d: the data has %d images; all of them are audited", samples, len(dataset))
     x, y = dataset.x[indices], dataset.y[indices]
-    targets, keep, target_entry = resolve_targets(target, adapter, x, y, num_classes, seed)
-    indices, x, y = indices[keep], x[keep], y[keep]
-    check_finite_outputs(adapter, x, dataset)
+    logits = clean_logits(adapter, x, dataset)
+    targets, keep, target_entry = resolve_targets(target, logits, y, num_classes, seed)
+    indices, x, y, logits = indices[keep], x[keep], y[keep], logits[keep]
     surrogate_models, surrogate_sets = resolve_surrogates(
         surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
     )
@@ -372,7 +372,7 @@ def scan(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
             outputs_probabilities=probabilities, target=targets, progress=bar,
             starts=StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
-            surrogates=surrogate_sets,
+            surrogates=surrogate_sets, clean_logits=logits,
         )
     clean_accuracy = (outcome.clean_pred == y).double().mean().item()
     found += checks_mod.low_clean_accuracy(clean_accuracy)

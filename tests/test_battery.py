@@ -304,3 +304,20 @@ def test_non_monotone_counts_samples_not_runs():
     (check,) = checks.non_monotone([report])
     assert check.message.startswith("gives-up-linf broke 2 samples at a smaller ε")
     assert checks.non_monotone([replace(report, attack=RandomNoise(norm="linf"))]) == []
+
+
+def test_clean_logits_from_the_caller_spare_the_clean_pass(tiny_cnn, mnist_test):
+    """scan hands over the logits of its one clean pass; the battery then
+    runs the model only for the attacks and their verification."""
+    x, y = mnist_test.x[:40], mnist_test.y[:40]
+    battery = Battery(Access.HARD_LABEL, "l2", (Recorder(seen=[]),))
+    calls = {}
+    for given in (False, True):
+        model, rows = _model(tiny_cnn), []
+        forward = model.forward
+        model.forward = lambda batch, forward=forward, rows=rows: rows.append(len(batch)) or forward(batch)
+        clean = forward(x) if given else None
+        outcome = run_battery(battery, model, x, y, eps_list=[0.1], budget=5, seed=0, clean_logits=clean)
+        assert torch.equal(outcome.clean_pred, tiny_cnn(x).argmax(1))
+        calls[given] = rows
+    assert calls[False] == [40] + calls[True]

@@ -113,7 +113,7 @@ def test_least_likely_targets_are_the_lowest_scored_other_class(example_onnx):
 
     model, data = load_model(example_onnx), load_data("mnist")
     x, y = data.x[:200], data.y[:200]
-    targets, keep, entry = resolve_targets("least-likely", model, x, y, 10, seed=0)
+    targets, keep, entry = resolve_targets("least-likely", model.forward(x), y, 10, seed=0)
     assert entry == {"mode": "least-likely"} and keep.all()
     assert (targets != y).all()  # even where the label itself scores lowest
     scores = model.forward(x).double()

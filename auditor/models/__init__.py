@@ -39,7 +39,7 @@ __all__ = [
     "OnnxModel",
     "TorchModel",
     "check_channels",
-    "check_finite_outputs",
+    "clean_logits",
     "check_model_on_data",
     "detect_format",
     "load_model",
@@ -332,13 +332,17 @@ def _check_batch_independent(
         )
 
 
-def check_finite_outputs(model: Model, x: torch.Tensor, dataset: Dataset) -> None:
-    """Refuse a model that gives NaN or infinite logits on any of the audited
-    images ``x`` of ``dataset``: its predictions there name no class."""
-    logits = model.forward(x.to(model.device))
+def clean_logits(model: Model, x: torch.Tensor, dataset: Dataset) -> torch.Tensor:
+    """The model's logits on the audited images ``x`` of ``dataset``, on the
+    CPU: the one clean pass the scan makes over them (targets and the
+    battery's clean predictions both come from it). A model that gives NaN or
+    infinite logits on any of them is refused: its predictions there name no
+    class."""
+    logits = model.forward(x.to(model.device)).cpu()
     bad = int((~torch.isfinite(logits).all(dim=1)).sum())
     if bad:
         raise AuditError(
             f"model {model.info.path} returned NaN or infinite outputs on {bad} of the {len(x)} "
             f"audited images of data {dataset.name}"
         )
+    return logits
