@@ -16,7 +16,7 @@ import torch
 from .access import Access
 from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
-from .models.base import Model
+from .models.base import GradientFailed, Model
 from .oracles import GradientOracle, logits_and_gradient
 from .eps import eps_text
 from .verify import eps_bound, verify
@@ -150,11 +150,20 @@ def access_limited(level: Access, reason: str) -> list[Check]:
     )]
 
 
-def gradient_checks(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Check]:
-    """Input gradients of the cross-entropy must be finite and not all zero."""
-    _, grad = logits_and_gradient(
-        module, x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    )
+def gradient_checks(model: Model, x: torch.Tensor, y: torch.Tensor) -> list[Check]:
+    """Input gradients of the cross-entropy must be finite and not all zero.
+
+    A model whose forward or backward pass raises here is refused
+    (:class:`GradientFailed`): the loss is the auditor's own, so the error
+    is the model's.
+    """
+    x, y = x.to(model.device), y.to(model.device)
+    try:
+        _, grad = logits_and_gradient(
+            model.torch_module(), x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        )
+    except Exception as exc:
+        raise GradientFailed(model.info.path, len(x), exc) from exc
     flat = grad.flatten(1)
     found = []
     nan = int((~torch.isfinite(flat)).any(dim=1).sum())

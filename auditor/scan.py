@@ -366,7 +366,7 @@ def scan(
     )
     found, probabilities = checks_mod.preflight(adapter, x[:64])
     if level == Access.WHITE_BOX:
-        found += checks_mod.gradient_checks(adapter.torch_module(), x[:64].to(adapter.device), y[:64].to(adapter.device))
+        found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
     with ScanProgress(enabled=progress) as bar:
         outcome = run_battery(
             battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,

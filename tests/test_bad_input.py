@@ -71,6 +71,20 @@ class _ChannelMean(nn.Module):
         return self.fc(x.mean(1).flatten(1))
 
 
+class _InPlace(nn.Module):
+    """Runs forward, but its backward fails: an in-place add overwrites the
+    sigmoid output that the sigmoid's backward needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        h = torch.sigmoid(x.flatten(1))
+        h += 0
+        return self.fc(h)
+
+
 def _pt2_variants(root: Path) -> None:
     """A .pt2 whose sample inputs are a pickle payload (creating ``root/PWNED_PT2``
     when unpickled) and one with an operator torch does not know."""
@@ -137,6 +151,7 @@ def artefacts(tmp_path_factory, tiny_cnn):
     np.savez(root / "dark_then_bright.npz", x=np.concatenate([np.full((16, 28, 28), 20, np.uint8),
                                                               np.full((4, 28, 28), 200, np.uint8)]), y=np.arange(20) % 10)
     torch.jit.save(torch.jit.script(_ChannelMean()), str(root / "any_channels.pt"))
+    torch.jit.save(torch.jit.script(_InPlace()), str(root / "inplace.pt"))
     return root
 
 
@@ -187,6 +202,10 @@ CASES = {
         ["harden", "{root}/any_channels.pt", "--eps", "0.1", "--std", "0.1,0.2,0.3"],
         "--std has 3 values but data mnist has 1 channel(s)"),
     "empty data": (["scan", "{example}", "--data", ""], "data is empty"),
+    "model without input gradients": (["scan", "{root}/inplace.pt", "-n", "10"],
+                                      "inplace.pt failed computing input gradients on a batch of 10: "),
+    "model without input gradients, hardened": (["harden", "{root}/inplace.pt", "--eps", "0.1"],
+                                                "--access soft-label audits it without"),
 }
 
 

@@ -61,9 +61,9 @@ def test_preflight_flags_randomness_and_probabilities(tiny_cnn, mnist_test):
 
 def test_gradient_checks(tiny_cnn, mnist_test):
     x, y = mnist_test.x[:16], mnist_test.y[:16]
-    assert gradient_checks(tiny_cnn, x, y) == []
-    assert "zero-gradients" in _ids(gradient_checks(Quantised(tiny_cnn), x, y))
-    assert "zero-gradients" in _ids(gradient_checks(OneHot(tiny_cnn), x, y))
+    assert gradient_checks(_model(tiny_cnn), x, y) == []
+    assert "zero-gradients" in _ids(gradient_checks(_model(Quantised(tiny_cnn)), x, y))
+    assert "zero-gradients" in _ids(gradient_checks(_model(OneHot(tiny_cnn)), x, y))
 
 
 def test_a_model_without_a_gradient_path_is_audited_not_crashed(tiny_cnn, tmp_path):

@@ -59,6 +59,20 @@ class ModelFailed(AuditError):
         super().__init__(f"model {path} failed on a batch of {rows}: {self.reason}")
 
 
+class GradientFailed(ModelFailed):
+    """A model whose forward or backward pass raised while giving input
+    gradients (an in-place operation on a tensor its backward needs, an
+    operation without a derivative): it runs, but cannot be attacked or
+    trained with gradients."""
+
+    def __init__(self, path: str, rows: int, exc: BaseException):
+        super().__init__(path, rows, exc)
+        self.args = (
+            f"model {path} failed computing input gradients on a batch of {rows}: {self.reason} "
+            "(white-box attacks and hardening need them; --access soft-label audits it without)",
+        )
+
+
 def require_classes(num_classes: int | None, path: str) -> None:
     """Refuse a model with fewer than two outputs per image: it is not a
     classifier, and its "predictions" can never be wrong. ``None`` (not known
