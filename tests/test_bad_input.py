@@ -369,6 +369,15 @@ def test_error_lines_show_control_characters_as_escapes(capsys, tmp_path):
     assert err == f"error: policy {shown}: top level: missing required key 'requirements'\n"
 
 
+def test_error_lines_show_bidirectional_overrides_as_escapes(capsys, tmp_path):
+    """A right-to-left override in a file name would print it reversed."""
+    policy = tmp_path / "x\u202elmay.exe"
+    policy.write_text("policy: p\n")
+    code, err = run(capsys, "check", tmp_path / "results.json", "--policy", policy)
+    assert code == 2 and "\u202e" not in err
+    assert err.startswith(f"error: policy {tmp_path}/x\\u202elmay.exe: ")
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [('{"seed": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)"),
