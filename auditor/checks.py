@@ -53,6 +53,7 @@ NO_ADVERSARIAL_FOUND = "no-adversarial-found"
 CUSTOM_BATTERY = "custom-battery"
 WEAK_SURROGATE = "weak-surrogate"
 SMALL_BUDGET = "small-budget"
+TRANSFER_ONLY = "transfer-only"
 
 SMALL_BUDGET_ERROR_BELOW = 100
 SMALL_BUDGET_WARNING_BELOW = 1000
@@ -143,6 +144,12 @@ def custom_battery(left_out: Sequence[str]) -> list[Check]:
 def access_limited(level: Access, reason: str) -> list[Check]:
     if level == Access.WHITE_BOX:
         return []
+    if level == Access.NONE:
+        return [Check(
+            TRANSFER_ONLY, "warning",
+            f"only transfer attacks from surrogate models ran ({reason}): they never query the model, so "
+            "robust accuracy is overstated against any attacker who can query it",
+        )]
     return [Check(
         ACCESS_LIMITED, "info",
         f"the audit ran at {level.cli_name} access ({reason}); "

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import auditor
 from auditor.cli import main
 from auditor.errors import AuditError
+from auditor.harden.api import ACCESS_REASON
 from auditor.harden.config import HardenConfig
 from auditor.harden.export import export
 from auditor.harden.guard import Check, Guard
@@ -357,7 +358,8 @@ def test_onnx_in_onnx_out_keeps_the_graph_and_writes_the_record(hardened, exampl
     assert record["after"]["robust_accuracy"]["0.3"] > record["before"]["robust_accuracy"]["0.3"]
     for side in ("before", "after"):
         results = json.loads((hardened / side / "results.json").read_text())
-        assert results["access"]["level"] == "white-box" and results["threat"]["eps"] == [0.3]
+        assert results["access"] == {"level": "white-box", "reason": ACCESS_REASON}
+        assert results["threat"]["eps"] == [0.3]
         assert results["clean_accuracy"] == record[side]["clean_accuracy"]
     assert json.loads((hardened / "results.json").read_text())["hardening"] == record
     assert not list(hardened.glob(".partial-*"))

@@ -101,6 +101,9 @@ def test_access_none_scan_writes_the_matrix_and_the_report(example_onnx, cache, 
     assert broken and all(s["broken_by"] in METHODS for s in broken)
     assert results["robust_accuracy"]["0.2"] <= 1 - max(max(row.values()) for row in matrix.values()) * \
         transfer["samples"]["0.2"] / results["data"]["n"] + 1e-6
+    # transfer attacks alone overstate robust accuracy: a warning, not an info line
+    assert {(c["id"], c["level"]) for c in results["checks"]} >= {("transfer-only", "warning")}
+    assert "access-limited" not in {c["id"] for c in results["checks"]}
     html = (out / "report.html").read_text()
     assert "Transfer attacks" in html and 'class="data heatmap"' in html
     assert (out / "report.pdf").stat().st_size > 0

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "auditor.hardening/1"
 CHECK_ROWS = 64
+ACCESS_REASON = "auditor harden evaluates white-box: training itself uses the model's gradients"
+"""Why the before and after scans ran white-box (no --access was given)."""
 """Training images on which the written model must reproduce the trained module's logits."""
 CONFIG_FIELDS = {field.name for field in dataclasses.fields(HardenConfig)}
 
@@ -186,6 +188,7 @@ def harden(
     try:
         before = scan(model, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                       **scan_options)
+        before.results["access"]["reason"] = ACCESS_REASON
         write_outputs(before, stage / "before")
         x, y = training_data.x[train_rows], training_data.y[train_rows]
         batches = trainer_method.data_passes(config.epochs) * batch_count(len(y), config.batch_size)
@@ -198,6 +201,7 @@ def harden(
         after = scan(stage / name, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                      **scan_options)
         after.results["model"]["path"] = str(out / name)
+        after.results["access"]["reason"] = ACCESS_REASON
         write_outputs(after, stage / "after")
         training_sha256 = training_data.sha256  # the scans ran on the training data if theirs has this hash
         record = {
