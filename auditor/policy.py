@@ -69,11 +69,14 @@ class PolicyResult:
     name: str
     passed: bool
     verdicts: tuple[Verdict, ...]
+    description: str | None = None
+    """The policy file's ``description``, for reports."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored under ``"policy"`` in results.json."""
         return {
             "name": self.name,
+            "description": self.description,
             "passed": self.passed,
             "requirements": [verdict.to_dict() for verdict in self.verdicts],
         }
@@ -474,7 +477,7 @@ class Policy:
     def evaluate(self, results: Mapping[str, Any]) -> PolicyResult:
         """Judge a results dict against every requirement."""
         verdicts = tuple(requirement.evaluate(results) for requirement in self.requirements)
-        return PolicyResult(self.name, all(v.passed for v in verdicts), verdicts)
+        return PolicyResult(self.name, all(v.passed for v in verdicts), verdicts, self.description)
 
 
 def builtin_policies() -> list[str]:

@@ -473,7 +473,8 @@ def test_to_dict_round_trips_through_json(tmp_path):
     result = load_policy(write(tmp_path, FULL_POLICY)).evaluate(RESULTS)
     data = json.loads(json.dumps(result.to_dict()))
     assert data == result.to_dict()
-    assert set(data) == {"name", "passed", "requirements"}
+    assert set(data) == {"name", "description", "passed", "requirements"}
+    assert data["description"] == load_policy(write(tmp_path, FULL_POLICY)).description
     assert data["passed"] is False
     for item, verdict in zip(data["requirements"], result.verdicts, strict=True):
         assert set(item) == {"id", "description", "passed", "actual"}
