@@ -292,6 +292,10 @@ def check(results_path, policy, junit):
     from .policy import load_policy, write_junit
     from .report.schema import read_results
 
+    if junit:
+        # a verdict of an earlier run must not outlive a run that fails
+        # before writing its own: CI would publish the old one
+        Path(junit).unlink(missing_ok=True)
     gate = load_policy(policy)
     verdict = gate.evaluate(read_results(results_path))
     _echo_policy(verdict.to_dict())

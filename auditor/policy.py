@@ -208,8 +208,9 @@ def _eps(value: Any, where: str, source: _Source) -> float | str:
 
 
 def _fmt_fraction(value: float) -> str:
-    """Two decimals, or more when two would round the value."""
-    return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
+    """Two decimals, or every digit when two would round the value (a
+    threshold of 0.9000001 must not read as 0.9)."""
+    return f"{value:.2f}" if round(value, 2) == value else repr(float(value))
 
 
 def _fmt_eps(eps: float | str) -> str:
@@ -678,6 +679,11 @@ def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.indent(suite)
-    with path.open("wb") as out:
-        ET.ElementTree(suite).write(out, encoding="utf-8", xml_declaration=True)
-        out.write(b"\n")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("wb") as out:
+            ET.ElementTree(suite).write(out, encoding="utf-8", xml_declaration=True)
+            out.write(b"\n")
+        partial.replace(path)  # a reader never sees half a file
+    finally:
+        partial.unlink(missing_ok=True)

@@ -333,6 +333,10 @@ def scan(
     check_data_spec(data)
     if isinstance(attacks, str):
         attacks = [name.strip() for name in attacks.split(",")]
+    if attacks is not None and (
+        not isinstance(attacks, Sequence) or not all(isinstance(name, str) for name in attacks)
+    ):
+        raise AuditError(f"attacks must be attack names (a list, or one string 'a,b'), got {repr(attacks)[:60]}")
     if isinstance(surrogates, (str, os.PathLike)):
         surrogates = (surrogates,)
     mean, std = normalisation(mean, std)

@@ -311,6 +311,16 @@ def test_check_rejects_bad_results_with_one_line(case, scanned, capsys, tmp_path
     assert not (tmp_path / "junit").exists()
 
 
+def test_check_that_fails_removes_the_junit_of_an_earlier_run(scanned, capsys, tmp_path):
+    """CI publishes junit.xml even when the step fails: an old all-pass file must not survive."""
+    junit = tmp_path / "junit.xml"
+    assert run(capsys, "check", scanned, "--policy", "default", "--junit", junit)[0] in (0, 1)
+    assert junit.exists()
+    path = _edited(scanned, tmp_path, *BAD_RESULTS["attacks not a list"][:2])
+    assert run(capsys, "check", path, "--policy", "default", "--junit", junit)[0] == 2
+    assert not junit.exists() and not list(tmp_path.glob(".junit*"))
+
+
 @pytest.mark.parametrize("case", BAD_RESULTS)
 def test_report_rejects_bad_results_and_creates_no_folder(case, scanned, capsys, tmp_path):
     path = _edited(scanned, tmp_path, *BAD_RESULTS[case][:2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -497,6 +498,18 @@ def test_bad_flags_exit_2_with_one_line(example_onnx, tmp_path, capsys, args, me
 def test_unknown_api_options_are_refused(example_onnx, tmp_path):
     with pytest.raises(AuditError, match="unknown hardening option"):
         auditor.harden(example_onnx, eps=0.3, out=tmp_path, learning_rate=1.0)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"lr_max": "fast"}, "--lr-max must be a number, got 'fast'"),
+    ({"batch_size": 12.5}, "--batch-size must be an integer, got 12.5"),
+    ({"guard_every": True}, "--guard-every must be an integer, got True"),
+    ({"clip_to_box": 1}, "--clip-to-box must be true or false, got 1"),
+])
+def test_options_of_the_wrong_type_are_refused_before_any_work(example_onnx, tmp_path, options, message):
+    with pytest.raises(AuditError, match=f"^{re.escape(message)}$"):
+        auditor.harden(example_onnx, eps=0.3, out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_harden_refuses_an_l2_radius_beyond_the_pixel_cube_before_training(example_onnx, tmp_path):

@@ -127,6 +127,13 @@ def test_robust_accuracy_takes_and_shows_eps_as_a_fraction_of_255(tmp_path):
         """)
 
 
+def test_a_threshold_is_shown_with_every_digit_two_decimals_would_round():
+    """0.9 against a minimum of 0.9000001 fails; the line must not read "0.90 >= 0.9"."""
+    verdict = CleanAccuracy("c", 0.9000001).evaluate(results(clean_accuracy=0.9))
+    assert not verdict.passed
+    assert (verdict.description, verdict.actual) == ("clean accuracy >= 0.9000001", "0.90")
+
+
 def test_robust_accuracy_eps_not_evaluated_fails():
     verdict = RobustAccuracy("r", 0.0, 0.25).evaluate(RESULTS)
     assert not verdict.passed

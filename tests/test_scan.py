@@ -378,6 +378,8 @@ def test_a_string_is_one_attack_list_or_one_surrogate(example_onnx):
     ({"data": (np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, int))}, "data must be mnist, the path of a .npz"),
     ({"model": torch.nn.Flatten()}, "model must be the path of a model file, got Flatten"),
     ({"device": "tpu"}, "--device tpu: "),
+    ({"attacks": 5}, "attacks must be attack names (a list, or one string 'a,b'), got 5"),
+    ({"attacks": ["fgsm", None]}, "attacks must be attack names (a list, or one string 'a,b'), got ['fgsm', None]"),
 ])
 def test_bad_api_values_are_audit_errors(example_onnx, overrides, message):
     import auditor

@@ -15,7 +15,8 @@ is built in.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, fields
 
 from ..eps import check_radius
 from ..errors import AuditError
@@ -28,6 +29,10 @@ METHOD_OPTIONS = {
     "replays": ("free", "--replays", 8),
 }
 """Settings only one method uses: field -> (method, CLI flag, default)."""
+
+
+_KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class HardenConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self._check_types()
         if self.norm not in NORMS:
             raise AuditError(f"unknown norm {self.norm!r}; use linf or l2")
         check_radius(self.eps, self.norm)
@@ -104,6 +110,19 @@ class HardenConfig:
             raise AuditError(f"--eps-warmup must lie in [0, 1], got {self.eps_warmup:g}")
         if not 0 < self.guard_drop <= 1:
             raise AuditError(f"--guard-drop must lie in (0, 1], got {self.guard_drop:g}")
+
+    def _check_types(self) -> None:
+        """Each number and switch of the right kind (the Python API takes
+        them unparsed): ``lr_max="fast"`` is refused here, not deep in training."""
+        for field in fields(self):
+            kind = field.type.removesuffix(" | None")
+            expected = _KINDS.get(kind)
+            value = getattr(self, field.name)
+            if expected is None or (value is None and field.type.endswith("| None")):
+                continue
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                flag = "--" + field.name.replace("_", "-")
+                raise AuditError(f"{flag} must be {_KIND_NAMES[kind]}, got {value!r}")
 
     def setting(self, field: str):
         """A :data:`METHOD_OPTIONS` setting: as given, else its default for
