@@ -23,6 +23,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 POP = GenAttack().population
 
 
+def spent(budget: int) -> int:
+    """What a sample that never succeeds spends with ``budget``: N for the
+    initial population, then N - 1 a generation while it can pay them."""
+    return 0 if budget < POP else POP + (POP - 1) * ((budget - POP) // (POP - 1))
+
+
+class PerSample:
+    """A probability function that keeps, per call, how many rows it saw of
+    each sample (each row is the nearest clean image's, in L∞: the samples
+    are far further apart than 2ε) and counts the rows that repeat an image
+    of the same sample sent in the call before."""
+
+    def __init__(self, fn, x: torch.Tensor):
+        self.fn, self.x = fn, x.flatten(1)
+        self.per_call: list[torch.Tensor] = []
+        self.repeats = 0
+        self.last = (torch.empty(0, self.x.shape[1]), torch.empty(0, dtype=torch.long))
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.flatten(1)
+        owner = torch.cdist(flat, self.x, p=float("inf")).argmin(dim=1)
+        self.per_call.append(torch.bincount(owner, minlength=len(self.x)))
+        before, before_owner = self.last
+        same = (torch.cdist(flat, before, p=float("inf")) == 0) & (owner[:, None] == before_owner[None])
+        self.repeats += int(same.any(dim=1).sum())
+        self.last = (flat, owner)
+        return self.fn(z)
+
+
 @pytest.fixture(scope="module")
 def untargeted_run(tiny_cnn, correct_batch):
     """Untargeted GenAttack at ε = 0.3 with 2000 queries a sample."""
@@ -120,14 +149,14 @@ def test_never_exceeds_budget(tiny_cnn, correct_batch, budget):
     result = GenAttack()(oracle, x, y, eps=0.1, seed=0)
     assert (result.queries <= budget).all()
     assert torch.equal(result.queries, oracle.queries())
-    # whole generations only: N queries each
-    assert (result.queries % POP == 0).all()
+    # whole generations only: N for the initial population, N - 1 each after
+    assert ((result.queries == 0) | ((result.queries - POP) % (POP - 1) == 0)).all()
     if budget < POP:
         assert (result.queries == 0).all() and not result.success.any()
         assert torch.equal(result.x_adv, x)
     else:
         unfinished = ~result.success
-        assert (result.queries[unfinished] == POP * (budget // POP)).all()
+        assert (result.queries[unfinished] == spent(budget)).all()
 
 
 @settings(max_examples=6, deadline=None)
@@ -145,8 +174,8 @@ def test_max_generations_bounds_an_unlimited_oracle(tiny_cnn, correct_batch):
     x, y = correct_batch[0][:4], correct_batch[1][:4]
     oracle = score_oracle(tiny_cnn, 4, None)
     result = GenAttack(max_generations=5)(oracle, x, y, eps=0.02, seed=0)
-    assert (result.queries <= POP * 6).all()
-    assert (result.queries[~result.success] == POP * 6).all()
+    assert (result.queries <= POP + 5 * (POP - 1)).all()
+    assert (result.queries[~result.success] == POP + 5 * (POP - 1)).all()
 
 
 # -- geometry ------------------------------------------------------------------
@@ -190,13 +219,34 @@ def test_untargeted_beats_random_noise(tiny_cnn, correct_batch, untargeted_run):
 def test_successful_samples_stop_querying(untargeted_run):
     result, _, _ = untargeted_run
     assert result.success.any()
-    assert (result.queries[result.success] < POP * (2000 // POP)).all()
-    assert (result.queries[~result.success] == POP * (2000 // POP)).all()
+    assert (result.queries[result.success] < spent(2000)).all()
+    assert (result.queries[~result.success] == spent(2000)).all()
+
+
+def test_the_elite_is_not_asked_again(tiny_cnn, correct_batch):
+    """Each generation after the first sends only its N - 1 children: a
+    sample that succeeds in generation g has spent N + g·(N - 1), exactly
+    the rows the model saw of it, and no image is sent twice ([ASC19]'s
+    reference code reuses the elite's fitness; asking again cost 1 of N)."""
+    x, y = correct_batch
+    budget = 300
+    seen = PerSample(lambda z: tiny_cnn(z).softmax(1), x)
+    result = GenAttack()(ScoreOracle(seen, len(y), budget), x, y, eps=0.3, seed=0)
+    rows = torch.stack(seen.per_call)  # (calls, samples): one call a generation
+    assert torch.equal(rows.sum(dim=0), result.queries)
+    assert seen.repeats == 0
+    assert (rows[0] == POP).all()
+    assert ((rows[1:] == 0) | (rows[1:] == POP - 1)).all()
+    generations = (rows > 0).sum(dim=0) - 1  # after the initial population
+    assert torch.equal(result.queries, POP + generations * (POP - 1))
+    # samples found after the initial population, and samples that ran out
+    assert (result.success & (generations > 2)).any()
+    assert (result.queries[~result.success] == spent(budget)).all()
 
 
 def test_one_model_call_per_generation(untargeted_run):
     result, counter, oracle = untargeted_run
-    generations = int(result.queries.max()) // POP  # initial population included
+    generations = 1 + (int(result.queries.max()) - POP) // (POP - 1)  # initial population included
     # one call per generation for all samples, not one per sample
     assert counter.calls == generations
     assert counter.rows == int(oracle.queries().sum())

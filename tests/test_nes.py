@@ -1,7 +1,8 @@
 """NES (soft-label, fixed-ε): PGD on an antithetic zeroth-order gradient estimate.
 
 All runs use the real tiny CNN; on MNIST (d = 784) the defaults are q = 14
-pairs, so one iteration costs 2q + 1 = 29 queries per sample.
+pairs, so one iteration costs 2q + 1 = 29 queries per sample: the check of
+the iterate (1), then, if it is not adversarial, its 2q = 28 probes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 32
 COST = 29  # 2q + 1 with the MNIST default q = 14
+PROBES = COST - 1
+
+
+class PerSample:
+    """A probability function that keeps, per call, how many rows it saw of
+    each sample (each row is the nearest clean image's, in L∞: the samples
+    are far further apart than the ε-balls and probes)."""
+
+    def __init__(self, fn, x: torch.Tensor):
+        self.fn, self.x = fn, x.flatten(1)
+        self.per_call: list[torch.Tensor] = []
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        owner = torch.cdist(z.flatten(1), self.x, p=float("inf")).argmin(dim=1)
+        self.per_call.append(torch.bincount(owner, minlength=len(self.x)))
+        return self.fn(z)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +106,7 @@ def test_default_q_beta_rule():
 # -- budgets and query accounting ----------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [0, 1, COST - 1, COST, 150])
+@pytest.mark.parametrize("budget", [0, 1, COST - 1, COST, 2 * COST, 150])
 def test_never_exceeds_budget(tiny_cnn, correct_batch, budget):
     x, y = correct_batch
     oracle = score_oracle(tiny_cnn, N, budget)
@@ -186,22 +203,23 @@ def test_effective_l2(tiny_cnn, correct_batch):
     assert (distortion(result.x_adv - x, "l2") <= 2.0 + 1e-5).all()
 
 
-def test_batches_all_samples_into_one_call_per_iteration(linf_run):
+def test_batches_all_samples_into_two_calls_per_iteration(linf_run):
     result, counter = linf_run
     assert counter.rows == int(result.queries.sum())
-    # one call per iteration (+ at most one final evaluation), however many
-    # samples are active: never more calls than one sample's iterations
-    assert counter.calls <= int(result.queries.max()) // COST + 1
+    # two calls per iteration (the check, the probes) and the last check,
+    # however many samples are active: no more than one sample's iterations
+    assert counter.calls <= 2 * (int(result.queries.max()) // COST) + 1
     assert counter.rows > 10 * counter.calls
 
 
 def test_calls_hold_at_most_max_values_input_values(tiny_cnn, correct_batch):
-    """Probes of three samples' worth of values a call: the batch goes in
+    """Probes of three samples' worth of values a call: the probes go in
     groups of three, each sample's queries still counted exactly."""
     x, y = correct_batch[0][:8], correct_batch[1][:8]
     counter = Counting(lambda z: tiny_cnn(z).softmax(1))
-    result = NES(max_values=3 * COST * 28 * 28)(score_oracle(tiny_cnn, 8, 5 * COST, counter), x, y, eps=0.05, seed=0)
-    assert max(counter.sizes) == 3 * COST and counter.rows == int(result.queries.sum())
+    attack = NES(max_values=3 * PROBES * 28 * 28)
+    result = attack(score_oracle(tiny_cnn, 8, 5 * COST, counter), x, y, eps=0.05, seed=0)
+    assert max(counter.sizes) == 3 * PROBES and counter.rows == int(result.queries.sum())
     assert (result.queries <= 5 * COST).all()
 
 
@@ -213,7 +231,35 @@ def test_successful_samples_stop_querying(tiny_cnn, correct_batch):
     assert (result.queries[~result.success] == 291).all()
     found_early = result.success & (result.queries < 291)
     assert found_early.any()
-    assert (result.queries[found_early] % COST == 0).all()
+    # k steps, then the check that found the (k+1)-th iterate adversarial
+    assert (result.queries[found_early] % COST == 1).all()
+
+
+def test_the_iterate_is_checked_before_it_is_probed(tiny_cnn, correct_batch):
+    """Each iteration is a check (one row a sample) then the 2q probes of
+    the samples whose iterate is not adversarial: a sample whose k-th
+    checked iterate is adversarial (the clean image the first) has spent
+    (k-1)·(2q+1) + 1 queries, exactly the rows the model saw of it, and
+    pays no probes for it."""
+    x, y = correct_batch
+    budget = 300
+    seen = PerSample(lambda z: tiny_cnn(z).softmax(1), x)
+    result = NES()(ScoreOracle(seen, N, budget), x, y, eps=0.2, seed=0)
+    rows = torch.stack(seen.per_call)  # (calls, samples)
+    assert torch.equal(rows.sum(dim=0), result.queries)
+    checks, probes = rows[0::2], rows[1::2]  # the calls alternate
+    assert ((checks == 0) | (checks == 1)).all() and ((probes == 0) | (probes == PROBES)).all()
+    checked = checks.sum(dim=0)
+    probed = (probes > 0).sum(dim=0)
+    assert torch.equal(result.queries, checked + PROBES * probed)
+    # a success ends on its check: k checks, k - 1 probe rounds
+    assert result.success.any() and (result.queries[result.success] > COST).any()
+    assert torch.equal(probed[result.success], checked[result.success] - 1)
+    assert torch.equal(result.queries[result.success], (checked[result.success] - 1) * COST + 1)
+    # a failure checks each step while it has a query left: 10 rounds, 1 check
+    assert (~result.success).any()
+    assert (result.queries[~result.success] == 10 * COST + 1).all()
+    assert (predict(tiny_cnn, result.x_adv[result.success]) != y[result.success]).all()
 
 
 def test_targeted(tiny_cnn, correct_batch):

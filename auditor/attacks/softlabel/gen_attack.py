@@ -15,7 +15,9 @@ checked against the reference code (``nesl/adversarial_genattack``,
 
 * initial population: ``x + U(-ε, ε)`` per coordinate, projected
   onto the ε-ball ∩ [0,1].
-* ComputeFitness of every member, from log-probabilities only:
+* ComputeFitness of every new member, from log-probabilities only (the
+  elite carried over from the last generation keeps the fitness it was
+  scored with, see "Queries" below):
   targeted (target t), the paper's ``log p_t - log Σ_{j≠t} p_j``;
   untargeted, its mirror ``log Σ_{j≠y} p_j - log p_y`` (the log-odds of
   "not y"; chosen over the max-margin because it moves with every wrong
@@ -27,6 +29,9 @@ checked against the reference code (``nesl/adversarial_genattack``,
   Its ``x_adv`` is the fittest adversarial member and it leaves the active
   set at once, spending nothing more. (Algorithm 1 tests only the elite; a
   non-elite adversarial member is just as good and was already paid for.)
+  A carried elite is part of the test without a query: it is known not to
+  be adversarial, or its sample would have stopped in the generation that
+  scored it; it stays a candidate for the fittest member.
 * elitism: the fittest member is copied to the next generation.
 * selection probabilities ``softmax(F / τ)``.
 * the N - 1 children: two parents each, drawn with
@@ -55,22 +60,29 @@ Not taken from the reference code: it forces ρ = 1 for the first 10
 generations and detects plateaus on the probability margin rather than on
 the fitness; this module follows the paper.
 
-Queries, per sample: every member of every evaluated population is one
-query, the elite included (Algorithm 1 recomputes the fitness of all N
-members each generation; the reference code skips the elite and counts N - 1). So a sample
-spends N for the initial population and N for each generation after it:
-``N · (1 + g)`` after g generations, at most
-``N · (1 + max_generations)``. With a budget B a sample takes an evaluation
-only if it can pay all N queries, so it spends at most ``N · ⌊B / N⌋ ≤ B``;
-a sample that cannot pay stops alone while the others go on. With ε = 0
+Queries, per sample: every member is scored once, when it is new. The
+elite copied into the next generation was scored in the last one: its
+fitness (and that it is not adversarial) is carried over, not asked again.
+Algorithm 1 recomputes the fitness of all N members each generation; the
+reference code reuses the elite's and counts ``num_steps · (N - 1) + 1``
+queries, as here. So a sample spends N for the initial population
+(generation 0) and N - 1 for each generation after it: ``N + g · (N - 1)``
+once generation g is scored, exactly what a sample that succeeds in
+generation g has spent, and at most ``N + max_generations · (N - 1)``. With
+a budget B a sample takes the initial population only if it can pay N, and
+each later generation only if it can pay its N - 1 new members, so it
+spends at most ``N + (N - 1) · ⌊(B - N) / (N - 1)⌋ ≤ B`` (for B ≥ N); a
+sample that cannot pay stops alone while the others go on. With ε = 0
 nothing can evolve and only the initial population is evaluated.
 
 Each evaluation is one oracle call for all active samples (``n_active · N``
-rows, the ``idx`` of each sample repeated N times), and each generation
-is bred for all of them at once, unless their populations hold more than
-``max_values`` input values (3,566 MNIST populations; 18 of 3 × 224 × 224):
-then evaluation and breeding go group by group of samples, which bounds
-the memory of the crossover and mutation tensors.
+rows for the initial populations, ``n_active · (N - 1)`` for the new members
+of a later generation, the ``idx`` of each sample repeated as many times),
+and each generation is bred for all of them at once, unless their
+populations hold more than ``max_values`` input values (3,566 MNIST
+populations; 18 of 3 × 224 × 224): then evaluation and breeding go group by
+group of samples, which bounds the memory of the crossover and mutation
+tensors.
 
 Departure from Foolbox 3's ``GenAttack``: that one runs only targeted; here
 ``target=None`` gives the untargeted fitness above.
@@ -164,7 +176,8 @@ class GenAttack(Attack):
 
     norm: str = "linf"
     population: int = 6
-    """N, members per sample (N queries per generation)."""
+    """N, members per sample (N queries for the initial population, N - 1
+    for each generation after it: the elite is not asked again)."""
     rho_min: float = 0.05
     """ρ_min, floor of the mutation probability (ρ itself when not adaptive)."""
     alpha_min: float = 0.15
@@ -200,7 +213,7 @@ class GenAttack(Attack):
             raise ValueError(f"max_values must be >= 1, got {self.max_values}")
 
     def step_cost(self, shape: tuple[int, ...]) -> int:
-        """One evaluation of a population."""
+        """The initial population: N queries (each later generation N - 1)."""
         return self.population
 
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
@@ -220,7 +233,7 @@ class GenAttack(Attack):
         generations = self.max_generations if eps > 0 else 0
 
         # Alg. 1, initial population: the populations of every sample that can
-        # pay one evaluation.
+        # pay its N members.
         rows = (oracle.remaining().to(device) >= size).nonzero().squeeze(1)
         if not len(rows):
             return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
@@ -229,20 +242,29 @@ class GenAttack(Attack):
         pop = torch.minimum(torch.maximum(x[rows, None] + noise, work.lower), work.upper)
 
         per_group = items_within(self.max_values, size * x[0].numel())
+        # The fitness of the members already scored, slot 0 onwards: none in
+        # the initial population, the elite in each generation after it.
+        carried = torch.empty((len(rows), 0), device=device)
         for step in range(generations + 1):
-            m = len(work.rows)
-            # Alg. 1, ComputeFitness: one oracle call for all populations (a group's).
+            m, new = len(work.rows), size - carried.shape[1]
+            # Alg. 1, ComputeFitness of the new members: one oracle call for
+            # all populations (a group's).
             scored = [
                 fitness(
-                    oracle.probs(pop[part].flatten(0, 1), idx=work.rows_cpu[part].repeat_interleave(size)).to(device),
-                    work.label[part].repeat_interleave(size), targeted,
+                    oracle.probs(
+                        pop[part, -new:].flatten(0, 1), idx=work.rows_cpu[part].repeat_interleave(new)
+                    ).to(device),
+                    work.label[part].repeat_interleave(new), targeted,
                 )
                 for part in _groups(m, per_group)
             ]
-            fit = torch.cat([fit for fit, _ in scored]).view(m, size)
-            adv = torch.cat([adv for _, adv in scored]).view(m, size)
+            fresh_fit = torch.cat([fit for fit, _ in scored]).view(m, new)
+            fresh_adv = torch.cat([adv for _, adv in scored]).view(m, new)
+            fit = torch.cat([carried, fresh_fit], dim=1)
+            adv = torch.cat([torch.zeros_like(carried, dtype=torch.bool), fresh_adv], dim=1)
 
-            # Success test: a sample with an adversarial member is done.
+            # Success test: a sample with an adversarial member is done (a
+            # carried elite is not adversarial: its sample would have stopped).
             elite = fit.argmax(dim=1)
             done = adv.any(dim=1)
             best_adv = fit.masked_fill(~adv, float("-inf")).argmax(dim=1)
@@ -256,7 +278,8 @@ class GenAttack(Attack):
 
             if step == generations:
                 break
-            keep = ~done & (oracle.remaining().to(device)[work.rows] >= size)
+            # The next generation asks for its N - 1 children only.
+            keep = ~done & (oracle.remaining().to(device)[work.rows] >= size - 1)
             if not bool(keep.all()):
                 if not bool(keep.any()):
                     break
@@ -266,6 +289,7 @@ class GenAttack(Attack):
             rho, alpha = mutation_schedule(
                 work.plateaus if self.adaptive else None, self.rho_min, self.alpha_min, m
             )
+            carried = fit[torch.arange(m, device=device), elite][:, None]
             pop = torch.cat([
                 self._breed(pop[part], fit[part], elite[part], rho[part], alpha[part],
                             work.lower[part], work.upper[part], eps, gen)

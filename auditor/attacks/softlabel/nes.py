@@ -16,7 +16,7 @@ still attacked:
   from 0 before the log): untargeted, the margin
   ``h = log p_y - max_{j≠y} log p_j``; targeted (``target=t``),
   ``h = max_{j≠t} log p_j - log p_t``. PGD *minimises* h, and a sample
-  succeeds as soon as an evaluated iterate has ``h < 0`` (misclassified, or
+  succeeds as soon as a checked iterate has ``h < 0`` (misclassified, or
   classified as ``t``). [IEAL18] run NES on the cross-entropy of the
   (target) class; the margin is the loss of [CZS17] Eq. (4) (with κ = 0),
   written on log-probabilities as a soft-label attacker can.
@@ -44,28 +44,39 @@ still attacked:
   0.33 to 0.42 and halved the queries at ε = 0.3; ``momentum=0`` gives plain
   PGD on ĝ.
 * start: at the clean image x, as [IEAL18] do (their Algorithm 2 starts at
-  the image itself). The clean image is then the first evaluated iterate,
-  so a sample the model already misclassifies is reported in the first
-  iteration without being moved (a random start would move it for
-  nothing), and the first estimate is taken at x.
+  the image itself). The clean image is then the first checked iterate,
+  so a sample the model already misclassifies is reported by the first
+  check, for one query and without being moved (a random start would move
+  it for nothing), and the first estimate is taken at x.
 
-Query cost, exact: one iteration costs **2q + 1 queries per sample**: the
-current iterate (to detect success and drive the step-size schedule) and
-its 2q antithetic probes, all rows of all active samples in *one* oracle
-call (or, where they hold more than ``max_values`` input values, in calls
-of as many samples as fit: 2,951 MNIST digits, 8 images of 3 × 224 × 224;
-the probes of a call are drawn when it is made). A sample runs an
-iteration only if its ``remaining()`` is at least 2q + 1. When it can no longer afford one (or after ``max_iters``
-iterations when the oracle has no budget), its last, not yet evaluated
-iterate is evaluated with one more query if it has one left, in a single
-final call shared by all such samples. So with a budget B (and a fresh
-oracle) a sample that never succeeds spends ``k·(2q+1) + [B > k·(2q+1)]``
-queries with ``k = ⌊B/(2q+1)⌋``: B when B is a multiple of 2q+1 (its last
-step then goes unevaluated), else ``k·(2q+1) + 1``, leaving the rest of the
-budget, fewer than 2q queries, unspent (B = 500 on MNIST, q = 14: 494).
-A sample whose iterate is found adversarial in its k-th iteration spends exactly
-k·(2q+1) queries and nothing more (k·(2q+1) + 1 if found by the final
-evaluation). ``eps = 0`` costs one query (the clean image) per sample.
+Query cost, exact. An iteration is two oracle calls, check first as in
+[IEAL18]'s reference code (which tests the iterate before it draws the
+samples of the estimate):
+
+* the check: the current iterate of every active sample, one row each, all
+  in one call. Its loss h detects success and drives the step-size
+  schedule. A sample whose iterate is adversarial stops there, and so does
+  one that cannot pay its 2q probes (or, when the oracle has no budget,
+  one that has taken ``max_iters`` steps);
+* the probes: the 2q antithetic probes of every sample still going, in one
+  call (or, where they hold more than ``max_values`` input values, in calls
+  of as many samples as fit: 3,057 MNIST digits, 8 images of
+  3 × 224 × 224; the probes of a call are drawn when it is made).
+
+So a sample pays 1 to be checked and 2q more only when the check found it
+not adversarial: a sample whose k-th checked iterate is adversarial (the
+clean image being the first) has spent exactly ``(k-1)·(2q+1) + 1``
+queries, never the 2q probes of an iterate that needed none. A sample is
+checked while it has a query left and probed while it has 2q, so with a
+budget B (and a fresh oracle) one that never succeeds spends
+``k·(2q+1) + [B > k·(2q+1)]`` queries with ``k = ⌊B/(2q+1)⌋``: B when B is
+a multiple of 2q+1 (its last step then goes unchecked), else
+``k·(2q+1) + 1``, leaving the rest of the budget, fewer than 2q queries,
+unspent (B = 500 on MNIST, q = 14: 494). Without a budget, ``max_iters``
+steps cost ``max_iters·(2q+1) + 1``. ``eps = 0`` costs one query (the clean
+image) per sample. The check is a call of its own, one row a sample: one
+more model call an iteration than probing the iterate with its probes,
+for the 2q queries a success no longer pays.
 
 Step size: α₀ = ``alpha``·ε (ε/4 by default) for both norms, so that four
 steps cross the ball: large enough that a 2000-query budget (about 60
@@ -73,7 +84,7 @@ iterations on MNIST) reaches the boundary of the ball, small enough that
 the estimate's noise does not throw the iterate from corner to corner.
 It decays with the plateau rule of [IEAL18] (§3.1 and their reference
 code: "we anneal the learning rate when the loss plateaus"), here per
-sample and on the exact loss of the evaluated iterates: when h has not
+sample and on the exact loss of the checked iterates: when h has not
 improved on its best value for ``patience`` consecutive iterations α is
 halved, never below α₀/32. The reference code's fixed learning rate (0.01
 for ε = 0.05 on ImageNet) is not scale-free; α relative to ε is.
@@ -91,7 +102,7 @@ tiny MNIST CNN success at 2000 queries was flat in q ∈ [5, 25] and
 β ∈ [0.001, 0.05] (within ±0.05). Explicit ``q`` / ``beta`` override the
 rule.
 
-Memory: an iteration holds (2q+1) images per active sample at once (about
+Memory: the probes hold 2q images per active sample at once (about
 0.8 MB per sample on MNIST, 1.2 GB for 32 ImageNet images at q = 25).
 """
 
@@ -155,10 +166,11 @@ class NES(Attack):
     patience: int = 5
     """Iterations without a new best loss before α is halved."""
     max_iters: int = 1000
-    """Iteration cap, used only when the oracle has no budget."""
+    """Steps at most (the last one then checked), used only when the oracle has no budget."""
     max_values: int = 2**26
     """Input values of probes per oracle call, at most (at least one sample's
-    2q + 1 images): it bounds the memory the probes take (256 MB per copy)."""
+    2q images): it bounds the memory the probes take (256 MB per copy). A
+    check holds one image a sample, no more than the batch itself."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -185,7 +197,7 @@ class NES(Attack):
         return q, float(self.beta) if self.beta is not None else beta_default
 
     def step_cost(self, shape: tuple[int, ...]) -> int:
-        """One iteration: the iterate and its 2q probes."""
+        """One step: the check of the iterate and its 2q probes."""
         return 2 * self._q_beta(math.prod(shape))[0] + 1
 
     def __call__(self, oracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
@@ -193,45 +205,33 @@ class NES(Attack):
         device = oracle.device
         gen = generator(seed, device)
         x = x.to(device)
-        n = len(x)
         q, beta = self._q_beta(x[0].numel())
-        cost = 2 * q + 1
         cls = (y if target is None else target).to(device).long()
         sign = 1.0 if target is None else -1.0
         alpha0 = self.alpha * eps
 
-        # Per-sample state over the whole batch. ``x_adv`` is the last
-        # *evaluated* iterate; ``x_next`` the iterate still to evaluate.
+        # ``x_adv`` is each sample's last checked iterate. The working set
+        # holds the samples still attacked, at the iterate they have yet to
+        # check, each with a query left to check it.
         x_adv = x.clone()
-        x_next = x.clone()
-        success = torch.zeros(n, dtype=torch.bool, device=device)
-        pending = torch.ones(n, dtype=torch.bool, device=device)
-        alpha = torch.full((n,), alpha0, device=device)
-        best = torch.full((n,), float("inf"), device=device)
-        stall = torch.zeros(n, dtype=torch.long, device=device)
-        state = _State(x, cls, x_adv, x_next, alpha, best, stall, torch.zeros_like(x))
-
-        iters = self.max_iters if oracle.budget is None else None
-        it = 0
-        work = None
-        # With eps = 0 no step can move the image: only the final evaluation.
-        while eps > 0 and (iters is None or it < iters):
-            if work is None:
-                work = _Working.gather(~success, oracle, cost, state)
-                if work is None:
+        success = torch.zeros(len(x), dtype=torch.bool, device=device)
+        work = _Working.start((oracle.remaining().to(device) >= 1).nonzero().squeeze(1), x, cls, alpha0, q)
+        max_steps = self.max_iters if oracle.budget is None else math.inf
+        steps = 0
+        while len(work.rows):
+            # The check: the iterates, one oracle call, one row a sample.
+            h0 = _loss(oracle.probs(work.x, idx=work.rows_cpu).to(device), work.cls, sign)
+            x_adv[work.rows] = work.x
+            success[work.rows] = h0 < 0
+            # A sample goes on to its probes unless its iterate succeeded, it
+            # cannot pay them, or (without a budget) it has taken max_iters steps.
+            # With eps = 0 no step can move the image: the check is all.
+            left = oracle.remaining()[work.rows_cpu].to(device)
+            go_on = (h0 >= 0) & (left >= 2 * q) & (eps > 0 and steps < max_steps)
+            if not bool(go_on.all()):
+                work, h0, left = work.select(go_on), h0[go_on], left[go_on]
+                if not len(work.rows):
                     break
-                if iters is not None:
-                    work.left = min(work.left, iters - it)
-
-            # Probes: the iterate and x ± βu_i, one oracle call for all rows
-            # (per group of samples where they would hold more than max_values),
-            # and the antithetic NES estimate from them.
-            h, grad = self._probe(oracle, work, q, beta, sign, gen)
-            h0 = h[:, 0]
-            work.x_eval = work.x
-            it += 1
-            work.left -= 1
-            done = h0 < 0
 
             # Plateau decay of α on the exact loss of the iterate.
             improved = h0 < work.best
@@ -242,6 +242,11 @@ class NES(Attack):
                 drop, (work.alpha / 2).clamp_min(alpha0 * _MIN_ALPHA_FRACTION), work.alpha
             )
             work.stall = torch.where(drop, torch.zeros_like(work.stall), work.stall)
+
+            # The probes (one oracle call, or one per group of samples where
+            # they would hold more than max_values), and the antithetic NES
+            # estimate from them.
+            grad = self._estimate(oracle, work, q, beta, sign, gen)
 
             # The PGD step on the estimate (descending h).
             if self.momentum > 0:
@@ -254,60 +259,31 @@ class NES(Attack):
                 step = grad / size.view(-1, *([1] * (grad.dim() - 1)))
             moved = work.x - work.alpha.view(-1, *([1] * (grad.dim() - 1))) * step
             work.x = project(moved, work.x0, eps, self.norm)
-            work.done = done
-
-            if work.left == 0 or bool(done.any()):
-                work.scatter(state, success, pending)
-                work = None
-        if work is not None:
-            work.scatter(state, success, pending)
-
-        # Final call: the last iterate of every unfinished sample that has a
-        # query left but cannot afford another iteration.
-        final = (~success & pending & (oracle.remaining().to(device) >= 1)).nonzero().squeeze(1)
-        if len(final):
-            last = state.x_next[final]
-            h0 = _loss(oracle.probs(last, idx=final.cpu()).to(device), cls[final], sign)
-            x_adv[final] = last
-            success[final] = h0 < 0
-            pending[final] = False
+            steps += 1
+            # A sample whose probes took its last query (its budget a multiple
+            # of 2q + 1) stops at its last checked iterate, its step unchecked.
+            can_check = left > 2 * q
+            if not bool(can_check.all()):
+                work = work.select(can_check)
 
         return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
 
-    def _probe(self, oracle, work: "_Working", q: int, beta: float, sign: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration's queries for the working set: per sample the loss h
-        at the iterate and at its 2q probes (m, 2q+1), and the antithetic
-        estimate ``Σ (h(x+βu) − h(x−βu)) u / (2qβ)``; as many samples a call
-        as ``max_values`` allows."""
-        cost = 2 * q + 1
-        per_call = items_within(self.max_values, cost * work.x[0].numel())
-        hs, grads = [], []
+    def _estimate(self, oracle, work: _Working, q: int, beta: float, sign: float, gen) -> torch.Tensor:
+        """The antithetic estimate ``Σ (h(x+βu) − h(x−βu)) u / (2qβ)`` at each
+        iterate of the working set, from its 2q probes ``x ± βu`` (clipped
+        to [0,1]); as many samples a call as ``max_values`` allows."""
+        per_call = items_within(self.max_values, 2 * q * work.x[0].numel())
+        grads = []
         for first in range(0, len(work.rows), per_call):
             centre = work.x[first : first + per_call, None]
             u = torch.randn((len(centre), q, *centre.shape[2:]), generator=gen, device=centre.device)
-            probes = (centre + beta * u, centre - beta * u)
-            batch = torch.cat([centre, *(p.clamp_(0.0, 1.0) for p in probes)], dim=1)
-            rows = slice(first * cost, (first + len(centre)) * cost)
-            probs = oracle.probs(batch.flatten(0, 1), idx=work.idx_cpu[rows]).to(work.x.device)
-            h = _loss(probs, work.cls_rep[rows], sign).view(len(centre), cost)
-            weights = (h[:, 1 : q + 1] - h[:, q + 1 :]) / (2 * q * beta)
-            hs.append(h)
+            probes = torch.cat([centre + beta * u, centre - beta * u], dim=1).clamp_(0.0, 1.0)
+            rows = slice(first * 2 * q, (first + len(centre)) * 2 * q)
+            probs = oracle.probs(probes.flatten(0, 1), idx=work.probe_idx_cpu[rows]).to(work.x.device)
+            h = _loss(probs, work.probe_cls[rows], sign).view(len(centre), 2 * q)
+            weights = (h[:, :q] - h[:, q:]) / (2 * q * beta)
             grads.append(torch.einsum("mq,mq...->m...", weights, u))
-        return torch.cat(hs), torch.cat(grads)
-
-
-@dataclass
-class _State:
-    """Full-batch per-sample state that the working set reads and writes back."""
-
-    x0: torch.Tensor
-    cls: torch.Tensor
-    x_adv: torch.Tensor
-    x_next: torch.Tensor
-    alpha: torch.Tensor
-    best: torch.Tensor
-    stall: torch.Tensor
-    g: torch.Tensor
+        return torch.cat(grads)
 
 
 @dataclass
@@ -315,53 +291,43 @@ class _Working:
     """Compact state of the samples an NES run still attacks."""
 
     rows: torch.Tensor
-    idx_cpu: torch.Tensor
-    """Oracle ``idx`` of one iteration's rows: each sample, 2q+1 times."""
-    cls_rep: torch.Tensor
+    rows_cpu: torch.Tensor
+    """Oracle ``idx`` of a check: each sample once."""
+    probe_idx_cpu: torch.Tensor
+    """Oracle ``idx`` of the probes: each sample, 2q times."""
+    cls: torch.Tensor
+    probe_cls: torch.Tensor
     x0: torch.Tensor
     x: torch.Tensor
-    """The iterate the next oracle call evaluates (after a step: not yet evaluated)."""
-    x_eval: torch.Tensor
-    """The last evaluated iterate."""
+    """The iterate the next check asks about."""
     alpha: torch.Tensor
     best: torch.Tensor
     stall: torch.Tensor
     g: torch.Tensor
-    left: int
-    """Iterations every row can still afford before the set must be rebuilt."""
-    done: torch.Tensor | None = None
-    """Rows whose last evaluated iterate was adversarial."""
+    q: int
 
     @classmethod
-    def gather(cls, attacked, oracle, cost, state: _State) -> "_Working | None":
-        remaining = oracle.remaining().to(attacked.device)
-        rows = (attacked & (remaining >= cost)).nonzero().squeeze(1)
-        if not len(rows):
-            return None
-        rows_cpu = rows.cpu()
-        return cls(
-            rows=rows,
-            idx_cpu=rows_cpu.repeat_interleave(cost),
-            cls_rep=state.cls[rows].repeat_interleave(cost),
-            x0=state.x0[rows],
-            x=state.x_next[rows],
-            x_eval=state.x_adv[rows],
-            alpha=state.alpha[rows],
-            best=state.best[rows],
-            stall=state.stall[rows],
-            g=state.g[rows],
-            left=int(remaining[rows].min()) // cost,
+    def start(cls, rows, x, label, alpha0: float, q: int) -> _Working:
+        """The samples ``rows`` at their clean images, with step size ``alpha0``."""
+        m = len(rows)
+        return cls._of(
+            rows, label[rows], x[rows], x[rows], torch.full((m,), alpha0, device=x.device),
+            torch.full((m,), float("inf"), device=x.device),
+            torch.zeros(m, dtype=torch.long, device=x.device), torch.zeros_like(x[rows]), q,
         )
 
-    def scatter(self, state: _State, success: torch.Tensor, pending: torch.Tensor) -> None:
-        """Write back (only after an iteration): a sample whose evaluated
-        iterate succeeded keeps it and stops; the others carry their stepped,
-        not yet evaluated iterate."""
-        state.x_adv[self.rows] = self.x_eval
-        state.x_next[self.rows] = self.x
-        state.alpha[self.rows] = self.alpha
-        state.best[self.rows] = self.best
-        state.stall[self.rows] = self.stall
-        state.g[self.rows] = self.g
-        success[self.rows] = self.done
-        pending[self.rows] = ~self.done
+    @classmethod
+    def _of(cls, rows, label, x0, x, alpha, best, stall, g, q: int) -> _Working:
+        rows_cpu = rows.cpu()
+        return cls(
+            rows=rows, rows_cpu=rows_cpu, probe_idx_cpu=rows_cpu.repeat_interleave(2 * q), cls=label,
+            probe_cls=label.repeat_interleave(2 * q), x0=x0, x=x, alpha=alpha, best=best, stall=stall,
+            g=g, q=q,
+        )
+
+    def select(self, keep: torch.Tensor) -> _Working:
+        """The samples ``keep`` (a mask over the working set)."""
+        return self._of(
+            self.rows[keep], self.cls[keep], self.x0[keep], self.x[keep], self.alpha[keep],
+            self.best[keep], self.stall[keep], self.g[keep], self.q,
+        )
