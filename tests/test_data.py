@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from auditor.data import load_data, load_folder, load_npz
+from auditor.data import load_data, load_npz
+from auditor.data.folder import load_folder
 from auditor.data import arrays, folder
 from auditor.data.base import Dataset
 from auditor.errors import AuditError

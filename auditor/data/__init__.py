@@ -8,9 +8,8 @@ from ..errors import AuditError
 from .arrays import load_npz
 from .base import Dataset
 from .builtin import mnist
-from .folder import load_folder
 
-__all__ = ["Dataset", "load_data", "load_folder", "load_npz", "mnist"]
+__all__ = ["Dataset", "load_data", "load_npz", "mnist"]
 
 
 def load_data(spec: str, split: str = "test") -> Dataset:
@@ -21,6 +20,8 @@ def load_data(spec: str, split: str = "test") -> Dataset:
     if spec == "mnist":
         return mnist(split)
     if Path(spec).is_dir():
+        from .folder import load_folder  # torchvision takes seconds to import: only for folders
+
         return load_folder(spec)
     if spec.lower().endswith(".npz"):
         return load_npz(spec)
