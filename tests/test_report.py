@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pypdf
 import pytest
 import weasyprint
+from markupsafe import escape
 from PIL import Image
 
 from auditor.cli import _echo_summary
@@ -157,7 +159,8 @@ def test_radii_of_whole_grey_levels_read_as_fractions(results):
     view = build_view(results)
     assert [row.eps for row in view.robust_rows] == ["2/255", "8/255"]
     assert "at ε=8/255 (L∞)" in view.verdict.summary
-    assert {headline.label: headline.note for headline in view.headlines}["Robust accuracy"] == "at ε=8/255 (L∞)"
+    robust_notes = {headline.label: headline.notes for headline in view.headlines}["Robust accuracy"]
+    assert robust_notes == ("at ε=8/255 (L∞)", "95 % CI 17.5–34.4 %")
     assert {field.label: field.value for field in view.threat}["ε"] == "2/255, 8/255"
 
 
@@ -403,7 +406,7 @@ def test_a_narrowed_battery_transfer_budgets_and_float_params_read_plainly(resul
     results["attacks"].append(transfer)
     view = build_view(results)
     assert "against hard-label attacks chosen with --attacks;" in view.verdict.summary
-    assert view.attacks[0].params == "norm=linf, resize=1.10368"
+    assert view.attacks[0].params == "norm=linf, resize=1.104"
     assert view.attacks[-1].budget == "1 (its verification)" and view.attacks[0].budget == "2,000"
 
 
@@ -572,3 +575,297 @@ def test_query_budget_is_stated_for_the_black_box_attacks_only(results):
                         "are not limited by it")
     results["attacks"][0].update(access="white-box")
     assert budget() == "not used: no soft- or hard-label attack ran"
+
+
+def test_an_attacks_row_and_its_details_stay_on_one_page(results, tmp_path):
+    """WeasyPrint ignores page-break-inside on the tbody that holds an
+    attack's two rows: with enough attacks, a page ended between one's row and
+    the row with its paper and parameters."""
+    attack = {key: value for key, value in results["attacks"][0].items() if key != "runs"}
+    results["attacks"] = [
+        {**attack, "name": f"x{number:02d}", "paper": f"ref{number:02d} " + "A paper, a venue, a year. " * 12}
+        for number in range(40)
+    ]
+    pdf_path = tmp_path / "report.pdf"
+    write_pdf(render_html(build_view(results)), pdf_path)
+
+    pages = [page.extract_text() for page in pypdf.PdfReader(pdf_path).pages]
+    rows = [set(re.findall(r"\bx(\d\d)\b", text)) for text in pages]
+    details = [set(re.findall(r"\bref(\d\d)\b", text)) for text in pages]
+    assert rows == details and set().union(*rows) == {f"{number:02d}" for number in range(40)}
+
+
+def _passed(results: dict) -> None:
+    """Make the fixture's policy pass: its robust accuracy requirement too."""
+    results["policy"]["requirements"][1].update(passed=True, actual="0.03 at ε=0.3")
+    results["policy"]["passed"] = True
+
+
+def test_the_cover_lists_the_checks_above_info_and_marks_overstated_robust_accuracy(results):
+    """A PASS with warnings looked clean: the cover counted the checks only.
+    It now lists every check above info level, errors first, and a check
+    that says robust accuracy is overstated marks the headline and the verdict."""
+    _passed(results)
+    results["checks"] += [
+        {"id": "access-limited", "level": "info", "message": "the audit ran at hard-label access"},
+        {"id": "small-budget", "level": "error", "message": "--budget 60 is below 1,000 queries per sample"},
+    ]
+
+    view = build_view(results)
+
+    assert [(check.id, check.level) for check in view.cover_checks] == [
+        ("small-budget", "error"), ("softmax-outputs", "warning")]
+    robust = {headline.label: headline for headline in view.headlines}["Robust accuracy"]
+    assert robust.flag == "overstated — see the checks below"
+    assert view.verdict.status == "pass"
+    assert view.verdict.caveat == ("Robust accuracy is overstated (small-budget): read the 2 checks above info "
+                                   "level, listed below.")
+    cover = render_html(view).split('<section class="cover">')[1].split("</section>")[0]
+    assert "--budget 60 is below 1,000 queries per sample" in cover and "overstated — see the checks below" in cover
+    assert cover.index("small-budget") < cover.index("softmax-outputs") and "access-limited" not in cover
+    del results["checks"][1:]
+    view = build_view(results)
+    assert {headline.label: headline.flag for headline in view.headlines}["Robust accuracy"] == ""
+    assert view.verdict.caveat == "Read the 1 check above info level, listed below, before relying on this verdict."
+
+
+def test_access_level_none_reads_as_transfer_attacks_only(results):
+    """"against none attacks" named an access level, not the attacks."""
+    results["access"] = {"level": "none", "reason": "requested with --access none"}
+    results["attacks"][0]["access"] = "none"
+
+    view = build_view(results)
+
+    assert "against transfer attacks only (no model access); clean accuracy" in view.verdict.summary
+    assert {field.label: field.value for field in view.threat}["Access level"] == (
+        "none (no model access: transfer attacks only)")
+    assert view.attacks[0].access == "none (transfer)"
+    assert {headline.label: headline.notes for headline in view.headlines}["Attacker access"][0] == "no model access"
+    assert "none attacks" not in render_html(view)
+
+
+def test_the_cover_defines_robust_accuracy_and_names_a_targeted_audits_mode(results):
+    results["threat"]["target"] = {"mode": "random"}
+
+    view = build_view(results)
+
+    definition = view.robust_definition
+    assert definition.startswith("Robust accuracy at ε is the share of all 100 audited samples that the model "
+                                 "classifies correctly and that no attack of the battery broke within ε: the "
+                                 "per-sample worst case over the battery, every adversarial example re-verified on "
+                                 "the real runtime")
+    assert "An attack breaks a sample only when the model outputs the sample's target class" in definition
+    robust = {headline.label: headline.notes for headline in view.headlines}["Robust accuracy"]
+    assert robust == ("at ε=0.3 (L∞)", "targeted (random)", "95 % CI 1.0–8.5 %")
+    assert escape(definition) in render_html(view)
+    results["threat"]["target"] = None
+    assert "target class" not in build_view(results).robust_definition
+
+
+def test_the_policy_shows_its_description_the_requirements_met_and_accuracies_as_percentages(results):
+    results["policy"]["description"] = "Release gate: accurate and robust."
+    results["policy"]["requirements"].append(
+        {"id": "median_queries", "description": "median queries >= 1000 (hard-label)", "passed": True,
+         "actual": "1200 queries (sign-opt-l2)"})
+    _passed(results)
+
+    view = build_view(results)
+
+    policy = view.policy
+    assert policy.description == "Release gate: accurate and robust."
+    assert [(row.actual, row.recorded) for row in policy.requirements] == [
+        ("99.0 %", "0.99"), ("3.0 % at ε=0.3", "0.03 at ε=0.3"),
+        ("1200 queries (sign-opt-l2)", "1200 queries (sign-opt-l2)")]
+    cover = " ".join(render_html(view).split('<section class="cover">')[1].split("</section>")[0].split())
+    assert "strict — Release gate: accurate and robust." in cover and "Requirements met" in cover
+    assert "robust accuracy &gt;= 0.80 at linf eps=0.3 <span class=\"muted\">(actual 3.0 % at ε=0.3)</span>" in cover
+
+
+def test_the_attack_table_says_which_samples_and_which_eps_its_success_is_at(results):
+    """Transfer attacks all attack the same samples, and the success rate is
+    at the largest ε an attack ran at: the table said neither."""
+    results["attacks"][0]["runs"][0]["eps"] = 0.2
+    view = build_view(results)
+    assert [(row.success_rate, row.success_eps) for row in view.attacks] == [("95.0 %", "0.2"), ("40.0 %", "0.3")]
+    html = " ".join(render_html(view).split())
+    assert "Success<br>(at ε)" in html and "all attack the same samples" not in html
+
+    results["transfer"] = {
+        "surrogates": [{"name": "mlp", "source": "trained", "clean_accuracy": 0.9}], "sets": ["mlp"],
+        "baseline": "transfer-ifgsm-linf", "samples": {"0.3": 99},
+        "matrix": {"0.3": {"transfer-ifgsm-linf": {"mlp": 0.5}}},
+    }
+    html = " ".join(render_html(build_view(results)).split())
+    assert "except that the transfer attacks (access none) all attack the same samples" in html
+
+
+def _transfer(results: dict, sets: list[str], matrix: dict) -> dict:
+    results["transfer"] = {
+        "surrogates": [{"name": name, "source": "trained", "clean_accuracy": 0.9} for name in sets if name != "ensemble"],
+        "sets": sets, "baseline": "transfer-ifgsm-linf", "samples": {"0.3": 99}, "matrix": {"0.3": matrix},
+    }
+    return results
+
+
+def test_transfer_section_says_when_there_is_no_ensemble_and_when_cells_tie(results):
+    one = _transfer(results, ["mlp"], {"transfer-ifgsm-linf": {"mlp": 1.0}, "transfer-mi-linf": {"mlp": 1.0},
+                                       "transfer-di-linf": {"mlp": 1.0}})
+    view = build_view(one)
+
+    assert view.transfer.ran_on == "the one surrogate, mlp (with a single surrogate there is no ensemble)"
+    html = " ".join(render_html(view).split())
+    assert "Each method below ran on the one surrogate, mlp (with a single surrogate there is no ensemble)" in html
+    assert view.transfer.matrices[0].best == (
+        "No best cell: every method but transfer-ifgsm-linf fooled 100.0 % of the samples from every surrogate set; "
+        "no method beats transfer-ifgsm-linf from the same surrogates.")
+    two = _transfer(results, ["mlp", "cnn", "ensemble"], {
+        "transfer-ifgsm-linf": {"mlp": 0.5, "cnn": 0.5, "ensemble": 0.6},
+        "transfer-mi-linf": {"mlp": 0.7, "cnn": 0.7, "ensemble": 0.6}})
+    view = build_view(two)
+    assert view.transfer.ran_on == "each surrogate alone and on their ensemble"
+    assert view.transfer.matrices[0].best == (
+        "Best, tied: transfer-mi-linf from mlp, transfer-mi-linf from cnn, 70.0 % of the samples, against 50.0 % "
+        "for transfer-ifgsm-linf (+20.0 points).")
+
+
+def _legend(svg: str) -> str:
+    """The chart's text (matplotlib writes each text's string in a comment before its glyphs)."""
+    return " ".join(re.findall(r"<!-- (.*?) -->", svg))
+
+
+def test_chart_series_stay_distinguishable(results):
+    """Past 10 series the colours repeated, curves on top of each other hid
+    all but the last, and a single query checkpoint made a chart of dots."""
+    base = results["attacks"][0]
+    results["attacks"] = [
+        {**base, "name": f"attack{number}", "robust_accuracy": {"0.1": 0.70 - 0.01 * number, "0.2": 0.3, "0.3": 0.05}}
+        for number in range(12)
+    ]
+    results["attacks"].append({**base, "name": "late", "robust_accuracy": results["attacks"][-1]["robust_accuracy"]})
+    svg = build_view(results).chart_svg
+    assert "stroke-dasharray" in svg  # the 11th and 12th curves are dashed
+    assert "after attack11 = after late (overlapping)" in _legend(svg)
+
+    single = {"queries": [60], "median": [4.61], "mean_found": [4.63], "found": [5]}
+    results["attacks"] = [{**base, "name": "sign-opt-l2", "kind": "min-norm",
+                           "runs": [{"eps": None, "samples": 5, "broken": 0, "queries": 300,
+                                     "distortion_at_queries": single}]}]
+    view = build_view(results)
+    assert view.distortion_chart_svg is None and len(view.distortion_rows) == 1
+    assert "so there is no curve to draw: see the table" in " ".join(render_html(view).split())
+
+
+def test_nested_attack_parameters_read_plainly(results):
+    """Transfer attacks' transforms read as Python reprs with unrounded floats, and NES's q=None."""
+    results["attacks"][0]["params"] = {
+        "transforms": [{"name": "di", "p": 0.5, "resize": 1.1036789297658862}, {"name": "mi", "mu": 1.0}],
+        "q": None, "eps_n": 0.06274509803921569, "steps": 10, "norm": "linf"}
+
+    assert build_view(results).attacks[0].params == (
+        "transforms=[di(p=0.5, resize=1.104), mi(mu=1)], q=auto, eps_n=0.06275, steps=10, norm=linf")
+
+
+def test_eps_50_names_fixed_eps_examples_only_when_one_holds_a_record(results):
+    """The sentence said a fixed-ε attack's examples lie at its ε even where
+    only minimum-norm attacks broke samples."""
+    _hard_label_at(results, [0.1, 0.2, 0.3], [0.1, 0.1, 0.2, None], 0.1)
+    for sample in results["samples"]:
+        sample["broken_by"] = "sign-opt-l2"
+
+    text = build_view(results).distortion.eps_50
+
+    assert text.endswith("the attacks find small distortions, not always the smallest.")
+
+
+def test_query_cost_shows_every_eps_and_points_minimum_norm_attacks_to_the_distortion_section(results):
+    square = results["attacks"][0]
+    smallest = {**square["runs"][0], "eps": 0.1, "broken": 30,
+                "success_curve": {"queries": [1, 10, 100, 2000], "success_rate": [0.0, 0.1, 0.2, 0.303]}}
+    square["runs"] = [smallest, square["runs"][0]]
+
+    view = build_view(results)
+
+    assert [(row.name, row.eps, row.success_rate) for row in view.query_rows] == [
+        ("square-linf", "0.3", "94.9 %"), ("square-linf", "0.1", "30.3 %")]
+    assert view.query_note.startswith("sign-opt-l2 is a minimum-norm attack, run without a fixed ε")
+    assert view.query_note in render_html(view)
+
+
+def test_context_version_date_data_and_confidence_intervals(results, tmp_path):
+    html = render_html(build_view(results))
+    assert 'class="kicker stamp">auditor 0.1.0 · scan of 2026-11-24 10:00+00:00</p>' in html
+    assert "content: string(stamp)" in html
+    _, pdf_path = write_report(results, tmp_path)
+    assert "auditor 0.1.0 · scan of 2026-11-24 10:00+00:00 — page 1 of" in _pdf_text(pdf_path)
+
+    view = build_view(results)
+    assert [(row.eps, row.robust_accuracy, row.interval) for row in (view.clean_row, *view.robust_rows)] == [
+        ("0 (clean)", "99.0 %", "94.5–99.9 %"), ("0.1", "62.0 %", "52.2–71.0 %"),
+        ("0.2", "21.0 %", "14.1–30.0 %"), ("0.3", "3.0 %", "1.0–8.5 %")]  # Wilson: 1.03–8.45 % for 3 of 100
+    assert {headline.label: headline.notes for headline in view.headlines}["Clean accuracy"] == (
+        "100 samples", "95 % CI 94.5–99.9 %")
+    fields = {field.label: field.value for field in view.data}
+    assert fields["Data set"] == "mnist (test split), 100 samples"  # three of 100 listed: which were audited?
+    assert fields["Clean accuracy"] == "99.0 % (95 % CI 94.5–99.9 %)"
+
+    _hard_label_at(results, [0.1], [0.05, None, None, None], 0.0)
+    del results["eps_50"]
+    assert {field.label: field.value for field in build_view(results).data}["Data set"] == (
+        "mnist (test split), all 4 samples")
+    results["samples"][3]["index"] = 917
+    assert {field.label: field.value for field in build_view(results).data}["Data set"] == (
+        "mnist (test split), class-balanced subset of 4")
+
+
+def test_the_attack_skipped_explanation_names_every_reason():
+    (paragraph,) = check_explanations()["attack-skipped"]
+    assert "no targeted mode" in paragraph and "no version for the threat norm" in paragraph
+
+
+def _hardening_record() -> dict:
+    """The ``hardening`` record of a results.json that ``auditor harden`` (fast, 2 epochs) wrote."""
+    curve = [
+        {"epoch": 0, "iteration": 0, "eps": 0.0, "lr": 0.0, "loss": None, "train_accuracy": None,
+         "clean": 0.98, "fgsm": 0.004, "pgd": 0.0},
+        {"epoch": 1, "iteration": 75, "eps": 0.3, "lr": 0.004167, "loss": 1.35, "train_accuracy": 0.53,
+         "clean": 0.89, "fgsm": 0.43, "pgd": 0.066},
+        {"epoch": 2, "iteration": 150, "eps": 0.3, "lr": 0.0, "loss": 1.2, "train_accuracy": 0.6,
+         "clean": 0.92, "fgsm": 0.62, "pgd": 0.29},
+    ]
+    return {
+        "schema": "auditor.hardening/1", "seed": 0, "seconds": 29.2, "training_seconds": 7.6,
+        "method": {"name": "fast", "label": "FGSM-RS (fast adversarial training)", "paper": "Wong et al., ICLR 2020",
+                   "params": {"alpha": 1.5, "eps_scale": 1.2, "random_init": True}},
+        "config": {"epochs": 2, "batch_size": 50, "lr_max": 0.005, "lr_peak": 0.4, "eps_warmup": 0.4,
+                   "eps_scale": None},
+        "threat": {"norm": "linf", "eps": 0.3}, "device": {"name": "cpu", "amp": False},
+        "model": {"path": "examples/mnist_cnn.onnx", "format": "onnx", "sha256": "ab" * 32},
+        "output": {"path": "out/mnist_cnn-hardened.onnx", "format": "onnx", "sha256": "cd" * 32,
+                   "check": {"images": 64, "max_abs_diff": 1.9e-06}},
+        "data": {"name": "mnist", "train": 3744, "guard": 256, "eval": "mnist", "eval_is_training_data": False},
+        "epochs_run": 2, "epochs_planned": 2, "updates": 150, "stopped_early": False, "curve": curve,
+        "guard": {"enabled": True, "batch": 256, "drop": 0.2,
+                  "attack": {"name": "pgd-linf", "steps": 10, "rel_step": 0.25}, "events": []},
+        "before": {"clean_accuracy": 0.99, "robust_accuracy": {"0.3": 0.0}},
+        "after": {"clean_accuracy": 0.97, "robust_accuracy": {"0.3": 0.6}},
+    }
+
+
+def test_hardening_curve_explains_the_cyclic_learning_rate_and_the_training_radius(results):
+    """"Learning rate 0" at the last epoch read as nothing trained, and the
+    training radius (1.2·ε for fast) appeared nowhere beside the ε column."""
+    results["hardening"] = _hardening_record()
+
+    view = build_view(results)
+
+    hardening = view.hardening
+    assert [(row.eps, row.radius, row.lr) for row in hardening.curve] == [
+        ("0", "0", "0"), ("0.3", "0.36", "0.0042"), ("0.3", "0.36", "0")]
+    assert "from 0 up to its peak 0.005 at 40 % of the updates, then down to 0 at the last update" in \
+        hardening.curve_note
+    assert "The training adversary used a radius of 1.2·ε" in hardening.curve_note
+    settings = {field.label: field.value for field in hardening.settings}
+    assert settings["Threat"] == "ε=0.3, L∞; training radius 1.2·ε = 0.36"
+    assert settings["Method settings"] == "alpha=1.5, eps_scale=1.2, random_init=True"
+    html = " ".join(render_html(view).split())
+    assert "Training radius<br>(1.2·ε)" in html and "Learning rate at<br>end of epoch" in html

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import re
 import statistics
+import textwrap
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,7 +28,7 @@ from ..eps import eps_text
 from ..errors import AuditError, short_reason
 from ..resources import docs_dir
 from ..verify import eps_bound
-from .formatting import MISSING, percent
+from .formatting import MISSING, interval_text, percent
 from .schema import validate_results
 from .transfer import TransferView, transfer_view
 
@@ -35,6 +37,12 @@ CHECKS_DOC = "checks.md"
 
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
+OVERSTATING_CHECKS = frozenset(
+    {"randomised-model", "small-budget", "weak-surrogate", "transfer-only", "custom-battery", "nan-gradients"}
+)
+"""Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
+overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they
+mark the cover's robust accuracy."""
 # Fixed chart settings: with the same matplotlib, the same results give a byte-identical SVG.
 _CHART_RC = {"svg.hashsalt": "auditor-report", "svg.fonttype": "path", "font.size": 9}
 
@@ -50,11 +58,13 @@ class Field:
 
 @dataclass(frozen=True)
 class Headline:
-    """A headline number on the verdict page."""
+    """A headline number on the verdict page, with its notes (a line each);
+    ``flag`` warns that it is not to be taken at face value."""
 
     label: str
     value: str
-    note: str
+    notes: tuple[str, ...]
+    flag: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class Verdict:
     summary: str
     detail: str
     policy: str | None
+    caveat: str
+    """What the checks above info level say about the verdict ("" when none was raised)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class RobustRow:
     eps: str
     robust_accuracy: str
     broken: str
+    interval: str
+    """The 95 % Wilson score interval for the ``n`` samples."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,9 @@ class AttackRow:
     norm: str
     samples: str
     success_rate: str
+    success_eps: str
+    """The ε the success rate is at: the largest the attack ran at (for a
+    minimum-norm attack, the largest audited ε)."""
     queries_mean: str
     queries_median: str
     queries_p90: str
@@ -148,6 +165,9 @@ class RequirementRow:
     description: str
     passed: bool
     actual: str
+    """The recorded value as the report shows it: accuracies as percentages."""
+    recorded: str
+    """The value as results.json records it (``"0.95"``)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +175,7 @@ class PolicyView:
     """The applied policy and its requirements."""
 
     name: str
+    description: str | None
     passed: bool
     requirements: tuple[RequirementRow, ...]
 
@@ -200,6 +221,8 @@ class CurveRow:
 
     epoch: str
     eps: str
+    radius: str
+    """The training radius: ``eps`` times the method's ``eps_scale``."""
     lr: str
     loss: str
     train_accuracy: str
@@ -218,6 +241,10 @@ class HardeningView:
     settings: tuple[Field, ...]
     comparison: tuple[ComparisonRow, ...]
     curve: tuple[CurveRow, ...]
+    radius_scale: str
+    """The training radius as a multiple of ε ("1.2")."""
+    curve_note: str
+    """How to read the schedules: values at the end of each epoch, the cyclic learning rate, the radius."""
     chart_svg: Markup | None
     guard: str
     events: tuple[str, ...]
@@ -231,17 +258,26 @@ class ReportView:
     title: str
     model_name: str
     date: str
+    stamp: str
+    """The auditor version and the scan date, for every page's footer."""
     verdict: Verdict
     headlines: tuple[Headline, ...]
+    cover_checks: tuple[CheckRow, ...]
+    """The checks above info level, errors first, for the cover."""
+    robust_definition: str
     model: tuple[Field, ...]
     data: tuple[Field, ...]
     threat: tuple[Field, ...]
+    clean_row: RobustRow
+    """Clean accuracy as a row of the robust accuracy table (ε = 0)."""
     robust_rows: tuple[RobustRow, ...]
     chart_svg: Markup | None
     distortion: DistortionSummary
     attacks: tuple[AttackRow, ...]
     query_rows: tuple[QueryRow, ...]
     query_chart_svg: Markup | None
+    query_note: str
+    """Where the cost of the minimum-norm black-box attacks is shown instead ("" when none ran)."""
     distortion_rows: tuple[DistortionRow, ...]
     distortion_chart_svg: Markup | None
     checks: tuple[CheckRow, ...]
@@ -273,24 +309,33 @@ def build_view(results: dict, source: str = "input") -> ReportView:
 
 def _build(results: dict) -> ReportView:
     policy = _policy(results.get("policy"))
+    checks = tuple(CheckRow(check["id"], check["level"], check["message"]) for check in results["checks"])
+    n = results["data"]["n"]
     return ReportView(
         title="Model robustness audit",
         model_name=results["model"]["path"],
         date=_date(results["started"]),
+        stamp=f"auditor {results['auditor_version'] or '(version unknown)'} · scan of {_date(results['started'])}",
         verdict=_verdict(results, policy),
         headlines=_headlines(results),
+        cover_checks=tuple(sorted((check for check in checks if check.level != "info"),
+                                  key=lambda check: check.level != "error")),
+        robust_definition=_robust_definition(results),
         model=_model_fields(results["model"]),
         data=_data_fields(results),
         threat=_threat_fields(results),
-        robust_rows=_robust_rows(results["robust_accuracy"], results["data"]["n"]),
+        clean_row=_robust_row("0 (clean)", results["clean_accuracy"], n),
+        robust_rows=tuple(_robust_row(eps_text(eps), results["robust_accuracy"][eps], n)
+                          for eps in _sorted_eps(results["robust_accuracy"])),
         chart_svg=_chart(results),
         distortion=_distortion(results),
-        attacks=tuple(_attack_row(attack) for attack in results["attacks"]),
+        attacks=tuple(_attack_row(attack, results["threat"]["eps"]) for attack in results["attacks"]),
         query_rows=tuple(_query_row(attack, run) for attack, run in _query_runs(results)),
         query_chart_svg=_query_chart(results),
+        query_note=_query_note(results),
         distortion_rows=_distortion_rows(results),
         distortion_chart_svg=_distortion_chart(results),
-        checks=tuple(CheckRow(check["id"], check["level"], check["message"]) for check in results["checks"]),
+        checks=checks,
         check_notes=_check_notes(results["checks"]),
         policy=policy,
         manifest=_manifest_fields(results),
@@ -317,8 +362,24 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _param(value) -> str:
-    """An attack parameter as written in the report: floats to 6 significant digits."""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """An attack parameter as written in the report: floats to 4 significant
+    digits, None (the attack works the value out itself) as "auto", lists in
+    brackets and mappings as ``name(key=value, ...)`` when they have a name."""
+    if value is None:
+        return "auto"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_param(item) for item in value)}]"
+    if isinstance(value, dict):
+        settings = _params({key: item for key, item in value.items() if key != "name"})
+        return f"{value['name']}({settings})" if "name" in value else f"({settings})"
+    return str(value)
+
+
+def _params(params: dict) -> str:
+    """Settings as ``key=value, ...``, each value as :func:`_param` writes it."""
+    return ", ".join(f"{key}={_param(value)}" for key, value in params.items())
 
 
 def _budget(budget: int | None) -> str:
@@ -345,48 +406,114 @@ def _worst_case(results: dict) -> tuple[str, float] | None:
     return eps, accuracies[eps]
 
 
+def _access_text(level: str) -> str:
+    """An access level as prose names it: ``none`` is no access to the model at all."""
+    return "none (no model access: transfer attacks only)" if level == "none" else level
+
+
+def _battery_text(results: dict) -> str:
+    """The attacks robust accuracy is the worst case over, in words
+    ("targeted hard-label attacks chosen with --attacks")."""
+    mode = "targeted " if results["threat"].get("target") else ""
+    chosen = " chosen with --attacks" if _raised(results, {"custom-battery"}) else ""
+    if results["access"]["level"] == "none":
+        return f"{mode}transfer attacks only{chosen} (no model access)"
+    return f"{mode}{results['access']['level']} attacks{chosen}"
+
+
+def _raised(results: dict, ids: Collection[str]) -> list[str]:
+    """The ids among ``ids`` of the checks raised, in order of first appearance."""
+    return list(dict.fromkeys(check["id"] for check in results["checks"] if check["id"] in ids))
+
+
 def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
     clean = percent(results["clean_accuracy"])
-    access = results["access"]["level"]
     worst = _worst_case(results)
     if worst is None:
-        summary = f"No attacks were run (access level {access}); clean accuracy {clean}."
+        summary = (f"No attacks were run at access level {_access_text(results['access']['level'])}; "
+                   f"clean accuracy {clean}.")
     else:
         eps, accuracy = worst
-        mode = "targeted " if results["threat"].get("target") else ""
-        chosen = any(check.get("id") == "custom-battery" for check in results.get("checks") or ())
         summary = (
             f"Robust accuracy {percent(accuracy)} at ε={eps_text(eps)} ({norm_name(results['threat']['norm'])}) "
-            f"against {mode}{access} attacks{' chosen with --attacks' if chosen else ''}; clean accuracy {clean}."
+            f"against {_battery_text(results)}; clean accuracy {clean}."
         )
+    caveat = _caveat(results)
     if policy is None:
         detail = "No policy was applied: the results are informational."
-        return Verdict("none", _VERDICTS["none"], summary, detail, None)
+        return Verdict("none", _VERDICTS["none"], summary, detail, None, caveat)
     failed = sum(not requirement.passed for requirement in policy.requirements)
     total = len(policy.requirements)
     status = "pass" if policy.passed else "fail"
     detail = f"Policy “{policy.name}”: {total - failed} of {total} requirements met."
-    return Verdict(status, _VERDICTS[status], summary, detail, policy.name)
+    return Verdict(status, _VERDICTS[status], summary, detail, policy.name, caveat)
+
+
+def _caveat(results: dict) -> str:
+    """The sentence on the checks above info level, for the verdict box."""
+    serious = [check for check in results["checks"] if check["level"] != "info"]
+    if not serious:
+        return ""
+    overstating = _raised(results, OVERSTATING_CHECKS)
+    listed = f"{_plural(len(serious), 'check')} above info level, listed below"
+    if overstating:
+        return f"Robust accuracy is overstated ({', '.join(overstating)}): read the {listed}."
+    return f"Read the {listed}, before relying on this verdict."
+
+
+def _target_mode(target: dict) -> str:
+    """A targeted audit's mode, short: ``random``, ``least-likely`` or ``class 3``."""
+    return f"class {target['class']}" if target["mode"] == "class" else target["mode"]
 
 
 def _headlines(results: dict) -> tuple[Headline, ...]:
     worst = _worst_case(results)
     norm = norm_name(results["threat"]["norm"])
-    robust = (
-        Headline("Robust accuracy", MISSING, "no attacks were run")
-        if worst is None
-        else Headline("Robust accuracy", percent(worst[1]), f"at ε={eps_text(worst[0])} ({norm})")
-    )
+    n = results["data"]["n"]
+    if worst is None:
+        robust = Headline("Robust accuracy", MISSING, ("no attacks were run",))
+    else:
+        target = results["threat"].get("target")
+        notes = (f"at ε={eps_text(worst[0])} ({norm})", f"targeted ({_target_mode(target)})" if target else "",
+                 _confidence(worst[1], n))
+        flag = "overstated — see the checks below" if _raised(results, OVERSTATING_CHECKS) else ""
+        robust = Headline("Robust accuracy", percent(worst[1]), tuple(note for note in notes if note), flag)
     checks = results["checks"]
     serious = sum(check["level"] != "info" for check in checks)
-    samples = _plural(results["data"]["n"], "sample")
-    attacks = _plural(len(results["attacks"]), "attack")
+    clean = (_plural(n, "sample"), _confidence(results["clean_accuracy"], n))
+    attacks = _plural(len(results["attacks"]), "attack") + " run"
+    level = results["access"]["level"]
     return (
-        Headline("Clean accuracy", percent(results["clean_accuracy"]), samples),
+        Headline("Clean accuracy", percent(results["clean_accuracy"]), tuple(note for note in clean if note)),
         robust,
-        Headline("Attacker access", results["access"]["level"], f"{attacks} run"),
-        Headline("Checks", str(len(checks)), f"{serious} above info level"),
+        Headline("Attacker access", level,
+                 ("no model access", f"{attacks}, all transfer") if level == "none" else (attacks,)),
+        Headline("Checks", str(len(checks)), (f"{serious} above info level",)),
     )
+
+
+def _confidence(accuracy: float, n: int) -> str:
+    """``"95 % CI 83.4–98.7 %"`` for an accuracy on ``n`` samples ("" when ``n`` is 0)."""
+    interval = interval_text(accuracy, n)
+    return f"95 % CI {interval}" if interval else ""
+
+
+def _robust_definition(results: dict) -> str:
+    """What the cover's robust accuracy means, for this audit."""
+    target = results["threat"].get("target")
+    definition = (
+        f"Robust accuracy at ε is the share of all {_plural(results['data']['n'], 'audited sample')} that the "
+        "model classifies correctly and that no attack of the battery broke within ε: the per-sample worst case "
+        "over the battery, every adversarial example re-verified on the real runtime before it counts."
+    )
+    if target:
+        definition += (
+            f" This audit is targeted: {target_text(target).removeprefix('targeted: ')}. An attack breaks a "
+            "sample only when the model outputs the sample's target class; a sample misclassified before any "
+            "attack counts as broken."
+        )
+    return definition + (" It is an upper bound on true robustness, not a proof of it: a stronger attacker may "
+                         "do better.")
 
 
 def _model_fields(model: dict) -> tuple[Field, ...]:
@@ -403,18 +530,31 @@ def _model_fields(model: dict) -> tuple[Field, ...]:
 
 def _data_fields(results: dict) -> tuple[Field, ...]:
     data = results["data"]
+    clean = results["clean_accuracy"]
+    confidence = _confidence(clean, data["n"])
     return (
-        Field("Data set", data["name"]),
-        Field("Samples", f"{data['n']:,}"),
+        Field("Data set", _data_text(results)),
         Field("SHA-256", data["sha256"], mono=True),
-        Field("Clean accuracy", percent(results["clean_accuracy"])),
+        Field("Clean accuracy", f"{percent(clean)} ({confidence})" if confidence else percent(clean)),
     )
+
+
+def _data_text(results: dict) -> str:
+    """The data and which of its samples were audited, as far as the results show:
+    a sample index beyond ``n`` means ``-n`` chose a class-balanced subset."""
+    data, samples = results["data"], results["samples"]
+    name = "mnist (test split)" if data["name"] == "mnist" else data["name"]
+    if len(samples) < data["n"]:  # not every sample listed: which were audited is not recorded
+        return f"{name}, {_plural(data['n'], 'sample')}"
+    if any(sample["index"] >= data["n"] for sample in samples):
+        return f"{name}, class-balanced subset of {data['n']:,}"
+    return f"{name}, all {_plural(data['n'], 'sample')}"
 
 
 def _threat_fields(results: dict) -> tuple[Field, ...]:
     threat = results["threat"]
     return (
-        Field("Access level", results["access"]["level"]),
+        Field("Access level", _access_text(results["access"]["level"])),
         Field("Why this level", results["access"]["reason"]),
         Field("Norm", f"{norm_name(threat['norm'])} ({threat['norm']})"),
         Field("ε", ", ".join(eps_text(eps) for eps in threat["eps"])),
@@ -454,23 +594,25 @@ def target_text(target: dict | None) -> str:
             f"({_plural(left_out, 'sample')} of that class left out)")
 
 
-def _robust_rows(accuracies: dict[str, float], n: int) -> tuple[RobustRow, ...]:
-    """Robust accuracy per ε; samples broken are the ``n`` not robust (clean errors included)."""
-    return tuple(
-        RobustRow(eps_text(eps), percent(accuracies[eps]), f"{round((1 - accuracies[eps]) * n):,} of {n:,}")
-        for eps in _sorted_eps(accuracies)
-    )
+def _robust_row(eps: str, accuracy: float, n: int) -> RobustRow:
+    """Accuracy at one ε of the ``n`` samples; samples broken are those not robust (clean errors included)."""
+    return RobustRow(eps, percent(accuracy), f"{round((1 - accuracy) * n):,} of {n:,}",
+                     interval_text(accuracy, n) or MISSING)
 
 
-def _attack_row(attack: dict) -> AttackRow:
+def _attack_row(attack: dict, audited: list[float]) -> AttackRow:
+    """One attack; its success rate is at the largest ε it ran at (a
+    minimum-norm attack's within the largest of the ``audited`` ε)."""
     queries = attack["queries"]
+    ran_at = [run["eps"] for run in attack.get("runs", ()) if run.get("eps") is not None] or audited
     return AttackRow(
         name=attack["name"],
-        access=attack["access"],
+        access="none (transfer)" if attack["access"] == "none" else attack["access"],
         kind=attack["kind"],
         norm=norm_name(attack["norm"]),
         samples=f"{attack['samples']:,}",
         success_rate=percent(attack["success_rate"]),
+        success_eps=eps_text(max(ran_at)) if ran_at else MISSING,
         queries_mean=_count(queries["mean"]),
         queries_median=_count(queries["median"]),
         queries_p90=_count(queries["p90"]),
@@ -478,20 +620,33 @@ def _attack_row(attack: dict) -> AttackRow:
         budget="1 (its verification)" if attack["access"] == "none" else _budget(queries["budget"]),
         seconds=f"{attack['seconds']:.1f} s",
         paper=attack["paper"],
-        params=", ".join(f"{key}={_param(value)}" for key, value in attack["params"].items()),
+        params=_params(attack["params"]),
     )
 
 
 def _query_runs(results: dict) -> list[tuple[dict, dict]]:
-    """(attack, run) for each black-box fixed-ε attack, its run at the largest ε.
+    """(attack, run) for each run of each black-box fixed-ε attack, from the
+    largest ε to the smallest, where the cost is highest.
 
     Results written before runs carried query curves have none to show."""
     found = []
     for attack in results["attacks"]:
-        runs = [run for run in attack.get("runs", ()) if "success_curve" in run]
-        if attack["queries"]["budget"] is not None and runs:
-            found.append((attack, max(runs, key=lambda run: run["eps"])))
+        if attack["queries"]["budget"] is not None:
+            runs = [run for run in attack.get("runs", ()) if "success_curve" in run]
+            found += [(attack, run) for run in sorted(runs, key=lambda run: run["eps"], reverse=True)]
     return found
+
+
+def _query_note(results: dict) -> str:
+    """The sentence pointing from the query cost to the distortion section,
+    for the black-box minimum-norm attacks ("" when none ran)."""
+    names = list(dict.fromkeys(attack["name"] for attack, _ in _distortion_runs(results)
+                               if attack["queries"]["budget"] is not None))
+    if not names:
+        return ""
+    kind = "is a minimum-norm attack" if len(names) == 1 else "are minimum-norm attacks"
+    return (f"{', '.join(names)} {kind}, run without a fixed ε: no success curve here; how their distortion "
+            "shrinks with the queries spent is under “Distortion against queries” below.")
 
 
 def _query_row(attack: dict, run: dict) -> QueryRow:
@@ -516,18 +671,53 @@ def _svg(figure: Figure) -> Markup:
     return Markup(svg[svg.index("<svg"):])
 
 
+_COLOURS = tuple(matplotlib.colormaps["tab10"].colors)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_DASHES = ("-", "--", "-.", ":")
+
+
+def _series_style(number: int) -> dict:
+    """The style of a chart's ``number``-th series. Colour and marker cycle
+    with periods 10 and 7 and the dash pattern changes every 10 series, so
+    the first 280 series all look different."""
+    return {"color": _COLOURS[number % len(_COLOURS)], "marker": _MARKERS[number % len(_MARKERS)],
+            "linestyle": _DASHES[number // len(_COLOURS) % len(_DASHES)]}
+
+
+def _distinct_series(series: list[tuple[str, list, list]]) -> list[tuple[str, list, list]]:
+    """(label, xs, ys) series with the same points merged into one, labelled
+    with every name: drawn apart, the last would hide the others, leaving
+    legend entries that point at nothing."""
+    labels: dict[tuple, list[str]] = {}
+    for label, xs, ys in series:
+        labels.setdefault((tuple(xs), tuple(ys)), []).append(label)
+    return [
+        (textwrap.fill(names[0] if len(names) == 1 else " = ".join(names) + " (overlapping)", 42,
+                       break_on_hyphens=False), list(xs), list(ys))
+        for (xs, ys), names in labels.items()
+    ]
+
+
+def _drawable(series: list[tuple[str, list, list]]) -> bool:
+    """Whether some series has two points or more: a chart of single points
+    (one query checkpoint) shows nothing its table does not."""
+    return any(len(xs) > 1 for _, xs, _ in series)
+
+
 def _query_chart(results: dict) -> Markup | None:
-    """Success rate against queries (log scale) for each black-box fixed-ε attack."""
-    runs = _query_runs(results)
-    if not runs:
+    """Success rate against queries (log scale) for each run of each black-box fixed-ε attack."""
+    series = [
+        (f"{attack['name']} (ε={eps_text(run['eps'])})", run["success_curve"]["queries"],
+         [rate * 100 for rate in run["success_curve"]["success_rate"]])
+        for attack, run in _query_runs(results)
+    ]
+    if not _drawable(series):
         return None
     with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
         figure = Figure(figsize=(7.0, 2.8), layout="constrained")
         axes = figure.add_subplot()
-        for attack, run in runs:
-            curve = run["success_curve"]
-            axes.step(curve["queries"], [rate * 100 for rate in curve["success_rate"]], where="post",
-                      marker="o", markersize=3, linewidth=1.4, label=f"{attack['name']} (ε={eps_text(run['eps'])})")
+        for number, (label, xs, ys) in enumerate(_distinct_series(series)):
+            axes.step(xs, ys, where="post", markersize=3, linewidth=1.4, label=label, **_series_style(number))
         axes.set_xscale("log")
         axes.set_ylim(-4, 104)
         axes.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
@@ -568,17 +758,18 @@ def _distortion_rows(results: dict) -> tuple[DistortionRow, ...]:
 
 def _distortion_chart(results: dict) -> Markup | None:
     """Median distortion against queries (log scale) for each minimum-norm attack."""
-    runs = _distortion_runs(results)
-    if not runs:
+    series = []
+    for attack, curve in _distortion_runs(results):
+        points = [(q, m) for q, m in zip(curve["queries"], curve["median"]) if m is not None]
+        if points:
+            series.append((f"{attack['name']} ({norm_name(attack['norm'])})", *map(list, zip(*points))))
+    if not _drawable(series):
         return None
     with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
         figure = Figure(figsize=(7.0, 2.8), layout="constrained")
         axes = figure.add_subplot()
-        for attack, curve in runs:
-            points = [(q, m) for q, m in zip(curve["queries"], curve["median"]) if m is not None]
-            if points:
-                axes.plot(*zip(*points), marker="o", markersize=3, linewidth=1.4,
-                          label=f"{attack['name']} ({norm_name(attack['norm'])})")
+        for number, (label, xs, ys) in enumerate(_distinct_series(series)):
+            axes.plot(xs, ys, markersize=3, linewidth=1.4, label=label, **_series_style(number))
         axes.set_xscale("log")
         axes.set_xlabel("queries per sample")
         axes.set_ylabel("median distortion")
@@ -619,14 +810,28 @@ def _check_notes(checks: list[dict]) -> tuple[CheckNote, ...]:
     return tuple(CheckNote(check_id, explanations.get(check_id, unknown)) for check_id in ids)
 
 
+_ACCURACY_REQUIREMENT = re.compile(r"(?:clean|robust) accuracy >= ")
+_LEADING_FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?= at |$)")
+
+
 def _policy(policy: dict | None) -> PolicyView | None:
     if policy is None:
         return None
     requirements = tuple(
-        RequirementRow(item["id"], item["description"], bool(item["passed"]), str(item["actual"]))
+        RequirementRow(item["id"], item["description"], bool(item["passed"]),
+                       _actual_text(item["description"], str(item["actual"])), str(item["actual"]))
         for item in policy["requirements"]
     )
-    return PolicyView(policy["name"], bool(policy["passed"]), requirements)
+    return PolicyView(policy["name"], policy.get("description"), bool(policy["passed"]), requirements)
+
+
+def _actual_text(description: str, actual: str) -> str:
+    """A requirement's recorded value as the report shows it: the accuracy
+    that clean and robust accuracy requirements record as a fraction
+    (``"0.15 at ε=0.1"``) as a percentage (``"15.0 % at ε=0.1"``)."""
+    if not _ACCURACY_REQUIREMENT.match(description):
+        return actual
+    return _LEADING_FRACTION.sub(lambda match: percent(float(match[1])), actual)
 
 
 def _distortion(results: dict) -> DistortionSummary:
@@ -658,8 +863,9 @@ def _eps_50_text(results: dict) -> str:
     distortions (:func:`auditor.eps.eps_at_half`).
 
     Each distortion is the smallest an attack found, not the smallest there
-    is, and a fixed-ε attack's example lies at the ε it ran at, so robust
-    accuracy reaches 50 % *at or below* ``eps_50``. Beyond the largest
+    is, and a fixed-ε attack's example lies at the ε it ran at (said only
+    where one holds a sample's record), so robust accuracy reaches 50 % *at
+    or below* ``eps_50``. Beyond the largest
     audited ε only minimum-norm attacks find examples: there ``eps_50`` is
     outside the threat model, and the sentence says so.
     """
@@ -673,7 +879,8 @@ def _eps_50_text(results: dict) -> str:
         return ("Half of the samples or more are misclassified without an attack: robust accuracy is 50 % or "
                 "less at every ε.")
     if eps_50 <= eps_bound(largest):
-        fixed = any(attack["kind"] == FIXED_EPS for attack in results["attacks"])
+        fixed_eps = {attack["name"] for attack in results["attacks"] if attack["kind"] == FIXED_EPS}
+        fixed = any(sample.get("broken_by") in fixed_eps for sample in results["samples"])
         return (f"Robust accuracy falls to 50 % at or below ε = {eps_50:.3g}: half of the samples have a "
                 f"verified adversarial example within that distance. This ε is an upper bound: the attacks find "
                 f"small distortions, not always the smallest"
@@ -703,7 +910,8 @@ def _chart(results: dict) -> Markup | None:
     """Robust accuracy vs ε: the worst case over all attacks and each attack's cumulative curve.
 
     The attack curves are drawn over the thick worst-case curve, so the last
-    attack's curve (which equals the worst case) stays visible. ε = 0 is clean
+    attack's curve (which equals the worst case) stays visible; attacks after
+    which the curve did not change share one line. ε = 0 is clean
     accuracy. Returns inline SVG (without the XML prolog), or None when no
     attack ran.
     """
@@ -714,12 +922,12 @@ def _chart(results: dict) -> Markup | None:
     with matplotlib.style.context("default"), matplotlib.rc_context(_CHART_RC):
         figure = Figure(figsize=(7.0, 3.0), layout="constrained")
         axes = figure.add_subplot()
-        _plot_curve(axes, overall, clean, "worst case (all attacks)",
-                    marker="s", markersize=7, linewidth=3.2, color="black")
-        for attack in results["attacks"]:
-            if attack["robust_accuracy"]:
-                _plot_curve(axes, attack["robust_accuracy"], clean, f"after {attack['name']}",
-                            marker="o", markersize=4, linewidth=1.2)
+        axes.plot(*_curve_points(overall, clean), label="worst case (all attacks)",
+                  marker="s", markersize=7, linewidth=3.2, color="black")
+        series = [(f"after {attack['name']}", *_curve_points(attack["robust_accuracy"], clean))
+                  for attack in results["attacks"] if attack["robust_accuracy"]]
+        for number, (label, xs, ys) in enumerate(_distinct_series(series)):
+            axes.plot(xs, ys, label=label, markersize=4, linewidth=1.2, **_series_style(number))
         ticks = [0.0] + [float(eps) for eps in _sorted_eps(overall)]
         axes.xaxis.set_major_locator(FixedLocator(ticks))
         axes.xaxis.set_major_formatter(lambda value, _: eps_text(value))
@@ -733,11 +941,10 @@ def _chart(results: dict) -> Markup | None:
         return _svg(figure)
 
 
-def _plot_curve(axes, accuracies: dict[str, float], clean: float, label: str, **style) -> None:
+def _curve_points(accuracies: dict[str, float], clean: float) -> tuple[list[float], list[float]]:
+    """A robust accuracy curve's points in percent, from clean accuracy at ε = 0."""
     eps = _sorted_eps(accuracies)
-    xs = [0.0] + [float(value) for value in eps]
-    ys = [clean * 100] + [accuracies[value] * 100 for value in eps]
-    axes.plot(xs, ys, label=label, **style)
+    return [0.0] + [float(value) for value in eps], [clean * 100] + [accuracies[value] * 100 for value in eps]
 
 
 def _points(before: float, after: float) -> str:
@@ -763,9 +970,11 @@ def _hardening(record: dict | None) -> HardeningView | None:
         was, now = before["robust_accuracy"][eps], after["robust_accuracy"][eps]
         comparison.append(ComparisonRow(f"Robust accuracy at ε={eps_text(eps)} ({norm})", percent(was), percent(now),
                                         _points(was, now)))
+    scale = method["params"].get("eps_scale", 1.0)
     curve = tuple(
         CurveRow(
-            epoch=str(row["epoch"]), eps=f"{row['eps']:.3g}", lr=_optional(row["lr"], ".2g"),
+            epoch=str(row["epoch"]), eps=f"{row['eps']:.3g}", radius=f"{row['eps'] * scale:.3g}",
+            lr=_optional(row["lr"], ".2g"),
             loss=_optional(row["loss"], ".3f"), train_accuracy=percent(row["train_accuracy"]),
             clean=percent(row["clean"]), fgsm=percent(row["fgsm"]), pgd=percent(row["pgd"]),
         )
@@ -792,8 +1001,9 @@ def _hardening(record: dict | None) -> HardeningView | None:
     attack = guard["attack"]
     settings = (
         Field("Method", f"{method['label']} ({method['name']})"),
-        Field("Method settings", ", ".join(f"{key}={value}" for key, value in method["params"].items())),
-        Field("Threat", f"ε={eps_text(record['threat']['eps'])}, {norm}"),
+        Field("Method settings", _params(method["params"])),
+        Field("Threat", f"ε={eps_text(record['threat']['eps'])}, {norm}; training radius {scale:g}·ε = "
+                        f"{eps_text(record['threat']['eps'] * scale)}"),
         Field("Epochs", f"{epochs}, {record['updates']:,} updates"),
         Field("Optimiser", f"Adam, batch {config['batch_size']}, triangular cyclic learning rate peaking at "
                            f"{config['lr_max']:g} after {config['lr_peak']:.0%} of the updates"),
@@ -818,8 +1028,15 @@ def _hardening(record: dict | None) -> HardeningView | None:
         Field("Original model", record["model"]["path"], mono=True),
         Field("Original SHA-256", record["model"]["sha256"], mono=True),
     )
+    curve_note = (
+        f"ε and the learning rate are their values at the end of each epoch. The learning rate follows a "
+        f"triangular cycle: from 0 up to its peak {config['lr_max']:g} at {config['lr_peak'] * 100:g} % of the updates, "
+        f"then down to 0 at the last update, so the last epoch of a full run ends at 0. The training "
+        f"adversary used a radius of {scale:g}·ε; the guard and the scans use ε itself."
+    )
     return HardeningView(method=method["label"], paper=method["paper"], summary=summary, settings=settings,
-                         comparison=tuple(comparison), curve=curve, chart_svg=_training_chart(record),
+                         comparison=tuple(comparison), curve=curve, radius_scale=f"{scale:g}",
+                         curve_note=curve_note, chart_svg=_training_chart(record),
                          guard=guard_text, events=events, output=output)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 MISSING = "—"
 
 
@@ -20,3 +22,22 @@ def percent(fraction: float | None) -> str:
     if text == "0.0" and fraction > 0:
         return "< 0.1 %"
     return f"{text} %"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion of ``successes`` in ``n``
+    trials (95 % for the default ``z``); ``n`` must be at least 1."""
+    share = successes / n
+    scale = 1 + z * z / n
+    centre = (share + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval_text(fraction: float, n: int) -> str:
+    """The 95 % Wilson interval of an accuracy measured on ``n`` samples, e.g.
+    ``"83.4–98.7 %"``, its bounds rounded outwards ("" when ``n`` is 0)."""
+    if n == 0:
+        return ""
+    low, high = wilson_interval(round(fraction * n), n)
+    return f"{math.floor(low * 1000) / 10:.1f}–{math.ceil(high * 1000) / 10:.1f} %"

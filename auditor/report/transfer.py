@@ -52,6 +52,8 @@ class TransferView:
     surrogates: tuple[SurrogateRow, ...]
     matrices: tuple[TransferMatrix, ...]
     baseline: str | None
+    ran_on: str
+    """Which surrogate sets each method ran on, in words ("each surrogate alone and their ensemble")."""
 
 
 def _shade(rate: float) -> str:
@@ -64,7 +66,8 @@ def _best(methods: dict, sets: list[str], baseline: str | None) -> str:
     The best cell is the highest rate of a method other than the baseline
     (of the baseline only when it ran alone), ties going to the larger gain
     over the baseline from the same set. Its gain is stated when some cell
-    beats the baseline; when none does, the sentence says so instead.
+    beats the baseline; when none does, the sentence says so instead. Cells
+    that tie on both are all named; when every cell ties, no cell is best.
     """
     base = methods.get(baseline, {})
     gains = {
@@ -83,8 +86,16 @@ def _best(methods: dict, sets: list[str], baseline: str | None) -> str:
     ]
     if not candidates:
         return ""
-    rate, _, method, group = max(candidates, key=lambda cell: cell[:2])
-    sentence = f"Best: {method} from {group}, {percent(rate)} of the samples"
+    rate, gain, method, group = max(candidates, key=lambda cell: cell[:2])
+    tied = [f"{other} from {other_group}" for other_rate, other_gain, other, other_group in candidates
+            if (other_rate, other_gain) == (rate, gain)]
+    if len(tied) == len(candidates) > 1:
+        methods_named = "every method" if searched == list(methods) else f"every method but {baseline}"
+        sentence = f"No best cell: {methods_named} fooled {percent(rate)} of the samples from every surrogate set"
+    elif len(tied) > 1:
+        sentence = f"Best, tied: {', '.join(tied)}, {percent(rate)} of the samples"
+    else:
+        sentence = f"Best: {method} from {group}, {percent(rate)} of the samples"
     if not gains:
         return sentence + "."
     if max(gains.values()) <= 0:
@@ -125,4 +136,8 @@ def transfer_view(results: dict) -> TransferView | None:
     surrogates = tuple(
         SurrogateRow(s["name"], s["source"], percent(s.get("clean_accuracy"))) for s in transfer["surrogates"]
     )
-    return TransferView(tuple(sets), surrogates, matrices, baseline)
+    if len(sets) == 1:
+        ran_on = f"the one surrogate, {sets[0]} (with a single surrogate there is no ensemble)"
+    else:
+        ran_on = "each surrogate alone and on their ensemble"
+    return TransferView(tuple(sets), surrogates, matrices, baseline, ran_on)
