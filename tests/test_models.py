@@ -854,3 +854,24 @@ def test_onnxruntime_logs_nothing_when_a_run_fails(tmp_path, capfd):
     with pytest.raises(AuditError):
         model.forward(torch.rand(3, 1, 28, 28))
     assert capfd.readouterr().err == ""
+
+
+def test_forward_calls_hold_fewer_rows_of_larger_images():
+    """The model's activations grow with rows × pixels: a forward call takes
+    1,024 MNIST digits but only 341 images of 3 × 64 × 64 (NES sent 1,000
+    such images at once, 4 GB for a small ResNet)."""
+    from auditor.models.pytorch import chunk_rows
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def forward(self, x):
+            self.rows.append(len(x))
+            return x.flatten(1)[:, :10]
+
+    assert (chunk_rows((1, 28, 28)), chunk_rows((3, 64, 64)), chunk_rows((3, 224, 224))) == (1024, 341, 27)
+    recorder = Recorder()
+    logits = _wrap(recorder).forward(torch.rand(700, 3, 64, 64))
+    assert recorder.rows == [341, 341, 18] and logits.shape == (700, 10)

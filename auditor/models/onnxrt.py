@@ -28,7 +28,7 @@ from ..access import Access
 from ..errors import AuditError, short_reason
 from .base import Model, ModelFailed, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
-from .pytorch import CHUNK, FixedBatch, resolve_device, run_chunked
+from .pytorch import FixedBatch, chunk_rows, resolve_device, run_chunked
 
 if TYPE_CHECKING:
     from . import ModelRequest
@@ -143,8 +143,7 @@ class OnnxModel(Model):
         self._normalisation = None if mean is None or std is None else (mean, std)
         self._mean = None if mean is None else np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self._std = None if std is None else np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-        self._chunk = fixed_batch or CHUNK
-        self._fixed_batch = fixed_batch is not None
+        self._fixed_batch = fixed_batch
         self._module: nn.Module | None = None
         self._device = torch.device("cpu")
         self._ceiling = (Access.SOFT_LABEL, "ONNX graph: not converted for gradients")
@@ -165,7 +164,8 @@ class OnnxModel(Model):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().to("cpu", torch.float32)
         try:
-            logits = run_chunked(self._run, images, self._chunk, self._fixed_batch)
+            chunk = self._fixed_batch or chunk_rows(images.shape[1:])
+            logits = run_chunked(self._run, images, chunk, self._fixed_batch is not None)
         except Exception as exc:
             raise ModelFailed(self.info.path, len(x), exc) from exc
         return logits.float().to(x.device)
@@ -186,7 +186,7 @@ class OnnxModel(Model):
         if shape is None or None in shape:
             raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
         if self._fixed_batch:
-            module = FixedBatch(module, self._chunk)
+            module = FixedBatch(module, self._fixed_batch)
         if self._normalisation is not None:
             module = nn.Sequential(Normalize(*self._normalisation), module)
         generator = torch.Generator().manual_seed(0)

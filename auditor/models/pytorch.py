@@ -15,11 +15,12 @@ import importlib
 import importlib.util
 import io
 import logging
+import math
 import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHUNK = 1024
-"""Rows per forward call."""
+"""Rows per forward call, at most."""
+
+FORWARD_VALUES = 2**22
+"""Input values per forward call, at most: the model's activations grow with
+rows × pixels, so larger images go in fewer rows (1,024 MNIST digits or
+CIFAR images, 341 images of 3 × 64 × 64, 27 of 3 × 224 × 224)."""
+
+
+def chunk_rows(image_shape: Sequence[int]) -> int:
+    """Rows per forward call for images of ``image_shape`` (C, H, W)."""
+    return max(1, min(CHUNK, FORWARD_VALUES // max(1, math.prod(image_shape))))
 
 DESCRIPTIONS = {
     "torchscript": "PyTorch TorchScript program",
@@ -191,7 +202,7 @@ class TorchModel(Model):
             return logits.float().to(x.device)
 
         try:
-            return run_chunked(run, x, CHUNK, False)
+            return run_chunked(run, x, chunk_rows(x.shape[1:]), False)
         except Exception as exc:
             raise ModelFailed(self.info.path, len(x), exc) from exc
 
