@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pypdf
 import pytest
@@ -252,17 +256,46 @@ def test_failed_pdf_leaves_no_files(results, tmp_path, monkeypatch):
 
 
 def test_the_pdf_loads_nothing_the_html_refers_to(tmp_path, caplog):
-    """Neither a file nor the network: WeasyPrint skips each URL with a logged error."""
+    """Neither a file nor the network: WeasyPrint refuses each URL with a
+    logged error, and a report with something it could not draw is no report."""
     image = tmp_path / "secret.png"
     Image.new("RGB", (8, 8), "red").save(image)
     html = (f'<p>text</p><img src="{image.as_uri()}"><img src="file:///etc/passwd">'
             '<link rel="stylesheet" href="http://127.0.0.1:1/style.css">')
-    write_pdf(html, tmp_path / "report.pdf")
-    page = pypdf.PdfReader(tmp_path / "report.pdf").pages[0]
-    assert "text" in page.extract_text()
-    assert not page.images
+    with pytest.raises(RuntimeError, match="^WeasyPrint could not render the report: "):
+        write_pdf(html, tmp_path / "report.pdf")
+    assert not (tmp_path / "report.pdf").exists()
     for url in (image.as_uri(), "file:///etc/passwd", "http://127.0.0.1:1/style.css"):
         assert f"disallowed protocol: {url}" in caplog.text
+
+
+def test_an_interrupt_while_the_pdf_renders_is_not_lost(results, tmp_path, monkeypatch):
+    """WeasyPrint catches BaseException around each SVG it draws: Ctrl-C
+    there was swallowed, and the scan finished with a chart missing."""
+    import weasyprint
+
+    def swallowing(self, target, **options):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:  # noqa: BLE001 - what WeasyPrint does around an SVG
+            pass
+        Path(target).write_bytes(b"%PDF-1.7")
+
+    monkeypatch.setattr(weasyprint.HTML, "write_pdf", swallowing)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(results, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_writing_a_pdf_leaves_pillow_refusing_truncated_images(tmp_path):
+    """Importing WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES;
+    an API caller's later image loads must not inherit it (a fresh process:
+    this one imported WeasyPrint already)."""
+    script = ("from auditor.report.render import write_pdf; from PIL import ImageFile; "
+              f"write_pdf('<p>x</p>', {str(tmp_path / 'r.pdf')!r}); print(ImageFile.LOAD_TRUNCATED_IMAGES)")
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert shown.split() == ["False"]
 
 
 @pytest.mark.parametrize("bad", [{"schema": "auditor.policy/1"}, {"accuracy": 0.9}, [1, 2]])

@@ -9,8 +9,11 @@ WeasyPrint, which is not allowed to fetch anything.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import jinja2
@@ -74,13 +77,64 @@ def write_report(results: dict, out_dir: Path, source: str = "input") -> tuple[P
 def write_pdf(html: str, path: Path) -> None:
     """Render ``html`` to a PDF at ``path`` without loading anything it refers to:
     WeasyPrint skips, with a logged warning, every URL (no protocol is allowed),
-    so that the report touches neither the network nor the disk."""
+    so that the report touches neither the network nor the disk.
+
+    WeasyPrint logs, rather than raises, what it cannot draw (an image, an
+    SVG chart): any such ERROR fails the write, since a report with a piece
+    missing must not pass for a whole one.
+    """
     # imported here, not with this module: importing WeasyPrint makes Pillow
-    # load truncated images for the whole process (ImageFile.LOAD_TRUNCATED_IMAGES)
+    # load truncated images for the whole process, so the setting is put back
+    from PIL import ImageFile
+
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     import weasyprint
 
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
     refuse_all = weasyprint.urls.URLFetcher(allowed_protocols=())
-    weasyprint.HTML(string=html, url_fetcher=refuse_all).write_pdf(path)
+    failures = _Failures()
+    logger = logging.getLogger("weasyprint")
+    logger.addHandler(failures)
+    try:
+        with _signals_held():
+            weasyprint.HTML(string=html, url_fetcher=refuse_all).write_pdf(path)
+    finally:
+        logger.removeHandler(failures)
+    if failures.messages:
+        Path(path).unlink(missing_ok=True)
+        raise RuntimeError(f"WeasyPrint could not render the report: {failures.messages[0]}")
+
+
+class _Failures(logging.Handler):
+    """Collects the messages of ERROR records."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _signals_held(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them to the
+    handlers there were before. WeasyPrint catches ``BaseException`` while
+    drawing an SVG: an interrupt there was swallowed (the chart left out) and
+    the scan finished as if nothing had happened. Only the main thread can
+    set handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def _missing_folders(folder: Path) -> list[Path]:
