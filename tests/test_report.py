@@ -339,6 +339,12 @@ MALFORMED = [
     ("robust_accuracy", {"big": 0.5}, "robust_accuracy: key 'big' is not an ε (a number >= 0)"),
     ("robust_accuracy", {"0.1": "62%"}, "robust_accuracy['0.1'] must be a number in [0, 1], got '62%'"),
     ("threat.norm", DELETE, "missing required field 'threat.norm'"),
+    # the fields of design.md §3 that `check` passed and `report` refused
+    ("model.sha256", DELETE, "missing required field 'model.sha256'"),
+    ("model.num_classes", "ten", "model.num_classes must be an integer >= 1, got 'ten'"),
+    ("data.name", DELETE, "missing required field 'data.name'"),
+    ("access.reason", DELETE, "missing required field 'access.reason'"),
+    ("attacks.0.paper", DELETE, "missing required field 'attacks[0].paper'"),
     ("threat.eps", [0.1, "0.2"], "threat.eps[1] must be a number >= 0, got '0.2'"),
     ("threat.budget", "2000", "threat.budget must be an integer >= 1 or null, got '2000'"),
     ("attacks", {}, "attacks must be a list, got {}"),
@@ -393,7 +399,20 @@ def test_agreement_uses_the_exact_eps_not_its_rounded_key(results):
     results["robust_accuracy"] = {"3.33333": 0.0}
     results["data"]["n"] = 1
     results["samples"] = [{**results["samples"][0], "distortion": 3.333366}]
+    results["clean_accuracy"] = 1.0
     assert validate_results(results) is results
+
+
+def test_clean_accuracy_must_agree_with_the_samples_when_all_are_listed(results):
+    """A hand-edited clean_accuracy passed a policy's clean-accuracy gate while
+    the samples said otherwise."""
+    results["data"]["n"] = 3
+    results["robust_accuracy"] = {"0.1": 2 / 3, "0.2": 2 / 3, "0.3": 1 / 3}
+    results["clean_accuracy"] = 2 / 3
+    assert validate_results(results) is results
+    results["clean_accuracy"] = 0.99
+    with pytest.raises(AuditError, match=r"clean_accuracy is 0.99, but the samples' clean predictions give 0.666667"):
+        validate_results(results)
 
 
 def test_robust_accuracy_must_agree_with_the_samples_when_all_are_listed(results):
@@ -402,6 +421,7 @@ def test_robust_accuracy_must_agree_with_the_samples_when_all_are_listed(results
     rendered beside the samples' counts)."""
     results["data"]["n"] = 3
     results["robust_accuracy"] = {"0.1": 2 / 3, "0.2": 2 / 3, "0.3": 1 / 3}
+    results["clean_accuracy"] = 2 / 3
     assert validate_results(results) is results
     results["robust_accuracy"]["0.1"] = 0.99
     with pytest.raises(AuditError, match=r"robust_accuracy 0.1 is 0.99, but the samples' distortions give 0.666667"):
@@ -488,6 +508,7 @@ def _hard_label_at(results: dict, eps: list, distortions: list, eps_50) -> None:
     results["samples"] = [{**results["samples"][0], "index": number, "distortion": distortion}
                           for number, distortion in enumerate(distortions)]
     results["data"]["n"] = len(distortions)
+    results["clean_accuracy"] = 1.0  # every sample is a copy of the first, classified correctly
     results["robust_accuracy"] = {
         f"{value:g}": sum(d is None or d > value for d in distortions) / len(distortions) for value in eps
     }

@@ -51,11 +51,17 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("started", _string, "a string")
     check.field("seconds", _non_negative, "a number >= 0")
     check.field("model", _mapping, "a mapping")
+    for field in ("path", "format", "sha256"):
+        check.field(("model", field), _string, "a string")
     check.items("model.input_shape", _positive_integer, "an integer >= 1")
+    check.field("model.num_classes", _positive_integer, "an integer >= 1")
     check.field("data", _mapping, "a mapping")
+    check.field("data.name", _string, "a string")
+    check.field("data.sha256", _string, "a string")
     check.field("data.n", _count, "an integer >= 0")
     check.field("access", _mapping, "a mapping")
     check.field("access.level", _string, "a string")
+    check.field("access.reason", _string, "a string")
     check.field("threat", _mapping, "a mapping")
     check.field("threat.norm", _string, "a string")
     check.items("threat.eps", _non_negative, "a number >= 0")
@@ -94,9 +100,9 @@ def _check_attack(check: "_Checker", name: tuple) -> None:
     statistics and curves)."""
     for field in ("name", "access", "kind", "norm"):
         check.field((*name, field), _string, "a string")
-    check.field((*name, "paper"), _string, "a string", required=False)
-    check.field((*name, "params"), _mapping, "a mapping", required=False)
-    check.field((*name, "samples"), _count, "an integer >= 0", required=False)
+    check.field((*name, "paper"), _string, "a string")
+    check.field((*name, "params"), _mapping, "a mapping")
+    check.field((*name, "samples"), _count, "an integer >= 0")
     check.field((*name, "success_rate"), _optional(_fraction), "a number in [0, 1] or null")
     check.field((*name, "seconds"), _non_negative, "a number >= 0")
     _check_accuracies(check, (*name, "robust_accuracy"))
@@ -106,9 +112,9 @@ def _check_attack(check: "_Checker", name: tuple) -> None:
     for number in check.items((*name, "runs"), _mapping, "a mapping"):
         run = (*name, "runs", number)
         check.field((*run, "eps"), _optional(_non_negative), "a number >= 0 or null", required=False)
-        attacked = check.field((*run, "samples"), _count, "an integer >= 0", required=False)
-        broken = check.field((*run, "broken"), _count, "an integer >= 0", required=False)
-        if attacked is not None and broken is not None and broken > attacked:
+        attacked = check.field((*run, "samples"), _count, "an integer >= 0")
+        broken = check.field((*run, "broken"), _count, "an integer >= 0")
+        if broken > attacked:
             raise check.error(f"{_display(run)}: broken is {broken}, more than its {attacked} samples")
         if check.has((*run, "queries_to_success")):
             _check_queries(check, (*run, "queries_to_success"), required=False)
@@ -160,6 +166,8 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
         raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
     sizes = [sample["distortion"] for sample in results["samples"]]
     whole = sizes and len(sizes) == results["data"]["n"]  # a file listing every sample
+    if whole:
+        _check_clean_accuracy(check, results)
     for key, value in results["robust_accuracy"].items() if whole else ():
         bound = eps_bound(exact[key])
         surely = sum(size is None or size > bound + 1e-6 for size in sizes) / len(sizes)
@@ -178,6 +186,19 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     if passed != all(verdicts):
         raise check.error(f"policy.passed is {str(passed).lower()}, but {verdicts.count(False)} of "
                           f"{len(verdicts)} requirements failed")
+
+
+def _check_clean_accuracy(check: "_Checker", results: dict) -> None:
+    """clean_accuracy is the share of the listed samples whose clean
+    prediction is their label."""
+    samples = results["samples"]
+    for number in range(len(samples)):
+        check.field(("samples", number, "label"), _count, "an integer >= 0")
+        check.field(("samples", number, "clean_pred"), _integer, "an integer")
+    share = sum(sample["clean_pred"] == sample["label"] for sample in samples) / len(samples)
+    if abs(results["clean_accuracy"] - share) > 1e-6:
+        raise check.error(f"clean_accuracy is {results['clean_accuracy']}, but the samples' clean "
+                          f"predictions give {share:.6g}")
 
 
 def _check_eps_50(check: "_Checker", eps_50: float | None, sizes: list) -> None:
