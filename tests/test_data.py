@@ -171,10 +171,71 @@ def test_image_folder_mixed_sizes(tmp_path):
     with pytest.raises(AuditError, match="must all have the same shape") as excinfo:
         load_folder(tmp_path)
     assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is 16x16 pixels, {tmp_path / 'a' / 'x.png'} is 8x8")
-    _png(tmp_path / "b" / "x.png", 0, size=8, mode="RGB")
+    _png(tmp_path / "b" / "x.png", 0, size=16, mode="RGB")  # a colour image is no exception
     with pytest.raises(AuditError, match="must all have the same shape") as excinfo:
         load_folder(tmp_path)
-    assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is (3, 8, 8), {tmp_path / 'a' / 'x.png'} is (1, 8, 8)")
+    assert _message(excinfo).endswith(f"{tmp_path / 'b' / 'x.png'} is 16x16 pixels, {tmp_path / 'a' / 'x.png'} is 8x8")
+
+
+def _random_png(path, mode: str, seed: int, size: int = 8) -> np.ndarray:
+    """A PNG of random 8-bit pixels in ``mode`` (L or RGB); its pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    pixels = np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(path)
+    return pixels
+
+
+def test_a_greyscale_image_among_colour_ones_is_read_as_rgb(tmp_path):
+    """ImageNet has greyscale JPEGs among its RGB ones; torchvision's
+    ImageFolder reads them as RGB, and the folder was refused for mixing
+    (1, H, W) with (3, H, W) images."""
+    colour = [_random_png(tmp_path / name / "x.png", "RGB", seed) for seed, name in enumerate("ac")]
+    grey = _random_png(tmp_path / "b" / "grey.png", "L", 7)
+    data = load_folder(tmp_path)
+    assert data.x.shape == (3, 3, 8, 8) and data.y.tolist() == [0, 1, 2]
+    expected = [colour[0].transpose(2, 0, 1), np.broadcast_to(grey, (3, 8, 8)), colour[1].transpose(2, 0, 1)]
+    for image, pixels in zip(data.x, expected):
+        assert torch.equal(image, torch.from_numpy(pixels / np.float32(255)))
+    assert torch.equal(data.x[1, 0], data.x[1, 1]) and torch.equal(data.x[1, 0], data.x[1, 2])
+
+
+def test_greyscale_modes_among_colour_images_read_as_pillow_converts_them_to_rgb(tmp_path):
+    """1-bit, greyscale with alpha and grey-palette images among colour
+    ones read as Pillow's RGB conversion of them (alpha dropped), a colour
+    palette image as RGB, and a 16-bit one with its 16-bit values in
+    all three channels."""
+    pixels = np.random.RandomState(3).randint(0, 256, (8, 8), dtype=np.uint8)
+    images = {
+        "bits": Image.fromarray(pixels > 127),
+        "grey_alpha": Image.merge("LA", (Image.fromarray(pixels), Image.new("L", (8, 8), 9))),
+        "grey_palette": Image.fromarray(pixels, "P"),
+        "colour_palette": Image.fromarray(pixels, "P"),
+        "rgba": Image.fromarray(np.dstack([pixels, 255 - pixels, pixels // 2, pixels]), "RGBA"),
+    }
+    images["grey_palette"].putpalette([level for i in range(256) for level in (i, i, i)])
+    images["colour_palette"].putpalette([level for i in range(256) for level in (i, 255 - i, i // 3)])
+    for name, image in images.items():
+        (tmp_path / name).mkdir()
+        image.save(tmp_path / name / "x.png")
+    ramp = np.arange(64, dtype=np.float64).reshape(8, 8) / 63
+    (tmp_path / "wide").mkdir()
+    Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(tmp_path / "wide" / "x.png")
+    data = load_folder(tmp_path)
+    assert data.x.shape == (6, 3, 8, 8)
+    for label, name in enumerate(data.classes[:-1]):
+        rgb = np.asarray(Image.open(tmp_path / name / "x.png").convert("RGB")).transpose(2, 0, 1)
+        assert torch.equal(data.x[label], torch.from_numpy(rgb / np.float32(255))), name
+    for channel in data.x[-1]:
+        torch.testing.assert_close(channel, torch.from_numpy(ramp).float(), atol=0.5 / 65535 + 1e-6, rtol=0)
+
+
+def test_an_all_greyscale_folder_stays_one_channel(tmp_path):
+    grey = [_random_png(tmp_path / name / "x.png", "L", seed) for seed, name in enumerate("ab")]
+    data = load_folder(tmp_path)
+    assert data.x.shape == (2, 1, 8, 8)
+    for image, pixels in zip(data.x, grey):
+        assert torch.equal(image[0], torch.from_numpy(pixels / np.float32(255)))
 
 
 def test_empty_image_folders(tmp_path):
@@ -285,6 +346,12 @@ def test_images_over_the_limits_are_refused_before_they_are_decoded(tmp_path, mo
         _png(tmp_path / name / "x.png", 0, size=8)
     monkeypatch.setattr(folder, "MAX_VALUES", 2 * 64)
     with pytest.raises(AuditError, match="the images hold over 128 values"):
+        load_folder(tmp_path)
+    monkeypatch.setattr(folder, "MAX_VALUES", 3 * 64)  # three greyscale images of 64 values
+    assert load_folder(tmp_path).x.shape == (3, 1, 8, 8)
+    _png(tmp_path / "c" / "x.png", 0, size=8, mode="RGB")  # all three are then read as RGB
+    monkeypatch.setattr(folder, "MAX_VALUES", 5 * 64)  # not one value per greyscale pixel
+    with pytest.raises(AuditError, match="the images hold over 320 values"):
         load_folder(tmp_path)
 
 

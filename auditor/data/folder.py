@@ -2,9 +2,12 @@
 
 Classes are the sorted subfolder names, labelled 0, 1, ...; hidden
 subfolders (``.ipynb_checkpoints``) are not classes. Grayscale images
-keep one channel (8-bit, 16-bit, or a palette of greys); all others are
-read as RGB. All images must have the same
-shape, since the auditor evaluates them as one batch.
+(1-bit, 8-bit, 16-bit, with or without alpha, or a palette of greys) are
+read as one channel and all others as RGB, alpha dropped; a folder that
+mixes the two (as ImageNet does) is read as RGB, each greyscale image's
+values copied to all three channels, so only an all-greyscale folder stays
+one channel. All images must have the same size, since the auditor
+evaluates them as one batch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.transforms import v2
 
 from ..errors import AuditError, short_reason
 from .arrays import MAX_VALUES
@@ -57,8 +59,10 @@ def _truncated_images_refused():
 def _open(path: str) -> Image.Image | torch.Tensor:
     """The image at ``path``: single-channel if it is grayscale (16-bit ones
     as a (1, H, W) float tensor scaled from 0..65535, palette images whose
-    palette is all grey as 8-bit), else RGB. A 32-bit integer image (mode
-    ``I``) has no range of its own and is refused, as is a truncated one."""
+    palette is all grey as 8-bit), else RGB; alpha is dropped. A 32-bit
+    integer image (mode ``I``) has no range of its own and is refused, as is
+    a truncated one. :func:`load_folder` makes a single-channel image RGB
+    where the folder has colour ones."""
     with _truncated_images_refused(), Image.open(path) as image:
         if image.mode in SIXTEEN_BIT_MODES:
             values = np.asarray(image, dtype=np.float64)
@@ -69,6 +73,18 @@ def _open(path: str) -> Image.Image | torch.Tensor:
         if image.mode in ("P", "PA") and _grey_palette(image):
             return image.convert("L")
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
+
+
+def _to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """An 8-bit image from :func:`_open` as a (C, H, W) float32 tensor of
+    exactly ``value / 255``, as a uint8 ``.npz`` reads (torchvision's
+    ``ToDtype`` multiplies by 1/255 instead, one unit in the last place off
+    for half the levels); a 16-bit image comes already as a tensor."""
+    if isinstance(image, torch.Tensor):
+        return image
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return pixels.to(torch.float32) / 255
 
 
 def _grey_palette(image: Image.Image) -> bool:
@@ -170,10 +186,13 @@ def _unreadable(path: str | Path, file: str, exc: Exception) -> AuditError:
 def _check_sizes(path: str | Path, files: list[str]) -> None:
     """Every image has the size of the first, at most :data:`MAX_PIXELS`
     pixels, and all of them at most :data:`~auditor.data.arrays.MAX_VALUES`
-    values (three per pixel, one for a greyscale mode), as their headers say:
-    Pillow reads the size without decoding the image."""
+    values (one per pixel if every image has a greyscale mode, else three,
+    as the greyscale ones are then read as RGB), as their headers say:
+    Pillow reads the size and mode without decoding the image. A palette
+    image counts as colour, as its palette is only read on decoding."""
     first = None
-    values = 0
+    pixels = 0
+    colour = False
     for file in files:
         try:
             with Image.open(file) as image:
@@ -190,19 +209,21 @@ def _check_sizes(path: str | Path, files: list[str]) -> None:
                 f"data folder {path}: images must all have the same shape; {file} "
                 f"is {size[0]}x{size[1]} pixels, {first[0]} is {first[1][0]}x{first[1][1]}"
             )
-        values += size[0] * size[1] * (1 if mode in GRAYSCALE_MODES + SIXTEEN_BIT_MODES else 3)
-        if values > MAX_VALUES:
+        pixels += size[0] * size[1]
+        colour = colour or mode not in GRAYSCALE_MODES + SIXTEEN_BIT_MODES
+        if pixels * (3 if colour else 1) > MAX_VALUES:
             raise AuditError(
                 f"data folder {path}: the images hold over {MAX_VALUES} values; audit a subset of them"
             )
 
 
 def load_folder(path: str | Path) -> Dataset:
-    """All images under ``path/<class>/``; the name is ``path`` as given."""
-    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    """All images under ``path/<class>/``; the name is ``path`` as given.
+    Greyscale images are made RGB, their channel copied three times, where
+    another image is in colour."""
     root = os.path.expanduser(path)
     try:
-        folder = _VisibleFolders(str(path), transform=to_tensor, loader=_open,
+        folder = _VisibleFolders(str(path), transform=_to_tensor, loader=_open,
                                  is_valid_file=lambda file: _visible_image(file, root))
     except FileNotFoundError as exc:
         raise AuditError(_no_images(path, root)) from exc
@@ -213,12 +234,15 @@ def load_folder(path: str | Path) -> Dataset:
             image, _ = folder[index]
         except UNREADABLE as exc:
             raise _unreadable(path, file, exc) from exc
-        if images and image.shape != images[0].shape:
+        images.append(image)
+    channels = max(image.shape[0] for image in images)
+    images = [image.expand(channels, -1, -1) if image.shape[0] == 1 else image for image in images]
+    for (file, _), image in zip(folder.samples, images):
+        if image.shape != images[0].shape:  # the sizes were checked on the headers; kept as a guard
             raise AuditError(
                 f"data folder {path}: images must all have the same shape; {file} "
                 f"is {tuple(image.shape)}, {folder.samples[0][0]} is {tuple(images[0].shape)}"
             )
-        images.append(image)
     x, y = torch.stack(images), torch.tensor(folder.targets, dtype=torch.long)
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
     return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))
