@@ -29,7 +29,7 @@ from auditor.harden.methods import METHODS
 from auditor.harden.train import cyclic_lr, minibatches, ramped_eps, train
 from auditor.harden.trainable import make_trainable
 from auditor.models import load_model
-from auditor.models.pytorch import InputDtype
+from auditor.models.pytorch import InputDtype, batch_range
 from auditor.report.build import build_view
 
 WALL_TIMES = ("started", "seconds", "training_seconds")
@@ -327,6 +327,69 @@ def test_float64_networks_are_written_back_without_the_adapters_wrapper(tmp_path
     assert all(parameter.dtype == torch.float64 for parameter in loaded.parameters())
     if fmt == "pickle":
         assert type(loaded.module) is torch.nn.Sequential
+
+
+PT2_BATCHES = {
+    # name: the batch dimension exported (the program then takes the range of rows it gives)
+    "min1-max4096": lambda: torch.export.Dim("b", min=1, max=4096),
+    "max16": lambda: torch.export.Dim("b", max=16),
+    "min2-max16": lambda: torch.export.Dim("b", min=2, max=16),
+    "min3": lambda: torch.export.Dim("b", min=3),
+    "dim-dynamic": lambda: torch.export.Dim.DYNAMIC,
+    "default": lambda: torch.export.Dim("b"),
+}
+
+
+def _pt2(network: torch.nn.Module, batch: str, path: Path) -> Path:
+    """``network`` exported with the batch dimension ``PT2_BATCHES[batch]``, saved to ``path``."""
+    dynamic = ({0: PT2_BATCHES[batch]()},)
+    program = torch.export.export(network, (torch.rand(3, 1, 28, 28),), dynamic_shapes=dynamic)
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.mark.parametrize("batch", list(PT2_BATCHES))
+def test_a_torch_export_program_is_written_back_taking_the_batch_sizes_it_took(tmp_path, tiny_cnn, mnist_test,
+                                                                                 batch):
+    """The program is exported again with the original's batch range: a fresh ``Dim("batch")``
+    (0 rows up, unbounded) conflicted with the bound the loaded program checks ("Constraints
+    violated (batch)! ... 2 <= batch <= 4096"), and Dim.DYNAMIC would take 2 rows up, not 1."""
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    source = _pt2(network.eval(), batch, tmp_path / "bounded.pt2")
+    model = load_model(source, device="cpu")
+    trainable = make_trainable(model, source, None, None, torch.device("cpu"))
+    with torch.no_grad():
+        for parameter in trainable.parameters:
+            parameter.mul_(1.5)
+    dest = tmp_path / "out.pt2"
+    x = mnist_test.x[:40]
+    assert export(trainable, "torch-export", source, dest, x, arch=None, trust_pickle=False) < 1e-4
+    assert batch_range(torch.export.load(str(dest))) == batch_range(torch.export.load(str(source)))
+    with torch.no_grad():
+        expected = trainable.network(x)
+    written = load_model(dest, device="cpu")
+    torch.testing.assert_close(written.forward(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(written.forward(x[:1]), expected[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_harden_of_a_pt2_bounded_at_16_rows_writes_one_taking_1_to_16(one_thread, small_data, tmp_path,
+                                                                       tiny_cnn):
+    """End to end: the scans and the training run a program exported for 1 to 16 rows in chunks
+    of at most 16 rows, and the hardened program takes 1 to 16 rows too."""
+    network = tiny_cnn_arch()
+    network.load_state_dict(tiny_cnn.state_dict())
+    source = tmp_path / "max16.pt2"
+    program = torch.export.export(network.eval(), (torch.rand(3, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("b", min=1, max=16)},))
+    torch.export.save(program, str(source))
+    train, test = small_data
+    result = auditor.harden(source, str(train), eps=0.3, out=tmp_path / "out", epochs=1, eval_data=str(test),
+                            samples=10, budget=20, guard_size=64, device="cpu", seed=3)
+    assert result.model_path.name == "max16-hardened.pt2"
+    assert batch_range(torch.export.load(str(result.model_path))) == (1, 16)
+    written = load_model(result.model_path, device="cpu")
+    assert written.forward(torch.rand(40, 1, 28, 28)).shape == (40, 10)
 
 
 # ONNX in, ONNX out, end to end ---------------------------------------------------------------------------

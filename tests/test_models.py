@@ -318,6 +318,80 @@ def test_torch_export_fixed_batch_runs_in_chunks(tiny_cnn, images, tmp_path, bat
     torch.testing.assert_close(ours.grad, eager.grad, atol=1e-6, rtol=1e-4)
 
 
+BATCH_DIMS = {
+    # name: (the batch dimension exported, the fewest and most rows the program takes)
+    "min1-max4096": (lambda: torch.export.Dim("b", min=1, max=4096), (1, 4096)),
+    "max16": (lambda: torch.export.Dim("b", max=16), (0, 16)),
+    "min2-max16": (lambda: torch.export.Dim("b", min=2, max=16), (2, 16)),
+    "min2": (lambda: torch.export.Dim("b", min=2), (2, None)),
+    "dim-dynamic": (lambda: torch.export.Dim.DYNAMIC, (2, None)),  # export's 0/1 specialisation: 2 up
+    "default": (lambda: torch.export.Dim("b"), (0, None)),
+}
+
+
+def _bounded_pt2(net: nn.Module, name: str, path: pathlib.Path) -> pathlib.Path:
+    """``net`` exported with the batch dimension ``BATCH_DIMS[name]`` and saved to ``path``."""
+    dim, _ = BATCH_DIMS[name]
+    program = torch.export.export(net, (torch.rand(3, 1, 28, 28),), dynamic_shapes=({0: dim()},))
+    torch.export.save(program, str(path))
+    return path
+
+
+class _Rows(nn.Module):
+    """Records the rows of each call to ``module``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        return self.module(x)
+
+
+@pytest.mark.parametrize("name", list(BATCH_DIMS))
+def test_torch_export_dynamic_batch_runs_within_its_range(tiny_cnn, images, tmp_path, name):
+    """A program exported with a bounded dynamic batch takes any number of rows, for logits and
+    gradients: each call holds the rows its range allows, at most its upper bound (a batch of 40
+    failed "Guard failed: x.size()[0] <= 16") and at least its lower bound (a single row is
+    padded with zeros, the padding dropped from the output)."""
+    from auditor.models.pytorch import _ExportedModule, batch_range
+
+    path = _bounded_pt2(tiny_cnn, name, tmp_path / "bounded.pt2")
+    low, high = BATCH_DIMS[name][1]
+    assert batch_range(torch.export.load(str(path))) == (low, high)
+    model = load_model(path, device="cpu")
+    (exported,) = [module for module in model.torch_module().modules() if isinstance(module, _ExportedModule)]
+    exported.program = recorder = _Rows(exported.program)
+    x = images[:40]
+    with torch.no_grad():
+        expected = tiny_cnn(x)
+    torch.testing.assert_close(model.forward(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.forward(x[:1]), expected[:1], atol=1e-5, rtol=1e-5)
+    ours = x.clone().requires_grad_(True)
+    logits = model.torch_module()(ours)
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
+    labels = torch.arange(40) % 10
+    nn.functional.cross_entropy(logits, labels).backward()
+    eager = x.clone().requires_grad_(True)
+    nn.functional.cross_entropy(tiny_cnn(eager), labels).backward()
+    torch.testing.assert_close(ours.grad, eager.grad, atol=1e-6, rtol=1e-4)
+    assert recorder.rows and all(max(low, 1) <= rows <= min(high or 40, 40) for rows in recorder.rows)
+    assert max(recorder.rows) == min(high or 40, 40)
+
+
+def test_a_white_box_scan_of_a_pt2_bounded_at_16_rows_runs(tiny_cnn, tmp_path):
+    """The scan's batches (20 samples here) are larger than the program's bound of 16 rows: it
+    failed on the first batch; now every call is chunked at the bound."""
+    import auditor
+
+    path = _bounded_pt2(tiny_cnn, "max16", tmp_path / "max16.pt2")
+    audit = auditor.scan(path, "mnist", access="white-box", attacks=["fgsm"], samples=20, eps=[0.1],
+                         budget=10, device="cpu")
+    assert audit.results["data"]["n"] == 20 and len(audit.results["samples"]) == 20
+
+
 def _save_as(fmt: str, net: nn.Module, example: torch.Tensor, folder: pathlib.Path) -> pathlib.Path:
     """``net`` written to ``folder`` as ``fmt``: onnx, torchscript, pt2 (torch.export) or pickle."""
     if fmt == "onnx":

@@ -6,8 +6,9 @@
 * safetensors / ``state_dict``: the network's state dict (same keys, so the
   same ``--arch`` loads it).
 * TorchScript: ``torch.jit.save`` of the loaded program with its new weights.
-* ``torch.export``: the module is exported again, with a dynamic batch
-  dimension when the original program had one.
+* ``torch.export``: the module is exported again, with the original
+  program's batch size, or its dynamic batch dimension and that dimension's
+  range (the batch sizes it accepts).
 * pickle: ``torch.save`` of the module (it loads with ``--trust-pickle`` as before).
 
 Each writer saves the file's own module (:attr:`Trainable.artifact`), on the
@@ -33,6 +34,7 @@ from safetensors.torch import save_file
 from ..errors import AuditError, short_reason
 from ..models import load_model
 from ..models.convert import ConversionError, check_agreement
+from ..models.pytorch import batch_range, export_input
 from .trainable import Trainable
 
 Writer = Callable[[Trainable, Path, Path, torch.Tensor], None]
@@ -73,18 +75,24 @@ def _torchscript(trainable: Trainable, source: Path, dest: Path, example: torch.
 
 def _torch_export(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
     program = torch.export.load(str(source))
-    (name,) = program.graph_signature.user_inputs
-    image = next(node for node in program.graph.nodes if node.name == name).meta["val"]
-    batch = image.shape[0]
+    image = export_input(program)
+    low, high = batch_range(program)
     network = copy.deepcopy(trainable.artifact).cpu()
     example = example.to(image.dtype)
-    if isinstance(batch, int):
-        example = example[:1].expand(batch, *example.shape[1:]).contiguous()
-        exported = torch.export.export(network, (example,))
+    if isinstance(image.shape[0], int):
+        exported = torch.export.export(network, (_rows(example, low),))
     else:
-        dynamic = ({0: torch.export.Dim("batch")},)
-        exported = torch.export.export(network, (example[:2],), dynamic_shapes=dynamic)
+        # the batch range the original program takes: a fresh Dim("batch") (0 to unbounded) conflicts
+        # with the bound the loaded module checks, and Dim.DYNAMIC would narrow 1 to 2 (0/1 specialisation)
+        batch = torch.export.Dim("batch", min=low, **({} if high is None else {"max": high}))
+        rows = max(2, low) if high is None else min(max(2, low), high)  # export specialises a batch of 0 or 1
+        exported = torch.export.export(network, (_rows(example, rows),), dynamic_shapes=({0: batch},))
     torch.export.save(exported, str(dest))
+
+
+def _rows(example: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` rows of ``example``'s, repeated as needed."""
+    return example[torch.arange(rows) % len(example)].contiguous()
 
 
 def _pickle(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:

@@ -11,8 +11,8 @@ inference mode, where they are fixed) and the constants of a normalisation
 the graph applies to its input (``x − mean``, ``/ std``): hardening trains
 the network, not its preprocessing.
 
-The model adapters may wrap the file's module: :class:`FixedBatch` runs a
-graph or program with a fixed batch size on any number of rows, and
+The model adapters may wrap the file's module: :class:`BatchLimits` runs a
+graph or program with a fixed or bounded batch size on any number of rows, and
 :class:`InputDtype` feeds a float64 (say) network float32 images. Training
 goes through the wrappers; the writers save the module inside them.
 """
@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import AuditError
 from ..models import Model, Normalize
 from ..models.convert import OnnxGraphModule
-from ..models.pytorch import FixedBatch, InputDtype
+from ..models.pytorch import BatchLimits, InputDtype
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
@@ -73,8 +73,8 @@ class Trainable:
 
 
 def _unwrapped(network: nn.Module | None) -> nn.Module | None:
-    """The file's own module inside the adapter's :class:`FixedBatch` and :class:`InputDtype` wrappers."""
-    while isinstance(network, (FixedBatch, InputDtype)):
+    """The file's own module inside the adapter's :class:`BatchLimits` and :class:`InputDtype` wrappers."""
+    while isinstance(network, (BatchLimits, InputDtype)):
         network = network.module
     return network
 

@@ -89,35 +89,56 @@ def resolve_device(device: str) -> torch.device:
 
 
 def run_chunked(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int, fixed_batch: bool
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    chunk: int,
+    fixed_batch: bool,
+    min_rows: int = 0,
 ) -> torch.Tensor:
     """``fn`` applied to ``x`` in chunks of ``chunk`` rows, concatenated.
 
-    With ``fixed_batch`` the graph only accepts exactly ``chunk`` rows, so a
-    short last chunk is padded with zeros and the padding rows are dropped.
+    A chunk of fewer than ``min_rows`` rows (with ``fixed_batch``, of fewer
+    than ``chunk``: the graph only accepts exactly ``chunk`` rows) is padded
+    with zeros up to that many and the padding rows are dropped from the
+    output. The models are in eval mode, where each row's output depends on
+    that row alone, so the padding changes no other row's output.
     """
-    if len(x) <= chunk and not fixed_batch:
+    least = chunk if fixed_batch else min_rows
+    if least <= len(x) <= chunk:
         return fn(x)
     outputs = []
     for part in x.split(chunk):
         rows = len(part)
-        if fixed_batch and rows < chunk:
-            part = torch.cat([part, part.new_zeros((chunk - rows, *part.shape[1:]))])
+        if rows < least:
+            part = torch.cat([part, part.new_zeros((least - rows, *part.shape[1:]))])
         outputs.append(fn(part)[:rows])
     return torch.cat(outputs)
 
 
-class FixedBatch(nn.Module):
+class BatchLimits(nn.Module):
+    """Runs a graph that only accepts batches of ``low`` to ``high`` rows
+    (``high`` None: no upper limit) on any number of rows: in chunks of at
+    most ``high`` rows, a chunk shorter than ``low`` zero-padded (see
+    :func:`run_chunked`); differentiable."""
+
+    def __init__(self, module: nn.Module, low: int, high: int | None):
+        super().__init__()
+        self.module = module
+        self.low = low
+        self.high = high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.high if self.high is not None else max(len(x), self.low, 1)
+        return run_chunked(self.module, x, chunk, False, self.low)
+
+
+class FixedBatch(BatchLimits):
     """Runs a graph that only accepts ``batch`` rows on any number of rows
     (chunked and zero-padded, see :func:`run_chunked`); differentiable."""
 
     def __init__(self, module: nn.Module, batch: int):
-        super().__init__()
-        self.module = module
+        super().__init__(module, batch, batch)
         self.batch = batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_chunked(self.module, x, self.batch, True)
 
 
 class _ExportedModule(nn.Module):
@@ -174,14 +195,20 @@ class TorchModel(Model):
         std: tuple[float, ...] | None = None,
         device: str = "auto",
         fixed_batch: int | None = None,
+        batch_limits: tuple[int, int | None] | None = None,
     ):
         """``fixed_batch`` is the batch size the module only accepts, if any:
         the module then runs (for logits and for gradients) in chunks of
-        exactly that many rows, the last one zero-padded."""
+        exactly that many rows, the last one zero-padded. ``batch_limits``
+        (``low``, ``high``) are the fewest and most rows it accepts (``high``
+        None: no most), if limited: it then runs in chunks of at most
+        ``high`` rows, each padded to at least ``low`` (:class:`BatchLimits`)."""
         self.info = info
         self._device = resolve_device(device)
         if fixed_batch is not None:
             module = FixedBatch(module, fixed_batch)
+        elif batch_limits is not None:
+            module = BatchLimits(module, *batch_limits)
         dtype = weight_dtype(module)
         if dtype != torch.float32:
             module = InputDtype(module, dtype)
@@ -231,7 +258,11 @@ def _info(
 
 
 def _model(
-    request: ModelRequest, module: nn.Module, info: ModelInfo, fixed_batch: int | None = None
+    request: ModelRequest,
+    module: nn.Module,
+    info: ModelInfo,
+    fixed_batch: int | None = None,
+    batch_limits: tuple[int, int | None] | None = None,
 ) -> TorchModel:
     """The :class:`TorchModel` of ``module`` with the request's normalisation and device."""
     return TorchModel(
@@ -241,6 +272,7 @@ def _model(
         std=request.std,
         device=request.device,
         fixed_batch=fixed_batch,
+        batch_limits=batch_limits,
     )
 
 
@@ -258,6 +290,31 @@ def load_torchscript(request: ModelRequest) -> TorchModel:
 def _static(dim: int | torch.SymInt) -> int | None:
     """A static dimension as an int; ``None`` for a symbolic one."""
     return dim if isinstance(dim, int) else None
+
+
+def export_input(program: torch.export.ExportedProgram):
+    """The fake tensor of a ``torch.export`` program's single user input
+    (its shape and dtype, possibly symbolic)."""
+    (name,) = program.graph_signature.user_inputs
+    return next(node for node in program.graph.nodes if node.name == name).meta["val"]
+
+
+def batch_range(program: torch.export.ExportedProgram) -> tuple[int, int | None]:
+    """The fewest and most rows (``None``: no most) a ``torch.export``
+    program's single input takes, from its ``range_constraints``; a static
+    batch size ``b`` gives ``(b, b)``."""
+    batch = export_input(program).shape[0]
+    if isinstance(batch, int):
+        return batch, batch
+    import sympy
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    bounds = bound_sympy(batch.node.expr, program.range_constraints)
+
+    def bound(value) -> int | None:
+        return int(value) if isinstance(value, (int, sympy.Integer)) else None
+
+    return max(0, bound(bounds.lower) or 0), bound(bounds.upper)
 
 
 EXPORT_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
@@ -307,7 +364,9 @@ def load_export(request: ModelRequest) -> TorchModel:
     Unless ``request.trust_pickle``, the archive is first checked for
     anything that would unpickle or run code (:mod:`.export_archive`); the
     bytes checked are the bytes loaded. A program exported with a static
-    batch size runs in chunks of exactly that size (see :func:`run_chunked`).
+    batch size runs in chunks of exactly that size, one with a dynamic batch
+    in chunks within the range of its ``range_constraints`` (at most its upper
+    bound, zero-padded to its lower bound; see :func:`run_chunked`).
     """
     if not zipfile.is_zipfile(request.file):
         raise AuditError(f"model {request.path}: not a readable torch.export program (not a zip archive)")
@@ -336,8 +395,7 @@ def load_export(request: ModelRequest) -> TorchModel:
         raise AuditError(
             f"model {request.path} takes {len(user_inputs)} inputs; the auditor needs exactly one image input"
         )
-    nodes = {node.name: node for node in program.graph.nodes}
-    shape = tuple(nodes[user_inputs[0]].meta["val"].shape)
+    shape = tuple(export_input(program).shape)
     if len(shape) != 4:
         raise AuditError(f"model {request.path} takes a {len(shape)}-D input; expected (N, C, H, W)")
     output = next(node for node in program.graph.nodes if node.op == "output").meta.get("val")
@@ -345,11 +403,18 @@ def load_export(request: ModelRequest) -> TorchModel:
     require_classes(num_classes, request.path)
     input_shape = tuple(_static(dim) for dim in shape[1:])
     fixed_batch = _static(shape[0])
+    limits = None
     if fixed_batch is not None:
         logger.warning("model %s was exported with a fixed batch size of %d", request.path, fixed_batch)
+    else:
+        low, high = batch_range(program)
+        if low > 1 or high is not None:
+            limits = low, high
+            rows = f"{low} or more" if high is None else f"{low} to {high}"
+            logger.info("model %s takes batches of %s rows", request.path, rows)
     known = any(dim is not None for dim in input_shape)
     info = _info(request, "torch-export", input_shape if known else None, num_classes)
-    return _model(request, _ExportedModule(program.module()), info, fixed_batch)
+    return _model(request, _ExportedModule(program.module()), info, fixed_batch, limits)
 
 
 def _import(module_name: str):
