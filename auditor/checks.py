@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .access import Access
+from .attacks import BY_LABEL
 from .attacks.base import MIN_NORM
 from .attacks.whitebox.pgd import PGD
 from .models.base import GradientFailed, Model
@@ -22,7 +23,7 @@ from .eps import eps_text
 from .verify import eps_bound, verify
 
 if TYPE_CHECKING:
-    from .battery import AttackReport, Records
+    from .battery import AttackReport, Battery, Records
     from .surrogates import Surrogate
 
 LEVELS = ("info", "warning", "error")
@@ -54,6 +55,7 @@ CUSTOM_BATTERY = "custom-battery"
 WEAK_SURROGATE = "weak-surrogate"
 SMALL_BUDGET = "small-budget"
 TRANSFER_ONLY = "transfer-only"
+NO_GRADIENT_ATTACK = "no-gradient-attack"
 
 SMALL_BUDGET_ERROR_BELOW = 100
 SMALL_BUDGET_WARNING_BELOW = 1000
@@ -128,6 +130,21 @@ def skipped_attacks(skipped: Sequence[tuple[str, str]]) -> list[Check]:
         Check(ATTACK_SKIPPED, "info", f"{label} was not run: {reason}")
         for label, reason in skipped
     ]
+
+
+def no_gradient_attack(battery: "Battery") -> list[Check]:
+    """A white-box battery in which no attack follows the model's gradients:
+    each was skipped, or none was chosen."""
+    if battery.level != Access.WHITE_BOX or any(attack.oracle is GradientOracle for attack in battery.attacks):
+        return []
+    skipped = [label for label, _ in battery.skipped if BY_LABEL[label].oracle is GradientOracle]
+    why = f"{', '.join(skipped)} skipped, see attack-skipped" if skipped else "--attacks chose none"
+    ran = ", ".join(attack.label for attack in battery.attacks)
+    return [Check(
+        NO_GRADIENT_ATTACK, "warning",
+        f"no gradient-based attack ran at white-box access ({why}): robust accuracy rests on attacks "
+        f"that do not use the model's gradients ({ran}) and is likely overstated",
+    )]
 
 
 def custom_battery(left_out: Sequence[str]) -> list[Check]:

@@ -161,3 +161,25 @@ def test_targeted_audit_loss_is_positive_exactly_when_the_target_is_on_top():
     assert torch.equal(reach_dlr(logits, labels) > 0, on_top)
     third_above = (targeted_dlr(logits, labels) > 0) & ~on_top
     assert third_above.any()
+
+
+def test_below_four_classes_the_targeted_losses_are_the_margin():
+    """Eq. 5's scale needs z_π3 and z_π4: with 2 or 3 classes APGD-T
+    maximises its numerator alone, and still runs (``min_classes`` 2)."""
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 2.0, 5.0]])
+    labels = torch.tensor([[2, 1], [2, 0]])
+    assert torch.equal(targeted_dlr(logits, labels), torch.tensor([-1.0, -5.0]))  # -(z_y - z_t)
+    assert torch.equal(reach_dlr(logits, labels), torch.tensor([-2.0, -5.0]))  # z_t - max_{i≠t} z_i
+    assert APGDTargeted().min_classes == 2
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_below_four_classes_the_audit_loss_is_positive_exactly_when_the_target_is_on_top(classes):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, classes, generator=gen) * 3
+    y = torch.randint(0, classes, (2000,), generator=gen)
+    t = (y + torch.randint(1, classes, (2000,), generator=gen)) % classes
+    labels = torch.stack([y, t], dim=1)
+    assert torch.equal(reach_dlr(logits, labels) > 0, logits.argmax(1) == t)
+    if classes == 2:  # the one other class: both modes maximise z_t - z_y
+        assert torch.equal(reach_dlr(logits, labels), targeted_dlr(logits, labels))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from helpers import ball_battery
 from torch import nn
@@ -195,3 +196,40 @@ def test_a_tiny_budget_at_hard_label_access_is_an_error_and_fails_the_default_po
     fine = auditor.scan(example_onnx, "mnist", access="white-box", samples=8, eps=[0.1], budget=1,
                         attacks=["fgsm"])
     assert "small-budget" not in {check["id"] for check in fine.results["checks"]}
+
+
+def test_no_gradient_attack_is_said_where_a_white_box_battery_has_none():
+    """A white-box audit whose attacks all skip the gradients: none chosen,
+    or each skipped (APGD-DLR's loss needs 3 classes). A targeted audit of a
+    2-class model runs APGD-T; it once ran only Square and noise."""
+    from auditor.access import Access
+    from auditor.battery import build_battery, runnable
+    from auditor.checks import no_gradient_attack
+
+    def raised(level, names=None, classes=10, targeted=False):
+        battery = build_battery(level, "linf", names, targeted=targeted)
+        return no_gradient_attack(runnable(battery, 100, (1, 28, 28), classes))
+
+    assert raised(Access.WHITE_BOX) == []
+    assert raised(Access.WHITE_BOX, classes=2, targeted=True) == []
+    assert raised(Access.SOFT_LABEL, ["square"]) == []  # no gradients to follow
+    (check,) = raised(Access.WHITE_BOX, ["square", "random-noise"])
+    assert (check.id, check.level) == ("no-gradient-attack", "warning")
+    assert check.message.startswith("no gradient-based attack ran at white-box access (--attacks chose none)")
+    assert "(square-linf, random-noise-linf) and is likely overstated" in check.message
+    (check,) = raised(Access.WHITE_BOX, ["apgd-dlr", "square"], classes=2)
+    assert "(apgd-dlr-linf skipped, see attack-skipped)" in check.message
+
+
+def test_no_gradient_attack_fires_on_a_gradient_free_white_box_scan_only(tiny_cnn, correct_batch, tmp_path):
+    torch.jit.script(tiny_cnn).save(str(tmp_path / "tiny.pt"))
+    x, y = correct_batch
+    np.savez(tmp_path / "digits.npz", x=x[:8].numpy(), y=y[:8].numpy())
+
+    def ids(**options):
+        audit = auditor.scan(str(tmp_path / "tiny.pt"), str(tmp_path / "digits.npz"), access="white-box",
+                             eps=[0.1], budget=50, **options)
+        return {check["id"] for check in audit.results["checks"]}
+
+    assert "no-gradient-attack" in ids(attacks=["square", "random-noise"])
+    assert "no-gradient-attack" not in ids()

@@ -339,9 +339,10 @@ def test_attacks_that_cannot_take_a_step_within_the_budget_are_skipped_and_said(
 
 
 def test_attacks_whose_loss_needs_more_classes_than_the_model_has_are_skipped_and_said(tmp_path):
-    """APGD-T's targeted DLR loss needs 4 classes and APGD-DLR's 3: on a
-    3-class model the default white-box battery runs without APGD-T and
-    says so; asked only for APGD-DLR, a 2-class model is refused."""
+    """APGD-DLR's loss needs 3 classes: on a 2-class model a battery naming
+    it runs without it and says so, and one of APGD-DLR alone is refused.
+    APGD-T's loss (the margin below 4 classes) runs on any classifier: the
+    default white-box battery of a 3-class model skips nothing."""
     import auditor
     from auditor.data.builtin import mnist
     from auditor.errors import AuditError
@@ -355,9 +356,13 @@ def test_attacks_whose_loss_needs_more_classes_than_the_model_has_are_skipped_an
         torch.jit.trace(module, torch.zeros(1, 1, 28, 28)).save(str(tmp_path / f"m{classes}.pt"))
     audit = auditor.scan(str(tmp_path / "m3.pt"), str(tmp_path / "d3.npz"), access="white-box", eps=[0.1], budget=30)
     names = {attack["name"] for attack in audit.results["attacks"]}
-    assert "apgd-ce-linf" in names and "apgd-t-linf" not in names
+    assert {"apgd-ce-linf", "apgd-t-linf"} <= names
+    assert "attack-skipped" not in {check["id"] for check in audit.results["checks"]}
+    audit = auditor.scan(str(tmp_path / "m2.pt"), str(tmp_path / "d2.npz"), access="white-box", eps=[0.1],
+                         budget=30, attacks=["apgd-dlr", "fgsm"])
+    assert [attack["name"] for attack in audit.results["attacks"]] == ["fgsm-linf"]
     skipped = [check["message"] for check in audit.results["checks"] if check["id"] == "attack-skipped"]
-    assert "apgd-t-linf was not run: its loss needs at least 4 classes; the model has 3" in skipped
+    assert skipped == ["apgd-dlr-linf was not run: its loss needs at least 3 classes; the model has 2"]
     with pytest.raises(AuditError, match=r"apgd-dlr-linf: its loss needs at least 3 classes; the model has 2"):
         auditor.scan(str(tmp_path / "m2.pt"), str(tmp_path / "d2.npz"), access="white-box", eps=[0.1], attacks=["apgd-dlr"])
 

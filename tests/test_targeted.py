@@ -136,3 +136,63 @@ def test_clean_errors_are_not_robust_in_a_targeted_audit(tiny_cnn, mnist_test):
     assert torch.equal(records.distortion == 0, wrong)
     assert (records.broken_by[wrong.numpy()] == "clean").all()
     assert records.robust_accuracy([0.01])[0.01] <= 1 - float(wrong.double().mean())
+
+
+def _few_class_model(directory, classes: int, train, test):
+    """A linear classifier of the digits 0 … ``classes``-1, trained for one
+    epoch, saved as TorchScript, and 20 test digits of those classes."""
+    from helpers import fit
+
+    torch.manual_seed(0)
+    keep = train.y < classes
+    module = fit(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, classes)),
+                 train.x[keep], train.y[keep], epochs=1)
+    torch.jit.trace(module, torch.zeros(1, 1, 28, 28)).save(str(directory / "model.pt"))
+    keep = test.y < classes
+    x, y = test.x[keep][:20], test.y[keep][:20]
+    np.savez(directory / "digits.npz", x=x.numpy(), y=y.numpy())
+    return module, x, y
+
+
+def _scan(directory, **options):
+    return auditor.scan(str(directory / "model.pt"), str(directory / "digits.npz"), access="white-box", eps=[0.2],
+                        budget=30, **options).results
+
+
+def test_a_targeted_white_box_audit_of_a_two_class_model_runs_apgd_t(tmp_path, mnist_train, mnist_test):
+    """With 2 classes the least-likely target is the other class, so the
+    targeted audit is the untargeted one. APGD-T (its margin loss below 4
+    classes) finds every example there is: on a linear model the best
+    point of the L∞ box is one of its corners, known exactly. Square on 30
+    queries alone leaves far more samples robust, and was all that ran."""
+    module, x, y = _few_class_model(tmp_path, 2, mnist_train, mnist_test)
+    targeted = _scan(tmp_path, target="least-likely")
+    assert "apgd-t-linf" in [attack["name"] for attack in targeted["attacks"]]
+    assert "no-gradient-attack" not in {check["id"] for check in targeted["checks"]}
+    with torch.no_grad():
+        weight, bias = module[1].weight, module[1].bias
+        w, b = weight[1 - y] - weight[y], bias[1 - y] - bias[y]  # z_t - z_y = w·x + b
+        lo, hi = (x - 0.2).clamp(min=0).flatten(1), (x + 0.2).clamp(max=1).flatten(1)
+        best = (w * torch.where(w > 0, hi, lo)).sum(1) + b
+    exact = float((best < 0).double().mean())
+    assert 0.1 < exact < 0.9
+    assert targeted["robust_accuracy"]["0.2"] == pytest.approx(exact)
+    assert _scan(tmp_path)["robust_accuracy"]["0.2"] == pytest.approx(exact)
+    square = _scan(tmp_path, target="least-likely", attacks=["square"])
+    assert square["robust_accuracy"]["0.2"] >= exact + 0.2
+
+
+def test_a_targeted_white_box_audit_of_a_three_class_model_runs_apgd_t(tmp_path, mnist_train, mnist_test):
+    """APGD-T breaks samples Square on 30 queries, all that ran before, left
+    robust, and its examples reach their targets, not only another class."""
+    module, _, _ = _few_class_model(tmp_path, 3, mnist_train, mnist_test)
+    targeted = _scan(tmp_path, target="random", out=tmp_path / "out")
+    assert "apgd-t-linf" in [attack["name"] for attack in targeted["attacks"]]
+    assert "apgd-t-linf" in {sample["broken_by"] for sample in targeted["samples"]}
+    square = _scan(tmp_path, target="random", attacks=["square"])
+    assert targeted["robust_accuracy"]["0.2"] <= square["robust_accuracy"]["0.2"] - 0.3
+    adversarials = np.load(tmp_path / "out" / "adversarials.npz")
+    target_of = {sample["index"]: sample["target"] for sample in targeted["samples"]}
+    with torch.no_grad():
+        predicted = module(torch.from_numpy(adversarials["x_adv"])).argmax(1)
+    assert predicted.tolist() == [target_of[int(i)] for i in adversarials["index"]]

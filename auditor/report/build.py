@@ -38,7 +38,7 @@ CHECKS_DOC = "checks.md"
 _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
 OVERSTATING_CHECKS = frozenset(
-    {"randomised-model", "small-budget", "weak-surrogate", "transfer-only", "custom-battery", "nan-gradients"}
+    {"randomised-model", "small-budget", "weak-surrogate", "transfer-only", "custom-battery", "nan-gradients", "no-gradient-attack"}
 )
 """Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
 overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they

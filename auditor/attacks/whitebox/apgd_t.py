@@ -9,7 +9,17 @@ the loss and the loop over targets:
 
 * loss, the targeted DLR of [CH20] Eq. 5, maximised:
   −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 10⁻¹²), with π the logits sorted
-  in decreasing order and t the target class (it needs at least 4 classes);
+  in decreasing order and t the target class;
+* fewer than 4 classes (a deviation from [CH20]: Eq. 5's scale needs z_π3
+  and z_π4): the loss is Eq. 5's numerator alone, the logit margin
+  −(z_y − z_t), or z_t − max_{i≠t} z_i in targeted mode below
+  (:func:`_scaled`). APGD's steps (sign(∇f) for L∞, ∇f/‖∇f‖₂ for L2) and
+  its step-size rule, which compares a sample's losses with each other, do
+  not change when a sample's loss is multiplied by a positive constant, so
+  the margin loses only DLR's invariance to the logits' scale changing
+  along the path; unlike the cross-entropy, it does not saturate with the
+  softmax. On a 2-class model the one target is the other class, and the
+  loss is z_t − z_y in both modes;
 * targets (official ``APGDAttack_targeted``): the j-th most likely class of
   the clean image, j = 2, …, ``n_target_classes`` + 1 (at most the number of
   classes), read from one forward pass at the clean images; AutoAttack's
@@ -43,15 +53,17 @@ from .apgd import APGDConfig, apgd_run
 
 
 def _scaled(difference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``-difference`` over the targeted DLR's scale, z_π1 − (z_π3 + z_π4)/2."""
+    """``-difference`` over the targeted DLR's scale, z_π1 − (z_π3 + z_π4)/2;
+    with fewer than 4 classes, where there is no z_π4, ``-difference`` itself."""
     if logits.shape[1] < 4:
-        raise ValueError("the targeted DLR loss needs at least 4 classes")
+        return -difference
     top = logits.topk(4, dim=1).values
     return -difference / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
 
 
 def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The targeted DLR loss, [CH20] Eq. 5; ``labels`` holds rows (y, t)."""
+    """The targeted DLR loss, [CH20] Eq. 5 (the margin below 4 classes);
+    ``labels`` holds rows (y, t)."""
     own = logits.gather(1, labels[:, :1]).squeeze(1)
     target = logits.gather(1, labels[:, 1:]).squeeze(1)
     return _scaled(own - target, logits)
@@ -79,11 +91,6 @@ class APGDTargeted(APGDConfig):
             raise ValueError("apgd-t needs n_target_classes >= 1")
 
     targeted = True
-
-    @property
-    def min_classes(self) -> int:
-        """The targeted DLR's denominator takes the fourth-largest logit."""
-        return 4
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
