@@ -670,17 +670,54 @@ def test_the_cover_lists_the_checks_above_info_and_marks_overstated_robust_accur
     assert [(check.id, check.level) for check in view.cover_checks] == [
         ("small-budget", "error"), ("softmax-outputs", "warning")]
     robust = {headline.label: headline for headline in view.headlines}["Robust accuracy"]
-    assert robust.flag == "overstated — see the checks below"
+    assert robust.flag == "may be overstated — see the checks below"
     assert view.verdict.status == "pass"
-    assert view.verdict.caveat == ("Robust accuracy is overstated (small-budget): read the 2 checks above info "
+    assert view.verdict.caveat == ("Robust accuracy may be overstated (small-budget): read the 2 checks above info "
                                    "level, listed below.")
     cover = render_html(view).split('<section class="cover">')[1].split("</section>")[0]
-    assert "--budget 60 is below 1,000 queries per sample" in cover and "overstated — see the checks below" in cover
+    assert "--budget 60 is below 1,000 queries per sample" in cover and "may be overstated — see the checks" in cover
     assert cover.index("small-budget") < cover.index("softmax-outputs") and "access-limited" not in cover
     del results["checks"][1:]
     view = build_view(results)
     assert {headline.label: headline.flag for headline in view.headlines}["Robust accuracy"] == ""
     assert view.verdict.caveat == "Read the 1 check above info level, listed below, before relying on this verdict."
+
+
+def test_robust_accuracy_of_0_or_none_is_never_called_overstated(results):
+    """0 % cannot be overstated, nor can a figure that does not exist; a weak
+    surrogate overstates only where transfer attacks were all that ran."""
+    results["checks"] = [{"id": "small-budget", "level": "error", "message": "--budget 60"},
+                         {"id": "weak-surrogate", "level": "warning", "message": "mlp classifies 9 %"}]
+    assert build_view(results).verdict.caveat.startswith("Robust accuracy may be overstated (small-budget)")
+    results["robust_accuracy"] = {key: 0.0 for key in results["robust_accuracy"]}
+    view = build_view(results)
+    assert view.verdict.caveat == "Read the 2 checks above info level, listed below, before relying on this verdict."
+    assert {headline.label: headline.flag for headline in view.headlines}["Robust accuracy"] == ""
+    results["robust_accuracy"], results["attacks"] = {}, []
+    results["threat"]["eps"] = []
+    assert "overstated" not in build_view(results).verdict.caveat
+    results["checks"] = results["checks"][1:]
+    results["robust_accuracy"], results["threat"]["eps"] = {"0.3": 0.5}, [0.3]
+    assert "overstated" not in build_view(results).verdict.caveat  # white-box, hard-label...: other attacks ran
+    results["access"]["level"] = "none"
+    assert "overstated (weak-surrogate)" in build_view(results).verdict.caveat
+
+
+def test_chart_ticks_leave_room_for_their_labels():
+    """ε of 0.01 and 0.02 beside 0 printed on top of each other."""
+    from auditor.report.build import _spread
+
+    assert _spread([0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]) == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert _spread([0.0, 0.1, 0.2, 0.3]) == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_one_sample_and_an_unknown_version_read_plainly(results):
+    from auditor.report.build import _manifest_fields, _robust_definition
+
+    results["data"]["n"] = 1
+    results["auditor_version"] = None
+    assert "share of the 1 audited sample that" in _robust_definition(results)
+    assert {field.label: field.value for field in _manifest_fields(results)}["auditor"] == "(version unknown)"
 
 
 def test_access_level_none_reads_as_transfer_attacks_only(results):
@@ -732,7 +769,7 @@ def test_the_policy_shows_its_description_the_requirements_met_and_accuracies_as
         ("1200 queries (sign-opt-l2)", "1200 queries (sign-opt-l2)")]
     cover = " ".join(render_html(view).split('<section class="cover">')[1].split("</section>")[0].split())
     assert "strict — Release gate: accurate and robust." in cover and "Requirements met" in cover
-    assert "robust accuracy &gt;= 0.80 at linf eps=0.3 <span class=\"muted\">(actual 3.0 % at ε=0.3)</span>" in cover
+    assert "robust accuracy &gt;= 80.0 % at linf eps=0.3 <span class=\"muted\">(actual 3.0 % at ε=0.3)</span>" in cover
 
 
 def test_the_attack_table_says_which_samples_and_which_eps_its_success_is_at(results):
