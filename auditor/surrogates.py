@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data.base import Dataset
-from .errors import AuditError
+from .errors import AuditError, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +290,13 @@ def train_surrogates(
                 logger.warning("surrogate %s: cached weights %s unreadable (%s); retraining", name, path, exc)
         if module is None:
             module = _train(arch, train, num_classes, seed + i, epochs)
-            _save(module, path)
-            logger.info(
-                "surrogate %s: trained %d epochs on %d images, cached at %s", name, epochs, len(train), path
-            )
+            try:
+                _save(module, path)
+                logger.info(
+                    "surrogate %s: trained %d epochs on %d images, cached at %s", name, epochs, len(train), path
+                )
+            except OSError as exc:  # a read-only cache (common in CI) costs a retrain next time, not the scan
+                logger.warning("surrogate %s: trained, but not cached (%s)", name, short_reason(exc))
         clean = None if evaluate is None else accuracy(module, evaluate.x, evaluate.y)
         surrogates.append(Surrogate(name=name, module=module, source="trained", clean_accuracy=clean))
     return surrogates

@@ -241,6 +241,15 @@ def test_surrogate_training_is_deterministic_and_survives_a_broken_cache(tmp_pat
     )
 
 
+def test_a_cache_that_cannot_be_written_costs_a_retrain_not_the_scan(tmp_path, caplog):
+    """A cache path under a regular file (or a read-only cache, common in CI)
+    failed the scan after training."""
+    (tmp_path / "afile").write_text("")
+    data = _tiny_data()
+    (surrogate,) = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path / "afile" / "s", epochs=1)
+    assert surrogate.module is not None and "trained, but not cached" in caplog.text
+
+
 def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AUDITOR_CACHE", str(tmp_path))
     assert zoo.default_cache_dir() == tmp_path / "surrogates"
