@@ -47,7 +47,9 @@ from .errors import AuditError, short_reason
 logger = logging.getLogger(__name__)
 
 VERSION = "1"
-"""Part of the cache key: bump it when the zoo or the training recipe changes."""
+"""Part of the cache key, with this module's own source: a change to the zoo
+or the training recipe (the code, or constants such as :data:`LEARNING_RATE`)
+retrains rather than reusing weights trained the old way."""
 
 BATCH = 64
 LEARNING_RATE = 1e-3
@@ -225,8 +227,9 @@ def cache_key(
     data_sha256: str, input_shape: tuple, arch: str, num_classes: int, seed: int, epochs: int
 ) -> str:
     """sha256 over the data's hash, the input shape, the architecture, the classes, the seed, the
-    epochs and :data:`VERSION`."""
-    text = f"{VERSION}|{data_sha256}|{tuple(input_shape)}|{arch}|{num_classes}|{seed}|{epochs}"
+    epochs, :data:`VERSION` and the source of this module (the zoo and the recipe)."""
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    text = f"{VERSION}|{recipe}|{data_sha256}|{tuple(input_shape)}|{arch}|{num_classes}|{seed}|{epochs}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 import torch
@@ -248,6 +249,16 @@ def test_a_cache_that_cannot_be_written_costs_a_retrain_not_the_scan(tmp_path, c
     data = _tiny_data()
     (surrogate,) = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path / "afile" / "s", epochs=1)
     assert surrogate.module is not None and "trained, but not cached" in caplog.text
+
+
+def test_the_cache_key_covers_the_training_recipe(monkeypatch, tmp_path):
+    """A new learning rate or architecture code that keeps the parameter
+    shapes reused weights trained the old way."""
+    key = zoo.cache_key("ab" * 32, (1, 28, 28), "cnn", 10, 0, 3)
+    edited = tmp_path / "surrogates.py"
+    edited.write_text(pathlib.Path(zoo.__file__).read_text().replace("LEARNING_RATE = 1e-3", "LEARNING_RATE = 5e-1"))
+    monkeypatch.setattr(zoo, "__file__", str(edited))
+    assert zoo.cache_key("ab" * 32, (1, 28, 28), "cnn", 10, 0, 3) != key
 
 
 def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
