@@ -34,7 +34,6 @@ from safetensors.torch import save_file
 from ..errors import AuditError, short_reason
 from ..models import load_model
 from ..models.convert import ConversionError, check_agreement
-from ..models.pytorch import batch_range, export_input
 from .trainable import Trainable
 
 Writer = Callable[[Trainable, Path, Path, torch.Tensor], None]
@@ -74,12 +73,12 @@ def _torchscript(trainable: Trainable, source: Path, dest: Path, example: torch.
 
 
 def _torch_export(trainable: Trainable, source: Path, dest: Path, example: torch.Tensor) -> None:
-    program = torch.export.load(str(source))
-    image = export_input(program)
-    low, high = batch_range(program)
-    network = copy.deepcopy(trainable.artifact).cpu()
-    example = example.to(image.dtype)
-    if isinstance(image.shape[0], int):
+    # what the program said of its input, kept when it was loaded (and checked): the file is not read again
+    program = trainable.artifact
+    low, high = program.batch_range
+    network = copy.deepcopy(program).cpu()
+    example = example.to(program.input_dtype)
+    if program.static_batch:
         exported = torch.export.export(network, (_rows(example, low),))
     else:
         # the batch range the original program takes: a fresh Dim("batch") (0 to unbounded) conflicts

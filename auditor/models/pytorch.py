@@ -142,16 +142,22 @@ class FixedBatch(BatchLimits):
 
 
 class _ExportedModule(nn.Module):
-    """Holds the module of a ``torch.export`` program.
+    """Holds the module of a ``torch.export`` program, with what the program
+    said of its input: its dtype, whether its batch size is static, and the
+    batch sizes it takes (``harden`` exports it again with the same).
 
     Such a module refuses ``train()``/``eval()``: its mode was fixed when it
     was exported. This wrapper makes both a no-op, so it can sit inside an
     ``nn.Sequential`` that callers put in eval mode.
     """
 
-    def __init__(self, program: nn.Module):
+    def __init__(self, program: nn.Module, input_dtype: torch.dtype, static_batch: bool,
+                 batch_range: tuple[int, int | None]):
         super().__init__()
         self.program = program
+        self.input_dtype = input_dtype
+        self.static_batch = static_batch
+        self.batch_range = batch_range
 
     def train(self, mode: bool = True) -> _ExportedModule:
         """Record ``mode``; the exported graph keeps the mode it was exported in."""
@@ -414,7 +420,9 @@ def load_export(request: ModelRequest) -> TorchModel:
             logger.info("model %s takes batches of %s rows", request.path, rows)
     known = any(dim is not None for dim in input_shape)
     info = _info(request, "torch-export", input_shape if known else None, num_classes)
-    return _model(request, _ExportedModule(program.module()), info, fixed_batch, limits)
+    exported = _ExportedModule(program.module(), export_input(program).dtype, fixed_batch is not None,
+                               batch_range(program))
+    return _model(request, exported, info, fixed_batch, limits)
 
 
 def _import(module_name: str):
