@@ -167,8 +167,6 @@ class RequirementRow:
     passed: bool
     actual: str
     """The recorded value as the report shows it: accuracies as percentages."""
-    recorded: str
-    """The value as results.json records it (``"0.95"``)."""
 
 
 @dataclass(frozen=True)
@@ -837,7 +835,7 @@ def _policy(policy: dict | None) -> PolicyView | None:
         return None
     requirements = tuple(
         RequirementRow(item["id"], _description_text(item["description"]), bool(item["passed"]),
-                       _actual_text(item["description"], str(item["actual"])), str(item["actual"]))
+                       _actual_text(item["description"], str(item["actual"])))
         for item in policy["requirements"]
     )
     return PolicyView(policy["name"], policy.get("description"), bool(policy["passed"]), requirements)
