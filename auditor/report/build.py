@@ -833,32 +833,28 @@ _LEADING_FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?= at |$)")
 def _policy(policy: dict | None) -> PolicyView | None:
     if policy is None:
         return None
-    requirements = tuple(
-        RequirementRow(item["id"], _description_text(item["description"]), bool(item["passed"]),
-                       _actual_text(item["description"], str(item["actual"])))
-        for item in policy["requirements"]
-    )
+    rows = []
+    for item in policy["requirements"]:
+        description, actual = _requirement_texts(item["description"], str(item["actual"]))
+        rows.append(RequirementRow(item["id"], description, bool(item["passed"]), actual))
+    requirements = tuple(rows)
     return PolicyView(policy["name"], policy.get("description"), bool(policy["passed"]), requirements)
 
 
-def _description_text(description: str) -> str:
-    """A requirement as the report shows it: the threshold of a clean or
-    robust accuracy requirement as a percentage, like its recorded value
-    (``"clean accuracy >= 0.95"`` as ``"clean accuracy >= 95.0 %"``)."""
-    match = _ACCURACY_REQUIREMENT.search(description)
-    if match is None:
-        return description
-    rest = description[match.end():]
-    return description[:match.end()] + _LEADING_FRACTION.sub(lambda number: percent(float(number[1])), rest)
+def _requirement_texts(description: str, actual: str) -> tuple[str, str]:
+    """A requirement and its recorded value as the report shows them: a
+    clean or robust accuracy requirement's threshold and value, which
+    results.json holds as fractions (``"clean accuracy >= 0.95"``,
+    ``"0.15 at ε=0.1"``), as percentages (``"95.0 %"``, ``"15.0 % at ε=0.1"``)."""
+    accuracy = _ACCURACY_REQUIREMENT.match(description)
+    if accuracy is None:
+        return description, actual
 
+    def as_percent(text: str) -> str:
+        return _LEADING_FRACTION.sub(lambda number: percent(float(number[1])), text)
 
-def _actual_text(description: str, actual: str) -> str:
-    """A requirement's recorded value as the report shows it: the accuracy
-    that clean and robust accuracy requirements record as a fraction
-    (``"0.15 at ε=0.1"``) as a percentage (``"15.0 % at ε=0.1"``)."""
-    if not _ACCURACY_REQUIREMENT.match(description):
-        return actual
-    return _LEADING_FRACTION.sub(lambda match: percent(float(match[1])), actual)
+    threshold = description[accuracy.end():]
+    return description[:accuracy.end()] + as_percent(threshold), as_percent(actual)
 
 
 def _distortion(results: dict) -> DistortionSummary:
