@@ -16,6 +16,7 @@ from auditor.attacks.base import distortion
 from auditor.attacks.hardlabel.boundary import BestAdversarial, Directions, SampleRandom, StartPool, subspace_factor
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
+from auditor.attacks.hardlabel.random_noise import RandomNoise
 from auditor.attacks.hardlabel.sign_opt import SignOPT
 from auditor.battery import distortion_at, queries_to_reach
 from auditor.oracles import LabelOracle
@@ -63,6 +64,21 @@ def test_batching_is_exact(model64, correct_batch, label):
         for bound in (1.0, 3.0):  # queries to come within a bound, read from the trace
             reached_alone = queries_to_reach(alone.trace, bound, alone.queries)
             assert int(reached_alone[0]) == int(queries_to_reach(batch.trace, bound, batch.queries)[i])
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.3), ("l2", 3.0)])
+def test_random_noise_batching_is_exact(model64, correct_batch, norm, eps):
+    """Each sample's noise comes from its own stream: its draws, and whether
+    one breaks it, do not depend on the other samples in the batch."""
+    attack = RandomNoise(norm=norm)
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    labels = one_by_one(model64)
+    batch = attack(LabelOracle(labels, 8, 16), x, y, eps=eps, seed=3)
+    assert batch.success.any() and not batch.success.all()
+    for i in range(8):
+        alone = attack(LabelOracle(labels, 1, 16), x[i : i + 1], y[i : i + 1], eps=eps, seed=3)
+        assert torch.equal(alone.x_adv[0], batch.x_adv[i]), f"sample {i}"
+        assert int(alone.queries[0]) == int(batch.queries[i])
 
 
 class FirstAdversarial(LabelOracle):

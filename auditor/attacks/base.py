@@ -175,10 +175,21 @@ def uniform_in_ball(
     """Perturbations drawn uniformly from the ε-ball: per-pixel uniform for
     L∞; for L2 a uniform direction at radius ε·U^(1/d) ([MMS18] §3 random start)."""
     if norm == "linf":
-        return (torch.rand(shape, generator=gen, device=device) * 2 - 1) * eps
+        return in_linf_ball(torch.rand(shape, generator=gen, device=device), eps)
     direction = torch.randn(shape, generator=gen, device=device)
-    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    radius = torch.rand(shape[0], generator=gen, device=device) ** (1.0 / shape[1:].numel())
+    return in_l2_ball(direction, torch.rand(shape[0], generator=gen, device=device), eps)
+
+
+def in_linf_ball(uniform: torch.Tensor, eps: float) -> torch.Tensor:
+    """Uniform [0,1) draws of the image shape -> uniform points of the L∞ ball."""
+    return (uniform * 2 - 1) * eps
+
+
+def in_l2_ball(normal: torch.Tensor, uniform: torch.Tensor, eps: float) -> torch.Tensor:
+    """Standard normal draws (N, C, H, W) and uniform [0,1) draws (N,) ->
+    uniform points of the L2 ball: the direction at radius ε·U^(1/d)."""
+    direction = normal / normal.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    radius = uniform ** (1.0 / normal[0].numel())
     return direction * (eps * radius).view(-1, 1, 1, 1)
 
 

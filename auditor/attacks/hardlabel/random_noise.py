@@ -6,6 +6,8 @@ random noise is less effective than the attacks"). Each draw is one query
 per still-robust sample: uniform noise in the L∞ cube, or a uniformly random
 direction at a uniformly random radius in the L2 ball, clipped to [0,1]. A
 sample stops at its first misclassified draw or when its budget runs out.
+Each sample draws from its own stream (:class:`~.boundary.SampleRandom`), so
+its noise, and whether it is broken, does not depend on the batch.
 
 The battery runs it last, so anything it breaks was missed by every attack
 before it; the check ``noise-beats-attacks`` then fires.
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import LabelOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project, uniform_in_ball
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, in_l2_ball, in_linf_ball, project
+from .boundary import SampleRandom
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,18 @@ class RandomNoise(Attack):
 
     def __call__(self, oracle: LabelOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
-        gen = generator(seed, x.device)
+        rng = SampleRandom(seed, x)
+        shape = tuple(x.shape[1:])
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.draws):
             active = (~success & (oracle.remaining().to(x.device) >= 1)).nonzero().flatten()
             if len(active) == 0:
                 break
-            noise = uniform_in_ball(x[active].shape, eps, self.norm, gen, x.device)
+            if self.norm == "linf":
+                noise = in_linf_ball(rng.rand(active, 1, shape), eps)
+            else:
+                noise = in_l2_ball(rng.randn(active, 1, shape), rng.rand(active, 1, ()), eps)
             candidate = project(x[active] + noise, x[active], eps, self.norm)
             labels = oracle.labels(candidate, idx=active.cpu()).to(x.device)
             fooled = labels != y[active] if target is None else labels == target[active]

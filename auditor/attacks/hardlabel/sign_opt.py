@@ -16,7 +16,7 @@ of the target class (see :mod:`.ray_search`). Every
 image sent to the oracle is clipped to [0,1] first. The optimiser follows
 g(θ) as the paper does, but clipping can make the clipped image of a smaller
 g farther from x0, so the attack keeps, per sample, the clipped
-``x0 + g(θ) θ/‖θ‖`` of smallest L2 distortion among the (θ, g) it has held;
+``x0 + g(θ) θ/‖θ‖`` of smallest distortion in the attack's norm among the (θ, g) it has held;
 that is ``x_adv``, and its distortion is the one in the trace.
 
 Steps, batched over the samples (per-sample θ, g, α, β and masks):
