@@ -56,6 +56,7 @@ WEAK_SURROGATE = "weak-surrogate"
 SMALL_BUDGET = "small-budget"
 TRANSFER_ONLY = "transfer-only"
 NO_GRADIENT_ATTACK = "no-gradient-attack"
+NO_TARGET_IMAGE = "no-target-image"
 
 SMALL_BUDGET_ERROR_BELOW = 100
 SMALL_BUDGET_WARNING_BELOW = 1000
@@ -144,6 +145,24 @@ def no_gradient_attack(battery: "Battery") -> list[Check]:
         NO_GRADIENT_ATTACK, "warning",
         f"no gradient-based attack ran at white-box access ({why}): robust accuracy rests on attacks "
         f"that do not use the model's gradients ({ran}) and is likely overstated",
+    )]
+
+
+def no_target_image(battery: "Battery", target: torch.Tensor | None, data_labels: torch.Tensor) -> list[Check]:
+    """Targeted samples whose target class has no image in the data, which
+    the attacks that start from a data image of the target need."""
+    starting = [attack.label for attack in battery.attacks if attack.starts_from_data]
+    if target is None or not starting:
+        return []
+    missing = ~torch.isin(target, data_labels)
+    if not missing.any():
+        return []
+    classes = ", ".join(str(c) for c in torch.unique(target[missing]).tolist())
+    return [Check(
+        NO_TARGET_IMAGE, "warning",
+        f"{int(missing.sum())} of the {len(target)} samples have a target class with no image in the data "
+        f"(class {classes}): {', '.join(starting)} start from an image of the target class and could not "
+        "attack them, so robust accuracy against those attacks is overstated",
     )]
 
 

@@ -390,6 +390,7 @@ def scan(
         found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
     found += checks_mod.skipped_attacks(battery.skipped)
     found += checks_mod.no_gradient_attack(battery)
+    found += checks_mod.no_target_image(battery, targets, dataset.y)
     found += checks_mod.custom_battery(battery.left_out)
     found += checks_mod.access_limited(level, reason)
 

@@ -196,3 +196,18 @@ def test_a_targeted_white_box_audit_of_a_three_class_model_runs_apgd_t(tmp_path,
     with torch.no_grad():
         predicted = module(torch.from_numpy(adversarials["x_adv"])).argmax(1)
     assert predicted.tolist() == [target_of[int(i)] for i in adversarials["index"]]
+
+
+def test_a_target_class_missing_from_the_data_raises_no_target_image(example_onnx, mnist_test, tmp_path):
+    """Sign-OPT starts each sample from a data image of its target: with no
+    image of the target class it cannot attack, and the audit says so."""
+    keep = mnist_test.y != 7
+    np.savez(tmp_path / "no7.npz", x=mnist_test.x[keep][:40].numpy(), y=mnist_test.y[keep][:40].numpy())
+    options = dict(access="hard-label", samples=6, norm="l2", eps=[2.0], budget=40, attacks=["sign-opt-l2"])
+    missing = auditor.scan(example_onnx, str(tmp_path / "no7.npz"), target=7, **options).results
+    (check,) = [c for c in missing["checks"] if c["id"] == "no-target-image"]
+    assert check["level"] == "warning"
+    assert "6 of the 6 samples" in check["message"] and "(class 7)" in check["message"]
+    assert missing["robust_accuracy"]["2"] == 1.0  # what the check warns about
+    present = auditor.scan(example_onnx, str(tmp_path / "no7.npz"), target=3, **options).results
+    assert "no-target-image" not in {c["id"] for c in present["checks"]}
