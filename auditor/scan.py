@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from . import checks as checks_mod
-from .access import DEFAULT_BUDGET, Access, resolve_access
+from .access import DEFAULT_BUDGET, MAX_BUDGET, Access, resolve_access
+from .attacks.base import MAX_SEED
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
@@ -340,12 +341,17 @@ def scan(
     if isinstance(surrogates, (str, os.PathLike)):
         surrogates = (surrogates,)
     mean, std = normalisation(mean, std)
-    if budget < 1:
-        raise AuditError(f"--budget must be >= 1, got {budget}")
+    if not 1 <= budget <= MAX_BUDGET:
+        raise AuditError(f"--budget must be between 1 and 2^62, got {budget}")
+    if not 0 <= seed <= MAX_SEED:
+        raise AuditError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
     if samples is not None and samples < 1:
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     if out is not None:
         check_writable(out)
+        # a verdict of an earlier run must not outlive a scan that fails:
+        # CI publishing junit.xml whatever the exit code would show the old one
+        (Path(out) / "junit.xml").unlink(missing_ok=True)
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
     check_channels(mean, std, dataset.x.shape[1], f"data {dataset.name} has")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -202,6 +203,12 @@ CASES = {
         ["harden", "{root}/any_channels.pt", "--eps", "0.1", "--std", "0.1,0.2,0.3"],
         "--std has 3 values but data mnist has 1 channel(s)"),
     "empty data": (["scan", "{example}", "--data", ""], "data is empty"),
+    "seed past 64 bits": (["scan", "{example}", "--seed", str(2**64)], "--seed must be between 0 and 2^63 - 1"),
+    "negative seed": (["scan", "{example}", "--seed", "-1"], "--seed must be between 0 and 2^63 - 1"),
+    "budget past int64": (["scan", "{example}", "--access", "hard-label", "--budget", str(10**20)],
+                          "--budget must be between 1 and 2^62"),
+    "harden seed past 64 bits": (["harden", "{example}", "--eps", "0.1", "--seed", str(2**64)],
+                                 "--seed must be between 0 and 2^63 - 1"),
     "model without input gradients": (["scan", "{root}/inplace.pt", "-n", "10"],
                                       "inplace.pt failed computing input gradients on a batch of 10: "),
     "model without input gradients, hardened": (["harden", "{root}/inplace.pt", "--eps", "0.1"],
@@ -319,6 +326,49 @@ def test_check_that_fails_removes_the_junit_of_an_earlier_run(scanned, capsys, t
     path = _edited(scanned, tmp_path, *BAD_RESULTS["attacks not a list"][:2])
     assert run(capsys, "check", path, "--policy", "default", "--junit", junit)[0] == 2
     assert not junit.exists() and not list(tmp_path.glob(".junit*"))
+
+
+@pytest.mark.parametrize("name", ["RESULTS", "the policy file"])
+def test_check_refuses_a_junit_path_that_is_one_of_its_inputs(name, scanned, capsys, tmp_path):
+    """--junit is removed before the check runs: it must not be the file the check reads."""
+    results, policy = tmp_path / "results.json", tmp_path / "gate.yaml"
+    results.write_text(scanned.read_text())
+    policy.write_text("name: gate\nrequire:\n  - clean_accuracy: 0.5\n")
+    junit = results if name == "RESULTS" else policy
+    before = junit.read_text()
+    code, err = run(capsys, "check", results, "--policy", policy, "--junit", junit)
+    assert code == 2
+    assert err == f"error: --junit {junit} is {name}: give another path for the JUnit file\n"
+    assert junit.read_text() == before
+
+
+def test_a_scan_that_fails_removes_the_junit_of_an_earlier_run(example_onnx, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "junit.xml").write_text("<testsuite tests='1' failures='0'/>")
+    code, _ = run(capsys, "scan", example_onnx, "--target", "sideways", "--out", out)
+    assert code == 2
+    assert not (out / "junit.xml").exists()
+
+
+@pytest.mark.parametrize("command", [["check", "--policy", "strict"], ["report", "--out", "{tmp}/out"]])
+def test_results_that_are_not_a_regular_file_are_refused(command, capsys, tmp_path):
+    """A FIFO would block the read for ever: refused before opening it."""
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)
+    code, err = run(capsys, command[0], fifo, *(arg.format(tmp=tmp_path) for arg in command[1:]))
+    assert code == 2
+    assert err == f"error: cannot read results.json: {fifo} is not a regular file\n"
+
+
+def test_a_query_total_that_is_not_a_count_is_a_field_error(scanned, capsys, tmp_path):
+    results = json.loads(scanned.read_text())
+    results["attacks"][0]["queries"]["total"] = "many"
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    code, err = run(capsys, "check", path, "--policy", "strict")
+    assert code == 2
+    assert "attacks[0].queries.total must be an integer >= 0, got 'many'" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("case", BAD_RESULTS)
@@ -453,3 +503,16 @@ def test_bare_auditor_prints_its_help_and_exits_2(capsys):
     """No command is a usage error (exit 2) whose text is the help, not an 'error: Usage' line."""
     code, err = run(capsys)
     assert code == 2 and err.startswith("Usage: auditor") and "scan" in err
+
+
+@pytest.mark.parametrize("folder", ["before", "after"])
+def test_harden_refuses_an_out_whose_scan_folder_holds_other_files(folder, example_onnx, capsys, tmp_path):
+    """A run replaces before/ and after/ whole: files auditor did not write
+    there are refused before any work, not deleted."""
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "notes.txt").write_text("mine")
+    code, err = run(capsys, "harden", example_onnx, "--eps", "0.1", "--out", tmp_path)
+    assert code == 2
+    assert err == (f"error: cannot write to {tmp_path / folder}: it holds notes.txt, which auditor did not write "
+                   "(move it away or choose another --out)\n")
+    assert (tmp_path / folder / "notes.txt").read_text() == "mine"

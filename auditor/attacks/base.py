@@ -193,6 +193,10 @@ def in_l2_ball(normal: torch.Tensor, uniform: torch.Tensor, eps: float) -> torch
     return direction * (eps * radius).view(-1, 1, 1, 1)
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed a run takes (``torch.Generator.manual_seed`` takes no more than 64 bits)."""
+
+
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A private, seeded generator (attacks never touch the global RNG)."""
     gen = torch.Generator(device=device)

@@ -36,7 +36,7 @@ from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
 from ..results import auditor_version, dump
-from ..scan import AuditResult, check_data_spec, check_writable, scan, to_radius, write_outputs
+from ..scan import OUTPUT_ORDER, AuditResult, check_data_spec, check_writable, scan, to_radius, write_outputs
 from .config import HardenConfig
 from .export import export, hardened_name
 from .guard import Guard
@@ -99,10 +99,36 @@ def _summary(audit: AuditResult, relative: str) -> dict:
             "results": relative}
 
 
+SCAN_FOLDERS = ("before", "after")
+"""The folders of ``out`` that hold the two scans' outputs, replaced whole by a run."""
+LAST = ("hardening.json", "results.json")
+"""Outputs moved into place after all others, in this order: the record the rest is read against last."""
+
+
+def _check_scan_folders(out: Path) -> None:
+    """Refuse, before any work, an ``out`` whose ``before``/``after`` is
+    anything but a folder of an earlier run's scan outputs: a run replaces
+    them whole, and must not delete what auditor did not write."""
+    for name in SCAN_FOLDERS:
+        folder = out / name
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            raise AuditError(f"cannot write to {folder}: it is not a folder of an earlier harden run")
+        foreign = sorted(path.name for path in folder.iterdir() if path.name not in OUTPUT_ORDER)
+        if foreign:
+            raise AuditError(
+                f"cannot write to {folder}: it holds {foreign[0]}, which auditor did not write "
+                "(move it away or choose another --out)"
+            )
+
+
 def _move_into_place(stage: Path, out: Path) -> None:
-    for path in stage.iterdir():
+    """Move the staged outputs into ``out``, :data:`LAST` last; the scan
+    folders (checked by :func:`_check_scan_folders`) replace the earlier ones."""
+    for path in sorted(stage.iterdir(), key=lambda path: LAST.index(path.name) + 1 if path.name in LAST else 0):
         target = out / path.name
-        if target.is_dir():
+        if path.name in SCAN_FOLDERS and target.is_dir():
             shutil.rmtree(target)
         path.replace(target)
 
@@ -156,6 +182,7 @@ def harden(
         options["epochs"] = epochs
     eps = to_radius(eps)
     check_writable(out)
+    _check_scan_folders(Path(out))
     check_data_spec(data)
     if eval_data is not None:
         check_data_spec(eval_data, "eval_data")

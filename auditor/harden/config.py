@@ -18,6 +18,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 
+from ..attacks.base import MAX_SEED
 from ..eps import check_radius
 from ..errors import AuditError
 
@@ -98,6 +99,8 @@ class HardenConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise AuditError(f"{flag} must be >= 1, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise AuditError(f"--seed must be between 0 and 2^63 - 1, got {self.seed}")
         if self.guard_size < 1:  # with --no-guard too: its images still measure the training curve
             raise AuditError(f"--guard-size must be >= 1, got {self.guard_size}")
         finite_positive = {"--lr-max": self.lr_max, "--alpha": self.alpha, "--eps-scale": self.eps_scale}

@@ -23,6 +23,8 @@ from ..errors import AuditError, short_reason
 from ..verify import eps_bound
 
 SCHEMA = "auditor.results/1"
+MAX_RESULTS_BYTES = 2**30
+"""The largest results.json read: a scan writes about 30 KB a sample."""
 
 
 def read_results(path: str | Path) -> dict:
@@ -30,6 +32,10 @@ def read_results(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise AuditError(f"cannot read results.json: no such file: {path}")
+    if not path.is_file():  # a FIFO would never end, a device never stop
+        raise AuditError(f"cannot read results.json: {path} is not a regular file")
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise AuditError(f"results file {path}: larger than {MAX_RESULTS_BYTES >> 20} MiB, not a results file")
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, too long an int
@@ -137,6 +143,7 @@ def _check_queries(check: "_Checker", name: tuple, required: bool) -> None:
     for field in ("mean", "median", "p90", "max"):
         check.field((*name, field), _optional(_non_negative), "a number >= 0 or null", required=required)
     check.field((*name, "budget"), _optional(_positive_integer), "an integer >= 1 or null", required=required)
+    check.field((*name, "total"), _count, "an integer >= 0", required=False)
 
 
 def _check_curve(check: "_Checker", name: tuple, columns: dict[str, tuple[Callable, str]]) -> None:
