@@ -541,7 +541,9 @@ def _model_fields(model: dict) -> tuple[Field, ...]:
         Field("Classes", str(model["num_classes"])),
         Field("SHA-256", model["sha256"], mono=True),
         *((Field("Architecture", model["arch"], mono=True),) if model.get("arch") else ()),
-        *((Field("Architecture SHA-256", model["arch_sha256"], mono=True),) if model.get("arch_sha256") else ()),
+        # the identity of the named module's file only, not of what it imports
+        *((Field("SHA-256 of the architecture's module file", model["arch_sha256"], mono=True),)
+          if model.get("arch_sha256") else ()),
     )
 
 
