@@ -15,7 +15,7 @@ import torch
 
 from .access import Access
 from .attacks import BY_LABEL
-from .attacks.base import MIN_NORM
+from .attacks.base import MIN_NORM, logit_margin
 from .attacks.whitebox.pgd import PGD
 from .models.base import GradientFailed, Model
 from .oracles import GradientOracle, logits_and_gradient
@@ -84,7 +84,7 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
         checks.append(Check(
             SOFTMAX_OUTPUTS, "warning",
             "the model outputs probabilities, not logits: saturated softmax can mask gradients "
-            "and weaken gradient-based attacks",
+            "and weaken gradient-based attacks (audit the model without its final softmax)",
         ))
     return checks, probabilities
 
@@ -194,7 +194,11 @@ def access_limited(level: Access, reason: str) -> list[Check]:
 
 
 def gradient_checks(model: Model, x: torch.Tensor, y: torch.Tensor) -> list[Check]:
-    """Input gradients of the cross-entropy must be finite and not all zero.
+    """Input gradients of the logit margin must be finite and not all zero.
+
+    The margin, not the cross-entropy: a model with large logits has a
+    softmax saturated to exactly 1 on its clean images, where the
+    cross-entropy is flat although the attacks, which ascend margins, are not.
 
     A model whose forward or backward pass raises here is refused
     (:class:`GradientFailed`): the loss is the auditor's own, so the error
@@ -203,7 +207,7 @@ def gradient_checks(model: Model, x: torch.Tensor, y: torch.Tensor) -> list[Chec
     x, y = x.to(model.device), y.to(model.device)
     try:
         _, grad = logits_and_gradient(
-            model.torch_module(), x, lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            model.torch_module(), x, lambda logits: logit_margin(logits, y)
         )
     except Exception as exc:
         raise GradientFailed(model.info.path, len(x), exc) from exc
@@ -317,12 +321,14 @@ def unbounded_attack(model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, 
     anywhere (masking) or the attack is broken. The walk starts at the clean
     image, not at PGD's random start: a random start in a ball this large is
     a random image, which an undefended network may classify with a softmax
-    saturated to exactly 1, where the cross-entropy has no gradient at all.
+    saturated to exactly 1. It ascends the logit margin, not the
+    cross-entropy, which such a softmax flattens to exactly 0 (a model with
+    large logits is saturated on its clean images already).
     """
     module = model.torch_module()
     x, y = x[:UNBOUNDED_SAMPLES], y[:UNBOUNDED_SAMPLES]
     eps = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
-    attack = PGD(norm=norm, steps=20, random_start=False)
+    attack = PGD(norm=norm, steps=20, random_start=False, loss="margin")
     result = attack(GradientOracle(module, len(y)), x.to(model.device), y.to(model.device), eps=eps, seed=seed)
     fooled = verify(model, x, result.x_adv, y, norm).fooled
     if bool(fooled.all()):

@@ -127,6 +127,30 @@ class NoiseDetector(nn.Module):
         return logits + 200 * bright[:, None] * nn.functional.one_hot(torch.zeros_like(bright).long(), 10)
 
 
+class Scaled(nn.Module):
+    """Its inner model's logits times 1,000: the same decisions, a softmax
+    saturated to exactly 1 in float32, and nothing masked."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 1000 * self.inner(x)
+
+
+def test_large_logits_raise_no_masking_check(tiny_cnn, correct_batch):
+    """The checks ascend the logit margin: the cross-entropy is exactly 0
+    here, and used to raise zero-gradients and unbounded-attack-fails."""
+    x, y = correct_batch
+    model = _model(Scaled(tiny_cnn).eval())
+    saturated = torch.nn.functional.cross_entropy(model.forward(x), y, reduction="none") == 0
+    assert saturated.float().mean() > 0.5
+    assert gradient_checks(model, x, y) == []
+    assert unbounded_attack(model, x, y, "linf", seed=0) == []
+    assert unbounded_attack(model, x, y, "l2", seed=0) == []
+
+
 def test_unbounded_attack_check(tiny_cnn, correct_batch):
     x, y = correct_batch
     assert unbounded_attack(_model(tiny_cnn), x, y, "linf", seed=0) == []

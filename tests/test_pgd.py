@@ -36,7 +36,23 @@ def test_pgd_is_deterministic_and_immutable(tiny_cnn, mnist_test):
     assert torch.equal(first.x_adv, second.x_adv)
     assert repr(attack) == (
         "PGD(norm='linf', steps=5, restarts=2, rel_step=None, random_start=True, "
-        "schedule='constant')"
+        "schedule='constant', loss='ce')"
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         attack.steps = 10
+
+
+def test_the_margin_loss_moves_where_the_cross_entropy_is_flat(tiny_cnn, correct_batch):
+    """Logits times 1,000 saturate the softmax: the cross-entropy's gradient
+    is exactly 0 and PGD cannot move; the logit margin's is not."""
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return 1000 * tiny_cnn(x)
+
+    x, y = correct_batch
+    runs = {loss: PGD(norm="linf", steps=10, loss=loss)(GradientOracle(Scaled(), len(y)), x, y, eps=0.3, seed=0)
+            for loss in ("ce", "margin")}
+    assert runs["margin"].success.float().mean() > runs["ce"].success.float().mean() + 0.3
+    with pytest.raises(ValueError, match="PGD loss must be one of"):
+        PGD(loss="hinge")

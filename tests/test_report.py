@@ -960,3 +960,13 @@ def test_hardening_curve_explains_the_cyclic_learning_rate_and_the_training_radi
     assert settings["Method settings"] == "alpha=1.5, eps_scale=1.2, random_init=True"
     html = " ".join(render_html(view).split())
     assert "Training radius<br>(1.2·ε)" in html and "Learning rate at<br>end of epoch" in html
+
+
+def test_softmax_outputs_mark_robust_accuracy_overstated_only_at_white_box(results):
+    """Gradient attacks on saturated probabilities are weakened; a soft-label
+    attacker sees those probabilities by definition."""
+    results["checks"] = [{"id": "softmax-outputs", "level": "warning", "message": "the model outputs probabilities"}]
+    results["access"]["level"] = "white-box"
+    assert build_view(results).verdict.caveat.startswith("Robust accuracy may be overstated (softmax-outputs)")
+    results["access"]["level"] = "soft-label"
+    assert "overstated" not in build_view(results).verdict.caveat

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -167,6 +168,15 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     else:
         raise ValueError(f"unknown norm {norm!r}")
     return (x + delta).clamp(0.0, 1.0)
+
+
+def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Z_y − max_{i≠y} Z_i per row: negative exactly where the row is
+    misclassified, and, unlike the cross-entropy, not flattened to 0 by a
+    saturated softmax (Carlini and Wagner's f₆)."""
+    own = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, y.view(-1, 1), -math.inf).amax(1)
+    return own - others
 
 
 def uniform_in_ball(

@@ -452,11 +452,15 @@ def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
 def _overstating(results: dict) -> list[str]:
     """The raised checks that say the cover's robust accuracy may be
     overstated: none when there is no robust accuracy or it is 0 already; a
-    weak surrogate only where transfer attacks were all that ran."""
+    weak surrogate only where transfer attacks were all that ran, softmax
+    outputs only where gradient attacks ran on them (a soft-label attacker
+    sees those probabilities by definition)."""
     worst = _worst_case(results)
     if worst is None or worst[1] == 0:
         return []
-    ids = OVERSTATING_CHECKS | ({"weak-surrogate"} if results["access"]["level"] == "none" else set())
+    level = results["access"]["level"]
+    ids = (OVERSTATING_CHECKS | ({"weak-surrogate"} if level == "none" else set())
+           | ({"softmax-outputs"} if level == "white-box" else set()))
     return _raised(results, ids)
 
 

@@ -74,18 +74,11 @@ from dataclasses import dataclass
 import torch
 
 from ...oracles import GradientOracle
-from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion
+from ..base import MIN_NORM, Attack, AttackResult, check_call, distortion, logit_margin
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _TANH_SHRINK = 1 - 1e-6
 _NO_UPPER = 1e10
-
-
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Z_y − max_{i≠y} Z_i, per row."""
-    own = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    others = logits.scatter(1, y.view(-1, 1), -math.inf).amax(1)
-    return own - others
 
 
 @dataclass(frozen=True)
@@ -154,10 +147,10 @@ class CarliniWagnerL2(Attack):
                 delta = x_new - x[rows]
 
                 def loss_fn(logits, y0=y0, c0=c0):
-                    return c0 * _margin(logits, y0).clamp_min(-self.kappa)
+                    return c0 * logit_margin(logits, y0).clamp_min(-self.kappa)
 
                 logits, grad_f = oracle.loss_grad(x_new, loss_fn, idx=rows.cpu())
-                margin = _margin(logits, y0)
+                margin = logit_margin(logits, y0)
                 l2 = distortion(delta, "l2")
                 adversarial = (margin <= -self.kappa) & (logits.argmax(1) != y0)
                 better = adversarial & (l2 < best_l2[rows])

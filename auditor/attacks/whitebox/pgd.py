@@ -7,7 +7,10 @@ one of Kurakin et al. 2017 [KGB17]:
 * random start: x⁰ uniform in the ε-ball (L∞), or a uniformly random
   direction at a uniform radius in the ball (L2) ([MMS18] §3);
 * step: x^{t+1} = Π_{x+S}(x^t + α·sign(∇ℓ)) for L∞, and
-  Π_{x+S}(x^t + α·∇ℓ/‖∇ℓ‖₂) for L2, with ℓ the cross-entropy ([MMS18] Eq. 2);
+  Π_{x+S}(x^t + α·∇ℓ/‖∇ℓ‖₂) for L2, with ℓ the cross-entropy ([MMS18] Eq. 2)
+  or (``loss="margin"``) the logit margin max_{i≠y} Z_i − Z_y, the loss of
+  Carlini and Wagner that [MMS18] also attack with, which a saturated
+  softmax does not flatten;
 * the projection Π is onto the ε-ball intersected with [0,1];
 * step size α = ``rel_step``·ε (2.5·ε/steps by default, the heuristic of
   Madry et al.'s robustness library, so that the walk can cross the ball);
@@ -37,13 +40,23 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project, uniform_in_ball
+from ..base import (
+    FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, logit_margin, project, uniform_in_ball,
+)
 
 SCHEDULES = ("constant", "cosine")
 
 
 def _cross_entropy(y: torch.Tensor):
     return lambda logits: F.cross_entropy(logits, y, reduction="none")
+
+
+def _margin(y: torch.Tensor):
+    return lambda logits: -logit_margin(logits, y)
+
+
+LOSSES = {"ce": _cross_entropy, "margin": _margin}
+"""``loss`` -> the per-sample loss ℓ that PGD ascends, given the labels."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,8 @@ class PGD(Attack):
     random_start: bool = True
     schedule: str = "constant"
     """Step-size schedule: ``"constant"`` or ``"cosine"``."""
+    loss: str = "ce"
+    """``"ce"`` (cross-entropy) or ``"margin"`` (logit margin)."""
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -73,6 +88,8 @@ class PGD(Attack):
             raise ValueError("PGD rel_step must be > 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"PGD schedule must be one of {SCHEDULES}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"PGD loss must be one of {tuple(LOSSES)}")
 
     def _alpha(self, alpha: float, step: int) -> float:
         if self.schedule == "cosine":
@@ -99,6 +116,7 @@ class PGD(Attack):
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
         gen = generator(seed, x.device)
+        loss = LOSSES[self.loss]
         alpha = eps * (self.rel_step if self.rel_step is not None else 2.5 / self.steps)
         x_best = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -113,7 +131,7 @@ class PGD(Attack):
                 if step == self.steps:
                     logits = oracle.logits(x_adv, idx=active.cpu())
                 else:
-                    logits, grad = oracle.loss_grad(x_adv, _cross_entropy(y0), idx=active.cpu())
+                    logits, grad = oracle.loss_grad(x_adv, loss(y0), idx=active.cpu())
                 fooled = logits.argmax(1) != y0
                 if fooled.any():
                     x_best[active[fooled]] = x_adv[fooled]
