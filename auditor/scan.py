@@ -33,7 +33,7 @@ from .data import Dataset, load_data
 from .eps import check_radius, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
-from .models.pytorch import arch_sha256, deterministic_kernels
+from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
 from .report.render import write_report
@@ -203,6 +203,9 @@ def resolve_surrogates(
         try:
             model = load_model(path, device="cpu", trust_pickle=trust_pickle)
             classes = check_model_on_data(model, dataset)
+        except WeightsWithoutArch as exc:  # --arch builds the audited model only
+            raise AuditError(f"surrogate {path} is a weights file: a surrogate must be a model file with its "
+                             "own architecture (TorchScript, .pt2 or ONNX)") from exc
         except AuditError as exc:
             raise AuditError(f"surrogate {path}: {exc}") from exc
         module = model.torch_module()

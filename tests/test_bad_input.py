@@ -153,6 +153,7 @@ def artefacts(tmp_path_factory, tiny_cnn):
                                                               np.full((4, 28, 28), 200, np.uint8)]), y=np.arange(20) % 10)
     torch.jit.save(torch.jit.script(_ChannelMean()), str(root / "any_channels.pt"))
     torch.jit.save(torch.jit.script(_InPlace()), str(root / "inplace.pt"))
+    torch.save(tiny_cnn.state_dict(), root / "tiny.pth")
     return root
 
 
@@ -184,6 +185,8 @@ CASES = {
                           "corrupt.onnx"),
     "surrogate input shape": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/rgb.onnx"],
                               "rgb.onnx expects input (3, 32, 32) but data mnist has (1, 28, 28)"),
+    "surrogate weights file": (["scan", "{example}", "--access", "none", "--surrogate", "{root}/tiny.pth"],
+                               "a surrogate must be a model file with its own architecture"),
     "negative surrogate count": (["scan", "{example}", "--train-surrogates", "-1"], "--train-surrogates must be"),
     "unknown flag": (["scan", "{example}", "--frobnicate"], "--frobnicate"),
     "pickle payload": (["scan", "{root}/payload.pt", "--arch", "examples.mnist_cnn:build"], "--trust-pickle"),

@@ -105,6 +105,19 @@ def test_npz_not_an_archive(tmp_path):
         load_data(str(tmp_path / "missing.npz"))
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_npz_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    """Reading a FIFO would wait for ever, and /dev/zero would never end."""
+    path = tmp_path / "data.npz"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(AuditError) as excinfo:
+        load_data(str(path))
+    assert _message(excinfo) == f"data {path}: not a regular file (FIFOs and devices are refused)"
+
+
 def _png(path, value: int, size: int = 8, mode: str = "L") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (size, size), value if mode == "L" else (value,) * 3).save(path)

@@ -6,6 +6,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 
 import numpy as np
 import onnx
@@ -195,6 +196,62 @@ def test_onnx_external_data_inside_the_folder_loads(tmp_path):
     model = load_model(path)
     assert model.info.input_shape == (1, 4, 4)
     assert model.info.num_classes == 3
+
+
+def _side_tensor_onnx(folder: pathlib.Path, where: str, location: str) -> pathlib.Path:
+    """``folder/m.onnx``, a (N,1,4,4) -> 3 logits graph whose weights, kept in
+    the side file ``location``, are not a graph initializer but ``where``: a
+    Constant node's value, a sparse initializer or an If branch's initializer."""
+    rng = np.random.default_rng(0)
+    if (folder / location).parent == folder:
+        (folder / location).write_bytes(rng.standard_normal(48, np.float32).tobytes())
+
+    def weights(name: str, dims: tuple[int, ...] = (16, 3)) -> onnx.TensorProto:
+        return onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=dims,
+                                data_location=onnx.TensorProto.EXTERNAL,
+                                external_data=[onnx.StringStringEntryProto(key="location", value=location)])
+
+    def branch(name: str) -> onnx.GraphProto:
+        out = onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [16, 3])
+        return onnx.helper.make_graph([onnx.helper.make_node("Identity", [name], ["W"])], name, [], [out],
+                                      [weights(name)])
+
+    nodes, initializers, sparse = [], [], []
+    if where == "constant":
+        nodes.append(onnx.helper.make_node("Constant", [], ["W"], value=weights("W")))
+    elif where == "sparse":
+        indices = onnx.numpy_helper.from_array(np.arange(48, dtype=np.int64))
+        sparse.append(onnx.helper.make_sparse_tensor(weights("W", (48,)), indices, [16, 3]))
+    else:
+        initializers.append(onnx.helper.make_tensor("cond", onnx.TensorProto.BOOL, [], [True]))
+        nodes.append(onnx.helper.make_node("If", ["cond"], ["W"], then_branch=branch("W1"),
+                                           else_branch=branch("W2")))
+    initializers.append(onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [-1, 16]))
+    nodes += [onnx.helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+              onnx.helper.make_node("MatMul", ["flat", "W"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, where,
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        initializers, sparse_initializer=sparse,
+    )
+    path = folder / "m.onnx"
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("where", ["constant", "sparse", "subgraph"])
+def test_onnx_hash_covers_external_data_outside_the_initializers(tmp_path, where):
+    """Weights in a side file identify the model wherever the graph keeps
+    them, and their location is held to the same rules."""
+    path = _side_tensor_onnx(tmp_path, where, "w.bin")
+    before = load_model(path).info.sha256
+    side = tmp_path / "w.bin"
+    side.write_bytes(side.read_bytes()[:-4] + b"\0\0\0\0")
+    assert load_model(path).info.sha256 != before
+    path = _side_tensor_onnx(tmp_path, where, "../outside.bin")
+    with pytest.raises(AuditError, match="external data location '../outside.bin' must be a relative path"):
+        load_model(path)
 
 
 @pytest.mark.parametrize(
@@ -465,12 +522,45 @@ def test_state_dict_with_arch(tiny_cnn, images, expected, tmp_path, arch_file):
         load_model(path)
 
 
+@pytest.mark.parametrize("name", ["tiny.pth", "tiny.safetensors"])
+def test_weights_without_arch_have_their_own_error(tiny_cnn, tmp_path, name):
+    """Its own class, so that a surrogate (which --arch does not build) is
+    told what it must be rather than to pass --arch."""
+    from auditor.models.pytorch import WeightsWithoutArch
+
+    path = tmp_path / name
+    if path.suffix == ".pth":
+        torch.save(tiny_cnn.state_dict(), path)
+    else:
+        save_file(tiny_cnn.state_dict(), str(path))
+    with pytest.raises(WeightsWithoutArch, match=f"^model {re.escape(str(path))} is a weights file"):
+        load_model(path)
+
+
 def test_safetensors_with_arch_file(tiny_cnn, images, expected, tmp_path, arch_file):
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_cnn.state_dict(), str(path))
     model = load_model(path, arch=f"{arch_file}:build", device="cpu")
     assert model.info.format == "safetensors"
     torch.testing.assert_close(model.forward(images), expected)
+
+
+def test_dotted_arch_leaves_the_working_directory_off_sys_path(tiny_cnn, tmp_path, monkeypatch):
+    """--arch pkg.module:factory imports from the working directory, but only
+    for that import: a planted ``weasyprint.py`` there must not win a later
+    lazy import."""
+    package = tmp_path / "cwd_arch_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "net.py").write_text(ARCH_SOURCE)
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_cnn.state_dict(), str(path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_arch_pkg", raising=False)
+    monkeypatch.delitem(sys.modules, "cwd_arch_pkg.net", raising=False)
+    assert load_model(path, arch="cwd_arch_pkg.net:build", device="cpu").info.format == "safetensors"
+    assert str(tmp_path) not in sys.path
 
 
 @pytest.mark.parametrize(
@@ -827,6 +917,33 @@ def test_pt2_members_that_torch_would_read_differently_are_refused(dynamic_pt2, 
             copy.writestr(info, original.read(info.filename))
     with pytest.raises(AuditError, match="not a readable torch.export program \\(two members named"):
         load_model(path)
+
+
+def test_a_pt2_member_that_would_inflate_past_the_cap_is_refused(dynamic_pt2, tmp_path):
+    """A few kB of deflated JSON can inflate to gigabytes: a compressed member
+    that declares more than the cap is refused before it is read, while a
+    compressed archive of normal members loads. (The central directory is
+    edited to declare 2 GiB: deflating a real 256 MiB member is slow.)"""
+    import struct
+    import zipfile
+
+    path = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(dynamic_pt2) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as copy:
+        for name in original.namelist():
+            copy.writestr(name, original.read(name))
+        bomb = f"{name.partition('/')[0]}/extra/bomb.json"
+        copy.writestr(bomb, "{}")
+    assert load_model(path, device="cpu").info.format == "torch-export"
+    data = bytearray(path.read_bytes())
+    # the name's last occurrence is in the central directory; its size field is 22 bytes before it
+    struct.pack_into("<I", data, data.rindex(bomb.encode()) - 22, 2**31)
+    path.write_bytes(data)
+    with pytest.raises(AuditError) as excinfo:
+        load_model(path, device="cpu")
+    assert _message(excinfo) == (
+        f"model {path}: not a readable torch.export program "
+        f"({bomb} inflates to {2**31} bytes, more than the 256 MiB allowed)"
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -29,10 +29,12 @@ HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.fo
 
 def _read(path: str | Path) -> dict[str, np.ndarray]:
     """The ``x`` and ``y`` arrays, both present, once their headers pass :func:`_check_headers`."""
+    if not Path(path).exists():
+        raise AuditError(f"data {path}: file not found")
+    if not Path(path).is_file():  # np.load would wait on a FIFO for ever, and read a device without end
+        raise AuditError(f"data {path}: not a regular file (FIFOs and devices are refused)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise AuditError(f"data {path}: file not found") from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise AuditError(f"data {path}: not a valid .npz file") from exc
     if not isinstance(archive, NpzFile):

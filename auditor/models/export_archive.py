@@ -79,6 +79,12 @@ MAX_EXPONENT = 64
 NAMED_BY_TEXT = ("Symbol", "Float")
 """The only calls that take text (a symbol's name, a number's digits); any
 other sympy function would ``sympify`` a text argument, running it."""
+MAX_INFLATED_BYTES = 256 << 20
+"""The most a compressed ``.json`` or ``.pt`` member may inflate to when it
+is read for the checks. ``torch.export.save`` stores members uncompressed,
+and they are small (a ResNet-50's program JSON is 0.4 MB, its sample inputs
+1.2 MB; the weights are members it does not read here), so only an archive
+repacked with compression meets this, and a zip bomb."""
 
 OPERATOR_TYPES = (torch._ops.OpOverload, torch._ops.HigherOrderOperator)
 
@@ -229,8 +235,20 @@ def _check_torch_save(data: bytes, member: str, path: str) -> None:
 
 
 def _read(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """The member ``name``, in memory. A compressed member that declares more
+    than :data:`MAX_INFLATED_BYTES` is refused before it is read (a zip bomb
+    of a few kB would otherwise fill the memory), and the read stops there in
+    case the declaration lies; a stored member is a slice of the archive,
+    which is in memory already, so it is read whatever its size."""
+    info = archive.getinfo(name)
+    compressed = info.compress_type != zipfile.ZIP_STORED
+    if compressed and info.file_size > MAX_INFLATED_BYTES:
+        raise _unreadable(
+            path, f"{name} inflates to {info.file_size} bytes, more than the {MAX_INFLATED_BYTES >> 20} MiB allowed"
+        )
     try:
-        return archive.read(name)
+        with archive.open(info) as member:
+            return member.read(MAX_INFLATED_BYTES if compressed else -1)
     except Exception as exc:  # a damaged member: bad CRC, unknown compression, encryption
         raise _unreadable(path, f"{name}: {short_reason(exc)}") from exc
 

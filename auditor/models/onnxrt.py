@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from google.protobuf.message import Message
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
@@ -54,7 +56,7 @@ def _static(dim: int | str | None) -> int | None:
 
 
 def external_data_files(file: Path, path: str) -> list[Path]:
-    """The external data files the graph in ``file`` refers to, sorted.
+    """The external data files the model in ``file`` refers to, sorted.
 
     The default ``torch.onnx.export`` may keep the weights in a side file
     (``model.onnx.data``); the model's hash must cover it too. The files are
@@ -63,8 +65,8 @@ def external_data_files(file: Path, path: str) -> list[Path]:
     tensor's ``offset`` + ``length`` must lie within its file.
     """
     try:
-        graph = onnx.load(str(file), load_external_data=False).graph
-        infos = [ExternalDataInfo(tensor) for tensor in graph.initializer if uses_external_data(tensor)]
+        model = onnx.load(str(file), load_external_data=False)
+        infos = [ExternalDataInfo(tensor) for tensor in _tensors(model) if uses_external_data(tensor)]
     except Exception as exc:
         raise AuditError(f"model {path}: not a readable ONNX model ({short_reason(exc)})") from exc
     files: dict[str, tuple[Path, int]] = {}
@@ -79,6 +81,23 @@ def external_data_files(file: Path, path: str) -> list[Path]:
                 f"but a tensor reads up to byte {end}"
             )
     return sorted(side for side, _ in files.values())
+
+
+def _tensors(message: Message) -> Iterator[onnx.TensorProto]:
+    """Every ``TensorProto`` within ``message``: initializers, but also the
+    tensors of node attributes (Constant values), of sparse initializers and
+    of subgraphs (If/Loop bodies) and functions, any of which onnxruntime
+    reads from external data. onnx's own walker
+    (``external_data_helper._get_all_tensors``) is private and misses the
+    sparse ones, so every message field is walked instead."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for item in (value,) if isinstance(value, Message) else value:
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from _tensors(item)
 
 
 def _external_data_file(file: Path, location: str, path: str) -> tuple[Path, int]:

@@ -426,15 +426,26 @@ def load_export(request: ModelRequest) -> TorchModel:
 
 
 def _import(module_name: str):
-    """Import a dotted module name (the working directory is searched) or a .py file."""
+    """Import a dotted module name (the working directory is searched) or a .py file.
+
+    The working directory is on ``sys.path`` only while the module is
+    imported: left there, every later lazy import (``weasyprint`` in the PDF
+    writer, say) would prefer a file of that name planted in the directory.
+    """
     if module_name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(module_name).stem}", module_name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return importlib.import_module(module_name)
+    cwd = os.getcwd()
+    if cwd in sys.path:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        # by identity: only our entry goes, whatever the module did to sys.path
+        sys.path[:] = [entry for entry in sys.path if entry is not cwd]
 
 
 def arch_sha256(arch: str) -> str | None:
@@ -469,10 +480,17 @@ def build_arch(arch: str) -> nn.Module:
     return built
 
 
+class WeightsWithoutArch(AuditError):
+    """A weights file loaded with no ``--arch`` to build its network. A class
+    of its own because ``--arch`` is the remedy for the audited model only: a
+    caller loading a surrogate, which ``--arch`` does not build, says what
+    is instead."""
+
+
 def _from_weights(request: ModelRequest, state_dict: Mapping, fmt: str) -> TorchModel:
     """Build ``--arch`` and load ``state_dict`` into it (strictly)."""
     if request.arch is None:
-        raise AuditError(f"model {request.path} is a weights file: pass --arch module:factory")
+        raise WeightsWithoutArch(f"model {request.path} is a weights file: pass --arch module:factory")
     module = build_arch(request.arch)
     try:
         module.load_state_dict(state_dict, strict=True)
