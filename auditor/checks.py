@@ -57,6 +57,7 @@ SMALL_BUDGET = "small-budget"
 TRANSFER_ONLY = "transfer-only"
 NO_GRADIENT_ATTACK = "no-gradient-attack"
 NO_TARGET_IMAGE = "no-target-image"
+TRAINING_DATA_AUDITED = "training-data-audited"
 
 SMALL_BUDGET_ERROR_BELOW = 100
 SMALL_BUDGET_WARNING_BELOW = 1000
@@ -163,6 +164,20 @@ def no_target_image(battery: "Battery", target: torch.Tensor | None, data_labels
         f"{int(missing.sum())} of the {len(target)} samples have a target class with no image in the data "
         f"(class {classes}): {', '.join(starting)} start from an image of the target class and could not "
         "attack them, so robust accuracy against those attacks is overstated",
+    )]
+
+
+def training_data_audited(overlap: int, audited: int, guard: int) -> list[Check]:
+    """``overlap`` of the ``audited`` images of a hardening run's scans are
+    training images, ``guard`` of them in the batch that chose the weights."""
+    if not overlap:
+        return []
+    held_out = f" ({guard} of them in the guard batch that chose the weights)" if guard else ""
+    return [Check(
+        TRAINING_DATA_AUDITED, "warning",
+        f"{overlap} of the {audited} audited images are also in the hardening run's training data{held_out}: "
+        "accuracy on images the model was trained on overstates it on new ones; give --eval-data with "
+        "held-out images",
     )]
 
 

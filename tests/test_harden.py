@@ -6,6 +6,7 @@ import importlib
 import json
 import re
 import signal
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from safetensors.torch import save_file
 
 import auditor
 from auditor.cli import main
+from auditor.data import load_data
 from auditor.errors import AuditError
-from auditor.harden.api import ACCESS_REASON
+from auditor.harden.api import ACCESS_REASON, _audited_training_images
 from auditor.harden.config import HardenConfig
 from auditor.harden.export import export
 from auditor.harden.guard import Check, Guard
@@ -508,6 +510,7 @@ def test_a_seed_makes_the_record_reproducible(one_thread, small_data, tmp_path):
         record["output"]["path"] = Path(record["output"]["path"]).name
     assert without_wall_times(one) == without_wall_times(two)
     assert one["data"]["eval_is_training_data"] is False and one["data"]["train"] == 600 - 64
+    assert "training-data-audited" not in {check["id"] for check in first.after.results["checks"]}
     reloaded = load_model(first.model_path, arch="examples.mnist_cnn:build", device="cpu")
     assert reloaded.info.format == "safetensors" and one["output"]["sha256"] == reloaded.info.sha256
 
@@ -529,12 +532,32 @@ def test_free_runs_count_passes_and_scans_of_the_training_data_are_flagged(one_t
     record = results["hardening"]
     assert (record["epochs_run"], record["epochs_planned"], record["stopped_early"]) == (1, 1, False)
     assert record["data"]["eval_is_training_data"] is True
+    (check,) = [check for check in results["checks"] if check["id"] == "training-data-audited"]
+    assert check["level"] == "warning"
+    assert check["message"].startswith("10 of the 10 audited images are also in the hardening run's training data")
+    assert check in json.loads((out / "before" / "results.json").read_text())["checks"]
     html = (out / "report.html").read_text()
     assert "free adversarial training for 1 of 1 passes over the data, each minibatch replayed 2 times at" in html
     assert "(the training data: before/after overstate robustness)" in html
     record.update(epochs_planned=3, stopped_early=True)
     (epochs,) = [field.value for field in build_view(results).hardening.settings if field.label == "Epochs"]
     assert epochs.startswith("1 of 3 passes over the data, each minibatch replayed 2 times (stopped early), ")
+
+
+def test_audited_training_images_are_found_image_by_image(small_data, tmp_path):
+    """An --eval-data that shares some images with --data is another file
+    (another hash): the images are compared, and the guard's counted."""
+    train, test = small_data
+    training = load_data(str(train))
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, x=np.concatenate([np.load(test)["x"][:12], training.x[[3, 5, 7, 9]].numpy()]),
+             y=np.concatenate([np.load(test)["y"][:12], training.y[[3, 5, 7, 9]].numpy()]))
+    scanned = SimpleNamespace(results={"samples": [{"index": i} for i in range(16)]})
+    (check,) = _audited_training_images(scanned, str(mixed), training, torch.tensor([5, 9, 100]))
+    assert check.id == "training-data-audited"
+    assert check.message.startswith("4 of the 16 audited images are also in the hardening run's training data "
+                                    "(2 of them in the guard batch that chose the weights)")
+    assert _audited_training_images(scanned, str(test), training, torch.tensor([5])) == []
 
 
 def test_a_failure_leaves_no_output(small_data, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ The CLI's ``harden`` command is a thin layer over :func:`harden`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..access import DEFAULT_BUDGET
+from ..checks import Check, training_data_audited
 from ..data import Dataset, load_data
 from ..eps import check_radius
 from ..errors import AuditError
@@ -91,6 +93,23 @@ def _split(dataset: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.ones(len(dataset), dtype=torch.bool)
     keep[guard] = False
     return guard, keep.nonzero().flatten()
+
+
+def _audited_training_images(
+    before: AuditResult, evaluation: str, training: Dataset, guard_rows: torch.Tensor
+) -> list[Check]:
+    """The check ``training-data-audited``: the images the scans audited
+    that are training images too, compared pixel for pixel (by a hash of
+    each image), so a shared subset is found as well as the same file."""
+    audited = load_data(evaluation).x[[sample["index"] for sample in before.results["samples"]]]
+    rows = {_fingerprint(image): row for row, image in enumerate(training.x)}
+    found = [rows[key] for key in map(_fingerprint, audited) if key in rows]
+    guard = int(torch.isin(torch.tensor(found, dtype=torch.long), guard_rows).sum())
+    return training_data_audited(len(found), len(audited), guard)
+
+
+def _fingerprint(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
 
 
 def _summary(audit: AuditResult, relative: str) -> dict:
@@ -216,6 +235,9 @@ def harden(
         before = scan(model, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                       **scan_options)
         before.results["access"]["reason"] = ACCESS_REASON
+        audited_training = [check.to_dict() for check in _audited_training_images(before, evaluation,
+                                                                                   training_data, guard_rows)]
+        before.results["checks"] += audited_training
         write_outputs(before, stage / "before")
         x, y = training_data.x[train_rows], training_data.y[train_rows]
         batches = trainer_method.data_passes(config.epochs) * batch_count(len(y), config.batch_size)
@@ -229,6 +251,7 @@ def harden(
                      **scan_options)
         after.results["model"]["path"] = str(out / name)
         after.results["access"]["reason"] = ACCESS_REASON
+        after.results["checks"] += audited_training
         write_outputs(after, stage / "after")
         training_sha256 = training_data.sha256  # the scans ran on the training data if theirs has this hash
         record = {
