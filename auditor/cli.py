@@ -127,7 +127,11 @@ def _echo_summary(results: dict) -> None:
     click.echo(f"clean accuracy: {percent(results['clean_accuracy'])} on {results['data']['n']} samples")
     for eps, value in results["robust_accuracy"].items():
         click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {percent(value)}")
-    for check in results["checks"]:
+    _echo_checks(results["checks"])
+
+
+def _echo_checks(checks: list[dict]) -> None:
+    for check in checks:
         click.echo(printable(f"check [{check['level']}] {check['id']}: {check['message']}"))
 
 
@@ -279,6 +283,7 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
         click.echo(f"robust accuracy at {norm} eps={eps_text(key)}: {percent(was)} -> {percent(value)}")
     for event in result.guard_events:
         click.echo(f"guard: {event['message']}")
+    _echo_checks([check for check in result.after.results["checks"] if check["level"] != "info"])
     click.echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")
     return EXIT_PASS
 

@@ -527,7 +527,9 @@ def test_free_runs_count_passes_and_scans_of_the_training_data_are_flagged(one_t
                    "--eps", "0.3", "--method", "free", "--replays", "2", "--epochs", "2", "--guard-size", "64",
                    "-n", "10", "--budget", "50", "--device", "cpu", "--out", out)
     assert code == 0
-    assert "free adversarial training: 1 of 1 passes over the data in " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "free adversarial training: 1 of 1 passes over the data in " in printed
+    assert "check [warning] training-data-audited: 10 of the 10 audited images are also in" in printed
     results = json.loads((out / "results.json").read_text())
     record = results["hardening"]
     assert (record["epochs_run"], record["epochs_planned"], record["stopped_early"]) == (1, 1, False)
