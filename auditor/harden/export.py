@@ -17,6 +17,9 @@ CPU, not the adapter's wrappers around it.
 Every written file is loaded again with :func:`auditor.models.load_model`
 (for ONNX, an onnxruntime session) and its logits are compared with the
 trained module's on a check batch; a disagreement is an :class:`AuditError`.
+An ONNX graph is held to the tolerance of its own precision, as when it was
+loaded: a graph with float16 arithmetic agrees with onnxruntime only to
+float16's rounding, which float32's tolerance would refuse.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from safetensors.torch import save_file
 
 from ..errors import AuditError, short_reason
 from ..models import load_model
-from ..models.convert import ConversionError, check_agreement
+from ..models.convert import ConversionError, OnnxGraphModule, check_agreement
 from .trainable import Trainable
 
 Writer = Callable[[Trainable, Path, Path, torch.Tensor], None]
@@ -125,7 +128,10 @@ def export(trainable: Trainable, fmt: str, source: Path, dest: Path, check: torc
         raise AuditError(f"cannot write the hardened {fmt} model: {short_reason(exc)}") from exc
     written = load_model(dest, arch=arch, trust_pickle=trust_pickle, device="cpu")
     device = next(iter(trainable.parameters)).device
+    artifact = trainable.artifact
+    precision = artifact.precision if isinstance(artifact, OnnxGraphModule) else torch.float32
     try:
-        return check_agreement(lambda x: trainable.network(x.to(device)), written.forward, check)
+        return check_agreement(lambda x: trainable.network(x.to(device)), written.forward, check,
+                               precision=precision)
     except ConversionError as exc:
         raise AuditError(f"the written {fmt} model disagrees with the trained one: {exc}") from exc

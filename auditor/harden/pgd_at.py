@@ -11,8 +11,14 @@ is solved per minibatch by k steps of projected gradient ascent:
 * then one optimiser step on ℓ(θ, x + δ^k, y) (the outer minimisation,
   justified by Danskin's theorem).
 
-Their MNIST setting is k = 40 steps of α = 0.01 at ε = 0.3, i.e. α = ε/30,
-the default here. The cost is k + 1 forward/backward passes per minibatch.
+Their MNIST setting is k = 40 steps of α = 0.01 at ε = 0.3, i.e. α = ε/30:
+its adversary can walk k·α = 4ε/3 in all, more than the radius.
+The default step keeps that walk for any k, α = 4ε/(3k) (ε/30 at k = 40):
+with α fixed at ε/30, PGD-7 walks only 7ε/30 from its random start, and its
+examples hurt the model little more than the uniform noise of the start
+does, so training against them is training against noise. An explicit
+``alpha`` is kept as given. The cost is k + 1 forward/backward passes per
+minibatch.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import torch
 from .config import HardenConfig
 from .train import BatchOutcome, Method, Trainer, clip_delta, random_delta, steepest_ascent
 
-DEFAULT_ALPHA = 1 / 30
-"""α / ε: Madry et al.'s MNIST step, 0.01 at ε = 0.3."""
+
+def default_alpha(steps: int) -> float:
+    """α / ε for a ``steps``-step adversary: 4/(3k), so that its walk k·α is that of
+    Madry et al.'s MNIST adversary, 40 steps of ε/30 (0.01 at ε = 0.3)."""
+    return 4 / (3 * steps)
 
 
 @dataclass(frozen=True)
@@ -35,15 +44,17 @@ class PGDAT(Method):
     paper = "Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks, ICLR 2018"
 
     norm: str
-    steps: int = 40
-    alpha: float = DEFAULT_ALPHA
+    steps: int
+    alpha: float
+    """α / ε: :func:`default_alpha` of ``steps`` unless given."""
     eps_scale: float = 1.0
 
     @classmethod
     def from_config(cls, config: HardenConfig) -> PGDAT:
-        alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
+        steps = config.setting("steps")
+        alpha = default_alpha(steps) if config.alpha is None else config.alpha
         scale = 1.0 if config.eps_scale is None else config.eps_scale
-        return cls(norm=config.norm, steps=config.setting("steps"), alpha=alpha, eps_scale=scale)
+        return cls(norm=config.norm, steps=steps, alpha=alpha, eps_scale=scale)
 
     def train_batch(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> BatchOutcome:
         eps, box = trainer.eps * self.eps_scale, trainer.config.clip_to_box

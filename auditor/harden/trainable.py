@@ -15,6 +15,16 @@ The model adapters may wrap the file's module: :class:`BatchLimits` runs a
 graph or program with a fixed or bounded batch size on any number of rows, and
 :class:`InputDtype` feeds a float64 (say) network float32 images. Training
 goes through the wrappers; the writers save the module inside them.
+
+Only float32 and float64 weights are trained; a float16 or bfloat16 model is
+refused before any work. Adam (Kingma and Ba, ICLR 2015) divides by
+√v̂ + ε with ε = 1e-8, which rounds to 0 in float16: from the first update,
+a weight whose gradient is 0 becomes 0/0 = NaN, one whose squared gradient
+underflows ±inf, and the run ends on the starting weights. bfloat16 keeps
+ε, but with 8 significant bits rounds away updates under about 1/256 of a
+weight (float16's 11 bits: 1/2048), which is why Micikevicius et al., "Mixed
+Precision Training" (ICLR 2018), keep float32 master copies of
+half-precision weights.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ from ..models.pytorch import BatchLimits, InputDtype
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
+
+TRAINED_DTYPES = (torch.float32, torch.float64)
+"""Parameter types Adam updates soundly (see the module docstring)."""
 
 PREPROCESSING = {"Sub", "Div", "Mul", "Add", "Cast", "Identity"}
 """Operators that, applied to the graph's input with constant operands, are
@@ -122,12 +135,19 @@ PREPARERS: dict[str, Callable[[Model, Path], tuple[nn.Module, dict[str, str]]]] 
 
 def make_trainable(model: Model, file: Path, mean: Sequence[float] | None, std: Sequence[float] | None,
                    device: torch.device) -> Trainable:
-    """The trainable network of ``model`` (loaded from ``file`` without normalisation)."""
+    """The trainable network of ``model`` (loaded from ``file`` without normalisation).
+
+    Refuses a model with weights of a type outside :data:`TRAINED_DTYPES`.
+    """
     network, initializers = PREPARERS[model.info.format](model, file)
     network = network.to(device)
     parameters = tuple(parameter for parameter in network.parameters() if parameter.is_floating_point())
     if not parameters:
         raise AuditError(f"model {model.info.path} has no floating-point weights to train")
+    narrow = next((parameter.dtype for parameter in parameters if parameter.dtype not in TRAINED_DTYPES), None)
+    if narrow is not None:
+        raise AuditError(f"harden trains float32 or float64 weights; model {model.info.path} has "
+                         f"{str(narrow).removeprefix('torch.')} parameters: convert it to float32 first")
     for parameter in parameters:
         parameter.requires_grad_(True)
     module = network
