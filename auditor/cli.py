@@ -232,7 +232,7 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
 @click.option("--eps-warmup", type=float, help="Fraction of training over which ε ramps up (default 0.4).")
 @click.option("--alpha", type=float,
               help="Attack step as a multiple of the training radius, --eps × --eps-scale "
-                   "(fast 1.5, i.e. 1.8·ε at its default scale 1.2; pgd 1/30; free 1).")
+                   "(fast 1.5, i.e. 1.8·ε at its default scale 1.2; pgd 4/(3·steps), 1/30 at 40 steps; free 1).")
 @click.option("--eps-scale", type=float,
               help="Training radius as a multiple of --eps (fast 1.2, pgd and free 1).")
 @click.option("--steps", type=int, help="pgd: attack steps per batch (default 40).")

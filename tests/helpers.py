@@ -130,3 +130,12 @@ def baked_batch_onnx(path: Path, batch: int = 16) -> Path:
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
+
+
+def digit_files(folder: Path, train, test, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """The first ``n_train`` training and ``n_test`` test digits as .npz files
+    (x as N,C,H,W float) in ``folder``: data for ``harden`` runs."""
+    paths = folder / "train.npz", folder / "test.npz"
+    for path, data, n in zip(paths, (train, test), (n_train, n_test)):
+        np.savez(path, x=data.x[:n].numpy(), y=data.y[:n].numpy())
+    return paths

@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 import torch
 from conftest import tiny_cnn_arch
+from helpers import digit_files
 from onnx import numpy_helper
 from pypdf import PdfReader
 from safetensors.torch import save_file
@@ -49,12 +50,8 @@ def without_wall_times(record: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, mnist_train, mnist_test) -> tuple[Path, Path]:
-    """600 training digits and 40 test digits as .npz files (x as N,C,H,W float)."""
-    folder = tmp_path_factory.mktemp("data")
-    train, test = folder / "train.npz", folder / "test.npz"
-    np.savez(train, x=mnist_train.x[:600].numpy(), y=mnist_train.y[:600].numpy())
-    np.savez(test, x=mnist_test.x[:40].numpy(), y=mnist_test.y[:40].numpy())
-    return train, test
+    """600 training digits and 40 test digits as .npz files."""
+    return digit_files(tmp_path_factory.mktemp("data"), mnist_train, mnist_test, 600, 40)
 
 
 # The schedules and the guard's rule ---------------------------------------------------------------
@@ -511,6 +508,12 @@ def test_a_seed_makes_the_record_reproducible(one_thread, small_data, tmp_path):
     assert without_wall_times(one) == without_wall_times(two)
     assert one["data"]["eval_is_training_data"] is False and one["data"]["train"] == 600 - 64
     assert "training-data-audited" not in {check["id"] for check in first.after.results["checks"]}
+    assert one["model"]["normalisation"] == {"mean": [0.1], "std": [0.9]}
+    assert one["model"]["arch"] == "examples.mnist_cnn:build"
+    view = build_view(first.after.results | {"hardening": one})
+    settings = {field.label: field.value for field in view.hardening.settings}
+    assert settings["Method settings"].endswith("; step alpha × training radius = 1.5 × 0.36 = 0.54")
+    assert settings["Training data"].endswith("train.npz: 536 images, 64 held out for the guard")
     reloaded = load_model(first.model_path, arch="examples.mnist_cnn:build", device="cpu")
     assert reloaded.info.format == "safetensors" and one["output"]["sha256"] == reloaded.info.sha256
 

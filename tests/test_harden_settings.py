@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_cnn_arch
+from helpers import digit_files
 from onnx import TensorProto, helper, numpy_helper
 
 from auditor.cli import main
@@ -29,11 +30,7 @@ def run_cli(*args) -> int:
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, mnist_train, mnist_test) -> tuple[Path, Path]:
     """200 training digits and 20 test digits as .npz files."""
-    folder = tmp_path_factory.mktemp("data")
-    train, test = folder / "train.npz", folder / "test.npz"
-    np.savez(train, x=mnist_train.x[:200].numpy(), y=mnist_train.y[:200].numpy())
-    np.savez(test, x=mnist_test.x[:20].numpy(), y=mnist_test.y[:20].numpy())
-    return train, test
+    return digit_files(tmp_path_factory.mktemp("data"), mnist_train, mnist_test, 200, 20)
 
 
 def _tiny(tiny_cnn) -> torch.nn.Module:

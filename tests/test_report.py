@@ -970,3 +970,10 @@ def test_softmax_outputs_mark_robust_accuracy_overstated_only_at_white_box(resul
     assert build_view(results).verdict.caveat.startswith("Robust accuracy may be overstated (softmax-outputs)")
     results["access"]["level"] = "soft-label"
     assert "overstated" not in build_view(results).verdict.caveat
+
+
+def test_the_hardening_training_data_names_the_built_in_split():
+    from auditor.report.build import _training_data_name
+
+    assert _training_data_name("mnist") == "mnist (train split)"
+    assert _training_data_name("digits/train.npz") == "digits/train.npz"

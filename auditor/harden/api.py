@@ -266,7 +266,10 @@ def harden(
             "config": config.to_dict(),
             "threat": {"norm": config.norm, "eps": config.eps},
             "device": {"name": str(train_device), "amp": train_device.type == "cuda"},
-            "model": {"path": str(model), "format": raw.info.format, "sha256": raw.info.sha256},
+            # with the --arch and --mean/--std that the hardened file must be scanned with too
+            "model": {"path": str(model), "format": raw.info.format, "sha256": raw.info.sha256,
+                      **{key: value for key, value in after.results["model"].items()
+                         if key in ("arch", "normalisation")}},
             "output": {"path": str(out / name), "format": raw.info.format,
                        "sha256": after.results["model"]["sha256"],
                        "check": {"images": len(x[:CHECK_ROWS]), "max_abs_diff": float(f"{diff:.3g}")}},

@@ -1041,9 +1041,10 @@ def _hardening(record: dict | None) -> HardeningView | None:
                f"{comparison[-1].before} to {comparison[-1].after}, clean accuracy from "
                f"{comparison[0].before} to {comparison[0].after}.")
     attack = guard["attack"]
+    radius = record["threat"]["eps"] * scale
     settings = (
         Field("Method", f"{method['label']} ({method['name']})"),
-        Field("Method settings", _params(method["params"])),
+        Field("Method settings", _params(method["params"]) + _step_text(method["params"], radius)),
         Field("Threat", f"ε={eps_text(record['threat']['eps'])}, {norm}; training radius {scale:g}·ε = "
                         f"{eps_text(record['threat']['eps'] * scale)}"),
         Field("Epochs", f"{epochs}, {record['updates']:,} updates"),
@@ -1051,8 +1052,8 @@ def _hardening(record: dict | None) -> HardeningView | None:
                            f"{config['lr_max']:g} after {config['lr_peak']:.0%} of the updates"),
         Field("ε warm-up", f"linear over the first {config['eps_warmup']:.0%} of the updates"
               if config["eps_warmup"] else "none"),
-        Field("Training data", f"{record['data']['name']}: {record['data']['train']:,} images, "
-                               f"{record['data']['guard']:,} held out for the guard"),
+        Field("Training data", f"{_training_data_name(record['data']['name'])}: "
+                               f"{record['data']['train']:,} images, {record['data']['guard']:,} held out for the guard"),
         Field("Scan data", _scan_data(record["data"])),
         Field("Guard", f"{attack['name']}, {attack['steps']} steps, on the held-out batch; roll back when "
                        f"PGD accuracy falls more than {guard['drop'] * 100:g} points below its best"
@@ -1080,6 +1081,19 @@ def _hardening(record: dict | None) -> HardeningView | None:
                          comparison=tuple(comparison), curve=curve, radius_scale=f"{scale:g}",
                          curve_note=curve_note, chart_svg=_training_chart(record),
                          guard=guard_text, events=events, output=output)
+
+
+def _step_text(params: dict, radius: float) -> str:
+    """The attack step as a number: ``alpha`` is a multiple of the training
+    radius, so "alpha=1.5" alone reads as Wong et al.'s 1.25·ε when it is 1.8·ε."""
+    alpha = params.get("alpha")
+    if alpha is None:
+        return ""
+    return f"; step alpha × training radius = {alpha:g} × {eps_text(radius)} = {alpha * radius:.3g}"
+
+
+def _training_data_name(name: str) -> str:
+    return "mnist (train split)" if name == "mnist" else name
 
 
 def _scan_data(data: dict) -> str:
