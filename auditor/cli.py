@@ -294,12 +294,12 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
 @click.option("--junit", type=OutputPath(dir_okay=False), help="Write one JUnit testcase per requirement here.")
 def check(results_path, policy, junit):
     """Apply a policy to a results.json; exit 1 if a requirement fails."""
-    from .policy import load_policy, resolve_policy_path, write_junit
+    from .policy import load_policy, write_junit
     from .report.schema import read_results
 
     if junit:
-        for given, name in ((results_path, "RESULTS"), (resolve_policy_path(policy), "the policy file")):
-            if Path(given).exists() and Path(junit).exists() and Path(junit).samefile(given):
+        for given, name in ((results_path, "RESULTS"), (policy, "the policy file")):
+            if Path(given).is_file() and Path(junit).is_file() and Path(junit).samefile(given):
                 raise AuditError(f"--junit {junit} is {name}: give another path for the JUnit file")
         # a verdict of an earlier run must not outlive a run that fails
         # before writing its own: CI would publish the old one

@@ -329,6 +329,7 @@ def scan(
         that cannot be used, with a one-line message.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    _remove_earlier_verdict(out)
     for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise AuditError(f"{name} must be an integer, got {value!r}")
@@ -352,9 +353,6 @@ def scan(
         raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     if out is not None:
         check_writable(out)
-        # a verdict of an earlier run must not outlive a scan that fails:
-        # CI publishing junit.xml whatever the exit code would show the old one
-        (Path(out) / "junit.xml").unlink(missing_ok=True)
     gate = load_policy(policy) if policy is not None else None
     dataset = load_data(data)
     check_channels(mean, std, dataset.x.shape[1], f"data {dataset.name} has")
@@ -459,6 +457,18 @@ def scan(
 OUTPUT_ORDER = ("adversarials.npz", "junit.xml", "report.html", "report.pdf", "results.json")
 """The order outputs move into place: results.json, which the others are
 read against, last."""
+
+
+def _remove_earlier_verdict(out: str | Path | None) -> None:
+    """Delete the junit.xml of an earlier run in ``out`` before anything can
+    fail: CI publishing junit.xml whatever the exit code would show its
+    verdict for this run. Nothing else goes (a bad flag must not cost the
+    earlier results); an ``out`` that cannot hold it is refused later."""
+    if out is None or not str(out):
+        return
+    junit = Path(out) / "junit.xml"
+    if junit.is_file():
+        junit.unlink()
 
 
 def check_writable(out: str | Path) -> None:

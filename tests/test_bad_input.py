@@ -321,6 +321,13 @@ def test_check_rejects_bad_results_with_one_line(case, scanned, capsys, tmp_path
     assert not (tmp_path / "junit").exists()
 
 
+def test_check_with_an_unknown_policy_removes_the_junit_of_an_earlier_run(scanned, capsys, tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text("<testsuite tests='1' failures='0'/>")
+    assert run(capsys, "check", scanned, "--policy", "no-such-policy", "--junit", junit)[0] == 2
+    assert not junit.exists()
+
+
 def test_check_that_fails_removes_the_junit_of_an_earlier_run(scanned, capsys, tmp_path):
     """CI publishes junit.xml even when the step fails: an old all-pass file must not survive."""
     junit = tmp_path / "junit.xml"
@@ -345,11 +352,12 @@ def test_check_refuses_a_junit_path_that_is_one_of_its_inputs(name, scanned, cap
     assert junit.read_text() == before
 
 
-def test_a_scan_that_fails_removes_the_junit_of_an_earlier_run(example_onnx, capsys, tmp_path):
+@pytest.mark.parametrize("bad", [["--target", "sideways"], ["--seed", "-1"], ["--budget", "0"], ["--mean", "0.1,0.2"]])
+def test_a_scan_that_fails_removes_the_junit_of_an_earlier_run(bad, example_onnx, capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "junit.xml").write_text("<testsuite tests='1' failures='0'/>")
-    code, _ = run(capsys, "scan", example_onnx, "--target", "sideways", "--out", out)
+    code, _ = run(capsys, "scan", example_onnx, *bad, "--out", out)
     assert code == 2
     assert not (out / "junit.xml").exists()
 
