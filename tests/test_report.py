@@ -24,7 +24,9 @@ from auditor.report.schema import validate_results
 
 @pytest.fixture
 def results() -> dict:
-    """A complete ``auditor.results/1`` dict with a failed policy."""
+    """A complete ``auditor.results/1`` dict with a failed policy. Each
+    attack's own robust accuracy is 1 at every ε, so that a test may set the
+    worst case over them (``robust_accuracy``) to anything."""
     return {
         "schema": "auditor.results/1",
         "auditor_version": "0.1.0",
@@ -52,7 +54,7 @@ def results() -> dict:
                 "params": {"norm": "linf", "p_init": 0.8},
                 "paper": "Andriushchenko et al., Square Attack, ECCV 2020",
                 "samples": 99,
-                "robust_accuracy": {"0.1": 0.70, "0.2": 0.30, "0.3": 0.05},
+                "robust_accuracy": {"0.1": 1.0, "0.2": 1.0, "0.3": 1.0},
                 "success_rate": 0.95,
                 "queries": {"mean": 123.4, "median": 80.0, "p90": 300.0, "max": 1900,
                             "budget": 2000, "total": 45000},
@@ -73,7 +75,7 @@ def results() -> dict:
                 "params": {"k": 200},
                 "paper": "Cheng et al., Sign-OPT, ICLR 2020",
                 "samples": 5,
-                "robust_accuracy": {"0.1": 0.62, "0.2": 0.21, "0.3": 0.03},
+                "robust_accuracy": {"0.1": 1.0, "0.2": 1.0, "0.3": 1.0},
                 "success_rate": 0.4,
                 "queries": {"mean": None, "median": None, "p90": None, "max": None,
                             "budget": 2000, "total": 10000},
@@ -412,6 +414,16 @@ def test_clean_accuracy_must_agree_with_the_samples_when_all_are_listed(results)
     assert validate_results(results) is results
     results["clean_accuracy"] = 0.99
     with pytest.raises(AuditError, match=r"clean_accuracy is 0.99, but the samples' clean predictions give 0.666667"):
+        validate_results(results)
+
+
+def test_robust_accuracy_cannot_exceed_any_attacks_own(results):
+    """The worst case over the attacks is at most each one's figure: a
+    hand-edited 0.9 passed once data.n no longer matched the samples listed."""
+    results["attacks"][1]["robust_accuracy"] = {"0.1": 0.62, "0.2": 0.21, "0.3": 0.03}
+    assert validate_results(results) is results
+    results["robust_accuracy"]["0.1"] = 0.9
+    with pytest.raises(AuditError, match=r"robust_accuracy 0.1 is 0.9, above attacks\[1\] \(sign-opt-l2\)'s 0.62"):
         validate_results(results)
 
 
@@ -829,7 +841,7 @@ def test_chart_series_stay_distinguishable(results):
     all but the last, and a single query checkpoint made a chart of dots."""
     base = results["attacks"][0]
     results["attacks"] = [
-        {**base, "name": f"attack{number}", "robust_accuracy": {"0.1": 0.70 - 0.01 * number, "0.2": 0.3, "0.3": 0.05}}
+        {**base, "name": f"attack{number}", "robust_accuracy": {"0.1": 0.80 - 0.01 * number, "0.2": 0.3, "0.3": 0.05}}
         for number in range(12)
     ]
     results["attacks"].append({**base, "name": "late", "robust_accuracy": results["attacks"][-1]["robust_accuracy"]})
@@ -957,7 +969,8 @@ def test_hardening_curve_explains_the_cyclic_learning_rate_and_the_training_radi
     assert "The training adversary used a radius of 1.2·ε" in hardening.curve_note
     settings = {field.label: field.value for field in hardening.settings}
     assert settings["Threat"] == "ε=0.3, L∞; training radius 1.2·ε = 0.36"
-    assert settings["Method settings"] == "alpha=1.5, eps_scale=1.2, random_init=True"
+    assert settings["Method settings"] == ("alpha=1.5, eps_scale=1.2, random_init=True; "
+                                           "step alpha × training radius = 1.5 × 0.36 = 0.54")
     html = " ".join(render_html(view).split())
     assert "Training radius<br>(1.2·ε)" in html and "Learning rate at<br>end of epoch" in html
 

@@ -173,6 +173,7 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
         raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
     sizes = [sample["distortion"] for sample in results["samples"]]
     whole = sizes and len(sizes) == results["data"]["n"]  # a file listing every sample
+    _check_worst_case(check, results)
     if whole:
         _check_clean_accuracy(check, results)
     for key, value in results["robust_accuracy"].items() if whole else ():
@@ -193,6 +194,17 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     if passed != all(verdicts):
         raise check.error(f"policy.passed is {str(passed).lower()}, but {verdicts.count(False)} of "
                           f"{len(verdicts)} requirements failed")
+
+
+def _check_worst_case(check: "_Checker", results: dict) -> None:
+    """Robust accuracy is the per-sample worst case over the attacks, so at
+    each ε it is at most every attack's own figure there."""
+    for number, attack in enumerate(results["attacks"]):
+        for key, own in attack["robust_accuracy"].items():
+            overall = results["robust_accuracy"].get(key)
+            if own is not None and overall is not None and overall > own + 1e-6:
+                raise check.error(f"robust_accuracy {key} is {overall}, above attacks[{number}] "
+                                  f"({attack['name']})'s {own}: it is their worst case")
 
 
 def _check_clean_accuracy(check: "_Checker", results: dict) -> None:
