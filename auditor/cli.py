@@ -354,20 +354,27 @@ def attacks():
 
 @cli.command(epilog="Example: auditor demo --out out/demo")
 @click.option("--out", default="out/demo", show_default=True, type=OutputPath(file_okay=False))
-@click.option("--model", "model_path", default="examples/mnist_cnn.onnx", show_default=True,
-              type=click.Path(dir_okay=False), help="The example model (examples/train_mnist.py writes it).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False),
+              help="Audit this model instead of the example model shipped with auditor.")
 @click.option("-n", "--samples", type=int, default=200, show_default=True)
 @click.pass_obj
 def demo(command, out, model_path, samples):
     """Audit the example MNIST CNN on the built-in data and write a report.
 
-    The default policy is applied and its verdict shown in the report; the
-    demo exits 0 whenever it ran, whatever the verdict.
+    The example model is examples/mnist_cnn.onnx of the repository, shipped
+    inside the package, so the demo runs from any directory. The default
+    policy is applied and its verdict shown in the report; the demo exits 0
+    whenever it ran, whatever the verdict.
     """
+    from .resources import example_model
     from .scan import scan as run_scan
 
-    if not Path(model_path).exists():
-        raise AuditError(f"example model {model_path} not found: run `make demo` from a clone of the repository")
+    if model_path is None:
+        model_path = example_model()
+        if not model_path.exists():  # a clone whose examples/ lost it; `make demo` trains it again
+            raise AuditError(
+                f"example model {model_path} not found: run `make demo` from a clone of the repository"
+            )
     audit = run_scan(model_path, "mnist", samples=samples, policy="default", out=out,
                      progress=sys.stderr.isatty(), command=command)
     _echo_summary(audit.results)

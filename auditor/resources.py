@@ -1,4 +1,5 @@
-"""Files shipped inside the wheel: report templates, policies and the docs the report quotes."""
+"""Files shipped inside the wheel: report templates, policies, the docs the
+report quotes and the example model of ``auditor demo``."""
 
 from __future__ import annotations
 
@@ -17,3 +18,9 @@ def policies_dir() -> Path:
 def docs_dir() -> Path:
     """``docs/``: the report quotes the explanation of each check from ``checks.md``."""
     return Path(str(importlib.resources.files("auditor.docs")))
+
+
+def example_model() -> Path:
+    """``examples/mnist_cnn.onnx`` (``python -m examples.train_mnist`` writes it), shipped as
+    ``auditor/examples/mnist_cnn.onnx`` so that ``auditor demo`` runs from any directory."""
+    return Path(str(importlib.resources.files("auditor.examples") / "mnist_cnn.onnx"))

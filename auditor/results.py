@@ -218,10 +218,22 @@ def auditor_version() -> str | None:
 
 
 def manifest(command: str, device: str) -> dict:
+    """What ran the scan. ``onnxruntime`` is the version of the module imported:
+    the distributions ``onnxruntime`` and ``onnxruntime-gpu`` both ship it, and
+    when both are installed the files of either may be the ones loaded, so the
+    installed distributions and the execution providers the module offers are
+    recorded beside it (each a comma-separated string, as the report shows it)."""
+    import onnxruntime
+
+    distributions = {name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu")}
     return {
         "python": platform.python_version(),
         "torch": _version("torch"),
-        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_distributions": ", ".join(
+            f"{name} {version}" for name, version in distributions.items() if version is not None
+        ),
+        "onnxruntime_providers": ", ".join(onnxruntime.get_available_providers()),
         "platform": platform.platform(),
         "command": command,
         "device": device,

@@ -4,8 +4,9 @@ Writes ``examples/mnist_cnn.onnx`` (today's default ``torch.onnx.export``)
 and ``examples/mnist_cnn.safetensors`` (weights for ``--arch
 examples.mnist_cnn:build``). Standard training, so the model is accurate
 but not robust: the demo shows what an audit of such a model looks like.
+Run it as a module from the repository's root (it imports ``examples.mnist_cnn``):
 
-    python examples/train_mnist.py [--epochs 10] [--seed 0]
+    python -m examples.train_mnist [--epochs 10] [--seed 0]
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ otherwise everything stays on the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +133,8 @@ def _providers(device: str) -> list[str]:
     if device != "auto" and resolve_device(device).type not in ("cpu", "cuda"):
         raise AuditError(f"--device {device}: ONNX models run on cpu or cuda")
     cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if device == "auto" or device.startswith("cuda"):
+        _warn_about_gpu_install(cuda)
     if device.startswith("cuda") and not cuda:
         raise AuditError(
             f"--device {device}: onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
@@ -138,6 +142,30 @@ def _providers(device: str) -> list[str]:
     if cuda and (device == "auto" or device.startswith("cuda")):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+@functools.cache
+def _warn_about_gpu_install(cuda: bool) -> None:
+    """Warn, once a process, where the install may keep ONNX models off the
+    GPU: the distributions ``onnxruntime`` and ``onnxruntime-gpu`` are both
+    installed (``auditor[gpu]`` installs both; they ship the same
+    ``onnxruntime`` package, so the files of either may be the ones loaded),
+    or torch sees a CUDA GPU but onnxruntime offers no CUDA provider."""
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+    if all(list(metadata.distributions(name=name)) for name in ("onnxruntime", "onnxruntime-gpu")):
+        logger.warning(
+            "onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files "
+            "(the CUDAExecutionProvider is %s now); to run ONNX models on the GPU, keep onnxruntime-gpu "
+            "alone: %s",
+            "there" if cuda else "missing",
+            fix,
+        )
+    elif not cuda and torch.cuda.is_available():
+        logger.warning(
+            "torch sees a CUDA GPU but onnxruntime offers no CUDAExecutionProvider, so ONNX models "
+            "run on the CPU; to run them on the GPU: %s",
+            fix,
+        )
 
 
 class OnnxModel(Model):
