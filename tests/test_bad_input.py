@@ -527,3 +527,14 @@ def test_harden_refuses_an_out_whose_scan_folder_holds_other_files(folder, examp
     assert err == (f"error: cannot write to {tmp_path / folder}: it holds notes.txt, which auditor did not write "
                    "(move it away or choose another --out)\n")
     assert (tmp_path / folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["check", "--policy", "strict"], ["report", "--out", "{tmp}/out"]])
+def test_results_with_a_lone_surrogate_are_refused(command, scanned, capsys, tmp_path):
+    """\\ud800 is valid JSON but no encoder can write it: the report crashed with an internal error."""
+    path = tmp_path / "results.json"
+    path.write_text(scanned.read_text().replace('"path": "', '"path": "\\ud800', 1))
+    code, err = run(capsys, command[0], path, *(arg.format(tmp=tmp_path) for arg in command[1:]))
+    assert code == 2
+    assert err == f"error: results file {path}: holds text that is not valid Unicode (a lone surrogate)\n"
+    assert not (tmp_path / "out").exists()

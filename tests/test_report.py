@@ -781,7 +781,7 @@ def test_the_policy_shows_its_description_the_requirements_met_and_accuracies_as
         "99.0 %", "3.0 % at ε=0.3", "1200 queries (sign-opt-l2)"]
     cover = " ".join(render_html(view).split('<section class="cover">')[1].split("</section>")[0].split())
     assert "strict — Release gate: accurate and robust." in cover and "Requirements met" in cover
-    assert "robust accuracy &gt;= 80.0 % at linf eps=0.3 <span class=\"muted\">(actual 3.0 % at ε=0.3)</span>" in cover
+    assert "robust accuracy &gt;= 80 % at linf eps=0.3 <span class=\"muted\">(actual 3.0 % at ε=0.3)</span>" in cover
 
 
 def test_the_attack_table_says_which_samples_and_which_eps_its_success_is_at(results):
@@ -990,3 +990,17 @@ def test_the_hardening_training_data_names_the_built_in_split():
 
     assert _training_data_name("mnist") == "mnist (train split)"
     assert _training_data_name("digits/train.npz") == "digits/train.npz"
+
+
+@pytest.mark.parametrize("threshold, actual, shown", [
+    ("0.7000001", "0.7 at ε=0.1", ("robust accuracy >= 70.00001 % at ε=0.1", "70.0 % at ε=0.1")),
+    ("0.7", "0.69999 at ε=0.1", ("robust accuracy >= 70 % at ε=0.1", "69.999 % at ε=0.1")),
+    ("0.9999", "0.95 at ε=0.1", ("robust accuracy >= 99.99 % at ε=0.1", "95.0 % at ε=0.1")),
+    ("1e-07", "0.0 at ε=0.1", ("robust accuracy >= 0.00001 % at ε=0.1", "0.0 % at ε=0.1")),
+])
+def test_a_failed_requirement_never_shows_its_threshold_and_value_alike(threshold, actual, shown):
+    """One decimal turned a FAIL of 0.7 against 0.7000001 into "70.0 %"
+    against "70.0 %"; 0.9999 read ">= > 99.9 %", and 1e-07 was left a fraction."""
+    from auditor.report.build import _requirement_texts
+
+    assert _requirement_texts(f"robust accuracy >= {threshold} at ε=0.1", actual) == shown

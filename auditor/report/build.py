@@ -28,7 +28,7 @@ from ..eps import eps_text
 from ..errors import AuditError, short_reason
 from ..resources import docs_dir
 from ..verify import eps_bound
-from .formatting import MISSING, interval_text, percent
+from .formatting import MISSING, exact_percent, interval_text, percent, percent_beside
 from .schema import validate_results
 from .transfer import TransferView, transfer_view
 
@@ -834,7 +834,7 @@ def _check_notes(checks: list[dict]) -> tuple[CheckNote, ...]:
 
 
 _ACCURACY_REQUIREMENT = re.compile(r"(?:clean|robust) accuracy >= ")
-_LEADING_FRACTION = re.compile(r"^(\d+(?:\.\d+)?)(?= at |$)")
+_LEADING_FRACTION = re.compile(r"^(\d+(?:\.\d+)?(?:e-?\d+)?)(?= at |$)")
 
 
 def _policy(policy: dict | None) -> PolicyView | None:
@@ -852,16 +852,19 @@ def _requirement_texts(description: str, actual: str) -> tuple[str, str]:
     """A requirement and its recorded value as the report shows them: a
     clean or robust accuracy requirement's threshold and value, which
     results.json holds as fractions (``"clean accuracy >= 0.95"``,
-    ``"0.15 at ε=0.1"``), as percentages (``"95.0 %"``, ``"15.0 % at ε=0.1"``)."""
+    ``"0.15 at ε=0.1"``), as percentages (``"95 %"``, ``"15.0 % at ε=0.1"``):
+    the threshold with every digit it was written with, the value with
+    enough decimals not to read as the threshold."""
     accuracy = _ACCURACY_REQUIREMENT.match(description)
     if accuracy is None:
         return description, actual
-
-    def as_percent(text: str) -> str:
-        return _LEADING_FRACTION.sub(lambda number: percent(float(number[1])), text)
-
-    threshold = description[accuracy.end():]
-    return description[:accuracy.end()] + as_percent(threshold), as_percent(actual)
+    threshold_text = description[accuracy.end():]
+    threshold = _LEADING_FRACTION.match(threshold_text)
+    if threshold is None:
+        return description, actual
+    shown = _LEADING_FRACTION.sub(lambda number: exact_percent(number[1]), threshold_text)
+    value = _LEADING_FRACTION.sub(lambda number: percent_beside(float(number[1]), threshold[1]), actual)
+    return description[:accuracy.end()] + shown, value
 
 
 def _distortion(results: dict) -> DistortionSummary:

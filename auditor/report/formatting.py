@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 MISSING = "—"
 
@@ -22,6 +23,25 @@ def percent(fraction: float | None) -> str:
     if text == "0.0" and fraction > 0:
         return "< 0.1 %"
     return f"{text} %"
+
+
+def exact_percent(fraction: str) -> str:
+    """A threshold written as a fraction (``"0.95"``, ``"0.7000001"``,
+    ``"1e-07"``), as a percentage with every digit it was written with:
+    ``"95 %"``, ``"70.00001 %"``, ``"0.00001 %"``."""
+    return f"{format((Decimal(fraction) * 100).normalize(), 'f')} %"
+
+
+def percent_beside(fraction: float, threshold: str) -> str:
+    """``fraction`` as :func:`percent` shows it, with more decimals (up to
+    6) where one decimal would read as the ``threshold`` it is compared with:
+    70.0 % beside a threshold of 70.00001 % would hide why it failed."""
+    limit = Decimal(threshold) * 100
+    for decimals in range(1, 7):
+        shown = Decimal(f"{fraction * 100:.{decimals}f}")
+        if shown != limit:
+            return percent(fraction) if decimals == 1 else f"{shown} %"
+    return f"{shown} %"
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -38,6 +38,10 @@ def read_results(path: str | Path) -> dict:
         raise AuditError(f"results file {path}: larger than {MAX_RESULTS_BYTES >> 20} MiB, not a results file")
     try:
         results = json.loads(path.read_text())
+        # JSON's \ud800 escapes decode to lone surrogates, which no report or terminal can encode
+        json.dumps(results, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise AuditError(f"results file {path}: holds text that is not valid Unicode (a lone surrogate)") from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, too long an int
         raise AuditError(f"results file {path}: cannot read JSON ({short_reason(exc)})") from None
     return validate_results(results, str(path))
