@@ -75,3 +75,21 @@ def eps_at_half(distortions: Iterable[float | None]) -> float | None:
     ordered = sorted(math.inf if size is None else float(size) for size in distortions)
     middle = ordered[(len(ordered) - 1) // 2] if ordered else math.inf
     return round(middle, 6) if math.isfinite(middle) else None
+
+
+DEFAULT_EPS = {
+    ("digits", "linf"): (0.1, 0.2, 0.3),
+    ("digits", "l2"): (1.0, 1.5, 2.0),
+    ("photos", "linf"): (2 / 255, 4 / 255, 8 / 255),
+    ("photos", "l2"): (0.25, 0.5, 1.0),
+}
+"""ε grids used when ``--eps`` is not given, by the kind of image: the
+standard MNIST radii for greyscale images of at most 32 × 32 (MNIST,
+Fashion-MNIST and the like, built in or not), the usual CIFAR/ImageNet radii
+for anything else."""
+
+
+def image_kind(shape: Sequence[int]) -> str:
+    """``"digits"`` for greyscale images of at most 32 × 32 (C, H, W), else ``"photos"``."""
+    channels, height, width = shape
+    return "digits" if channels == 1 and max(height, width) <= 32 else "photos"

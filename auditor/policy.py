@@ -8,7 +8,8 @@ and semantics are documented in ``docs/policies.md``.
 Loading is strict: unknown keys, wrong types and out-of-range values raise an
 :class:`~auditor.errors.AuditError` whose one-line message names the file and
 the problem. Evaluation fails closed: a requirement that the results cannot
-show (an ε that was not evaluated, a missing field) fails.
+show (an ε that was not evaluated, a missing field, figures that the scan's
+own checks call untrustworthy) fails.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from typing import Any, ClassVar, Mapping
 
 import yaml
 
+from . import checks
 from .access import Access
-from .checks import CUSTOM_BATTERY
-from .eps import eps_key, eps_text, parse_eps
+from .eps import DEFAULT_EPS, eps_key, eps_text, image_kind, parse_eps
 from .errors import AuditError, short_reason
 from .resources import policies_dir
 
 NORMS = ("linf", "l2")
 CHECK_LEVELS = ("info", "warning", "error")  # in increasing severity
+CHECK_IDS = frozenset(checks.IDS)
+"""The ids of the checks of ``auditor/checks.py``: what ``no_checks`` may cite.
+A misspelt id would never be raised, and the requirement would pass on anything."""
 EPS_EXTREMES = ("min", "max")
 BATTERIES = ("default", "any")
 
@@ -186,7 +190,7 @@ def _access(value: Any, where: str, source: _Source) -> Access:
 
 def _eps(value: Any, where: str, source: _Source) -> float | str:
     """A finite ε >= 0 (a number or a fraction such as ``8/255``), or
-    "min"/"max" (resolved against threat.eps later)."""
+    "min"/"max" (resolved against the standard radii later, see :func:`standard_eps`)."""
     if value in EPS_EXTREMES:
         return value
     error = source.error(
@@ -222,9 +226,45 @@ def _narrowed(results: Mapping[str, Any]) -> str | None:
     """The reason a ``battery: default`` requirement fails: the scan's
     battery left out default attacks (a ``custom-battery`` check), else None."""
     for check in results.get("checks") or []:
-        if check.get("id") == CUSTOM_BATTERY:
-            return f"the scan left out default attacks ({CUSTOM_BATTERY}); battery: any accepts it"
+        if check.get("id") == checks.CUSTOM_BATTERY:
+            return f"the scan left out default attacks ({checks.CUSTOM_BATTERY}); battery: any accepts it"
     return None
+
+
+def _untrusted(results: Mapping[str, Any], figures: str) -> str | None:
+    """The reason a robustness or cost requirement fails: the results carry a
+    check at level ``error`` (or one auditor does not know, as
+    ``no_checks_at`` ranks it), which says that their ``figures`` cannot be
+    trusted (``small-budget`` below 100 queries, ``nan-gradients``); else None.
+    Those checks ran on the very scan, so no bar may pass on its numbers."""
+    error = CHECK_LEVELS.index("error")
+    raised = list(dict.fromkeys(
+        str(check.get("id", "?"))
+        for check in results.get("checks") or []
+        if _check_rank(check.get("level")) >= error
+    ))
+    if not raised:
+        return None
+    carried = "an error-level check" if len(raised) == 1 else "error-level checks"
+    return f"the results carry {carried} ({', '.join(raised)}): their {figures} cannot be trusted"
+
+
+def standard_eps(shape: tuple[int, int, int], norm: str) -> tuple[float, ...]:
+    """The radii a scan of images of ``shape`` (C, H, W) audits in ``norm``
+    (``linf`` or ``l2``) when ``--eps`` is not given.
+
+    ``eps: min`` / ``eps: max`` resolve against these, not against
+    ``threat.eps``: those radii are the audited party's choice, and one tiny
+    extra ``--eps`` made ``min`` pass any model.
+    """
+    return DEFAULT_EPS[(image_kind(shape), norm)]
+
+
+def _is_image_shape(shape: Any) -> bool:
+    """A (C, H, W) list of sizes >= 1, as a scan records ``model.input_shape``."""
+    return isinstance(shape, list) and len(shape) == 3 and all(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -328,6 +368,9 @@ class RobustAccuracy(Requirement):
             # only hitting the target counted: any other misclassification
             # under attack was left robust
             return self._verdict(False, "results are from a targeted audit")
+        untrusted = _untrusted(results, "robust accuracy")
+        if untrusted:
+            return self._verdict(False, untrusted)
         narrowed = _narrowed(results) if self.battery == "default" else None
         if narrowed:
             return self._verdict(False, narrowed)
@@ -342,21 +385,21 @@ class RobustAccuracy(Requirement):
                     f"results at {level.cli_name} access cannot show robustness "
                     f"against {self.access.cli_name}",
                 )
-        eps = self._resolve_eps(threat.get("eps") or [])
-        if eps is None:
-            return self._verdict(False, "no ε was evaluated")
+        eps = self.eps
+        if isinstance(eps, str):
+            norm, shape = threat.get("norm"), (results.get("model") or {}).get("input_shape")
+            if norm not in NORMS:
+                return self._verdict(False, f"ε={eps} has no standard value for norm {norm}")
+            if not _is_image_shape(shape):
+                return self._verdict(
+                    False, f"the results record no image shape (C, H, W): ε={eps} has no standard value"
+                )
+            standard = standard_eps(tuple(shape), norm)
+            eps = min(standard) if eps == "min" else max(standard)
         accuracy = (results.get("robust_accuracy") or {}).get(eps_key(eps))
         if accuracy is None:
             return self._verdict(False, f"ε={eps_text(eps)} was not evaluated")
         return self._verdict(accuracy >= self.min, f"{_fmt_fraction(accuracy)} at ε={eps_text(eps)}")
-
-    def _resolve_eps(self, evaluated: list[float]) -> float | None:
-        """The concrete ε: the given one, or the smallest/largest evaluated."""
-        if not isinstance(self.eps, str):
-            return self.eps
-        if not evaluated:
-            return None
-        return min(evaluated) if self.eps == "min" else max(evaluated)
 
 
 @dataclass(frozen=True)
@@ -393,6 +436,12 @@ class MedianQueries(Requirement):
             # in a scan at another level the cascade showed this level's
             # attacks only the samples stronger attacks missed, or none
             return self._verdict(False, f"query cost at {level} needs a scan at {level} access, not {scanned}")
+        if (results.get("threat") or {}).get("target"):
+            # reaching a chosen class costs more queries than any misclassification
+            return self._verdict(False, "results are from a targeted audit")
+        untrusted = _untrusted(results, "query counts")
+        if untrusted:
+            return self._verdict(False, untrusted)
         narrowed = _narrowed(results) if self.battery == "default" else None
         if narrowed:
             return self._verdict(False, narrowed)
@@ -456,8 +505,45 @@ def _check_rank(level: Any) -> int:
     return CHECK_LEVELS.index(level) if level in CHECK_LEVELS else len(CHECK_LEVELS)
 
 
+@dataclass(frozen=True)
+class NoChecks(Requirement):
+    """``no_checks: [ID, ...]``: none of the named checks was raised, at any level.
+
+    A check's level says how bad it is in general; some warnings
+    (``small-budget`` from 100 queries, ``transfer-only``) still say that the
+    robust accuracy is overstated, and a gate must be able to refuse them
+    without refusing every warning.
+    """
+
+    KEY: ClassVar[str] = "no_checks"
+
+    id: str
+    ids: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, rid: str, value: Any, where: str, source: _Source) -> "NoChecks":
+        if not isinstance(value, list) or not value:
+            raise source.error(f"{where}: expected a non-empty list of check ids, got {_shown(value)}")
+        for check_id in value:
+            if not isinstance(check_id, str) or check_id not in CHECK_IDS:
+                raise source.error(
+                    f"{where}: unknown check id {_shown(check_id)}; known: {', '.join(sorted(CHECK_IDS))}"
+                )
+        return cls(rid, tuple(value))
+
+    def describe(self) -> str:
+        return f"no check among {', '.join(self.ids)}"
+
+    def evaluate(self, results: Mapping[str, Any]) -> Verdict:
+        flagged = [check for check in results.get("checks") or [] if check.get("id") in self.ids]
+        if not flagged:
+            return self._verdict(True, "none")
+        listed = ", ".join(f"{c.get('id')} ({c.get('level')})" for c in flagged)
+        return self._verdict(False, f"{len(flagged)} raised: {listed}")
+
+
 REQUIREMENT_TYPES: dict[str, type[Requirement]] = {
-    cls.KEY: cls for cls in (CleanAccuracy, RobustAccuracy, MedianQueries, NoChecksAt)
+    cls.KEY: cls for cls in (CleanAccuracy, RobustAccuracy, MedianQueries, NoChecksAt, NoChecks)
 }
 
 
@@ -505,6 +591,10 @@ def load_policy(path_or_name: str | Path) -> Policy:
     source = _Source(path)
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
+    except _LoneSurrogate as exc:
+        raise source.error(
+            f"holds text that is not valid Unicode (a lone surrogate, {_position(exc.mark)})"
+        ) from None
     except yaml.YAMLError as exc:
         raise source.error(f"invalid YAML: {_yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -516,11 +606,32 @@ def load_policy(path_or_name: str | Path) -> Policy:
     return _parse_policy(document, source)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""Half of a UTF-16 pair: a double-quoted YAML escape (``"\\ud800"``) makes
+one, and no text holding it can be printed or written as UTF-8."""
+
+
+class _LoneSurrogate(Exception):
+    """A policy string holds a surrogate (:data:`_SURROGATE`) at ``mark``."""
+
+    def __init__(self, mark: yaml.Mark):
+        super().__init__(mark)
+        self.mark = mark
+
+
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.safe_load``'s loader, except that a key given twice in one
-    mapping is an error (SafeLoader keeps the last one silently) and that
+    mapping is an error (SafeLoader keeps the last one silently), that
     aliases (``*name``) are refused: nested ones make a small file load as a
-    huge document (a "billion laughs"), and a policy has no use for them."""
+    huge document (a "billion laughs"), and a policy has no use for them,
+    and that text holding a lone surrogate is refused: it would crash the
+    terminal, the report and the JUnit writer after the whole scan."""
+
+    def construct_scalar(self, node: yaml.ScalarNode) -> str:
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise _LoneSurrogate(node.start_mark)
+        return value
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         if self.check_event(yaml.AliasEvent):
@@ -554,8 +665,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None)
     if mark is not None and problem:
-        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        return f"{problem} ({_position(mark)})"
     return " ".join(str(exc).split())
+
+
+def _position(mark: yaml.Mark) -> str:
+    """Where in the policy file ``mark`` is, as a reader counts (from 1)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _parse_policy(document: Any, source: _Source) -> Policy:
@@ -663,6 +779,8 @@ def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
         name=_xml(f"auditor policy: {policy_result.name}"),
         tests=str(len(policy_result.verdicts)),
         failures=str(len(failures)),
+        errors="0",  # each requirement passed or failed: none erred or was skipped
+        skipped="0",
     )
     for verdict in policy_result.verdicts:
         case = ET.SubElement(
@@ -671,11 +789,15 @@ def write_junit(policy_result: PolicyResult, path: str | Path) -> None:
             classname=_xml(f"auditor.policy.{policy_result.name}"),
             name=_xml(verdict.id),
         )
+        shown = _xml(f"required: {verdict.description}\nactual: {verdict.actual}\n")
         if not verdict.passed:
             failure = ET.SubElement(
                 case, "failure", message=_xml(f"{verdict.description}; actual: {verdict.actual}")
             )
-            failure.text = _xml(f"required: {verdict.description}\nactual: {verdict.actual}\n")
+            failure.text = shown
+        # after <failure>, as the Surefire and Jenkins schemas order them: a
+        # passing case shows its threshold and the value that met it too
+        ET.SubElement(case, "system-out").text = shown
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.indent(suite)

@@ -30,7 +30,7 @@ from .attacks.base import MAX_SEED
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
-from .eps import check_radius, eps_at_half, eps_key, parse_eps
+from .eps import DEFAULT_EPS, check_radius, eps_at_half, eps_key, image_kind, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
 from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
@@ -49,24 +49,6 @@ from .results import (
 from .surrogates import ENSEMBLE, Surrogate, accuracy, file_names, train_surrogates
 
 log = logging.getLogger(__name__)
-
-DEFAULT_EPS = {
-    ("digits", "linf"): (0.1, 0.2, 0.3),
-    ("digits", "l2"): (1.0, 1.5, 2.0),
-    ("photos", "linf"): (2 / 255, 4 / 255, 8 / 255),
-    ("photos", "l2"): (0.25, 0.5, 1.0),
-}
-"""ε grids used when ``--eps`` is not given, by the kind of image: the
-standard MNIST radii for greyscale images of at most 32 × 32 (MNIST,
-Fashion-MNIST and the like, built in or not), the usual CIFAR/ImageNet radii
-for anything else."""
-
-
-def image_kind(shape: Sequence[int]) -> str:
-    """``"digits"`` for greyscale images of at most 32 × 32 (C, H, W), else ``"photos"``."""
-    channels, height, width = shape
-    return "digits" if channels == 1 and max(height, width) <= 32 else "photos"
-
 
 @dataclass(frozen=True)
 class AuditResult:

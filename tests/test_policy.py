@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import textwrap
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from auditor.access import Access
 from auditor.errors import AuditError
 from auditor.policy import (
+    CHECK_IDS,
     CleanAccuracy,
     MedianQueries,
+    NoChecks,
     NoChecksAt,
     Policy,
     PolicyResult,
@@ -26,7 +30,7 @@ from auditor.policy import (
 
 RESULTS = {
     "schema": "auditor.results/1",
-    "model": {"path": "m.onnx"},
+    "model": {"path": "m.onnx", "input_shape": [1, 28, 28]},
     "data": {"name": "mnist", "n": 100},
     "access": {"level": "soft-label", "reason": "onnx"},
     "threat": {"norm": "linf", "eps": [0.1, 0.2, 0.3], "budget": 2000},
@@ -104,6 +108,48 @@ def test_robust_accuracy_eps_min_max(eps, actual):
     assert verdict.actual == actual
     assert verdict.passed == (eps == "min")
     assert f"ε={eps}" in verdict.description
+
+
+@pytest.mark.parametrize(("eps", "actual"), [("min", "0.20 at ε=0.1"), ("max", "ε=0.3 was not evaluated")])
+def test_eps_min_max_are_the_standard_radii_not_the_ones_the_scan_chose(eps, actual):
+    """An extra --eps 0.001 made `default` pass a model 20 % robust at 0.1,
+    and --eps 0.01 alone made `strict` pass the non-robust example CNN."""
+    chosen = results(threat={"norm": "linf", "eps": [0.001, 0.01, 0.1]},
+                     robust_accuracy={"0.001": 1.0, "0.01": 1.0, "0.1": 0.2})
+    verdict = RobustAccuracy("r", 0.5, eps).evaluate(chosen)
+    assert not verdict.passed and verdict.actual == actual
+
+
+@pytest.mark.parametrize(
+    ("shape", "norm", "eps", "key"),
+    [
+        ([1, 28, 28], "l2", "min", "1"),
+        ([1, 32, 32], "linf", "max", "0.3"),
+        ([3, 32, 32], "linf", "min", "0.00784314"),  # 2/255
+        ([1, 64, 64], "linf", "max", "0.0313725"),  # 8/255
+        ([3, 224, 224], "l2", "max", "1"),
+    ],
+)
+def test_eps_min_max_follow_the_kind_of_image_and_the_norm(shape, norm, eps, key):
+    scanned = results(model={"input_shape": shape}, threat={"norm": norm, "eps": [float(key)]},
+                      robust_accuracy={key: 0.9})
+    assert RobustAccuracy("r", 0.5, eps).evaluate(scanned).passed
+
+
+NO_SHAPE = "the results record no image shape (C, H, W): ε=min has no standard value"
+
+
+@pytest.mark.parametrize(
+    ("changes", "actual"),
+    [
+        ({"model": {"path": "m.onnx"}}, NO_SHAPE),
+        ({"model": {"input_shape": [28, 28]}}, NO_SHAPE),
+        ({"threat": {"norm": "l1", "eps": [0.1]}}, "ε=min has no standard value for norm l1"),
+    ],
+)
+def test_eps_min_fails_closed_without_a_shape_and_norm_to_resolve_it(changes, actual):
+    verdict = RobustAccuracy("r", 0.5, "min").evaluate(results(**changes))
+    assert not verdict.passed and verdict.actual == actual
 
 
 def test_robust_accuracy_takes_and_shows_eps_as_a_fraction_of_255(tmp_path):
@@ -241,6 +287,40 @@ def test_robust_accuracy_refuses_a_targeted_audit():
     assert RobustAccuracy("r", 0.5, "min").evaluate(RESULTS).passed
 
 
+def test_median_queries_refuses_a_targeted_audit():
+    """Reaching a chosen class costs more queries than any misclassification:
+    a targeted scan overstates the untargeted attacker's cost."""
+    targeted = results(access=HARD_LABEL["access"],
+                       threat={**RESULTS["threat"], "target": {"mode": "random"}})
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(targeted)
+    assert not verdict.passed and verdict.actual == "results are from a targeted audit"
+
+
+@pytest.mark.parametrize(
+    ("raised", "ids"),
+    [
+        ([{"id": "small-budget", "level": "error"}], "an error-level check (small-budget)"),
+        ([{"id": "nan-gradients", "level": "error"}, {"id": "nan-gradients", "level": "error"}],
+         "an error-level check (nan-gradients)"),
+        ([{"id": "small-budget", "level": "error"}, {"id": "softmax-outputs", "level": "warning"},
+          {"id": "odd", "level": "fatal"}], "error-level checks (small-budget, odd)"),
+    ],
+)
+def test_robustness_and_cost_fail_on_results_their_checks_call_untrustworthy(raised, ids):
+    """A pinned {eps: 0.1, norm: linf, access: hard-label} passed a --budget 1
+    scan at 100 % that the scan itself flagged small-budget at level error."""
+    flagged = results(access=HARD_LABEL["access"], checks=raised)
+    verdict = RobustAccuracy("r", 0.5, 0.1, "linf", Access.HARD_LABEL, battery="any").evaluate(flagged)
+    assert not verdict.passed
+    assert verdict.actual == f"the results carry {ids}: their robust accuracy cannot be trusted"
+    verdict = MedianQueries("q", 1000, Access.HARD_LABEL, battery="any").evaluate(flagged)
+    assert not verdict.passed
+    assert verdict.actual == f"the results carry {ids}: their query counts cannot be trusted"
+    warned = results(access=HARD_LABEL["access"], checks=[{"id": "small-budget", "level": "warning"}])
+    assert RobustAccuracy("r", 0.5, 0.1, "linf", Access.HARD_LABEL).evaluate(warned).passed
+    assert MedianQueries("q", 1000, Access.HARD_LABEL).evaluate(warned).passed
+
+
 # --------------------------------------------------------------------------- #
 # no_checks_at
 # --------------------------------------------------------------------------- #
@@ -258,6 +338,48 @@ def test_no_checks_at_levels(level, passed):
 
 def test_no_checks_at_passes_without_checks():
     assert NoChecksAt("n", "info").evaluate(results(checks=[])).passed
+
+
+# --------------------------------------------------------------------------- #
+# no_checks
+# --------------------------------------------------------------------------- #
+
+
+def test_no_checks_fails_on_a_named_check_at_any_level(tmp_path):
+    policy = load_policy(write(tmp_path, """\
+        policy: p
+        requirements:
+          - no_checks: [small-budget, softmax-outputs]
+          - no_checks: [transfer-only]
+        """))
+    named, other = policy.requirements
+    assert named == NoChecks("no_checks", ("small-budget", "softmax-outputs"))
+    assert named.describe() == "no check among small-budget, softmax-outputs"
+    verdict = named.evaluate(RESULTS)
+    assert not verdict.passed and verdict.actual == "1 raised: softmax-outputs (warning)"
+    assert other.id == "no_checks-2" and other.evaluate(RESULTS) == Verdict(
+        "no_checks-2", "no check among transfer-only", True, "none"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[small-budgit]", "requirement 1 (no_checks): unknown check id 'small-budgit'; "
+                           "known: access-limited, attack-skipped, "),
+        ("[[small-budget]]", "unknown check id ['small-budget']; known: "),
+        ("[]", "requirement 1 (no_checks): expected a non-empty list of check ids, got []"),
+        ("small-budget", "expected a non-empty list of check ids, got 'small-budget'"),
+    ],
+)
+def test_no_checks_refuses_ids_no_check_has(tmp_path, value, problem):
+    """A misspelt id is never raised: the requirement would pass anything."""
+    assert problem in load_error(tmp_path, f"policy: p\nrequirements:\n  - no_checks: {value}\n")
+
+
+def test_no_checks_knows_every_check_id_of_auditor_checks():
+    source = (Path(__file__).parent.parent / "auditor" / "checks.py").read_text()
+    assert CHECK_IDS == set(re.findall(r'^[A-Z_]+ = "([a-z-]+)"$', source, re.MULTILINE))
 
 
 # --------------------------------------------------------------------------- #
@@ -341,6 +463,20 @@ def test_strict_fails_a_non_robust_model_and_default_judges_it():
     assert load_policy("default").evaluate(RESULTS).passed
 
 
+def test_default_refuses_every_check_that_calls_robust_accuracy_overstated():
+    """A hard-label --budget 100 scan passed `default` although its
+    small-budget warning said robust accuracy was overstated."""
+    from auditor.report.build import OVERSTATING_CHECKS
+
+    (cited,) = [r for r in load_policy("default").requirements if isinstance(r, NoChecks)]
+    assert set(cited.ids) == OVERSTATING_CHECKS
+    for check_id in ("small-budget", "transfer-only"):
+        warned = results(checks=[{"id": check_id, "level": "warning", "message": "..."}])
+        verdict = load_policy("default").evaluate(warned)
+        assert not verdict.passed
+        assert [v.actual for v in verdict.verdicts if not v.passed] == [f"1 raised: {check_id} (warning)"]
+
+
 def test_existing_path_wins_over_builtin_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "policy: local\nrequirements: [{no_checks_at: error}]\n", name="strict")
@@ -416,6 +552,22 @@ def test_missing_policy_names_builtins(tmp_path):
 )
 def test_bad_policies_raise_one_line_audit_error(tmp_path, text, problem):
     assert problem in load_error(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('policy: "x \\ud800"\nrequirements: [{no_checks_at: error}]\n', "line 1, column 9"),
+        ('policy: p\nrequirements:\n  - id: "\\udfff"\n    no_checks_at: error\n', "line 3, column 9"),
+        ('policy: p\n"\\ud83d\\ude00": 1\nrequirements: [{no_checks_at: error}]\n', "line 2, column 1"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_when_the_policy_loads(tmp_path, text, where):
+    """Such text cannot be printed or written as UTF-8: it crashed `check`
+    at its first line of output, and `scan` after the whole scan."""
+    assert load_error(tmp_path, text).endswith(
+        f": holds text that is not valid Unicode (a lone surrogate, {where})"
+    )
 
 
 def test_merge_keys_may_override_what_they_merge(tmp_path):
@@ -497,6 +649,7 @@ def test_junit_has_one_testcase_per_requirement(tmp_path):
     assert suite.get("name") == "auditor policy: full"
     assert suite.get("tests") == "5"
     assert suite.get("failures") == "2"
+    assert (suite.get("errors"), suite.get("skipped")) == ("0", "0")
     cases = suite.findall("testcase")
     assert [case.get("name") for case in cases] == [v.id for v in result.verdicts]
     for case, verdict in zip(cases, result.verdicts, strict=True):
@@ -507,6 +660,20 @@ def test_junit_has_one_testcase_per_requirement(tmp_path):
             message = failures[0].get("message")
             assert verdict.description in message
             assert verdict.actual in message
+
+
+def test_junit_shows_threshold_and_actual_of_passing_cases_too(tmp_path):
+    """A passing case showed neither what it required nor what it found."""
+    verdicts = (Verdict("c", "clean accuracy >= 0.50", True, "0.99"),
+                Verdict("r", "robust accuracy >= 0.50 at ε=min", False, "0.20 at ε=0.1"))
+    write_junit(PolicyResult("p", False, verdicts), tmp_path / "j.xml")
+    passing, failing = ET.parse(tmp_path / "j.xml").getroot().findall("testcase")
+    assert [child.tag for child in passing] == ["system-out"]
+    assert passing.find("system-out").text == "required: clean accuracy >= 0.50\nactual: 0.99\n"
+    assert [child.tag for child in failing] == ["failure", "system-out"]
+    assert failing.find("system-out").text == (
+        "required: robust accuracy >= 0.50 at ε=min\nactual: 0.20 at ε=0.1\n"
+    )
 
 
 def test_junit_escapes_special_characters(tmp_path):
