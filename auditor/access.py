@@ -12,11 +12,11 @@ import enum
 from .errors import AuditError
 
 DEFAULT_BUDGET = 5000
-MAX_BUDGET = 2**62
-"""The largest budget: query counts are int64 tensors, and 2**62 already stands for unlimited."""
 """Queries per sample for each black-box attack run: AutoAttack's budget for
 its Square Attack, so a white-box audit's gradient-free checks are as strong
 as AutoAttack's."""
+MAX_BUDGET = 2**62
+"""The largest budget: query counts are int64 tensors, and 2**62 already stands for unlimited."""
 
 class Access(enum.IntEnum):
     NONE = 0

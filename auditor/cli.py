@@ -296,9 +296,11 @@ def check(results_path, policy, junit):
     """Apply a policy to a results.json; exit 1 if a requirement fails."""
     from .policy import load_policy, write_junit
     from .report.schema import read_results
+    from .resources import policies_dir
 
     if junit:
-        for given, name in ((results_path, "RESULTS"), (policy, "the policy file")):
+        policy_file = policy if Path(policy).is_file() else policies_dir() / f"{policy}.yaml"  # a shipped name
+        for given, name in ((results_path, "RESULTS"), (policy_file, "the policy file")):
             if Path(given).is_file() and Path(junit).is_file() and Path(junit).samefile(given):
                 raise AuditError(f"--junit {junit} is {name}: give another path for the JUnit file")
         # a verdict of an earlier run must not outlive a run that fails

@@ -352,6 +352,24 @@ def test_check_refuses_a_junit_path_that_is_one_of_its_inputs(name, scanned, cap
     assert junit.read_text() == before
 
 
+def test_check_refuses_a_junit_path_that_is_the_shipped_policy_it_names(scanned, capsys, tmp_path, monkeypatch):
+    """--policy default names a shipped file: --junit must not delete it either
+    (the shipped folder is redirected to a copy, in case the refusal fails)."""
+    import auditor.policy
+    import auditor.resources
+
+    shipped = tmp_path / "policies"
+    shipped.mkdir()
+    (shipped / "default.yaml").write_text((auditor.resources.policies_dir() / "default.yaml").read_text())
+    monkeypatch.setattr(auditor.resources, "policies_dir", lambda: shipped)
+    monkeypatch.setattr(auditor.policy, "policies_dir", lambda: shipped)
+    junit = shipped / "default.yaml"
+    code, err = run(capsys, "check", scanned, "--policy", "default", "--junit", junit)
+    assert code == 2
+    assert err == f"error: --junit {junit} is the policy file: give another path for the JUnit file\n"
+    assert junit.exists()
+
+
 @pytest.mark.parametrize("bad", [["--target", "sideways"], ["--seed", "-1"], ["--budget", "0"], ["--mean", "0.1,0.2"]])
 def test_a_scan_that_fails_removes_the_junit_of_an_earlier_run(bad, example_onnx, capsys, tmp_path):
     out = tmp_path / "out"

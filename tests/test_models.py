@@ -546,13 +546,16 @@ def test_safetensors_with_arch_file(tiny_cnn, images, expected, tmp_path, arch_f
 
 
 def test_dotted_arch_leaves_the_working_directory_off_sys_path(tiny_cnn, tmp_path, monkeypatch):
-    """--arch pkg.module:factory imports from the working directory, but only
-    for that import: a planted ``weasyprint.py`` there must not win a later
+    """--arch pkg.module:factory imports from the working directory, and its
+    factory may import a module beside it when called, but only while the
+    network is built: a planted ``weasyprint.py`` there must not win a later
     lazy import."""
     package = tmp_path / "cwd_arch_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "net.py").write_text(ARCH_SOURCE)
+    (tmp_path / "cwd_arch_layers.py").write_text(ARCH_SOURCE)
+    (package / "net.py").write_text("def build():\n    import cwd_arch_layers\n\n    return cwd_arch_layers.build()\n")
+    monkeypatch.delitem(sys.modules, "cwd_arch_layers", raising=False)
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_cnn.state_dict(), str(path))
     monkeypatch.chdir(tmp_path)

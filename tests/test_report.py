@@ -997,6 +997,9 @@ def test_the_hardening_training_data_names_the_built_in_split():
     ("0.7", "0.69999 at ε=0.1", ("robust accuracy >= 70 % at ε=0.1", "69.999 % at ε=0.1")),
     ("0.9999", "0.95 at ε=0.1", ("robust accuracy >= 99.99 % at ε=0.1", "95.0 % at ε=0.1")),
     ("1e-07", "0.0 at ε=0.1", ("robust accuracy >= 0.00001 % at ε=0.1", "0.0 % at ε=0.1")),
+    ("0.9999", "0.9998 at ε=0.1", ("robust accuracy >= 99.99 % at ε=0.1", "99.98 % at ε=0.1")),
+    ("0.0001", "0.00004 at ε=0.1", ("robust accuracy >= 0.01 % at ε=0.1", "0.004 % at ε=0.1")),
+    ("0.5", "0.5 at ε=0.1", ("robust accuracy >= 50 % at ε=0.1", "50.0 % at ε=0.1")),
 ])
 def test_a_failed_requirement_never_shows_its_threshold_and_value_alike(threshold, actual, shown):
     """One decimal turned a FAIL of 0.7 against 0.7000001 into "70.0 %"

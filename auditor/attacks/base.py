@@ -199,7 +199,7 @@ def in_l2_ball(normal: torch.Tensor, uniform: torch.Tensor, eps: float) -> torch
     """Standard normal draws (N, C, H, W) and uniform [0,1) draws (N,) ->
     uniform points of the L2 ball: the direction at radius ε·U^(1/d)."""
     direction = normal / normal.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    radius = uniform ** (1.0 / normal[0].numel())
+    radius = uniform ** (1.0 / math.prod(normal.shape[1:]))
     return direction * (eps * radius).view(-1, 1, 1, 1)
 
 

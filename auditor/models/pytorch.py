@@ -426,23 +426,29 @@ def load_export(request: ModelRequest) -> TorchModel:
 
 
 def _import(module_name: str):
-    """Import a dotted module name (the working directory is searched) or a .py file.
-
-    The working directory is on ``sys.path`` only while the module is
-    imported: left there, every later lazy import (``weasyprint`` in the PDF
-    writer, say) would prefer a file of that name planted in the directory.
-    """
+    """Import a dotted module name (searched in the working directory too,
+    within :func:`_working_directory_searched`) or a .py file."""
     if module_name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(module_name).stem}", module_name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+    return importlib.import_module(module_name)
+
+
+@contextlib.contextmanager
+def _working_directory_searched():
+    """The working directory on ``sys.path`` while ``--arch`` imports its
+    module and runs its factory (which may import modules beside it), and
+    only then: left there, every later lazy import (``weasyprint`` in the PDF
+    writer, say) would prefer a file of that name planted in the directory."""
     cwd = os.getcwd()
     if cwd in sys.path:
-        return importlib.import_module(module_name)
+        yield
+        return
     sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(module_name)
+        yield
     finally:
         # by identity: only our entry goes, whatever the module did to sys.path
         sys.path[:] = [entry for entry in sys.path if entry is not cwd]
@@ -464,17 +470,18 @@ def build_arch(arch: str) -> nn.Module:
     module_name, _, factory_name = arch.rpartition(":")
     if not module_name or not factory_name:
         raise AuditError(f"--arch {arch}: expected module:factory, e.g. examples.mnist_cnn:build")
-    try:
-        module = _import(module_name)
-    except Exception as exc:
-        raise AuditError(f"--arch {arch}: cannot import {module_name} ({short_reason(exc)})") from exc
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
-    try:
-        built = factory()
-    except Exception as exc:
-        raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
+    with _working_directory_searched():
+        try:
+            module = _import(module_name)
+        except Exception as exc:
+            raise AuditError(f"--arch {arch}: cannot import {module_name} ({short_reason(exc)})") from exc
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
+        try:
+            built = factory()
+        except Exception as exc:
+            raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
     if not isinstance(built, nn.Module):
         raise AuditError(f"--arch {arch}: {factory_name}() returned {type(built).__name__}, not an nn.Module")
     return built

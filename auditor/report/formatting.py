@@ -34,14 +34,20 @@ def exact_percent(fraction: str) -> str:
 
 def percent_beside(fraction: float, threshold: str) -> str:
     """``fraction`` as :func:`percent` shows it, with more decimals (up to
-    6) where one decimal would read as the ``threshold`` it is compared with:
-    70.0 % beside a threshold of 70.00001 % would hide why it failed."""
+    6) where that would read as the ``threshold`` it is compared with: 70.0 %
+    beside a threshold of 70.00001 % would hide why it failed, and
+    "> 99.9 %" beside 99.99 % too. A value equal to its threshold reads as
+    :func:`percent` shows it; no precision reads 100 % or 0 % unless exact."""
+    plain = percent(fraction)
+    if fraction == float(threshold):
+        return plain
     limit = Decimal(threshold) * 100
     for decimals in range(1, 7):
         shown = Decimal(f"{fraction * 100:.{decimals}f}")
-        if shown != limit:
-            return percent(fraction) if decimals == 1 else f"{shown} %"
-    return f"{shown} %"
+        if shown == limit or (shown in (0, 100) and 0 < fraction < 1):
+            continue
+        return plain if decimals == 1 else f"{shown} %"
+    return plain
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from ..verify import eps_bound
 
 SCHEMA = "auditor.results/1"
 MAX_RESULTS_BYTES = 2**30
-"""The largest results.json read: a scan writes about 30 KB a sample."""
+"""The largest results.json read: a scan writes about 1 KB a sample."""
 
 
 def read_results(path: str | Path) -> dict:
