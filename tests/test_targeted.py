@@ -167,7 +167,8 @@ def test_a_targeted_white_box_audit_of_a_two_class_model_runs_apgd_t(tmp_path, m
     queries alone leaves far more samples robust, and was all that ran."""
     module, x, y = _few_class_model(tmp_path, 2, mnist_train, mnist_test)
     targeted = _scan(tmp_path, target="least-likely")
-    assert "apgd-t-linf" in [attack["name"] for attack in targeted["attacks"]]
+    (apgd_t,) = [attack for attack in targeted["attacks"] if attack["name"] == "apgd-t-linf"]
+    assert apgd_t["params"]["n_target_classes"] == 1  # the one other class, not the configured 9
     assert "no-gradient-attack" not in {check["id"] for check in targeted["checks"]}
     with torch.no_grad():
         weight, bias = module[1].weight, module[1].bias

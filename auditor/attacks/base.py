@@ -106,6 +106,12 @@ class Attack(abc.ABC):
         """The fewest classes the attack's loss is defined for."""
         return 2
 
+    def for_classes(self, num_classes: int) -> "Attack":
+        """This attack as it runs on a model of ``num_classes`` classes, so
+        that its recorded parameters are the ones it ran with (itself, unless
+        a parameter counts classes)."""
+        return self
+
     def step_cost(self, shape: tuple[int, ...]) -> int:
         """Queries one sample of ``shape`` needs for the attack to take a
         step; a smaller budget lets it do nothing (1: any budget will do)."""

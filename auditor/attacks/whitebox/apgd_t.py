@@ -43,6 +43,7 @@ an oracle budget, only samples that can pay a whole run take it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,10 @@ class APGDTargeted(APGDConfig):
             raise ValueError("apgd-t needs n_target_classes >= 1")
 
     targeted = True
+
+    def for_classes(self, num_classes: int) -> APGDTargeted:
+        """At most K − 1 target classes exist: 9 targets on a 3-class model are 2."""
+        return dataclasses.replace(self, n_target_classes=min(self.n_target_classes, num_classes - 1))
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
