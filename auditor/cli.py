@@ -7,6 +7,7 @@ and prints. Exit codes: 0 ran and passed, 1 a policy requirement failed,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -294,12 +295,13 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
 @click.option("--junit", type=OutputPath(dir_okay=False), help="Write one JUnit testcase per requirement here.")
 def check(results_path, policy, junit):
     """Apply a policy to a results.json; exit 1 if a requirement fails."""
-    from .policy import load_policy, write_junit
+    from .policy import load_policy, resolve_policy_path, write_junit
     from .report.schema import read_results
-    from .resources import policies_dir
 
     if junit:
-        policy_file = policy if Path(policy).is_file() else policies_dir() / f"{policy}.yaml"  # a shipped name
+        policy_file = policy
+        with contextlib.suppress(AuditError):  # an unknown policy fails below, after the unlink
+            policy_file = resolve_policy_path(policy)
         for given, name in ((results_path, "RESULTS"), (policy_file, "the policy file")):
             if Path(given).is_file() and Path(junit).is_file() and Path(junit).samefile(given):
                 raise AuditError(f"--junit {junit} is {name}: give another path for the JUnit file")

@@ -93,3 +93,10 @@ def image_kind(shape: Sequence[int]) -> str:
     """``"digits"`` for greyscale images of at most 32 × 32 (C, H, W), else ``"photos"``."""
     channels, height, width = shape
     return "digits" if channels == 1 and max(height, width) <= 32 else "photos"
+
+
+def default_eps(shape: Sequence[int], norm: str) -> tuple[float, ...]:
+    """The radii audited in ``norm`` (``linf`` or ``l2``) for images of
+    ``shape`` (C, H, W) when ``--eps`` is not given: :data:`DEFAULT_EPS` of
+    their :func:`image_kind`. The policies' ``eps: min``/``max`` read them too."""
+    return DEFAULT_EPS[(image_kind(shape), norm)]

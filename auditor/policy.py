@@ -26,7 +26,7 @@ import yaml
 
 from . import checks
 from .access import Access
-from .eps import DEFAULT_EPS, eps_key, eps_text, image_kind, parse_eps
+from .eps import default_eps, eps_key, eps_text, parse_eps
 from .errors import AuditError, short_reason
 from .resources import policies_dir
 
@@ -190,7 +190,7 @@ def _access(value: Any, where: str, source: _Source) -> Access:
 
 def _eps(value: Any, where: str, source: _Source) -> float | str:
     """A finite ε >= 0 (a number or a fraction such as ``8/255``), or
-    "min"/"max" (resolved against the standard radii later, see :func:`standard_eps`)."""
+    "min"/"max" (resolved against the standard radii later, see :func:`~auditor.eps.default_eps`)."""
     if value in EPS_EXTREMES:
         return value
     error = source.error(
@@ -247,17 +247,6 @@ def _untrusted(results: Mapping[str, Any], figures: str) -> str | None:
         return None
     carried = "an error-level check" if len(raised) == 1 else "error-level checks"
     return f"the results carry {carried} ({', '.join(raised)}): their {figures} cannot be trusted"
-
-
-def standard_eps(shape: tuple[int, int, int], norm: str) -> tuple[float, ...]:
-    """The radii a scan of images of ``shape`` (C, H, W) audits in ``norm``
-    (``linf`` or ``l2``) when ``--eps`` is not given.
-
-    ``eps: min`` / ``eps: max`` resolve against these, not against
-    ``threat.eps``: those radii are the audited party's choice, and one tiny
-    extra ``--eps`` made ``min`` pass any model.
-    """
-    return DEFAULT_EPS[(image_kind(shape), norm)]
 
 
 def _is_image_shape(shape: Any) -> bool:
@@ -394,7 +383,9 @@ class RobustAccuracy(Requirement):
                 return self._verdict(
                     False, f"the results record no image shape (C, H, W): ε={eps} has no standard value"
                 )
-            standard = standard_eps(tuple(shape), norm)
+            # the standard radii, not threat.eps: those are the audited party's choice,
+            # and one tiny extra --eps made min pass any model
+            standard = default_eps(tuple(shape), norm)
             eps = min(standard) if eps == "min" else max(standard)
         accuracy = (results.get("robust_accuracy") or {}).get(eps_key(eps))
         if accuracy is None:

@@ -30,7 +30,7 @@ from .attacks.base import MAX_SEED
 from .attacks.hardlabel.boundary import StartPool
 from .battery import SurrogateSet, build_battery, run_battery, runnable
 from .data import Dataset, load_data
-from .eps import DEFAULT_EPS, check_radius, eps_at_half, eps_key, image_kind, parse_eps
+from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
 from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
@@ -120,7 +120,7 @@ def resolve_eps(
     if eps is not None:
         eps = [to_radius(value) for value in eps]
     if not eps:
-        return DEFAULT_EPS[(image_kind(shape), norm)]
+        return default_eps(shape, norm)
     for value in eps:
         check_radius(value, norm, shape)
     # one radius per results key: 8/255 and 0.0313725 are the same row

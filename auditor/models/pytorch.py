@@ -410,18 +410,16 @@ def load_export(request: ModelRequest) -> TorchModel:
     input_shape = tuple(_static(dim) for dim in shape[1:])
     fixed_batch = _static(shape[0])
     limits = None
+    low, high = accepted = batch_range(program)
     if fixed_batch is not None:
         logger.warning("model %s was exported with a fixed batch size of %d", request.path, fixed_batch)
-    else:
-        low, high = batch_range(program)
-        if low > 1 or high is not None:
-            limits = low, high
-            rows = f"{low} or more" if high is None else f"{low} to {high}"
-            logger.info("model %s takes batches of %s rows", request.path, rows)
+    elif low > 1 or high is not None:
+        limits = accepted
+        rows = f"{low} or more" if high is None else f"{low} to {high}"
+        logger.info("model %s takes batches of %s rows", request.path, rows)
     known = any(dim is not None for dim in input_shape)
     info = _info(request, "torch-export", input_shape if known else None, num_classes)
-    exported = _ExportedModule(program.module(), export_input(program).dtype, fixed_batch is not None,
-                               batch_range(program))
+    exported = _ExportedModule(program.module(), export_input(program).dtype, fixed_batch is not None, accepted)
     return _model(request, exported, info, fixed_batch, limits)
 
 
