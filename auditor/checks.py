@@ -41,6 +41,7 @@ class Check:
 
 RANDOMISED_MODEL = "randomised-model"
 SOFTMAX_OUTPUTS = "softmax-outputs"
+SOFTMAX_REMOVED = "softmax-removed"
 LOW_CLEAN_ACCURACY = "low-clean-accuracy"
 ATTACK_SKIPPED = "attack-skipped"
 ACCESS_LIMITED = "access-limited"
@@ -59,10 +60,10 @@ NO_GRADIENT_ATTACK = "no-gradient-attack"
 NO_TARGET_IMAGE = "no-target-image"
 TRAINING_DATA_AUDITED = "training-data-audited"
 IDS = (
-    RANDOMISED_MODEL, SOFTMAX_OUTPUTS, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED, ZERO_GRADIENTS,
-    NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS, NOISE_BEATS_ATTACKS,
-    NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY, NO_GRADIENT_ATTACK,
-    NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
+    RANDOMISED_MODEL, SOFTMAX_OUTPUTS, SOFTMAX_REMOVED, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED,
+    ZERO_GRADIENTS, NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS,
+    NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY,
+    NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
 )
 """Every check id, each documented in ``docs/checks.md``; policies may cite them (``no_checks``)."""
 
@@ -70,6 +71,12 @@ SMALL_BUDGET_ERROR_BELOW = 100
 SMALL_BUDGET_WARNING_BELOW = 1000
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
+
+
+def are_probabilities(outputs: torch.Tensor) -> bool:
+    """Whether a model's (N,K) outputs are probabilities: non-negative, rows summing to one."""
+    sums = outputs.sum(dim=1)
+    return bool((outputs >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
 
 
 def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
@@ -86,8 +93,7 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
             "two identical forward passes gave different outputs: the model is randomised, "
             "and attacks without expectation over its randomness overstate robustness",
         ))
-    sums = first.sum(dim=1)
-    probabilities = bool((first >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+    probabilities = are_probabilities(first)
     if probabilities:
         checks.append(Check(
             SOFTMAX_OUTPUTS, "warning",
@@ -95,6 +101,17 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
             "and weaken gradient-based attacks (audit the model without its final softmax)",
         ))
     return checks, probabilities
+
+
+def softmax_removed(found: list[Check]) -> list[Check]:
+    """``found`` with its ``softmax-outputs`` warning replaced: the white-box
+    attacks run on the logits beneath the model's final softmax."""
+    return [check for check in found if check.id != SOFTMAX_OUTPUTS] + [Check(
+        SOFTMAX_REMOVED, "info",
+        "the model outputs probabilities: white-box attacks and gradient checks ran on the logits "
+        "beneath its final softmax, as an attacker holding the weights would; "
+        "every example was verified on the model itself",
+    )]
 
 
 def low_clean_accuracy(clean_accuracy: float) -> list[Check]:

@@ -33,6 +33,7 @@ from .data import Dataset, load_data
 from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
+from .models.logits import BeforeSoftmax, logits_before_softmax
 from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
@@ -176,7 +177,9 @@ def resolve_surrogates(
     split. Each surrogate alone is a set, and with two or more their
     ensemble (averaged logits) is one more; every set has its own name
     (:func:`~auditor.surrogates.file_names`). Clean accuracy is measured on
-    the audit's samples.
+    the audit's samples. A surrogate that returns probabilities is attacked
+    on the logits beneath its final softmax where that layer can be found
+    (:mod:`auditor.models.logits`).
     """
     if train < 0:
         raise AuditError(f"--train-surrogates must be >= 0, got {train}")
@@ -195,6 +198,8 @@ def resolve_surrogates(
             raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
         if classes != num_classes:
             raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
+        if checks_mod.are_probabilities(model.forward(x[:64])):  # attack the logits beneath its softmax
+            module = logits_before_softmax(module, x[:64]) or module
         found.append(Surrogate(name, module.eval(), str(path), accuracy(module, x, y)))
     if train:
         if dataset.name != "mnist":
@@ -358,6 +363,11 @@ def scan(
         surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
     )
     found, probabilities = checks_mod.preflight(adapter, x[:64])
+    if level == Access.WHITE_BOX and probabilities:
+        logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
+        if logits_module is not None:
+            adapter = BeforeSoftmax(adapter, logits_module)
+            found = checks_mod.softmax_removed(found)
     if level == Access.WHITE_BOX:
         found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
     with ScanProgress(enabled=progress) as bar:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import onnx
@@ -882,6 +882,21 @@ class OnnxGraphModule(nn.Module):
     def value_buffers(self) -> dict[str, str]:
         """ONNX value name (initializer or ``Constant`` output) -> the attribute holding its tensor."""
         return dict(self._buffers_by_value)
+
+    def without_final_softmax(self) -> OnnxGraphModule | None:
+        """The graph returning the input of the ``Softmax`` node that makes
+        its output, or ``None`` if no ``Softmax`` makes it. Shares this
+        module's constants."""
+        final = next((step for step in self._steps if self.output_name in step.outputs), None)
+        if final is None or final.node.op_type != "Softmax":
+            return None
+        logits = final.inputs[0]
+        steps = [
+            replace(step, release=tuple(name for name in step.release if name != logits))
+            for step in self._steps if step is not final
+        ]
+        constants = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
+        return OnnxGraphModule(self.input_name, self.input_dtype, logits, constants, steps).eval()
 
     def forward(self, x: Tensor) -> Tensor:
         values = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
