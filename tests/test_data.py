@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from auditor.data import load_data, load_npz
-from auditor.data.folder import load_folder
-from auditor.data import arrays, folder
+from auditor.data import arrays, folder, load_data, load_npz
 from auditor.data.base import Dataset
+from auditor.data.folder import load_folder
 from auditor.errors import AuditError
 
 
@@ -59,6 +62,74 @@ def test_npz_nhwc_uint8(tmp_path):
     torch.testing.assert_close(data.x, torch.from_numpy(x.transpose(0, 3, 1, 2) / 255.0).float())
 
 
+def _pattern(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Distinct values in ``shape``: a transposed or reshaped read cannot match."""
+    values = np.arange(np.prod(shape)).reshape(shape) % 251
+    return values.astype(np.uint8) if dtype == np.uint8 else (values / 250).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_npz_layout_is_told_from_the_shape_not_the_dtype(tmp_path, dtype, channels, layout):
+    """uint8 (N,1,28,28) was read as (N,H,W,C), transposed (digits flipped and
+    the MNIST radii replaced by photo ones), and float (N,28,28,1) as 28
+    channels of 28x1 pixels, where the model declared no input shape."""
+    nchw = _pattern((2, channels, 6, 5), dtype)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=nchw if layout == "NCHW" else nchw.transpose(0, 2, 3, 1), y=np.arange(2))
+    data = load_npz(path)
+    expected = nchw / np.float32(255) if dtype == np.uint8 else nchw
+    assert data.x.shape == (2, channels, 6, 5)
+    assert torch.equal(data.x, torch.from_numpy(expected.astype(np.float32)))
+
+
+@pytest.mark.parametrize(("shape", "which"), [
+    ((2, 1, 4, 4), "both axis 1 and axis 3"),
+    ((2, 3, 8, 4), "both axis 1 and axis 3"),
+    ((2, 2, 8, 8), "neither axis 1 nor axis 3"),
+    ((2, 28, 28, 28), "neither axis 1 nor axis 3"),
+])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_npz_of_an_unclear_layout_is_refused_in_one_line(tmp_path, shape, which, dtype):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(shape, dtype), y=np.arange(2))
+    with pytest.raises(AuditError) as excinfo:
+        load_npz(path)
+    assert _message(excinfo) == (
+        f"data {path}: x has shape {shape}, where {which} could be the channels; "
+        "expected (N,C,H,W) or (N,H,W,C) with C 1 or 3 or 4 on only one of those axes, or (N,H,W)"
+    )
+
+
+@pytest.mark.parametrize(("shape", "height", "width"), [
+    ((2, 1, 0, 5), 0, 5), ((2, 0, 5, 3), 0, 5), ((2, 5, 0), 5, 0), ((2, 1, 0, 0), 0, 0),
+])
+def test_npz_of_images_without_pixels_is_refused(tmp_path, shape, height, width):
+    """Images of 0x0 pixels were loaded, and failed later inside the model."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(shape, np.float32), y=np.arange(2))
+    with pytest.raises(AuditError) as excinfo:
+        load_npz(path)
+    assert _message(excinfo) == (
+        f"data {path}: x has shape {shape}: images of height {height} and width {width} have no pixels"
+    )
+
+
+def test_binary_uint8_images_are_divided_by_255_with_a_warning(tmp_path, caplog):
+    """0/1 images saved as uint8 read as 0 and 1/255, nearly black: said, not refused."""
+    binary, grey = tmp_path / "binary.npz", tmp_path / "grey.npz"
+    np.savez(binary, x=np.eye(5, dtype=np.uint8)[None].repeat(2, 0), y=np.arange(2))
+    np.savez(grey, x=np.full((2, 5, 5), 2, np.uint8), y=np.arange(2))
+    with caplog.at_level(logging.WARNING, logger="auditor.data.arrays"):
+        assert load_npz(binary).x.max() == np.float32(1 / 255)
+        assert load_npz(grey).x.max() == np.float32(2 / 255)
+    assert [record.getMessage() for record in caplog.records] == [
+        (f"data {binary}: x is uint8 with no value above 1; uint8 images are divided by 255, so these read "
+         "as 0 to 1/255 (save images with values in [0,1] as float)")
+    ]
+
+
 def test_npz_single_channel(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x=np.full((5, 28, 28), 255, np.uint8), y=np.zeros(5, np.int32))
@@ -70,17 +141,17 @@ def test_npz_single_channel(tmp_path):
 @pytest.mark.parametrize(
     ("arrays", "match"),
     [
-        ({"x": np.zeros((2, 1, 4, 4), np.float32)}, "missing array 'y'"),
+        ({"x": np.zeros((2, 1, 5, 5), np.float32)}, "missing array 'y'"),
         ({"y": np.zeros(2, np.int64)}, "missing array 'x'"),
-        ({"x": np.full((2, 1, 4, 4), 2.0), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
-        ({"x": np.full((2, 1, 4, 4), np.nan), "y": np.zeros(2, np.int64)}, r"x has NaN values"),
-        ({"x": np.zeros((3, 1, 4, 4)), "y": np.zeros(2, np.int64)}, "x and y lengths differ"),
+        ({"x": np.full((2, 1, 5, 5), 2.0), "y": np.zeros(2, np.int64)}, r"x has values outside \[0,1\]"),
+        ({"x": np.full((2, 1, 5, 5), np.nan), "y": np.zeros(2, np.int64)}, r"x has NaN values"),
+        ({"x": np.zeros((3, 1, 5, 5)), "y": np.zeros(2, np.int64)}, "x and y lengths differ"),
         ({"x": np.zeros((2, 4)), "y": np.zeros(2, np.int64)}, "x has shape"),
-        ({"x": np.zeros((2, 1, 4, 4), np.int64), "y": np.zeros(2, np.int64)}, "x must be float"),
-        ({"x": np.zeros((2, 1, 4, 4)), "y": np.zeros(2)}, "y must be a 1-D integer array"),
-        ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([0, -1])}, "y has negative labels"),
-        ({"x": np.zeros((2, 1, 4, 4)), "y": np.array([0, 2**63], np.uint64)}, "y has labels too large"),
-        ({"x": np.zeros((0, 1, 4, 4)), "y": np.zeros(0, np.int64)}, "contains no images"),
+        ({"x": np.zeros((2, 1, 5, 5), np.int64), "y": np.zeros(2, np.int64)}, "x must be float"),
+        ({"x": np.zeros((2, 1, 5, 5)), "y": np.zeros(2)}, "y must be a 1-D integer array"),
+        ({"x": np.zeros((2, 1, 5, 5)), "y": np.array([0, -1])}, "y has negative labels"),
+        ({"x": np.zeros((2, 1, 5, 5)), "y": np.array([0, 2**63], np.uint64)}, "y has labels too large"),
+        ({"x": np.zeros((0, 1, 5, 5)), "y": np.zeros(0, np.int64)}, "contains no images"),
         ({"x": np.array([None, 1], dtype=object), "y": np.zeros(2, np.int64)}, "cannot read its arrays"),
     ],
 )
@@ -103,6 +174,80 @@ def test_npz_not_an_archive(tmp_path):
             load_npz(path)
     with pytest.raises(AuditError, match="file not found"):
         load_data(str(tmp_path / "missing.npz"))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _zip(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("x_member", [_npy(np.zeros((2, 1, 500, 500), np.float32)), b"not an array"])
+def test_npz_with_both_x_and_x_npy_members_is_refused(tmp_path, x_member, monkeypatch):
+    """The header of member x.npy was checked, and numpy read member x: past
+    the size limit, or an internal error where x was not an array."""
+    path = tmp_path / "two.npz"
+    _zip(path, {"x.npy": _npy(np.zeros((2, 1, 5, 5), np.float32)), "y.npy": _npy(np.arange(2)), "x": x_member})
+    monkeypatch.setattr(arrays, "MAX_VALUES", 1000)
+    with pytest.raises(AuditError) as excinfo:
+        load_npz(path)
+    assert _message(excinfo) == f"data {path}: has both members 'x' and 'x.npy'; keep one array 'x'"
+
+
+def test_npz_members_without_the_npy_suffix_are_read(tmp_path):
+    path = tmp_path / "bare.npz"
+    x = _pattern((3, 1, 5, 5), np.float32)
+    _zip(path, {"x": _npy(x), "y": _npy(np.arange(3))})
+    assert torch.equal(load_npz(path).x, torch.from_numpy(x))
+
+
+def _damaged(path, damage: str) -> None:
+    """A compressed .npz of one member, x.npy, and y.npy with ``damage``:
+    ``deflate`` (its data's first block type invalid), ``encrypted`` (the
+    flag set), ``method`` (an unknown compression method) or ``version``
+    (a zip version past what Python reads), the last three set in the
+    central directory, where zipfile reads them."""
+    np.savez_compressed(path, x=np.random.RandomState(0).rand(4, 1, 8, 8).astype(np.float32), y=np.arange(4))
+    data = bytearray(path.read_bytes())
+    info = zipfile.ZipFile(path).getinfo("x.npy")
+    if damage == "deflate":
+        name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        data[info.header_offset + 30 + name_length + extra_length] = 0xFF
+    else:
+        entry = data.index(b"PK\x01\x02")  # the central directory's first entry, x.npy's
+        field, value = {"encrypted": (8, info.flag_bits | 1), "method": (10, 99), "version": (6, 200)}[damage]
+        data[entry + field:entry + field + 2] = struct.pack("<H", value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("deflate", "cannot read its arrays (Error -3 while decompressing data"),
+    ("encrypted", "cannot read its arrays (File 'x.npy' is encrypted, password required for extraction)"),
+    ("method", "cannot read its arrays (That compression method is not supported)"),
+    ("version", "not a valid .npz file"),
+])
+def test_a_damaged_npz_is_refused_in_one_line(tmp_path, damage, reason):
+    """zlib.error, RuntimeError and NotImplementedError from zipfile were internal errors."""
+    path = tmp_path / "damaged.npz"
+    _damaged(path, damage)
+    with pytest.raises(AuditError) as excinfo:
+        load_npz(path)
+    assert _message(excinfo).startswith(f"data {path}: {reason}")
+
+
+def test_load_data_takes_a_path(tmp_path):
+    """load_data(Path) failed: 'PosixPath' object has no attribute 'lower'."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 1, 5, 5), np.float32), y=np.arange(2))
+    assert load_data(path).name == str(path)
+    _png(tmp_path / "folder" / "a" / "x.png", 0)
+    assert load_data(tmp_path / "folder").classes == ("a",)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
@@ -167,6 +312,66 @@ def test_sixteen_bit_and_grey_palette_images_stay_one_channel_with_their_values(
     assert data.classes == ("palette", "wide") and data.x.shape == (2, 1, 8, 8)
     torch.testing.assert_close(data.x[1, 0], torch.from_numpy(ramp).float(), atol=0.5 / 65535 + 1e-6, rtol=0)
     torch.testing.assert_close(data.x[0, 0], torch.from_numpy(ramp).float(), atol=0.5 / 255 + 1e-6, rtol=0)
+
+
+def _pgm(path, maxval: int, values: list[int]) -> None:
+    """A binary PGM of one row of ``values``, 16-bit where ``maxval`` is over 255."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.array(values, ">u2" if maxval > 255 else "u1")
+    path.write_bytes(f"P5\n{len(values)} 1\n{maxval}\n".encode() + pixels.tobytes())
+
+
+def test_sixteen_bit_pgms_are_read_scaled_by_their_maxval(tmp_path):
+    """Pillow opens a PGM whose maxval is over 255 as mode I, scaled to
+    0..65535; it was refused as a 32-bit image "with no fixed range"."""
+    for name, maxval in (("a", 1023), ("b", 65535), ("c", 255)):
+        _pgm(tmp_path / name / "x.pgm", maxval, [0, maxval // 2, maxval])
+    data = load_folder(tmp_path)
+    assert data.x.shape == (3, 1, 1, 3)
+    expected = torch.tensor([[0, 511 / 1023, 1], [0, 32767 / 65535, 1], [0, 127 / 255, 1]])
+    torch.testing.assert_close(data.x[:, 0, 0], expected, atol=1 / 65535, rtol=0)
+
+
+def _grey_alpha_16_png(path, grey: np.ndarray) -> None:
+    """A 16-bit grey+alpha PNG (colour type 4) of ``grey``, opaque."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    height, width = grey.shape
+    pixels = np.stack([grey, np.full_like(grey, 65535)], -1).astype(">u2")
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_grey_alpha_pngs_stay_one_channel(tmp_path):
+    """Pillow opens a 16-bit grey+alpha PNG as RGBA, and an all-greyscale
+    folder of them was read as RGB; its 8-bit grey is now its one channel."""
+    levels = np.random.RandomState(0).randint(0, 256, (2, 6, 5))
+    for name, image in zip("ab", levels):
+        _grey_alpha_16_png(tmp_path / name / "x.png", image * 257)
+    with Image.open(tmp_path / "a" / "x.png") as image:
+        assert image.mode == "RGBA"
+    data = load_folder(tmp_path)
+    assert data.x.shape == (2, 1, 6, 5)
+    assert torch.equal(data.x[:, 0], torch.from_numpy(levels / np.float32(255)).float())
+
+
+def test_labels_of_number_classes_follow_their_names_sorted_as_strings_with_a_warning(tmp_path, caplog):
+    """Folders 1, 2 and 10 are labels 0, 2 and 1 as in torchvision: a model
+    trained on label int(name) would be scored against the wrong labels."""
+    for name in ("1", "2", "10"):
+        _png(tmp_path / "numbers" / name / "x.png", int(name))
+    for name in ("3", "7"):
+        _png(tmp_path / "in_order" / name / "x.png", int(name))
+    with caplog.at_level(logging.WARNING, logger="auditor.data.folder"):
+        assert load_folder(tmp_path / "numbers").classes == ("1", "10", "2")
+        assert load_folder(tmp_path / "in_order").classes == ("3", "7")
+    assert [record.getMessage() for record in caplog.records] == [
+        (f"data folder {tmp_path / 'numbers'}: class folders are numbers; labels follow their sorted names "
+         "as torchvision's ImageFolder does: '10' is label 1, '2' is label 2")
+    ]
 
 
 def test_a_32_bit_integer_image_is_refused_in_one_line(tmp_path):
@@ -331,14 +536,37 @@ def test_symlinks_out_of_the_image_folder_are_refused(tmp_path, link):
     _message(excinfo)
 
 
-def test_symlinks_inside_the_image_folder_are_followed_once(tmp_path):
+def test_symlinks_inside_a_class_folder_are_followed_once(tmp_path):
+    """A folder or file reached twice from one class counts once, the path first in order kept."""
     _png(tmp_path / "a" / "x.png", 0)
     _png(tmp_path / "b" / "x.png", 255)
-    (tmp_path / "a" / "y.png").symlink_to(tmp_path / "b" / "x.png")
+    _png(tmp_path / "b" / "sub" / "z.png", 51)
     (tmp_path / "b" / "loop").symlink_to(tmp_path / "b")  # walked for ever by torchvision
+    (tmp_path / "b" / "also").symlink_to(tmp_path / "b" / "sub")
+    (tmp_path / "b" / "y.png").symlink_to(tmp_path / "b" / "x.png")
     data = load_folder(tmp_path)
-    assert data.y.tolist() == [0, 0, 1]
-    assert data.x[1].max() == 1.0
+    assert data.y.tolist() == [0, 1, 1]
+    torch.testing.assert_close(data.x.amax(dim=(1, 2, 3)), torch.tensor([0.0, 1.0, 0.2]))
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "class-folder"])
+def test_an_image_reached_from_two_classes_is_refused(tmp_path, link):
+    """A class folder linked to another, or a file or folder linked into two
+    classes, counted its images twice, under both labels."""
+    _png(tmp_path / "a" / "x.png", 0)
+    _png(tmp_path / "b" / "sub" / "x.png", 255)
+    target, linked, kind = {
+        "file": (tmp_path / "b" / "sub" / "x.png", tmp_path / "a" / "y.png", "file"),
+        "folder": (tmp_path / "b" / "sub", tmp_path / "a" / "sub", "folder"),
+        "class-folder": (tmp_path / "b", tmp_path / "c", "folder"),
+    }[link]
+    linked.symlink_to(target)
+    first, second = sorted([(linked, linked.relative_to(tmp_path).parts[0]),
+                            (target, target.relative_to(tmp_path).parts[0])], key=lambda found: found[1])
+    with pytest.raises(AuditError) as excinfo:
+        load_folder(tmp_path)
+    assert _message(excinfo) == (f"data folder {tmp_path}: {second[0]} (class {second[1]}) and {first[0]} "
+                                 f"(class {first[1]}) are the same {kind}; an image can have only one label")
 
 
 def test_a_fifo_in_the_image_folder_is_refused(tmp_path):

@@ -558,11 +558,45 @@ def test_audited_training_images_are_found_image_by_image(small_data, tmp_path):
     np.savez(mixed, x=np.concatenate([np.load(test)["x"][:12], training.x[[3, 5, 7, 9]].numpy()]),
              y=np.concatenate([np.load(test)["y"][:12], training.y[[3, 5, 7, 9]].numpy()]))
     scanned = SimpleNamespace(results={"samples": [{"index": i} for i in range(16)]})
-    (check,) = _audited_training_images(scanned, str(mixed), training, torch.tensor([5, 9, 100]))
+    (check,) = _audited_training_images(scanned, load_data(mixed), training, torch.tensor([5, 9, 100]))
     assert check.id == "training-data-audited"
     assert check.message.startswith("4 of the 16 audited images are also in the hardening run's training data "
                                     "(2 of them in the guard batch that chose the weights)")
-    assert _audited_training_images(scanned, str(test), training, torch.tensor([5])) == []
+    assert _audited_training_images(scanned, load_data(test), training, torch.tensor([5])) == []
+
+
+def _digit_folder(root: Path, digits: auditor.data.Dataset, classes: list[int], per_class: int) -> Path:
+    """``per_class`` images of each digit in ``classes`` as PNGs in ``root/<digit>/``."""
+    from PIL import Image
+
+    for digit in classes:
+        (root / str(digit)).mkdir(parents=True)
+        for index in (digits.y == digit).nonzero().flatten()[:per_class].tolist():
+            pixels = (digits.x[index, 0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, "L").save(root / str(digit) / f"{index}.png")
+    return root
+
+
+def test_eval_data_with_other_classes_than_the_training_data_is_refused(example_onnx, mnist_test, tmp_path,
+                                                                        capsys):
+    """Folders of digits 0-9 and of 3 and 7 (labelled 0 and 1) trained and
+    evaluated, each image of the one scored against a label of the other."""
+    train = _digit_folder(tmp_path / "train", mnist_test, list(range(10)), 2)
+    evaluation = _digit_folder(tmp_path / "eval", mnist_test, [3, 7], 2)
+    assert run_cli("harden", example_onnx, "--data", train, "--eval-data", evaluation, "--eps", "0.1",
+                   "--out", tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        f"error: --eval-data {evaluation} and the training data {train} name their classes differently "
+        "(2 and 10 classes; label 0 is '3' and '0'): the labels must mean the same classes in both\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_record_names_the_classes_of_a_training_folder(one_thread, example_onnx, mnist_train, tmp_path):
+    train = _digit_folder(tmp_path / "train", mnist_train, list(range(10)), 6)
+    result = auditor.harden(example_onnx, str(train), eps=0.1, out=tmp_path / "out", epochs=1, guard_size=20,
+                            samples=10, budget=10, device="cpu")
+    assert result.record["data"]["classes"] == [str(digit) for digit in range(10)]
 
 
 def test_a_failure_leaves_no_output(small_data, tmp_path, monkeypatch):

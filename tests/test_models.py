@@ -734,17 +734,6 @@ def test_a_scan_runs_the_model_with_deterministic_kernels_and_puts_the_settings_
     assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
 
 
-def test_uint8_nchw_npz_gets_a_layout_hint(example_onnx, tmp_path):
-    from auditor.data import load_npz
-
-    path = tmp_path / "nchw.npz"
-    np.savez(path, x=np.zeros((4, 1, 28, 28), np.uint8), y=np.arange(4))
-    with pytest.raises(AuditError) as excinfo:
-        check_model_on_data(load_model(example_onnx, device="cpu"), load_npz(path))
-    assert _message(excinfo) == (f"model {example_onnx} expects input (1, 28, 28) but data {path} has (28, 1, 28): "
-                                 "uint8 4-D arrays are read as (N, H, W, C); yours looks like (N, C, H, W)")
-
-
 @pytest.mark.parametrize("device, message", [("tpu", "--device tpu: Expected one of"),
                                              ("meta", "--device meta: ONNX models run on cpu or cuda")])
 def test_onnx_devices_are_checked(example_onnx, device, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import AuditError
@@ -12,11 +13,13 @@ from .builtin import mnist
 __all__ = ["Dataset", "load_data", "load_npz", "mnist"]
 
 
-def load_data(spec: str, split: str = "test") -> Dataset:
+def load_data(spec: str | os.PathLike, split: str = "test") -> Dataset:
     """``mnist`` (the built-in set, split ``split``), an image folder or a ``.npz`` file.
 
+    ``spec`` is a string or a path (``pathlib.Path``), taken as its string.
     ``split`` only applies to ``mnist``; other sources are used whole.
     """
+    spec = os.fsdecode(spec)
     if spec == "mnist":
         return mnist(split)
     if Path(spec).is_dir():

@@ -1,9 +1,11 @@
 """Labelled images from a folder with one subfolder per class (``ImageFolder`` layout).
 
-Classes are the sorted subfolder names, labelled 0, 1, ...; hidden
-subfolders (``.ipynb_checkpoints``) are not classes. Grayscale images
-(1-bit, 8-bit, 16-bit, with or without alpha, or a palette of greys) are
-read as one channel and all others as RGB, alpha dropped; a folder that
+Classes are the sorted subfolder names, labelled 0, 1, ... (sorted as
+strings, as torchvision's ``ImageFolder`` does: folders ``1``, ``2`` and
+``10`` are labels 0, 2 and 1, and a warning says so); hidden subfolders
+(``.ipynb_checkpoints``) are not classes. Grayscale images (1-bit, 8-bit,
+16-bit, with or without alpha, or a palette of greys) are read as one
+channel and all others as RGB, alpha dropped; a folder that
 mixes the two (as ImageNet does) is read as RGB, each greyscale image's
 values copied to all three channels, so only an all-greyscale folder stays
 one channel. All images must have the same size, since the auditor
@@ -31,6 +33,14 @@ logger = logging.getLogger(__name__)
 
 GRAYSCALE_MODES = ("1", "L", "LA")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+SIXTEEN_BIT_MAX = 65535
+"""The white of a 16-bit image. Pillow scales a PGM whose maxval is over 255
+(mode ``I``) to 0..65535 itself, so it is divided by this too."""
+GREY_ALPHA_16_RAWMODE = "LA;16B"
+"""The raw mode of a 16-bit grey+alpha PNG, which Pillow opens as RGBA (its
+grey, at 8 bits, copied to R, G and B): such an image is read as greyscale."""
+NAMED_CLASSES = 5
+"""How many out-of-order number classes the warning about their labels names."""
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 """What Pillow raises for a file it cannot decode: OSError (UnidentifiedImageError,
 truncated data), ValueError, SyntaxError and EOFError from format plugins, and
@@ -57,22 +67,45 @@ def _truncated_images_refused():
 
 
 def _open(path: str) -> Image.Image | torch.Tensor:
-    """The image at ``path``: single-channel if it is grayscale (16-bit ones
-    as a (1, H, W) float tensor scaled from 0..65535, palette images whose
-    palette is all grey as 8-bit), else RGB; alpha is dropped. A 32-bit
-    integer image (mode ``I``) has no range of its own and is refused, as is
-    a truncated one. :func:`load_folder` makes a single-channel image RGB
-    where the folder has colour ones."""
+    """The image at ``path``: single-channel if it is grayscale (16-bit ones,
+    PGMs with a maxval over 255 among them, as a (1, H, W) float tensor
+    scaled from 0..65535; palette images whose palette is all grey, and
+    16-bit grey+alpha PNGs, which Pillow decodes at 8 bits only, as 8-bit),
+    else RGB; alpha is dropped. Any other 32-bit integer image (mode ``I``)
+    has no range of its own and is refused, as is a truncated one.
+    :func:`load_folder` makes a single-channel image RGB where the folder
+    has colour ones."""
     with _truncated_images_refused(), Image.open(path) as image:
-        if image.mode in SIXTEEN_BIT_MODES:
+        if _sixteen_bit(image):
             values = np.asarray(image, dtype=np.float64)
-            return torch.from_numpy((values / 65535).astype(np.float32))[None]
+            return torch.from_numpy((values / SIXTEEN_BIT_MAX).astype(np.float32))[None]
         if image.mode in ("I", "F"):
             raise ValueError(f"{image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) "
                              "images have no fixed range; save 8- or 16-bit images")
         if image.mode in ("P", "PA") and _grey_palette(image):
             return image.convert("L")
+        if _grey_alpha_16(image):
+            return image.getchannel("R")
         return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
+
+
+def _sixteen_bit(image: Image.Image) -> bool:
+    """A 16-bit greyscale image: one of :data:`SIXTEEN_BIT_MODES`, or a PGM
+    with a maxval over 255, which Pillow opens as mode ``I``, scaled to 0..65535."""
+    return image.mode in SIXTEEN_BIT_MODES or (image.format == "PPM" and image.mode == "I")
+
+
+def _grey_alpha_16(image: Image.Image) -> bool:
+    """A 16-bit grey+alpha PNG, opened by Pillow as RGBA (:data:`GREY_ALPHA_16_RAWMODE`).
+    The raw mode is in the image's tiles, which Pillow fills on opening and empties on decoding."""
+    return image.format == "PNG" and image.mode == "RGBA" and any(
+        tile[3] == GREY_ALPHA_16_RAWMODE for tile in image.tile
+    )
+
+
+def _greyscale(image: Image.Image) -> bool:
+    """A greyscale image by its header, not decoded: a palette image counts as colour."""
+    return image.mode in GRAYSCALE_MODES or _sixteen_bit(image) or _grey_alpha_16(image)
 
 
 def _to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -112,24 +145,30 @@ class _VisibleFolders(ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """torchvision's samples, but walked by :func:`_files_inside`: torchvision
-        follows symlinked folders wherever they lead, and round a loop for ever."""
+        follows symlinked folders wherever they lead, and round a loop for ever,
+        and counts an image linked into two classes under both labels."""
         root = os.path.expanduser(directory)
+        owners: dict[str, tuple[str, str]] = {}
         samples = [
             (file, label)
             for name, label in sorted(class_to_idx.items())
-            for file in _files_inside(root, name, is_valid_file)
+            for file in _files_inside(root, name, is_valid_file, owners)
         ]
         if len({label for _, label in samples}) < len(class_to_idx):
             raise FileNotFoundError(f"a class folder of {directory} has no images")
         return samples
 
 
-def _files_inside(root: str, name: str, is_valid_file) -> list[str]:
+def _files_inside(root: str, name: str, is_valid_file, owners: dict[str, tuple[str, str]]) -> list[str]:
     """The valid files below the class folder ``root/name``, in torchvision's
     order. Symlinks are followed while they stay inside ``root``, each folder
-    once; one that leads out of it is refused, and so is a valid file that is
-    not a regular one (a FIFO or a device, which reading would never end).
-    Hidden subfolders are skipped, as their files are not valid."""
+    and file once: ``owners`` maps the real path of every folder and file
+    read so far, for all classes, to its class and the path it was first
+    reached by. One reached again from the same class is skipped, from
+    another class refused, as an image has one label. A symlink that leads
+    out of ``root`` is refused, and so is a valid file that is not a regular
+    one (a FIFO or a device, which reading would never end). Hidden
+    subfolders are skipped, as their files are not valid."""
     top = os.path.realpath(root)
 
     def inside(path: str) -> str:
@@ -138,17 +177,22 @@ def _files_inside(root: str, name: str, is_valid_file) -> list[str]:
             raise AuditError(f"data folder {root}: {path} leads out of the folder (to {real})")
         return real
 
+    def first_visit(path: str) -> bool:
+        """Whether ``path`` is the first way to its real path, for class ``name``."""
+        real = inside(path)
+        owner, first = owners.setdefault(real, (name, path))
+        if owner != name:
+            kind = "folder" if os.path.isdir(real) else "file"
+            raise AuditError(f"data folder {root}: {path} (class {name}) and {first} (class {owner}) are "
+                             f"the same {kind}; an image can have only one label")
+        return first == path
+
     start = os.path.join(root, name)
-    seen = {inside(start)}
+    first_visit(start)
     found = []
     for folder, subfolders, files in os.walk(start, followlinks=True):
-        kept = []
-        for sub in sorted(subfolders):
-            real = None if sub.startswith(".") else inside(os.path.join(folder, sub))
-            if real is not None and real not in seen:
-                seen.add(real)
-                kept.append(sub)
-        subfolders[:] = kept
+        subfolders[:] = [sub for sub in sorted(subfolders)
+                         if not sub.startswith(".") and first_visit(os.path.join(folder, sub))]
         for file in files:
             path = os.path.join(folder, file)
             if is_valid_file(path):
@@ -156,7 +200,8 @@ def _files_inside(root: str, name: str, is_valid_file) -> list[str]:
                 if not os.path.isfile(path):
                     raise AuditError(f"data folder {root}: {path} is not a regular file")
                 found.append((folder, file))
-    return [os.path.join(folder, file) for folder, file in sorted(found)]
+    paths = [os.path.join(folder, file) for folder, file in sorted(found)]
+    return [path for path in paths if first_visit(path)]
 
 
 def _class_names(directory: str) -> list[str]:
@@ -196,7 +241,7 @@ def _check_sizes(path: str | Path, files: list[str]) -> None:
     for file in files:
         try:
             with Image.open(file) as image:
-                size, mode = image.size, image.mode
+                size, grey = image.size, _greyscale(image)
         except UNREADABLE as exc:
             raise _unreadable(path, file, exc) from exc
         first = first or (file, size)
@@ -210,11 +255,25 @@ def _check_sizes(path: str | Path, files: list[str]) -> None:
                 f"is {size[0]}x{size[1]} pixels, {first[0]} is {first[1][0]}x{first[1][1]}"
             )
         pixels += size[0] * size[1]
-        colour = colour or mode not in GRAYSCALE_MODES + SIXTEEN_BIT_MODES
+        colour = colour or not grey
         if pixels * (3 if colour else 1) > MAX_VALUES:
             raise AuditError(
                 f"data folder {path}: the images hold over {MAX_VALUES} values; audit a subset of them"
             )
+
+
+def _warn_if_numbers_out_of_order(path: str | Path, classes: list[str]) -> None:
+    """Log a warning where every class is a number and sorting them as
+    strings (their labels) differs from sorting them as numbers: a model
+    trained on label ``int(name)`` would be scored against other labels."""
+    if not all(name.isascii() and name.isdigit() for name in classes):
+        return
+    numeric = sorted(classes, key=lambda name: (int(name), name))
+    moved = [f"'{name}' is label {label}" for label, name in enumerate(classes) if numeric[label] != name]
+    if moved:
+        more = f" (and {len(moved) - NAMED_CLASSES} more)" if len(moved) > NAMED_CLASSES else ""
+        logger.warning("data folder %s: class folders are numbers; labels follow their sorted names as "
+                       "torchvision's ImageFolder does: %s%s", path, ", ".join(moved[:NAMED_CLASSES]), more)
 
 
 def load_folder(path: str | Path) -> Dataset:
@@ -244,5 +303,6 @@ def load_folder(path: str | Path) -> Dataset:
                 f"is {tuple(image.shape)}, {folder.samples[0][0]} is {tuple(images[0].shape)}"
             )
     x, y = torch.stack(images), torch.tensor(folder.targets, dtype=torch.long)
+    _warn_if_numbers_out_of_order(path, folder.classes)
     logger.info("data folder %s: %d images in classes %s", path, len(y), ", ".join(folder.classes))
     return Dataset(name=str(path), x=x, y=y, classes=tuple(folder.classes))

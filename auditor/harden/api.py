@@ -95,13 +95,30 @@ def _split(dataset: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return guard, keep.nonzero().flatten()
 
 
+def _check_same_classes(training: Dataset, evaluation: Dataset) -> None:
+    """AuditError where both data sets name their classes (image folders) and
+    the names differ: label 0 of one would be scored as label 0 of the other."""
+    if training.classes is None or evaluation.classes is None or training.classes == evaluation.classes:
+        return
+    pairs = zip(evaluation.classes, training.classes)
+    label = next((label for label, (one, other) in enumerate(pairs) if one != other),
+                 min(len(evaluation.classes), len(training.classes)))
+    named = [repr(classes[label]) if label < len(classes) else "missing"
+             for classes in (evaluation.classes, training.classes)]
+    raise AuditError(
+        f"--eval-data {evaluation.name} and the training data {training.name} name their classes differently "
+        f"({len(evaluation.classes)} and {len(training.classes)} classes; label {label} is {named[0]} and "
+        f"{named[1]}): the labels must mean the same classes in both"
+    )
+
+
 def _audited_training_images(
-    before: AuditResult, evaluation: str, training: Dataset, guard_rows: torch.Tensor
+    before: AuditResult, evaluation: Dataset, training: Dataset, guard_rows: torch.Tensor
 ) -> list[Check]:
     """The check ``training-data-audited``: the images the scans audited
     that are training images too, compared pixel for pixel (by a hash of
     each image), so a shared subset is found as well as the same file."""
-    audited = load_data(evaluation).x[[sample["index"] for sample in before.results["samples"]]]
+    audited = evaluation.x[[sample["index"] for sample in before.results["samples"]]]
     rows = {_fingerprint(image): row for row, image in enumerate(training.x)}
     found = [rows[key] for key in map(_fingerprint, audited) if key in rows]
     guard = int(torch.isin(torch.tensor(found, dtype=torch.long), guard_rows).sum())
@@ -215,6 +232,8 @@ def harden(
     check_channels(mean, std, training_data.x.shape[1], f"data {training_data.name} has")
     check_radius(config.eps, config.norm, tuple(training_data.x.shape[1:]))
     evaluation = eval_data or data
+    evaluation_data = load_data(evaluation)
+    _check_same_classes(training_data, evaluation_data)
     check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                                    device="cpu"), training_data)
     raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu")
@@ -235,7 +254,7 @@ def harden(
         before = scan(model, evaluation, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
                       **scan_options)
         before.results["access"]["reason"] = ACCESS_REASON
-        audited_training = [check.to_dict() for check in _audited_training_images(before, evaluation,
+        audited_training = [check.to_dict() for check in _audited_training_images(before, evaluation_data,
                                                                                    training_data, guard_rows)]
         before.results["checks"] += audited_training
         write_outputs(before, stage / "before")
@@ -273,7 +292,9 @@ def harden(
             "output": {"path": str(out / name), "format": raw.info.format,
                        "sha256": after.results["model"]["sha256"],
                        "check": {"images": len(x[:CHECK_ROWS]), "max_abs_diff": float(f"{diff:.3g}")}},
-            "data": {"name": training_data.name, "sha256": training_sha256, "train": len(y),
+            "data": {"name": training_data.name, "sha256": training_sha256,
+                     **({"classes": list(training_data.classes)} if training_data.classes else {}),
+                     "train": len(y),
                      "guard": len(guard_rows), "eval": evaluation,
                      "eval_is_training_data": before.results["data"]["sha256"] == training_sha256},
             **_training_fields(outcome, monitor),

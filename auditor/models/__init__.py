@@ -244,16 +244,6 @@ def load_model(
     return model
 
 
-def _layout_hint(declared: tuple, actual: tuple, dataset: Dataset) -> str:
-    """A hint when ``actual`` is what an (N, C, H, W) uint8 ``.npz`` array of
-    the ``declared`` shape becomes read as (N, H, W, C): (W, C, H)."""
-    if not str(dataset.name).lower().endswith(".npz") or len(actual) != 3 or len(declared) != 3:
-        return ""
-    if all(want is None or want == got for want, got in zip(declared, (actual[1], actual[2], actual[0]))):
-        return ": uint8 4-D arrays are read as (N, H, W, C); yours looks like (N, C, H, W)"
-    return ""
-
-
 def check_model_on_data(model: Model, dataset: Dataset) -> int:
     """Check that ``model`` fits ``dataset`` and return its number of classes.
 
@@ -270,8 +260,7 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
         len(declared) != len(actual)
         or any(want is not None and want != got for want, got in zip(declared, actual))
     ):
-        hint = _layout_hint(declared, actual, dataset)
-        raise AuditError(f"model {path} expects input {declared} but data {name} has {actual}{hint}")
+        raise AuditError(f"model {path} expects input {declared} but data {name} has {actual}")
     sample = dataset.x[:CHECK_SAMPLES]
     logits = _logits(model, sample, dataset)
     if logits.ndim != 2 or logits.shape[0] != len(sample):
