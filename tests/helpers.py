@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from auditor.attacks.hardlabel.boundary import StartPool
 from auditor.oracles import LabelOracle, ScoreOracle
@@ -139,3 +141,24 @@ def digit_files(folder: Path, train, test, n_train: int, n_test: int) -> tuple[P
     for path, data, n in zip(paths, (train, test), (n_train, n_test)):
         np.savez(path, x=data.x[:n].numpy(), y=data.y[:n].numpy())
     return paths
+
+
+SCALE = 50.0
+"""Logits this large saturate a float32 softmax on most digits."""
+
+
+def softmax_onnx(source: Path, path: Path, scale: float = SCALE) -> Path:
+    """``source`` with its logits multiplied by ``scale`` and put through a Softmax node."""
+    proto = onnx.load(str(source))
+    graph = proto.graph
+    logits = graph.output[0].name
+    graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"))
+    graph.node.extend([
+        helper.make_node("Mul", [logits, "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
+    ])
+    dims = [dim.dim_param or dim.dim_value for dim in graph.output[0].type.tensor_type.shape.dim]
+    graph.output.pop()
+    graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, dims))
+    onnx.save(proto, str(path))
+    return path

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from helpers import SCALE, softmax_onnx
 from torch import nn
 from torch.nn import functional as F
 
@@ -16,26 +12,6 @@ import auditor
 from auditor.models import load_model
 from auditor.models.logits import logits_before_softmax
 from auditor.scan import resolve_surrogates
-
-SCALE = 50.0
-"""Logits this large saturate a float32 softmax on most digits."""
-
-
-def softmax_onnx(source: Path, path: Path, scale: float = SCALE) -> Path:
-    """``source`` with its logits multiplied by ``scale`` and put through a Softmax node."""
-    proto = onnx.load(str(source))
-    graph = proto.graph
-    logits = graph.output[0].name
-    graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"))
-    graph.node.extend([
-        helper.make_node("Mul", [logits, "scale"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
-    ])
-    dims = [dim.dim_param or dim.dim_value for dim in graph.output[0].type.tensor_type.shape.dim]
-    graph.output.pop()
-    graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, dims))
-    onnx.save(proto, str(path))
-    return path
 
 
 class Functional(nn.Module):

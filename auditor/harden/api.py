@@ -44,7 +44,7 @@ from .export import export, hardened_name
 from .guard import Guard
 from .methods import METHODS
 from .train import TrainingOutcome, batch_count, train
-from .trainable import make_trainable
+from .trainable import logits_to_train, make_trainable
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ def harden(
     raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu")
     train_device = resolve_device(device)
     trainable = make_trainable(raw, source, mean, std, train_device)
+    trained = logits_to_train(trainable.module, training_data.x[:CHECK_ROWS].to(train_device), raw.info.path)
     guard_rows, train_rows = _split(training_data, config.guard_size)
     guard_x, guard_y = training_data.x[guard_rows], training_data.y[guard_rows]
     monitor = Guard(guard_x.to(train_device), guard_y.to(train_device), eps=config.eps, norm=config.norm,
@@ -261,7 +262,7 @@ def harden(
         x, y = training_data.x[train_rows], training_data.y[train_rows]
         batches = trainer_method.data_passes(config.epochs) * batch_count(len(y), config.batch_size)
         with TrainingProgress(progress, f"harden {config.method}", batches) as bar:
-            outcome = train(trainable.module, list(trainable.parameters), x, y, trainer_method, config,
+            outcome = train(trained, list(trainable.parameters), x, y, trainer_method, config,
                             monitor, train_device, bar)
         name = hardened_name(source)
         diff = export(trainable, raw.info.format, source, stage / name, x[:CHECK_ROWS], arch=arch,

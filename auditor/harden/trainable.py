@@ -37,9 +37,11 @@ import onnx
 import torch
 from torch import nn
 
+from ..checks import are_probabilities
 from ..errors import AuditError
 from ..models import Model, Normalize
 from ..models.convert import OnnxGraphModule
+from ..models.logits import logits_before_softmax
 from ..models.pytorch import BatchLimits, InputDtype
 
 BATCH_NORM_STATISTICS = (3, 4)
@@ -157,3 +159,22 @@ def make_trainable(model: Model, file: Path, mean: Sequence[float] | None, std: 
         module = nn.Sequential(Normalize(mean, std), network).to(device)
     return Trainable(network=network, module=module, artifact=_unwrapped(network), parameters=parameters,
                      initializers=initializers)
+
+
+def logits_to_train(module: nn.Module, x: torch.Tensor, path: str) -> nn.Module:
+    """What training and its guard run: ``module``, or, where ``module``
+    returns probabilities, the logits beneath its final softmax (sharing its
+    weights; the written file keeps the softmax). Cross-entropy on
+    probabilities trains next to nothing, so a softmax that cannot be
+    removed (see :mod:`auditor.models.logits`) is refused."""
+    with torch.no_grad():
+        outputs = module(x)
+    if not are_probabilities(outputs):
+        return module
+    logits = logits_before_softmax(module, x)
+    if logits is None:
+        raise AuditError(
+            f"model {path} returns probabilities, and its final softmax cannot be removed for training "
+            "(TorchScript, or layers after it): harden the model without its final softmax"
+        )
+    return logits
