@@ -593,11 +593,14 @@ def test_eval_data_with_other_classes_than_the_training_data_is_refused(example_
     assert not (tmp_path / "out").exists()
 
 
-def test_the_record_names_the_classes_of_a_training_folder(one_thread, example_onnx, mnist_train, tmp_path):
+def test_the_record_names_the_classes_of_a_training_folder(one_thread, example_onnx, mnist_train, tmp_path,
+                                                           capsys):
     train = _digit_folder(tmp_path / "train", mnist_train, list(range(10)), 6)
     result = auditor.harden(example_onnx, str(train), eps=0.1, out=tmp_path / "out", epochs=1, guard_size=20,
-                            samples=10, budget=10, device="cpu")
+                            samples=10, budget=10, device="cpu", progress=True)
     assert result.record["data"]["classes"] == [str(digit) for digit in range(10)]
+    shown = capsys.readouterr().err  # progress: the before and after scans' attacks, and the training
+    assert shown.count("apgd-ce-linf") == 2 and "harden fast" in shown
 
 
 def test_a_model_returning_probabilities_trains_on_its_logits(one_thread, small_data, example_onnx, mnist_test,

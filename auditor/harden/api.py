@@ -245,7 +245,8 @@ def harden(
     monitor = Guard(guard_x.to(train_device), guard_y.to(train_device), eps=config.eps, norm=config.norm,
                     steps=config.guard_steps, drop=config.guard_drop, enabled=config.guard)
     scan_options = dict(access="white-box", samples=samples, norm=norm, eps=[eps], budget=budget,
-                        seed=seed, device=device, command=command or "auditor.harden() from Python")
+                        seed=seed, device=device, progress=progress,
+                        command=command or "auditor.harden() from Python")
 
     out = Path(out)
     made = not out.exists()
