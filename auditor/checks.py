@@ -54,6 +54,8 @@ NOISE_BEATS_ATTACKS = "noise-beats-attacks"
 NO_ADVERSARIAL_FOUND = "no-adversarial-found"
 CUSTOM_BATTERY = "custom-battery"
 WEAK_SURROGATE = "weak-surrogate"
+SURROGATE_ZERO_GRADIENTS = "surrogate-zero-gradients"
+RANDOMISED_SURROGATE = "randomised-surrogate"
 SMALL_BUDGET = "small-budget"
 TRANSFER_ONLY = "transfer-only"
 NO_GRADIENT_ATTACK = "no-gradient-attack"
@@ -62,8 +64,8 @@ TRAINING_DATA_AUDITED = "training-data-audited"
 IDS = (
     RANDOMISED_MODEL, SOFTMAX_OUTPUTS, SOFTMAX_REMOVED, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED,
     ZERO_GRADIENTS, NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS,
-    NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY,
-    NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
+    NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SURROGATE_ZERO_GRADIENTS,
+    RANDOMISED_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY, NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
 )
 """Every check id, each documented in ``docs/checks.md``; policies may cite them (``no_checks``)."""
 
@@ -72,11 +74,19 @@ SMALL_BUDGET_WARNING_BELOW = 1000
 
 LOW_CLEAN_ACCURACY_BELOW = 0.5
 
+REPEAT_RTOL, REPEAT_ATOL = 1e-4, 1e-5
+"""How far two identical forward passes may differ (float noise) before the model counts as randomised."""
+
 
 def are_probabilities(outputs: torch.Tensor) -> bool:
     """Whether a model's (N,K) outputs are probabilities: non-negative, rows summing to one."""
     sums = outputs.sum(dim=1)
     return bool((outputs >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+
+
+def same_outputs(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether the outputs of two identical forward passes agree up to float noise."""
+    return torch.allclose(first, second, rtol=REPEAT_RTOL, atol=REPEAT_ATOL, equal_nan=True)
 
 
 def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
@@ -87,7 +97,7 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
     checks = []
     batch = x.to(model.device)
     first, second = model.forward(batch), model.forward(batch)
-    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5, equal_nan=True):
+    if not same_outputs(first, second):
         checks.append(Check(
             RANDOMISED_MODEL, "warning",
             "two identical forward passes gave different outputs: the model is randomised, "
@@ -138,17 +148,37 @@ def small_budget(level: Access, budget: int) -> list[Check]:
 
 
 def weak_surrogates(surrogates: Sequence["Surrogate"]) -> list[Check]:
-    """A surrogate that gets most audit samples wrong crafts examples that
-    say little about the model."""
-    return [
-        Check(
+    """Surrogates whose transfer attacks say less than they seem to: one that
+    gets most audit samples wrong (``weak-surrogate``), one with all-zero
+    input gradients on some of them (``surrogate-zero-gradients``), one whose
+    outputs are random (``randomised-surrogate``)."""
+    return [check for surrogate in surrogates for check in _surrogate_checks(surrogate)]
+
+
+def _surrogate_checks(surrogate: "Surrogate") -> list[Check]:
+    """The checks one examined surrogate raises (:func:`~auditor.surrogates.examine`)."""
+    found = []
+    if surrogate.clean_accuracy is not None and surrogate.clean_accuracy < LOW_CLEAN_ACCURACY_BELOW:
+        found.append(Check(
             WEAK_SURROGATE, "warning",
             f"surrogate {surrogate.name} classifies {surrogate.clean_accuracy:.1%} of the audit samples correctly: "
             "its transfer attacks say little, and robust accuracy where only transfer attacks run may be overstated",
-        )
-        for surrogate in surrogates
-        if surrogate.clean_accuracy is not None and surrogate.clean_accuracy < LOW_CLEAN_ACCURACY_BELOW
-    ]
+        ))
+    if surrogate.zero_gradients:
+        found.append(Check(
+            SURROGATE_ZERO_GRADIENTS, "warning",
+            f"surrogate {surrogate.name} has an all-zero input gradient of its logit margin on "
+            f"{surrogate.zero_gradients} of {surrogate.checked} audit samples: transfer attacks cannot move "
+            "from them, and robust accuracy where only transfer attacks run may be overstated",
+        ))
+    if surrogate.randomised:
+        found.append(Check(
+            RANDOMISED_SURROGATE, "warning",
+            f"surrogate {surrogate.name} gave different outputs on two identical passes: it is randomised "
+            "(dropout left on?); its draws were seeded from --seed, but its examples were crafted on random "
+            "variants of it: export it in eval mode",
+        ))
+    return found
 
 
 def skipped_attacks(skipped: Sequence[tuple[str, str]]) -> list[Check]:
@@ -222,8 +252,8 @@ def access_limited(level: Access, reason: str) -> list[Check]:
     if level == Access.NONE:
         return [Check(
             TRANSFER_ONLY, "warning",
-            f"only transfer attacks from surrogate models ran ({reason}): they never query the model, so "
-            "robust accuracy is overstated against any attacker who can query it",
+            f"only transfer attacks from surrogate models ran ({reason}): they query the model only to submit "
+            "each finished example, so robust accuracy is overstated against any attacker who can query it more",
         )]
     return [Check(
         ACCESS_LIMITED, "info",

@@ -146,6 +146,9 @@ def transfer_entry(surrogates, sets, reports: Sequence[AttackReport], eps_list) 
     method run on that surrogate set, over the samples robust at ε when the
     transfer attacks started (``samples[ε]``, the same for every cell).
     ``baseline`` is plain I-FGSM, the method the others are compared with.
+    Each surrogate is listed with the sha256 of its weights (a file's as the
+    model loader computes it), which does not depend on whether a trained
+    one was read from the cache.
     Two runs for one cell (two sets of one name) are an internal error, never
     one overwriting the other.
     """
@@ -169,7 +172,7 @@ def transfer_entry(surrogates, sets, reports: Sequence[AttackReport], eps_list) 
             row[run.surrogate] = round(run.broken / run.samples, 6)
     return {
         "surrogates": [
-            {"name": s.name, "source": s.source,
+            {"name": s.name, "source": s.source, "sha256": s.sha256,
              "clean_accuracy": None if s.clean_accuracy is None else round(s.clean_accuracy, 6)}
             for s in surrogates
         ],

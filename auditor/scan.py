@@ -47,7 +47,7 @@ from .results import (
     sample_entries,
     transfer_entry,
 )
-from .surrogates import ENSEMBLE, Surrogate, accuracy, file_names, train_surrogates
+from .surrogates import ENSEMBLE, Surrogate, examine, file_names, seeded_rng, train_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -176,37 +176,40 @@ def resolve_surrogates(
     more are trained (or read from the cache) on the built-in training
     split. Each surrogate alone is a set, and with two or more their
     ensemble (averaged logits) is one more; every set has its own name
-    (:func:`~auditor.surrogates.file_names`). Clean accuracy is measured on
-    the audit's samples. A surrogate that returns probabilities is attacked
+    (:func:`~auditor.surrogates.file_names`). Each is examined on the
+    audit's samples (:func:`~auditor.surrogates.examine`: clean accuracy,
+    randomness, all-zero gradients), with torch's global generator seeded
+    from ``seed``. A surrogate that returns probabilities is attacked
     on the logits beneath its final softmax where that layer can be found
     (:mod:`auditor.models.logits`).
     """
     if train < 0:
         raise AuditError(f"--train-surrogates must be >= 0, got {train}")
     found = []
-    for name, path in zip(file_names(paths), paths):
-        try:
-            model = load_model(path, device="cpu", trust_pickle=trust_pickle)
-            classes = check_model_on_data(model, dataset)
-        except WeightsWithoutArch as exc:  # --arch builds the audited model only
-            raise AuditError(f"surrogate {path} is a weights file: a surrogate must be a model file with its "
-                             "own architecture (TorchScript, .pt2 or ONNX)") from exc
-        except AuditError as exc:
-            raise AuditError(f"surrogate {path}: {exc}") from exc
-        module = model.torch_module()
-        if module is None:
-            raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
-        if classes != num_classes:
-            raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
-        if checks_mod.are_probabilities(model.forward(x[:64])):  # attack the logits beneath its softmax
-            module = logits_before_softmax(module, x[:64]) or module
-        found.append(Surrogate(name, module.eval(), str(path), accuracy(module, x, y)))
-    if train:
-        if dataset.name != "mnist":
-            raise AuditError("--train-surrogates needs a training split; only --data mnist has one")
-        evaluate = Dataset("audit samples", x, y)
-        found += train_surrogates(load_data("mnist", split="train"), train, num_classes=num_classes,
-                                  seed=seed, evaluate=evaluate)
+    with seeded_rng(seed, "surrogates"):  # a randomised surrogate draws the same numbers in every run
+        for name, path in zip(file_names(paths), paths):
+            try:
+                model = load_model(path, device="cpu", trust_pickle=trust_pickle)
+                classes = check_model_on_data(model, dataset)
+            except WeightsWithoutArch as exc:  # --arch builds the audited model only
+                raise AuditError(f"surrogate {path} is a weights file: a surrogate must be a model file with its "
+                                 "own architecture (TorchScript, .pt2 or ONNX)") from exc
+            except AuditError as exc:
+                raise AuditError(f"surrogate {path}: {exc}") from exc
+            module = model.torch_module()
+            if module is None:
+                raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
+            if classes != num_classes:
+                raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
+            if checks_mod.are_probabilities(model.forward(x[:64])):  # attack the logits beneath its softmax
+                module = logits_before_softmax(module, x[:64]) or module
+            found.append(examine(Surrogate(name, module.eval(), str(path), model.info.sha256), x, y))
+        if train:
+            if dataset.name != "mnist":
+                raise AuditError("--train-surrogates needs a training split; only --data mnist has one")
+            evaluate = Dataset("audit samples", x, y)
+            found += train_surrogates(load_data("mnist", split="train"), train, num_classes=num_classes,
+                                      seed=seed, evaluate=evaluate)
     sets = [SurrogateSet(s.name, (s.module,)) for s in found]
     if len(found) > 1:
         sets.append(SurrogateSet(ENSEMBLE, tuple(s.module for s in found)))
@@ -348,7 +351,7 @@ def scan(
     num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
     battery = build_battery(
-        level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates > 0
+        level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates != 0
     )
     battery = runnable(battery, budget, tuple(dataset.x.shape[1:]), num_classes)
 

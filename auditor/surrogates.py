@@ -16,33 +16,44 @@ on CPU about halves the cost of a gradient through their few-channel layers
 (max-pooling above all); the function is the same.
 
 Training is deterministic under a seed: parameters are initialised and the
-data shuffled from a private ``torch.Generator``, never the global RNG.
-Trained weights are cached by the data's hash, the architecture, the seed,
-the epochs and :data:`VERSION`, as safetensors files written atomically, so
-a second scan on the same data loads them instead of retraining (and never
-unpickles anything).
+data shuffled from a private ``torch.Generator``, never the global RNG, and
+it runs on one intra-op thread, whose float sums add in one order whatever
+the machine's thread count. Trained weights are cached by the data's hash,
+the architecture, the seed, the epochs, :data:`VERSION` and the torch
+version, as safetensors files written atomically, so a second scan on the
+same data loads them instead of retraining (and never unpickles anything).
+A file is used only if the cache key and the sha256 of its tensors written
+beside them (:func:`weights_sha256`) match, and its tensors have the
+architecture's dtypes and are finite; any other file is retrained over,
+with a warning. The sha256 of every surrogate's weights goes into
+results.json, the same whether they were trained or read from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from .attacks.base import logit_margin
+from .checks import same_outputs
 from .data.base import Dataset
 from .errors import AuditError, short_reason
+from .oracles import logits_and_gradient
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,13 @@ retrains rather than reusing weights trained the old way."""
 
 BATCH = 64
 LEARNING_RATE = 1e-3
+TRAINING_THREADS = 1
+"""Intra-op threads the zoo trains on: a sum split among threads adds in an
+order that depends on their count, so more than one would make the weights,
+and every transfer result, depend on the machine's thread count."""
+SANITY_SAMPLES = 64
+"""Audit samples the randomness and gradient sanity checks of a surrogate run
+on, the first ones, as the target's own checks do."""
 
 Builder = Callable[[tuple[int, int, int], int], nn.Module]
 
@@ -171,8 +189,18 @@ class Surrogate:
     """In eval mode, on the CPU."""
     source: str
     """``"trained"`` for a zoo model, else the path it was loaded from."""
-    clean_accuracy: float | None
+    sha256: str
+    """Of its weights: a file's as the model loader computes it, a zoo model's
+    :func:`weights_sha256` (the same trained or read from the cache)."""
+    clean_accuracy: float | None = None
     """Accuracy on the evaluation data, ``None`` when none was given."""
+    randomised: bool = False
+    """Two identical passes over the evaluation data gave different outputs."""
+    zero_gradients: int = 0
+    """Samples, of the ``checked`` first ones of the evaluation data, whose
+    input gradient of the logit margin is all zero."""
+    checked: int = 0
+    """Samples the randomness and gradient checks ran on (0: not examined)."""
 
 
 def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -182,6 +210,54 @@ def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
             int((module(x[i : i + 1024]).argmax(1) == y[i : i + 1024]).sum()) for i in range(0, len(y), 1024)
         )
     return correct / max(len(y), 1)
+
+
+def examine(surrogate: Surrogate, x: torch.Tensor, y: torch.Tensor) -> Surrogate:
+    """``surrogate`` with what its checks need, measured on the audit samples
+    ``(x, y)``: its clean accuracy on all of them and, on the first
+    :data:`SANITY_SAMPLES`, whether two identical passes differ and how many
+    samples have an all-zero input gradient of the logit margin (the
+    target's gradient check, :func:`~auditor.checks.gradient_checks`).
+    A surrogate whose gradient cannot be computed is an :class:`AuditError`:
+    every transfer attack needs it."""
+    module, batch, labels = surrogate.module, x[:SANITY_SAMPLES], y[:SANITY_SAMPLES]
+    with torch.no_grad():
+        randomised = not same_outputs(module(batch), module(batch))
+    try:
+        _, grad = logits_and_gradient(module, batch, lambda logits: logit_margin(logits, labels))
+    except Exception as exc:  # the loss is the auditor's own: the error is the surrogate's
+        raise AuditError(f"surrogate {surrogate.name} failed computing input gradients: {short_reason(exc)} "
+                         "(transfer attacks need them)") from exc
+    return replace(
+        surrogate, clean_accuracy=accuracy(module, x, y), randomised=randomised,
+        zero_gradients=int((grad.flatten(1) == 0).all(dim=1).sum()), checked=len(labels),
+    )
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, purpose: str) -> Iterator[None]:
+    """Run with torch's global CPU generator seeded from ``seed`` and
+    ``purpose``, its state restored after.
+
+    The zoo and the attacks draw from generators of their own, but a
+    surrogate file may draw from the global one (dropout left on in a module
+    exported in train mode): seeded, it draws the same numbers in every run
+    with the same seed. Surrogates run on the CPU only.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}:{purpose}".encode()))
+        yield
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op torch threads, the earlier count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_cache_dir() -> Path:
@@ -207,19 +283,21 @@ def _initialise(module: nn.Module, gen: torch.Generator) -> None:
 
 
 def _train(arch: str, train: Dataset, num_classes: int, seed: int, epochs: int) -> nn.Module:
-    """Adam (lr 1e-3), batch 64, cross-entropy, ``epochs`` passes over a seeded shuffle."""
+    """Adam (lr 1e-3), batch 64, cross-entropy, ``epochs`` passes over a seeded
+    shuffle, on :data:`TRAINING_THREADS` threads."""
     gen = torch.Generator().manual_seed(seed)
     module = ZOO[arch](tuple(train.x.shape[1:]), num_classes)
     _initialise(module, gen)
     optimiser = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
     module.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=gen)
-        for start in range(0, len(order), BATCH):
-            rows = order[start : start + BATCH]
-            optimiser.zero_grad()
-            F.cross_entropy(module(train.x[rows]), train.y[rows]).backward()
-            optimiser.step()
+    with intra_op_threads(TRAINING_THREADS):
+        for _ in range(epochs):
+            order = torch.randperm(len(train), generator=gen)
+            for start in range(0, len(order), BATCH):
+                rows = order[start : start + BATCH]
+                optimiser.zero_grad()
+                F.cross_entropy(module(train.x[rows]), train.y[rows]).backward()
+                optimiser.step()
     return module.eval()
 
 
@@ -227,29 +305,68 @@ def cache_key(
     data_sha256: str, input_shape: tuple, arch: str, num_classes: int, seed: int, epochs: int
 ) -> str:
     """sha256 over the data's hash, the input shape, the architecture, the classes, the seed, the
-    epochs, :data:`VERSION` and the source of this module (the zoo and the recipe)."""
+    epochs, :data:`VERSION`, the source of this module (the zoo and the recipe) and the torch
+    version (whose kernels may round differently)."""
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    text = f"{VERSION}|{recipe}|{data_sha256}|{tuple(input_shape)}|{arch}|{num_classes}|{seed}|{epochs}"
+    text = (f"{VERSION}|{recipe}|{torch.__version__}|{data_sha256}|{tuple(input_shape)}|{arch}|"
+            f"{num_classes}|{seed}|{epochs}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _save(module: nn.Module, path: Path) -> None:
-    """Write the state dict as safetensors to a temporary file in the same folder, then rename it."""
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict, each tensor contiguous (channels-last weights as written to a file)."""
+    return {name: tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors of a state dict, in name order: each one's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save(module: nn.Module, path: Path, key: str) -> None:
+    """Write the state dict as safetensors, with the cache key and its :func:`weights_sha256` in the
+    metadata, to a temporary file in the same folder, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+    state = _state(module)
+    metadata = {"auditor_surrogates": VERSION, "cache_key": key, "sha256": weights_sha256(state)}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(state, temporary, metadata={"auditor_surrogates": VERSION})
+        save_file(state, temporary, metadata=metadata)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
-def _load(arch: str, train: Dataset, num_classes: int, path: Path) -> nn.Module:
-    module = ZOO[arch](tuple(train.x.shape[1:]), num_classes)
-    module.load_state_dict(load_file(path))
+class RejectedCache(ValueError):
+    """A cached weights file that reads, but is not the one :func:`_save` wrote for this cache key."""
+
+
+def _load(arch: str, shape: tuple, num_classes: int, path: Path, key: str) -> nn.Module:
+    """The ``arch`` module cached at ``path`` for ``key``; :class:`RejectedCache` unless the file
+    names that key, its tensors have the architecture's dtypes (float32, and int64 for batch
+    normalisation's counter) and finite values, and their sha256 is the one written beside them."""
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+    state = load_file(path)
+    if metadata.get("cache_key") != key:
+        raise RejectedCache("written for another cache key")
+    module = ZOO[arch](shape, num_classes)
+    expected = module.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tensor.dtype != expected[name].dtype:
+            raise RejectedCache(f"{name} is {tensor.dtype}, not {expected[name].dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RejectedCache(f"{name} holds NaN or infinite values")
+    if weights_sha256(state) != metadata.get("sha256"):
+        raise RejectedCache("its tensors do not match the sha256 written with them")
+    module.load_state_dict(state)
     return module.eval()
 
 
@@ -269,8 +386,9 @@ def train_surrogates(
     ``seed + i``, so ``k > 3`` cycles through the zoo with fresh seeds; it is
     named after its architecture (``mlp``, ``cnn``, ``resnet``), with the
     cycle appended from the second cycle on (``mlp-1``, ...). A cached file
-    that cannot be read is retrained and rewritten. ``clean_accuracy`` is
-    the accuracy on ``evaluate`` when given.
+    that cannot be read, or fails a check of :func:`_load`, is retrained
+    and rewritten, with a warning. With ``evaluate``, each surrogate is
+    examined on it (:func:`examine`).
     """
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -287,19 +405,20 @@ def train_surrogates(
         module = None
         if path.is_file():
             try:
-                module = _load(arch, train, num_classes, path)
+                module = _load(arch, shape, num_classes, path, key)
                 logger.info("surrogate %s: loaded from %s", name, path)
-            except (OSError, RuntimeError, SafetensorError) as exc:
-                logger.warning("surrogate %s: cached weights %s unreadable (%s); retraining", name, path, exc)
+            except (OSError, RuntimeError, SafetensorError, RejectedCache) as exc:
+                logger.warning("surrogate %s: cached weights %s rejected (%s); retraining", name, path,
+                               short_reason(exc))
         if module is None:
             module = _train(arch, train, num_classes, seed + i, epochs)
             try:
-                _save(module, path)
+                _save(module, path, key)
                 logger.info(
                     "surrogate %s: trained %d epochs on %d images, cached at %s", name, epochs, len(train), path
                 )
             except OSError as exc:  # a read-only cache (common in CI) costs a retrain next time, not the scan
                 logger.warning("surrogate %s: trained, but not cached (%s)", name, short_reason(exc))
-        clean = None if evaluate is None else accuracy(module, evaluate.x, evaluate.y)
-        surrogates.append(Surrogate(name=name, module=module, source="trained", clean_accuracy=clean))
+        surrogate = Surrogate(name=name, module=module, source="trained", sha256=weights_sha256(_state(module)))
+        surrogates.append(surrogate if evaluate is None else examine(surrogate, evaluate.x, evaluate.y))
     return surrogates

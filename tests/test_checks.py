@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from helpers import ball_battery
 from torch import nn
 
 import auditor
-from auditor.checks import gradient_checks, no_adversarial_found, preflight, unbounded_attack
+from auditor.access import Access
+from auditor.checks import (
+    access_limited,
+    gradient_checks,
+    no_adversarial_found,
+    preflight,
+    unbounded_attack,
+    weak_surrogates,
+)
 from auditor.models.base import ModelInfo
 from auditor.models.pytorch import TorchModel
+from auditor.surrogates import Surrogate, examine
 
 
 class Quantised(nn.Module):
@@ -65,6 +75,36 @@ def test_gradient_checks(tiny_cnn, mnist_test):
     assert gradient_checks(_model(tiny_cnn), x, y) == []
     assert "zero-gradients" in _ids(gradient_checks(_model(Quantised(tiny_cnn)), x, y))
     assert "zero-gradients" in _ids(gradient_checks(_model(OneHot(tiny_cnn)), x, y))
+
+
+def test_surrogates_get_the_targets_randomness_and_gradient_checks(tiny_cnn, mnist_test):
+    """A surrogate with masked gradients made every transfer attack from it
+    a no-op, and a randomised one made a seeded scan irreproducible, and no
+    check said so."""
+    x, y = mnist_test.x[:80], mnist_test.y[:80]
+    dropout = nn.Sequential(tiny_cnn[:4], nn.Dropout(0.5).train(), tiny_cnn[4:])
+    examined = {
+        name: examine(Surrogate(name, module, name, "0" * 64), x, y)
+        for name, module in (("plain", tiny_cnn), ("quantised", Quantised(tiny_cnn)), ("dropout", dropout))
+    }
+    plain, quantised, randomised = examined.values()
+    assert plain.checked == quantised.checked == 64 and quantised.zero_gradients == 64
+    assert (plain.zero_gradients, plain.randomised, randomised.randomised) == (0, False, True)
+    assert plain.clean_accuracy == pytest.approx(float((tiny_cnn(x).argmax(1) == y).double().mean()))
+    assert weak_surrogates([plain]) == []
+    assert [(c.id, c.level) for c in weak_surrogates(list(examined.values()))] == [
+        ("surrogate-zero-gradients", "warning"), ("randomised-surrogate", "warning")
+    ]
+    (check,) = weak_surrogates([quantised])
+    assert check.message.startswith("surrogate quantised has an all-zero input gradient of its logit margin on 64 of 64")
+
+
+def test_transfer_only_says_the_model_is_queried_once_per_example():
+    """The check said transfer attacks never query the model; the report and
+    results count one query per example, its submission."""
+    (check,) = access_limited(Access.NONE, "requested with --access none")
+    assert "query the model only to submit each finished example" in check.message
+    assert "never" not in check.message
 
 
 def test_a_model_without_a_gradient_path_is_audited_not_crashed(tiny_cnn, tmp_path):

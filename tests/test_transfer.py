@@ -9,6 +9,7 @@ import pathlib
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from auditor import surrogates as zoo
@@ -21,6 +22,7 @@ from auditor.attacks.transfer import (
     DiverseInputs,
     MomentumIterative,
     Nesterov,
+    OnRequest,
     ReverseAdversarialPerturbation,
     ScaleInvariance,
     TransferAttack,
@@ -154,7 +156,8 @@ def test_attack_configuration():
         TransferAttack()(SurrogateOracle([nn.Flatten()]), torch.zeros(1, 1, 2, 2), torch.zeros(1).long())
     labels = [attack.label for attack in METHODS]
     assert labels[0] == "transfer-ifgsm-linf" and len(set(labels)) == len(labels)
-    assert labels[-1].endswith("-rap-linf")
+    default = [attack.label for attack in METHODS if attack.in_default_battery]
+    assert default[-1] == "transfer-mi-di-ti-rap-linf"
 
 
 def test_input_and_gradient_transforms():
@@ -309,3 +312,97 @@ def test_rap_behind_a_look_ahead_outside_the_range_stays_within_eps_n_of_the_ite
     assert len(seen) == 4
     for point in seen:
         assert (point - x).abs().max() <= 0.1 + 1e-6 and point.min() >= 0 and point.max() <= 1
+
+
+def _weights(surrogate: zoo.Surrogate) -> list[torch.Tensor]:
+    return list(surrogate.module.state_dict().values())
+
+
+def test_training_gives_the_same_weights_on_any_thread_count(tmp_path):
+    """Trained on 2 threads, every zoo model had other weights than on 1 (a
+    sum split among threads adds in another order), so results.json depended
+    on the machine, and on which run had filled the cache."""
+    data, before = _tiny_data(), torch.get_num_threads()
+    trained = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            trained[threads] = zoo.train_surrogates(
+                data, 3, num_classes=10, seed=1, cache_dir=tmp_path / str(threads), epochs=1
+            )
+            assert torch.get_num_threads() == threads  # training puts the caller's count back
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(trained[1], trained[2]):
+        assert all(map(torch.equal, _weights(one), _weights(two))) and one.sha256 == two.sha256, one.name
+
+
+def test_the_cache_key_covers_the_torch_version(monkeypatch):
+    key = zoo.cache_key("ab" * 32, (1, 28, 28), "cnn", 10, 0, 3)
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert zoo.cache_key("ab" * 32, (1, 28, 28), "cnn", 10, 0, 3) != key
+
+
+def _tamper(path: pathlib.Path, change, metadata: dict | None = None) -> None:
+    """Rewrite the weights at ``path`` through ``change``, keeping its metadata unless given."""
+    with safe_open(str(path), framework="pt") as weights:
+        kept = weights.metadata()
+    save_file(change(load_file(path)), str(path), metadata=kept if metadata is None else metadata)
+
+
+def _scaled_last_layer(state: dict) -> dict:
+    """The last layer times 1e4: the same predictions, a softmax saturated to exactly 1."""
+    last = max(name for name in state if name.endswith(".weight")).rsplit(".", 1)[0]
+    return {**state, **{f"{last}.{part}": state[f"{last}.{part}"] * 1e4 for part in ("weight", "bias")}}
+
+
+def _resealed(change):
+    """``change``, with the tensors' sha256 written beside them recomputed (a forger who knows the scheme)."""
+    def rewrite(path: pathlib.Path) -> None:
+        with safe_open(str(path), framework="pt") as weights:
+            metadata = weights.metadata()
+        state = change(load_file(path))
+        save_file(state, str(path), metadata={**metadata, "sha256": zoo.weights_sha256(state)})
+    return rewrite
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda path: _tamper(path, _scaled_last_layer), "do not match the sha256"),
+    (lambda path: _tamper(path, lambda state: state, metadata={"auditor_surrogates": "1"}), "another cache key"),
+    (_resealed(lambda state: {name: t.double() for name, t in state.items()}), "torch.float64, not torch.float32"),
+    (_resealed(lambda state: {name: torch.full_like(t, torch.nan) for name, t in state.items()}), "NaN"),
+], ids=["scaled-last-layer", "no-cache-key", "float64", "nan"])
+def test_a_tampered_cache_file_is_retrained_over_with_a_warning(tmp_path, caplog, tamper, reason):
+    """A cached file with the last layer scaled by 1e4 (same predictions, a
+    saturated cross-entropy, zero gradients) was loaded silently, and raised
+    transfer robust accuracy from 0 % to 85 %; the weights' sha256 goes into
+    results.json, the same from the cache as from training."""
+    data = _tiny_data()
+    (first,) = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path, epochs=1)
+    (path,) = tmp_path.glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as weights:
+        assert weights.metadata()["sha256"] == first.sha256 == zoo.weights_sha256(load_file(path))
+    (cached,) = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path, epochs=1)
+    assert cached.sha256 == first.sha256 and "rejected" not in caplog.text
+    tamper(path)
+    (again,) = zoo.train_surrogates(data, 1, num_classes=10, seed=3, cache_dir=tmp_path, epochs=1)
+    assert f"cached weights {path} rejected" in caplog.text and reason in caplog.text
+    assert again.sha256 == first.sha256 and all(map(torch.equal, _weights(again), _weights(first)))
+    assert zoo.weights_sha256(load_file(path)) == first.sha256  # rewritten
+
+
+def test_the_catalogue_offers_the_logit_loss_and_rap_without_late_start_on_request(tiny_cnn, batch):
+    """design.md §4 lists RAP and RAP-LS, and the CE and logit losses; the
+    catalogue had only RAP with its late start and CE."""
+    by_label = {attack.label: attack for attack in CATALOGUE}
+    logit, plain_rap = by_label["transfer-mi-di-ti-logit-linf"], by_label["transfer-mi-di-ti-rap-no-ls-linf"]
+    late = by_label["transfer-mi-di-ti-rap-linf"]
+    assert logit.loss == "logit" and [t.tag for t in logit.transforms] == ["di", "ti", "mi"]
+    assert (plain_rap.steps, plain_rap.rel_step) == (late.steps, late.rel_step)
+    assert plain_rap.transforms[-1].late_start == 0 and late.transforms[-1].late_start == 5
+    assert "transfer-mi-di-ti-rap-no-ls-l2" in by_label and "transfer-mi-di-ti-logit-l2" in by_label
+    # outside the default battery: a default scan is no slower
+    assert isinstance(logit, OnRequest) and not logit.in_default_battery and late.in_default_battery
+    x, y = batch
+    oracle = SurrogateOracle([tiny_cnn])
+    assert not torch.equal(plain_rap(oracle, x, y, eps=0.3, seed=0).x_adv, late(oracle, x, y, eps=0.3, seed=0).x_adv)

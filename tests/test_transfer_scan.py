@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ from auditor.attacks import BY_LABEL
 from auditor.battery import AttackReport, Battery, RunReport, SurrogateSet, build_battery, run_battery
 from auditor.cli import main
 from auditor.errors import AuditError
-from auditor.models import ModelInfo, TorchModel
+from auditor.models import ModelInfo, TorchModel, load_model
+from auditor.report.build import build_view
+from auditor.report.render import _environment
 from auditor.report.transfer import transfer_view
-from auditor.results import transfer_entry
+from auditor.results import TIMING_FIELDS, dump, transfer_entry
 from auditor.scan import resolve_surrogates
 from auditor.surrogates import Surrogate
 
@@ -111,9 +114,18 @@ def test_access_none_scan_writes_the_matrix_and_the_report(example_onnx, cache, 
     cached = sorted(p.name for p in (cache / "surrogates").iterdir())
     assert len(cached) == 3
     again = auditor.scan(example_onnx, "mnist", access="none", samples=30, eps=[0.2], attacks=list(METHODS),
-                         train_surrogates=3)
+                         train_surrogates=3, command=results["manifest"]["command"])
     assert sorted(p.name for p in (cache / "surrogates").iterdir()) == cached
-    assert again.results["transfer"]["matrix"] == transfer["matrix"]
+    # from the cache, results.json is the one training gave, the weights' sha256 included
+    assert all(len(s["sha256"]) == 64 for s in transfer["surrogates"])
+    assert _untimed(json.loads(dump(again.results))) == _untimed(results)
+
+
+def _untimed(results: dict) -> dict:
+    """``results`` without the fields that differ between two runs with the same seed."""
+    kept = {key: value for key, value in results.items() if key not in TIMING_FIELDS}
+    kept["attacks"] = [{k: v for k, v in attack.items() if k != "seconds"} for attack in results["attacks"]]
+    return kept
 
 
 def test_bad_surrogate_input_is_one_clear_error(example_onnx, cache, tmp_path, mnist_test):
@@ -127,6 +139,9 @@ def test_bad_surrogate_input_is_one_clear_error(example_onnx, cache, tmp_path, m
     np.savez(npz, x=mnist_test.x[:20].numpy(), y=mnist_test.y[:20].numpy())
     with pytest.raises(AuditError, match="needs a training split"):
         auditor.scan(example_onnx, str(npz), access="none", train_surrogates=1)
+    # a negative count said "give --surrogate PATH or --train-surrogates K"
+    with pytest.raises(AuditError, match="^--train-surrogates must be >= 0, got -1$"):
+        auditor.scan(example_onnx, "mnist", access="none", samples=10, train_surrogates=-1)
 
 
 def test_report_heat_map_states_rates_gains_and_the_best_cell():
@@ -169,6 +184,91 @@ def test_surrogates_must_have_the_models_classes_and_a_weak_one_is_flagged(examp
                          attacks=["transfer-ifgsm"], trust_pickle=True)
     (weak,) = [check for check in audit.results["checks"] if check["id"] == "weak-surrogate"]
     assert weak["level"] == "warning" and weak["message"].startswith("surrogate untrained.pth classifies")
+
+
+def _transfer_html(baseline: str | None) -> str:
+    results = {"transfer": {
+        "surrogates": [{"name": "mlp", "source": "trained", "sha256": "ab" * 32, "clean_accuracy": 0.93}],
+        "sets": ["mlp"], "baseline": baseline, "samples": {"0.2": 50},
+        "matrix": {"0.2": {"transfer-mi-linf": {"mlp": 0.62}}},
+    }}
+    view = SimpleNamespace(transfer=transfer_view(results))
+    return " ".join(_environment().get_template("_transfer.html.j2").render(view=view).split())
+
+
+def test_report_promises_a_gain_over_i_fgsm_only_where_it_ran():
+    """Without plain I-FGSM (--attacks chose others) the lead still promised
+    each cell's gain over it, and no cell had one."""
+    assert "gain over" not in _transfer_html(None)
+    assert "the method's examples fooled." in _transfer_html(None)
+    assert "with its gain over transfer-ifgsm-linf (plain I-FGSM)" in _transfer_html("transfer-ifgsm-linf")
+    assert '<td class="mono">' + "ab" * 32 + "</td>" in _transfer_html(None)
+
+
+def test_logit_loss_and_rap_without_late_start_are_chosen_by_name_only():
+    """They were unreachable: no label named them."""
+    default = {a.label for a in build_battery(Access.NONE, "linf", transfer=True).attacks}
+    chosen = build_battery(Access.NONE, "l2", ["transfer-mi-di-ti-logit", "transfer-mi-di-ti-rap-no-ls"], transfer=True)
+    assert [a.label for a in chosen.attacks] == ["transfer-mi-di-ti-logit-l2", "transfer-mi-di-ti-rap-no-ls-l2"]
+    assert "transfer-mi-di-ti-rap-linf" in default and not {"transfer-mi-di-ti-logit-linf",
+                                                            "transfer-mi-di-ti-rap-no-ls-linf"} & default
+    assert "transfer-mi-di-ti-rap-no-ls-linf" not in build_battery(
+        Access.NONE, "linf", ["transfer-ifgsm"], transfer=True).left_out
+
+
+def test_auditor_attacks_lists_the_on_request_transfer_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["attacks"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["transfer-mi-di-ti-logit-linf"][4] == rows["transfer-mi-di-ti-rap-no-ls-l2"][4] == "no"
+    assert rows["transfer-mi-di-ti-rap-linf"][4] == "yes"
+
+
+class Quantised(nn.Module):
+    """Input quantisation to 8 bits: an all-zero input gradient almost everywhere."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 255) / 255)
+
+
+def _export(module: nn.Module, path) -> None:
+    """Save ``module`` as a torch.export program of any batch size, in the mode it is in."""
+    program = torch.export.export(module, (torch.zeros(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+
+
+def test_randomised_and_gradient_masked_surrogates_are_flagged_and_scans_reproducible(
+    example_onnx, tiny_cnn, tmp_path
+):
+    """A surrogate exported in train mode (dropout on) gave another robust
+    accuracy in each run of a seeded scan, and no check said it was random;
+    a quantised one masked its gradients unflagged. File surrogates are
+    recorded with the sha256 the model loader computes."""
+    dropout, quantised = tmp_path / "dropout.pt2", tmp_path / "quantised.pt2"
+    _export(nn.Sequential(*copy.deepcopy(tiny_cnn[:2]), nn.Dropout(0.5), *copy.deepcopy(tiny_cnn[2:])).train(),
+            dropout)
+    _export(Quantised(copy.deepcopy(tiny_cnn)).eval(), quantised)
+
+    def run() -> dict:
+        return auditor.scan(example_onnx, "mnist", access="none", samples=30, eps=[0.15], seed=4,
+                            surrogates=[dropout, quantised], attacks=["transfer-ifgsm"]).results
+
+    first, second = run(), run()
+    assert _untimed(first) == _untimed(second)
+    checks = {check["id"]: check for check in first["checks"]}
+    assert checks["randomised-surrogate"]["message"].startswith("surrogate dropout.pt2 gave different outputs")
+    assert checks["surrogate-zero-gradients"]["message"].startswith(
+        "surrogate quantised.pt2 has an all-zero input gradient of its logit margin on 30 of 30")
+    assert [s["sha256"] for s in first["transfer"]["surrogates"]] == [
+        load_model(path, device="cpu").info.sha256 for path in (dropout, quantised)]
+    # where transfer attacks were all that ran, masked surrogate gradients may overstate robust accuracy
+    assert first["transfer"]["matrix"]["0.15"]["transfer-ifgsm-linf"]["quantised.pt2"] == 0
+    assert first["robust_accuracy"]["0.15"] > 0 and "surrogate-zero-gradients" in build_view(first).verdict.caveat
 
 
 def _best_sentence(matrix: dict) -> str:
@@ -221,7 +321,7 @@ def test_transfer_matrix_refuses_two_runs_for_one_cell():
     """Two runs of one method on two sets of one name overwrote each other."""
     runs = tuple(RunReport(0.2, 10, broken, 10, 0.0, surrogate="surrogate.pt") for broken in (8, 1))
     report = AttackReport(BY_LABEL[METHODS[0]], runs, 10, (), {}, None)
-    surrogates = [Surrogate("surrogate.pt", nn.Identity(), f"{folder}/surrogate.pt", None) for folder in "ab"]
+    surrogates = [Surrogate("surrogate.pt", nn.Identity(), f"{folder}/surrogate.pt", "0" * 64) for folder in "ab"]
     sets = tuple(SurrogateSet(s.name, (s.module,)) for s in surrogates)
     with pytest.raises(ValueError, match="two runs of transfer-ifgsm-linf on surrogate set 'surrogate.pt'"):
         transfer_entry(surrogates, sets, [report], [0.2])

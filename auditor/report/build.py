@@ -43,8 +43,11 @@ OVERSTATING_CHECKS = frozenset({
 })
 """Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
 overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they
-mark the cover's robust accuracy (``weak-surrogate`` too, where only transfer
-attacks ran; see :func:`_overstating`)."""
+mark the cover's robust accuracy (:data:`SURROGATE_CHECKS` too, where only
+transfer attacks ran; see :func:`_overstating`)."""
+SURROGATE_CHECKS = frozenset({"weak-surrogate", "surrogate-zero-gradients"})
+"""Check ids on a surrogate whose paragraph says the robust accuracy may be
+overstated where transfer attacks were all that ran."""
 # Fixed chart settings: with the same matplotlib, the same results give a byte-identical SVG.
 _CHART_RC = {"svg.hashsalt": "auditor-report", "svg.fonttype": "path", "font.size": 9}
 
@@ -452,14 +455,14 @@ def _verdict(results: dict, policy: PolicyView | None) -> Verdict:
 def _overstating(results: dict) -> list[str]:
     """The raised checks that say the cover's robust accuracy may be
     overstated: none when there is no robust accuracy or it is 0 already; a
-    weak surrogate only where transfer attacks were all that ran, softmax
-    outputs only where gradient attacks ran on them (a soft-label attacker
-    sees those probabilities by definition)."""
+    weak surrogate or one with zero gradients only where transfer attacks
+    were all that ran, softmax outputs only where gradient attacks ran on
+    them (a soft-label attacker sees those probabilities by definition)."""
     worst = _worst_case(results)
     if worst is None or worst[1] == 0:
         return []
     level = results["access"]["level"]
-    ids = (OVERSTATING_CHECKS | ({"weak-surrogate"} if level == "none" else set())
+    ids = (OVERSTATING_CHECKS | (SURROGATE_CHECKS if level == "none" else set())
            | ({"softmax-outputs"} if level == "white-box" else set()))
     return _raised(results, ids)
 

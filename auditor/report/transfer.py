@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..eps import eps_text
-from .formatting import percent
+from .formatting import MISSING, percent
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class TransferMatrix:
 class SurrogateRow:
     name: str
     source: str
+    sha256: str
+    """Of the weights; a dash in results written before it was recorded."""
     clean_accuracy: str
 
 
@@ -134,7 +136,8 @@ def transfer_view(results: dict) -> TransferView | None:
         if methods
     )
     surrogates = tuple(
-        SurrogateRow(s["name"], s["source"], percent(s.get("clean_accuracy"))) for s in transfer["surrogates"]
+        SurrogateRow(s["name"], s["source"], s.get("sha256") or MISSING, percent(s.get("clean_accuracy")))
+        for s in transfer["surrogates"]
     )
     if len(sets) == 1:
         ran_on = f"the one surrogate, {sets[0]} (with a single surrogate there is no ensemble)"

@@ -1,6 +1,7 @@
 """Transfer attacks from surrogate models (access ``none``): transforms over one I-FGSM core.
 
-:data:`METHODS` is the default set an audit runs, cheapest first: plain
+:data:`METHODS` is the transfer part of the catalogue. Its default set,
+the one an audit runs, goes cheapest first: plain
 I-FGSM, then each transform alone on it (MI, NI, DI, TI, SI, VT, Admix),
 then combinations of the literature, and RAP last, the costliest. Every
 transform keeps its papers' defaults (T = 10, α = ε/T, μ = 1, p = 0.5, a 7×7
@@ -20,7 +21,16 @@ gradient batches, against 10 for MI-DI-TI. On the example MNIST model RAP
 was within one point of the same schedule without it at K = 20, 40 and
 100 (200 images, ε = 0.3 from the ResNet surrogate and ε = 0.15 from the
 ensemble); it stays for models where the flat-region search pays.
+
+Two more run only when ``--attacks`` names them (:class:`OnRequest`), so
+that a default scan is no slower: MI-DI-TI with the logit loss of Zhao et
+al. (2021), made for targeted transfer (``transfer-mi-di-ti-logit``), and
+RAP without the late start (K_LS = 0, the paper's plain RAP, labelled
+``transfer-mi-di-ti-rap-no-ls``): 20 + 20·8 = 180 gradient batches.
 """
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 from .admix import Admix
 from .diverse_inputs import DiverseInputs
@@ -33,6 +43,23 @@ from .translation_invariance import TranslationInvariance
 from .variance_tuning import VarianceTuning
 
 _MI, _DI, _TI = MomentumIterative(), DiverseInputs(), TranslationInvariance()
+_RAP_SCHEDULE = {"steps": 20, "rel_step": 1 / 8}
+"""K = 20 outer steps of α = ε/8: the paper's schedule shrunk twentyfold."""
+
+
+@dataclass(frozen=True)
+class OnRequest(TransferAttack):
+    """A transfer method outside the default battery: it runs only when ``--attacks`` names it."""
+
+    in_default_battery: ClassVar[bool] = False
+    suffix: str = ""
+    """Put before the norm in the label, to tell it from a default method with the same transforms."""
+
+    @property
+    def label(self) -> str:
+        head, norm = super().label.rsplit("-", 1)
+        return f"{head}{self.suffix}-{norm}"
+
 
 METHODS: tuple[TransferAttack, ...] = (
     TransferAttack(),
@@ -46,7 +73,9 @@ METHODS: tuple[TransferAttack, ...] = (
     TransferAttack((_DI, _TI, _MI)),
     TransferAttack((Admix(), _DI, _TI, _MI)),
     TransferAttack((_DI, VarianceTuning(), _TI, _MI)),
-    TransferAttack((_DI, _TI, _MI, ReverseAdversarialPerturbation(late_start=5)), steps=20, rel_step=1 / 8),
+    TransferAttack((_DI, _TI, _MI, ReverseAdversarialPerturbation(late_start=5)), **_RAP_SCHEDULE),
+    OnRequest((_DI, _TI, _MI), loss="logit"),
+    OnRequest((_DI, _TI, _MI, ReverseAdversarialPerturbation(late_start=0)), **_RAP_SCHEDULE, suffix="-no-ls"),
 )
 
 __all__ = [
@@ -55,6 +84,7 @@ __all__ = [
     "DiverseInputs",
     "MomentumIterative",
     "Nesterov",
+    "OnRequest",
     "ReverseAdversarialPerturbation",
     "ScaleInvariance",
     "TransferAttack",
