@@ -80,6 +80,11 @@ class AuditResult:
         return None if policy is None else policy["passed"]
 
 
+def _is_integer(value) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, not to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_data_spec(data, flag: str = "data") -> None:
     """AuditError unless ``data`` names data the way the API takes it: a path
     or a name, not arrays, and not empty (which would read the working
@@ -319,11 +324,15 @@ def scan(
         that cannot be used, with a one-line message.
     """
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
+    for name, value in (("--out", out), ("--policy", policy)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise AuditError(f"{name} must be a path, got {repr(value)[:60]}")
     _remove_earlier_verdict(out)
-    for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+    for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples),
+                        ("--train-surrogates", train_surrogates)):
+        if value is not None and not _is_integer(value):
             raise AuditError(f"{name} must be an integer, got {value!r}")
-    budget, seed = int(budget), int(seed)
+    budget, seed, train_surrogates = int(budget), int(seed), int(train_surrogates)
     samples = None if samples is None else int(samples)
     check_data_spec(data)
     if isinstance(attacks, str):
@@ -332,8 +341,12 @@ def scan(
         not isinstance(attacks, Sequence) or not all(isinstance(name, str) for name in attacks)
     ):
         raise AuditError(f"attacks must be attack names (a list, or one string 'a,b'), got {repr(attacks)[:60]}")
+    if target is not None and not isinstance(target, str) and not _is_integer(target):
+        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}")
     if isinstance(surrogates, (str, os.PathLike)):
         surrogates = (surrogates,)
+    if not isinstance(surrogates, Sequence) or not all(isinstance(path, (str, os.PathLike)) for path in surrogates):
+        raise AuditError(f"surrogates must be model paths (a list, or one path), got {repr(surrogates)[:60]}")
     mean, std = normalisation(mean, std)
     if not 1 <= budget <= MAX_BUDGET:
         raise AuditError(f"--budget must be between 1 and 2^62, got {budget}")

@@ -385,6 +385,12 @@ def test_a_string_is_one_attack_list_or_one_surrogate(example_onnx):
     ({"device": "tpu"}, "--device tpu: "),
     ({"attacks": 5}, "attacks must be attack names (a list, or one string 'a,b'), got 5"),
     ({"attacks": ["fgsm", None]}, "attacks must be attack names (a list, or one string 'a,b'), got ['fgsm', None]"),
+    ({"target": 3.5}, "--target must be random, least-likely or a class index, got 3.5"),
+    ({"target": True}, "--target must be random, least-likely or a class index, got True"),
+    ({"train_surrogates": "2"}, "--train-surrogates must be an integer, got '2'"),
+    ({"surrogates": 5}, "surrogates must be model paths (a list, or one path), got 5"),
+    ({"policy": {"requires": []}}, "--policy must be a path, got {'requires': []}"),
+    ({"out": 5}, "--out must be a path, got 5"),
 ])
 def test_bad_api_values_are_audit_errors(example_onnx, overrides, message):
     import auditor
