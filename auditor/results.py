@@ -2,7 +2,7 @@
 
 The report and the policy gate read only this dict, so ``auditor report`` and
 ``auditor check`` work on a results file from another machine. Fields that
-CI relies on are never removed; see ``../shared/design.md`` §3. Infinite
+CI relies on are never removed; ``docs/results.md`` documents each. Infinite
 distortion ("no adversarial example found") is written as ``null``.
 """
 

@@ -202,7 +202,8 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
 
 def _check_worst_case(check: "_Checker", results: dict) -> None:
     """Robust accuracy is the per-sample worst case over the attacks, so at
-    each ε it is at most every attack's own figure there."""
+    each ε it is at most every attack's cumulative figure there (robust
+    accuracy after that attack and those before it)."""
     for number, attack in enumerate(results["attacks"]):
         for key, own in attack["robust_accuracy"].items():
             overall = results["robust_accuracy"].get(key)
