@@ -57,7 +57,10 @@ class AuditResult:
 
     results: dict
     adversarials: dict[str, np.ndarray]
-    """``index``, ``x_adv``, ``distortion``, ``broken_by`` of broken samples."""
+    """``index``, ``x_adv``, ``distortion``, ``broken_by`` of every sample with a verified
+    adversarial example: its smallest distortion found, at any distortion (a
+    minimum-norm attack's may lie beyond the largest ε; a sample is broken at
+    ε only where its distortion is within ε). Clean errors are left out."""
 
     @property
     def robust_accuracy(self) -> dict[str, float]:
