@@ -424,6 +424,7 @@ def scan(
             "format": info.format,
             "sha256": info.sha256,
             "input_shape": list(x.shape[1:]),
+            **({"input_layout": "NHWC"} if info.channels_last else {}),
             "num_classes": num_classes,
             **({"arch": arch, "arch_sha256": arch_sha256(arch)} if arch else {}),
             **({"normalisation": {

@@ -162,3 +162,19 @@ def softmax_onnx(source: Path, path: Path, scale: float = SCALE) -> Path:
     graph.output.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, dims))
     onnx.save(proto, str(path))
     return path
+
+
+def nhwc_onnx(source: Path, path: Path) -> Path:
+    """``source`` taking (N,H,W,C) input, as a Keras model exported by tf2onnx does: a
+    ``Transpose`` to (N,C,H,W) in front of its graph."""
+    proto = onnx.load(str(source))
+    graph = proto.graph
+    original = graph.input[0]
+    batch, channels, height, width = (dim.dim_param or dim.dim_value for dim in original.type.tensor_type.shape.dim)
+    for node in graph.node:
+        node.input[:] = ["nchw" if name == original.name else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Transpose", ["nhwc"], ["nchw"], perm=[0, 3, 1, 2]))
+    graph.input.remove(original)
+    graph.input.insert(0, helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [batch, height, width, channels]))
+    onnx.save(proto, str(path))
+    return path

@@ -40,6 +40,7 @@ from torch import nn
 from ..checks import are_probabilities
 from ..errors import AuditError
 from ..models import Model, Normalize
+from ..models.base import ChannelsLast
 from ..models.convert import OnnxGraphModule
 from ..models.logits import logits_before_softmax
 from ..models.pytorch import BatchLimits, InputDtype
@@ -88,8 +89,9 @@ class Trainable:
 
 
 def _unwrapped(network: nn.Module | None) -> nn.Module | None:
-    """The file's own module inside the adapter's :class:`BatchLimits` and :class:`InputDtype` wrappers."""
-    while isinstance(network, (BatchLimits, InputDtype)):
+    """The file's own module inside the adapter's :class:`BatchLimits`, :class:`InputDtype` and
+    :class:`ChannelsLast` wrappers."""
+    while isinstance(network, (BatchLimits, InputDtype, ChannelsLast)):
         network = network.module
     return network
 

@@ -34,6 +34,10 @@ class ModelInfo:
     ``None`` when only the data can tell."""
     num_classes: int | None
     """K when the artifact declares it; ``None`` when only a forward pass can tell."""
+    channels_last: bool = False
+    """The artifact takes (N,H,W,C) input (a Keras model exported with
+    tf2onnx, say); the adapter still takes (N,C,H,W) images and transposes
+    them, and ``input_shape`` is (C,H,W)."""
 
 
 def plural(count: int, noun: str) -> str:
@@ -111,6 +115,17 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def access_ceiling(self) -> tuple[Access, str]:
         """The highest access this artifact allows, and why (one sentence)."""
+
+
+class ChannelsLast(nn.Module):
+    """Runs ``module``, which takes (N,H,W,C) input, on (N,C,H,W) images."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.permute(0, 2, 3, 1))
 
 
 class Normalize(nn.Module):

@@ -23,13 +23,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .base import Model
+from .base import ChannelsLast, Model
 from .convert import OnnxGraphModule
 from .pytorch import BatchLimits, InputDtype, _ExportedModule
 
 log = logging.getLogger(__name__)
 
-_WRAPPERS = (nn.Sequential, BatchLimits, InputDtype, _ExportedModule)
+_WRAPPERS = (nn.Sequential, BatchLimits, ChannelsLast, InputDtype, _ExportedModule)
 """Modules whose output is their last child's output, batched or cast."""
 
 _SOFTMAX_CALLS = (

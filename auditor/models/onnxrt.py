@@ -30,7 +30,7 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelFailed, ModelInfo, Normalize, require_classes
+from .base import ChannelsLast, Model, ModelFailed, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
 from .pytorch import FixedBatch, chunk_rows, resolve_device, run_chunked
 
@@ -44,6 +44,9 @@ CHECK_BATCH = 4
 
 FATAL_ONLY = 4
 """onnxruntime's log severity that logs fatal errors only."""
+
+CHANNEL_COUNTS = (1, 3, 4)
+"""The sizes a channel axis may have (grey, RGB, RGBA)."""
 
 INPUT_DTYPES = {
     "tensor(float)": np.float32,
@@ -168,8 +171,17 @@ def _warn_about_gpu_install(cuda: bool) -> None:
         )
 
 
+def channels_last(shape: list) -> bool:
+    """Whether a 4-D graph input of ``shape`` is (N,H,W,C): its last axis has
+    a static size of :data:`CHANNEL_COUNTS` and its second does not (Keras
+    models exported by tf2onnx take such input)."""
+    return shape[3] in CHANNEL_COUNTS and shape[1] not in CHANNEL_COUNTS
+
+
 class OnnxModel(Model):
-    """An onnxruntime session with one (N,C,H,W) image input; logits from the first output."""
+    """An onnxruntime session with one image input, (N,C,H,W) or (N,H,W,C)
+    (``info.channels_last``: the adapter transposes (N,C,H,W) images for it);
+    logits from the first output."""
 
     def __init__(
         self,
@@ -205,6 +217,8 @@ class OnnxModel(Model):
         images = x.numpy()
         if self._mean is not None:
             images = (images - self._mean) / self._std
+        if self.info.channels_last:
+            images = images.transpose(0, 2, 3, 1)
         outputs = self._session.run([self._output_name], {self._input_name: images.astype(self._input_dtype, copy=False)})
         return torch.from_numpy(outputs[0])
 
@@ -234,6 +248,8 @@ class OnnxModel(Model):
             raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
         if self._fixed_batch:
             module = FixedBatch(module, self._fixed_batch)
+        if self.info.channels_last:
+            module = ChannelsLast(module)
         if self._normalisation is not None:
             module = nn.Sequential(Normalize(*self._normalisation), module)
         generator = torch.Generator().manual_seed(0)
@@ -297,11 +313,16 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
             "re-export it with an (N, C, H, W) input shape"
         )
     if len(shape) != 4:
-        raise AuditError(f"model {request.path} takes a {len(shape)}-D input {shape}; expected (N, C, H, W)")
+        raise AuditError(
+            f"model {request.path} takes a {len(shape)}-D input {shape}; expected (N, C, H, W) or (N, H, W, C)"
+        )
     output_shape = session.get_outputs()[0].shape
     num_classes = _static(output_shape[-1]) if len(output_shape) == 2 else None
     require_classes(num_classes, request.path)
-    input_shape = tuple(_static(dim) for dim in shape[1:])
+    last = channels_last(shape)
+    input_shape = tuple(_static(shape[axis]) for axis in ((3, 1, 2) if last else (1, 2, 3)))
+    if last:
+        logger.info("model %s takes (N, H, W, C) input; images are transposed for it", request.path)
     fixed_batch = _static(shape[0])
     if fixed_batch is not None:
         logger.warning("model %s has a fixed batch size of %d", request.path, fixed_batch)
@@ -311,6 +332,7 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
         sha256=request.sha256,
         input_shape=input_shape if any(dim is not None for dim in input_shape) else None,
         num_classes=num_classes,
+        channels_last=last,
     )
     model = OnnxModel(session, info, mean=request.mean, std=request.std, fixed_batch=fixed_batch)
     model.enable_gradients(request.file)
