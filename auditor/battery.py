@@ -139,7 +139,7 @@ def _lookup(name: str, norm: str) -> Attack:
         return BY_LABEL[variants[0]]
     close = difflib.get_close_matches(name, [*BY_LABEL, *sorted(set(base.values()))], n=1, cutoff=0.75)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise AuditError(f"unknown attack {name!r}{hint}; known attacks: {', '.join(BY_LABEL)}")
+    raise AuditError(f"unknown attack {name!r}{hint}: `auditor attacks` lists them")
 
 
 def build_battery(

@@ -3,6 +3,8 @@
 It parses, calls ``auditor.scan`` / the policy gate / the report renderer,
 and prints. Exit codes: 0 ran and passed, 1 a policy requirement failed,
 2 usage or input error (one line on stderr; ``--debug`` shows the traceback).
+A reader of standard output that goes early (``| head``) changes none of
+them; standard output that cannot be written is an error (exit code 2).
 """
 
 from __future__ import annotations
@@ -105,10 +107,62 @@ class Interrupted(Exception):
     otherwise print a bare newline and raise :class:`click.exceptions.Abort`."""
 
 
-class AuditorGroup(click.Group):
+def _discard_stdout() -> None:
+    """Point standard output at os.devnull, as Python's documentation advises
+    for SIGPIPE: what is left in its buffer, later lines and the
+    interpreter's flush at exit then go nowhere instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _echo(text: str = "") -> None:
+    """Print ``text``, a line of a command's output, on standard output.
+
+    A reader gone before the end (``| head``) does not end the command: the
+    rest of its output is discarded and its exit code stays its own (its
+    files are written). Any other error writing there (a full disk) is an
+    input error naming standard output, not one of the command's files.
+    """
+    try:
+        click.echo(text)
+    except OSError as exc:
+        _stdout_failed(exc)
+
+
+def _stdout_failed(exc: OSError) -> None:
+    """Handle ``exc``, met writing standard output: discard the rest of the
+    output; a closed pipe is then dealt with, anything else raised as an
+    input error naming standard output."""
+    _discard_stdout()
+    if not isinstance(exc, BrokenPipeError):
+        raise AuditError(f"cannot write to standard output: {exc.strerror or short_reason(exc)}") from exc
+
+
+class HelpOnStdout:
+    """For the group and its commands: ``--help`` prints while the command
+    line is parsed, where a closed standard output would reach click, which
+    exits 1; it is handled as the commands' own output is (:func:`_echo`)."""
+
+    def parse_args(self, ctx, args):
+        """Parse ``args`` (printing the help for ``--help``)."""
+        try:
+            return super().parse_args(ctx, args)
+        except OSError as exc:  # nothing else writes (or opens a file) while parsing
+            _stdout_failed(exc)
+            ctx.exit(EXIT_PASS)
+
+
+class AuditorCommand(HelpOnStdout, click.Command):
+    """A command of the group (see :class:`HelpOnStdout`)."""
+
+
+class AuditorGroup(HelpOnStdout, click.Group):
     """The command group; an OSError writing a command's outputs is bad
     input (an unwritable ``--out``), reported as one line with exit code 2;
     an interruption is passed on as :class:`Interrupted`."""
+
+    command_class = AuditorCommand
 
     def invoke(self, ctx):
         try:
@@ -124,16 +178,16 @@ class AuditorGroup(click.Group):
 
 def _echo_summary(results: dict) -> None:
     threat = results["threat"]
-    click.echo(printable(f"access: {results['access']['level']} ({results['access']['reason']})"))
-    click.echo(f"clean accuracy: {percent(results['clean_accuracy'])} on {results['data']['n']} samples")
+    _echo(printable(f"access: {results['access']['level']} ({results['access']['reason']})"))
+    _echo(f"clean accuracy: {percent(results['clean_accuracy'])} on {results['data']['n']} samples")
     for eps, value in results["robust_accuracy"].items():
-        click.echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {percent(value)}")
+        _echo(f"robust accuracy at {threat['norm']} eps={eps_text(eps)}: {percent(value)}")
     _echo_checks(results["checks"])
 
 
 def _echo_checks(checks: list[dict]) -> None:
     for check in checks:
-        click.echo(printable(f"check [{check['level']}] {check['id']}: {check['message']}"))
+        _echo(printable(f"check [{check['level']}] {check['id']}: {check['message']}"))
 
 
 def _echo_policy(policy: dict) -> None:
@@ -141,10 +195,10 @@ def _echo_policy(policy: dict) -> None:
     so their control characters are shown as escapes."""
     for requirement in policy["requirements"]:
         mark = "PASS" if requirement["passed"] else "FAIL"
-        click.echo(printable(
+        _echo(printable(
             f"{mark}  {requirement['id']}: {requirement['description']} (actual: {requirement['actual']})"
         ))
-    click.echo(printable(f"policy {policy['name']}: {'passed' if policy['passed'] else 'FAILED'}"))
+    _echo(printable(f"policy {policy['name']}: {'passed' if policy['passed'] else 'FAILED'}"))
 
 
 def _exit_code(results: dict) -> int:
@@ -191,6 +245,7 @@ def cli(debug: bool) -> None:
 def scan(command, model, access, data, samples, norm, eps, budget, attacks, target, surrogates, train_surrogates,
          arch, mean, std, trust_pickle, policy, out, seed, device):
     """Run the attack battery on MODEL and verify every adversarial example."""
+    from .scan import OUTPUT_ORDER
     from .scan import scan as run_scan
 
     audit = run_scan(
@@ -204,8 +259,9 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
     _echo_summary(audit.results)
     if "policy" in audit.results:
         _echo_policy(audit.results["policy"])
-    if out:
-        click.echo(f"wrote {Path(out) / 'results.json'}, report.html and report.pdf")
+    if out:  # junit.xml is there only with a policy: the scan removes an earlier run's
+        others = [name for name in OUTPUT_ORDER if name != "results.json" and (Path(out) / name).is_file()]
+        _echo(f"wrote {Path(out) / 'results.json'}, {', '.join(others[:-1])} and {others[-1]}")
     return _exit_code(audit.results)
 
 
@@ -218,7 +274,9 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
 @click.option("--method", default="fast", show_default=True, type=click.Choice(["fast", "pgd", "free"]),
               help="fast: FGSM with random start (Wong et al. 2020); pgd: PGD-k (Madry et al. 2018); "
                    "free: m replays (Shafahi et al. 2019).")
-@click.option("--epochs", type=int, help="Passes over the training data (default 20).")
+@click.option("--epochs", type=int,
+              help="Training epochs (default 20): passes over the training data; free makes "
+                   "⌈epochs/replays⌉ passes, each minibatch replayed --replays times.")
 @click.option("--out", required=True, type=OutputPath(file_okay=False),
               help="Folder for the hardened model, before/ and after/ scans, hardening.json and the report.")
 @click.option("--no-guard", is_flag=True,
@@ -276,16 +334,16 @@ def harden(command, model, data, eps, norm, method, out, no_guard, eval_data, sa
     before, after = record["before"], record["after"]
     seconds = record["training_seconds"]
     unit = "epochs" if record["method"]["params"].get("replays") is None else "passes over the data"
-    click.echo(f"{record['method']['label']}: {record['epochs_run']} of {record['epochs_planned']} {unit} "
-               f"in {seconds:.1f} s")
-    click.echo(f"clean accuracy: {percent(before['clean_accuracy'])} -> {percent(after['clean_accuracy'])}")
+    _echo(f"{record['method']['label']}: {record['epochs_run']} of {record['epochs_planned']} {unit} "
+          f"in {seconds:.1f} s")
+    _echo(f"clean accuracy: {percent(before['clean_accuracy'])} -> {percent(after['clean_accuracy'])}")
     for key, value in after["robust_accuracy"].items():
         was = before["robust_accuracy"][key]
-        click.echo(f"robust accuracy at {norm} eps={eps_text(key)}: {percent(was)} -> {percent(value)}")
+        _echo(f"robust accuracy at {norm} eps={eps_text(key)}: {percent(was)} -> {percent(value)}")
     for event in result.guard_events:
-        click.echo(f"guard: {event['message']}")
+        _echo(f"guard: {event['message']}")
     _echo_checks([check for check in result.after.results["checks"] if check["level"] != "info"])
-    click.echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")
+    _echo(f"wrote {result.model_path}, hardening.json, results.json, report.html and report.pdf")
     return EXIT_PASS
 
 
@@ -326,7 +384,7 @@ def report(results_path, out):
 
     results = read_results(results_path)
     html, pdf = write_report(results, Path(out), source=results_path)  # creates out only once built
-    click.echo(f"wrote {html} and {pdf}")
+    _echo(f"wrote {html} and {pdf}")
     return EXIT_PASS
 
 
@@ -334,22 +392,22 @@ def report(results_path, out):
 def attacks():
     """List the attack catalogue: name, access level, norm, kind, default, targeted, paper.
 
-    ``default``: ``yes`` in the default battery of its own level and above,
-    ``own level`` only when the scan's level is its own, ``no`` only with
-    ``--attacks``. Transfer attacks (access ``none``) run only when the scan
-    has surrogate models.
+    The default column: yes, in the default battery at its own access level
+    and above; own level, only when the scan's level is its own; no, only
+    when named in --attacks. Transfer attacks (access none) run only when
+    the scan has surrogate models.
     """
     from .attacks import CATALOGUE
 
     width = max(len(attack.label) for attack in CATALOGUE)
-    click.echo(f"{'name':<{width}} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
+    _echo(f"{'name':<{width}} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
     for attack in CATALOGUE:
         if not attack.in_default_battery:
             default = "no"
         else:
             default = "yes" if attack.at_stronger_levels else "own level"
         targeted = "yes" if attack.targeted else "no"
-        click.echo(
+        _echo(
             f"{attack.label:<{width}} {attack.access.cli_name:<11} {attack.norm:<5} "
             f"{attack.kind:<9} {default:<10} {targeted:<8} {attack.paper}"
         )
@@ -383,7 +441,7 @@ def demo(command, out, model_path, samples):
                      progress=sys.stderr.isatty(), command=command)
     _echo_summary(audit.results)
     _echo_policy(audit.results["policy"])
-    click.echo(f"wrote {Path(out) / 'report.pdf'}")
+    _echo(f"wrote {Path(out) / 'report.pdf'}")
     return EXIT_PASS
 
 

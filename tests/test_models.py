@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
 import pathlib
 import pickle
@@ -566,6 +568,60 @@ def test_dotted_arch_leaves_the_working_directory_off_sys_path(tiny_cnn, tmp_pat
     assert str(tmp_path) not in sys.path
 
 
+REWRITABLE_ARCH = "from torch import nn\n{imports}\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.{head}())\n"
+"""An --arch module whose network ends in ``head`` (ReLU or Tanh: files of one size)."""
+
+
+def _rewritten_arch_loads(path: pathlib.Path, arch: str, weights: pathlib.Path, imports: str = "") -> None:
+    """Load ``weights`` with ``arch`` from ``path`` written with a ReLU head,
+    then rewritten with a Tanh one (same size and time, as within a second):
+    each load must build the file as it is then, and ``arch_sha256`` name it."""
+    from auditor.models.pytorch import arch_sha256
+
+    linear = nn.Linear(784, 10)
+    save_file({f"1.{key}": value for key, value in linear.state_dict().items()}, str(weights))
+    x = torch.rand(5, 1, 28, 28)
+    for head, expected in (("ReLU", torch.relu), ("Tanh", torch.tanh)):
+        path.write_text(REWRITABLE_ARCH.format(imports=imports, head=head))
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # a cached .pyc would pass for this file
+        model = load_model(weights, arch=arch, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward(x), expected(linear(x.flatten(1))))
+        assert arch_sha256(arch) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("form", ["module", "file"])
+def test_arch_builds_its_module_file_as_it_is_at_each_load(tmp_path, monkeypatch, form):
+    """A second load in one process built the network of the module that
+    ``sys.modules`` cached at the first, but recorded the hash of the file as
+    rewritten since. Neither form leaves a module of its own in sys.modules,
+    and a module the user imported stays theirs."""
+    path = tmp_path / "rewritable_arch.py"
+    path.write_text(REWRITABLE_ARCH.format(imports="", head="ReLU"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rewritable_arch", raising=False)
+    users = importlib.import_module("rewritable_arch") if form == "module" else None
+    arch = "rewritable_arch:build" if form == "module" else f"{path}:build"
+    _rewritten_arch_loads(path, arch, tmp_path / "w.safetensors")
+    assert sys.modules.get("rewritable_arch") is users
+    assert "auditor_arch_rewritable_arch" not in sys.modules
+
+
+def test_arch_in_a_package_is_built_afresh_with_its_relative_imports(tmp_path, monkeypatch):
+    """``pkg.module:factory``: the package is imported as usual, the module
+    run afresh in it (a relative import works) and left out of sys.modules."""
+    package = tmp_path / "rewritable_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "sizes.py").write_text("PIXELS = 784\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("rewritable_pkg", "rewritable_pkg.net", "rewritable_pkg.sizes"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    _rewritten_arch_loads(package / "net.py", "rewritable_pkg.net:build", tmp_path / "w.safetensors",
+                          imports="from .sizes import PIXELS\n")
+    assert "rewritable_pkg.net" not in sys.modules
+
+
 @pytest.mark.parametrize(
     ("arch", "match"),
     [
@@ -618,6 +674,19 @@ def test_pickle_payload_never_runs(tmp_path):
         with pytest.raises(AuditError, match="pickled code/objects and was refused.*--trust-pickle") as excinfo:
             load_model(path, arch="anything:build")
         _message(excinfo)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_trust_pickle_must_be_a_bool(tmp_path, value):
+    """Any truthy value unpickled the file (``trust_pickle="false"`` ran its code)."""
+    marker = tmp_path / "payload-ran"
+    net = PickledNet()
+    net.payload = Payload(marker)
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    with pytest.raises(AuditError, match=f"^trust_pickle must be True or False, got {type(value).__name__}$"):
+        load_model(path, trust_pickle=value, device="cpu")
     assert not marker.exists()
 
 
@@ -694,10 +763,9 @@ def test_check_model_failure_and_bad_output(mnist_test):
 
 
 SPY_ARCH = """
+import spy_seen
 import torch
 from torch import nn
-
-SEEN = []
 
 
 class Spy(nn.Module):
@@ -706,7 +774,7 @@ class Spy(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
 
     def forward(self, x):
-        SEEN.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        spy_seen.SEEN.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
         return self.net(x)
 
 
@@ -724,13 +792,14 @@ def test_a_scan_runs_the_model_with_deterministic_kernels_and_puts_the_settings_
     import auditor
 
     (tmp_path / "spy_arch.py").write_text(SPY_ARCH)
+    (tmp_path / "spy_seen.py").write_text("SEEN = []\n")  # imported as usual: --arch runs spy_arch afresh
     monkeypatch.syspath_prepend(str(tmp_path))
-    spy = importlib.import_module("spy_arch")
-    save_file(spy.build().state_dict(), str(tmp_path / "spy.safetensors"))
+    seen = importlib.import_module("spy_seen").SEEN
+    save_file(importlib.import_module("spy_arch").build().state_dict(), str(tmp_path / "spy.safetensors"))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     auditor.scan(tmp_path / "spy.safetensors", "mnist", arch="spy_arch:build", access="white-box",
                  attacks=["fgsm"], samples=4, eps=[0.1])
-    assert spy.SEEN and set(spy.SEEN) == {(True, False)}
+    assert seen and set(seen) == {(True, False)}
     assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
 
 

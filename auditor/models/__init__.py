@@ -203,7 +203,7 @@ def load_model(
     ``arch`` (``module:factory`` or ``file.py:factory``) builds the module
     for weights files and is refused for any other format; ``mean``/``std``
     fold input normalisation into the model (one number, or one per
-    channel); ``trust_pickle`` allows
+    channel); ``trust_pickle`` (a bool, nothing else) allows
     unpickling whole modules (which runs arbitrary code from the file).
     ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
     """
@@ -214,6 +214,8 @@ def load_model(
         )
     if not isinstance(device, str):
         raise AuditError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if not isinstance(trust_pickle, bool):  # "false" is truthy: it would unpickle the file
+        raise AuditError(f"trust_pickle must be True or False, got {type(trust_pickle).__name__}")
     shown = str(path)
     file = Path(path)
     if not file.exists():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import importlib.util
 import io
 import logging
@@ -22,6 +21,7 @@ import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -423,15 +423,52 @@ def load_export(request: ModelRequest) -> TorchModel:
     return _model(request, exported, info, fixed_batch, limits)
 
 
-def _import(module_name: str):
-    """Import a dotted module name (searched in the working directory too,
-    within :func:`_working_directory_searched`) or a .py file."""
+_ARCH_SHA256: dict[str, str] = {}
+"""``module`` of an ``--arch module:factory`` -> SHA-256 of the source that
+:func:`build_arch` last ran for it in this process."""
+
+
+def _arch_module(module_name: str) -> tuple[ModuleType, bytes]:
+    """A new, empty module for ``module_name`` (a dotted module name or a .py
+    file) and the bytes of its source file, to be run in it.
+
+    A dotted name is looked up as ``import`` does: its parent packages are
+    imported, and the working directory is searched within
+    :func:`_working_directory_searched`. Not ``importlib.import_module``,
+    which returns the module ``sys.modules`` holds, built from the file as it
+    was when first imported in the process, while the results name the code
+    that builds the network: the bytes run are the bytes read and hashed
+    (nor is a ``__pycache__`` file used: one of a file rewritten within the
+    same second can be stale). Only this file runs afresh: its parent
+    packages and the modules it imports are imported as usual, and are not
+    hashed.
+    """
     if module_name.endswith(".py"):
         spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(module_name).stem}", module_name)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(module_name)
+    else:
+        spec = importlib.util.find_spec(module_name)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {module_name!r}")
+    if not str(spec.origin).endswith(".py"):  # None for a namespace package
+        raise ImportError(f"{spec.origin or module_name} is not a Python source file")
+    return importlib.util.module_from_spec(spec), Path(spec.origin).read_bytes()
+
+
+@contextlib.contextmanager
+def _in_sys_modules(module: ModuleType):
+    """``module`` in ``sys.modules`` under its name within the ``with`` block,
+    as during an import (a dataclass or ``torch.jit.script`` may look it up
+    there), and only then: the entry it replaced, if any, is put back, so
+    that the user's own imports find what they found before."""
+    replaced = sys.modules.get(module.__name__)
+    sys.modules[module.__name__] = module
+    try:
+        yield
+    finally:
+        if replaced is None:
+            sys.modules.pop(module.__name__, None)
+        else:
+            sys.modules[module.__name__] = replaced
 
 
 @contextlib.contextmanager
@@ -453,35 +490,39 @@ def _working_directory_searched():
 
 
 def arch_sha256(arch: str) -> str | None:
-    """SHA-256 of the source file of ``arch``'s module (imported by
-    :func:`build_arch`), so the results identify the code that built the
-    network as well as its weights; None where there is no such file."""
-    module_name = arch.rpartition(":")[0]
-    source = module_name if module_name.endswith(".py") else getattr(sys.modules.get(module_name), "__file__", None)
-    if source is None or not Path(source).is_file():
-        return None
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    """SHA-256 of the source of ``arch``'s module as :func:`build_arch` last
+    ran it in this process, so the results identify the code that built the
+    network as well as its weights; None if it has not run it."""
+    return _ARCH_SHA256.get(arch.rpartition(":")[0])
 
 
 def build_arch(arch: str) -> nn.Module:
-    """The ``nn.Module`` built by ``factory()`` of ``arch = "module:factory"``."""
+    """The ``nn.Module`` built by ``factory()`` of ``arch = "module:factory"``,
+    the module's file run afresh (:func:`_arch_module`)."""
     module_name, _, factory_name = arch.rpartition(":")
     if not module_name or not factory_name:
         raise AuditError(f"--arch {arch}: expected module:factory, e.g. examples.mnist_cnn:build")
+    cannot_import = f"--arch {arch}: cannot import {module_name}"
     with _working_directory_searched():
         try:
-            module = _import(module_name)
+            module, source = _arch_module(module_name)
         except Exception as exc:
-            raise AuditError(f"--arch {arch}: cannot import {module_name} ({short_reason(exc)})") from exc
-        factory = getattr(module, factory_name, None)
-        if not callable(factory):
-            raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
-        try:
-            built = factory()
-        except Exception as exc:
-            raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
+            raise AuditError(f"{cannot_import} ({short_reason(exc)})") from exc
+        with _in_sys_modules(module):
+            try:
+                exec(compile(source, module.__file__, "exec", dont_inherit=True), module.__dict__)  # noqa: S102
+            except Exception as exc:
+                raise AuditError(f"{cannot_import} ({short_reason(exc)})") from exc
+            factory = getattr(module, factory_name, None)
+            if not callable(factory):
+                raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
+            try:
+                built = factory()
+            except Exception as exc:
+                raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
     if not isinstance(built, nn.Module):
         raise AuditError(f"--arch {arch}: {factory_name}() returned {type(built).__name__}, not an nn.Module")
+    _ARCH_SHA256[module_name] = hashlib.sha256(source).hexdigest()
     return built
 
 
