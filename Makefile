@@ -24,8 +24,10 @@ demo: $(STAMP) | $(EXAMPLE)
 # Test files run in parallel, one per worker at a time (module fixtures are built once).
 TEST_WORKERS ?= 2
 
+# One thread per process: the workers (and the auditor processes the tests start) already use the
+# cores, and more threads than cores make the small tensor ops of the attacks several times slower.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

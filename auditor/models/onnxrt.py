@@ -292,6 +292,9 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
     # onnxruntime's worker threads spin between runs by default, which starves
     # torch's own threads in the attack code running between queries.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # as many threads as torch's (OMP_NUM_THREADS, torch.set_num_threads): one knob for both runtimes,
+    # and parallel workers that set torch to one thread each do not oversubscribe the cores through it
+    options.intra_op_num_threads = torch.get_num_threads()
     # on a GPU its fastest kernels may add in any order: a seed must give the same results
     options.use_deterministic_compute = "CUDAExecutionProvider" in providers
     try:
