@@ -245,7 +245,6 @@ def cli(debug: bool) -> None:
 def scan(command, model, access, data, samples, norm, eps, budget, attacks, target, surrogates, train_surrogates,
          arch, mean, std, trust_pickle, policy, out, seed, device):
     """Run the attack battery on MODEL and verify every adversarial example."""
-    from .scan import OUTPUT_ORDER
     from .scan import scan as run_scan
 
     audit = run_scan(
@@ -259,10 +258,18 @@ def scan(command, model, access, data, samples, norm, eps, budget, attacks, targ
     _echo_summary(audit.results)
     if "policy" in audit.results:
         _echo_policy(audit.results["policy"])
-    if out:  # junit.xml is there only with a policy: the scan removes an earlier run's
-        others = [name for name in OUTPUT_ORDER if name != "results.json" and (Path(out) / name).is_file()]
-        _echo(f"wrote {Path(out) / 'results.json'}, {', '.join(others[:-1])} and {others[-1]}")
+    if out:
+        _echo_written(out)
     return _exit_code(audit.results)
+
+
+def _echo_written(out: str | Path) -> None:
+    """The line naming a scan's outputs in ``out`` (junit.xml is there only
+    with a policy: the scan removes an earlier run's)."""
+    from .scan import OUTPUT_ORDER
+
+    others = [name for name in OUTPUT_ORDER if name != "results.json" and (Path(out) / name).is_file()]
+    _echo(f"wrote {Path(out) / 'results.json'}, {', '.join(others[:-1])} and {others[-1]}")
 
 
 @cli.command(epilog="Example: auditor harden examples/mnist_cnn.onnx --data mnist --eps 0.3 --out out/harden")
@@ -441,7 +448,7 @@ def demo(command, out, model_path, samples):
                      progress=sys.stderr.isatty(), command=command)
     _echo_summary(audit.results)
     _echo_policy(audit.results["policy"])
-    _echo(f"wrote {Path(out) / 'report.pdf'}")
+    _echo_written(out)
     return EXIT_PASS
 
 

@@ -45,7 +45,7 @@ def test_example_model_resolves_through_the_package():
     assert model.read_bytes() == (ROOT / "examples" / "mnist_cnn.onnx").read_bytes()
 
 
-def test_demo_audits_the_packaged_model_from_any_directory(tmp_path, monkeypatch):
+def test_demo_audits_the_packaged_model_from_any_directory(tmp_path, monkeypatch, capsys):
     """Run from a folder with no examples/ in it, the demo finds the model in the package."""
     from auditor.cli import main
 
@@ -53,6 +53,8 @@ def test_demo_audits_the_packaged_model_from_any_directory(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "-n", "10", "--out", str(tmp_path / "demo")])
     assert exit_info.value.code == 0
+    written = f"wrote {tmp_path / 'demo' / 'results.json'}, adversarials.npz, junit.xml, report.html and report.pdf"
+    assert written in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["model"]["path"] == str(example_model())
     assert (tmp_path / "demo" / "report.pdf").stat().st_size > 0
