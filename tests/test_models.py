@@ -568,58 +568,125 @@ def test_dotted_arch_leaves_the_working_directory_off_sys_path(tiny_cnn, tmp_pat
     assert str(tmp_path) not in sys.path
 
 
-REWRITABLE_ARCH = "from torch import nn\n{imports}\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.{head}())\n"
+REWRITABLE_ARCH = "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.{head}())\n"
 """An --arch module whose network ends in ``head`` (ReLU or Tanh: files of one size)."""
 
 
-def _rewritten_arch_loads(path: pathlib.Path, arch: str, weights: pathlib.Path, imports: str = "") -> None:
-    """Load ``weights`` with ``arch`` from ``path`` written with a ReLU head,
-    then rewritten with a Tanh one (same size and time, as within a second):
-    each load must build the file as it is then, and ``arch_sha256`` name it."""
+def _write_arch(path: pathlib.Path, head: str) -> str:
+    """``path`` written with a ``head`` network, at the same size and time
+    whatever the head (as when rewritten within a second: a cached .pyc would
+    pass for it); the SHA-256 of its bytes."""
+    path.write_text(REWRITABLE_ARCH.format(head=head))
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _head(arch: str) -> type[nn.Module]:
+    """The class of the last layer of the network ``build_arch(arch)`` builds."""
+    from auditor.models.pytorch import build_arch
+
+    return type(list(build_arch(arch).modules())[-1])
+
+
+def test_an_arch_file_is_run_as_it_is_at_each_load(tmp_path, monkeypatch):
+    """``path/to/file.py:factory`` runs the file's bytes at each load, and
+    ``arch_sha256`` names them, even when rewritten at the same size within a
+    second (a cached .pyc ran the old code); nothing is left in sys.modules."""
     from auditor.models.pytorch import arch_sha256
 
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as by default: PYTHONDONTWRITEBYTECODE hid it
+    path = tmp_path / "rewritable_arch_file.py"
+    arch = f"{path}:build"
     linear = nn.Linear(784, 10)
+    weights = tmp_path / "w.safetensors"
     save_file({f"1.{key}": value for key, value in linear.state_dict().items()}, str(weights))
     x = torch.rand(5, 1, 28, 28)
     for head, expected in (("ReLU", torch.relu), ("Tanh", torch.tanh)):
-        path.write_text(REWRITABLE_ARCH.format(imports=imports, head=head))
-        os.utime(path, (1_700_000_000, 1_700_000_000))  # a cached .pyc would pass for this file
+        sha256 = _write_arch(path, head)
         model = load_model(weights, arch=arch, device="cpu")
         with torch.no_grad():
             torch.testing.assert_close(model.forward(x), expected(linear(x.flatten(1))))
-        assert arch_sha256(arch) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert arch_sha256(arch) == sha256
+    assert not [name for name in sys.modules if "rewritable_arch_file" in name]
 
 
-@pytest.mark.parametrize("form", ["module", "file"])
-def test_arch_builds_its_module_file_as_it_is_at_each_load(tmp_path, monkeypatch, form):
-    """A second load in one process built the network of the module that
-    ``sys.modules`` cached at the first, but recorded the hash of the file as
-    rewritten since. Neither form leaves a module of its own in sys.modules,
-    and a module the user imported stays theirs."""
-    path = tmp_path / "rewritable_arch.py"
-    path.write_text(REWRITABLE_ARCH.format(imports="", head="ReLU"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "rewritable_arch", raising=False)
-    users = importlib.import_module("rewritable_arch") if form == "module" else None
-    arch = "rewritable_arch:build" if form == "module" else f"{path}:build"
-    _rewritten_arch_loads(path, arch, tmp_path / "w.safetensors")
-    assert sys.modules.get("rewritable_arch") is users
-    assert "auditor_arch_rewritable_arch" not in sys.modules
+def test_an_arch_file_is_in_sys_modules_while_it_runs(tmp_path):
+    """As during an import: a dataclass with postponed annotations looks its
+    module up there."""
+    path = tmp_path / "dataclass_arch.py"
+    path.write_text("from __future__ import annotations\n\nimport dataclasses\n\nfrom torch import nn\n\n\n"
+                    "@dataclasses.dataclass\nclass Size:\n    pixels: int = 784\n\n\n"
+                    "def build():\n    return nn.Linear(Size().pixels, 10)\n")
+    assert _head(f"{path}:build") is nn.Linear
+    assert "auditor_arch_dataclass_arch" not in sys.modules
 
 
-def test_arch_in_a_package_is_built_afresh_with_its_relative_imports(tmp_path, monkeypatch):
-    """``pkg.module:factory``: the package is imported as usual, the module
-    run afresh in it (a relative import works) and left out of sys.modules."""
-    package = tmp_path / "rewritable_pkg"
+def test_a_dotted_arch_is_imported_once_so_its_registries_run_once(tmp_path, monkeypatch):
+    """``pkg.module:factory`` is imported as ``import`` does, once per process:
+    run afresh at each load, a module whose decorator refuses a name twice
+    built once and failed the second time (harden builds the model several
+    times). ``arch_sha256`` is that of its file."""
+    from auditor.models.pytorch import arch_sha256
+
+    package = tmp_path / "registry_arch_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "sizes.py").write_text("PIXELS = 784\n")
+    (package / "registry.py").write_text(
+        "MODELS = {}\n\n\ndef register(fn):\n    if fn.__name__ in MODELS:\n"
+        "        raise ValueError(f'model {fn.__name__!r} registered twice')\n    MODELS[fn.__name__] = fn\n"
+        "    return fn\n")
+    (package / "net.py").write_text(
+        "from torch import nn\n\nfrom .registry import register\n\n\n@register\ndef build():\n"
+        "    return nn.Linear(784, 10)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("rewritable_pkg", "rewritable_pkg.net", "rewritable_pkg.sizes"):
+    for name in ("registry_arch_pkg", "registry_arch_pkg.net", "registry_arch_pkg.registry"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    _rewritten_arch_loads(package / "net.py", "rewritable_pkg.net:build", tmp_path / "w.safetensors",
-                          imports="from .sizes import PIXELS\n")
-    assert "rewritable_pkg.net" not in sys.modules
+    arch = "registry_arch_pkg.net:build"
+    assert _head(arch) is nn.Linear and _head(arch) is nn.Linear
+    assert arch_sha256(arch) == hashlib.sha256((package / "net.py").read_bytes()).hexdigest()
+    assert list(sys.modules["registry_arch_pkg.registry"].MODELS) == ["build"]
+
+
+def test_a_torchvision_arch_builds_twice_in_one_process():
+    """torchvision's model registry refuses a second ``resnet18``: its
+    module must not be run again (``--arch torchvision.models.resnet:resnet18``
+    was exit 2 from its first load)."""
+    from auditor.models.pytorch import arch_sha256, build_arch
+
+    resnet = importlib.import_module("torchvision.models.resnet")
+    for _ in range(2):
+        assert type(build_arch("torchvision.models.resnet:resnet18")).__name__ == "ResNet"
+    assert sys.modules["torchvision.models.resnet"] is resnet
+    assert arch_sha256("torchvision.models.resnet:resnet18") == hashlib.sha256(
+        pathlib.Path(resnet.__file__).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("imported_by", ["auditor", "user"])
+def test_a_dotted_arch_edited_since_its_import_is_refused(tmp_path, monkeypatch, imported_by):
+    """A second load in one process runs the module ``sys.modules`` holds, so
+    the file as it was when imported: edited since (at the same size, within
+    a second), its hash would name code that did not run, and the load is
+    refused in one line. A module the user imported stays theirs."""
+    from auditor.models.pytorch import arch_sha256
+
+    name = f"edited_arch_{imported_by}"
+    path = tmp_path / f"{name}.py"
+    sha256 = _write_arch(path, "ReLU")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    users = importlib.import_module(name) if imported_by == "user" else None
+    arch = f"{name}:build"
+    assert _head(arch) is nn.ReLU and _head(arch) is nn.ReLU
+    assert arch_sha256(arch) == sha256
+    _write_arch(path, "Tanh")
+    with pytest.raises(AuditError) as excinfo:
+        _head(arch)
+    assert _message(excinfo) == (f"--arch {arch}: {path} has changed on disk since this process imported {name}, "
+                                 "so the code that would run is not the file's: restart the process to audit "
+                                 "the new code")
+    assert arch_sha256(arch) == sha256
+    if users is not None:
+        assert sys.modules[name] is users
 
 
 @pytest.mark.parametrize(
@@ -792,7 +859,7 @@ def test_a_scan_runs_the_model_with_deterministic_kernels_and_puts_the_settings_
     import auditor
 
     (tmp_path / "spy_arch.py").write_text(SPY_ARCH)
-    (tmp_path / "spy_seen.py").write_text("SEEN = []\n")  # imported as usual: --arch runs spy_arch afresh
+    (tmp_path / "spy_seen.py").write_text("SEEN = []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = importlib.import_module("spy_seen").SEEN
     save_file(importlib.import_module("spy_arch").build().state_dict(), str(tmp_path / "spy.safetensors"))

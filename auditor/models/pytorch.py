@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import io
 import logging
@@ -423,43 +424,62 @@ def load_export(request: ModelRequest) -> TorchModel:
     return _model(request, exported, info, fixed_batch, limits)
 
 
-_ARCH_SHA256: dict[str, str] = {}
-"""``module`` of an ``--arch module:factory`` -> SHA-256 of the source that
-:func:`build_arch` last ran for it in this process."""
+_ARCH_SHA256: dict[str, str | None] = {}
+"""``module`` of an ``--arch module:factory`` -> SHA-256 of its source file:
+for a .py path, of the bytes :func:`build_arch` last ran; for a dotted name,
+of the file as it was when this process imported the module (None: no .py
+source file)."""
 
 
-def _arch_module(module_name: str) -> tuple[ModuleType, bytes]:
-    """A new, empty module for ``module_name`` (a dotted module name or a .py
-    file) and the bytes of its source file, to be run in it.
+def _sha256(path: str | None) -> str | None:
+    """SHA-256 of the file at ``path`` if it is Python source, else None."""
+    if path is None or not path.endswith(".py") or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-    A dotted name is looked up as ``import`` does: its parent packages are
-    imported, and the working directory is searched within
-    :func:`_working_directory_searched`. Not ``importlib.import_module``,
-    which returns the module ``sys.modules`` holds, built from the file as it
-    was when first imported in the process, while the results name the code
-    that builds the network: the bytes run are the bytes read and hashed
-    (nor is a ``__pycache__`` file used: one of a file rewritten within the
-    same second can be stale). Only this file runs afresh: its parent
-    packages and the modules it imports are imported as usual, and are not
-    hashed.
+
+def _arch_file(path: str) -> tuple[ModuleType, bytes]:
+    """A new, empty module for the .py file ``path`` and the file's bytes, to
+    be run in it at each load, so that the network is built by the bytes that
+    are hashed (compiled from them: a ``__pycache__`` file of one rewritten
+    within the same second can be stale). Its private name
+    (``auditor_arch_<stem>``) is no module the user imports."""
+    spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(path).stem}", path)
+    return importlib.util.module_from_spec(spec), Path(path).read_bytes()
+
+
+def _arch_module(arch: str, module_name: str) -> ModuleType:
+    """The dotted module ``module_name``, imported as ``import`` does (the
+    ``sys.modules`` entry if any, parent packages as usual, the working
+    directory searched within :func:`_working_directory_searched`), its source
+    hash remembered in :data:`_ARCH_SHA256`.
+
+    Not run afresh: a module is one object per process, and running a library
+    module again breaks it (torchvision's model registry, say, refuses the
+    second ``resnet18``). So the code that runs is the module as this process
+    imported it, and its hash is taken then: right after the import if this
+    one imported it, else when first seen here. If the file has changed on
+    disk since, the code that would run is not the file's, and no hash would
+    name it: the load is refused rather than record the wrong one.
     """
-    if module_name.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(f"auditor_arch_{Path(module_name).stem}", module_name)
-    else:
-        spec = importlib.util.find_spec(module_name)
-        if spec is None:
-            raise ModuleNotFoundError(f"No module named {module_name!r}")
-    if not str(spec.origin).endswith(".py"):  # None for a namespace package
-        raise ImportError(f"{spec.origin or module_name} is not a Python source file")
-    return importlib.util.module_from_spec(spec), Path(spec.origin).read_bytes()
+    imported_here = module_name not in sys.modules
+    module = importlib.import_module(module_name)
+    sha256 = _sha256(getattr(module, "__file__", None))
+    if imported_here or module_name not in _ARCH_SHA256:
+        _ARCH_SHA256[module_name] = sha256
+    elif sha256 != _ARCH_SHA256[module_name]:
+        raise AuditError(f"--arch {arch}: {module.__file__} has changed on disk since this process imported "
+                         f"{module_name}, so the code that would run is not the file's: restart the process "
+                         "to audit the new code")
+    return module
 
 
 @contextlib.contextmanager
 def _in_sys_modules(module: ModuleType):
-    """``module`` in ``sys.modules`` under its name within the ``with`` block,
-    as during an import (a dataclass or ``torch.jit.script`` may look it up
-    there), and only then: the entry it replaced, if any, is put back, so
-    that the user's own imports find what they found before."""
+    """``module`` (of a .py file) in ``sys.modules`` under its name within
+    the ``with`` block, as during an import (a dataclass or
+    ``torch.jit.script`` may look it up there), and only then: the entry it
+    replaced, if any, is put back."""
     replaced = sys.modules.get(module.__name__)
     sys.modules[module.__name__] = module
     try:
@@ -490,39 +510,44 @@ def _working_directory_searched():
 
 
 def arch_sha256(arch: str) -> str | None:
-    """SHA-256 of the source of ``arch``'s module as :func:`build_arch` last
-    ran it in this process, so the results identify the code that built the
-    network as well as its weights; None if it has not run it."""
+    """SHA-256 of the source file of ``arch``'s module as :func:`build_arch`
+    ran it in this process (see :data:`_ARCH_SHA256`), so the results identify
+    the code that built the network as well as its weights; None if it has
+    not run it or the module has no .py source file."""
     return _ARCH_SHA256.get(arch.rpartition(":")[0])
 
 
 def build_arch(arch: str) -> nn.Module:
-    """The ``nn.Module`` built by ``factory()`` of ``arch = "module:factory"``,
-    the module's file run afresh (:func:`_arch_module`)."""
+    """The ``nn.Module`` built by ``factory()`` of ``arch = "module:factory"``:
+    a dotted module imported once per process (:func:`_arch_module`), a .py
+    file run afresh at each load (:func:`_arch_file`)."""
     module_name, _, factory_name = arch.rpartition(":")
     if not module_name or not factory_name:
         raise AuditError(f"--arch {arch}: expected module:factory, e.g. examples.mnist_cnn:build")
     cannot_import = f"--arch {arch}: cannot import {module_name}"
-    with _working_directory_searched():
+    with _working_directory_searched(), contextlib.ExitStack() as stack:
         try:
-            module, source = _arch_module(module_name)
+            if module_name.endswith(".py"):
+                module, source = _arch_file(module_name)
+                stack.enter_context(_in_sys_modules(module))
+                exec(compile(source, module.__file__, "exec", dont_inherit=True), module.__dict__)  # noqa: S102
+            else:
+                module = _arch_module(arch, module_name)
+        except AuditError:
+            raise
         except Exception as exc:
             raise AuditError(f"{cannot_import} ({short_reason(exc)})") from exc
-        with _in_sys_modules(module):
-            try:
-                exec(compile(source, module.__file__, "exec", dont_inherit=True), module.__dict__)  # noqa: S102
-            except Exception as exc:
-                raise AuditError(f"{cannot_import} ({short_reason(exc)})") from exc
-            factory = getattr(module, factory_name, None)
-            if not callable(factory):
-                raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
-            try:
-                built = factory()
-            except Exception as exc:
-                raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise AuditError(f"--arch {arch}: {module_name} has no function {factory_name}")
+        try:
+            built = factory()
+        except Exception as exc:
+            raise AuditError(f"--arch {arch}: {factory_name}() failed ({short_reason(exc)})") from exc
     if not isinstance(built, nn.Module):
         raise AuditError(f"--arch {arch}: {factory_name}() returned {type(built).__name__}, not an nn.Module")
-    _ARCH_SHA256[module_name] = hashlib.sha256(source).hexdigest()
+    if module_name.endswith(".py"):
+        _ARCH_SHA256[module_name] = hashlib.sha256(source).hexdigest()
     return built
 
 
