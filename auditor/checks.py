@@ -103,25 +103,26 @@ def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
             "two identical forward passes gave different outputs: the model is randomised, "
             "and attacks without expectation over its randomness overstate robustness",
         ))
-    probabilities = are_probabilities(first)
-    if probabilities:
-        checks.append(Check(
-            SOFTMAX_OUTPUTS, "warning",
-            "the model outputs probabilities, not logits: saturated softmax can mask gradients "
-            "and weaken gradient-based attacks (audit the model without its final softmax)",
-        ))
-    return checks, probabilities
+    return checks, are_probabilities(first)
 
 
-def softmax_removed(found: list[Check]) -> list[Check]:
-    """``found`` with its ``softmax-outputs`` warning replaced: the white-box
-    attacks run on the logits beneath the model's final softmax."""
-    return [check for check in found if check.id != SOFTMAX_OUTPUTS] + [Check(
-        SOFTMAX_REMOVED, "info",
-        "the model outputs probabilities: white-box attacks and gradient checks ran on the logits "
-        "beneath its final softmax, as an attacker holding the weights would; "
-        "every example was verified on the model itself",
-    )]
+def final_softmax(removed: bool) -> Check:
+    """For a white-box audit of a model that outputs probabilities: whether
+    its final softmax was removed for the attacks (``softmax-removed``) or
+    masks their gradients (``softmax-outputs``). The other access levels
+    attack what the model outputs, and need neither."""
+    if removed:
+        return Check(
+            SOFTMAX_REMOVED, "info",
+            "the model outputs probabilities: white-box attacks and gradient checks ran on the logits "
+            "beneath its final softmax, as an attacker holding the weights would; "
+            "every example was verified on the model itself",
+        )
+    return Check(
+        SOFTMAX_OUTPUTS, "warning",
+        "the model outputs probabilities, not logits, and its final softmax could not be removed: saturated "
+        "softmax can mask gradients and weaken gradient-based attacks (audit the model without it)",
+    )
 
 
 def low_clean_accuracy(clean_accuracy: float) -> list[Check]:

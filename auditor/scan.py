@@ -375,42 +375,45 @@ def scan(
     if samples is not None and samples > len(dataset):
         log.warning("-n %d: the data has %d images; all of them are audited", samples, len(dataset))
     x, y = dataset.x[indices], dataset.y[indices]
-    logits = clean_logits(adapter, x, dataset)
-    targets, keep, target_entry = resolve_targets(target, logits, y, num_classes, seed)
-    indices, x, y, logits = indices[keep], x[keep], y[keep], logits[keep]
-    surrogate_models, surrogate_sets = resolve_surrogates(
-        surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
-    )
-    found, probabilities = checks_mod.preflight(adapter, x[:64])
-    if level == Access.WHITE_BOX and probabilities:
-        logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
-        if logits_module is not None:
-            adapter = BeforeSoftmax(adapter, logits_module)
-            found = checks_mod.softmax_removed(found)
-    if level == Access.WHITE_BOX:
-        found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
-    with ScanProgress(enabled=progress) as bar:
-        outcome = run_battery(
-            battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
-            outputs_probabilities=probabilities, target=targets, progress=bar,
-            starts=StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
-            surrogates=surrogate_sets, clean_logits=logits,
+    # a randomised model (dropout left on) draws from torch's global generator: seeded, a seed
+    # gives the same results.json; each attack run seeds it again (run_battery)
+    with seeded_rng(seed, "model"):
+        logits = clean_logits(adapter, x, dataset)
+        targets, keep, target_entry = resolve_targets(target, logits, y, num_classes, seed)
+        indices, x, y, logits = indices[keep], x[keep], y[keep], logits[keep]
+        surrogate_models, surrogate_sets = resolve_surrogates(
+            surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-    clean_accuracy = (outcome.clean_pred == y).double().mean().item()
-    found += checks_mod.low_clean_accuracy(clean_accuracy)
-    found += checks_mod.weak_surrogates(surrogate_models)
-    found += checks_mod.small_budget(level, budget)
-    found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
-    found += checks_mod.non_monotone(outcome.attacks)
-    found += checks_mod.noise_beats_attacks(outcome.attacks)
-    found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
-    if level == Access.WHITE_BOX:
-        found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
-    found += checks_mod.skipped_attacks(battery.skipped)
-    found += checks_mod.no_gradient_attack(battery)
-    found += checks_mod.no_target_image(battery, targets, dataset.y)
-    found += checks_mod.custom_battery(battery.left_out)
-    found += checks_mod.access_limited(level, reason)
+        found, probabilities = checks_mod.preflight(adapter, x[:64])
+        if level == Access.WHITE_BOX and probabilities:
+            logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
+            if logits_module is not None:
+                adapter = BeforeSoftmax(adapter, logits_module)
+            found.append(checks_mod.final_softmax(removed=logits_module is not None))
+        if level == Access.WHITE_BOX:
+            found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
+        with ScanProgress(enabled=progress) as bar:
+            outcome = run_battery(
+                battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
+                outputs_probabilities=probabilities, target=targets, progress=bar,
+                starts=StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
+                surrogates=surrogate_sets, clean_logits=logits,
+            )
+        clean_accuracy = (outcome.clean_pred == y).double().mean().item()
+        found += checks_mod.low_clean_accuracy(clean_accuracy)
+        found += checks_mod.weak_surrogates(surrogate_models)
+        found += checks_mod.small_budget(level, budget)
+        found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
+        found += checks_mod.non_monotone(outcome.attacks)
+        found += checks_mod.noise_beats_attacks(outcome.attacks)
+        found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
+        if level == Access.WHITE_BOX:
+            found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
+        found += checks_mod.skipped_attacks(battery.skipped)
+        found += checks_mod.no_gradient_attack(battery)
+        found += checks_mod.no_target_image(battery, targets, dataset.y)
+        found += checks_mod.custom_battery(battery.left_out)
+        found += checks_mod.access_limited(level, reason)
 
     info = adapter.info
     results = {

@@ -147,15 +147,20 @@ SCALE = 50.0
 """Logits this large saturate a float32 softmax on most digits."""
 
 
-def softmax_onnx(source: Path, path: Path, scale: float = SCALE) -> Path:
-    """``source`` with its logits multiplied by ``scale`` and put through a Softmax node."""
+def softmax_onnx(source: Path, path: Path, scale: float = SCALE, after: tuple[str, ...] = ()) -> Path:
+    """``source`` with its logits multiplied by ``scale`` and put through a Softmax node,
+    then through nodes of the ``after`` op types (``Identity``, ``Cast`` to float)."""
     proto = onnx.load(str(source))
     graph = proto.graph
     logits = graph.output[0].name
     graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"))
+    names = ["softmax", *(f"after_{index}" for index in range(len(after)))]
+    names[-1] = "probabilities"
     graph.node.extend([
         helper.make_node("Mul", [logits, "scale"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["probabilities"], axis=1),
+        helper.make_node("Softmax", ["scaled"], [names[0]], axis=1),
+        *(helper.make_node(op, [source_name], [name], **({"to": TensorProto.FLOAT} if op == "Cast" else {}))
+          for op, source_name, name in zip(after, names, names[1:])),
     ])
     dims = [dim.dim_param or dim.dim_value for dim in graph.output[0].type.tensor_type.shape.dim]
     graph.output.pop()

@@ -36,6 +36,18 @@ class Branching(Functional):
         return F.softmax(logits, dim=1) if logits.sum() > -1e9 else logits
 
 
+class Cast(Functional):
+    def forward(self, x):
+        return F.softmax(self.inner(x), dim=1).float()
+
+
+class TrainingDropout(Functional):
+    """Reads ``self.training``, which torch.fx freezes when it traces."""
+
+    def forward(self, x):
+        return F.softmax(F.dropout(self.inner(x), 0.5, self.training), dim=1)
+
+
 @pytest.fixture
 def x(mnist_test):
     return mnist_test.x[:16]
@@ -46,7 +58,9 @@ def x(mnist_test):
     lambda inner: nn.Sequential(nn.Identity(), nn.Sequential(inner, nn.Softmax(dim=-1))),
     Functional,
     Method,
-], ids=["sequential", "nested", "functional", "method"])
+    lambda inner: nn.Sequential(inner, nn.Softmax(dim=1), nn.Identity(), nn.Dropout(), nn.Flatten()),
+    Cast,
+], ids=["sequential", "nested", "functional", "method", "then-no-ops", "then-float"])
 def test_the_final_softmax_of_a_torch_module_is_removed(tiny_cnn, x, wrap):
     module = wrap(tiny_cnn).eval()
     logits = logits_before_softmax(module, x)
@@ -66,8 +80,9 @@ def test_the_final_softmax_of_a_torch_export_program_is_removed(tiny_cnn, x, tmp
     torch.testing.assert_close(logits(x[:5]), tiny_cnn(x[:5]))
 
 
-def test_the_softmax_node_of_an_onnx_graph_is_removed(example_onnx, x, tmp_path):
-    model = load_model(softmax_onnx(example_onnx, tmp_path / "softmax.onnx"))
+@pytest.mark.parametrize("after", [(), ("Identity", "Cast")])
+def test_the_softmax_node_of_an_onnx_graph_is_removed(example_onnx, x, tmp_path, after):
+    model = load_model(softmax_onnx(example_onnx, tmp_path / "softmax.onnx", after=after))
     logits = logits_before_softmax(model.torch_module(), x)
     assert logits is not None
     expected = load_model(example_onnx).torch_module()(x) * SCALE
@@ -86,6 +101,13 @@ def test_a_softmax_that_does_not_end_the_model_over_its_classes_stays(tiny_cnn, 
     assert logits_before_softmax(wrap(tiny_cnn).eval(), x) is None
 
 
+def test_for_training_a_forward_that_reads_the_training_mode_keeps_its_softmax(tiny_cnn, x):
+    module = TrainingDropout(tiny_cnn).eval()
+    assert logits_before_softmax(module, x) is not None  # attacks run in eval mode
+    assert logits_before_softmax(module, x, training=True) is None  # the trace froze dropout off
+    assert not module.training
+
+
 def test_a_white_box_scan_of_a_softmax_model_breaks_what_the_logits_model_breaks(example_onnx, tmp_path):
     """Before: APGD-T on the underflowed probabilities of the same network
     left most digits standing; the harness overstated robust accuracy."""
@@ -98,12 +120,22 @@ def test_a_white_box_scan_of_a_softmax_model_breaks_what_the_logits_model_breaks
     assert "softmax-removed" in ids and "softmax-outputs" not in ids
 
 
-def test_a_softmax_kept_at_white_box_still_warns(tiny_cnn, tmp_path):
+def test_a_softmax_kept_at_white_box_warns_and_fails_the_default_policy(tiny_cnn, tmp_path):
     path = tmp_path / "softmax.pt"
     torch.jit.script(nn.Sequential(tiny_cnn, nn.Softmax(dim=1)).eval()).save(str(path))
-    results = auditor.scan(path, samples=10, eps=[0.1], attacks=["fgsm"], access="white-box").results
+    results = auditor.scan(path, samples=10, eps=[0.1], attacks=["fgsm"], access="white-box",
+                           policy="default").results
     ids = [check["id"] for check in results["checks"]]
     assert "softmax-outputs" in ids and "softmax-removed" not in ids
+    (no_checks,) = [verdict for verdict in results["policy"]["requirements"] if verdict["id"] == "no_checks"]
+    assert not no_checks["passed"] and "softmax-outputs" in no_checks["actual"]
+
+
+def test_other_access_levels_attack_the_probabilities_without_a_check(example_onnx, tmp_path):
+    path = softmax_onnx(example_onnx, tmp_path / "softmax.onnx")
+    results = auditor.scan(path, samples=4, eps=[0.1], access="hard-label", attacks=["random-noise"],
+                           budget=10).results
+    assert not {"softmax-outputs", "softmax-removed"} & {check["id"] for check in results["checks"]}
 
 
 def test_transfer_attacks_use_the_logits_beneath_a_surrogates_softmax(example_onnx, mnist_test, tmp_path):

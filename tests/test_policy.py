@@ -41,7 +41,7 @@ RESULTS = {
         {"name": "hsja-linf", "access": "hard-label", "queries": {"median": 1500.0}},
         {"name": "sign-opt-linf", "access": "hard-label", "queries": {"median": 1200.0}},
     ],
-    "checks": [{"id": "softmax-outputs", "level": "warning", "message": "..."}],
+    "checks": [{"id": "non-monotone", "level": "warning", "message": "..."}],
 }
 
 
@@ -333,7 +333,7 @@ def test_no_checks_at_levels(level, passed):
     verdict = NoChecksAt("n", level).evaluate(RESULTS)
     assert verdict.passed is passed
     if not passed:
-        assert "softmax-outputs" in verdict.actual
+        assert "non-monotone" in verdict.actual
 
 
 def test_no_checks_at_passes_without_checks():
@@ -349,14 +349,14 @@ def test_no_checks_fails_on_a_named_check_at_any_level(tmp_path):
     policy = load_policy(write(tmp_path, """\
         policy: p
         requirements:
-          - no_checks: [small-budget, softmax-outputs]
+          - no_checks: [small-budget, non-monotone]
           - no_checks: [transfer-only]
         """))
     named, other = policy.requirements
-    assert named == NoChecks("no_checks", ("small-budget", "softmax-outputs"))
-    assert named.describe() == "no check among small-budget, softmax-outputs"
+    assert named == NoChecks("no_checks", ("small-budget", "non-monotone"))
+    assert named.describe() == "no check among small-budget, non-monotone"
     verdict = named.evaluate(RESULTS)
-    assert not verdict.passed and verdict.actual == "1 raised: softmax-outputs (warning)"
+    assert not verdict.passed and verdict.actual == "1 raised: non-monotone (warning)"
     assert other.id == "no_checks-2" and other.evaluate(RESULTS) == Verdict(
         "no_checks-2", "no check among transfer-only", True, "none"
     )

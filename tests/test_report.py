@@ -609,7 +609,7 @@ def test_report_explains_each_raised_check_from_the_shipped_docs(results, tmp_pa
     assert [note.id for note in view.check_notes] == ["softmax-outputs", "custom-battery", "made-up"]
     softmax, custom, unknown = view.check_notes
     assert softmax.paragraphs[0].startswith("The model's outputs are non-negative and sum to one: it returns "
-                                            "probabilities, not logits.")
+                                            "probabilities, not logits, and in this white-box audit")
     assert "--attacks chose the battery" in custom.paragraphs[0]
     assert not any(mark in custom.paragraphs[0] for mark in ("**", "`", "](", ".md"))
     assert unknown.paragraphs == ("This auditor version's documentation does not describe this check.",)

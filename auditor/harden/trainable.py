@@ -40,10 +40,8 @@ from torch import nn
 from ..checks import are_probabilities
 from ..errors import AuditError
 from ..models import Model, Normalize
-from ..models.base import ChannelsLast
 from ..models.convert import OnnxGraphModule
-from ..models.logits import logits_before_softmax
-from ..models.pytorch import BatchLimits, InputDtype
+from ..models.logits import ADAPTER_WRAPPERS, logits_before_softmax
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
@@ -89,9 +87,8 @@ class Trainable:
 
 
 def _unwrapped(network: nn.Module | None) -> nn.Module | None:
-    """The file's own module inside the adapter's :class:`BatchLimits`, :class:`InputDtype` and
-    :class:`ChannelsLast` wrappers."""
-    while isinstance(network, (BatchLimits, InputDtype, ChannelsLast)):
+    """The file's own module inside the adapter's wrappers (:data:`ADAPTER_WRAPPERS`)."""
+    while isinstance(network, ADAPTER_WRAPPERS):
         network = network.module
     return network
 
@@ -173,10 +170,11 @@ def logits_to_train(module: nn.Module, x: torch.Tensor, path: str) -> nn.Module:
         outputs = module(x)
     if not are_probabilities(outputs):
         return module
-    logits = logits_before_softmax(module, x)
+    logits = logits_before_softmax(module, x, training=True)
     if logits is None:
         raise AuditError(
             f"model {path} returns probabilities, and its final softmax cannot be removed for training "
-            "(TorchScript, or layers after it): harden the model without its final softmax"
+            "(a TorchScript module, layers after the softmax, or a forward torch.fx cannot trace the same "
+            "way in training and in eval mode): harden the model without its final softmax"
         )
     return logits

@@ -830,6 +830,11 @@ CONVERTERS: dict[str, Converter] = {
 into the module's buffers when it is built."""
 
 
+PASS_THROUGH = ("Identity", "Dropout", "Cast")
+"""Ops that leave a classifier's (N, K) output as it is (``Dropout`` at
+inference; a ``Cast`` between float types), looked through for a final softmax."""
+
+
 # The module ------------------------------------------------------------------------
 
 
@@ -884,19 +889,19 @@ class OnnxGraphModule(nn.Module):
         return dict(self._buffers_by_value)
 
     def without_final_softmax(self) -> OnnxGraphModule | None:
-        """The graph returning the input of the ``Softmax`` node that makes
-        its output, or ``None`` if no ``Softmax`` makes it. Shares this
-        module's constants."""
-        final = next((step for step in self._steps if self.output_name in step.outputs), None)
+        """The graph with the ``Softmax`` node that makes its output (through
+        any :data:`PASS_THROUGH` nodes after it) made an ``Identity``, or
+        ``None`` if no ``Softmax`` makes it. Shares this module's constants."""
+        producers = {name: step for step in self._steps for name in step.outputs}
+        final = producers.get(self.output_name)
+        while final is not None and final.node.op_type in PASS_THROUGH:
+            final = producers.get(final.inputs[0])
         if final is None or final.node.op_type != "Softmax":
             return None
-        logits = final.inputs[0]
-        steps = [
-            replace(step, release=tuple(name for name in step.release if name != logits))
-            for step in self._steps if step is not final
-        ]
+        identity = replace(final, convert=CONVERTERS["Identity"], node=replace(final.node, op_type="Identity", attrs={}))
+        steps = [identity if step is final else step for step in self._steps]
         constants = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
-        return OnnxGraphModule(self.input_name, self.input_dtype, logits, constants, steps).eval()
+        return OnnxGraphModule(self.input_name, self.input_dtype, self.output_name, constants, steps).eval()
 
     def forward(self, x: Tensor) -> Tensor:
         values = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}

@@ -11,7 +11,9 @@ runtime is untouched: every adversarial example is still verified on it.
 The final softmax is found where it is explicit: an ONNX ``Softmax`` node
 making the graph's output, an ``nn.Softmax`` ending an ``nn.Sequential``, a
 softmax call or module ending a ``torch.fx`` graph (``.pt2`` programs, and
-modules ``torch.fx`` can trace). A TorchScript module keeps its softmax.
+modules ``torch.fx`` can trace), looking through layers that leave an (N, K)
+output as it is (identity, dropout at inference, flatten, a cast). A
+TorchScript module keeps its softmax.
 """
 
 from __future__ import annotations
@@ -29,8 +31,20 @@ from .pytorch import BatchLimits, InputDtype, _ExportedModule
 
 log = logging.getLogger(__name__)
 
-_WRAPPERS = (nn.Sequential, BatchLimits, ChannelsLast, InputDtype, _ExportedModule)
+ADAPTER_WRAPPERS = (BatchLimits, ChannelsLast, InputDtype)
+"""The modules adapters wrap a model's own module in (batching, layout, dtype)."""
+
+_WRAPPERS = (nn.Sequential, _ExportedModule, *ADAPTER_WRAPPERS)
 """Modules whose output is their last child's output, batched or cast."""
+
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
+"""Layers that leave a classifier's (N, K) output as it is, at inference."""
+
+_PASS_THROUGH_CALLS = (
+    torch.flatten, torch.nn.functional.dropout, torch.ops.aten.flatten.using_ints, torch.ops.aten.dropout.default,
+    torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.alias.default,
+)
+_PASS_THROUGH_METHODS = ("float", "to", "contiguous", "clone", "flatten", "view_as")
 
 _SOFTMAX_CALLS = (
     torch.softmax, torch.nn.functional.softmax, torch.ops.aten.softmax.int, torch.ops.aten._softmax.default,
@@ -41,12 +55,21 @@ AGREEMENT_ATOL = 1e-3
 probabilities (float16 graphs round their softmax to about 1e-3)."""
 
 
-def _with_last_child(module: nn.Module, child: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (sharing its weights) whose last child is ``child``."""
-    name = next(reversed(module._modules))
+def _with_child(module: nn.Module, name: str, child: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (sharing its weights) whose child ``name`` is ``child``."""
     clone = copy.copy(module)
     clone._modules = {**module._modules, name: child}
     return clone
+
+
+def _passes_through(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in _PASS_THROUGH_CALLS
+    if node.op == "call_method":
+        return node.target in _PASS_THROUGH_METHODS
+    if node.op == "call_module":
+        return isinstance(graph_module.get_submodule(node.target), _PASS_THROUGH_MODULES)
+    return False
 
 
 def _is_softmax(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
@@ -60,7 +83,8 @@ def _is_softmax(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool
 
 
 def _fx_without_softmax(graph_module: torch.fx.GraphModule) -> nn.Module | None:
-    """``graph_module`` returning the input of the softmax that makes its one output."""
+    """``graph_module`` with the softmax that makes its one output (through
+    pass-through layers after it) replaced by its input."""
     graph = copy.deepcopy(graph_module.graph)
     output = next(node for node in graph.nodes if node.op == "output")
     returned = output.args[0]
@@ -68,16 +92,35 @@ def _fx_without_softmax(graph_module: torch.fx.GraphModule) -> nn.Module | None:
     if packed and len(returned) != 1:
         return None
     final = returned[0] if packed else returned
+    while isinstance(final, torch.fx.Node) and final.args and _passes_through(final, graph_module):
+        final = final.args[0]
     if not isinstance(final, torch.fx.Node) or not _is_softmax(final, graph_module) or not final.args:
         return None
-    logits = final.args[0]
-    output.args = ((logits,),) if packed else (logits,)
-    if not final.users:
-        graph.erase_node(final)
+    final.replace_all_uses_with(final.args[0])
+    graph.erase_node(final)
     return torch.fx.GraphModule(graph_module, graph)
 
 
-def _without_final_softmax(module: nn.Module) -> nn.Module | None:
+def _traced(module: nn.Module, both_modes: bool) -> torch.fx.GraphModule | None:
+    """``module`` traced by torch.fx in its mode, or ``None`` where it cannot be
+    traced, or (``both_modes``) where it traces to other code in the other
+    mode: a forward that reads ``self.training`` has it frozen in the trace."""
+    try:
+        traced = torch.fx.symbolic_trace(module)
+        if both_modes:
+            mode = module.training
+            other = torch.fx.symbolic_trace(module.train(not mode))
+            module.train(mode)
+            if other.code != traced.code:
+                log.debug("%s traces to other code in training mode", type(module).__name__)
+                return None
+    except Exception as exc:  # untraceable control flow: the softmax stays
+        log.debug("cannot trace %s for its final softmax: %s", type(module).__name__, exc)
+        return None
+    return traced
+
+
+def _without_final_softmax(module: nn.Module, both_modes: bool) -> nn.Module | None:
     if isinstance(module, OnnxGraphModule):
         return module.without_final_softmax()
     if isinstance(module, nn.Softmax):
@@ -85,26 +128,28 @@ def _without_final_softmax(module: nn.Module) -> nn.Module | None:
     if isinstance(module, torch.fx.GraphModule):
         return _fx_without_softmax(module)
     if isinstance(module, _WRAPPERS) and module._modules:
-        child = _without_final_softmax(next(reversed(module._modules.values())))
-        return None if child is None else _with_last_child(module, child)
+        children = list(module._modules.items())
+        while len(children) > 1 and isinstance(children[-1][1], _PASS_THROUGH_MODULES):
+            children.pop()
+        name, child = children[-1]
+        stripped = _without_final_softmax(child, both_modes)
+        return None if stripped is None else _with_child(module, name, stripped)
     if isinstance(module, torch.jit.ScriptModule):
         return None
-    try:
-        traced = torch.fx.symbolic_trace(module)
-    except Exception as exc:  # untraceable control flow: the softmax stays
-        log.debug("cannot trace %s for its final softmax: %s", type(module).__name__, exc)
-        return None
-    return _fx_without_softmax(traced)
+    traced = _traced(module, both_modes)
+    return None if traced is None else _fx_without_softmax(traced)
 
 
-def logits_before_softmax(module: nn.Module, x: torch.Tensor) -> nn.Module | None:
+def logits_before_softmax(module: nn.Module, x: torch.Tensor, *, training: bool = False) -> nn.Module | None:
     """``module`` without its final softmax, or ``None`` where none is found.
 
     The result is checked on ``x``: softmax of its outputs must be
     ``module``'s probabilities (within :data:`AGREEMENT_ATOL`), so a softmax
-    over another axis, or one followed by more layers, is left alone.
+    over another axis, or one followed by more layers, is left alone. For
+    ``training``, a module torch.fx traces must trace to the same code in
+    both modes (training mode is read at trace time).
     """
-    stripped = _without_final_softmax(module)
+    stripped = _without_final_softmax(module, training)
     if stripped is None:
         return None
     with torch.no_grad():

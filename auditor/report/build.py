@@ -39,7 +39,7 @@ _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
 OVERSTATING_CHECKS = frozenset({
     "randomised-model", "small-budget", "transfer-only", "custom-battery", "nan-gradients", "no-gradient-attack",
-    "no-target-image", "training-data-audited",
+    "no-target-image", "training-data-audited", "softmax-outputs",
 })
 """Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
 overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they
@@ -457,13 +457,15 @@ def _overstating(results: dict) -> list[str]:
     overstated: none when there is no robust accuracy or it is 0 already; a
     weak surrogate or one with zero gradients only where transfer attacks
     were all that ran, softmax outputs only where gradient attacks ran on
-    them (a soft-label attacker sees those probabilities by definition)."""
+    them (new scans raise it at white-box access only; older results carry it
+    at every level, and a soft-label attacker sees those probabilities by
+    definition)."""
     worst = _worst_case(results)
     if worst is None or worst[1] == 0:
         return []
     level = results["access"]["level"]
-    ids = (OVERSTATING_CHECKS | (SURROGATE_CHECKS if level == "none" else set())
-           | ({"softmax-outputs"} if level == "white-box" else set()))
+    ids = (OVERSTATING_CHECKS - ({"softmax-outputs"} if level != "white-box" else set())
+           | (SURROGATE_CHECKS if level == "none" else set()))
     return _raised(results, ids)
 
 
