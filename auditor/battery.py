@@ -19,14 +19,16 @@ come for free.
   then their ensemble), all on the samples robust at that ε when the first
   transfer attack starts, so their success rates form a comparable matrix.
   Each costs the target one query per sample: the verification of its
-  final example. Each runs with torch's global generator seeded from the
-  run's seed, so that a randomised surrogate gives the same examples in
-  every run with the scan's seed.
+  final example.
+
+Every run has a seed of its own, derived from the scan's, and runs with
+torch's global generator seeded from it, so that a randomised model or
+surrogate (dropout left on) gives the same examples in every run with the
+scan's seed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import time
@@ -402,13 +404,6 @@ def _run_seed(seed: int, label: str, eps: float | None, group: SurrogateSet | No
     return zlib.crc32(f"{seed}:{label}:{eps}{name}".encode())
 
 
-def _global_rng(transfer: bool, run_seed: int) -> contextlib.AbstractContextManager[None]:
-    """For a transfer run, torch's global generator seeded from the run's seed
-    (:func:`~auditor.surrogates.seeded_rng`), which a randomised surrogate
-    draws from; for other runs, nothing."""
-    return seeded_rng(run_seed, "surrogates") if transfer else contextlib.nullcontext()
-
-
 def _plan(attack: Attack, eps_desc: list[float], surrogates: Sequence[SurrogateSet]):
     """The runs of one attack: (ε or None, surrogate set or None), in order."""
     if attack.oracle is SurrogateOracle:
@@ -492,7 +487,7 @@ def run_battery(
                 device = model.device
             extra = {"starts": starts} if starts is not None and attack.starts_from_data else {}
             run_seed = _run_seed(seed, attack.label, eps, group)
-            with _global_rng(transfer, run_seed):
+            with seeded_rng(run_seed, "global"):  # what a randomised model or surrogate draws
                 result = attack(
                     oracle, x[active].to(device), y[active].to(device), eps=eps, seed=run_seed,
                     target=None if goal is None else goal.to(device), **extra,

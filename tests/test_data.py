@@ -8,6 +8,7 @@ import os
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,22 +85,31 @@ def test_npz_layout_is_told_from_the_shape_not_the_dtype(tmp_path, dtype, channe
     assert torch.equal(data.x, torch.from_numpy(expected.astype(np.float32)))
 
 
-@pytest.mark.parametrize(("shape", "which"), [
-    ((2, 1, 4, 4), "both axis 1 and axis 3"),
-    ((2, 3, 8, 4), "both axis 1 and axis 3"),
-    ((2, 2, 8, 8), "neither axis 1 nor axis 3"),
-    ((2, 28, 28, 28), "neither axis 1 nor axis 3"),
-])
+@pytest.mark.parametrize("shape", [(2, 2, 8, 8), (2, 28, 28, 28)])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_npz_of_an_unclear_layout_is_refused_in_one_line(tmp_path, shape, which, dtype):
+def test_npz_without_a_channel_axis_is_refused_in_one_line(tmp_path, shape, dtype):
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros(shape, dtype), y=np.arange(2))
     with pytest.raises(AuditError) as excinfo:
         load_npz(path)
     assert _message(excinfo) == (
-        f"data {path}: x has shape {shape}, where {which} could be the channels; "
-        "expected (N,C,H,W) or (N,H,W,C) with C 1 or 3 or 4 on only one of those axes, or (N,H,W)"
+        f"data {path}: x has shape {shape}, where neither axis 1 nor axis 3 could be the channels; "
+        "expected (N,C,H,W) or (N,H,W,C) with C 1 or 3 or 4, or (N,H,W)"
     )
+
+
+@pytest.mark.parametrize(("shape", "dtype", "images"), [
+    ((2, 1, 8, 4), np.float32, (1, 8, 4)), ((2, 3, 16, 3), np.float32, (3, 16, 3)),
+    ((2, 1, 8, 4), np.uint8, (4, 1, 8)), ((2, 4, 4, 3), np.uint8, (3, 4, 4)),
+])
+def test_small_images_of_an_unclear_layout_follow_their_dtypes_convention(tmp_path, caplog, shape, dtype, images):
+    """Float arrays are (N,C,H,W), uint8 ones (N,H,W,C), where the shape cannot tell: the
+    small float images of (N,1,8,4) were refused."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(shape, dtype), y=np.arange(2))
+    with caplog.at_level(logging.WARNING, logger="auditor.data.arrays"):
+        assert tuple(load_npz(path).x.shape[1:]) == images
+    assert "both axis 1 and axis 3 could be the channels" in caplog.text
 
 
 @pytest.mark.parametrize(("shape", "height", "width"), [
@@ -241,13 +251,16 @@ def test_a_damaged_npz_is_refused_in_one_line(tmp_path, damage, reason):
     assert _message(excinfo).startswith(f"data {path}: {reason}")
 
 
-def test_load_data_takes_a_path(tmp_path):
+def test_load_data_takes_a_path(tmp_path, monkeypatch):
     """load_data(Path) failed: 'PosixPath' object has no attribute 'lower'."""
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((2, 1, 5, 5), np.float32), y=np.arange(2))
     assert load_data(path).name == str(path)
     _png(tmp_path / "folder" / "a" / "x.png", 0)
     assert load_data(tmp_path / "folder").classes == ("a",)
+    _png(tmp_path / "mnist" / "b" / "x.png", 0)
+    monkeypatch.chdir(tmp_path)
+    assert load_data(Path("mnist")).classes == ("b",)  # a folder called mnist, not the built-in set
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])

@@ -422,3 +422,17 @@ def test_scan_documents_every_parameter():
              for name in line.split(" : ")[0].strip().split(", ")}
     assert names == set(inspect.signature(auditor.scan).parameters)
     assert "AuditError" in auditor.scan.__doc__.split("Raises\n")[1]
+
+
+def test_a_randomised_model_gives_the_same_results_for_a_seed(tiny_cnn, tmp_path):
+    """A program exported in training mode keeps its dropout on: it draws from torch's
+    global generator, which each run of a scan seeds; its clean accuracy changed from run to run."""
+    import auditor
+
+    network = torch.nn.Sequential(tiny_cnn, torch.nn.Dropout(0.5)).train()
+    path = tmp_path / "dropout.pt2"
+    torch.export.save(torch.export.export(network, (torch.rand(4, 1, 28, 28),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), str(path))
+    first, second = (auditor.scan(path, samples=16, eps=[0.1], attacks=["fgsm", "pgd"]).results for _ in range(2))
+    assert "randomised-model" in {check["id"] for check in first["checks"]}
+    assert first["samples"] == second["samples"] and first["clean_accuracy"] == second["clean_accuracy"]

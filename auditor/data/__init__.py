@@ -16,12 +16,13 @@ __all__ = ["Dataset", "load_data", "load_npz", "mnist"]
 def load_data(spec: str | os.PathLike, split: str = "test") -> Dataset:
     """``mnist`` (the built-in set, split ``split``), an image folder or a ``.npz`` file.
 
-    ``spec`` is a string or a path (``pathlib.Path``), taken as its string.
+    ``spec`` is a string or a path (``pathlib.Path``); only the string
+    ``"mnist"`` names the built-in set (``Path("mnist")`` is a folder).
     ``split`` only applies to ``mnist``; other sources are used whole.
     """
-    spec = os.fsdecode(spec)
     if spec == "mnist":
         return mnist(split)
+    spec = os.fsdecode(spec)
     if Path(spec).is_dir():
         from .folder import load_folder  # torchvision takes seconds to import: only for folders
 

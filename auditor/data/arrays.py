@@ -2,9 +2,11 @@
 
 ``x`` is float in [0,1] or uint8 (divided by 255), as (N,C,H,W), (N,H,W,C)
 or, for single-channel images, (N,H,W); ``y`` is (N,) non-negative
-integers. The channel axis is told from the shape, whatever the dtype: it
-is axis 1 or axis 3, whichever has 1, 3 or 4 entries, and a shape where
-both or neither do is refused. Pickled (object) arrays are refused.
+integers. The channel axis is told from the shape: it is axis 1 or axis 3,
+whichever has 1, 3 or 4 entries; where both do (small images), the dtype's
+convention decides, with a warning ((N,H,W,C) for uint8, (N,C,H,W) for
+float), and a shape where neither does is refused. Pickled (object) arrays
+are refused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from numpy.lib.npyio import NpzFile
 
 from ..errors import AuditError, short_reason
-from .base import Dataset
+from .base import CHANNEL_COUNTS, Dataset
 
 MAX_VALUES = 2**28
 """The most values ``x`` (and ``y``) may hold: 1 GiB as float32, 2 GiB while
@@ -28,10 +30,6 @@ a float64 ``x`` is converted. Checked on the ``.npy`` headers, before
 anything is decompressed: a 1 MB archive can declare gigabytes of zeros."""
 
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-CHANNEL_COUNTS = (1, 3, 4)
-"""The sizes a channel axis may have (grey, RGB, RGBA): the axis of (N,C,H,W)
-or (N,H,W,C) that has one of them is the channel axis."""
 
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError)
 """What reading a damaged archive raises: besides OSError, ValueError and
@@ -114,36 +112,39 @@ def _check_headers(
                 f"data {path}: {key} has shape {shape}, over the limit of {MAX_VALUES} values; "
                 "audit a subset of the images"
             )
-    channel_axis = _channel_axis(path, x_shape)
+    channel_axis = _channel_axis(path, x_shape, x_dtype)
     height, width = (size for axis, size in enumerate(x_shape) if axis not in (0, channel_axis))
     if height == 0 or width == 0:
         raise AuditError(f"data {path}: x has shape {x_shape}: images of height {height} and width {width} "
                          "have no pixels")
 
 
-def _channel_axis(path: str | Path, shape: tuple[int, ...]) -> int | None:
+def _channel_axis(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> int | None:
     """The channel axis of an ``x`` of ``shape``: 1 for (N,C,H,W), 3 for
-    (N,H,W,C), ``None`` for (N,H,W); AuditError where a 4-D shape could be
-    either layout, or neither, as it has :data:`CHANNEL_COUNTS` entries on
-    both axes 1 and 3, or on neither."""
+    (N,H,W,C), ``None`` for (N,H,W). It is the one of axes 1 and 3 that has
+    :data:`CHANNEL_COUNTS` entries; where both have (small images: (N,1,8,4)),
+    the dtype's convention decides: (N,H,W,C) for uint8, as images are
+    saved, (N,C,H,W) for float, as torch holds them (:func:`load_npz` warns).
+    AuditError where neither has."""
     if len(shape) == 3:
         return None
     candidates = [axis for axis in (1, 3) if shape[axis] in CHANNEL_COUNTS]
-    if len(candidates) == 1:
+    if len(candidates) == 2:
+        return 3 if dtype == np.uint8 else 1
+    if candidates:
         return candidates[0]
     counts = " or ".join(map(str, CHANNEL_COUNTS))
-    which = "both axis 1 and axis 3" if candidates else "neither axis 1 nor axis 3"
     raise AuditError(
-        f"data {path}: x has shape {shape}, where {which} could be the channels; "
-        f"expected (N,C,H,W) or (N,H,W,C) with C {counts} on only one of those axes, or (N,H,W)"
+        f"data {path}: x has shape {shape}, where neither axis 1 nor axis 3 could be the channels; "
+        f"expected (N,C,H,W) or (N,H,W,C) with C {counts}, or (N,H,W)"
     )
 
 
 def _images(path: str | Path, x: np.ndarray) -> np.ndarray:
     """``x`` (uint8 or float, as :func:`_check_headers` lets through) as (N,C,H,W) float32."""
+    channel_axis = _channel_axis(path, x.shape, x.dtype)
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
-    channel_axis = _channel_axis(path, x.shape)
     if channel_axis is None:
         x = x[:, None]
     elif channel_axis == 3:
@@ -157,6 +158,12 @@ def load_npz(path: str | Path) -> Dataset:
     x, y = arrays["x"], arrays["y"]
     if len(y) == 0:
         raise AuditError(f"data {path}: contains no images")
+    if x.ndim == 4 and x.shape[1] in CHANNEL_COUNTS and x.shape[3] in CHANNEL_COUNTS:
+        logger.warning(
+            "data %s: x has shape %s, where both axis 1 and axis 3 could be the channels; read as %s, "
+            "the convention for %s arrays", path, x.shape, "(N,H,W,C)" if x.dtype == np.uint8 else "(N,C,H,W)",
+            x.dtype,
+        )
     if x.dtype == np.uint8 and x.max() <= 1:
         logger.warning(
             "data %s: x is uint8 with no value above 1; uint8 images are divided by 255, so these read as 0 "

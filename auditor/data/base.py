@@ -9,6 +9,12 @@ import numpy as np
 import torch
 
 
+CHANNEL_COUNTS = (1, 3, 4)
+"""The sizes a channel axis may have (grey, RGB, RGBA): of an (N,C,H,W) or
+(N,H,W,C) array, or of a model's input, the axis that has one of them is the
+channel axis."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str

@@ -29,6 +29,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from torch import nn
 
 from ..access import Access
+from ..data.base import CHANNEL_COUNTS
 from ..errors import AuditError, short_reason
 from .base import ChannelsLast, Model, ModelFailed, ModelInfo, Normalize, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
@@ -44,9 +45,6 @@ CHECK_BATCH = 4
 
 FATAL_ONLY = 4
 """onnxruntime's log severity that logs fatal errors only."""
-
-CHANNEL_COUNTS = (1, 3, 4)
-"""The sizes a channel axis may have (grey, RGB, RGBA)."""
 
 INPUT_DTYPES = {
     "tensor(float)": np.float32,
