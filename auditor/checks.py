@@ -148,15 +148,15 @@ def small_budget(level: Access, budget: int) -> list[Check]:
     )]
 
 
-def weak_surrogates(surrogates: Sequence["Surrogate"]) -> list[Check]:
+def surrogate_checks(surrogates: Sequence["Surrogate"]) -> list[Check]:
     """Surrogates whose transfer attacks say less than they seem to: one that
     gets most audit samples wrong (``weak-surrogate``), one with all-zero
     input gradients on some of them (``surrogate-zero-gradients``), one whose
     outputs are random (``randomised-surrogate``)."""
-    return [check for surrogate in surrogates for check in _surrogate_checks(surrogate)]
+    return [check for surrogate in surrogates for check in _checks_of_surrogate(surrogate)]
 
 
-def _surrogate_checks(surrogate: "Surrogate") -> list[Check]:
+def _checks_of_surrogate(surrogate: "Surrogate") -> list[Check]:
     """The checks one examined surrogate raises (:func:`~auditor.surrogates.examine`)."""
     found = []
     if surrogate.clean_accuracy is not None and surrogate.clean_accuracy < LOW_CLEAN_ACCURACY_BELOW:

@@ -401,7 +401,7 @@ def scan(
             )
         clean_accuracy = (outcome.clean_pred == y).double().mean().item()
         found += checks_mod.low_clean_accuracy(clean_accuracy)
-        found += checks_mod.weak_surrogates(surrogate_models)
+        found += checks_mod.surrogate_checks(surrogate_models)
         found += checks_mod.small_budget(level, budget)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
         found += checks_mod.non_monotone(outcome.attacks)

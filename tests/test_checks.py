@@ -16,7 +16,7 @@ from auditor.checks import (
     no_adversarial_found,
     preflight,
     unbounded_attack,
-    weak_surrogates,
+    surrogate_checks,
 )
 from auditor.models.base import ModelInfo
 from auditor.models.pytorch import TorchModel
@@ -91,11 +91,11 @@ def test_surrogates_get_the_targets_randomness_and_gradient_checks(tiny_cnn, mni
     assert plain.checked == quantised.checked == 64 and quantised.zero_gradients == 64
     assert (plain.zero_gradients, plain.randomised, randomised.randomised) == (0, False, True)
     assert plain.clean_accuracy == pytest.approx(float((tiny_cnn(x).argmax(1) == y).double().mean()))
-    assert weak_surrogates([plain]) == []
-    assert [(c.id, c.level) for c in weak_surrogates(list(examined.values()))] == [
+    assert surrogate_checks([plain]) == []
+    assert [(c.id, c.level) for c in surrogate_checks(list(examined.values()))] == [
         ("surrogate-zero-gradients", "warning"), ("randomised-surrogate", "warning")
     ]
-    (check,) = weak_surrogates([quantised])
+    (check,) = surrogate_checks([quantised])
     assert check.message.startswith("surrogate quantised has an all-zero input gradient of its logit margin on 64 of 64")
 
 
