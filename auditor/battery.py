@@ -44,10 +44,9 @@ from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, MIN_NORM, Attack
 from .attacks.hardlabel.boundary import StartPool
 from .errors import AuditError
-from .models.base import Model
+from .models.base import Model, seeded_rng
 from .oracles import GradientOracle, ScoreOracle, SurrogateOracle
 from .progress import ScanProgress
-from .surrogates import seeded_rng
 from .verify import Verified, eps_bound, labels_of, verify
 
 log = logging.getLogger(__name__)

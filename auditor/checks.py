@@ -18,6 +18,7 @@ from .attacks import BY_LABEL
 from .attacks.base import MIN_NORM, logit_margin
 from .attacks.whitebox.pgd import PGD
 from .models.base import GradientFailed, Model
+from .models.logits import are_probabilities
 from .oracles import GradientOracle, logits_and_gradient
 from .eps import eps_text
 from .verify import eps_bound, verify
@@ -76,12 +77,6 @@ LOW_CLEAN_ACCURACY_BELOW = 0.5
 
 REPEAT_RTOL, REPEAT_ATOL = 1e-4, 1e-5
 """How far two identical forward passes may differ (float noise) before the model counts as randomised."""
-
-
-def are_probabilities(outputs: torch.Tensor) -> bool:
-    """Whether a model's (N,K) outputs are probabilities: non-negative, rows summing to one."""
-    sums = outputs.sum(dim=1)
-    return bool((outputs >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
 
 
 def same_outputs(first: torch.Tensor, second: torch.Tensor) -> bool:

@@ -33,7 +33,8 @@ from .data import Dataset, load_data
 from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
-from .models.logits import BeforeSoftmax, logits_before_softmax
+from .models.base import seeded_rng
+from .models.logits import BeforeSoftmax, attacked_module, logits_before_softmax
 from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
 from .progress import ScanProgress
@@ -47,7 +48,7 @@ from .results import (
     sample_entries,
     transfer_entry,
 )
-from .surrogates import ENSEMBLE, Surrogate, examine, file_names, seeded_rng, train_surrogates
+from .surrogates import ENSEMBLE, Surrogate, examine, file_names, train_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,7 @@ def resolve_surrogates(
                 raise AuditError(f"surrogate {path} has no differentiable form: {model.access_ceiling[1]}")
             if classes != num_classes:
                 raise AuditError(f"surrogate {path} has {classes} classes, the model {num_classes}")
-            if checks_mod.are_probabilities(model.forward(x[:64])):  # attack the logits beneath its softmax
-                module = logits_before_softmax(module, x[:64]) or module
+            module, _ = attacked_module(module, x[:64])  # the logits beneath a final softmax, if any
             found.append(examine(Surrogate(name, module.eval(), str(path), model.info.sha256), x, y))
         if train:
             if dataset.name != "mnist":

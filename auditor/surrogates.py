@@ -38,7 +38,6 @@ import math
 import os
 import re
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
@@ -232,21 +231,6 @@ def examine(surrogate: Surrogate, x: torch.Tensor, y: torch.Tensor) -> Surrogate
         surrogate, clean_accuracy=accuracy(module, x, y), randomised=randomised,
         zero_gradients=int((grad.flatten(1) == 0).all(dim=1).sum()), checked=len(labels),
     )
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int, purpose: str) -> Iterator[None]:
-    """Run with torch's global CPU generator seeded from ``seed`` and
-    ``purpose``, its state restored after.
-
-    The zoo and the attacks draw from generators of their own, but a
-    surrogate file may draw from the global one (dropout left on in a module
-    exported in train mode): seeded, it draws the same numbers in every run
-    with the same seed. Surrogates run on the CPU only.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(f"{seed}:{purpose}".encode()))
-        yield
 
 
 @contextlib.contextmanager

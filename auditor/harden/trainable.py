@@ -37,11 +37,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..checks import are_probabilities
 from ..errors import AuditError
 from ..models import Model, Normalize
 from ..models.convert import OnnxGraphModule
-from ..models.logits import ADAPTER_WRAPPERS, logits_before_softmax
+from ..models.logits import ADAPTER_WRAPPERS, attacked_module
 
 BATCH_NORM_STATISTICS = (3, 4)
 """Input positions of ``BatchNormalization``'s running mean and variance."""
@@ -166,15 +165,11 @@ def logits_to_train(module: nn.Module, x: torch.Tensor, path: str) -> nn.Module:
     weights; the written file keeps the softmax). Cross-entropy on
     probabilities trains next to nothing, so a softmax that cannot be
     removed (see :mod:`auditor.models.logits`) is refused."""
-    with torch.no_grad():
-        outputs = module(x)
-    if not are_probabilities(outputs):
-        return module
-    logits = logits_before_softmax(module, x, training=True)
-    if logits is None:
+    trained, masked = attacked_module(module, x, training=True)
+    if masked:
         raise AuditError(
             f"model {path} returns probabilities, and its final softmax cannot be removed for training "
             "(a TorchScript module, layers after the softmax, or a forward torch.fx cannot trace the same "
             "way in training and in eval mode): harden the model without its final softmax"
         )
-    return logits
+    return trained

@@ -11,6 +11,9 @@ the same logits; an adapter that cannot provide one says why.
 from __future__ import annotations
 
 import abc
+import contextlib
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -138,3 +141,19 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, purpose: str) -> Iterator[None]:
+    """Run with torch's global generators (CPU and CUDA) seeded from ``seed``
+    and ``purpose``, their states restored after.
+
+    The attacks and the surrogate zoo draw from generators of their own, but
+    a model or surrogate file may draw from the global ones (dropout left on
+    in a module exported in train mode): seeded, it draws the same numbers in
+    every run with the same seed.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(f"{seed}:{purpose}".encode()))  # seeds every CUDA device too
+        yield

@@ -55,6 +55,12 @@ AGREEMENT_ATOL = 1e-3
 probabilities (float16 graphs round their softmax to about 1e-3)."""
 
 
+def are_probabilities(outputs: torch.Tensor) -> bool:
+    """Whether a model's (N,K) outputs are probabilities: non-negative, rows summing to one."""
+    sums = outputs.sum(dim=1)
+    return bool((outputs >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+
+
 def _with_child(module: nn.Module, name: str, child: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` (sharing its weights) whose child ``name`` is ``child``."""
     clone = copy.copy(module)
@@ -163,6 +169,19 @@ def logits_before_softmax(module: nn.Module, x: torch.Tensor, *, training: bool 
             return None
         agrees = torch.allclose(torch.softmax(logits.float(), dim=1), probabilities.float(), atol=AGREEMENT_ATOL)
     return stripped.eval() if agrees else None
+
+
+def attacked_module(module: nn.Module, x: torch.Tensor, *, training: bool = False) -> tuple[nn.Module, bool]:
+    """The module to take gradients of, and whether a softmax still masks
+    them: ``module`` where its outputs on ``x`` are logits; where they are
+    probabilities, :func:`logits_before_softmax` (``training`` as there), or
+    ``module`` itself and ``True`` where its final softmax cannot be removed."""
+    with torch.no_grad():
+        outputs = module(x)
+    if not are_probabilities(outputs):
+        return module, False
+    logits = logits_before_softmax(module, x, training=training)
+    return (module, True) if logits is None else (logits, False)
 
 
 class BeforeSoftmax(Model):
