@@ -296,6 +296,12 @@ class RunReport:
     """Minimum-norm runs with a trace: at each of ``TRACE_CHECKPOINTS`` up to
     the most queries spent, the attack's best distortion (in its own norm) per
     sample attacked, as it stood when no sample had spent more queries."""
+    reached_at: tuple[tuple[float, tuple[int, ...], tuple[bool, ...]], ...] = ()
+    """Minimum-norm runs with a trace in the threat norm, for each audited ε
+    (descending): ``(ε, queries, broken)`` per sample attacked, the queries
+    spent when its best example first came within ε (the queries spent
+    where it never did) and whether it is broken within ε, verified. One
+    run serves every ε, so its query cost at each ε reads off the trace."""
     start_index: tuple[int, ...] = ()
     """Attacks that start from data images (targeted, or untargeted where no
     random direction crossed the boundary): per sample attacked, the data set
@@ -499,9 +505,14 @@ def run_battery(
             ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
             records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
             within = ok & (checked.distortion <= eps_bound(limit))
-            reached = None
+            reached, reached_at = None, ()
             if attack.kind == MIN_NORM and result.trace and attack.norm == battery.norm:
                 reached = queries_to_reach(result.trace, eps_bound(limit), spent)
+                reached_at = tuple(
+                    (e, tuple(queries_to_reach(result.trace, eps_bound(e), spent).tolist()),
+                     tuple((ok & (checked.distortion <= eps_bound(e))).tolist()))
+                    for e in eps_desc
+                )
             first = within & ~broken[active]
             to_success[active[first]] = (spent if reached is None else reached)[first]
             attacked[active], broken[active[within]] = True, True
@@ -513,6 +524,7 @@ def run_battery(
                 queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
                 positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
                 success=tuple(within.tolist()), reached=() if reached is None else tuple(reached.tolist()),
+                reached_at=reached_at,
                 distortion_at=distortion_at(result.trace, spent, budget=budget_of_attack) if attack.kind != FIXED_EPS else (),
                 start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
                 surrogate=None if group is None else group.name,

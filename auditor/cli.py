@@ -223,7 +223,9 @@ def cli(debug: bool) -> None:
 @click.option("--eps", type=RADIUS, multiple=True,
               help="Perturbation radius, e.g. 0.3 or 8/255 (repeatable). Default: 0.1, 0.2, 0.3 (linf) or "
                    "1, 1.5, 2 (l2) for greyscale images up to 32x32; else 2/255, 4/255, 8/255 or 0.25, 0.5, 1.")
-@click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True, help="Queries per sample for each black-box attack.")
+@click.option("--budget", type=int, default=DEFAULT_BUDGET, show_default=True,
+              help="Queries per sample for each run of a black-box attack: a fixed-eps attack runs once per eps, "
+                   "a minimum-norm attack once for all eps.")
 @click.option("--attacks", help="Comma-separated attack names (see `auditor attacks`); a name without its norm "
               "(fgsm, sign-opt) means the threat norm's variant. Default: the whole battery.")
 @click.option("--target", help="Targeted audit: random, least-likely or a class index (targeted attacks only).")

@@ -81,9 +81,24 @@ def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measu
         entry["per_sample"]["start_index"] = [None if i < 0 else int(i) for i in run.start_index]
     if run.eps is not None:
         entry["success_curve"] = success_curve(run.queries, run.success, budget)
+    if run.reached_at:
+        entry["success_by_eps"] = [_success_at(eps, queries, success, budget, run.queries_total)
+                                   for eps, queries, success in run.reached_at]
     if run.distortion_at:
         entry["distortion_at_queries"] = distortion_checkpoints(run.distortion_at)
     return entry
+
+
+def _success_at(eps: float, queries: Sequence[int], success: Sequence[bool], budget: int | None,
+                total: int) -> dict:
+    """A minimum-norm run's query cost at one ε: its samples broken within ε,
+    their queries to success (read from the trace) and the success curve."""
+    to_success = [q for q, ok in zip(queries, success) if ok]
+    return {
+        "eps": eps, "broken": len(to_success),
+        "queries_to_success": _stats(to_success, budget, total, "to-success"),
+        "success_curve": success_curve(queries, success, budget),
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -91,12 +106,14 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def distortion_checkpoints(points) -> dict:
-    """Median and mean of the attack's best distortion at each query checkpoint.
+    """Median and mean of the attack's best distortion at each query checkpoint,
+    and each sample's own (its trace at the checkpoints).
 
     Samples with no adversarial example yet count as infinitely far: the
     median is null until more than half of them have one; the mean is over those
-    found, with the count found alongside."""
+    found, with the count found alongside; a sample's own value is null."""
     queries, medians, means, found = [], [], [], []
+    per_sample = [[_finite_or_none(size) for size in sizes] for sizes in zip(*(sizes for _, sizes in points))]
     for checkpoint, sizes in points:
         values = np.asarray(sizes, dtype=np.float64)
         finite = values[np.isfinite(values)]
@@ -104,7 +121,7 @@ def distortion_checkpoints(points) -> dict:
         medians.append(_finite_or_none(float(np.median(values))) if len(values) else None)
         means.append(_finite_or_none(float(finite.mean())) if len(finite) else None)
         found.append(int(len(finite)))
-    return {"queries": queries, "median": medians, "mean_found": means, "found": found}
+    return {"queries": queries, "median": medians, "mean_found": means, "found": found, "per_sample": per_sample}
 
 
 def attack_entry(report: AttackReport, indices: Sequence[int]) -> dict:

@@ -275,7 +275,8 @@ def scan(
         (linf) or 1, 1.5, 2 (l2) for greyscale images up to 32x32, else
         2/255, 4/255, 8/255 or 0.25, 0.5, 1.
     budget : int, default 5000
-        Queries per sample for each black-box attack.
+        Queries per sample for each run of a black-box attack: a fixed-ε
+        attack runs once per ε, a minimum-norm attack once for all ε.
     attacks : str or sequence of str, optional
         Attack names (``auditor attacks``), or one string ``"a,b"``; a name
         without its norm (``fgsm``) means the threat norm's variant.

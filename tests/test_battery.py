@@ -158,7 +158,8 @@ def test_distortion_checkpoints_read_the_trace_at_each_query_count():
     assert points[0][1] == (inf, 4.0, 6.0) and points[2][1] == (3.0, 2.0, 5.0)
     summary = distortion_checkpoints(points)
     assert summary == {"queries": [200, 500, 1000, 1300], "median": [6.0, 3.0, 3.0, 2.0],
-                       "mean_found": [5.0, 3.333333, 3.333333, 2.333333], "found": [2, 3, 3, 3]}
+                       "mean_found": [5.0, 3.333333, 3.333333, 2.333333], "found": [2, 3, 3, 3],
+                       "per_sample": [[None, 3.0, 3.0, 1.0], [4.0, 2.0, 2.0, 2.0], [6.0, 5.0, 5.0, 4.0]]}
     assert distortion_checkpoints(distortion_at(trace[:1], torch.tensor([150, 150, 150])))["median"] == [6.0]
     # with a budget the list closes at it: no sample spent more, so those are the final distortions
     budgeted = distortion_at(trace, torch.tensor([1300, 1250, 1300]), budget=1500)

@@ -890,8 +890,45 @@ def test_query_cost_shows_every_eps_and_points_minimum_norm_attacks_to_the_disto
 
     assert [(row.name, row.eps, row.success_rate) for row in view.query_rows] == [
         ("square-linf", "0.3", "94.9 %"), ("square-linf", "0.1", "30.3 %")]
-    assert view.query_note.startswith("sign-opt-l2 is a minimum-norm attack, run without a fixed ε")
+    assert view.query_note.startswith("sign-opt-l2 is a minimum-norm attack: one run without a fixed ε")
     assert view.query_note in render_html(view)
+
+
+def _success_at(eps: float, broken: int, median: float, rates: list[float]) -> dict:
+    return {"eps": eps, "broken": broken,
+            "queries_to_success": {"mean": median, "median": median, "p90": median, "max": int(median),
+                                   "budget": 2000, "total": 10000, "measure": "to-success"},
+            "success_curve": {"queries": [1, 100, 2000], "success_rate": rates}}
+
+
+def test_query_cost_reads_minimum_norm_runs_at_each_eps(results, tmp_path):
+    """A hard-label audit's query cost: a minimum-norm run's success at each ε,
+    read off its trace, has a row and a curve like a fixed-ε run's."""
+    (run,) = results["attacks"][1]["runs"]
+    run["success_by_eps"] = [_success_at(0.3, 4, 900.0, [0.0, 0.2, 0.8]),
+                             _success_at(0.1, 1, 1500.0, [0.0, 0.0, 0.2])]
+
+    view = build_view(results)
+
+    assert [(row.name, row.eps, row.samples, row.success_rate, row.median) for row in view.query_rows] == [
+        ("square-linf", "0.3", "99", "94.9 %", "75"),
+        ("sign-opt-l2", "0.3", "5", "80.0 %", "900"),
+        ("sign-opt-l2", "0.1", "5", "20.0 %", "1,500"),
+    ]
+    assert "sign-opt-l2 (ε=0.1)" in view.query_chart_svg
+    assert "sign-opt-l2 0.1 5 20.0 %" in " ".join(_pdf_text(write_report(results, tmp_path)[1]).split())
+
+
+def test_success_by_eps_is_validated(results):
+    (run,) = results["attacks"][1]["runs"]
+    run["success_by_eps"] = [_success_at(0.3, 4, 900.0, [0.0, 0.2, 0.8])]
+    assert validate_results(results) is results
+    run["success_by_eps"][0]["broken"] = 6
+    with pytest.raises(AuditError, match=r"success_by_eps\[0\]: broken is more than the run's 5 samples"):
+        validate_results(results)
+    run["success_by_eps"][0] = {**run["success_by_eps"][0], "broken": 4, "success_curve": {"queries": [1], "success_rate": [0.0, 1.0]}}
+    with pytest.raises(AuditError, match=r"success_by_eps\[0\]\.success_curve: its lists differ in length"):
+        validate_results(results)
 
 
 def test_context_version_date_data_and_confidence_intervals(results, tmp_path):

@@ -436,3 +436,34 @@ def test_a_randomised_model_gives_the_same_results_for_a_seed(tiny_cnn, tmp_path
     first, second = (auditor.scan(path, samples=16, eps=[0.1], attacks=["fgsm", "pgd"]).results for _ in range(2))
     assert "randomised-model" in {check["id"] for check in first["checks"]}
     assert first["samples"] == second["samples"] and first["clean_accuracy"] == second["clean_accuracy"]
+
+
+def test_min_norm_runs_give_their_query_cost_at_every_eps(hard_label_scan):
+    """A minimum-norm run serves every ε: its success at ε against queries
+    comes from the trace, and agrees with the verified records."""
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    records = np.array([np.inf if s["distortion"] is None else s["distortion"] for s in results["samples"]])
+    by_index = {s["index"]: i for i, s in enumerate(results["samples"])}
+    for attack in (a for a in results["attacks"] if a["kind"] == "min-norm"):
+        (run,) = attack["runs"]
+        entries = run["success_by_eps"]
+        assert [e["eps"] for e in entries] == sorted(results["threat"]["eps"], reverse=True)
+        assert entries[0]["broken"] == run["broken"]  # the largest ε: the run's own count
+        assert [e["broken"] for e in entries] == sorted((e["broken"] for e in entries), reverse=True)
+        for entry in entries:
+            curve = entry["success_curve"]
+            assert curve["queries"][-1] == BUDGET and curve["success_rate"] == sorted(curve["success_rate"])
+            assert curve["success_rate"][-1] == pytest.approx(entry["broken"] / run["samples"], abs=1e-6)
+            # a sample the run broke within ε is broken there in the records too
+            mine = [by_index[i] for i in run["per_sample"]["index"]]
+            assert (records[mine] <= entry["eps"] + 1e-5).sum() >= entry["broken"]
+            assert entry["queries_to_success"]["median"] < BUDGET
+        # each sample's own trace: one value per checkpoint, never growing
+        trace = run["distortion_at_queries"]
+        assert len(trace["per_sample"]) == run["samples"]
+        for values in trace["per_sample"]:
+            assert len(values) == len(trace["queries"])
+            found = [v for v in values if v is not None]
+            assert found == sorted(found, reverse=True) and values[len(values) - len(found):] == found
+    text = " ".join(page.extract_text() for page in PdfReader(hard_label_scan / "report.pdf").pages)
+    assert re.search(r"hop-skip-jump-linf 0\.1 \d+ \d+\.\d %", " ".join(text.split()))  # its query row at ε = 0.1

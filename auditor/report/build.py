@@ -121,7 +121,7 @@ class AttackRow:
 
 @dataclass(frozen=True)
 class QueryRow:
-    """Query cost of one black-box fixed-ε attack at the largest ε it ran."""
+    """Query cost of one black-box attack at one ε (a fixed-ε run, or a minimum-norm run read at that ε)."""
 
     name: str
     eps: str
@@ -653,28 +653,34 @@ def _attack_row(attack: dict, audited: list[float]) -> AttackRow:
 
 
 def _query_runs(results: dict) -> list[tuple[dict, dict]]:
-    """(attack, run) for each run of each black-box fixed-ε attack, from the
-    largest ε to the smallest, where the cost is highest.
+    """(attack, run) for each black-box attack at each ε it has a query cost
+    for, from the largest ε to the smallest, where the cost is highest: a
+    fixed-ε attack's runs, and a minimum-norm run's ``success_by_eps``
+    entries (which carry a run's fields for one ε).
 
     Results written before runs carried query curves have none to show."""
     found = []
     for attack in results["attacks"]:
         if attack["queries"]["budget"] is not None:
             runs = [run for run in attack.get("runs", ()) if "success_curve" in run]
+            runs += [{**at_eps, "samples": run["samples"]} for run in attack.get("runs", ())
+                     for at_eps in run.get("success_by_eps", ())]
             found += [(attack, run) for run in sorted(runs, key=lambda run: run["eps"], reverse=True)]
     return found
 
 
 def _query_note(results: dict) -> str:
-    """The sentence pointing from the query cost to the distortion section,
-    for the black-box minimum-norm attacks ("" when none ran)."""
+    """The sentence on how the black-box minimum-norm attacks' query cost is
+    read ("" when none ran)."""
     names = list(dict.fromkeys(attack["name"] for attack, _ in _distortion_runs(results)
                                if attack["queries"]["budget"] is not None))
     if not names:
         return ""
     kind = "is a minimum-norm attack" if len(names) == 1 else "are minimum-norm attacks"
-    return (f"{', '.join(names)} {kind}, run without a fixed ε: no success curve here; how their distortion "
-            "shrinks with the queries spent is under “Distortion against queries” below.")
+    return (f"{', '.join(names)} {kind}: one run without a fixed ε, which keeps refining its examples until "
+            "the budget is spent. A sample counts as broken at ε from the query at which its best example "
+            "first came within ε; how the distortion shrinks with the queries spent is under “Distortion "
+            "against queries” below.")
 
 
 def _query_row(attack: dict, run: dict) -> QueryRow:

@@ -138,6 +138,24 @@ def _check_attack(check: "_Checker", name: tuple) -> None:
             "mean_found": (_optional(_non_negative), "a number >= 0 or null"),
             "found": (_count, "an integer >= 0"),
         })
+        if check.has((*run, "success_by_eps")):
+            _check_success_by_eps(check, (*run, "success_by_eps"), attacked)
+
+
+def _check_success_by_eps(check: "_Checker", name: tuple, attacked: int) -> None:
+    """A minimum-norm run's query cost per ε: each entry's ε, samples broken
+    (at most the run's ``attacked``), query statistics and success curve."""
+    for number in check.items(name, _mapping, "a mapping"):
+        entry = (*name, number)
+        check.field((*entry, "eps"), _non_negative, "a number >= 0")
+        if check.field((*entry, "broken"), _count, "an integer >= 0") > attacked:
+            raise check.error(f"{_display(entry)}: broken is more than the run's {attacked} samples")
+        _check_queries(check, (*entry, "queries_to_success"), required=True)
+        check.field((*entry, "success_curve"), _mapping, "a mapping")
+        _check_curve(check, (*entry, "success_curve"), {
+            "queries": (_count, "an integer >= 0"),
+            "success_rate": (_optional(_fraction), "a number in [0, 1] or null"),
+        })
 
 
 def _check_queries(check: "_Checker", name: tuple, required: bool) -> None:
