@@ -96,7 +96,7 @@ def _cannot_run(attack: Attack, budget: int | None, shape: tuple[int, ...], num_
 def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_classes: int) -> Battery:
     """``battery`` without the attacks that cannot run on this model and
     data (:func:`_cannot_run`), each listed as skipped with why, and the
-    others as they run on its classes (:meth:`~.Attack.for_classes`). A default
+    others as they run on its classes and targets (:meth:`~.Attack.as_run`). A default
     attack that could not have run either is not one a chosen battery left out."""
     reasons = {
         attack.label: reason
@@ -106,7 +106,7 @@ def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_c
     left_out = tuple(
         label for label in battery.left_out if _cannot_run(BY_LABEL[label], budget, shape, num_classes) is None
     )
-    kept = tuple(attack.for_classes(num_classes) for attack in battery.attacks if attack.label not in reasons)
+    kept = tuple(attack.as_run(num_classes, battery.targeted) for attack in battery.attacks if attack.label not in reasons)
     if not kept:
         why = "; ".join(f"{label}: {reason}" for label, reason in reasons.items())
         raise AuditError(f"no attack chosen can run ({why})")

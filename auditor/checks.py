@@ -339,14 +339,20 @@ def non_monotone(reports: Sequence["AttackReport"]) -> list[Check]:
     return found
 
 
-def noise_beats_attacks(reports: Sequence["AttackReport"]) -> list[Check]:
+def noise_beats_attacks(reports: Sequence["AttackReport"], could_not_start: bool = False) -> list[Check]:
+    """Random noise broke samples the attacks before it missed. With
+    ``could_not_start`` (``no-target-image`` fired) some attacks had no
+    start image for some samples, which explains it as well as attacks
+    that do not work."""
+    why = ("the attacks are not working on this model, or could not start on samples whose target class has "
+           "no image in the data (see no-target-image)" if could_not_start
+           else "the attacks are not working on this model")
     found = []
     for position, report in enumerate(reports):
         if report.attack.name == "random-noise" and report.broken and position > 0:
             found.append(Check(
                 NOISE_BEATS_ATTACKS, "warning",
-                f"uniform random noise broke {report.broken} samples that every attack before it missed: "
-                "the attacks are not working on this model",
+                f"uniform random noise broke {report.broken} samples that every attack before it missed: {why}",
             ))
     return found
 

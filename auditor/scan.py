@@ -8,14 +8,15 @@ layer over this function.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
 import os
+import re
 import shutil
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,32 +139,35 @@ def resolve_eps(
 
 
 def resolve_targets(
-    target: str | int | None, logits: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
+    target: str | int | None, logits: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int,
+    indices: Sequence[int],
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict | None]:
     """Targets for a targeted audit: (targets or None, samples kept, threat entry).
 
-    ``random``: a class other than the label, drawn per sample from the seed;
-    ``least-likely``: the class other than the label that the model scores
-    lowest in ``logits``, its clean logits (the auditor's choice of target, not
-    a query of the attacker); a class
+    ``random``: a class other than the label, drawn per sample from the seed
+    and the sample's data set index (``indices``), so a sample keeps its
+    target in any subset (``-n``); ``least-likely``: the class other than
+    the label that the model scores lowest in ``logits``, its clean logits
+    (the auditor's choice of target, not a query of the attacker); a class
     index: that class, and samples of that class are left out (no image can
     be pushed to its own label).
     """
     everyone = torch.ones(len(y), dtype=torch.bool)
     if target is None:
         return None, everyone, None
+    if num_classes < 2:
+        raise AuditError(f"--target: a {num_classes}-class model has no class to target")
     if target == "random":
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:target".encode()))
-        shift = torch.randint(1, num_classes, (len(y),), generator=gen)
+        draws = [_draw(seed, int(index)) for index in indices]
+        shift = torch.tensor([1 + draw % (num_classes - 1) for draw in draws], dtype=torch.long)
         return (y + shift) % num_classes, everyone, {"mode": "random"}
     if target == "least-likely":
         scores = logits.double()
         scores.scatter_(1, y[:, None], float("inf"))  # a target is never the label
         return scores.argmin(1), everyone, {"mode": "least-likely"}
-    try:
-        chosen = int(target)
-    except (TypeError, ValueError):
-        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}") from None
+    if isinstance(target, str) and not re.fullmatch("[0-9]+", target):  # int() takes " 3", "+3", "٣"
+        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}")
+    chosen = int(target)
     if not 0 <= chosen < num_classes:
         raise AuditError(f"--target {chosen} is not a class of this {num_classes}-class model")
     keep = y != chosen
@@ -171,6 +175,12 @@ def resolve_targets(
         raise AuditError(f"--target {chosen}: every sample already has label {chosen}")
     entry = {"mode": "class", "class": chosen, "left_out": int((~keep).sum())}
     return torch.full((int(keep.sum()),), chosen, dtype=torch.long), keep, entry
+
+
+def _draw(seed: int, index: int) -> int:
+    """A 64-bit number drawn from ``seed`` for the data set image ``index``."""
+    digest = hashlib.blake2b(str(index).encode(), digest_size=8, key=f"{seed}:target".encode()).digest()
+    return int.from_bytes(digest, "little")
 
 
 def resolve_surrogates(
@@ -380,7 +390,7 @@ def scan(
     # gives the same results.json; each attack run seeds it again (run_battery)
     with seeded_rng(seed, "model"):
         logits = clean_logits(adapter, x, dataset)
-        targets, keep, target_entry = resolve_targets(target, logits, y, num_classes, seed)
+        targets, keep, target_entry = resolve_targets(target, logits, y, num_classes, seed, indices)
         indices, x, y, logits = indices[keep], x[keep], y[keep], logits[keep]
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
@@ -406,13 +416,14 @@ def scan(
         found += checks_mod.small_budget(level, budget)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
         found += checks_mod.non_monotone(outcome.attacks)
-        found += checks_mod.noise_beats_attacks(outcome.attacks)
+        no_start = checks_mod.no_target_image(battery, targets, dataset.y)
+        found += checks_mod.noise_beats_attacks(outcome.attacks, could_not_start=bool(no_start))
         found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
         if level == Access.WHITE_BOX:
             found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
         found += checks_mod.skipped_attacks(battery.skipped)
         found += checks_mod.no_gradient_attack(battery)
-        found += checks_mod.no_target_image(battery, targets, dataset.y)
+        found += no_start
         found += checks_mod.custom_battery(battery.left_out)
         found += checks_mod.access_limited(level, reason)
 

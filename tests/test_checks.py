@@ -247,6 +247,11 @@ def test_noise_beats_attacks_needs_an_attack_before_the_noise():
     assert noise_beats_attacks([noise]) == []  # nothing ran before it
     (check,) = noise_beats_attacks([SimpleNamespace(attack=FGSM(), broken=0), noise])
     assert check.id == "noise-beats-attacks" and "broke 3 samples" in check.message
+    assert check.message.endswith("the attacks are not working on this model")
+    # a targeted audit whose data lack target images: the attacks may not have started
+    (check,) = noise_beats_attacks([SimpleNamespace(attack=FGSM(), broken=0), noise], could_not_start=True)
+    assert check.message.endswith("or could not start on samples whose target class has no image in the data "
+                                  "(see no-target-image)")
 
 
 def test_a_tiny_budget_at_hard_label_access_is_an_error_and_fails_the_default_policy(example_onnx):

@@ -359,6 +359,11 @@ MALFORMED = [
     ("samples.0.distortion", "x", "samples[0].distortion must be a number >= 0 or null, got 'x'"),
     ("attacks.0.params", "x", "attacks[0].params must be a mapping, got 'x'"),
     ("threat.target", "random", "threat.target must be a mapping or null, got 'random'"),
+    # auditor check read {} as untargeted and passed robust_accuracy; auditor report refused it
+    ("threat.target", {}, "missing required field 'threat.target.mode'"),
+    ("threat.target", {"mode": "bogus"}, "threat.target.mode must be one of random, least-likely, class, got 'bogus'"),
+    ("threat.target", {"mode": "class", "class": "x"}, "threat.target.class must be an integer >= 0, got 'x'"),
+    ("threat.target", {"mode": "class", "class": 10}, "threat.target.class is 10, not a class of the 10-class model"),
     ("threat.eps", [0.1, 0.2], "robust_accuracy has ε ['0.1', '0.2', '0.3'] but threat.eps is ['0.1', '0.2']"),
     ("policy.passed", True, "policy.passed is true, but 1 of 2 requirements failed"),
     ("policy.passed", "no", "policy.passed must be true or false, got 'no'"),

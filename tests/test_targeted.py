@@ -12,7 +12,7 @@ import torch
 import auditor
 from auditor.access import Access
 from auditor.attacks.whitebox.apgd_t import APGDTargeted
-from auditor.battery import build_battery, run_battery
+from auditor.battery import build_battery, run_battery, runnable
 from auditor.cli import main
 from auditor.errors import AuditError
 from auditor.models.base import ModelInfo
@@ -95,7 +95,10 @@ def test_a_fixed_target_class_leaves_out_its_own_samples(example_onnx):
     assert all(s["label"] != 3 and s["target"] == 3 for s in results["samples"])
 
 
-@pytest.mark.parametrize("value, message", [("12", "not a class"), ("sideways", "--target must be")])
+@pytest.mark.parametrize("value, message", [
+    ("12", "not a class"), ("sideways", "--target must be"),
+    (" 3", "--target must be"), ("+3", "--target must be"), ("\u0663", "--target must be"),  # int() takes them
+])
 def test_bad_target_is_a_one_line_error(example_onnx, tmp_path, capsys, value, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["scan", str(example_onnx), "--target", value, "-n", "10", "--out", str(tmp_path / "out")])
@@ -113,12 +116,40 @@ def test_least_likely_targets_are_the_lowest_scored_other_class(example_onnx):
 
     model, data = load_model(example_onnx), load_data("mnist")
     x, y = data.x[:200], data.y[:200]
-    targets, keep, entry = resolve_targets("least-likely", model.forward(x), y, 10, seed=0)
+    targets, keep, entry = resolve_targets("least-likely", model.forward(x), y, 10, seed=0, indices=range(200))
     assert entry == {"mode": "least-likely"} and keep.all()
     assert (targets != y).all()  # even where the label itself scores lowest
     scores = model.forward(x).double()
     scores[torch.arange(len(y)), y] = float("inf")
     assert torch.equal(targets, scores.argmin(1))
+
+
+def test_a_random_target_depends_on_the_sample_not_on_the_subset():
+    """A sample keeps its random target whichever other samples are audited
+    with it (``-n`` 16 or 32, another order); another seed draws anew."""
+    from auditor.scan import resolve_targets
+
+    y = torch.arange(32) % 10
+    logits = torch.zeros(32, 10)
+    every, _, _ = resolve_targets("random", logits, y, 10, seed=0, indices=range(100, 132))
+    half, _, _ = resolve_targets("random", logits[:16], y[:16], 10, seed=0, indices=range(100, 116))
+    odd, _, _ = resolve_targets("random", logits[1::2], y[1::2], 10, seed=0, indices=range(101, 132, 2))
+    reseeded, _, _ = resolve_targets("random", logits, y, 10, seed=1, indices=range(100, 132))
+    assert torch.equal(half, every[:16]) and torch.equal(odd, every[1::2])
+    assert (every != y).all() and len(set(every.tolist())) > 3
+    assert not torch.equal(reseeded, every)
+
+
+def test_targeted_apgd_records_the_one_target_it_runs():
+    """A targeted audit gives each sample its one target: APGD-T's recorded
+    n_target_classes said 9, the untargeted effort."""
+    def apgd_t(targeted: bool) -> APGDTargeted:
+        battery = build_battery(Access.WHITE_BOX, "linf", ["apgd-t-linf"], targeted=targeted)
+        (attack,) = runnable(battery, 100, (1, 28, 28), 10).attacks
+        return attack
+
+    assert apgd_t(targeted=True).params()["n_target_classes"] == 1
+    assert apgd_t(targeted=False).params()["n_target_classes"] == 9
 
 
 def test_clean_errors_are_not_robust_in_a_targeted_audit(tiny_cnn, mnist_test):

@@ -106,10 +106,11 @@ class Attack(abc.ABC):
         """The fewest classes the attack's loss is defined for."""
         return 2
 
-    def for_classes(self, num_classes: int) -> "Attack":
-        """This attack as it runs on a model of ``num_classes`` classes, so
-        that its recorded parameters are the ones it ran with (itself, unless
-        a parameter counts classes)."""
+    def as_run(self, num_classes: int, targeted: bool) -> "Attack":
+        """This attack as it runs on a model of ``num_classes`` classes in a
+        targeted or untargeted audit, so that its recorded parameters are the
+        ones it ran with (itself, unless a parameter counts classes or
+        targets)."""
         return self
 
     def step_cost(self, shape: tuple[int, ...]) -> int:

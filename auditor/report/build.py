@@ -616,7 +616,7 @@ def target_text(target: dict | None) -> str:
     if target["mode"] == "random":
         return "targeted: a random class per sample (other than its label) must be output"
     if target["mode"] == "least-likely":
-        return "targeted: the class the model scores lowest on the clean image must be output"
+        return "targeted: the class other than its label that the model scores lowest on the clean image must be output"
     left_out = target.get("left_out", 0)
     return (f"targeted: class {target['class']} must be output "
             f"({_plural(left_out, 'sample')} of that class left out)")

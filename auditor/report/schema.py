@@ -76,7 +76,8 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("threat.norm", _string, "a string")
     check.items("threat.eps", _non_negative, "a number >= 0")
     check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null", required=False)
-    check.field("threat.target", _optional(_mapping), "a mapping or null", required=False)
+    if check.field("threat.target", _optional(_mapping), "a mapping or null", required=False) is not None:
+        _check_target(check, results["model"]["num_classes"])
     check.field("clean_accuracy", _fraction, "a number in [0, 1]")
     _check_accuracies(check, ("robust_accuracy",))
     check.field("eps_50", _optional(_non_negative), "a number >= 0 or null", required=False)
@@ -93,6 +94,23 @@ def validate_results(results: Any, source: str = "input") -> dict:
     check.field("manifest", _mapping, "a mapping")
     _check_agreement(check, results)
     return results
+
+
+TARGET_MODES = ("random", "least-likely", "class")
+
+
+def _check_target(check: "_Checker", num_classes: int) -> None:
+    """A targeted audit's ``threat.target``: its mode, and for a class its
+    index (a class of the model) and the samples left out. The policy gate
+    and the report both rely on it: an empty mapping read as untargeted."""
+    mode = check.field("threat.target.mode", _string, "a string")
+    if mode not in TARGET_MODES:
+        raise check.error(f"threat.target.mode must be one of {', '.join(TARGET_MODES)}, got {mode!r}")
+    if mode == "class":
+        chosen = check.field("threat.target.class", _count, "an integer >= 0")
+        if chosen >= num_classes:
+            raise check.error(f"threat.target.class is {chosen}, not a class of the {num_classes}-class model")
+        check.field("threat.target.left_out", _count, "an integer >= 0", required=False)
 
 
 def _check_accuracies(check: "_Checker", name: tuple) -> None:

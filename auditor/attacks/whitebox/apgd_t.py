@@ -29,7 +29,7 @@ the loss and the loop over targets:
   y), not reaching the target, and a sample leaves the batch at its first
   misclassified iterate, which is its ``x_adv``;
 * targeted mode (``target=`` given, a targeted audit): the given class is the
-  only target, and success is reaching it, so the loss is Eq. 5 with z_y
+  only target (its recorded ``n_target_classes`` is 1), and success is reaching it, so the loss is Eq. 5 with z_y
   replaced by the largest other logit, max_{i≠t} z_i (:func:`reach_dlr`;
   Eq. 5 itself ignores a third class above the target). On an MNIST CNN
   (200 digits, random targets, L∞ ε = 0.15 and 0.2) it reached the target
@@ -93,9 +93,10 @@ class APGDTargeted(APGDConfig):
 
     targeted = True
 
-    def for_classes(self, num_classes: int) -> APGDTargeted:
-        """At most K − 1 target classes exist: 9 targets on a 3-class model are 2."""
-        return dataclasses.replace(self, n_target_classes=min(self.n_target_classes, num_classes - 1))
+    def as_run(self, num_classes: int, targeted: bool) -> APGDTargeted:
+        """At most K − 1 target classes exist: 9 targets on a 3-class model
+        are 2. A targeted audit gives each sample its one target."""
+        return dataclasses.replace(self, n_target_classes=1 if targeted else min(self.n_target_classes, num_classes - 1))
 
     def __call__(self, oracle: GradientOracle, x, y, *, eps=None, seed=0, target=None) -> AttackResult:
         check_call(self, eps, target, y)
