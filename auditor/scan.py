@@ -208,7 +208,8 @@ def resolve_surrogates(
     with seeded_rng(seed, "surrogates"):  # a randomised surrogate draws the same numbers in every run
         for name, path in zip(file_names(paths), paths):
             try:
-                model = load_model(path, device="cpu", trust_pickle=trust_pickle)
+                model = load_model(path, device="cpu", trust_pickle=trust_pickle,
+                                   image_shape=tuple(dataset.x.shape[1:]))
                 classes = check_model_on_data(model, dataset)
             except WeightsWithoutArch as exc:  # --arch builds the audited model only
                 raise AuditError(f"surrogate {path} is a weights file: a surrogate must be a model file with its "
@@ -374,7 +375,8 @@ def scan(
     dataset = load_data(data)
     check_channels(mean, std, dataset.x.shape[1], f"data {dataset.name} has")
     eps_list = resolve_eps(tuple(dataset.x.shape[1:]), norm, eps)
-    adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device)
+    adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device,
+                         image_shape=tuple(dataset.x.shape[1:]))
     num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
     battery = build_battery(
@@ -440,6 +442,7 @@ def scan(
             "sha256": info.sha256,
             "input_shape": list(x.shape[1:]),
             **({"input_layout": "NHWC"} if info.channels_last else {}),
+            **({"output": info.output} if info.output is not None else {}),
             "num_classes": num_classes,
             **({"arch": arch, "arch_sha256": arch_sha256(arch)} if arch else {}),
             **({"normalisation": {

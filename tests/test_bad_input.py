@@ -123,6 +123,48 @@ def _unconvertible(path: Path) -> Path:
     return path
 
 
+def _classifier_tail(path: Path, tail: list, outputs: list) -> Path:
+    """An MNIST-shaped linear ONNX classifier making ``logits`` (N,10), then the ``tail`` nodes."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weights = numpy_helper.from_array(np.random.RandomState(0).randn(784, 10).astype(np.float32), "w")
+    column = numpy_helper.from_array(np.array([-1, 10, 1, 1], np.int64), "column")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"]), *tail],
+        "tail",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        outputs,
+        initializer=[weights, column],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+    return path
+
+
+def _squeezed(path: Path) -> Path:
+    """Ends in a Squeeze without axes (PyTorch's ``x.squeeze()``): (10,) for one image."""
+    from onnx import TensorProto, helper
+
+    tail = [helper.make_node("Reshape", ["logits", "column"], ["column_logits"]),
+            helper.make_node("Squeeze", ["column_logits"], ["scores"])]
+    return _classifier_tail(path, tail, [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 10])])
+
+
+def _zipmap(path: Path) -> Path:
+    """sklearn-onnx's default outputs: an int64 label, then a ZipMap of the probabilities."""
+    from onnx import TensorProto, helper
+
+    tail = [helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+            helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+            helper.make_node("ZipMap", ["probabilities"], ["zipped"], domain="ai.onnx.ml",
+                             classlabels_int64s=list(range(10)))]
+    sequence = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
+               helper.make_value_info("zipped", sequence)]
+    return _classifier_tail(path, tail, outputs)
+
+
 def _onnx(module: nn.Module, shape, path: Path) -> Path:
     torch.onnx.export(module.eval(), (torch.rand(1, *shape),), str(path), dynamo=False,
                       input_names=["x"], dynamic_axes={"x": {0: "batch"}})
@@ -138,6 +180,8 @@ def artefacts(tmp_path_factory, tiny_cnn):
     _onnx(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), (1, 28, 28), root / "five.onnx")
     _onnx(_NanHead(), (1, 28, 28), root / "nan.onnx")
     _unconvertible(root / "hardmax.onnx")
+    _squeezed(root / "squeezed.onnx")
+    _zipmap(root / "zipmap.onnx")
     (root / "empty_dir").mkdir()
     np.savez(root / "no_y.npz", x=np.zeros((4, 1, 28, 28), np.float32))
     (root / "unknown_key.yaml").write_text("policy: p\nrequirements:\n  - clean_acuracy: {min: 0.5}\n")
@@ -194,6 +238,12 @@ CASES = {
     "TorchScript named .pt2": (["scan", "{root}/script.pt2"], "its archive has no archive_format record"),
     ".pt2 torch cannot read": (["scan", "{root}/unknown_op.pt2"], "failed to resolve torch.ops.aten.nosuchop"),
     "batch size fixed inside the graph": (["scan", "{root}/batch16.onnx"], "fails on a batch of 3"),
+    "outputs (K,) for a single image": (["scan", "{root}/squeezed.onnx"],
+                                        "fails on a single image (a squeeze() that drops the batch dimension?): its output 'scores' has shape (10,)"),
+    "single image at soft-label": (["scan", "{root}/squeezed.onnx", "--access", "soft-label", "-n", "4"],
+                                   "fails on a single image"),
+    "ZipMap probabilities": (["scan", "{root}/zipmap.onnx"], "convert the model without it (sklearn-onnx: options "
+                             "{'zipmap': False})"),
     "model fails in the middle of the battery": (
         ["scan", "{root}/picky.pt", "--access", "hard-label", "--attacks", "sign-opt", "-n", "4", "--budget", "20"],
         "picky.pt failed on a batch of"),

@@ -14,11 +14,14 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+import auditor
 from auditor.access import Access
+from auditor.data.base import Dataset
 from auditor.errors import AuditError
-from auditor.models import load_model
+from auditor.models import check_model_on_data, load_model
 from auditor.models.base import Normalize
 from auditor.models.convert import ConversionError, check_agreement, convert_onnx
+from auditor.models.logits import attacked_module, logits_before_softmax
 
 BATCH = torch.export.Dim("batch")
 EXPORT_BATCH = 3
@@ -527,3 +530,286 @@ def test_is_inf_honours_its_detect_attributes(attrs, flags):
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": x})[0].tolist() == [flags]
     assert convert_onnx(proto)(torch.from_numpy(x)).bool().tolist() == [flags]
+
+
+# Graphs built node by node: softmax removal, the audited output, symbolic image sizes ----------------
+
+SCALE = 50.0
+"""Logits this large saturate a float32 softmax on most digits."""
+
+
+def _initializer(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _tiny_cnn_graph(net: nn.Module, tail: list, outputs: list, *, opset: int = 17,
+                    initializers: tuple = (), domains: tuple = ()) -> onnx.ModelProto:
+    """The tiny CNN (conftest's ``tiny_cnn_arch``) as ONNX nodes making
+    ``logits``, then the ``tail`` nodes; ``scale`` holds :data:`SCALE`."""
+    conv1, conv2, linear = net[0], net[2], net[5]
+    weights = {
+        "w1": conv1.weight, "b1": conv1.bias, "w2": conv2.weight, "b2": conv2.bias,
+        "w3": linear.weight, "b3": linear.bias,
+    }
+    conv = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    body = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], **conv),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Flatten", ["r2"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        body + tail,
+        "tiny-cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        outputs,
+        initializer=[
+            *(_initializer(name, value.detach().numpy()) for name, value in weights.items()),
+            _initializer("scale", np.float32(SCALE)),
+            *initializers,
+        ],
+    )
+    opsets = [helper.make_opsetid("", opset), *(helper.make_opsetid(domain, 1) for domain in domains)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _probabilities(shape=("N", 10)) -> list:
+    return [helper.make_tensor_value_info("probs", TensorProto.FLOAT, list(shape))]
+
+
+SOFTMAX_TAILS = {
+    "flatten": (17, [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["p"], axis=1),
+        helper.make_node("Flatten", ["p"], ["probs"], axis=1),
+    ]),
+    "reshape": (17, [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["p"], axis=1),
+        helper.make_node("Reshape", ["p", "rows"], ["probs"]),
+    ]),
+    "reshape-n-k": (17, [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+        helper.make_node("Reshape", ["p", "same_rows"], ["probs"]),
+    ]),
+    "unsqueeze-softmax-squeeze": (17, [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Unsqueeze", ["z", "axis_1"], ["u"]),
+        helper.make_node("Softmax", ["u"], ["p"], axis=-1),
+        helper.make_node("Squeeze", ["p", "axis_1"], ["probs"]),
+    ]),
+    "opset-11-4d-flatten": (11, [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Reshape", ["z", "column"], ["c"]),
+        helper.make_node("Softmax", ["c"], ["p"], axis=1),  # before opset 13: over (10, 1, 1) flattened
+        helper.make_node("Flatten", ["p"], ["probs"], axis=1),
+    ]),
+}
+SHAPES = (
+    _initializer("rows", np.array([-1, 10], np.int64)),
+    _initializer("same_rows", np.array([0, 10], np.int64)),
+    _initializer("axis_1", np.array([1], np.int64)),
+    _initializer("column", np.array([-1, 10, 1, 1], np.int64)),
+)
+
+
+def _softmax_graph(net: nn.Module, tail: str) -> onnx.ModelProto:
+    opset, nodes = SOFTMAX_TAILS[tail]
+    used = {name for node in nodes for name in node.input}
+    return _tiny_cnn_graph(net, nodes, _probabilities(), opset=opset,
+                           initializers=tuple(shape for shape in SHAPES if shape.name in used))
+
+
+def _save(proto: onnx.ModelProto, path):
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("tail", SOFTMAX_TAILS)
+def test_a_final_softmax_before_a_shape_op_is_removed_exactly(tiny_cnn, mnist_test, tmp_path, tail):
+    """A Flatten or Reshape after the final softmax hid it: white-box attacks
+    ran on saturated probabilities and overstated robust accuracy."""
+    model = load_model(_save(_softmax_graph(tiny_cnn, tail), tmp_path / "softmax.onnx"), device="cpu")
+    module = model.torch_module()
+    x = mnist_test.x[:16]
+    attacked, masked = attacked_module(module, x)
+    assert attacked is not module and not masked
+    with torch.no_grad():
+        assert (module(x) == 0).any()  # what the attacks saw before: underflowed probabilities
+        torch.testing.assert_close(attacked(x), tiny_cnn(x) * SCALE, rtol=1e-4, atol=1e-3)
+    weights = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
+    got = _input_gradient(attacked, x, weights)
+    want = _input_gradient(lambda images: tiny_cnn(images) * SCALE, x, weights)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+def _permuting_softmax(axis: int) -> onnx.ModelProto:
+    """x (N,1,4,4) -> its first 10 pixels x 1000 -> Softmax over ``axis`` -> Flatten."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["flat"]),
+            helper.make_node("Slice", ["flat", "start", "end", "axis_1"], ["first"]),
+            helper.make_node("Mul", ["first", "scale"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["p"], axis=axis),
+            helper.make_node("Flatten", ["p"], ["probs"]),
+        ],
+        "permuting",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        _probabilities(),
+        initializer=[_initializer("start", np.array([0], np.int64)), _initializer("end", np.array([10], np.int64)),
+                     _initializer("axis_1", np.array([1], np.int64)), _initializer("scale", np.float32(1000))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_softmax_whose_groups_are_not_the_output_rows_stays():
+    """A softmax over the batch, before a Flatten: on these ten images (one
+    pixel lit each) its saturated output is the identity matrix, as a softmax
+    over the rows would give, so the agreement check alone would take the
+    logits for the graph's; the removed graph refuses to run instead."""
+    module = convert_onnx(_permuting_softmax(axis=0))
+    x = torch.eye(16)[:10, :].reshape(10, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), torch.eye(10))
+    stripped = module.without_final_softmax()
+    assert stripped is not None
+    with pytest.raises(ConversionError, match="cannot be removed exactly"):
+        stripped(x)
+    assert logits_before_softmax(module, x) is None
+    assert logits_before_softmax(convert_onnx(_permuting_softmax(axis=1)), x) is not None
+
+
+@pytest.mark.parametrize("tail", ["flatten", "reshape"])
+def test_a_white_box_scan_attacks_the_logits_beneath_a_softmax_and_a_shape_op(tiny_cnn, tmp_path, tail):
+    settings = dict(samples=16, eps=[0.1], attacks=["fgsm"], access="white-box")
+    logits_graph = _tiny_cnn_graph(tiny_cnn, [helper.make_node("Mul", ["logits", "scale"], ["probs"])],
+                                   _probabilities())
+    logits = auditor.scan(_save(logits_graph, tmp_path / "logits.onnx"), **settings).results
+    softmax = auditor.scan(_save(_softmax_graph(tiny_cnn, tail), tmp_path / "softmax.onnx"), **settings).results
+    ids = [check["id"] for check in softmax["checks"]]
+    assert "softmax-removed" in ids and "softmax-outputs" not in ids
+    assert softmax["robust_accuracy"] == logits["robust_accuracy"]
+
+
+def _classifier_outputs(net: nn.Module) -> onnx.ModelProto:
+    """sklearn-onnx's layout with one more output: an int64 label, the
+    probabilities as a tensor, and a ZipMap of them (a sequence of maps, an
+    ``ai.onnx.ml`` op the converter lacks)."""
+    sequence = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    )
+    tail = [
+        helper.make_node("Mul", ["logits", "scale"], ["z"]),
+        helper.make_node("Softmax", ["z"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        helper.make_node("ZipMap", ["probabilities"], ["zipped"], domain="ai.onnx.ml",
+                         classlabels_int64s=list(range(10))),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10]),
+        helper.make_value_info("zipped", sequence),
+    ]
+    return _tiny_cnn_graph(net, tail, outputs, domains=("ai.onnx.ml",))
+
+
+def test_only_the_nodes_of_the_audited_output_are_converted(tiny_cnn, mnist_test, tmp_path):
+    """The ZipMap of another output refused the conversion of the whole graph."""
+    proto = _classifier_outputs(tiny_cnn)
+    x = mnist_test.x[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(convert_onnx(proto, output="probabilities")(x),
+                                   torch.softmax(tiny_cnn(x) * SCALE, dim=1), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConversionError, match="unsupported ONNX op"):
+        convert_onnx(proto, output="zipped")
+    with pytest.raises(ConversionError, match="no output 'scores'"):
+        convert_onnx(proto, output="scores")
+    model = load_model(_save(proto, tmp_path / "classifier.onnx"), device="cpu")
+    assert model.info.output == "probabilities"
+    assert model.access_ceiling[0] == Access.WHITE_BOX
+    attacked, masked = attacked_module(model.torch_module(), x)  # the softmax of the audited output goes
+    assert not masked
+    with torch.no_grad():
+        torch.testing.assert_close(attacked(x), tiny_cnn(x) * SCALE, rtol=1e-4, atol=1e-3)
+
+
+def _any_size_graph(path, *, channels_last: bool = False, shape=("N", 1, "H", "W")):
+    """Conv -> ReLU -> global average pool -> Gemm: runs on images of any
+    size; the input's image dimensions are symbolic (``dynamic_axes`` on H
+    and W, or Keras's ``Input(shape=(None, None, 1))`` through tf2onnx)."""
+    generator = np.random.RandomState(0)
+    nodes = [
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w2", "b2"], ["logits"], transB=1),
+    ]
+    if channels_last:
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]))
+    else:
+        nodes[0].input[0] = "x"
+    graph = helper.make_graph(
+        nodes,
+        "any-size",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=[
+            _initializer("w1", generator.randn(8, 1, 3, 3).astype(np.float32)),
+            _initializer("b1", generator.randn(8).astype(np.float32)),
+            _initializer("w2", generator.randn(10, 8).astype(np.float32)),
+            _initializer("b2", generator.randn(10).astype(np.float32)),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_symbolic_image_size_is_checked_on_the_datas(tmp_path, layout):
+    """Such a graph converts with its shapes dynamic, but had no size to be
+    checked at: it was capped at soft-label, silently under --access auto."""
+    last = layout == "NHWC"
+    path = _any_size_graph(tmp_path / "any_size.onnx", channels_last=last,
+                           shape=("N", "H", "W", 1) if last else ("N", 1, "H", "W"))
+    assert load_model(path).access_ceiling[0] == Access.SOFT_LABEL  # no data, no size
+    model = load_model(path, image_shape=(1, 28, 28))
+    level, reason = model.access_ceiling
+    assert level == Access.WHITE_BOX, reason
+    assert model.info.input_shape == (1, None, None) and model.info.channels_last == last
+    for size in ((28, 28), (20, 24)):  # the conversion keeps the sizes dynamic
+        images = torch.rand(5, 1, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(model.torch_module()(images), model.forward(images), atol=1e-4, rtol=1e-4)
+
+
+def test_the_image_shape_never_overrides_a_static_dimension(tiny_cnn, tmp_path):
+    path = _any_size_graph(tmp_path / "any_size.onnx")
+    model = load_model(path, image_shape=(3, 28, 28))  # the channel is static: checked on 1 x 28 x 28
+    assert model.access_ceiling[0] == Access.WHITE_BOX
+    assert model.info.input_shape == (1, None, None)
+    rgb = Dataset(name="rgb", x=torch.rand(4, 3, 28, 28), y=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(AuditError, match=r"expects input \(1, None, None\) but data rgb has \(3, 28, 28\)"):
+        check_model_on_data(model, rgb)
+    static = tmp_path / "static.onnx"
+    torch.onnx.export(tiny_cnn, (torch.rand(2, 1, 28, 28),), str(static), **LEGACY)
+    model = load_model(static, image_shape=(3, 32, 32))
+    assert model.info.input_shape == (1, 28, 28) and model.access_ceiling[0] == Access.WHITE_BOX
+
+
+@pytest.mark.parametrize("shape", [(1, 28), (0, 28, 28), (1.5, 28, 28), "1x28x28", (True, 28, 28)])
+def test_an_image_shape_that_is_not_three_positive_ints_is_refused(example_onnx, shape):
+    with pytest.raises(AuditError, match=r"^image_shape must be \(C, H, W\), three positive integers, got "):
+        load_model(example_onnx, image_shape=shape)
+
+
+def test_a_white_box_scan_of_a_graph_with_a_symbolic_image_size_runs(tmp_path):
+    path = _any_size_graph(tmp_path / "any_size.onnx")
+    results = auditor.scan(path, samples=4, eps=[0.1], attacks=["fgsm"], access="white-box").results
+    assert results["access"]["level"] == "white-box"
+    assert results["model"]["input_shape"] == [1, 28, 28]
+    auto = auditor.scan(path, samples=4, eps=[0.1], attacks=["fgsm"]).results
+    assert auto["access"]["level"] == "white-box"

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
+import onnxruntime
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -23,7 +24,7 @@ from auditor.access import Access
 from auditor.data.base import Dataset
 from auditor.errors import AuditError
 from auditor.models import ModelInfo, TorchModel, check_model_on_data, load_model
-from auditor.models.base import plural
+from auditor.models.base import ModelFailed, plural
 from helpers import baked_batch_onnx
 
 ARCH_SOURCE = '''
@@ -1192,3 +1193,158 @@ def test_forward_calls_hold_fewer_rows_of_larger_images():
     recorder = Recorder()
     logits = _wrap(recorder).forward(torch.rand(700, 3, 64, 64))
     assert recorder.rows == [341, 341, 18] and logits.shape == (700, 10)
+
+
+# Output shapes and the audited output of ONNX graphs -------------------------------------------------
+
+
+def _linear_onnx(path: pathlib.Path, tail: list, outputs: list, *, domains: tuple = ()) -> pathlib.Path:
+    """x (N,1,28,28) -> Flatten -> MatMul -> ``logits`` (N,10), then the ``tail`` nodes."""
+    weights = np.random.RandomState(0).randn(784, 10).astype(np.float32) / 10
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Flatten", ["x"], ["flat"]), onnx.helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         *tail],
+        "linear",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 28, 28])],
+        outputs,
+        initializer=[onnx.numpy_helper.from_array(weights, "w"),
+                     onnx.numpy_helper.from_array(np.array([-1, 10, 1, 1], np.int64), "column")],
+    )
+    opsets = [onnx.helper.make_opsetid("", 17), *(onnx.helper.make_opsetid(domain, 1) for domain in domains)]
+    onnx.save(onnx.helper.make_model(graph, opset_imports=opsets, ir_version=8), str(path))
+    return path
+
+
+def _tensor(name: str, elem=onnx.TensorProto.FLOAT, shape=("N", 10)):
+    return onnx.helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def _squeezed_onnx(path: pathlib.Path) -> pathlib.Path:
+    """Ends in a Squeeze without axes, as PyTorch exports ``x.squeeze()``:
+    (N,10,1,1) -> (N,10), but (10,) for one image."""
+    tail = [onnx.helper.make_node("Reshape", ["logits", "column"], ["column_logits"]),
+            onnx.helper.make_node("Squeeze", ["column_logits"], ["scores"])]
+    return _linear_onnx(path, tail, [_tensor("scores")])
+
+
+class Squeezed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)).squeeze()
+
+
+def test_a_model_that_drops_the_batch_dimension_of_one_image_is_refused_by_the_check(mnist_test, tmp_path):
+    """It passed the check on 16 and 3 images, then crashed the scan with an
+    IndexError on the first single-image query (an "internal error")."""
+    path = _squeezed_onnx(tmp_path / "squeezed.onnx")
+    with pytest.raises(AuditError) as excinfo:
+        check_model_on_data(load_model(path, device="cpu"), mnist_test)
+    assert _message(excinfo) == (
+        f"model {path} runs on a batch of 16 images of data mnist but fails on a single image (a squeeze() that "
+        "drops the batch dimension?): its output 'scores' has shape (10,) for 1 image; expected (1, classes)"
+    )
+    with pytest.raises(AuditError) as excinfo:
+        check_model_on_data(_wrap(Squeezed()), mnist_test)
+    assert _message(excinfo) == (
+        "model test returned outputs of shape (10,) for a single image of data mnist; expected (1, 10) "
+        "(a squeeze() that drops the batch dimension?)"
+    )
+
+
+def test_the_onnx_adapter_refuses_an_output_that_is_not_one_row_per_image(tmp_path):
+    """So no later caller gets a shape to fail on."""
+    path = _squeezed_onnx(tmp_path / "squeezed.onnx")
+    model = load_model(path, device="cpu")
+    assert model.forward(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ModelFailed) as excinfo:
+        model.forward(torch.rand(1, 1, 28, 28))
+    assert _message(excinfo) == (
+        f"model {path} failed on a batch of 1: its output 'scores' has shape (10,) for 1 image; "
+        "expected (1, classes)"
+    )
+
+
+def test_a_model_whose_single_image_outputs_differ_is_refused(mnist_test):
+    class Alone(nn.Module):
+        """Other logits for a batch of one (a batch size special-cased inside the model)."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(28 * 28, 10)
+
+        def forward(self, x):
+            logits = self.linear(x.flatten(1))
+            return logits + 1 if len(x) == 1 else logits
+
+    with pytest.raises(AuditError, match="^model test gives other outputs for 1 image of data mnist alone than in "
+                                         "a batch of 16: its outputs depend on the batch") as excinfo:
+        check_model_on_data(_wrap(Alone()), mnist_test)
+    _message(excinfo)
+
+
+SOFTMAX = onnx.helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)
+LABEL = onnx.helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)
+LABEL_COLUMN = onnx.helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=1)
+ZIPMAP = onnx.helper.make_node("ZipMap", ["probabilities"], ["zipped"], domain="ai.onnx.ml",
+                               classlabels_int64s=list(range(10)))
+ZIPPED = onnx.helper.make_value_info("zipped", onnx.helper.make_sequence_type_proto(
+    onnx.helper.make_map_type_proto(onnx.TensorProto.INT64,
+                                    onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, []))))
+INT_LABEL = _tensor("label", onnx.TensorProto.INT64, ["N"])
+
+OUTPUT_LAYOUTS = {
+    "label first (sklearn-onnx, tf2onnx)": ([SOFTMAX, LABEL], [INT_LABEL, _tensor("probabilities")], "probabilities"),
+    "label column first": ([SOFTMAX, LABEL_COLUMN],
+                           [_tensor("label", onnx.TensorProto.INT64, ["N", 1]), _tensor("probabilities")],
+                           "probabilities"),
+    "probabilities first": ([SOFTMAX, LABEL], [_tensor("probabilities"), INT_LABEL], "probabilities"),
+    "logits and probabilities": ([SOFTMAX], [_tensor("logits"), _tensor("probabilities")], "logits"),
+}
+
+
+@pytest.mark.parametrize("layout", OUTPUT_LAYOUTS)
+def test_the_first_float_output_of_an_onnx_graph_is_audited(mnist_test, tmp_path, layout, caplog):
+    """A label output first was audited as the scores: "has 1 output" or "outputs of shape (16,)"."""
+    tail, outputs, audited = OUTPUT_LAYOUTS[layout]
+    path = _linear_onnx(tmp_path / "classifier.onnx", tail, outputs)
+    with caplog.at_level("INFO", logger="auditor.models.onnxrt"):
+        model = load_model(path, device="cpu")
+    assert model.info.output == audited and model.info.num_classes == 10
+    assert f"auditing {audited!r}" in caplog.text
+    assert check_model_on_data(model, mnist_test) == 10
+    x = mnist_test.x[:5]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = torch.from_numpy(session.run([audited], {"x": x.numpy()})[0])
+    torch.testing.assert_close(model.forward(x), expected)
+    assert model.access_ceiling[0] == Access.WHITE_BOX
+    with torch.no_grad():
+        torch.testing.assert_close(model.torch_module()(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("tail", "outputs", "hint"), [
+    ([SOFTMAX, ZIPMAP, LABEL], [ZIPPED, INT_LABEL], True),
+    ([SOFTMAX, ZIPMAP, LABEL], [INT_LABEL, ZIPPED], True),
+    ([SOFTMAX, LABEL], [INT_LABEL], False),
+], ids=["zipmap-first", "sklearn-label-then-zipmap", "label-only"])
+def test_a_graph_without_a_float_tensor_output_is_refused_naming_its_outputs(tmp_path, tail, outputs, hint):
+    path = _linear_onnx(tmp_path / "classifier.onnx", tail, outputs, domains=("ai.onnx.ml",))
+    with pytest.raises(AuditError) as excinfo:
+        load_model(path, device="cpu")
+    message = _message(excinfo)
+    assert message.startswith(f"model {path} has no float tensor output to audit (outputs: ")
+    assert "'label' (tensor(int64))" in message
+    assert ("'zipped' (seq(map(int64,tensor(float))))" in message) == hint
+    assert ("ZipMap" in message and "options {'zipmap': False}" in message) == hint
+
+
+def test_results_name_the_audited_output_of_a_graph_with_several(tmp_path):
+    import auditor
+
+    settings = dict(samples=4, eps=[0.1], access="soft-label", attacks=["random-noise"], budget=10)
+    several = _linear_onnx(tmp_path / "label_first.onnx", [SOFTMAX, LABEL], [INT_LABEL, _tensor("probabilities")])
+    assert auditor.scan(several, **settings).results["model"]["output"] == "probabilities"
+    single = _linear_onnx(tmp_path / "single.onnx", [SOFTMAX], [_tensor("probabilities")])
+    assert "output" not in auditor.scan(single, **settings).results["model"]

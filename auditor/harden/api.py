@@ -234,9 +234,10 @@ def harden(
     evaluation = eval_data or data
     evaluation_data = load_data(evaluation)
     _check_same_classes(training_data, evaluation_data)
+    image_shape = tuple(training_data.x.shape[1:])  # the size a graph with symbolic H, W is checked at
     check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
-                                   device="cpu"), training_data)
-    raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu")
+                                   device="cpu", image_shape=image_shape), training_data)
+    raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu", image_shape=image_shape)
     train_device = resolve_device(device)
     trainable = make_trainable(raw, source, mean, std, train_device)
     trained = logits_to_train(trainable.module, training_data.x[:CHECK_ROWS].to(train_device), raw.info.path)

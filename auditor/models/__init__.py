@@ -81,6 +81,9 @@ class ModelRequest:
     std: tuple[float, ...] | None
     trust_pickle: bool
     device: str
+    image_shape: tuple[int, int, int] | None = None
+    """(C,H,W) of the data's images, where the caller knows it: the shape a
+    graph with a symbolic image size is checked on (:func:`load_model`)."""
 
 
 LOADERS: dict[str, Callable[[ModelRequest], Model]] = {
@@ -197,6 +200,7 @@ def load_model(
     std: Iterable[float] | None = None,
     trust_pickle: bool = False,
     device: str = "auto",
+    image_shape: Iterable[int] | None = None,
 ) -> Model:
     """Load a model artifact as a :class:`Model`.
 
@@ -206,6 +210,16 @@ def load_model(
     channel); ``trust_pickle`` (a bool, nothing else) allows
     unpickling whole modules (which runs arbitrary code from the file).
     ``device`` is ``auto``, ``cpu`` or ``cuda[:N]``.
+
+    ``image_shape`` is the (C, H, W) of the images the model will be run on,
+    where the caller has loaded them already (``scan`` and ``harden`` pass
+    the data's). An ONNX graph is converted to torch for gradients with its
+    shapes dynamic, but the conversion is checked against onnxruntime on a
+    batch of images of one shape: where the graph declares its image size
+    symbolic (``(N, 1, H, W)``), that batch takes the hint's sizes, and
+    without a hint the graph gets no gradients. The hint fills only symbolic
+    dimensions, never a static one, and says nothing of whether the model
+    fits the data: :func:`check_model_on_data` checks that.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise AuditError(
@@ -225,6 +239,7 @@ def load_model(
     if file.stat().st_size == 0:
         raise AuditError(f"model {shown} is empty")
     mean, std = normalisation(mean, std)
+    hint = _image_shape(image_shape)
     fmt = detect_format(file, shown)
     _check_arch(arch, fmt, shown)
     files = [file, *external_data_files(file, shown)] if fmt == "onnx" else [file]
@@ -237,6 +252,7 @@ def load_model(
         std=std,
         trust_pickle=trust_pickle,
         device=device,
+        image_shape=hint,
     )
     model = LOADERS[fmt](request)
     declared = model.info.input_shape[0] if model.info.input_shape else None
@@ -244,6 +260,23 @@ def load_model(
     _check_arch(arch, model.info.format, shown)
     logger.info("loaded model %s (%s, sha256 %s)", shown, model.info.format, model.info.sha256[:12])
     return model
+
+
+def _image_shape(shape: Iterable[int] | None) -> tuple[int, int, int] | None:
+    """``shape`` as a (C, H, W) tuple of positive ints, or ``None``."""
+    if shape is None:
+        return None
+    try:
+        if isinstance(shape, (str, bytes)):
+            raise TypeError
+        values = tuple(shape)
+        if len(values) != 3 or any(
+            isinstance(value, bool) or int(value) != value or value < 1 for value in values
+        ):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise AuditError(f"image_shape must be (C, H, W), three positive integers, got {shape!r}") from None
+    return tuple(int(value) for value in values)
 
 
 def check_model_on_data(model: Model, dataset: Dataset) -> int:
@@ -254,6 +287,8 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
     least 2 and larger than every label. The first :data:`ODD_BATCH` of them
     run again as a batch of their own and must give the same logits: a graph
     with a batch size fixed inside it (in a reshape, say) fails on any other.
+    So must the first image alone, as (1, K): attacks query single images,
+    and a graph ending in PyTorch's ``x.squeeze()`` returns (K,) for one.
     """
     path, name = model.info.path, dataset.name
     declared = model.info.input_shape
@@ -274,8 +309,9 @@ def check_model_on_data(model: Model, dataset: Dataset) -> int:
         raise AuditError(f"model {path} returned NaN outputs on data {name}")
     if logits.isinf().any():
         raise AuditError(f"model {path} returned infinite outputs on data {name}")
-    if len(sample) > ODD_BATCH:
-        _check_batch_independent(model, sample, logits, dataset)
+    for rows in (ODD_BATCH, 1):
+        if len(sample) > rows:
+            _check_sub_batch(model, sample, logits, dataset, rows)
     num_classes = int(logits.shape[1])
     require_classes(num_classes, path)
     top_label = int(dataset.y.max())
@@ -298,26 +334,36 @@ def _logits(model: Model, images: torch.Tensor, dataset: Dataset) -> torch.Tenso
         ) from exc
 
 
-def _check_batch_independent(
-    model: Model, sample: torch.Tensor, logits: torch.Tensor, dataset: Dataset
+def _check_sub_batch(
+    model: Model, sample: torch.Tensor, logits: torch.Tensor, dataset: Dataset, rows: int
 ) -> None:
-    """The first :data:`ODD_BATCH` images of ``sample`` give the same logits
-    on their own as in ``sample`` (``logits``), unless the model is randomised
-    (two passes over ``sample`` differ), which the preflight checks report."""
+    """The first ``rows`` images of ``sample`` give (rows, K) logits on their
+    own, the same as in ``sample`` (``logits``), unless the model is
+    randomised (two passes over ``sample`` differ), which the preflight
+    checks report. With :data:`ODD_BATCH` rows this finds a batch size fixed
+    inside the graph; with one, a ``squeeze()`` that drops the batch
+    dimension of a single image."""
     path, name = model.info.path, dataset.name
+    what = "a single image" if rows == 1 else f"a batch of {rows}"
+    hint = ("(a squeeze() that drops the batch dimension?)" if rows == 1
+            else "(a batch size fixed inside the graph?)")
     try:
-        alone = model.forward(sample[:ODD_BATCH])
+        alone = model.forward(sample[:rows])
     except ModelFailed as exc:
         raise AuditError(
-            f"model {path} runs on a batch of {len(sample)} images of data {name} but fails on a batch of "
-            f"{ODD_BATCH} (a batch size fixed inside the graph?): {exc.reason}"
+            f"model {path} runs on a batch of {len(sample)} images of data {name} but fails on {what} "
+            f"{hint}: {exc.reason}"
         ) from exc
-    within = logits[:ODD_BATCH]
-    if alone.shape == within.shape and torch.allclose(alone, within, **BATCH_TOLERANCE):
+    if alone.shape != (rows, logits.shape[1]):
+        raise AuditError(
+            f"model {path} returned outputs of shape {tuple(alone.shape)} for {what} of data {name}; "
+            f"expected ({rows}, {logits.shape[1]}) {hint}"
+        )
+    if torch.allclose(alone, logits[:rows], **BATCH_TOLERANCE):
         return
     if torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE):
         raise AuditError(
-            f"model {path} gives other outputs for {ODD_BATCH} images of data {name} alone than in a batch "
+            f"model {path} gives other outputs for {plural(rows, 'image')} of data {name} alone than in a batch "
             f"of {len(sample)}: its outputs depend on the batch (a batch size fixed inside the graph, "
             "or batch statistics)"
         )

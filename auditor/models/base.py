@@ -41,6 +41,11 @@ class ModelInfo:
     """The artifact takes (N,H,W,C) input (a Keras model exported with
     tf2onnx, say); the adapter still takes (N,C,H,W) images and transposes
     them, and ``input_shape`` is (C,H,W)."""
+    output: str | None = None
+    """The name of the graph output audited, when the artifact has several (an
+    ONNX classifier exported by sklearn-onnx or tf2onnx puts a label output
+    before its scores): recorded so a reader knows which one the figures are
+    of. ``None`` for an artifact with one output."""
 
 
 def plural(count: int, noun: str) -> str:

@@ -830,9 +830,36 @@ CONVERTERS: dict[str, Converter] = {
 into the module's buffers when it is built."""
 
 
-PASS_THROUGH = ("Identity", "Dropout", "Cast")
-"""Ops that leave a classifier's (N, K) output as it is (``Dropout`` at
-inference; a ``Cast`` between float types), looked through for a final softmax."""
+SHAPE_ONLY = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+"""Ops that change a tensor's shape but not the row-major order of its
+elements (Caffe2 and older exporters end a classifier in a ``Flatten`` or
+``Reshape`` to (N, K) after its softmax; PyTorch's ``squeeze()`` after it)."""
+
+PASS_THROUGH = ("Identity", "Dropout", "Cast", *SHAPE_ONLY)
+"""Ops looked through for a final softmax: those that leave a classifier's
+(N, K) output as it is (``Dropout`` at inference; a ``Cast`` between float
+types) and the :data:`SHAPE_ONLY` ones, which do when each row of the output
+is one group the softmax normalises; :meth:`OnnxGraphModule.forward` checks
+that of a graph whose softmax was removed, on every call."""
+
+
+def _softmax_group(node: Node, shape: Sequence[int]) -> int | None:
+    """The size of the groups a ``Softmax`` ``node`` normalises over an input
+    of ``shape``, where each group is a run of consecutive elements in
+    row-major order; ``None`` where the groups interleave.
+
+    From opset 13 a group runs along ``axis`` (default -1), consecutive only
+    when every later dimension is 1; before, it is everything from ``axis``
+    (default 1) on, flattened. A shape-only op after the softmax keeps the
+    element order, so its (N, K) output has one group per row exactly when
+    the group size is K: then removing the softmax leaves the logits of each
+    row, and softmax over the rows gives the graph's output back.
+    """
+    rank = max(len(shape), 1)
+    if node.opset >= 13:
+        axis = node.attr("axis", -1) % rank
+        return shape[axis] if math.prod(shape[axis + 1 :]) == 1 else None
+    return math.prod(shape[node.attr("axis", 1) % rank :])
 
 
 # The module ------------------------------------------------------------------------
@@ -855,10 +882,12 @@ class OnnxGraphModule(nn.Module):
     """An ONNX graph run with torch ops; differentiable w.r.t. its input.
 
     Initializers and ``Constant`` values are buffers, so ``.to(device)``
-    moves them. The input is cast to the graph's input type and the first
-    graph output is returned as float32. ``precision`` is the least precise
-    floating type among the input and the constants, the one the graph's
-    arithmetic rounds to (float32 when there is none).
+    moves them. The input is cast to the graph's input type and the graph
+    output ``output_name`` is returned as float32. ``precision`` is the least
+    precise floating type among the input and the constants, the one the
+    graph's arithmetic rounds to (float32 when there is none).
+    ``removed_softmax`` is the index of the step that was the graph's final
+    ``Softmax`` (:meth:`without_final_softmax`), if any.
     """
 
     def __init__(
@@ -868,11 +897,14 @@ class OnnxGraphModule(nn.Module):
         output_name: str,
         constants: dict[str, Tensor],
         steps: list[_Step],
+        *,
+        removed_softmax: tuple[int, Node] | None = None,
     ):
         super().__init__()
         self.input_name = input_name
         self.input_dtype = input_dtype
         self.output_name = output_name
+        self._removed_softmax = removed_softmax
         dtypes = (input_dtype, *(value.dtype for value in constants.values()))
         floating = [dtype for dtype in dtypes if dtype.is_floating_point]
         self.precision = max(floating, key=lambda dtype: torch.finfo(dtype).eps, default=torch.float32)
@@ -891,7 +923,14 @@ class OnnxGraphModule(nn.Module):
     def without_final_softmax(self) -> OnnxGraphModule | None:
         """The graph with the ``Softmax`` node that makes its output (through
         any :data:`PASS_THROUGH` nodes after it) made an ``Identity``, or
-        ``None`` if no ``Softmax`` makes it. Shares this module's constants."""
+        ``None`` if no ``Softmax`` makes it. Shares this module's constants.
+
+        The removal is exact only where each row of the output is one group
+        the softmax normalises; that depends on shapes known at run time, so
+        the returned module checks it on every call and raises a
+        :class:`ConversionError` where it does not hold
+        (:func:`~auditor.models.logits.logits_before_softmax` then keeps the softmax).
+        """
         producers = {name: step for step in self._steps for name in step.outputs}
         final = producers.get(self.output_name)
         while final is not None and final.node.op_type in PASS_THROUGH:
@@ -901,13 +940,19 @@ class OnnxGraphModule(nn.Module):
         identity = replace(final, convert=CONVERTERS["Identity"], node=replace(final.node, op_type="Identity", attrs={}))
         steps = [identity if step is final else step for step in self._steps]
         constants = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
-        return OnnxGraphModule(self.input_name, self.input_dtype, self.output_name, constants, steps).eval()
+        removed = (next(index for index, step in enumerate(steps) if step is identity), final.node)
+        return OnnxGraphModule(
+            self.input_name, self.input_dtype, self.output_name, constants, steps, removed_softmax=removed
+        ).eval()
 
     def forward(self, x: Tensor) -> Tensor:
         values = {name: getattr(self, buffer) for name, buffer in self._buffers_by_value.items()}
         values[self.input_name] = x.to(self.input_dtype)
-        for step in self._steps:
+        group: int | None = None
+        for index, step in enumerate(self._steps):
             args = [values[name] if name else None for name in step.inputs]
+            if self._removed_softmax is not None and index == self._removed_softmax[0]:
+                group = _softmax_group(self._removed_softmax[1], args[0].shape)
             try:
                 result = step.convert(step.node, *args)
             except Exception as exc:
@@ -918,7 +963,13 @@ class OnnxGraphModule(nn.Module):
             values.update((name, value) for name, value in zip(step.outputs, outputs) if name)
             for name in step.release:
                 values.pop(name, None)
-        return values[self.output_name].float()
+        output = values[self.output_name]
+        if self._removed_softmax is not None and (output.ndim != 2 or group != output.shape[1]):
+            raise ConversionError(
+                f"the rows of the graph's output {tuple(output.shape)} are not the groups its final Softmax "
+                "normalises, so the softmax cannot be removed exactly"
+            )
+        return output.float()
 
 
 def _attribute(attr: onnx.AttributeProto) -> Any:
@@ -1024,33 +1075,62 @@ def _steps(nodes: list[onnx.NodeProto], opset: int, output_name: str) -> list[_S
     ]
 
 
-def convert_onnx(model_proto: onnx.ModelProto) -> OnnxGraphModule:
+def _needed(nodes: Sequence[onnx.NodeProto], output_name: str) -> list[onnx.NodeProto]:
+    """The nodes of ``nodes`` that ``output_name`` depends on, in their order.
+
+    A classifier exported by sklearn-onnx or tf2onnx computes other outputs
+    too (a label through ``ArgMax``, a ``ZipMap`` of the probabilities, an op
+    of the ``ai.onnx.ml`` domain the converter lacks); they have no part in
+    the audited output and must not stop its conversion.
+    """
+    producers = {name: node for node in nodes for name in node.output if name}
+    needed: set[int] = set()
+    pending = [output_name]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            pending.extend(name for name in node.input if name)
+    return [node for node in nodes if id(node) in needed]
+
+
+def convert_onnx(model_proto: onnx.ModelProto, output: str | None = None) -> OnnxGraphModule:
     """The graph of ``model_proto`` as a torch module in eval mode.
 
     The graph must take one input besides its initializers; the module
-    returns its first output. Local functions are inlined first. Raises
-    :class:`ConversionError` naming the unsupported op types, if any.
+    returns its output named ``output`` (by default its first), and only the
+    nodes that output depends on are converted. Local functions are inlined
+    first. Raises :class:`ConversionError` naming the unsupported op types,
+    if any.
     """
     if model_proto.functions:
         model_proto = onnx.inliner.inline_local_functions(model_proto)
     graph = model_proto.graph
     opset = _default_opset(model_proto)
-    _check_supported(graph.node)
+    names = [value.name for value in graph.output]
+    if not names:
+        raise ConversionError("the graph has no outputs")
+    output_name = names[0] if output is None else output
+    if output_name not in names:
+        raise ConversionError(f"the graph has no output {output_name!r}")
+    graph_nodes = _needed(graph.node, output_name)
+    _check_supported(graph_nodes)
     if graph.sparse_initializer:
         raise ConversionError("sparse initializers are not supported")
-    constants = {tensor.name: _tensor(tensor) for tensor in graph.initializer}
-    inputs = [value for value in graph.input if value.name not in constants]
+    used = {name for node in graph_nodes for name in node.input}
+    constants = {tensor.name: _tensor(tensor) for tensor in graph.initializer if tensor.name in used}
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializers]
     if len(inputs) != 1:
         raise ConversionError(f"the graph has {len(inputs)} inputs; expected one")
     elem_type = inputs[0].type.tensor_type.elem_type
     if elem_type not in TORCH_DTYPES:
         raise ConversionError(f"unsupported input type {TensorProto.DataType.Name(elem_type)}")
-    for node in graph.node:
+    for node in graph_nodes:
         if node.op_type == "Constant":
             constants[node.output[0]] = _constant(node)
-    nodes = [node for node in graph.node if node.op_type != "Constant"]
+    nodes = [node for node in graph_nodes if node.op_type != "Constant"]
     ordered = _topological(nodes, {inputs[0].name, *constants})
-    output_name = graph.output[0].name
     module = OnnxGraphModule(
         input_name=inputs[0].name,
         input_dtype=TORCH_DTYPES[elem_type],

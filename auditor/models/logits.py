@@ -12,7 +12,9 @@ The final softmax is found where it is explicit: an ONNX ``Softmax`` node
 making the graph's output, an ``nn.Softmax`` ending an ``nn.Sequential``, a
 softmax call or module ending a ``torch.fx`` graph (``.pt2`` programs, and
 modules ``torch.fx`` can trace), looking through layers that leave an (N, K)
-output as it is (identity, dropout at inference, flatten, a cast). A
+output as it is (identity, dropout at inference, flatten, a cast; in an
+ONNX graph also a Reshape, Squeeze or Unsqueeze whose (N, K) output has one
+softmax group per row, see ``OnnxGraphModule.without_final_softmax``). A
 TorchScript module keeps its softmax.
 """
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..access import Access
 from ..data.base import CHANNEL_COUNTS
 from ..errors import AuditError, short_reason
-from .base import ChannelsLast, Model, ModelFailed, ModelInfo, Normalize, require_classes
+from .base import ChannelsLast, Model, ModelFailed, ModelInfo, Normalize, plural, require_classes
 from .convert import ConversionError, check_agreement, convert_onnx
 from .pytorch import FixedBatch, chunk_rows, resolve_device, run_chunked
 
@@ -51,6 +51,9 @@ INPUT_DTYPES = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
+
+SCORE_TYPES = tuple(INPUT_DTYPES)
+"""The output types that can hold a classifier's scores (logits or probabilities)."""
 
 
 def _static(dim: int | str | None) -> int | None:
@@ -179,7 +182,7 @@ def channels_last(shape: list) -> bool:
 class OnnxModel(Model):
     """An onnxruntime session with one image input, (N,C,H,W) or (N,H,W,C)
     (``info.channels_last``: the adapter transposes (N,C,H,W) images for it);
-    logits from the first output."""
+    logits from the output named ``info.output``, else the first."""
 
     def __init__(
         self,
@@ -196,7 +199,7 @@ class OnnxModel(Model):
         graph_input = session.get_inputs()[0]
         self._input_name = graph_input.name
         self._input_dtype = INPUT_DTYPES[graph_input.type]
-        self._output_name = session.get_outputs()[0].name
+        self._output_name = info.output if info.output is not None else session.get_outputs()[0].name
         self._normalisation = None if mean is None or std is None else (mean, std)
         self._mean = None if mean is None else np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self._std = None if std is None else np.asarray(std, np.float32).reshape(1, -1, 1, 1)
@@ -211,14 +214,28 @@ class OnnxModel(Model):
         return self._device
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of one chunk (a CPU tensor)."""
+        """Logits of one chunk (a CPU tensor).
+
+        onnxruntime returns whatever shape the graph computes, whatever the
+        graph declares: one that ends in a ``Squeeze`` without axes (as
+        PyTorch's ``x.squeeze()`` exports) returns (K,) for one image. Such
+        an output is refused here, so that every caller gets (rows, K) or a
+        :class:`ModelFailed`, never a shape to fail on later.
+        """
         images = x.numpy()
         if self._mean is not None:
             images = (images - self._mean) / self._std
         if self.info.channels_last:
             images = images.transpose(0, 2, 3, 1)
         outputs = self._session.run([self._output_name], {self._input_name: images.astype(self._input_dtype, copy=False)})
-        return torch.from_numpy(outputs[0])
+        logits = outputs[0]
+        if not isinstance(logits, np.ndarray) or logits.ndim != 2 or logits.shape[0] != len(x):
+            shape = tuple(logits.shape) if isinstance(logits, np.ndarray) else type(logits).__name__
+            raise ValueError(
+                f"its output {self._output_name!r} has shape {shape} for {plural(len(x), 'image')}; "
+                f"expected ({len(x)}, classes)"
+            )
+        return torch.from_numpy(logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().to("cpu", torch.float32)
@@ -236,14 +253,32 @@ class OnnxModel(Model):
     def access_ceiling(self) -> tuple[Access, str]:
         return self._ceiling
 
-    def _converted(self, file: Path) -> tuple[nn.Module, float]:
+    def _check_shape(self, image_shape: tuple[int, ...] | None) -> tuple[int, int, int]:
+        """The (C,H,W) of the images the conversion is checked on: the
+        declared input shape, its symbolic dimensions taken from
+        ``image_shape`` (the data's, when the caller knows it). A static
+        declared dimension is kept even where ``image_shape`` differs:
+        :func:`~auditor.models.check_model_on_data` refuses the mismatch."""
+        declared = self.info.input_shape or (None, None, None)
+        shape = declared
+        if image_shape is not None and len(image_shape) == len(declared):
+            shape = tuple(want if want is not None else got for want, got in zip(declared, image_shape))
+            if shape != declared:
+                logger.info(
+                    "model %s: symbolic input shape %s; the conversion is checked on images of shape %s",
+                    self.info.path, declared, shape,
+                )
+        if None in shape:
+            raise ConversionError(f"symbolic input shape {declared}; no batch to check it on")
+        return shape
+
+    def _converted(self, file: Path, image_shape: tuple[int, ...] | None) -> tuple[nn.Module, float]:
         """The graph in ``file`` as a torch module (normalisation in front) on
-        the CPU, and its max abs difference from the session on a random check batch."""
-        module = convert_onnx(onnx.load(str(file)))
+        the CPU, and its max abs difference from the session on a random check
+        batch (of ``image_shape`` where the declared shape is symbolic)."""
+        module = convert_onnx(onnx.load(str(file)), output=self._output_name)
         precision = module.precision
-        shape = self.info.input_shape
-        if shape is None or None in shape:
-            raise ConversionError(f"symbolic input shape {shape or '(?, ?, ?)'}; no batch to check it on")
+        shape = self._check_shape(image_shape)
         if self._fixed_batch:
             module = FixedBatch(module, self._fixed_batch)
         if self.info.channels_last:
@@ -254,15 +289,19 @@ class OnnxModel(Model):
         batch = torch.rand((CHECK_BATCH, *shape), generator=generator)
         return module.eval(), check_agreement(module, self.forward, batch, precision=precision)
 
-    def enable_gradients(self, file: Path) -> None:
+    def enable_gradients(self, file: Path, image_shape: tuple[int, ...] | None = None) -> None:
         """Convert the graph in ``file`` (the session's model, with any external
         data beside it) for white-box attacks, or record why not.
 
-        Any failure of the conversion only lowers the access ceiling to
-        soft-label; the session keeps working either way.
+        The conversion keeps shapes dynamic, but is checked against the
+        session on images of one shape: a graph whose image size is
+        symbolic is checked on ``image_shape`` (C,H,W), the data's, and
+        without it cannot be checked. Any failure of the conversion only
+        lowers the access ceiling to soft-label; the session keeps working
+        either way.
         """
         try:
-            module, diff = self._converted(file)
+            module, diff = self._converted(file, image_shape)
         except Exception as exc:
             reason = short_reason(exc)
             if not isinstance(exc, ConversionError):
@@ -317,7 +356,8 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
         raise AuditError(
             f"model {request.path} takes a {len(shape)}-D input {shape}; expected (N, C, H, W) or (N, H, W, C)"
         )
-    output_shape = session.get_outputs()[0].shape
+    output = _audited_output(session, request.path)
+    output_shape = output.shape or []
     num_classes = _static(output_shape[-1]) if len(output_shape) == 2 else None
     require_classes(num_classes, request.path)
     last = channels_last(shape)
@@ -334,7 +374,38 @@ def load_onnx(request: ModelRequest) -> OnnxModel:
         input_shape=input_shape if any(dim is not None for dim in input_shape) else None,
         num_classes=num_classes,
         channels_last=last,
+        output=output.name if len(session.get_outputs()) > 1 else None,
     )
     model = OnnxModel(session, info, mean=request.mean, std=request.std, fixed_batch=fixed_batch)
-    model.enable_gradients(request.file)
+    model.enable_gradients(request.file, request.image_shape)
     return model
+
+
+def _audited_output(session: onnxruntime.InferenceSession, path: str) -> onnxruntime.NodeArg:
+    """The graph output holding the scores: the first float tensor.
+
+    sklearn-onnx and tf2onnx classifiers put an int64 label output first
+    and the probabilities after it (as a tensor, or as a ``ZipMap`` sequence
+    of maps); graphs with (logits, probabilities) or (probabilities, label)
+    outputs have their scores first, and keep them. A graph with no float
+    tensor output is refused, naming its outputs and their types.
+    """
+    outputs = session.get_outputs()
+    chosen = next((output for output in outputs if output.type in SCORE_TYPES), None)
+    listed = ", ".join(f"{output.name!r} ({output.type})" for output in outputs)
+    if chosen is None:
+        hint = ""
+        if any(output.type.startswith("seq(map(") for output in outputs):
+            hint = (
+                "; a sequence of maps is a ZipMap of the probabilities: convert the model without it "
+                "(sklearn-onnx: options {'zipmap': False}) to get them as an (N, classes) tensor"
+            )
+        raise AuditError(
+            f"model {path} has no float tensor output to audit (outputs: {listed}); expected (N, classes) "
+            f"logits or probabilities{hint}"
+        )
+    if len(outputs) > 1:
+        log = logger.info if chosen is outputs[0] else logger.warning
+        log("model %s has %d outputs (%s); auditing %r, the first float tensor", path, len(outputs), listed,
+            chosen.name)
+    return chosen
