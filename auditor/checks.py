@@ -62,11 +62,13 @@ TRANSFER_ONLY = "transfer-only"
 NO_GRADIENT_ATTACK = "no-gradient-attack"
 NO_TARGET_IMAGE = "no-target-image"
 TRAINING_DATA_AUDITED = "training-data-audited"
+SATURATED_SCORES = "saturated-scores"
 IDS = (
     RANDOMISED_MODEL, SOFTMAX_OUTPUTS, SOFTMAX_REMOVED, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED,
     ZERO_GRADIENTS, NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS,
     NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SURROGATE_ZERO_GRADIENTS,
     RANDOMISED_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY, NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
+    SATURATED_SCORES,
 )
 """Every check id, each documented in ``docs/checks.md``; policies may cite them (``no_checks``)."""
 
@@ -140,6 +142,29 @@ def small_budget(level: Access, budget: int) -> list[Check]:
         SMALL_BUDGET, severity,
         f"--budget {budget:,} is below {SMALL_BUDGET_WARNING_BELOW:,} queries per sample: at {level.cli_name} "
         "access the attacks barely start, so robust accuracy is overstated",
+    )]
+
+
+def saturated_scores(level: Access, logits: torch.Tensor, probabilities: bool, y: torch.Tensor) -> list[Check]:
+    """At soft-label access: correctly classified samples whose
+    probabilities, as the attacks receive them, are exactly 0 for every
+    other class (below the smallest normal float32), so that the score
+    attacks' log-margin loss is flat around them. ``logits`` are the model's clean outputs (its
+    probabilities where ``probabilities``)."""
+    correct = logits.argmax(dim=1) == y
+    if level != Access.SOFT_LABEL or not correct.any():
+        return []
+    probs = (logits if probabilities else torch.softmax(logits, dim=1)).float()[correct]
+    others = probs.scatter(1, y[correct][:, None], 0.0).amax(dim=1)
+    flat = int((others < torch.finfo(torch.float32).tiny).sum())
+    if not flat:
+        return []
+    return [Check(
+        SATURATED_SCORES, "warning",
+        f"{flat} of the {int(correct.sum())} correctly classified samples get probabilities of exactly 0 for "
+        "every other class: the score "
+        "attacks see a flat loss there, so robust accuracy at soft-label access is overstated; a soft-label "
+        "attacker also has the labels: audit with --access hard-label",
     )]
 
 

@@ -212,17 +212,41 @@ class GradientOracle(_QueryCounter):
 
 
 class ScoreOracle(_QueryCounter):
-    """Soft-label access: class probabilities, nothing else."""
+    """Soft-label access: class probabilities, nothing else.
 
-    def __init__(self, probabilities: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
+    ``log_probs`` gives their logarithms, the scale score attacks work on.
+    Taken from probabilities, a saturated softmax (probabilities rounded to
+    exactly 0 and 1, as a large logit margin gives in float32) leaves them
+    flat, as it would for an attacker behind an API. A score attack run at
+    white-box access has the logits, though: ``log_probabilities`` then
+    gives exact log-probabilities (``log_softmax`` of the logits), as
+    AutoAttack's Square reads margins off the logits.
+    """
+
+    def __init__(
+        self, probabilities: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None,
+        log_probabilities: Forward | None = None,
+    ):
         super().__init__(n, budget, device, on_charge)
         self._probabilities = probabilities
+        self._log_probabilities = log_probabilities
 
     def probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         rows = self._rows(x, idx)
         self._charge(rows)
         with torch.no_grad():
             return self._probabilities(x.detach()).float()
+
+    def log_probs(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities; a probability of 0 gives the log of the
+        smallest normal float, not -inf. One query per row, as ``probs``."""
+        rows = self._rows(x, idx)
+        self._charge(rows)
+        with torch.no_grad():
+            if self._log_probabilities is not None:
+                return self._log_probabilities(x.detach()).float()
+            probs = self._probabilities(x.detach()).float()
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 class LabelOracle(_QueryCounter):

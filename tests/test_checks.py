@@ -304,3 +304,41 @@ def test_no_gradient_attack_fires_on_a_gradient_free_white_box_scan_only(tiny_cn
 
     assert "no-gradient-attack" in ids(attacks=["square", "random-noise"])
     assert "no-gradient-attack" not in ids()
+
+
+def test_saturated_scores_counts_samples_whose_other_probabilities_are_exactly_zero():
+    """At soft-label access a softmax rounded to exactly 0 and 1 leaves the
+    score attacks a flat loss: a model with logits × 1000 scored 78 % at
+    soft-label and 30 % at hard-label, and passed the default policy."""
+    from auditor.access import Access
+    from auditor.checks import saturated_scores
+
+    logits = torch.tensor([[10.0, 0.0, 2.0], [1000.0, 0.0, 3.0], [0.0, 500.0, 1.0]])
+    y = torch.tensor([0, 0, 1])
+    (check,) = saturated_scores(Access.SOFT_LABEL, logits, False, y)
+    assert check.id == "saturated-scores" and check.level == "warning"
+    assert check.message.startswith("2 of the 3 correctly classified samples")
+    assert saturated_scores(Access.SOFT_LABEL, logits / 100, False, y) == []
+    assert saturated_scores(Access.SOFT_LABEL, torch.softmax(logits, 1), True, y)  # a model that outputs probabilities
+    assert saturated_scores(Access.HARD_LABEL, logits, False, y) == []  # only score attacks are blind
+    assert saturated_scores(Access.WHITE_BOX, logits, False, y) == []  # white-box Square reads the logits
+
+
+def test_a_soft_label_scan_of_a_saturated_model_raises_saturated_scores(tiny_cnn, tmp_path):
+    import auditor
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x) * 1000
+
+    path = tmp_path / "scaled.pt"
+    torch.jit.save(torch.jit.script(Scaled(tiny_cnn).eval()), str(path))
+    options = dict(access="soft-label", samples=8, eps=[0.1], budget=30, attacks=["square-linf"])
+    ids = {c["id"] for c in auditor.scan(str(path), **options).results["checks"]}
+    assert "saturated-scores" in ids
+    torch.jit.save(torch.jit.script(tiny_cnn.eval()), str(path))
+    assert "saturated-scores" not in {c["id"] for c in auditor.scan(str(path), **options).results["checks"]}

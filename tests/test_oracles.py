@@ -44,11 +44,25 @@ def test_label_oracle_exposes_only_labels(tiny_cnn, batch):
 def test_score_oracle_exposes_probabilities_not_gradients(tiny_cnn, batch):
     x, _ = batch
     oracle = ScoreOracle(lambda z: tiny_cnn(z).softmax(1), len(x))
-    assert public(oracle) == PUBLIC_COUNTING | {"probs"}
+    assert public(oracle) == PUBLIC_COUNTING | {"probs", "log_probs"}
     probs = oracle.probs(x.requires_grad_(True))
     assert not probs.requires_grad  # no autograd path back to the model
     assert torch.allclose(probs.sum(1), torch.ones(8), atol=1e-5)
+    logp = oracle.log_probs(x)
+    assert not logp.requires_grad and torch.allclose(logp.exp(), probs, atol=1e-6)
+    assert oracle.queries().tolist() == [2] * 8  # one query a row, as probs
     assert not isinstance(oracle, GradientOracle)
+
+
+def test_score_oracle_log_probabilities_are_exact_where_logits_are_given():
+    """Logits × 1000 round the softmax to exactly 0 and 1: the log of the
+    probabilities is flat (the smallest normal float's log), while an
+    attacker with the logits (white-box access) reads the exact ones."""
+    logits = torch.tensor([[3000.0, 1000.0, 0.0]])
+    probs = ScoreOracle(lambda z: logits.softmax(1), 1).log_probs(torch.zeros(1, 1, 2, 2))
+    exact = ScoreOracle(lambda z: logits.softmax(1), 1, log_probabilities=lambda z: logits.log_softmax(1))
+    assert torch.equal(probs[0, 1:], torch.full((2,), torch.finfo(torch.float32).tiny).log())
+    assert torch.allclose(exact.log_probs(torch.zeros(1, 1, 2, 2)), torch.tensor([[0.0, -2000.0, -3000.0]]))
 
 
 def test_gradient_oracle_counts_forward_backward(tiny_cnn, batch):
@@ -207,7 +221,7 @@ def test_every_soft_label_attack_is_handed_only_a_score_oracle(tiny_cnn, batch):
     battery = Battery(Access.SOFT_LABEL, "linf", tuple(Spied(attack, handed) for attack in soft))
     run_battery(battery, model, x, y, eps_list=[0.1], budget=30, seed=0)
     assert [label for label, _, _ in handed] == [attack.label for attack in soft]
-    assert all(kind is ScoreOracle and names == PUBLIC_COUNTING | {"probs"} for _, kind, names in handed)
+    assert all(kind is ScoreOracle and names == PUBLIC_COUNTING | {"probs", "log_probs"} for _, kind, names in handed)
 
 
 INTROSPECTION = {"vars", "getattr", "setattr", "globals", "locals", "gc", "inspect", "ctypes", "sys"}

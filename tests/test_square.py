@@ -363,3 +363,37 @@ def test_labels_of_any_integer_dtype(tiny_cnn, correct_batch, dtype):
         for labels in (y, y.to(dtype))
     ]
     assert torch.equal(runs[0].x_adv, runs[1].x_adv)
+
+
+class _QuantisedLargeLogits(torch.nn.Module):
+    """Input quantisation (zero gradients) in front of logits × 1000 (a
+    softmax rounded to exactly 0 and 1): masking in two ways at once."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 255) / 255) * 1000
+
+
+def test_square_at_white_box_reads_margins_off_the_logits(tiny_cnn, mnist_test):
+    """At white-box access Square has the logits, as AutoAttack's does: a
+    saturated softmax does not flatten its loss there. Behind an API
+    (soft-label) the probabilities are all the attacker gets. A model with
+    quantised input and logits × 1000 scored 75 % robust at white-box
+    against its real 12.5 % when Square also read the rounded probabilities."""
+    from auditor.access import Access
+    from auditor.battery import Battery, run_battery
+    from auditor.models.base import ModelInfo
+    from auditor.models.pytorch import TorchModel
+
+    model = TorchModel(_QuantisedLargeLogits(tiny_cnn), ModelInfo("q", "state-dict", "0", (1, 28, 28), 10),
+                       device="cpu")
+    x, y = mnist_test.x[:32], mnist_test.y[:32]
+    robust = {
+        level: run_battery(Battery(level, "linf", (SquareAttack(),)), model, x, y, eps_list=[0.1], budget=200,
+                           seed=0).records.robust_accuracy([0.1])[0.1]
+        for level in (Access.WHITE_BOX, Access.SOFT_LABEL)
+    }
+    assert robust[Access.WHITE_BOX] <= robust[Access.SOFT_LABEL] - 0.15

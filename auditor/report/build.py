@@ -39,7 +39,8 @@ _NORM_NAMES = {"linf": "L∞", "l2": "L2", "l1": "L1", "l0": "L0"}
 _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
 OVERSTATING_CHECKS = frozenset({
     "randomised-model", "small-budget", "transfer-only", "custom-battery", "nan-gradients", "no-gradient-attack",
-    "no-target-image", "training-data-audited", "softmax-outputs",
+    "no-target-image", "training-data-audited", "softmax-outputs", "zero-gradients", "unbounded-attack-fails",
+    "saturated-scores",
 })
 """Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
 overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they

@@ -10,12 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def log_margin(probs: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, ``(log p_c, max_{j≠c} log p_j)`` for the class ``c = cls[row]``.
-
-    Probabilities are clamped away from 0 before the log, so a saturated
-    output gives a large finite margin rather than infinity."""
-    logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+def log_margin(logp: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, ``(log p_c, max_{j≠c} log p_j)`` for the class ``c = cls[row]``,
+    from log-probabilities (``ScoreOracle.log_probs``: finite, so a
+    saturated output gives a large finite margin rather than infinity)."""
     own = logp.gather(1, cls[:, None]).squeeze(1)
     others = logp.scatter(1, cls[:, None], float("-inf")).amax(dim=1)
     return own, others

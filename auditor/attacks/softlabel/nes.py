@@ -133,9 +133,9 @@ def default_q_beta(d: int) -> tuple[int, float]:
     return q, beta
 
 
-def _loss(probs: torch.Tensor, cls: torch.Tensor, sign: float) -> torch.Tensor:
-    """``sign · (log p_c - max_{j≠c} log p_j)`` per row (< 0: success)."""
-    own, others = log_margin(probs, cls)
+def _loss(logp: torch.Tensor, cls: torch.Tensor, sign: float) -> torch.Tensor:
+    """``sign · (log p_c - max_{j≠c} log p_j)`` per row (< 0: success), from log-probabilities."""
+    own, others = log_margin(logp, cls)
     return sign * (own - others)
 
 
@@ -220,7 +220,7 @@ class NES(Attack):
         steps = 0
         while len(work.rows):
             # The check: the iterates, one oracle call, one row a sample.
-            h0 = _loss(oracle.probs(work.x, idx=work.rows_cpu).to(device), work.cls, sign)
+            h0 = _loss(oracle.log_probs(work.x, idx=work.rows_cpu).to(device), work.cls, sign)
             x_adv[work.rows] = work.x
             success[work.rows] = h0 < 0
             # A sample goes on to its probes unless its iterate succeeded, it
@@ -279,8 +279,8 @@ class NES(Attack):
             u = torch.randn((len(centre), q, *centre.shape[2:]), generator=gen, device=centre.device)
             probes = torch.cat([centre + beta * u, centre - beta * u], dim=1).clamp_(0.0, 1.0)
             rows = slice(first * 2 * q, (first + len(centre)) * 2 * q)
-            probs = oracle.probs(probes.flatten(0, 1), idx=work.probe_idx_cpu[rows]).to(work.x.device)
-            h = _loss(probs, work.probe_cls[rows], sign).view(len(centre), 2 * q)
+            logp = oracle.log_probs(probes.flatten(0, 1), idx=work.probe_idx_cpu[rows]).to(work.x.device)
+            h = _loss(logp, work.probe_cls[rows], sign).view(len(centre), 2 * q)
             weights = (h[:, :q] - h[:, q:]) / (2 * q * beta)
             grads.append(torch.einsum("mq,mq...->m...", weights, u))
         return torch.cat(grads)

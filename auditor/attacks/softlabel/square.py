@@ -150,15 +150,16 @@ def p_selection(p_init: float, it: int, n_iters: int) -> float:
 
 
 def _margin_and_loss(
-    probs: torch.Tensor, labels: torch.Tensor, loss: str, targeted: bool = False
+    logp: torch.Tensor, labels: torch.Tensor, loss: str, targeted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row margin (negative exactly on success) and the loss to minimise.
+    """Per-row margin (negative exactly on success) and the loss to minimise,
+    from log-probabilities ``logp``.
 
     Untargeted (``labels`` = y): margin ``log p_y - max_{j≠y} log p_j``, loss
     the margin or ``log p_y``. Targeted (``labels`` = t): margin
     ``max_{j≠t} log p_j - log p_t``, loss the cross-entropy ``-log p_t``.
     """
-    own, others = log_margin(probs, labels)
+    own, others = log_margin(logp, labels)
     if targeted:
         return others - own, -own
     margin = own - others
@@ -350,7 +351,7 @@ class SquareAttack(Attack):
         first successful one if any, else the one of lowest loss. Returns its
         index into ``x_new``, whether it improves the row, its loss and margin."""
         _, rows, labels = work.spread(k)
-        margin, loss = _margin_and_loss(oracle.probs(x_new, idx=rows), labels, self.loss, targeted)
+        margin, loss = _margin_and_loss(oracle.log_probs(x_new, idx=rows), labels, self.loss, targeted)
         m = len(work.rows)
         score = torch.where(margin < 0, -torch.inf, loss).view(m, k)
         best = torch.arange(m, device=loss.device) * k + score.argmin(dim=1)
@@ -374,7 +375,7 @@ class SquareAttack(Attack):
             stripes = _signs((len(rows), c, 1, w), gen, x) > 0
             x_init = torch.where(stripes, upper[rows], lower[rows])
             margin, loss = _margin_and_loss(
-                oracle.probs(x_init, idx=rows.cpu()), labels[rows], self.loss, targeted
+                oracle.log_probs(x_init, idx=rows.cpu()), labels[rows], self.loss, targeted
             )
             search.start_at(rows, x_init, loss, margin)
 
@@ -455,7 +456,7 @@ class SquareAttack(Attack):
             delta = l2_init(len(rows), c, h, w, eps, gen, dtype=x.dtype, device=device)
             x_init = (x[rows] + delta).clamp(0.0, 1.0)
             margin, loss = _margin_and_loss(
-                oracle.probs(x_init, idx=rows.cpu()), labels[rows], self.loss, targeted
+                oracle.log_probs(x_init, idx=rows.cpu()), labels[rows], self.loss, targeted
             )
             search.start_at(rows, x_init, loss, margin)
 
