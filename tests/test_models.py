@@ -826,7 +826,7 @@ def test_check_model_failure_and_bad_output(mnist_test):
     _message(excinfo)
     with pytest.raises(AuditError, match="the model returns a tuple, not a tensor of logits"):
         check_model_on_data(_wrap(Pair()), mnist_test)
-    with pytest.raises(AuditError, match=r"outputs of shape \(16,\)"):
+    with pytest.raises(AuditError, match=r"its output has shape \(16,\) for 16 images; expected \(16, classes\)"):
         check_model_on_data(_wrap(nn.Flatten(0)), Dataset("flat", torch.rand(16, 1, 1, 1), torch.zeros(16).long()))
 
 
@@ -1249,9 +1249,16 @@ def test_a_model_that_drops_the_batch_dimension_of_one_image_is_refused_by_the_c
     with pytest.raises(AuditError) as excinfo:
         check_model_on_data(_wrap(Squeezed()), mnist_test)
     assert _message(excinfo) == (
-        "model test returned outputs of shape (10,) for a single image of data mnist; expected (1, 10) "
-        "(a squeeze() that drops the batch dimension?)"
+        "model test runs on a batch of 16 images of data mnist but fails on a single image (a squeeze() that "
+        "drops the batch dimension?): its output has shape (10,) for 1 image; expected (1, classes)"
     )
+
+
+def test_the_torch_adapter_refuses_an_output_that_is_not_one_row_per_image():
+    model = _wrap(Squeezed())
+    assert model.forward(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ModelFailed, match=r"its output has shape \(10,\) for 1 image; expected \(1, classes\)"):
+        model.forward(torch.rand(1, 1, 28, 28))
 
 
 def test_the_onnx_adapter_refuses_an_output_that_is_not_one_row_per_image(tmp_path):

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..access import Access
 from ..errors import AuditError, short_reason
-from .base import Model, ModelFailed, ModelInfo, Normalize, last_line, require_classes
+from .base import Model, ModelFailed, ModelInfo, Normalize, last_line, plural, require_classes
 from .export_archive import check_archive, check_layout, check_program
 
 if TYPE_CHECKING:
@@ -233,6 +233,9 @@ class TorchModel(Model):
             logits = self._module(part.to(self._device, torch.float32))
             if not isinstance(logits, torch.Tensor):
                 raise TypeError(f"the model returns a {type(logits).__name__}, not a tensor of logits")
+            if logits.ndim != 2 or len(logits) != len(part):  # as OnnxModel._run: never a shape to fail on later
+                raise ValueError(f"its output has shape {tuple(logits.shape)} for {plural(len(part), 'image')}; "
+                                 f"expected ({len(part)}, classes)")
             return logits.float().to(x.device)
 
         try:
