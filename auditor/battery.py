@@ -45,7 +45,8 @@ from .attacks.base import FIXED_EPS, MIN_NORM, Attack
 from .attacks.hardlabel.boundary import StartPool
 from .errors import AuditError
 from .models.base import Model, seeded_rng
-from .oracles import GradientOracle, ScoreOracle, SurrogateOracle
+from .models.logits import BeforeSoftmax
+from .oracles import GradientOracle, ScoreOracle, SurrogateOracle, logits_in_passes
 from .progress import ScanProgress
 from .verify import Verified, eps_bound, labels_of, verify
 
@@ -358,16 +359,22 @@ def _oracle_forward(model: Model, oracle_class: type, probabilities: bool) -> Ca
 
 
 def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bool) -> dict:
-    """For a score attack at white-box access on a model that outputs
-    logits: the oracle's exact log-probabilities, ``log_softmax`` of the
-    logits. A saturated softmax rounds probabilities to exactly 0 and 1 and
+    """For a score attack at white-box access: the oracle's exact
+    log-probabilities, ``log_softmax`` of the logits (of the model's
+    outputs, or, for a model that outputs probabilities, of the
+    differentiable copy with its final softmax removed). A saturated softmax rounds probabilities to exactly 0 and 1 and
     leaves the attack a flat loss, which an attacker who has the logits does
     not face (a model with logits × 1000 behind input quantisation, whose
     gradients are zero, scored 75 % robust at white-box against its real
     12.5 %)."""
-    if attack.oracle is not ScoreOracle or level != Access.WHITE_BOX or probabilities:
+    if attack.oracle is not ScoreOracle or level != Access.WHITE_BOX:
         return {}
-    return {"log_probabilities": lambda x: torch.log_softmax(model.forward(x), dim=1)}
+    if not probabilities:
+        return {"log_probabilities": lambda x: torch.log_softmax(model.forward(x), dim=1)}
+    if isinstance(model, BeforeSoftmax):  # the runtime gives probabilities; the attacker's copy, the logits
+        module = model.torch_module()
+        return {"log_probabilities": lambda x: torch.log_softmax(logits_in_passes(module, x), dim=1)}
+    return {}  # a softmax that could not be removed: softmax-outputs says so
 
 
 TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
@@ -521,12 +528,10 @@ def run_battery(
             within = ok & (checked.distortion <= eps_bound(limit))
             reached, reached_at = None, ()
             if attack.kind == MIN_NORM and result.trace and attack.norm == battery.norm:
-                reached = queries_to_reach(result.trace, eps_bound(limit), spent)
-                reached_at = tuple(
-                    (e, tuple(queries_to_reach(result.trace, eps_bound(e), spent).tolist()),
-                     tuple((ok & (checked.distortion <= eps_bound(e))).tolist()))
-                    for e in eps_desc
-                )
+                at_eps = [(e, queries_to_reach(result.trace, eps_bound(e), spent),
+                           ok & (checked.distortion <= eps_bound(e))) for e in eps_desc]
+                reached = at_eps[0][1]  # the largest ε, the run's limit
+                reached_at = tuple((e, tuple(q.tolist()), tuple(s.tolist())) for e, q, s in at_eps)
             first = within & ~broken[active]
             to_success[active[first]] = (spent if reached is None else reached)[first]
             attacked[active], broken[active[within]] = True, True

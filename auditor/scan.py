@@ -155,8 +155,6 @@ def resolve_targets(
     everyone = torch.ones(len(y), dtype=torch.bool)
     if target is None:
         return None, everyone, None
-    if num_classes < 2:
-        raise AuditError(f"--target: a {num_classes}-class model has no class to target")
     if target == "random":
         draws = [_draw(seed, int(index)) for index in indices]
         shift = torch.tensor([1 + draw % (num_classes - 1) for draw in draws], dtype=torch.long)
@@ -167,6 +165,8 @@ def resolve_targets(
         return scores.argmin(1), everyone, {"mode": "least-likely"}
     if isinstance(target, str) and not re.fullmatch("[0-9]+", target):  # int() takes " 3", "+3", "٣"
         raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}")
+    if isinstance(target, str) and len(target.lstrip("0")) > len(str(num_classes)):  # int() refuses 4,301 digits
+        raise AuditError(f"--target {target[:20]}… is not a class of this {num_classes}-class model")
     chosen = int(target)
     if not 0 <= chosen < num_classes:
         raise AuditError(f"--target {chosen} is not a class of this {num_classes}-class model")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from auditor.attacks.base import distortion, generator
 from auditor.oracles import ScoreOracle
+from auditor.attacks.softlabel.gen_attack import GenAttack
 from auditor.attacks.softlabel.square import (
     SquareAttack,
     l2_init,
@@ -377,8 +378,9 @@ class _QuantisedLargeLogits(torch.nn.Module):
         return self.net(torch.round(x * 255) / 255) * 1000
 
 
-def test_square_at_white_box_reads_margins_off_the_logits(tiny_cnn, mnist_test):
-    """At white-box access Square has the logits, as AutoAttack's does: a
+@pytest.mark.parametrize("attack", [SquareAttack(), GenAttack()], ids=lambda attack: attack.label)
+def test_score_attacks_at_white_box_read_margins_off_the_logits(tiny_cnn, mnist_test, attack):
+    """At white-box access a score attack has the logits, as AutoAttack's Square does: a
     saturated softmax does not flatten its loss there. Behind an API
     (soft-label) the probabilities are all the attacker gets. A model with
     quantised input and logits × 1000 scored 75 % robust at white-box
@@ -392,8 +394,32 @@ def test_square_at_white_box_reads_margins_off_the_logits(tiny_cnn, mnist_test):
                        device="cpu")
     x, y = mnist_test.x[:32], mnist_test.y[:32]
     robust = {
-        level: run_battery(Battery(level, "linf", (SquareAttack(),)), model, x, y, eps_list=[0.1], budget=200,
+        level: run_battery(Battery(level, "linf", (attack,)), model, x, y, eps_list=[0.1], budget=200,
                            seed=0).records.robust_accuracy([0.1])[0.1]
         for level in (Access.WHITE_BOX, Access.SOFT_LABEL)
     }
     assert robust[Access.WHITE_BOX] <= robust[Access.SOFT_LABEL] - 0.15
+
+
+def test_square_at_white_box_reads_the_logits_beneath_a_removed_softmax(tiny_cnn, mnist_test):
+    """A model that outputs probabilities, whose final softmax the auditor
+    removed: Square reads its margins off the copy's logits, not off the
+    runtime's rounded probabilities (68.75 % against 12.5 % without the
+    softmax, on the example CNN with logits × 1000)."""
+    from auditor.access import Access
+    from auditor.battery import Battery, run_battery
+    from auditor.models.base import ModelInfo
+    from auditor.models.logits import BeforeSoftmax
+    from auditor.models.pytorch import TorchModel
+
+    logits = _QuantisedLargeLogits(tiny_cnn)
+    info = ModelInfo("p", "state-dict", "0", (1, 28, 28), 10)
+    runtime = TorchModel(torch.nn.Sequential(logits, torch.nn.Softmax(dim=1)), info, device="cpu")
+    x, y = mnist_test.x[:32], mnist_test.y[:32]
+
+    def robust(model, level) -> float:
+        outcome = run_battery(Battery(level, "linf", (SquareAttack(),)), model, x, y, eps_list=[0.1], budget=200,
+                              seed=0, outputs_probabilities=True)
+        return outcome.records.robust_accuracy([0.1])[0.1]
+
+    assert robust(BeforeSoftmax(runtime, logits), Access.WHITE_BOX) <= robust(runtime, Access.SOFT_LABEL) - 0.15

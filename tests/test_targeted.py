@@ -98,6 +98,7 @@ def test_a_fixed_target_class_leaves_out_its_own_samples(example_onnx):
 @pytest.mark.parametrize("value, message", [
     ("12", "not a class"), ("sideways", "--target must be"),
     (" 3", "--target must be"), ("+3", "--target must be"), ("\u0663", "--target must be"),  # int() takes them
+    ("9" * 4301, "is not a class"),  # int() refuses so many digits
 ])
 def test_bad_target_is_a_one_line_error(example_onnx, tmp_path, capsys, value, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -10,6 +10,7 @@ section is a new field here plus a new partial template.
 from __future__ import annotations
 
 import io
+import math
 import re
 import statistics
 import textwrap
@@ -673,15 +674,30 @@ def _query_runs(results: dict) -> list[tuple[dict, dict]]:
 def _query_note(results: dict) -> str:
     """The sentence on how the black-box minimum-norm attacks' query cost is
     read ("" when none ran)."""
-    names = list(dict.fromkeys(attack["name"] for attack, _ in _distortion_runs(results)
-                               if attack["queries"]["budget"] is not None))
-    if not names:
-        return ""
-    kind = "is a minimum-norm attack" if len(names) == 1 else "are minimum-norm attacks"
-    return (f"{', '.join(names)} {kind}: one run without a fixed ε, which keeps refining its examples until "
-            "the budget is spent. A sample counts as broken at ε from the query at which its best example "
-            "first came within ε; how the distortion shrinks with the queries spent is under “Distortion "
-            "against queries” below.")
+    budgeted = [attack for attack in results["attacks"] if attack["queries"]["budget"] is not None]
+    read = _min_norm_names(budgeted, lambda run: "success_by_eps" in run)
+    other = [name for name in _min_norm_names(budgeted, lambda run: "distortion_at_queries" in run)
+             if name not in read]
+    sentences = []
+    if read:
+        kind = "is a minimum-norm attack" if len(read) == 1 else "are minimum-norm attacks"
+        sentences.append(f"{', '.join(read)} {kind}: one run without a fixed ε, which keeps refining its examples "
+                         "until the budget is spent. A sample counts as broken at ε from the query at which its "
+                         "best example first came within ε.")
+    if other:
+        sentences.append(f"{', '.join(other)}: minimum-norm, with no success curve here"
+                         + (" (another norm than the threat's)." if all(
+                             attack["norm"] != results["threat"]["norm"]
+                             for attack in budgeted if attack["name"] in other) else "."))
+    if sentences:
+        sentences.append("How the distortion shrinks with the queries spent is under “Distortion against "
+                         "queries” below.")
+    return " ".join(sentences)
+
+
+def _min_norm_names(attacks: list[dict], has) -> list[str]:
+    """Names of the attacks with a run that ``has`` accepts, in order."""
+    return list(dict.fromkeys(attack["name"] for attack in attacks if any(has(run) for run in attack.get("runs", ()))))
 
 
 def _query_row(attack: dict, run: dict) -> QueryRow:
@@ -740,10 +756,10 @@ def _drawable(series: list[tuple[str, list, list]]) -> bool:
 
 
 def _query_chart(results: dict) -> Markup | None:
-    """Success rate against queries (log scale) for each run of each black-box fixed-ε attack."""
+    """Success rate against queries (log scale) for each black-box attack at each ε (:func:`_query_runs`)."""
     series = [
         (f"{attack['name']} (ε={eps_text(run['eps'])})", run["success_curve"]["queries"],
-         [rate * 100 for rate in run["success_curve"]["success_rate"]])
+         [math.nan if rate is None else rate * 100 for rate in run["success_curve"]["success_rate"]])
         for attack, run in _query_runs(results)
     ]
     if not _drawable(series):

@@ -143,17 +143,17 @@ def plateau_update(
 
 
 def fitness(
-    probs: torch.Tensor, label: torch.Tensor, targeted: bool
+    logp: torch.Tensor, label: torch.Tensor, targeted: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fitness and adversarial flag from probabilities (M, K).
+    """Per-row fitness and adversarial flag from log-probabilities (M, K)
+    (``ScoreOracle.log_probs``): ``log p_label − log Σ_{j≠label} p_j``.
 
     ``label`` is the target t (targeted) or the true class y (untargeted).
     """
-    tiny = torch.finfo(probs.dtype).tiny
-    own = probs.gather(1, label[:, None]).squeeze(1)
-    others = probs.scatter(1, label[:, None], 0.0).sum(dim=1)
-    log_ratio = own.clamp_min(tiny).log() - others.clamp_min(tiny).log()
-    top = probs.argmax(dim=1)
+    own = logp.gather(1, label[:, None]).squeeze(1)
+    others = logp.scatter(1, label[:, None], float("-inf")).logsumexp(dim=1)
+    log_ratio = own - others
+    top = logp.argmax(dim=1)
     if targeted:
         return log_ratio, top == label
     return -log_ratio, top != label
@@ -251,7 +251,7 @@ class GenAttack(Attack):
             # all populations (a group's).
             scored = [
                 fitness(
-                    oracle.probs(
+                    oracle.log_probs(
                         pop[part, -new:].flatten(0, 1), idx=work.rows_cpu[part].repeat_interleave(new)
                     ).to(device),
                     work.label[part].repeat_interleave(new), targeted,
