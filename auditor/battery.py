@@ -362,11 +362,11 @@ def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bo
     """For a score attack at white-box access: the oracle's exact
     log-probabilities, ``log_softmax`` of the logits (of the model's
     outputs, or, for a model that outputs probabilities, of the
-    differentiable copy with its final softmax removed). A saturated softmax rounds probabilities to exactly 0 and 1 and
-    leaves the attack a flat loss, which an attacker who has the logits does
-    not face (a model with logits × 1000 behind input quantisation, whose
-    gradients are zero, scored 75 % robust at white-box against its real
-    12.5 %)."""
+    differentiable copy with its final softmax removed). A saturated softmax
+    rounds probabilities to exactly 0 and 1 and leaves the attack a flat
+    loss, which an attacker who has the logits does not face (a model with
+    logits × 1000 behind input quantisation, whose gradients are zero,
+    scored 75 % robust at white-box against its real 12.5 %)."""
     if attack.oracle is not ScoreOracle or level != Access.WHITE_BOX:
         return {}
     if not probabilities:

@@ -149,8 +149,8 @@ def saturated_scores(level: Access, logits: torch.Tensor, probabilities: bool, y
     """At soft-label access: correctly classified samples whose
     probabilities, as the attacks receive them, are exactly 0 for every
     other class (below the smallest normal float32), so that the score
-    attacks' log-margin loss is flat around them. ``logits`` are the model's clean outputs (its
-    probabilities where ``probabilities``)."""
+    attacks' log-margin loss is flat around them. ``logits`` are the
+    model's clean outputs (its probabilities where ``probabilities``)."""
     correct = logits.argmax(dim=1) == y
     if level != Access.SOFT_LABEL or not correct.any():
         return []
@@ -162,9 +162,8 @@ def saturated_scores(level: Access, logits: torch.Tensor, probabilities: bool, y
     return [Check(
         SATURATED_SCORES, "warning",
         f"{flat} of the {int(correct.sum())} correctly classified samples get probabilities of exactly 0 for "
-        "every other class: the score "
-        "attacks see a flat loss there, so robust accuracy at soft-label access is overstated; a soft-label "
-        "attacker also has the labels: audit with --access hard-label",
+        "every other class: the score attacks see a flat loss there, so robust accuracy at soft-label access "
+        "is overstated; a soft-label attacker also has the labels: audit with --access hard-label",
     )]
 
 

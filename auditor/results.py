@@ -62,11 +62,17 @@ def success_curve(queries: Sequence[int], success: Sequence[bool], budget: int |
     return {"queries": points, "success_rate": rates}
 
 
+def _to_success(queries: Sequence[int], success: Sequence[bool], budget: int | None, total: int,
+                measure: str) -> dict:
+    """Query statistics over the samples broken (``success``), from each one's ``queries``."""
+    return _stats([q for q, ok in zip(queries, success) if ok], budget, total, measure)
+
+
 def _run_entry(run: RunReport, budget: int | None, indices: Sequence[int], measure: str) -> dict:
-    to_success = [q for q, ok in zip(run.reached or run.queries, run.success) if ok]
     entry = {
         "eps": run.eps, "samples": run.samples, "broken": run.broken, "queries": run.queries_total,
-        "queries_to_success": _stats(to_success, budget, run.queries_total, measure),
+        "queries_to_success": _to_success(run.reached or run.queries, run.success, budget, run.queries_total,
+                                          measure),
         "per_sample": {
             "index": [int(indices[position]) for position in run.positions],
             "queries": list(run.queries),
@@ -93,10 +99,9 @@ def _success_at(eps: float, queries: Sequence[int], success: Sequence[bool], bud
                 total: int) -> dict:
     """A minimum-norm run's query cost at one ε: its samples broken within ε,
     their queries to success (read from the trace) and the success curve."""
-    to_success = [q for q, ok in zip(queries, success) if ok]
     return {
-        "eps": eps, "broken": len(to_success),
-        "queries_to_success": _stats(to_success, budget, total, "to-success"),
+        "eps": eps, "broken": sum(success),
+        "queries_to_success": _to_success(queries, success, budget, total, "to-success"),
         "success_curve": success_curve(queries, success, budget),
     }
 

@@ -449,6 +449,7 @@ def test_min_norm_runs_give_their_query_cost_at_every_eps(hard_label_scan):
         entries = run["success_by_eps"]
         assert [e["eps"] for e in entries] == sorted(results["threat"]["eps"], reverse=True)
         assert entries[0]["broken"] == run["broken"]  # the largest ε: the run's own count
+        assert entries[0]["queries_to_success"] == run["queries_to_success"]  # and its own statistics
         assert [e["broken"] for e in entries] == sorted((e["broken"] for e in entries), reverse=True)
         for entry in entries:
             curve = entry["success_curve"]
