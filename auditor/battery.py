@@ -48,7 +48,7 @@ from .models.base import Model, seeded_rng
 from .models.logits import BeforeSoftmax
 from .oracles import GradientOracle, ScoreOracle, SurrogateOracle, logits_in_passes
 from .progress import ScanProgress
-from .verify import Verified, eps_bound, labels_of, verify
+from .verify import Verified, eps_bound, labels_of, predict, verify
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +453,7 @@ def run_battery(
     surrogates: Sequence[SurrogateSet] = (),
     progress: ScanProgress | None = None,
     clean_logits: torch.Tensor | None = None,
+    votes: int = 1,
 ) -> BatteryOutcome:
     """Run the cascade on (x, y) and return the verified per-sample records.
 
@@ -464,7 +465,9 @@ def run_battery(
     require, images of the target class; untargeted, images of other
     classes for the samples no random direction took across the boundary.
     Transfer attacks run on each of ``surrogates``. ``clean_logits``, the
-    model's logits on ``x`` if the caller has them, spare a clean pass.
+    model's logits on ``x`` if the caller has them, spare a clean pass. A
+    randomised model's labels, clean and adversarial, are the most frequent
+    of ``votes`` passes (:func:`~auditor.verify.predict`).
     """
     if (target is not None) != battery.targeted:
         raise ValueError("a targeted battery needs targets, and only it takes them")
@@ -472,9 +475,10 @@ def run_battery(
         raise ValueError("transfer attacks need surrogate sets")
     progress = progress or ScanProgress(enabled=False)
     eps_desc = sorted(eps_list, reverse=True)
-    if clean_logits is None:
-        clean_logits = model.forward(x.to(model.device))
-    clean_pred = labels_of(clean_logits).cpu()
+    if votes > 1 or clean_logits is None:
+        clean_pred = predict(model, x, votes)
+    else:
+        clean_pred = labels_of(clean_logits).cpu()
     records = Records.start(x, clean_pred, y)
     transfer_start: torch.Tensor | None = None
     reports = []
@@ -522,7 +526,7 @@ def run_battery(
             spent = result.queries.cpu() if transfer else oracle.queries()
             if transfer:
                 advance(len(active))
-            checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal)
+            checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal, votes)
             ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
             records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
             within = ok & (checked.distortion <= eps_bound(limit))

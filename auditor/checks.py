@@ -17,11 +17,11 @@ from .access import Access
 from .attacks import BY_LABEL
 from .attacks.base import MIN_NORM, logit_margin
 from .attacks.whitebox.pgd import PGD
-from .models.base import GradientFailed, Model
+from .models.base import RANDOMNESS_PASSES, GradientFailed, Model, plural, seeded_rng
 from .models.logits import are_probabilities
 from .oracles import GradientOracle, logits_and_gradient
 from .eps import eps_text
-from .verify import eps_bound, verify
+from .verify import VOTES, eps_bound, verify
 
 if TYPE_CHECKING:
     from .battery import AttackReport, Battery, Records
@@ -79,6 +79,8 @@ LOW_CLEAN_ACCURACY_BELOW = 0.5
 
 REPEAT_RTOL, REPEAT_ATOL = 1e-4, 1e-5
 """How far two identical forward passes may differ (float noise) before the model counts as randomised."""
+RANDOMNESS_ROWS = 8
+"""Images the preflight runs :data:`~auditor.models.base.RANDOMNESS_PASSES` times."""
 
 
 def same_outputs(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -86,21 +88,54 @@ def same_outputs(first: torch.Tensor, second: torch.Tensor) -> bool:
     return torch.allclose(first, second, rtol=REPEAT_RTOL, atol=REPEAT_ATOL, equal_nan=True)
 
 
-def preflight(model: Model, x: torch.Tensor) -> tuple[list[Check], bool]:
+@dataclass(frozen=True)
+class Preflight:
+    checks: list[Check]
+    probabilities: bool
+    """The outputs are probabilities (non-negative, each row summing to one)."""
+    randomised: bool
+    """Identical passes differed: every label of the scan is then the most
+    frequent of :data:`~auditor.verify.VOTES` passes."""
+
+
+def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
     """Checks that need the model: run before the battery.
 
-    Returns the checks that fired and whether the outputs are probabilities.
+    The model counts as randomised if two passes over ``x`` differ, or any of
+    :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
+    :data:`RANDOMNESS_ROWS` images.
     """
-    checks = []
     batch = x.to(model.device)
-    first, second = model.forward(batch), model.forward(batch)
-    if not same_outputs(first, second):
-        checks.append(Check(
-            RANDOMISED_MODEL, "warning",
-            "two identical forward passes gave different outputs: the model is randomised, "
-            "and attacks without expectation over its randomness overstate robustness",
-        ))
-    return checks, are_probabilities(first)
+    first = model.forward(batch)
+    rows = batch[:RANDOMNESS_ROWS]
+    randomised = not same_outputs(first, model.forward(batch)) or _varies(model, rows)
+    checks = [randomised_model(model, rows, seed)] if randomised else []
+    return Preflight(checks, are_probabilities(first), randomised)
+
+
+def _varies(model: Model, rows: torch.Tensor) -> bool:
+    reference = model.forward(rows)
+    return any(not same_outputs(reference, model.forward(rows)) for _ in range(RANDOMNESS_PASSES - 1))
+
+
+def randomised_model(model: Model, rows: torch.Tensor, seed: int) -> Check:
+    """``randomised-model``, saying whether ``--seed`` fixes the model's draws:
+    two passes from the same seed of torch's generator agree only if the model
+    draws from it (a TorchScript dropout does; an ONNX RandomNormalLike or a
+    numpy draw does not)."""
+    def seeded_pass() -> torch.Tensor:
+        with seeded_rng(seed, "randomised-model"):
+            return model.forward(rows)
+
+    message = (
+        "identical forward passes gave different outputs: the model is randomised. Each label of this "
+        f"audit, clean or adversarial, is the one most of {VOTES} passes give, but the attacks do not take "
+        "the expectation over its randomness (EOT), so robust accuracy may be overstated"
+    )
+    if not same_outputs(seeded_pass(), seeded_pass()):
+        message += ("; its randomness does not come from torch's generator, which --seed seeds, so "
+                    "another run with the same seed may give other results")
+    return Check(RANDOMISED_MODEL, "warning", message)
 
 
 def final_softmax(removed: bool) -> Check:
@@ -348,17 +383,19 @@ def weaker_attack_wins(
     )]
 
 
-def non_monotone(reports: Sequence["AttackReport"]) -> list[Check]:
+def non_monotone(reports: Sequence["AttackReport"], randomised: bool = False) -> list[Check]:
     """An attack that broke samples at a smaller ε after failing on them at a
     larger one. Random noise is left out: it does not optimise, so its
     successes are chance at any ε (``noise-beats-attacks`` judges it)."""
+    cause = ("the attack is not converging, or the model's randomness misleads it (randomised-model)"
+             if randomised else "the attack is not converging")
     found = []
     for report in reports:
         if report.non_monotone and report.attack.name != "random-noise":
             found.append(Check(
                 NON_MONOTONE, "warning",
-                f"{report.attack.label} broke {report.non_monotone} samples at a smaller ε after failing "
-                "on them at a larger one: the attack is not converging, so larger-ε numbers overstate robustness",
+                f"{report.attack.label} broke {plural(report.non_monotone, 'sample')} at a smaller ε after "
+                f"failing on them at a larger one: {cause}, so larger-ε numbers overstate robustness",
             ))
     return found
 
@@ -409,11 +446,14 @@ def no_adversarial_found(records: "Records", reports: Sequence["AttackReport"]) 
 UNBOUNDED_SAMPLES = 64
 
 
-def unbounded_attack(model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, seed: int) -> list[Check]:
+def unbounded_attack(
+    model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, seed: int, votes: int = 1
+) -> list[Check]:
     """PGD with a radius covering the whole [0,1] cube must reach 100 %.
 
     Any image is then reachable, so a failure means the gradients do not lead
-    anywhere (masking) or the attack is broken. The walk starts at the clean
+    anywhere (masking) or the attack is broken. A randomised model's labels
+    are the most frequent of ``votes`` passes, as in the scan. The walk starts at the clean
     image, not at PGD's random start: a random start in a ball this large is
     a random image, which an undefended network may classify with a softmax
     saturated to exactly 1. It ascends the logit margin, not the
@@ -425,11 +465,12 @@ def unbounded_attack(model: Model, x: torch.Tensor, y: torch.Tensor, norm: str, 
     eps = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
     attack = PGD(norm=norm, steps=20, random_start=False, loss="margin")
     result = attack(GradientOracle(module, len(y)), x.to(model.device), y.to(model.device), eps=eps, seed=seed)
-    fooled = verify(model, x, result.x_adv, y, norm).fooled
+    fooled = verify(model, x, result.x_adv, y, norm, votes=votes).fooled
     if bool(fooled.all()):
         return []
     return [Check(
         UNBOUNDED_ATTACK_FAILS, "warning",
         f"PGD with an unbounded radius (ε={eps:g} {norm}) fooled only {int(fooled.sum())} of {len(y)} "
-        "samples; it should reach 100 %: gradients are masked or uninformative",
+        "samples; it should reach 100 %: gradients are masked or uninformative"
+        + (", or the model's randomness misleads it (randomised-model)" if votes > 1 else ""),
     )]

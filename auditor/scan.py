@@ -50,6 +50,7 @@ from .results import (
     transfer_entry,
 )
 from .surrogates import ENSEMBLE, Surrogate, examine, file_names, train_surrogates
+from .verify import VOTES
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +378,8 @@ def scan(
     eps_list = resolve_eps(tuple(dataset.x.shape[1:]), norm, eps)
     adapter = load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle, device=device,
                          image_shape=tuple(dataset.x.shape[1:]))
-    num_classes = check_model_on_data(adapter, dataset)
+    with seeded_rng(seed, "check"):  # a randomised model passes or fails the same way in every run
+        num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
     battery = build_battery(
         level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates != 0
@@ -397,7 +399,9 @@ def scan(
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-        found, probabilities = checks_mod.preflight(adapter, x[:64])
+        first = checks_mod.preflight(adapter, x[:64], seed)
+        found, probabilities = list(first.checks), first.probabilities
+        votes = VOTES if first.randomised else 1
         if level == Access.WHITE_BOX and probabilities:
             logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
             if logits_module is not None:
@@ -410,7 +414,7 @@ def scan(
                 battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
                 outputs_probabilities=probabilities, target=targets, progress=bar,
                 starts=StartPool(dataset.x, dataset.y, torch.arange(len(dataset))),
-                surrogates=surrogate_sets, clean_logits=logits,
+                surrogates=surrogate_sets, clean_logits=logits, votes=votes,
             )
         clean_accuracy = (outcome.clean_pred == y).double().mean().item()
         found += checks_mod.low_clean_accuracy(clean_accuracy)
@@ -418,12 +422,12 @@ def scan(
         found += checks_mod.small_budget(level, budget)
         found += checks_mod.saturated_scores(level, logits, probabilities, y)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
-        found += checks_mod.non_monotone(outcome.attacks)
+        found += checks_mod.non_monotone(outcome.attacks, first.randomised)
         no_start = checks_mod.no_target_image(battery, targets, dataset.y)
         found += checks_mod.noise_beats_attacks(outcome.attacks, could_not_start=bool(no_start))
         found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
         if level == Access.WHITE_BOX:
-            found += checks_mod.unbounded_attack(adapter, x, y, norm, seed)
+            found += checks_mod.unbounded_attack(adapter, x, y, norm, seed, votes)
         found += checks_mod.skipped_attacks(battery.skipped)
         found += checks_mod.no_gradient_attack(battery)
         found += no_start

@@ -7,6 +7,13 @@ only if it is finite and misclassified (in a targeted audit: classified as
 its target). An output row with a NaN score names no class (``argmax`` would
 return the NaN's index): it is misclassified, and never on target. Its distortion is measured in the
 threat norm, whatever norm the attack itself optimised.
+
+A randomised model (``randomised-model``) gives a label per draw of its
+randomness, and one draw that happens to be wrong proves little. Its
+prediction is then the label it gives most often over :data:`VOTES` passes
+(:func:`predict`), for the clean images as for the candidates: the classifier
+an owner deploying it would measure, and the rule of randomised-smoothing
+evaluations (Cohen et al., 2019).
 """
 
 from __future__ import annotations
@@ -42,11 +49,33 @@ class Verified:
     """(N,) float64 distortion in the threat norm."""
 
 
+VOTES = 21
+"""Passes whose most frequent label is a randomised model's prediction (odd:
+a model random between two answers never ties)."""
+
+
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
     """Top-1 labels of a batch of scores; -1 for a row with a NaN, which
     names no class (``argmax`` would return the NaN's index): it is never the
     label, so it counts as misclassified, and never a target."""
     return torch.where(torch.isnan(scores).any(dim=1), -1, scores.argmax(dim=1))
+
+
+def predict(model: Model, x: torch.Tensor, votes: int = 1) -> torch.Tensor:
+    """(N,) CPU labels of ``x``: the label of one pass, or with ``votes`` > 1
+    the label most passes give (a tie goes to the lowest label, -1 for no class
+    first)."""
+    x = x.to(model.device)
+    if votes == 1:
+        return labels_of(model.forward(x)).cpu()
+    counts = None
+    for _ in range(votes):
+        scores = model.forward(x)
+        labels = labels_of(scores).cpu() + 1  # column 0 counts the NaN rows
+        if counts is None:
+            counts = torch.zeros(len(x), scores.shape[1] + 1, dtype=torch.long)
+        counts.scatter_add_(1, labels.view(-1, 1), torch.ones(len(x), 1, dtype=torch.long))
+    return counts.argmax(dim=1) - 1
 
 
 def verify(
@@ -56,13 +85,15 @@ def verify(
     y: torch.Tensor,
     norm: str,
     target: torch.Tensor | None = None,
+    votes: int = 1,
 ) -> Verified:
-    """Re-check candidate adversarial examples ``x_adv`` for clean images ``x``."""
+    """Re-check candidate adversarial examples ``x_adv`` for clean images ``x``
+    (a randomised model's label: the most frequent of ``votes`` passes)."""
     x, y = x.detach().cpu(), y.detach().cpu()
     x_adv = x_adv.detach().cpu().float()
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
     x_adv = torch.where(finite.view(-1, 1, 1, 1), x_adv, x).clamp(0.0, 1.0)
-    predicted = labels_of(model.forward(x_adv.to(model.device))).cpu()
+    predicted = predict(model, x_adv, votes)
     fooled = finite & (predicted != y if target is None else predicted == target.cpu())
     size = distortion((x_adv - x).double(), norm)
     return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

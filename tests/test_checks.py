@@ -64,10 +64,10 @@ def _model(module):
 
 def test_preflight_flags_randomness_and_probabilities(tiny_cnn, mnist_test):
     x = mnist_test.x[:16]
-    assert _ids(preflight(_model(tiny_cnn), x)[0]) == set()
-    assert "randomised-model" in _ids(preflight(_model(Noisy(tiny_cnn).eval()), x)[0])
-    checks, probabilities = preflight(_model(nn.Sequential(tiny_cnn, nn.Softmax(dim=1))), x)
-    assert probabilities and _ids(checks) == set()  # softmax-outputs: white-box scans only, see test_logits
+    assert _ids(preflight(_model(tiny_cnn), x, 0).checks) == set()
+    assert "randomised-model" in _ids(preflight(_model(Noisy(tiny_cnn).eval()), x, 0).checks)
+    first = preflight(_model(nn.Sequential(tiny_cnn, nn.Softmax(dim=1))), x, 0)
+    assert first.probabilities and _ids(first.checks) == set()  # softmax-outputs: white-box scans only, see test_logits
 
 
 def test_gradient_checks(tiny_cnn, mnist_test):

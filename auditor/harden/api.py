@@ -34,6 +34,7 @@ from ..data import Dataset, load_data
 from ..eps import check_radius
 from ..errors import AuditError
 from ..models import check_channels, check_model_on_data, load_model, normalisation
+from ..models.base import seeded_rng
 from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
@@ -235,8 +236,9 @@ def harden(
     evaluation_data = load_data(evaluation)
     _check_same_classes(training_data, evaluation_data)
     image_shape = tuple(training_data.x.shape[1:])  # the size a graph with symbolic H, W is checked at
-    check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
-                                   device="cpu", image_shape=image_shape), training_data)
+    with seeded_rng(seed, "check"):
+        check_model_on_data(load_model(model, arch=arch, mean=mean, std=std, trust_pickle=trust_pickle,
+                                       device="cpu", image_shape=image_shape), training_data)
     raw = load_model(model, arch=arch, trust_pickle=trust_pickle, device="cpu", image_shape=image_shape)
     train_device = resolve_device(device)
     trainable = make_trainable(raw, source, mean, std, train_device)

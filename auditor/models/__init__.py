@@ -21,7 +21,7 @@ import torch
 
 from ..data.base import Dataset
 from ..errors import AuditError
-from .base import Model, ModelFailed, ModelInfo, Normalize, plural, require_classes
+from .base import RANDOMNESS_PASSES, Model, ModelFailed, ModelInfo, Normalize, plural, require_classes
 from .onnxrt import OnnxModel, external_data_files, load_onnx
 from .pytorch import (
     TorchModel,
@@ -339,10 +339,11 @@ def _check_sub_batch(
 ) -> None:
     """The first ``rows`` images of ``sample`` give (rows, K) logits on their
     own, the same as in ``sample`` (``logits``), unless the model is
-    randomised (two passes over ``sample`` differ), which the preflight
-    checks report. With :data:`ODD_BATCH` rows this finds a batch size fixed
-    inside the graph; with one, a ``squeeze()`` that drops the batch
-    dimension of a single image."""
+    randomised (another of :data:`~auditor.models.base.RANDOMNESS_PASSES`
+    passes over ``sample`` differs), which the preflight checks report. With
+    :data:`ODD_BATCH` rows this finds a batch size fixed inside the graph;
+    with one, a ``squeeze()`` that drops the batch dimension of a single
+    image."""
     path, name = model.info.path, dataset.name
     what = "a single image" if rows == 1 else f"a batch of {rows}"
     hint = ("(a squeeze() that drops the batch dimension?)" if rows == 1
@@ -361,12 +362,14 @@ def _check_sub_batch(
         )
     if torch.allclose(alone, logits[:rows], **BATCH_TOLERANCE):
         return
-    if torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE):
-        raise AuditError(
-            f"model {path} gives other outputs for {plural(rows, 'image')} of data {name} alone than in a batch "
-            f"of {len(sample)}: its outputs depend on the batch (a batch size fixed inside the graph, "
-            "or batch statistics)"
-        )
+    if any(not torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE)
+           for _ in range(RANDOMNESS_PASSES - 1)):
+        return  # randomised: the preflight reports it
+    raise AuditError(
+        f"model {path} gives other outputs for {plural(rows, 'image')} of data {name} alone than in a batch "
+        f"of {len(sample)}: its outputs depend on the batch (a batch size fixed inside the graph, or batch "
+        f"statistics; {RANDOMNESS_PASSES} passes over the batch agreed, so it is not randomness)"
+    )
 
 
 def clean_logits(model: Model, x: torch.Tensor, dataset: Dataset) -> torch.Tensor:

@@ -148,6 +148,12 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+RANDOMNESS_PASSES = 16
+"""Passes over the same images that must all agree for a model to count as
+deterministic: one that picks one of two networks at each call agrees with
+itself on two passes half the time, on sixteen once in 32,768."""
+
+
 @contextlib.contextmanager
 def seeded_rng(seed: int, purpose: str) -> Iterator[None]:
     """Run with torch's global generators (CPU and CUDA) seeded from ``seed``

@@ -1,0 +1,138 @@
+"""Randomised models: detected whatever the seed, never refused as batch
+dependent, and labelled by a vote over passes, so that one lucky draw never
+counts as an adversarial example or a clean mistake."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import auditor
+from auditor.checks import RANDOMISED_MODEL, preflight
+from auditor.models import check_model_on_data
+from auditor.models.base import ModelInfo, seeded_rng
+from auditor.models.pytorch import TorchModel
+from auditor.verify import VOTES, predict, verify
+
+
+class Choice(nn.Module):
+    """Answers with one of two networks, picked at random at each call."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.first(x) if bool(torch.rand(()) < 0.5) else self.second(x)
+
+
+class Sometimes(nn.Module):
+    """Deterministic: the ``wrong`` label on every ``period``-th call, ``right`` otherwise."""
+
+    def __init__(self, right: int, wrong: int, period: int):
+        super().__init__()
+        self.right, self.wrong, self.period, self.calls = right, wrong, period, 0
+
+    def forward(self, x):
+        self.calls += 1
+        label = self.wrong if self.calls % self.period == 0 else self.right
+        return nn.functional.one_hot(torch.full((len(x),), label), 10).float()
+
+
+class Flaky(nn.Module):
+    """Shifts each image's label by one class on a fifth of calls, at random."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return torch.where((torch.rand(len(x)) < 0.2).view(-1, 1), logits.roll(1, dims=1), logits)
+
+
+class NumpyNoise(nn.Module):
+    """Draws its noise from numpy, which --seed does not seed."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x + torch.from_numpy(np.random.normal(0, 0.05, x.shape).astype(np.float32)))
+
+
+class TorchNoise(nn.Module):
+    def __init__(self, inner: nn.Module, sigma: float = 0.05):
+        super().__init__()
+        self.inner, self.sigma = inner, sigma
+
+    def forward(self, x):
+        return self.inner(x + self.sigma * torch.randn_like(x))
+
+
+def _model(module: nn.Module) -> TorchModel:
+    return TorchModel(module.eval(), ModelInfo("m", "torchscript", "0", (1, 28, 28), 10), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def choice(tiny_cnn) -> Choice:
+    """The tiny CNN or a copy with perturbed weights: 10 to 25 % of labels differ between two calls."""
+    other = copy.deepcopy(tiny_cnn)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    return Choice(tiny_cnn, other).eval()
+
+
+def test_a_model_random_between_two_networks_is_flagged_whatever_the_seed(choice, mnist_test):
+    """Two passes agree half the time (the check used to fire on 9 of 20 seeds)."""
+    for seed in range(10):
+        with seeded_rng(seed, "model"):
+            first = preflight(_model(choice), mnist_test.x[:64], seed)
+        assert first.randomised and [check.id for check in first.checks] == [RANDOMISED_MODEL], seed
+
+
+def test_a_model_random_between_two_networks_is_not_refused_as_batch_dependent(choice, mnist_test):
+    """A single image differing from its row in a batch is randomness here, not batch statistics
+    (the load check used to refuse it on some runs, with a message about the batch)."""
+    for seed in range(10):
+        with seeded_rng(seed, "check"):
+            assert check_model_on_data(_model(choice), mnist_test) == 10
+
+
+def test_the_check_says_whether_the_seed_fixes_the_models_draws(tiny_cnn, mnist_test):
+    x = mnist_test.x[:16]
+    seeded = preflight(_model(TorchNoise(tiny_cnn)), x, 0).checks[0].message
+    unseeded = preflight(_model(NumpyNoise(tiny_cnn)), x, 0).checks[0].message
+    assert f"most of {VOTES} passes" in seeded and "--seed" not in seeded
+    assert "does not come from torch's generator, which --seed seeds" in unseeded
+
+
+def test_a_label_given_on_a_minority_of_passes_does_not_count():
+    x, y = torch.rand(4, 1, 28, 28), torch.full((4,), 3)
+    rarely_wrong = _model(Sometimes(right=3, wrong=5, period=3))
+    assert predict(rarely_wrong, x, VOTES).tolist() == [3] * 4
+    assert not verify(rarely_wrong, x, x, y, "linf", votes=VOTES).fooled.any()
+    mostly_wrong = _model(Sometimes(right=5, wrong=3, period=3))
+    assert verify(mostly_wrong, x, x, y, "linf", votes=VOTES).fooled.all()
+    assert verify(mostly_wrong, x, x, y, "linf", target=torch.full((4,), 5), votes=VOTES).fooled.all()
+    one_pass = _model(Sometimes(right=3, wrong=5, period=1))
+    assert predict(one_pass, x).tolist() == [5] * 4
+
+
+def test_a_scan_counts_no_misclassification_the_model_makes_on_a_minority_of_calls(tiny_cnn, tmp_path):
+    """At a radius far too small to matter, random noise used to "break" each sample whose one
+    verification pass fell on a flaky call (a fifth of them), and the clean pass likewise."""
+    path = tmp_path / "flaky.pt"
+    torch.jit.save(torch.jit.script(Flaky(tiny_cnn).eval()), str(path))
+    audit = auditor.scan(str(path), "mnist", access="hard-label", samples=32, eps=[0.001], budget=50,
+                         attacks=["random-noise"], seed=0)
+    results = audit.results
+    assert RANDOMISED_MODEL in {check["id"] for check in results["checks"]}
+    assert results["clean_accuracy"] > 0.8  # one pass per image: about 0.72
+    assert results["robust_accuracy"]["0.001"] == results["clean_accuracy"]
