@@ -43,6 +43,7 @@ from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, MIN_NORM, Attack
 from .attacks.hardlabel.boundary import StartPool
+from .attacks.whitebox.apgd import APGDConfig
 from .errors import AuditError
 from .models.base import Model, seeded_rng
 from .models.logits import BeforeSoftmax
@@ -71,6 +72,27 @@ class Battery:
     targeted: bool = False
     left_out: tuple[str, ...] = ()
     """A battery chosen by name: the default battery's attacks it leaves out."""
+
+
+EOT_PASSES = 20
+"""Passes the APGD attacks average each step over on a randomised model
+(AutoAttack's ``eot_iter`` for randomised defenses)."""
+
+
+def for_randomised(battery: Battery) -> Battery:
+    """``battery`` for a randomised model: its APGD attacks take the
+    expectation over the model's randomness (EOT, :data:`EOT_PASSES` passes a
+    step) from one random start, as AutoAttack's version for randomised
+    defenses runs them (the passes make each start 20 times the cost)."""
+    attacks = tuple(replace(attack, eot=EOT_PASSES, restarts=1) if isinstance(attack, APGDConfig) else attack
+                    for attack in battery.attacks)
+    return replace(battery, attacks=attacks)
+
+
+def eot_passes(battery: Battery) -> int:
+    """The passes :func:`for_randomised` has ``battery``'s gradient attacks
+    average each step over: :data:`EOT_PASSES`, or 1 if it has none."""
+    return EOT_PASSES if any(isinstance(attack, APGDConfig) for attack in battery.attacks) else 1
 
 
 NO_SURROGATES = "needs surrogate models (--surrogate PATH or --train-surrogates K)"
@@ -155,8 +177,9 @@ def build_battery(
     """Choose the attacks for an access level, a norm and untargeted/targeted mode.
 
     Without ``names``: every default catalogue attack of the level, plus the
-    attacks of weaker levels marked ``at_stronger_levels`` (AutoAttack's
-    Square and the noise baseline: checks against gradient masking). Fixed-ε
+    attacks of weaker levels whose ``default_up_to`` reaches it (AutoAttack's
+    Square and the noise baseline everywhere: checks against gradient
+    masking; HopSkipJump at soft-label). Fixed-ε
     attacks run in the threat norm; minimum-norm attacks in any norm,
     measured in the threat norm, but only in the threat norm where they have
     that variant. In targeted mode only attacks with a targeted mode run.
@@ -182,7 +205,7 @@ def build_battery(
     for attack in CATALOGUE:
         if attack.access > level or not attack.in_default_battery:
             continue
-        if attack.access < level and not attack.at_stronger_levels:
+        if level > attack.default_up_to:
             continue
         if attack.kind == FIXED_EPS and attack.norm != norm:
             if norm not in attack.norms:

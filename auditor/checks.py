@@ -98,18 +98,19 @@ class Preflight:
     frequent of :data:`~auditor.verify.VOTES` passes."""
 
 
-def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
+def preflight(model: Model, x: torch.Tensor, seed: int, eot: int = 1) -> Preflight:
     """Checks that need the model: run before the battery.
 
     The model counts as randomised if two passes over ``x`` differ, or any of
     :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
-    :data:`RANDOMNESS_ROWS` images.
+    :data:`RANDOMNESS_ROWS` images. ``eot``: the passes the battery's
+    gradient attacks then average each step over (1: none do), for the message.
     """
     batch = x.to(model.device)
     first = model.forward(batch)
     rows = batch[:RANDOMNESS_ROWS]
     randomised = not same_outputs(first, model.forward(batch)) or _varies(model, rows)
-    checks = [randomised_model(model, rows, seed)] if randomised else []
+    checks = [randomised_model(model, rows, seed, eot)] if randomised else []
     return Preflight(checks, are_probabilities(first), randomised)
 
 
@@ -118,7 +119,7 @@ def _varies(model: Model, rows: torch.Tensor) -> bool:
     return any(not same_outputs(reference, model.forward(rows)) for _ in range(RANDOMNESS_PASSES - 1))
 
 
-def randomised_model(model: Model, rows: torch.Tensor, seed: int) -> Check:
+def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) -> Check:
     """``randomised-model``, saying whether ``--seed`` fixes the model's draws:
     two passes from the same seed of torch's generator agree only if the model
     draws from it (a TorchScript dropout does; an ONNX RandomNormalLike or a
@@ -127,10 +128,14 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int) -> Check:
         with seeded_rng(seed, "randomised-model"):
             return model.forward(rows)
 
+    expectation = (
+        f"APGD averages each step over {eot} passes (EOT) but the other attacks query single passes"
+        if eot > 1 else "the attacks query single passes, without expectation over its randomness (EOT)"
+    )
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
-        f"audit, clean or adversarial, is the one most of {VOTES} passes give, but the attacks do not take "
-        "the expectation over its randomness (EOT), so robust accuracy may be overstated"
+        f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "
+        "accuracy may be overstated"
     )
     if not same_outputs(seeded_pass(), seeded_pass()):
         message += ("; its randomness does not come from torch's generator, which --seed seeds, so "

@@ -402,23 +402,28 @@ def attacks():
     """List the attack catalogue: name, access level, norm, kind, default, targeted, paper.
 
     The default column: yes, in the default battery at its own access level
-    and above; own level, only when the scan's level is its own; no, only
-    when named in --attacks. Transfer attacks (access none) run only when
-    the scan has surrogate models.
+    and above; own level, only when the scan's level is its own; up to a
+    level, at its own level and above up to that one; no, only when named in
+    --attacks. Transfer attacks (access none) run only when the scan has
+    surrogate models.
     """
     from .attacks import CATALOGUE
 
     width = max(len(attack.label) for attack in CATALOGUE)
-    _echo(f"{'name':<{width}} {'access':<11} {'norm':<5} {'kind':<9} {'default':<10} {'targeted':<8} paper")
+    _echo(f"{'name':<{width}} {'access':<11} {'norm':<5} {'kind':<9} {'default':<13} {'targeted':<8} paper")
     for attack in CATALOGUE:
         if not attack.in_default_battery:
             default = "no"
+        elif attack.default_up_to == Access.WHITE_BOX:
+            default = "yes"
+        elif attack.default_up_to == attack.access:
+            default = "own level"
         else:
-            default = "yes" if attack.at_stronger_levels else "own level"
+            default = f"to {attack.default_up_to.cli_name}"
         targeted = "yes" if attack.targeted else "no"
         _echo(
             f"{attack.label:<{width}} {attack.access.cli_name:<11} {attack.norm:<5} "
-            f"{attack.kind:<9} {default:<10} {targeted:<8} {attack.paper}"
+            f"{attack.kind:<9} {default:<13} {targeted:<8} {attack.paper}"
         )
     return EXIT_PASS
 

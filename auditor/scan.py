@@ -29,7 +29,7 @@ from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, MAX_BUDGET, Access, resolve_access
 from .attacks.base import MAX_SEED
 from .attacks.hardlabel.boundary import StartPool
-from .battery import SurrogateSet, build_battery, run_battery, runnable
+from .battery import SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable
 from .data import Dataset, load_data
 from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
@@ -399,9 +399,11 @@ def scan(
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-        first = checks_mod.preflight(adapter, x[:64], seed)
+        first = checks_mod.preflight(adapter, x[:64], seed, eot_passes(battery))
         found, probabilities = list(first.checks), first.probabilities
         votes = VOTES if first.randomised else 1
+        if first.randomised:
+            battery = for_randomised(battery)
         if level == Access.WHITE_BOX and probabilities:
             logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
             if logits_module is not None:

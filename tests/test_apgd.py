@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,6 +90,17 @@ def test_query_accounting_is_exact(tiny_cnn, clean):
     assert torch.equal(oracle.queries(), torch.full((len(y),), bound))
 
 
+@pytest.mark.parametrize("attack", [APGD(steps=7), APGDTargeted(steps=7, n_target_classes=2)], ids=str)
+def test_eot_on_a_deterministic_model_is_the_single_pass_attack_at_eot_times_the_queries(tiny_cnn, clean, attack):
+    """The mean of identical passes is the pass: EOT changes only the cost, each pass one query."""
+    x, y = clean
+    plain, plain_oracle = run(attack, tiny_cnn, x, y, 0.1)
+    eot, eot_oracle = run(dataclasses.replace(attack, eot=3), tiny_cnn, x, y, 0.1)
+    assert torch.equal(plain.success, eot.success)
+    assert torch.allclose(plain.x_adv, eot.x_adv, atol=1e-6)
+    assert torch.equal(eot_oracle.queries(), 3 * plain_oracle.queries())
+
+
 def test_fooled_samples_stop_early(tiny_cnn, clean):
     x, y = clean
     steps = 20
@@ -123,7 +136,7 @@ def test_labels_and_validation():
     assert APGDTargeted(norm="l2").label == "apgd-t-l2"
     assert (APGD().steps, APGD().restarts, APGD().rho, APGD().momentum) == (100, 1, 0.75, 0.75)
     assert APGDTargeted().n_target_classes == 9
-    for bad in ({"norm": "l1"}, {"loss": "cw"}, {"steps": 0}, {"restarts": 0}, {"rho": 0.0}):
+    for bad in ({"norm": "l1"}, {"loss": "cw"}, {"steps": 0}, {"restarts": 0}, {"rho": 0.0}, {"eot": 0}):
         with pytest.raises(ValueError):
             APGD(**bad)
     with pytest.raises(ValueError):

@@ -16,6 +16,7 @@ from helpers import Counting, first_found, label_oracle, predict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from auditor.access import Access
 from auditor.attacks.base import MIN_NORM, distortion
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 
@@ -47,7 +48,7 @@ def test_identity():
     assert attack.name == "hop-skip-jump" and attack.kind == MIN_NORM
     assert attack.label == "hop-skip-jump-l2"
     assert HopSkipJump(norm="linf").label == "hop-skip-jump-linf"
-    assert attack.targeted and attack.starts_from_data and not attack.at_stronger_levels
+    assert attack.targeted and attack.starts_from_data and attack.default_up_to == Access.SOFT_LABEL
 
 
 @pytest.mark.parametrize(

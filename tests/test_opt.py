@@ -11,6 +11,7 @@ from helpers import Counting, first_found, label_oracle, predict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from auditor.access import Access
 from auditor.attacks.base import MIN_NORM, distortion
 from auditor.attacks.hardlabel.opt import OPT, _ration
 from auditor.oracles import LabelOracle
@@ -47,7 +48,7 @@ def test_opt_metadata():
     attack = OPT()
     assert attack.label == "opt-l2" and attack.kind == MIN_NORM
     assert attack.oracle is LabelOracle and attack.targeted and attack.starts_from_data
-    assert not OPT.at_stronger_levels
+    assert OPT.default_up_to == Access.HARD_LABEL
     assert (attack.q, attack.n_init, attack.alpha, attack.beta, attack.max_iter) == (
         10, 100, 0.2, 0.001, 1500
     )

@@ -180,11 +180,15 @@ def test_battery_of_a_level_includes_weaker_levels():
     assert battery.skipped == ()
 
 
-def test_soft_label_searches_run_only_at_their_own_level():
+def test_soft_label_searches_run_only_at_their_own_level_and_hop_skip_jump_reads_the_labels():
+    """A soft-label attacker reads the labels too: without HopSkipJump, soft-label L2 audits came
+    out above hard-label ones (Square L2 is the weaker attack there)."""
     labels = [attack.label for attack in build_battery(Access.SOFT_LABEL, "linf").attacks]
-    assert labels == ["square-linf", "nes-linf", "genattack-linf", "random-noise-linf"]
+    assert labels == ["square-linf", "nes-linf", "genattack-linf", "hop-skip-jump-linf", "random-noise-linf"]
     battery = build_battery(Access.SOFT_LABEL, "l2")
-    assert [attack.label for attack in battery.attacks] == ["square-l2", "nes-l2", "random-noise-l2"]
+    assert [attack.label for attack in battery.attacks] == [
+        "square-l2", "nes-l2", "hop-skip-jump-l2", "random-noise-l2"
+    ]
     assert battery.skipped == (("genattack-linf", "no l2 version yet"),)
     with pytest.raises(AuditError, match="--access none runs only transfer attacks: give --surrogate"):
         build_battery(Access.NONE, "linf")  # an empty battery would claim 100 % robustness

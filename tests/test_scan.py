@@ -132,7 +132,7 @@ def test_same_seed_gives_identical_results(example_onnx, tmp_path):
     first, second = results(tmp_path / "a"), results(tmp_path / "a")  # the same command twice
     assert first == second
     assert [a["name"] for a in first["attacks"]] == [
-        "square-linf", "nes-linf", "genattack-linf", "random-noise-linf"
+        "square-linf", "nes-linf", "genattack-linf", "hop-skip-jump-linf", "random-noise-linf"
     ]
 
 
@@ -165,6 +165,7 @@ def test_attacks_command_lists_every_attack_with_its_modes(capsys):
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {attack.label for attack in CATALOGUE}
     assert " own level " in rows["nes-linf"] and " no " in rows["pgd-linf"]
+    assert " to soft-label " in rows["hop-skip-jump-l2"] and " yes " in rows["square-l2"]
     assert rows["square-l2"].split()[5] == "yes" and rows["apgd-ce-linf"].split()[5] == "no"
 
 
@@ -331,7 +332,9 @@ def test_attacks_that_cannot_take_a_step_within_the_budget_are_skipped_and_said(
 
     assert NES().step_cost((1, 28, 28)) == 29 and GenAttack().step_cost((1, 28, 28)) == 6
     audit = scan(example_onnx, "mnist", access="soft-label", samples=8, eps=[0.3], budget=20)
-    assert {attack["name"] for attack in audit.results["attacks"]} == {"square-linf", "genattack-linf", "random-noise-linf"}
+    assert {attack["name"] for attack in audit.results["attacks"]} == {
+        "square-linf", "genattack-linf", "hop-skip-jump-linf", "random-noise-linf"
+    }
     skipped = [check["message"] for check in audit.results["checks"] if check["id"] == "attack-skipped"]
     assert skipped == ["nes-linf was not run: one step needs 29 queries per sample; the budget is 20"]
     with pytest.raises(AuditError, match=r"no attack chosen can run \(nes-linf: one step needs 29 queries per sample; the budget is 20\)"):

@@ -5,9 +5,9 @@ then targeted APGD), then soft-label, then hard-label, then the transfer
 attacks (they use only surrogate models, so they run at every access level
 when surrogates are given), and random noise last as the sanity baseline.
 Attacks with ``in_default_battery = False`` (FGSM, PGD, C&W, APGD-DLR, OPT)
-run only when named with ``--attacks``; those with ``at_stronger_levels =
-False`` (NES, GenAttack, Sign-OPT, HopSkipJump) run by default only when
-their own level is the scan's. Entries are immutable, so sharing one
+run only when named with ``--attacks``; ``default_up_to`` is the strongest
+access level whose default battery runs an attack (soft-label for NES,
+GenAttack and HopSkipJump, hard-label for Sign-OPT). Entries are immutable, so sharing one
 instance is safe.
 """
 from __future__ import annotations

@@ -83,11 +83,13 @@ class Attack(abc.ABC):
     starts_from_data: ClassVar[bool] = False
     """True for targeted attacks that start from images of the target class:
     the battery passes them ``starts=`` (a ``StartPool`` of the data)."""
-    at_stronger_levels: ClassVar[bool] = True
-    """Whether the default battery of a stronger access level runs it too, as
-    a check against gradient masking. That check is Square plus the random
-    noise baseline, as in AutoAttack; NES, GenAttack and Sign-OPT run by
-    default only at their own level (``--attacks`` names them anywhere)."""
+    default_up_to: ClassVar[Access] = Access.WHITE_BOX
+    """The strongest access level whose default battery runs it (levels below
+    its own never do). Square and the random noise baseline run at every
+    level, as AutoAttack's check against gradient masking; HopSkipJump up to
+    soft-label, as a soft-label attacker reads the labels too; NES,
+    GenAttack and Sign-OPT only at their own level (``--attacks`` names any
+    of them anywhere)."""
 
     @property
     def access(self) -> Access:

@@ -113,6 +113,7 @@ from typing import ClassVar
 
 import torch
 
+from ...access import Access
 from ...oracles import LabelOracle, items_within
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
@@ -145,9 +146,10 @@ class HopSkipJump(Attack):
     targeted: ClassVar[bool] = True
     starts_from_data: ClassVar[bool] = True
     paper: ClassVar[str] = "Chen, Jordan and Wainwright, HopSkipJumpAttack, IEEE S&P 2020"
-    # Label-only, like Sign-OPT it is far weaker than Square at a fixed ε;
-    # AutoAttack's gradient-masking check is Square alone.
-    at_stronger_levels: ClassVar[bool] = False
+    # A soft-label attacker reads the labels too, and in L2 Square is the
+    # weaker attack: without it soft-label audits came out above hard-label
+    # ones. Above soft-label, AutoAttack's gradient-masking check is Square alone.
+    default_up_to: ClassVar[Access] = Access.SOFT_LABEL
 
     norm: str = "l2"
     init_num_evals: int = 100

@@ -46,6 +46,7 @@ from typing import ClassVar
 
 import torch
 
+from ...access import Access
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
 from .boundary import (
@@ -194,7 +195,7 @@ class RaySearch(Attack):
     # Label-only, they are far weaker than Square at a fixed ε and would
     # double the cost of the gradient-masking check above hard-label access;
     # AutoAttack's check is Square alone.
-    at_stronger_levels: ClassVar[bool] = False
+    default_up_to: ClassVar[Access] = Access.HARD_LABEL
     counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values")
     """Integer fields that must be at least 1."""
 

@@ -95,6 +95,7 @@ from typing import ClassVar
 
 import torch
 
+from ...access import Access
 from ...oracles import ScoreOracle, items_within
 from ..base import FIXED_EPS, Attack, AttackResult, check_call, generator
 
@@ -168,7 +169,7 @@ class GenAttack(Attack):
     kind: ClassVar[str] = FIXED_EPS
     norms: ClassVar[tuple[str, ...]] = ("linf",)
     targeted: ClassVar[bool] = True
-    at_stronger_levels: ClassVar[bool] = False
+    default_up_to: ClassVar[Access] = Access.SOFT_LABEL
     paper: ClassVar[str] = (
         "Alzantot et al., GenAttack: Practical Black-box Attacks with "
         "Gradient-Free Optimization, GECCO 2019"

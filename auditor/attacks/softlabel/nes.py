@@ -114,6 +114,7 @@ from typing import ClassVar
 
 import torch
 
+from ...access import Access
 from ...oracles import ScoreOracle, items_within
 from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project
 from .margins import log_margin
@@ -148,7 +149,7 @@ class NES(Attack):
     kind: ClassVar[str] = FIXED_EPS
     norms: ClassVar[tuple[str, ...]] = NORMS
     targeted: ClassVar[bool] = True
-    at_stronger_levels: ClassVar[bool] = False
+    default_up_to: ClassVar[Access] = Access.SOFT_LABEL
     paper: ClassVar[str] = (
         "Ilyas et al., Black-box Adversarial Attacks with Limited Queries and "
         "Information, ICML 2018"

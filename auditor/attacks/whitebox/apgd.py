@@ -50,6 +50,13 @@ run only takes the samples that can pay all of it. The first run of any
 
 Defaults are those of [CH20] §3 and of AutoAttack: N = 100 iterations,
 α = 0.75, ρ = 0.75; AutoAttack's standard APGD-CE uses 1 restart.
+
+Randomised models (``eot`` > 1): the logits and ∇f of every step are the
+mean over ``eot`` passes, expectation over transformation (Athalye, Carlini
+and Wagner, "Obfuscated gradients give a false sense of security", ICML
+2018, §5.3), as AutoAttack's version for randomised defenses does with
+``eot_iter = 20``; each pass is a query, so a run costs at most
+``(steps + 1) · eot`` queries a sample.
 """
 
 from __future__ import annotations
@@ -162,10 +169,20 @@ class _Active:
         return self.project_(torch.addcmul(self.x, grad, self.view(scale), out=grad))
 
 
-def _gradient(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, loss: Loss, data: torch.Tensor):
-    """One query a row: the logits and ∇f at ``x`` (a gradient APGD may overwrite)."""
+def _gradient(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, loss: Loss, data: torch.Tensor,
+              eot: int):
+    """``eot`` queries a row: the logits and ∇f at ``x``, each the mean over
+    ``eot`` passes (a gradient APGD may overwrite)."""
     logits, grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
-    return logits, grad.contiguous()
+    for _ in range(eot - 1):
+        more_logits, more_grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
+        logits, grad = logits + more_logits, grad + more_grad
+    return (logits / eot, grad / eot) if eot > 1 else (logits, grad.contiguous())
+
+
+def mean_logits(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, eot: int) -> torch.Tensor:
+    """``eot`` queries a row: the mean logits of ``eot`` passes at ``x``."""
+    return sum(oracle.logits(x, idx=idx) for _ in range(eot)) / eot
 
 
 def apgd_run(
@@ -183,6 +200,7 @@ def apgd_run(
     momentum: float,
     gen: torch.Generator,
     reach: bool = False,
+    eot: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run ([CH20] Alg. 1) on the batch ``x`` (oracle rows ``idx``).
 
@@ -190,15 +208,15 @@ def apgd_run(
     arguments (its label, or its label and target). A row is fooled when its
     prediction leaves ``y``, or, with ``reach``, when it equals ``y`` (then
     the target). Returns ``(x_adv, fooled)``: for fooled rows the first
-    fooled iterate, elsewhere ``x``. Costs each sample at most ``steps + 1``
-    queries.
+    fooled iterate, elsewhere ``x``. Costs each sample at most
+    ``(steps + 1) · eot`` queries.
     """
     found = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     marks = checkpoints(steps)
     start = random_start(x, eps, norm, gen)
     idx = idx.cpu()
-    logits, grad = _gradient(oracle, start, idx, loss, data)
+    logits, grad = _gradient(oracle, start, idx, loss, data, eot)
     f = loss(logits, data)
     s = _Active(
         eps=eps, norm=norm, pos=torch.arange(len(x), device=x.device), idx=idx, x0=x,
@@ -247,9 +265,9 @@ def apgd_run(
             s.project_(z)
         s.x_prev, s.x = s.x, z
         if k + 1 == steps:
-            logits = oracle.logits(s.x, idx=s.idx)
+            logits = mean_logits(oracle, s.x, s.idx, eot)
         else:
-            logits, grad = _gradient(oracle, s.x, s.idx, loss, s.data)
+            logits, grad = _gradient(oracle, s.x, s.idx, loss, s.data, eot)
     return found, fooled
 
 
@@ -270,12 +288,14 @@ class APGDConfig(Attack):
     restarts: int = 1
     rho: float = 0.75
     momentum: float = 0.75
+    eot: int = 1
+    """Passes each step's logits and gradient are averaged over (EOT, for a randomised model)."""
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"{self.name} norm must be one of {NORMS}")
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError(f"{self.name} needs steps >= 1 and restarts >= 1")
+        if self.steps < 1 or self.restarts < 1 or self.eot < 1:
+            raise ValueError(f"{self.name} needs steps >= 1, restarts >= 1 and eot >= 1")
         if not 0 < self.momentum <= 1 or not 0 < self.rho <= 1:
             raise ValueError(f"{self.name} needs rho and momentum in (0, 1]")
 
@@ -312,13 +332,13 @@ class APGD(APGDConfig):
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            can_pay = oracle.remaining().to(x.device) >= self.steps + 1
+            can_pay = oracle.remaining().to(x.device) >= (self.steps + 1) * self.eot
             rows = (~success & can_pay).nonzero().flatten()
             if len(rows) == 0:
                 break
             found, fooled = apgd_run(
                 oracle, x[rows], y[rows], rows, y[rows], loss, eps=eps, norm=self.norm,
-                steps=self.steps, rho=self.rho, momentum=self.momentum, gen=gen,
+                steps=self.steps, rho=self.rho, momentum=self.momentum, gen=gen, eot=self.eot,
             )
             x_adv[rows[fooled]] = found[fooled]
             success[rows[fooled]] = True

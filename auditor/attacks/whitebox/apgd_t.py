@@ -37,8 +37,9 @@ the loss and the loop over targets:
 
 Queries: 1 a sample for the clean logits (a sample already misclassified
 there succeeds with ``x_adv = x``), then at most ``steps + 1`` a run, so at
-most 1 + ``n_target_classes`` × ``restarts`` × (``steps`` + 1) a sample. With
-an oracle budget, only samples that can pay a whole run take it.
+most 1 + ``n_target_classes`` × ``restarts`` × (``steps`` + 1) a sample; with
+``eot`` > 1 (a randomised model, see :mod:`.apgd`) each of these is ``eot``
+passes. With an oracle budget, only samples that can pay a whole run take it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch
 
 from ...oracles import GradientOracle
 from ..base import AttackResult, check_call, generator
-from .apgd import APGDConfig, apgd_run
+from .apgd import APGDConfig, apgd_run, mean_logits
 
 
 def _scaled(difference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -103,10 +104,10 @@ class APGDTargeted(APGDConfig):
         gen = generator(seed, x.device)
         x_adv = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        rows = (oracle.remaining() >= 1).nonzero().flatten().to(x.device)
+        rows = (oracle.remaining() >= self.eot).nonzero().flatten().to(x.device)
         if len(rows) == 0:
             return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
-        clean = oracle.logits(x[rows], idx=rows.cpu())
+        clean = mean_logits(oracle, x[rows], rows.cpu(), self.eot)
         ranked = torch.full((len(x), clean.shape[1]), -1, dtype=torch.long, device=x.device)
         ranked[rows] = clean.argsort(dim=1, descending=True)
         if target is not None:
@@ -118,7 +119,7 @@ class APGDTargeted(APGDConfig):
         targets = 1 if target is not None else min(self.n_target_classes, clean.shape[1] - 1)
         for j in range(1, targets + 1):
             for _ in range(self.restarts):
-                can_pay = oracle.remaining().to(x.device) >= self.steps + 1
+                can_pay = oracle.remaining().to(x.device) >= (self.steps + 1) * self.eot
                 rows = (attacked & ~success & can_pay).nonzero().flatten()
                 if len(rows) == 0:
                     break
@@ -126,7 +127,7 @@ class APGDTargeted(APGDConfig):
                 found, fooled = apgd_run(
                     oracle, x[rows], y[rows] if target is None else target[rows], rows, labels,
                     targeted_dlr if target is None else reach_dlr, eps=eps, norm=self.norm, steps=self.steps, rho=self.rho,
-                    momentum=self.momentum, gen=gen, reach=target is not None,
+                    momentum=self.momentum, gen=gen, reach=target is not None, eot=self.eot,
                 )
                 x_adv[rows[fooled]] = found[fooled]
                 success[rows[fooled]] = True
