@@ -162,6 +162,7 @@ def test_view_formats_sections(results):
 def test_radii_of_whole_grey_levels_read_as_fractions(results):
     results["threat"]["eps"] = [2 / 255, 8 / 255]
     results["robust_accuracy"] = {"0.00784314": 0.5, "0.0313725": 0.25}
+    results["attacks"][0]["runs"][0]["eps"] = 8 / 255
     view = build_view(results)
     assert [row.eps for row in view.robust_rows] == ["2/255", "8/255"]
     assert "at ε=8/255 (L∞)" in view.verdict.summary
@@ -381,7 +382,9 @@ MALFORMED = [
     ("attacks.0.robust_accuracy", {"zz": 0.5}, "attacks[0].robust_accuracy: key 'zz' is not an ε (a number >= 0)"),
     ("attacks.0.robust_accuracy", {"0.1": "x"},
      "attacks[0].robust_accuracy['0.1'] must be a number in [0, 1], got 'x'"),
-    ("attacks.0.runs.0.eps", "abc", "attacks[0].runs[0].eps must be a number >= 0 or null, got 'abc'"),
+    ("attacks.0.runs.0.eps", "abc",
+     "attacks[0].runs[0].eps must be a number >= 0 (a fixed-ε attack's run has its ε), got 'abc'"),
+    ("attacks.1.runs.0.eps", "abc", "attacks[1].runs[0].eps must be a number >= 0 or null, got 'abc'"),
     ("attacks.0.runs.0.broken", 100, "attacks[0].runs[0]: broken is 100, more than its 99 samples"),
     ("attacks.0.runs.0.success_curve.success_rate", ["x"],
      "attacks[0].runs[0].success_curve.success_rate[0] must be a number in [0, 1] or null, got 'x'"),
@@ -389,6 +392,26 @@ MALFORMED = [
      "attacks[0].runs[0].success_curve: its lists differ in length (queries 2, success_rate 5)"),
     ("attacks.1.runs.0.distortion_at_queries.median", [None, "3.1", 2.25],
      "attacks[1].runs[0].distortion_at_queries.median[1] must be a number >= 0 or null, got '3.1'"),
+    # hand edits that contradict the rest of the file, or the auditor
+    ("threat.norm", "l7", "threat.norm must be one of linf, l2, got 'l7'"),
+    ("access.level", "god-mode", "access.level must be one of white-box, soft-label, hard-label, none, got 'god-mode'"),
+    ("checks.0.level", "critical", "checks[0].level must be one of info, warning, error, got 'critical'"),
+    ("attacks.0.access", "root", "attacks[0].access must be one of white-box, soft-label, hard-label, none, got 'root'"),
+    ("attacks.0.kind", "fixed", "attacks[0].kind must be one of fixed-eps, min-norm, got 'fixed'"),
+    ("attacks.1.norm", "l1", "attacks[1].norm must be one of linf, l2, got 'l1'"),
+    # was "malformed auditor results file: float() argument must be a string or a real number, not 'NoneType'"
+    ("attacks.0.runs.0.eps", None,
+     "attacks[0].runs[0].eps must be a number >= 0 (a fixed-ε attack's run has its ε), got None"),
+    ("attacks.0.runs.0.eps", 0.25, "attacks[0].runs[0].eps is 0.25, not one of threat.eps [0.1, 0.2, 0.3]"),
+    ("attacks.0.runs.0.success_curve.success_rate", [0.1, 0.3, 0.6, 0.9, 1.0],
+     "attacks[0].runs[0].success_curve ends at a success rate of 1.0, but 94 of 99 samples broken is 0.949495"),
+    ("attacks.1.runs.0.distortion_at_queries.found", [2, 3, 6],
+     "attacks[1].runs[0].distortion_at_queries: found is 6, more than the run's 5 samples"),
+    ("attacks.0.queries.max", 2500, "attacks[0].queries.max is 2500, above its budget of 2000 queries per sample per run"),
+    ("attacks.0.runs.0.queries_to_success.p90", 2000.5,
+     "attacks[0].runs[0].queries_to_success.p90 is 2000.5, above its budget of 2000 queries per sample per run"),
+    ("model.output", 5, "model.output must be a string, got 5"),
+    ("model.normalisation", {"mean": [0.1], "std": "x"}, "model.normalisation.std must be a list, got 'x'"),
 ]
 
 
@@ -404,6 +427,7 @@ def test_agreement_uses_the_exact_eps_not_its_rounded_key(results):
     eps = 10 / 3
     results["threat"]["eps"] = [eps]
     results["robust_accuracy"] = {"3.33333": 0.0}
+    results["attacks"][0]["runs"][0]["eps"] = eps
     results["data"]["n"] = 1
     results["samples"] = [{**results["samples"][0], "distortion": 3.333366}]
     results["clean_accuracy"] = 1.0
@@ -490,6 +514,30 @@ def test_the_model_section_names_the_architecture_and_its_source_hash(results):
     assert fields["SHA-256 of the architecture's module file"] == "ab" * 32
 
 
+def test_the_model_section_says_which_output_layout_and_normalisation_were_audited(results):
+    """results.json records the ONNX output audited, an NHWC input and the
+    --mean/--std folded into the model; the report showed none of them, so
+    ε read as if measured in normalised space."""
+    labels = [field.label for field in build_view(results).model]
+    assert not {"Output audited", "Input layout", "Normalisation (folded into the model)"} & set(labels)
+    results["model"].update(output="probabilities", input_layout="NHWC",
+                            normalisation={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+
+    view = build_view(results)
+
+    fields = {field.label: field for field in view.model}
+    assert fields["Output audited"].value == "probabilities" and fields["Output audited"].mono
+    assert fields["Input layout"].value == ("NHWC: the graph takes (N, H, W, C); the auditor transposes the "
+                                            "(C, H, W) images for it")
+    assert fields["Normalisation (folded into the model)"].value == (
+        "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); ε is measured on the [0, 1] image, before the "
+        "normalisation")
+    results["model"]["normalisation"] = {"mean": [0.1307], "std": [0.3081]}
+    assert {field.label: field.value for field in build_view(results).model}[
+        "Normalisation (folded into the model)"].startswith("mean 0.1307, std 0.3081; ")
+    assert "Normalisation (folded into the model)" in render_html(view)
+
+
 def test_percentages_never_round_to_100_or_0_unless_exact(results, capsys):
     """1 sample broken of 4,000 is 99.975 % robust: one decimal would show
     "100.0 %" beside "1 of 4,000" broken, so the report, the transfer matrix
@@ -523,6 +571,7 @@ def test_percentages_never_round_to_100_or_0_unless_exact(results, capsys):
 def _hard_label_at(results: dict, eps: list, distortions: list, eps_50) -> None:
     """Results listing every sample, with these distortions, at these ε."""
     results["threat"]["eps"] = eps
+    results["attacks"][0]["runs"][0]["eps"] = max(eps)
     results["samples"] = [{**results["samples"][0], "index": number, "distortion": distortion}
                           for number, distortion in enumerate(distortions)]
     results["data"]["n"] = len(distortions)
@@ -637,16 +686,33 @@ def test_every_documented_check_reads_as_plain_text():
 
 def test_query_budget_is_stated_for_the_black_box_attacks_only(results):
     """White-box attacks have no query budget (the attack table says
-    "unlimited"); the threat model says which attacks the budget limits."""
+    "unlimited"); the threat model says which attacks the budget limits,
+    and that it is per run: "for each soft- and hard-label attack" hid that
+    a fixed-ε attack, run once per ε, may spend it on a sample at each ε."""
     def budget() -> str:
         return {field.label: field.value for field in build_view(results).threat}["Query budget"]
 
-    assert budget() == "2,000 queries per sample for each soft- and hard-label attack"
+    per_run = ("2,000 queries per sample for each run of a soft- or hard-label attack: a fixed-ε attack runs once "
+               "per ε (up to 6,000 queries on a sample over the 3 ε), a minimum-norm attack once for all ε")
+    assert budget() == per_run
     results["attacks"][1].update(access="white-box")
-    assert budget() == ("2,000 queries per sample for each soft- and hard-label attack; the white-box attacks "
-                        "are not limited by it")
+    assert budget() == per_run + "; the white-box attacks are not limited by it"
     results["attacks"][0].update(access="white-box")
     assert budget() == "not used: no soft- or hard-label attack ran"
+    lead = " ".join(render_html(build_view(results)).split("<h2>Threat model</h2>")[1].split("</p>")[0].split())
+    assert "per sample and per run: a fixed-ε attack runs once per ε" in lead
+    assert "for each soft- and hard-label attack" not in lead
+
+
+def test_the_threat_model_claims_robustness_against_the_battery_only(results):
+    """"Using only the model access below (and every weaker level)" claimed
+    robustness against every weaker attacker, but a soft-label battery runs
+    no label-only attack."""
+    lead = " ".join(render_html(build_view(results)).split("<h2>Threat model</h2>")[1].split("</p>")[0].split())
+
+    assert "every weaker level" not in lead
+    assert "Robust accuracy is the worst case over this audit's battery, the attacks listed under Attacks, not " \
+           "over every attacker with this access or less" in lead
 
 
 def test_an_attacks_row_and_its_details_stay_on_one_page(results, tmp_path):
@@ -794,9 +860,11 @@ def test_the_attack_table_says_which_samples_and_which_eps_its_success_is_at(res
     at the largest ε an attack ran at: the table said neither."""
     results["attacks"][0]["runs"][0]["eps"] = 0.2
     view = build_view(results)
-    assert [(row.success_rate, row.success_eps) for row in view.attacks] == [("95.0 %", "0.2"), ("40.0 %", "0.3")]
+    # sign-opt-l2 works in L2, but its success is counted within the L∞ ε: "ε=0.3" beside "L2" read as an L2 radius
+    assert [(row.success_rate, row.success_eps) for row in view.attacks] == [("95.0 %", "0.2"), ("40.0 %", "0.3 L∞")]
     html = " ".join(render_html(view).split())
     assert "Success<br>(at ε)" in html and "all attack the same samples" not in html
+    assert '<span class="muted small">ε=0.3 L∞</span>' in html
 
     results["transfer"] = {
         "surrogates": [{"name": "mlp", "source": "trained", "clean_accuracy": 0.9}], "sets": ["mlp"],
@@ -888,7 +956,7 @@ def test_eps_50_names_fixed_eps_examples_only_when_one_holds_a_record(results):
 def test_query_cost_shows_every_eps_and_points_minimum_norm_attacks_to_the_distortion_section(results):
     square = results["attacks"][0]
     smallest = {**square["runs"][0], "eps": 0.1, "broken": 30,
-                "success_curve": {"queries": [1, 10, 100, 2000], "success_rate": [0.0, 0.1, 0.2, 0.303]}}
+                "success_curve": {"queries": [1, 10, 100, 2000], "success_rate": [0.0, 0.1, 0.2, 0.30303]}}
     square["runs"] = [smallest, square["runs"][0]]
 
     view = build_view(results)
@@ -938,6 +1006,33 @@ def test_success_by_eps_is_validated(results):
         validate_results(results)
 
 
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda entry: entry.update(eps=0.9), r"success_by_eps\[0\]\.eps is 0\.9, not one of threat\.eps \[0\.1, 0\.2, 0\.3\]$"),
+    (lambda entry: entry["success_curve"].update(success_rate=[0.0, 1.0, 1.0]),
+     r"success_by_eps\[0\]\.success_curve ends at a success rate of 1\.0, but 4 of 5 samples broken is 0\.8$"),
+    (lambda entry: entry["queries_to_success"].update(median=5000),
+     r"success_by_eps\[0\]\.queries_to_success\.median is 5000, above its budget of 2000 queries per sample per run$"),
+])
+def test_success_by_eps_must_agree_with_the_audit(results, edit, problem):
+    """A minimum-norm run's cost at an ε that was not audited, a curve that
+    ends elsewhere than its broken samples, or statistics above the budget
+    (per sample and per run: no sample can spend more) were all rendered."""
+    (run,) = results["attacks"][1]["runs"]
+    run["success_by_eps"] = [_success_at(0.3, 4, 900.0, [0.0, 0.2, 0.8])]
+    edit(run["success_by_eps"][0])
+
+    with pytest.raises(AuditError, match=problem):
+        validate_results(results)
+
+
+def test_unbudgeted_and_rounded_figures_are_not_refused(results):
+    """Only a budgeted attack's statistics are held to its budget (white-box
+    and transfer attacks have none), and a curve's last rate is rounded to
+    6 decimals: 94 of 99 is 0.949494..., written 0.949495."""
+    results["attacks"][0]["queries"].update(budget=None, max=10**6, p90=10**6)
+    assert validate_results(results) is results
+
+
 def test_context_version_date_data_and_confidence_intervals(results, tmp_path):
     html = render_html(build_view(results))
     assert 'class="kicker stamp">auditor 0.1.0 · scan of 2026-11-24 10:00+00:00</p>' in html
@@ -952,16 +1047,16 @@ def test_context_version_date_data_and_confidence_intervals(results, tmp_path):
     assert {headline.label: headline.notes for headline in view.headlines}["Clean accuracy"] == (
         "100 samples", "95 % CI 94.5–99.9 %")
     fields = {field.label: field.value for field in view.data}
-    assert fields["Data set"] == "mnist (test split), 100 samples"  # three of 100 listed: which were audited?
+    assert fields["Data set"] == "mnist (test split)"
+    assert fields["Samples audited"] == "100 samples"  # three of 100 listed: which were audited?
     assert fields["Clean accuracy"] == "99.0 % (95 % CI 94.5–99.9 %)"
 
     _hard_label_at(results, [0.1], [0.05, None, None, None], 0.0)
     del results["eps_50"]
-    assert {field.label: field.value for field in build_view(results).data}["Data set"] == (
-        "mnist (test split), all 4 samples")
+    assert {field.label: field.value for field in build_view(results).data}["Samples audited"] == "all 4 samples"
     results["samples"][3]["index"] = 917
-    assert {field.label: field.value for field in build_view(results).data}["Data set"] == (
-        "mnist (test split), class-balanced subset of 4")
+    assert {field.label: field.value for field in build_view(results).data}["Samples audited"] == (
+        "class-balanced subset of 4")
 
 
 def test_the_attack_skipped_explanation_names_every_reason():
@@ -1051,3 +1146,75 @@ def test_a_failed_requirement_never_shows_its_threshold_and_value_alike(threshol
     from auditor.report.build import _requirement_texts
 
     assert _requirement_texts(f"robust accuracy >= {threshold} at ε=0.1", actual) == shown
+
+
+def test_long_paths_and_hashes_wrap_inside_the_page(results, tmp_path):
+    """A long .npz name has no break opportunity: in the PDF it widened the
+    data table past the page's right edge, and the SHA-256 below it with it."""
+    name = "datasets/" + "mnist_test_subset_preprocessed_for_robustness_audit_" * 2 + "v3.npz"
+    results["data"]["name"] = name
+    results.update(access={"level": "none", "reason": "auto: no access"}, robust_accuracy={}, attacks=[])
+    results["threat"]["eps"] = []  # no charts: a quicker PDF
+
+    view = build_view(results)
+
+    data = {field.label: field for field in view.data}
+    assert (data["Data set"].value, data["Data set"].mono) == (name, True)  # a path, in the style of the others
+    assert not {field.label: field for field in build_view(_mnist(results)).data}["Data set"].mono
+    html = render_html(view)
+    assert re.search(r"\.fields td \{[^}]*overflow-wrap: anywhere", html)
+    pdf_path = tmp_path / "report.pdf"
+    write_pdf(html, pdf_path)
+    lines = [line for page in pypdf.PdfReader(pdf_path).pages for line in page.extract_text().splitlines()]
+    assert any(line.endswith("v3.npz") for line in lines) and not any(name in line for line in lines)
+    assert f"SHA-256 {'cd34' * 16}" not in lines  # the data table's row; the manifest's is full width
+
+
+def _mnist(results: dict) -> dict:
+    return {**results, "data": {**results["data"], "name": "mnist"}}
+
+
+@pytest.mark.parametrize(("eps", "distortions", "eps_50", "sentence"), [
+    ([0.1, 0.2, 0.3], [0.05, 0.082947, 0.15, None], 0.082947, "Robust accuracy falls to 50 % at or below ε = 0.083: "),
+    ([0.5, 1.0], [0.3, 1.250246, 2.0, None], 1.250246,
+     ("of half of the samples: beyond the audited ε, outside the threat model, robust accuracy falls to 50 % at "
+      "or below ε = 1.26.")),
+])
+def test_eps_50_is_never_printed_below_its_value(results, eps, distortions, eps_50, sentence):
+    """eps_50 = 0.082947 printed as 0.0829: at 0.0829 only 1 of 4 samples is
+    broken, so "falls to 50 % at or below ε = 0.0829" was false."""
+    _hard_label_at(results, eps, distortions, eps_50)
+
+    text = build_view(results).distortion.eps_50
+
+    assert sentence in text and "0.0829" not in text and "1.25 " not in text
+
+
+def test_eps_50_at_an_audited_fraction_reads_as_that_fraction(results):
+    """A fixed-ε attack's examples lie at its ε: 8/255 is stored rounded up
+    to 0.031373, which reads 8/255 as every ε of the report does."""
+    from auditor.report.build import _eps_50_shown
+
+    _hard_label_at(results, [2 / 255, 8 / 255], [0.031373, 0.031373, None], 0.031373)
+    results["robust_accuracy"] = {"0.00784314": 1.0, "0.0313725": 1 / 3}  # 0.031373 is within 8/255's bound
+
+    assert "falls to 50 % at or below ε = 8/255: half" in build_view(results).distortion.eps_50
+    for value in (0.082947, 1.250246, 0.1, 0.0999995, 123456.0, 1e-7):
+        assert float(_eps_50_shown(value, [])) >= value
+
+
+def test_refused_results_touch_nothing_in_the_folder(results, tmp_path):
+    """Refused input is refused before anything is written: ``auditor report`` with a mistyped or
+    hand-broken file must not delete the report of the scan whose folder it names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("report.html", "report.pdf", "results.json"):
+        (out / name).write_text("earlier")
+    results["threat"]["norm"] = "l7"
+
+    with pytest.raises(AuditError, match="threat.norm must be one of linf, l2"):
+        write_report(results, out, source="results.json")
+
+    assert {path.name: path.read_text() for path in out.iterdir()} == {
+        name: "earlier" for name in ("report.html", "report.pdf", "results.json")
+    }

@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import ROUND_CEILING, Decimal
 
 import matplotlib
 import matplotlib.style
@@ -110,7 +111,8 @@ class AttackRow:
     success_rate: str
     success_eps: str
     """The ε the success rate is at: the largest the attack ran at (for a
-    minimum-norm attack, the largest audited ε)."""
+    minimum-norm attack, the largest audited ε), with the threat norm's name
+    ("0.3 L∞") for an attack in the other norm."""
     queries_mean: str
     queries_median: str
     queries_p90: str
@@ -334,7 +336,7 @@ def _build(results: dict) -> ReportView:
                           for eps in _sorted_eps(results["robust_accuracy"])),
         chart_svg=_chart(results),
         distortion=_distortion(results),
-        attacks=tuple(_attack_row(attack, results["threat"]["eps"]) for attack in results["attacks"]),
+        attacks=tuple(_attack_row(attack, results["threat"]) for attack in results["attacks"]),
         query_rows=tuple(_query_row(attack, run) for attack, run in _query_runs(results)),
         query_chart_svg=_query_chart(results),
         query_note=_query_note(results),
@@ -545,11 +547,17 @@ def _all_samples(n: int) -> str:
 
 
 def _model_fields(model: dict) -> tuple[Field, ...]:
+    """The model file and how it was audited: the ONNX output, the input
+    layout and the normalisation folded into it, where results.json records them."""
     return (
         Field("Path", model["path"], mono=True),
         Field("Format", model["format"]),
         Field("Input shape", " × ".join(str(size) for size in model["input_shape"])),
+        *((Field("Input layout", _layout_text(model["input_layout"])),) if model.get("input_layout") else ()),
+        *((Field("Output audited", model["output"], mono=True),) if model.get("output") else ()),
         Field("Classes", str(model["num_classes"])),
+        *((Field("Normalisation (folded into the model)", _normalisation_text(model["normalisation"])),)
+          if model.get("normalisation") else ()),
         Field("SHA-256", model["sha256"], mono=True),
         *((Field("Architecture", model["arch"], mono=True),) if model.get("arch") else ()),
         # the identity of the named module's file only, not of what it imports
@@ -558,27 +566,47 @@ def _model_fields(model: dict) -> tuple[Field, ...]:
     )
 
 
+def _layout_text(layout: str) -> str:
+    """``model.input_layout``: the graph takes channels last, the input shape above stays (C, H, W)."""
+    if layout == "NHWC":
+        return "NHWC: the graph takes (N, H, W, C); the auditor transposes the (C, H, W) images for it"
+    return layout
+
+
+def _normalisation_text(normalisation: dict) -> str:
+    """``model.normalisation`` (``--mean``/``--std``): the model divides by
+    std after subtracting mean, so ε is measured on the [0, 1] image before it."""
+    def values(key: str) -> str:  # one value, or one per channel in brackets
+        text = ", ".join(f"{value:g}" for value in normalisation[key])
+        return text if len(normalisation[key]) == 1 else f"({text})"
+
+    return f"mean {values('mean')}, std {values('std')}; ε is measured on the [0, 1] image, before the normalisation"
+
+
 def _data_fields(results: dict) -> tuple[Field, ...]:
+    """The data: its path (mono, like every path) unless it is the built-in
+    MNIST split, the samples audited, its hash and the clean accuracy."""
     data = results["data"]
     clean = results["clean_accuracy"]
     confidence = _confidence(clean, data["n"])
+    builtin = data["name"] == "mnist"
     return (
-        Field("Data set", _data_text(results)),
+        Field("Data set", "mnist (test split)" if builtin else data["name"], mono=not builtin),
+        Field("Samples audited", _samples_text(results)),
         Field("SHA-256", data["sha256"], mono=True),
         Field("Clean accuracy", f"{percent(clean)} ({confidence})" if confidence else percent(clean)),
     )
 
 
-def _data_text(results: dict) -> str:
-    """The data and which of its samples were audited, as far as the results show:
+def _samples_text(results: dict) -> str:
+    """Which samples of the data were audited, as far as the results show:
     a sample index beyond ``n`` means ``-n`` chose a class-balanced subset."""
     data, samples = results["data"], results["samples"]
-    name = "mnist (test split)" if data["name"] == "mnist" else data["name"]
     if len(samples) < data["n"]:  # not every sample listed: which were audited is not recorded
-        return f"{name}, {_plural(data['n'], 'sample')}"
+        return _plural(data["n"], "sample")
     if any(sample["index"] >= data["n"] for sample in samples):
-        return f"{name}, class-balanced subset of {data['n']:,}"
-    return f"{name}, all {_plural(data['n'], 'sample')}"
+        return f"class-balanced subset of {data['n']:,}"
+    return f"all {_plural(data['n'], 'sample')}"
 
 
 def _threat_fields(results: dict) -> tuple[Field, ...]:
@@ -600,11 +628,17 @@ query the model once per example, to verify it."""
 
 
 def _budget_text(results: dict) -> str:
-    """The query budget and the attacks it limits: only soft- and hard-label ones."""
+    """The query budget and the attacks it limits: only soft- and hard-label
+    ones, per sample and per *run*, so a fixed-ε attack, which runs once per
+    ε, may spend it on a sample once at each ε."""
     access = [attack["access"] for attack in results["attacks"]]
     if all(level in _UNLIMITED for level in access):
         return "not used: no soft- or hard-label attack ran"
-    text = f"{_budget(results['threat']['budget'])} queries per sample for each soft- and hard-label attack"
+    budget, eps = results["threat"]["budget"], results["threat"]["eps"]
+    most = (f" (up to {budget * len(eps):,} queries on a sample over the {len(eps)} ε)"
+            if budget is not None and len(eps) > 1 else "")
+    text = (f"{_budget(budget)} queries per sample for each run of a soft- or hard-label attack: a fixed-ε "
+            f"attack runs once per ε{most}, a minimum-norm attack once for all ε")
     unlimited = [name for level, name in _UNLIMITED.items() if level in access]
     if unlimited:
         text += f"; the {' and '.join(unlimited)} attacks are not limited by it"
@@ -630,11 +664,14 @@ def _robust_row(eps: str, accuracy: float, n: int) -> RobustRow:
                      interval_text(accuracy, n) or MISSING)
 
 
-def _attack_row(attack: dict, audited: list[float]) -> AttackRow:
+def _attack_row(attack: dict, threat: dict) -> AttackRow:
     """One attack; its success rate is at the largest ε it ran at (a
-    minimum-norm attack's within the largest of the ``audited`` ε)."""
+    minimum-norm attack's within the largest audited ε). That ε is in the
+    threat norm, which is named beside it for an attack in the other norm:
+    "ε=0.3" beside "L2" read as an L2 radius."""
     queries = attack["queries"]
-    ran_at = [run["eps"] for run in attack.get("runs", ()) if run.get("eps") is not None] or audited
+    ran_at = [run["eps"] for run in attack.get("runs", ()) if run.get("eps") is not None] or threat["eps"]
+    other_norm = f" {norm_name(threat['norm'])}" if attack["norm"] != threat["norm"] else ""
     return AttackRow(
         name=attack["name"],
         access="none (transfer)" if attack["access"] == "none" else attack["access"],
@@ -642,7 +679,7 @@ def _attack_row(attack: dict, audited: list[float]) -> AttackRow:
         norm=norm_name(attack["norm"]),
         samples=f"{attack['samples']:,}",
         success_rate=percent(attack["success_rate"]),
-        success_eps=eps_text(max(ran_at)) if ran_at else MISSING,
+        success_eps=eps_text(max(ran_at)) + other_norm if ran_at else MISSING,
         queries_mean=_count(queries["mean"]),
         queries_median=_count(queries["median"]),
         queries_p90=_count(queries["p90"]),
@@ -928,7 +965,8 @@ def _eps_50_text(results: dict) -> str:
     where one holds a sample's record), so robust accuracy reaches 50 % *at
     or below* ``eps_50``. Beyond the largest
     audited ε only minimum-norm attacks find examples: there ``eps_50`` is
-    outside the threat model, and the sentence says so.
+    outside the threat model, and the sentence says so. Either way the ε
+    shown keeps "at or below" true (:func:`_eps_50_shown`).
     """
     if "eps_50" not in results:
         return ""
@@ -939,17 +977,31 @@ def _eps_50_text(results: dict) -> str:
     if eps_50 == 0:
         return ("Half of the samples or more are misclassified without an attack: robust accuracy is 50 % or "
                 "less at every ε.")
+    shown = _eps_50_shown(eps_50, results["threat"]["eps"])
     if eps_50 <= eps_bound(largest):
         fixed_eps = {attack["name"] for attack in results["attacks"] if attack["kind"] == FIXED_EPS}
         fixed = any(sample.get("broken_by") in fixed_eps for sample in results["samples"])
-        return (f"Robust accuracy falls to 50 % at or below ε = {eps_50:.3g}: half of the samples have a "
+        return (f"Robust accuracy falls to 50 % at or below ε = {shown}: half of the samples have a "
                 f"verified adversarial example within that distance. This ε is an upper bound: the attacks find "
                 f"small distortions, not always the smallest"
                 + (", and a fixed-ε attack's examples lie at the ε it ran at." if fixed else "."))
     return (f"Robust accuracy stays above 50 % at every audited ε (up to {eps_text(largest)}). Minimum-norm "
-            f"attacks found adversarial examples within ε = {eps_50:.3g} of half of the samples: beyond the "
+            f"attacks found adversarial examples within ε = {shown} of half of the samples: beyond the "
             f"audited ε, outside the threat model, robust accuracy falls to 50 % at or below "
-            f"ε = {eps_50:.3g}.")
+            f"ε = {shown}.")
+
+
+def _eps_50_shown(eps_50: float, audited: list[float]) -> str:
+    """``eps_50`` as the report writes it, so that "falls to 50 % at or
+    below" it stays true: an audited ε it lies at (a fixed-ε attack's
+    examples; within that ε as the report counts it, round-off slack
+    included, and ``8/255`` as such), else rounded *up* to 3 significant
+    figures, never below the stored value (0.082947 reads 0.083, not 0.0829)."""
+    for eps in audited:
+        if eps - 1e-6 <= eps_50 <= eps_bound(eps):  # the 6-decimal rounding either way, within ε
+            return eps_text(eps)
+    exact = Decimal(repr(eps_50))
+    return f"{float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - 2), rounding=ROUND_CEILING)):g}"
 
 
 def _spread(ticks: list[float], share: float = 1 / 12) -> list[float]:

@@ -8,7 +8,12 @@ one-line message naming the field, e.g.
 ``results.json: clean_accuracy must be a number in [0, 1], got 'high'``.
 It checks the fields the policy gate and the report read, down to the runs
 and curves of ``attacks[]``; fields written only by newer versions (such as
-``eps_50`` and ``attacks[].runs``) are checked where present.
+``eps_50`` and ``attacks[].runs``) are checked where present. It also
+refuses a file that contradicts itself, as a hand edit can: an unknown norm,
+access level, attack kind or check level, a run at an ε that is not audited,
+a success curve that does not end at the run's success rate, more samples
+found than attacked, query statistics above their budget, and summaries
+that disagree with the per-sample records (:func:`_check_agreement`).
 """
 
 from __future__ import annotations
@@ -18,11 +23,17 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ..access import Access
+from ..attacks.base import FIXED_EPS, MIN_NORM, NORMS
 from ..eps import eps_at_half, eps_key
 from ..errors import AuditError, short_reason
 from ..verify import eps_bound
 
 SCHEMA = "auditor.results/1"
+ACCESS_LEVELS = tuple(level.cli_name for level in sorted(Access, reverse=True))
+"""``white-box``, ``soft-label``, ``hard-label``, ``none``."""
+CHECK_LEVELS = ("info", "warning", "error")
+KINDS = (FIXED_EPS, MIN_NORM)
 MAX_RESULTS_BYTES = 2**30
 """The largest results.json read: a scan writes about 1 KB a sample."""
 
@@ -65,32 +76,39 @@ def validate_results(results: Any, source: str = "input") -> dict:
         check.field(("model", field), _string, "a string")
     check.items("model.input_shape", _positive_integer, "an integer >= 1")
     check.field("model.num_classes", _positive_integer, "an integer >= 1")
+    for field in ("output", "input_layout"):
+        check.field(("model", field), _string, "a string", required=False)
+    if check.field("model.normalisation", _mapping, "a mapping", required=False) is not None:
+        for field in ("mean", "std"):
+            check.items(("model", "normalisation", field), _number, "a number")
     check.field("data", _mapping, "a mapping")
     check.field("data.name", _string, "a string")
     check.field("data.sha256", _string, "a string")
     check.field("data.n", _count, "an integer >= 0")
     check.field("access", _mapping, "a mapping")
-    check.field("access.level", _string, "a string")
+    check.choice("access.level", ACCESS_LEVELS)
     check.field("access.reason", _string, "a string")
     check.field("threat", _mapping, "a mapping")
-    check.field("threat.norm", _string, "a string")
+    check.choice("threat.norm", NORMS)
     check.items("threat.eps", _non_negative, "a number >= 0")
     check.field("threat.budget", _optional(_positive_integer), "an integer >= 1 or null", required=False)
     if check.field("threat.target", _optional(_mapping), "a mapping or null", required=False) is not None:
         _check_target(check, results["model"]["num_classes"])
     check.field("clean_accuracy", _fraction, "a number in [0, 1]")
     _check_accuracies(check, ("robust_accuracy",))
+    _check_robust_eps(check, results)
     check.field("eps_50", _optional(_non_negative), "a number >= 0 or null", required=False)
     for number in check.items("attacks", _mapping, "a mapping"):
-        _check_attack(check, ("attacks", number))
+        _check_attack(check, ("attacks", number), results["threat"]["eps"])
     samples = check.items("samples", _mapping, "a mapping")
     for number in samples:
         check.field(("samples", number, "distortion"), _optional(_non_negative), "a number >= 0 or null")
     if len(samples) > results["data"]["n"]:
         raise check.error(f"samples lists {len(samples)} samples, more than data.n = {results['data']['n']}")
     for number in check.items("checks", _mapping, "a mapping"):
-        for field in ("id", "level", "message"):
+        for field in ("id", "message"):
             check.field(("checks", number, field), _string, "a string")
+        check.choice(("checks", number, "level"), CHECK_LEVELS)
     check.field("manifest", _mapping, "a mapping")
     _check_agreement(check, results)
     return results
@@ -103,10 +121,7 @@ def _check_target(check: "_Checker", num_classes: int) -> None:
     """A targeted audit's ``threat.target``: its mode, and for a class its
     index (a class of the model) and the samples left out. The policy gate
     and the report both rely on it: an empty mapping read as untargeted."""
-    mode = check.field("threat.target.mode", _string, "a string")
-    if mode not in TARGET_MODES:
-        raise check.error(f"threat.target.mode must be one of {', '.join(TARGET_MODES)}, got {mode!r}")
-    if mode == "class":
+    if check.choice("threat.target.mode", TARGET_MODES) == "class":
         chosen = check.field("threat.target.class", _count, "an integer >= 0")
         if chosen >= num_classes:
             raise check.error(f"threat.target.class is {chosen}, not a class of the {num_classes}-class model")
@@ -122,13 +137,16 @@ def _check_accuracies(check: "_Checker", name: tuple) -> None:
         check.field((*name, key), _fraction, "a number in [0, 1]")
 
 
-def _check_attack(check: "_Checker", name: tuple) -> None:
+def _check_attack(check: "_Checker", name: tuple, audited: list[float]) -> None:
     """One ``attacks[]`` item: the fields of design.md §3, and where present
     its attacked samples, paper and runs (each run's ε, counts, query
-    statistics and curves)."""
-    for field in ("name", "access", "kind", "norm"):
+    statistics and curves). A fixed-ε run has an ε, and every ε of a run is
+    one of the ``audited`` ones (``threat.eps``)."""
+    for field in ("name", "paper"):
         check.field((*name, field), _string, "a string")
-    check.field((*name, "paper"), _string, "a string")
+    check.choice((*name, "access"), ACCESS_LEVELS)
+    kind = check.choice((*name, "kind"), KINDS)
+    check.choice((*name, "norm"), NORMS)
     check.field((*name, "params"), _mapping, "a mapping")
     check.field((*name, "samples"), _count, "an integer >= 0")
     check.field((*name, "success_rate"), _optional(_fraction), "a number in [0, 1] or null")
@@ -139,78 +157,110 @@ def _check_attack(check: "_Checker", name: tuple) -> None:
         return
     for number in check.items((*name, "runs"), _mapping, "a mapping"):
         run = (*name, "runs", number)
-        check.field((*run, "eps"), _optional(_non_negative), "a number >= 0 or null", required=False)
+        if kind == FIXED_EPS:
+            eps = check.field((*run, "eps"), _non_negative, "a number >= 0 (a fixed-ε attack's run has its ε)")
+        else:
+            eps = check.field((*run, "eps"), _optional(_non_negative), "a number >= 0 or null", required=False)
+        if eps is not None:
+            _check_audited(check, (*run, "eps"), eps, audited)
         attacked = check.field((*run, "samples"), _count, "an integer >= 0")
         broken = check.field((*run, "broken"), _count, "an integer >= 0")
         if broken > attacked:
             raise check.error(f"{_display(run)}: broken is {broken}, more than its {attacked} samples")
         if check.has((*run, "queries_to_success")):
             _check_queries(check, (*run, "queries_to_success"), required=False)
-        _check_curve(check, (*run, "success_curve"), {
-            "queries": (_count, "an integer >= 0"),
-            "success_rate": (_optional(_fraction), "a number in [0, 1] or null"),
-        })
-        _check_curve(check, (*run, "distortion_at_queries"), {
+        _check_success_curve(check, (*run, "success_curve"), broken, attacked)
+        distortion = _check_curve(check, (*run, "distortion_at_queries"), {
             "queries": (_count, "an integer >= 0"),
             "median": (_optional(_non_negative), "a number >= 0 or null"),
             "mean_found": (_optional(_non_negative), "a number >= 0 or null"),
             "found": (_count, "an integer >= 0"),
         })
+        if distortion is not None and max(distortion["found"], default=0) > attacked:
+            raise check.error(f"{_display(run)}.distortion_at_queries: found is {max(distortion['found'])}, more "
+                              f"than the run's {attacked} samples")
         if check.has((*run, "success_by_eps")):
-            _check_success_by_eps(check, (*run, "success_by_eps"), attacked)
+            _check_success_by_eps(check, (*run, "success_by_eps"), attacked, audited)
 
 
-def _check_success_by_eps(check: "_Checker", name: tuple, attacked: int) -> None:
-    """A minimum-norm run's query cost per ε: each entry's ε, samples broken
-    (at most the run's ``attacked``), query statistics and success curve."""
+def _check_audited(check: "_Checker", name: tuple, eps: float, audited: list[float]) -> None:
+    """A run's ε (or a minimum-norm run's ``success_by_eps`` entry's) is one of ``threat.eps``."""
+    if eps_key(eps) not in {eps_key(value) for value in audited}:
+        raise check.error(f"{_display(name)} is {_show(eps)}, not one of threat.eps {_show(audited)}")
+
+
+def _check_success_curve(check: "_Checker", name: tuple, broken: int, attacked: int) -> None:
+    """A success curve, if present: success rate against queries, whose last
+    point is the run's (or the ε's) ``broken`` of the ``attacked`` samples:
+    the last checkpoint is the budget (or the most queries spent), by which
+    every sample broken was. Rates are rounded to 6 decimals."""
+    curve = _check_curve(check, name, {
+        "queries": (_count, "an integer >= 0"),
+        "success_rate": (_optional(_fraction), "a number in [0, 1] or null"),
+    })
+    if curve is None or not attacked:
+        return
+    rates = curve["success_rate"]
+    if rates and rates[-1] is not None and abs(rates[-1] - broken / attacked) > 1e-6:
+        raise check.error(f"{_display(name)} ends at a success rate of {_show(rates[-1])}, but {broken} of "
+                          f"{attacked} samples broken is {broken / attacked:.6g}")
+
+
+def _check_success_by_eps(check: "_Checker", name: tuple, attacked: int, audited: list[float]) -> None:
+    """A minimum-norm run's query cost per ε: each entry's ε (an audited
+    one), samples broken (at most the run's ``attacked``), query statistics
+    and success curve."""
     for number in check.items(name, _mapping, "a mapping"):
         entry = (*name, number)
-        check.field((*entry, "eps"), _non_negative, "a number >= 0")
-        if check.field((*entry, "broken"), _count, "an integer >= 0") > attacked:
+        _check_audited(check, (*entry, "eps"), check.field((*entry, "eps"), _non_negative, "a number >= 0"), audited)
+        broken = check.field((*entry, "broken"), _count, "an integer >= 0")
+        if broken > attacked:
             raise check.error(f"{_display(entry)}: broken is more than the run's {attacked} samples")
         _check_queries(check, (*entry, "queries_to_success"), required=True)
         check.field((*entry, "success_curve"), _mapping, "a mapping")
-        _check_curve(check, (*entry, "success_curve"), {
-            "queries": (_count, "an integer >= 0"),
-            "success_rate": (_optional(_fraction), "a number in [0, 1] or null"),
-        })
+        _check_success_curve(check, (*entry, "success_curve"), broken, attacked)
 
 
 def _check_queries(check: "_Checker", name: tuple, required: bool) -> None:
     """Query statistics: mean, median, p90 and max (null when nothing was
-    broken) and the budget (null: unlimited)."""
+    broken) and the budget (null: unlimited), none of them above it. The
+    budget is per sample and per run, and the oracle refuses a query past
+    it, so no sample's count can exceed it (``total``, summed over the
+    samples, can)."""
     check.field(name, _mapping, "a mapping")
-    for field in ("mean", "median", "p90", "max"):
-        check.field((*name, field), _optional(_non_negative), "a number >= 0 or null", required=required)
-    check.field((*name, "budget"), _optional(_positive_integer), "an integer >= 1 or null", required=required)
+    stats = {field: check.field((*name, field), _optional(_non_negative), "a number >= 0 or null", required=required)
+             for field in ("mean", "median", "p90", "max")}
+    budget = check.field((*name, "budget"), _optional(_positive_integer), "an integer >= 1 or null", required=required)
     check.field((*name, "total"), _count, "an integer >= 0", required=False)
+    for field, value in stats.items():
+        if budget is not None and value is not None and value > budget:
+            raise check.error(f"{_display((*name, field))} is {_show(value)}, above its budget of {budget} queries "
+                              f"per sample per run")
 
 
-def _check_curve(check: "_Checker", name: tuple, columns: dict[str, tuple[Callable, str]]) -> None:
+def _check_curve(check: "_Checker", name: tuple, columns: dict[str, tuple[Callable, str]]) -> dict | None:
     """A curve, if present: a mapping of equally long lists, one per column
-    of ``columns`` (column: (valid, expected)), each item valid."""
+    of ``columns`` (column: (valid, expected)), each item valid. Returns
+    the curve (None when absent)."""
     if not check.has(name):
-        return
-    check.field(name, _mapping, "a mapping")
+        return None
+    curve = check.field(name, _mapping, "a mapping")
     lengths = {column: len(check.items((*name, column), valid, expected))
                for column, (valid, expected) in columns.items()}
     if len(set(lengths.values())) > 1:
         raise check.error(f"{_display(name)}: its lists differ in length "
                           f"({', '.join(f'{column} {length}' for column, length in lengths.items())})")
+    return curve
 
 
 def _check_agreement(check: "_Checker", results: dict) -> None:
-    """Refuse summaries that contradict what they summarise: the ε of
-    robust_accuracy and threat.eps, robust accuracy and the per-sample
-    distortions where all samples are listed (robust at ε: none, or above
-    ε's verification bound; the
+    """Refuse summaries that contradict what they summarise: robust
+    accuracy and the per-sample distortions where all samples are listed
+    (robust at ε: none, or above ε's verification bound; the
     distortions are rounded to 6 decimals, so a bound ± 1e-6 is allowed),
     eps_50 and the median of those distortions, and a policy verdict and its
     requirements."""
     exact = {eps_key(eps): eps for eps in results["threat"]["eps"]}  # the keys are rounded
-    listed = sorted(exact)
-    if sorted(results["robust_accuracy"]) != listed:
-        raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
     sizes = [sample["distortion"] for sample in results["samples"]]
     whole = sizes and len(sizes) == results["data"]["n"]  # a file listing every sample
     _check_worst_case(check, results)
@@ -234,6 +284,14 @@ def _check_agreement(check: "_Checker", results: dict) -> None:
     if passed != all(verdicts):
         raise check.error(f"policy.passed is {str(passed).lower()}, but {verdicts.count(False)} of "
                           f"{len(verdicts)} requirements failed")
+
+
+def _check_robust_eps(check: "_Checker", results: dict) -> None:
+    """robust_accuracy has one key per ε of threat.eps (checked before the
+    attacks, whose runs' ε must be among them too)."""
+    listed = sorted({eps_key(eps) for eps in results["threat"]["eps"]})
+    if sorted(results["robust_accuracy"]) != listed:
+        raise check.error(f"robust_accuracy has ε {_show(sorted(results['robust_accuracy']))} but threat.eps is {_show(listed)}")
 
 
 def _check_worst_case(check: "_Checker", results: dict) -> None:
@@ -292,6 +350,14 @@ class _Checker:
             value = value[part]
         if not valid(value):
             raise self.error(f"{_display(parts)} must be {expected}, got {_show(value)}")
+        return value
+
+    def choice(self, name: str | tuple, choices: tuple[str, ...]) -> str:
+        """The value of field ``name``, a string among ``choices``."""
+        value = self.field(name, _string, "a string")
+        if value not in choices:
+            parts = tuple(name.split(".")) if isinstance(name, str) else name
+            raise self.error(f"{_display(parts)} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def has(self, name: tuple) -> bool:
