@@ -396,7 +396,7 @@ def non_monotone(reports: Sequence["AttackReport"], randomised: bool = False) ->
              if randomised else "the attack is not converging")
     found = []
     for report in reports:
-        if report.non_monotone and report.attack.name != "random-noise":
+        if report.non_monotone and not report.attack.baseline:
             found.append(Check(
                 NON_MONOTONE, "warning",
                 f"{report.attack.label} broke {plural(report.non_monotone, 'sample')} at a smaller ε after "
@@ -415,7 +415,7 @@ def noise_beats_attacks(reports: Sequence["AttackReport"], could_not_start: bool
            else "the attacks are not working on this model")
     found = []
     for position, report in enumerate(reports):
-        if report.attack.name == "random-noise" and report.broken and position > 0:
+        if report.attack.baseline and report.broken and position > 0:
             found.append(Check(
                 NOISE_BEATS_ATTACKS, "warning",
                 f"uniform random noise broke {report.broken} samples that every attack before it missed: {why}",

@@ -9,9 +9,9 @@ threat model allows:
 * :class:`SurrogateOracle` - logits and gradients of the attacker's own
   surrogate models, never the target (transfer attacks, access ``none``).
 
-The three classes are unrelated on purpose: a ``LabelOracle`` is not a
+No oracle subclasses another on purpose: a ``LabelOracle`` is not a
 ``ScoreOracle`` with less, so no ``isinstance`` or ``super()`` trick reaches
-more than the declared access. Their public methods are the whole interface;
+more than the declared access (they share only the query counter). Their public methods are the whole interface;
 the model function and the counters are private attributes. Python cannot
 hide an object from code in the same process (``vars(oracle)`` reaches
 them), so the guarantee for the attacks is a rule that a test enforces: no

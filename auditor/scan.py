@@ -548,7 +548,7 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
         np.savez_compressed(stage / "adversarials.npz", **audit.adversarials)
         if verdict is not None:
             write_junit(verdict, stage / "junit.xml")
-        _move_into_place(stage, out)
+        move_into_place(stage, out, OUTPUT_ORDER)
         if verdict is None:
             (out / "junit.xml").unlink(missing_ok=True)
     except BaseException:
@@ -560,12 +560,12 @@ def write_outputs(audit: AuditResult, out: Path, verdict: PolicyResult | None = 
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def _move_into_place(stage: Path, out: Path) -> None:
-    """Move the staged outputs into ``out`` in ``OUTPUT_ORDER``, keeping the
-    files they replace in ``stage`` until all have moved; on failure undo."""
+def move_into_place(stage: Path, out: Path, order: Sequence[str]) -> None:
+    """Move the staged outputs (files or folders) into ``out`` in ``order``,
+    keeping what they replace in ``stage`` until all have moved; on failure undo."""
     moved, kept = [], []
     try:
-        for name in OUTPUT_ORDER:
+        for name in order:
             if not (stage / name).exists():
                 continue
             if (out / name).exists():
@@ -575,7 +575,10 @@ def _move_into_place(stage: Path, out: Path) -> None:
             moved.append(name)
     except BaseException:
         for name in moved:
-            (out / name).unlink(missing_ok=True)
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
         for name in kept:
             (stage / f"earlier-{name}").replace(out / name)
         raise

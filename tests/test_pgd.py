@@ -56,3 +56,16 @@ def test_the_margin_loss_moves_where_the_cross_entropy_is_flat(tiny_cnn, correct
     assert runs["margin"].success.float().mean() > runs["ce"].success.float().mean() + 0.3
     with pytest.raises(ValueError, match="PGD loss must be one of"):
         PGD(loss="hinge")
+
+
+def test_pgd_takes_only_the_samples_that_can_pay_a_whole_run(tiny_cnn, correct_batch):
+    """Like APGD: a run costs steps + 1 queries a sample, so a budget below it runs nothing (it
+    raised BudgetExceeded mid-run), and a second start goes only to samples that can pay it."""
+    x, y = correct_batch
+    attack = PGD(steps=10, restarts=2)
+    oracle = GradientOracle(tiny_cnn, len(y), budget=5)
+    result = attack(oracle, x, y, eps=0.1)
+    assert oracle.queries().sum() == 0 and not result.success.any()
+    oracle = GradientOracle(tiny_cnn, len(y), budget=15)
+    result = attack(oracle, x, y, eps=1e-6)
+    assert torch.equal(oracle.queries(), torch.full((len(y),), 11))

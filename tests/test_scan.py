@@ -271,6 +271,31 @@ def test_a_failed_move_puts_the_earlier_run_back(hard_label_scan, tmp_path, monk
     }
 
 
+def test_a_failed_move_of_folders_puts_the_earlier_ones_back(tmp_path, monkeypatch):
+    """``auditor harden`` moves its before/ and after/ scan folders in the same way: it used to
+    delete the earlier folder first, so a failure further on lost the earlier run."""
+    from auditor.scan import move_into_place
+
+    stage, out = tmp_path / ".partial-x", tmp_path / "out"
+    for root, text in ((stage, "new"), (out, "earlier")):
+        (root / "before").mkdir(parents=True)
+        (root / "before" / "results.json").write_text(text)
+        (root / "hardening.json").write_text(text)
+    real = Path.replace
+
+    def failing(self, target):
+        if self.name == "hardening.json" and self.parent == stage:
+            raise OSError(28, "No space left on device", str(target))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing)
+    with pytest.raises(OSError):
+        move_into_place(stage, out, ["before", "hardening.json"])
+    assert (out / "before" / "results.json").read_text() == "earlier"
+    assert (out / "hardening.json").read_text() == "earlier"
+    assert sorted(path.name for path in out.iterdir()) == ["before", "hardening.json"]
+
+
 def test_results_record_the_architecture_and_normalisation_and_a_narrowed_battery():
     import auditor
 

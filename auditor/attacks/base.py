@@ -83,6 +83,9 @@ class Attack(abc.ABC):
     starts_from_data: ClassVar[bool] = False
     """True for targeted attacks that start from images of the target class:
     the battery passes them ``starts=`` (a ``StartPool`` of the data)."""
+    baseline: ClassVar[bool] = False
+    """True for the random noise baseline, which does not optimise: its
+    successes are chance, which ``noise-beats-attacks`` judges."""
     default_up_to: ClassVar[Access] = Access.WHITE_BOX
     """The strongest access level whose default battery runs it (levels below
     its own never do). Square and the random noise baseline run at every

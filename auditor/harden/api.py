@@ -39,7 +39,9 @@ from ..models.pytorch import resolve_device
 from ..progress import TrainingProgress
 from ..report.render import write_report
 from ..results import auditor_version, dump
-from ..scan import OUTPUT_ORDER, AuditResult, check_data_spec, check_writable, scan, to_radius, write_outputs
+from ..scan import (
+    OUTPUT_ORDER, AuditResult, check_data_spec, check_writable, move_into_place, scan, to_radius, write_outputs,
+)
 from .config import HardenConfig
 from .export import export, hardened_name
 from .guard import Guard
@@ -160,14 +162,10 @@ def _check_scan_folders(out: Path) -> None:
             )
 
 
-def _move_into_place(stage: Path, out: Path) -> None:
-    """Move the staged outputs into ``out``, :data:`LAST` last; the scan
-    folders (checked by :func:`_check_scan_folders`) replace the earlier ones."""
-    for path in sorted(stage.iterdir(), key=lambda path: LAST.index(path.name) + 1 if path.name in LAST else 0):
-        target = out / path.name
-        if path.name in SCAN_FOLDERS and target.is_dir():
-            shutil.rmtree(target)
-        path.replace(target)
+def _output_order(stage: Path) -> list[str]:
+    """The staged outputs, :data:`LAST` last; the scan folders (checked by
+    :func:`_check_scan_folders`) replace the earlier ones whole."""
+    return sorted((path.name for path in stage.iterdir()), key=lambda name: LAST.index(name) + 1 if name in LAST else 0)
 
 
 def harden(
@@ -311,7 +309,7 @@ def harden(
         (stage / "hardening.json").write_text(dump(record))
         (stage / "results.json").write_text(dump(results))
         write_report(results, stage)
-        _move_into_place(stage, out)
+        move_into_place(stage, out, _output_order(stage))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if made and not any(out.iterdir()):

@@ -32,6 +32,7 @@ class RandomNoise(Attack):
     norms = NORMS
     paper = "Carlini et al., On Evaluating Adversarial Robustness, 2019 (§5.2)"
     targeted = True
+    baseline = True
 
     norm: str = "linf"
     draws: int = 16

@@ -12,8 +12,9 @@ estimated from probabilities alone, and projected gradient descent (PGD,
 Steps, all batched over the samples with a compact working set of those
 still attacked:
 
-* the loss h, on log-probabilities (the oracle's probabilities clamped away
-  from 0 before the log): untargeted, the margin
+* the loss h, on log-probabilities (``ScoreOracle.log_probs``: the log of
+  the probabilities, clamped away from 0; at white-box access the exact
+  log-softmax of the logits): untargeted, the margin
   ``h = log p_y - max_{j≠y} log p_j``; targeted (``target=t``),
   ``h = max_{j≠t} log p_j - log p_t``. PGD *minimises* h, and a sample
   succeeds as soon as a checked iterate has ``h < 0`` (misclassified, or

@@ -121,7 +121,8 @@ class PGD(Attack):
         x_best = x.clone()
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.restarts):
-            active = (~success).nonzero().flatten()
+            can_pay = oracle.remaining().to(x.device) >= self.steps + 1
+            active = (~success & can_pay).nonzero().flatten()
             if len(active) == 0:
                 break
             x0, y0 = x[active], y[active]
