@@ -29,12 +29,14 @@ from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, MAX_BUDGET, Access, resolve_access
 from .attacks.base import MAX_SEED
 from .attacks.hardlabel.boundary import StartPool
-from .battery import SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable
+from .battery import (
+    Battery, Records, SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable,
+)
 from .data import Dataset, load_data
 from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
 from .errors import AuditError
 from .models import check_channels, check_model_on_data, clean_logits, load_model, normalisation
-from .models.base import seeded_rng
+from .models.base import Model, ModelInfo, seeded_rng
 from .models.logits import BeforeSoftmax, attacked_module, logits_before_softmax
 from .models.pytorch import WeightsWithoutArch, arch_sha256, deterministic_kernels
 from .policy import PolicyResult, load_policy, write_junit
@@ -344,32 +346,10 @@ def scan(
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise AuditError(f"{name} must be a path, got {repr(value)[:60]}")
     _remove_earlier_verdict(out)
-    for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples),
-                        ("--train-surrogates", train_surrogates)):
-        if value is not None and not _is_integer(value):
-            raise AuditError(f"{name} must be an integer, got {value!r}")
-    budget, seed, train_surrogates = int(budget), int(seed), int(train_surrogates)
-    samples = None if samples is None else int(samples)
+    budget, seed, samples, train_surrogates = _checked_counts(budget, seed, samples, train_surrogates)
     check_data_spec(data)
-    if isinstance(attacks, str):
-        attacks = [name.strip() for name in attacks.split(",")]
-    if attacks is not None and (
-        not isinstance(attacks, Sequence) or not all(isinstance(name, str) for name in attacks)
-    ):
-        raise AuditError(f"attacks must be attack names (a list, or one string 'a,b'), got {repr(attacks)[:60]}")
-    if target is not None and not isinstance(target, str) and not _is_integer(target):
-        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}")
-    if isinstance(surrogates, (str, os.PathLike)):
-        surrogates = (surrogates,)
-    if not isinstance(surrogates, Sequence) or not all(isinstance(path, (str, os.PathLike)) for path in surrogates):
-        raise AuditError(f"surrogates must be model paths (a list, or one path), got {repr(surrogates)[:60]}")
+    attacks, surrogates = _checked_names(attacks, target, surrogates)
     mean, std = normalisation(mean, std)
-    if not 1 <= budget <= MAX_BUDGET:
-        raise AuditError(f"--budget must be between 1 and 2^62, got {budget}")
-    if not 0 <= seed <= MAX_SEED:
-        raise AuditError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
-    if samples is not None and samples < 1:
-        raise AuditError(f"-n/--samples must be >= 1, got {samples}")
     if out is not None:
         check_writable(out)
     gate = load_policy(policy) if policy is not None else None
@@ -399,18 +379,9 @@ def scan(
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-        first = checks_mod.preflight(adapter, x[:64], seed, eot_passes(battery))
-        found, probabilities = list(first.checks), first.probabilities
-        votes = VOTES if first.randomised else 1
-        if first.randomised:
-            battery = for_randomised(battery)
-        if level == Access.WHITE_BOX and probabilities:
-            logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
-            if logits_module is not None:
-                adapter = BeforeSoftmax(adapter, logits_module)
-            found.append(checks_mod.final_softmax(removed=logits_module is not None))
-        if level == Access.WHITE_BOX:
-            found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
+        ready = _preflight(adapter, battery, level, x, y, seed)
+        adapter, battery, probabilities, votes = ready.adapter, ready.battery, ready.probabilities, ready.votes
+        found = list(ready.checks)
         with ScanProgress(enabled=progress) as bar:
             outcome = run_battery(
                 battery, adapter, x, y, eps_list=eps_list, budget=budget, seed=seed,
@@ -424,7 +395,7 @@ def scan(
         found += checks_mod.small_budget(level, budget)
         found += checks_mod.saturated_scores(level, logits, probabilities, y)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
-        found += checks_mod.non_monotone(outcome.attacks, first.randomised)
+        found += checks_mod.non_monotone(outcome.attacks, votes > 1)
         no_start = checks_mod.no_target_image(battery, targets, dataset.y)
         found += checks_mod.noise_beats_attacks(outcome.attacks, could_not_start=bool(no_start))
         found += checks_mod.no_adversarial_found(outcome.records, outcome.attacks)
@@ -436,27 +407,13 @@ def scan(
         found += checks_mod.custom_battery(battery.left_out)
         found += checks_mod.access_limited(level, reason)
 
-    info = adapter.info
     results = {
         "schema": SCHEMA,
         "auditor_version": auditor_version(),
         "seed": seed,
         "started": started_at.isoformat(timespec="seconds"),
         "seconds": None,
-        "model": {
-            "path": str(model),
-            "format": info.format,
-            "sha256": info.sha256,
-            "input_shape": list(x.shape[1:]),
-            **({"input_layout": "NHWC"} if info.channels_last else {}),
-            **({"output": info.output} if info.output is not None else {}),
-            "num_classes": num_classes,
-            **({"arch": arch, "arch_sha256": arch_sha256(arch)} if arch else {}),
-            **({"normalisation": {
-                "mean": [float(v) for v in (mean if mean is not None else (0.0,))],
-                "std": [float(v) for v in (std if std is not None else (1.0,))],
-            }} if mean is not None or std is not None else {}),
-        },
+        "model": _model_entry(model, adapter.info, tuple(x.shape[1:]), num_classes, arch, mean, std),
         "data": {"name": dataset.name, "n": len(y), "sha256": dataset.sha256,
                  **({"classes": list(dataset.classes)} if dataset.classes else {})},
         "access": {"level": level.cli_name, "reason": reason},
@@ -477,18 +434,111 @@ def scan(
         results["policy"] = verdict.to_dict()
     results["seconds"] = round(time.perf_counter() - started, 3)
 
-    records = outcome.records
+    audit = AuditResult(results=results, adversarials=_adversarials(indices, outcome.records))
+    if out is not None:
+        write_outputs(audit, Path(out), verdict)
+    return audit
+
+
+def _checked_counts(budget, seed, samples, train_surrogates) -> tuple[int, int, int | None, int]:
+    """``scan``'s integer arguments, checked (an integer, not a bool, in range) and as ints."""
+    for name, value in (("--budget", budget), ("--seed", seed), ("-n/--samples", samples),
+                        ("--train-surrogates", train_surrogates)):
+        if value is not None and not _is_integer(value):
+            raise AuditError(f"{name} must be an integer, got {value!r}")
+    budget, seed, train_surrogates = int(budget), int(seed), int(train_surrogates)
+    samples = None if samples is None else int(samples)
+    if not 1 <= budget <= MAX_BUDGET:
+        raise AuditError(f"--budget must be between 1 and 2^62, got {budget}")
+    if not 0 <= seed <= MAX_SEED:
+        raise AuditError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
+    if samples is not None and samples < 1:
+        raise AuditError(f"-n/--samples must be >= 1, got {samples}")
+    return budget, seed, samples, train_surrogates
+
+
+def _checked_names(attacks, target, surrogates) -> tuple[list[str] | None, Sequence[str | os.PathLike]]:
+    """``scan``'s attack names (a list, or one string ``"a,b"``) and surrogate
+    paths (a list, or one path), checked, and the type of ``target``."""
+    if isinstance(attacks, str):
+        attacks = [name.strip() for name in attacks.split(",")]
+    if attacks is not None and (
+        not isinstance(attacks, Sequence) or not all(isinstance(name, str) for name in attacks)
+    ):
+        raise AuditError(f"attacks must be attack names (a list, or one string 'a,b'), got {repr(attacks)[:60]}")
+    if target is not None and not isinstance(target, str) and not _is_integer(target):
+        raise AuditError(f"--target must be random, least-likely or a class index, got {target!r}")
+    if isinstance(surrogates, (str, os.PathLike)):
+        surrogates = (surrogates,)
+    if not isinstance(surrogates, Sequence) or not all(isinstance(path, (str, os.PathLike)) for path in surrogates):
+        raise AuditError(f"surrogates must be model paths (a list, or one path), got {repr(surrogates)[:60]}")
+    return attacks, surrogates
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """The model and battery as the attacks will meet them, after the preflight checks."""
+
+    adapter: Model
+    """The model, or at white-box its copy with a final softmax removed."""
+    battery: Battery
+    """The battery, with EOT for a randomised model."""
+    probabilities: bool
+    """The model outputs probabilities."""
+    votes: int
+    """Passes a label is the most frequent of: ``VOTES`` for a randomised model, else 1."""
+    checks: tuple[checks_mod.Check, ...]
+
+
+def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor, y: torch.Tensor,
+               seed: int) -> _Ready:
+    """Run the checks that need the model before the battery, on the first 64
+    samples, and adapt to what they find: a randomised model gets labels by
+    vote and APGD with EOT; a white-box model that outputs probabilities has
+    its final softmax removed where possible (``softmax-removed``), and its
+    gradients are checked."""
+    first = checks_mod.preflight(adapter, x[:64], seed, eot_passes(battery))
+    found = list(first.checks)
+    if first.randomised:
+        battery = for_randomised(battery)
+    if level == Access.WHITE_BOX and first.probabilities:
+        logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
+        if logits_module is not None:
+            adapter = BeforeSoftmax(adapter, logits_module)
+        found.append(checks_mod.final_softmax(removed=logits_module is not None))
+    if level == Access.WHITE_BOX:
+        found += checks_mod.gradient_checks(adapter, x[:64], y[:64])
+    return _Ready(adapter, battery, first.probabilities, VOTES if first.randomised else 1, tuple(found))
+
+
+def _model_entry(model: str | Path, info: ModelInfo, input_shape: tuple[int, ...], num_classes: int,
+                 arch: str | None, mean: Sequence[float] | None, std: Sequence[float] | None) -> dict:
+    """results.json's ``model``: the file, what was audited of it and how it was loaded."""
+    return {
+        "path": str(model),
+        "format": info.format,
+        "sha256": info.sha256,
+        "input_shape": list(input_shape),
+        **({"input_layout": "NHWC"} if info.channels_last else {}),
+        **({"output": info.output} if info.output is not None else {}),
+        "num_classes": num_classes,
+        **({"arch": arch, "arch_sha256": arch_sha256(arch)} if arch else {}),
+        **({"normalisation": {
+            "mean": [float(v) for v in (mean if mean is not None else (0.0,))],
+            "std": [float(v) for v in (std if std is not None else (1.0,))],
+        }} if mean is not None or std is not None else {}),
+    }
+
+
+def _adversarials(indices: torch.Tensor, records: Records) -> dict[str, np.ndarray]:
+    """adversarials.npz: every sample's smallest verified adversarial example (clean errors left out)."""
     broken = (records.distortion > 0) & torch.isfinite(records.distortion)
-    adversarials = {
+    return {
         "index": indices[broken].numpy(),
         "x_adv": records.x_adv[broken].numpy(),
         "distortion": records.distortion[broken].numpy(),
         "broken_by": records.broken_by[broken.numpy()].astype(str),
     }
-    audit = AuditResult(results=results, adversarials=adversarials)
-    if out is not None:
-        write_outputs(audit, Path(out), verdict)
-    return audit
 
 
 OUTPUT_ORDER = ("adversarials.npz", "junit.xml", "report.html", "report.pdf", "results.json")
