@@ -41,7 +41,7 @@ import torch
 
 from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
-from .attacks.base import FIXED_EPS, MIN_NORM, Attack
+from .attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
 from .attacks.hardlabel.boundary import StartPool
 from .attacks.whitebox.apgd import APGDConfig
 from .errors import AuditError
@@ -136,16 +136,36 @@ def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_c
     return replace(battery, attacks=kept, skipped=battery.skipped + tuple(reasons.items()), left_out=left_out)
 
 
-def _refusal(attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool) -> str | None:
-    """Why ``attack`` cannot run in this battery, or None."""
+@dataclass(frozen=True)
+class _Ineligible:
+    """Why an attack cannot run in a battery, in the words of each way of choosing it."""
+
+    refusal: str
+    """The error for an attack named with ``--attacks``."""
+    skip: str | None
+    """The reason the default battery lists it as skipped with; None: it leaves it out unlisted."""
+
+
+def _ineligible(
+    attack: Attack, level: Access, norm: str, targeted: bool, transfer: bool
+) -> _Ineligible | None:
+    """Why ``attack`` cannot run in this battery, or None: a transfer attack
+    without surrogate models, an attack that needs more access than the
+    scan has, a fixed-ε attack in another norm, or, in targeted mode, an
+    attack without one. The first rule it breaks, in that order, gives the
+    reason."""
     if attack.oracle is SurrogateOracle and not transfer:
-        return NO_SURROGATES
+        return _Ineligible(NO_SURROGATES, NO_SURROGATES if level == Access.NONE else None)
     if attack.access > level:
-        return f"needs {attack.access.cli_name} access, but the scan has {level.cli_name}"
+        return _Ineligible(f"needs {attack.access.cli_name} access, but the scan has {level.cli_name}", None)
     if attack.kind == FIXED_EPS and attack.norm != norm:
-        return f"works in {attack.norm}, but the threat model is {norm}"
+        # the default battery runs its variant in the threat norm instead, where there is one
+        return _Ineligible(
+            f"works in {attack.norm}, but the threat model is {norm}",
+            None if norm in attack.norms else f"no {norm} version yet",
+        )
     if targeted and not attack.targeted:
-        return "has no targeted mode"
+        return _Ineligible("has no targeted mode", "no targeted mode")
     return None
 
 
@@ -192,9 +212,9 @@ def build_battery(
             raise AuditError("--attacks names no attack; leave it out for the default battery")
         chosen = list({attack.label: attack for attack in (_lookup(name, norm) for name in names)}.values())
         for attack in chosen:
-            reason = _refusal(attack, level, norm, targeted, transfer)
-            if reason is not None:
-                raise AuditError(f"attack {attack.label} {reason}")
+            why = _ineligible(attack, level, norm, targeted, transfer)
+            if why is not None:
+                raise AuditError(f"attack {attack.label} {why.refusal}")
         try:
             default = build_battery(level, norm, targeted=targeted, transfer=transfer).attacks
         except AuditError:  # no default battery here: nothing is left out
@@ -203,24 +223,15 @@ def build_battery(
         return Battery(level, norm, tuple(sorted(chosen, key=CATALOGUE.index)), targeted=targeted, left_out=left_out)
     chosen, skipped = [], []
     for attack in CATALOGUE:
-        if attack.access > level or not attack.in_default_battery:
-            continue
-        if level > attack.default_up_to:
-            continue
-        if attack.kind == FIXED_EPS and attack.norm != norm:
-            if norm not in attack.norms:
-                skipped.append((attack.label, f"no {norm} version yet"))
+        if not attack.in_default_battery or level > attack.default_up_to:
             continue
         if attack.kind == MIN_NORM and attack.norm != norm and norm in attack.norms:
             continue  # its variant in the threat norm runs instead
-        if targeted and not attack.targeted:
-            skipped.append((attack.label, "no targeted mode"))
-            continue
-        if attack.oracle is SurrogateOracle and not transfer:
-            if level == Access.NONE:
-                skipped.append((attack.label, NO_SURROGATES))
-            continue
-        chosen.append(attack)
+        why = _ineligible(attack, level, norm, targeted, transfer)
+        if why is None:
+            chosen.append(attack)
+        elif why.skip is not None:
+            skipped.append((attack.label, why.skip))
     if not chosen:
         # an empty battery would report every sample as robust
         mode = "targeted " if targeted else ""
@@ -237,7 +248,7 @@ def build_battery(
 
 @dataclass
 class Records:
-    """Per-sample state of a battery run (the only mutable object here)."""
+    """Per-sample state of a battery run (mutable, as is an attack's :class:`_Tally`)."""
 
     distortion: torch.Tensor
     broken_by: np.ndarray
@@ -452,13 +463,173 @@ def _run_seed(seed: int, label: str, eps: float | None, group: SurrogateSet | No
     return zlib.crc32(f"{seed}:{label}:{eps}{name}".encode())
 
 
-def _plan(attack: Attack, eps_desc: list[float], surrogates: Sequence[SurrogateSet]):
+def _plan(attack: Attack, eps_desc: Sequence[float], surrogates: Sequence[SurrogateSet]):
     """The runs of one attack: (ε or None, surrogate set or None), in order."""
     if attack.oracle is SurrogateOracle:
         return [(eps, group) for eps in eps_desc for group in surrogates]
     if attack.kind == FIXED_EPS:
         return [(eps, None) for eps in eps_desc]
     return [(None, None)]
+
+
+@dataclass
+class _Tally:
+    """One attack's per-sample counts over its runs, for its :class:`AttackReport`."""
+
+    descending: bool
+    """Its runs go once per ε from the largest down (not transfer attacks,
+    which run each ε once per surrogate set), so that a failure at one ε
+    followed by a success at a smaller one is non-monotone."""
+    attacked: torch.Tensor
+    """Attacked by some run."""
+    broken: torch.Tensor
+    """Broken by some run, within its ε."""
+    to_success: torch.Tensor
+    """Broken samples: the queries to success of the first run that broke them."""
+    failed_larger: torch.Tensor
+    """Descending runs only: failed on by an earlier run, at a larger ε."""
+    non_monotone: torch.Tensor
+    """Broken by a run after an earlier run, at a larger ε, failed on them."""
+    runs: list[RunReport]
+
+    @classmethod
+    def start(cls, n: int, descending: bool) -> _Tally:
+        return cls(
+            descending, attacked=torch.zeros(n, dtype=torch.bool), broken=torch.zeros(n, dtype=torch.bool),
+            to_success=torch.zeros(n, dtype=torch.long), failed_larger=torch.zeros(n, dtype=torch.bool),
+            non_monotone=torch.zeros(n, dtype=torch.bool), runs=[],
+        )
+
+    def add(self, run: RunReport) -> None:
+        """Count the samples ``run`` attacked and broke, and the queries to
+        success of those no earlier run broke (``reached`` where the run has
+        it, else the queries it spent)."""
+        active = torch.tensor(run.positions, dtype=torch.long)
+        within = torch.tensor(run.success, dtype=torch.bool)
+        queries = torch.tensor(run.reached or run.queries, dtype=torch.long)
+        first = within & ~self.broken[active]
+        self.to_success[active[first]] = queries[first]
+        self.attacked[active], self.broken[active[within]] = True, True
+        if self.descending:
+            self.non_monotone[active[within & self.failed_larger[active]]] = True
+            self.failed_larger[active[~within]] = True
+        self.runs.append(run)
+
+    def report(self, attack: Attack, budget: int | None, robust_accuracy: dict[float, float]) -> AttackReport:
+        return AttackReport(
+            attack=attack, runs=tuple(self.runs), samples=int(self.attacked.sum()),
+            queries_to_success=tuple(self.to_success[self.broken].tolist()),
+            robust_accuracy=robust_accuracy, budget=budget, non_monotone=int(self.non_monotone.sum()),
+        )
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every run of a battery shares (the arguments of :func:`run_battery`)."""
+
+    battery: Battery
+    model: Model
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None
+    starts: StartPool | None
+    eps_desc: tuple[float, ...]
+    budget: int | None
+    seed: int
+    outputs_probabilities: bool
+    progress: ScanProgress
+    votes: int
+
+
+def _oracle(
+    context: _Context, attack: Attack, group: SurrogateSet | None, samples: int,
+    on_charge: Callable[[int], None] | None,
+):
+    """A fresh oracle for one run of ``attack`` on ``samples`` samples: the
+    surrogate set ``group`` for a transfer attack, else the model behind the
+    attack's oracle class, holding its budget and reporting each charge to
+    ``on_charge``."""
+    if attack.oracle is SurrogateOracle:
+        return SurrogateOracle(group.modules, device="cpu")
+    model, probabilities = context.model, context.outputs_probabilities
+    return attack.oracle(
+        _oracle_forward(model, attack.oracle, probabilities), samples, attack_budget(attack, context.budget),
+        device=model.device, on_charge=on_charge,
+        **_exact_scores(model, attack, context.battery.level, probabilities),
+    )
+
+
+def _attack(
+    context: _Context, attack: Attack, eps: float | None, group: SurrogateSet | None, active: torch.Tensor,
+    goal: torch.Tensor | None, description: str,
+) -> tuple[AttackResult, torch.Tensor]:
+    """Run ``attack`` once on the samples at ``active`` (targets ``goal``)
+    with a fresh oracle and the run's own seed: its result, and the queries
+    it cost each sample on the model."""
+    transfer = attack.oracle is SurrogateOracle
+    budget = attack_budget(attack, context.budget)
+    # the bar counts queries to the model: a transfer example costs one, its verification
+    total = len(active) if transfer else None if budget is None else budget * len(active)
+    advance = context.progress.run(description, total)
+    oracle = _oracle(context, attack, group, len(active), on_charge=None if transfer else advance)
+    device = oracle.device
+    extra = {"starts": context.starts} if context.starts is not None and attack.starts_from_data else {}
+    run_seed = _run_seed(context.seed, attack.label, eps, group)
+    with seeded_rng(run_seed, "global"):  # what a randomised model or surrogate draws
+        result = attack(
+            oracle, context.x[active].to(device), context.y[active].to(device), eps=eps, seed=run_seed,
+            target=None if goal is None else goal.to(device), **extra,
+        )
+    if transfer:
+        advance(len(active))
+        return result, result.queries.cpu()
+    return result, oracle.queries()
+
+
+def _reached_at(
+    trace, spent: torch.Tensor, ok: torch.Tensor, checked: Verified, eps_desc: Sequence[float]
+) -> tuple:
+    """``RunReport.reached_at`` of a minimum-norm run with a trace in the threat norm."""
+    return tuple(
+        (e, tuple(queries_to_reach(trace, eps_bound(e), spent).tolist()),
+         tuple((ok & (checked.distortion <= eps_bound(e))).tolist()))
+        for e in eps_desc
+    )
+
+
+def _run_once(
+    context: _Context, records: Records, attack: Attack, eps: float | None, group: SurrogateSet | None,
+    active: torch.Tensor,
+) -> RunReport:
+    """One run of ``attack`` at ``eps`` (on surrogate set ``group``) on the
+    samples at ``active``: attack, verify the examples on the model, keep the
+    verified ones in ``records``, and report the run."""
+    description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
+    description += (f" on {group.name}" if group is not None else "") + f" · {len(active)} samples"
+    started = time.perf_counter()
+    goal = None if context.target is None else context.target[active]
+    result, spent = _attack(context, attack, eps, group, active, goal, description)
+    x, y = context.x[active], context.y[active]
+    checked = verify(context.model, x, result.x_adv, y, context.battery.norm, goal, context.votes)
+    ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
+    records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
+    within = ok & (checked.distortion <= eps_bound(eps if eps is not None else context.eps_desc[0]))
+    reached_at = ()
+    if attack.kind == MIN_NORM and result.trace and attack.norm == context.battery.norm:
+        reached_at = _reached_at(result.trace, spent, ok, checked, context.eps_desc)
+    log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
+    return RunReport(
+        eps=eps, samples=len(active), broken=int(within.sum()),
+        queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
+        positions=tuple(active.tolist()), queries=tuple(spent.tolist()), success=tuple(within.tolist()),
+        reached=reached_at[0][1] if reached_at else (),  # at the largest ε, the run's limit
+        reached_at=reached_at,
+        distortion_at=() if attack.kind == FIXED_EPS else distortion_at(
+            result.trace, spent, budget=attack_budget(attack, context.budget)
+        ),
+        start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
+        surrogate=None if group is None else group.name,
+    )
 
 
 def run_battery(
@@ -496,90 +667,30 @@ def run_battery(
         raise ValueError("a targeted battery needs targets, and only it takes them")
     if any(a.oracle is SurrogateOracle for a in battery.attacks) and not surrogates:
         raise ValueError("transfer attacks need surrogate sets")
-    progress = progress or ScanProgress(enabled=False)
-    eps_desc = sorted(eps_list, reverse=True)
+    eps_desc = tuple(sorted(eps_list, reverse=True))
+    context = _Context(
+        battery, model, x, y, target, starts, eps_desc, budget, seed, outputs_probabilities,
+        progress or ScanProgress(enabled=False), votes,
+    )
     if votes > 1 or clean_logits is None:
         clean_pred = predict(model, x, votes)
     else:
         clean_pred = labels_of(clean_logits).cpu()
     records = Records.start(x, clean_pred, y)
-    transfer_start: torch.Tensor | None = None
+    transfer_start: torch.Tensor | None = None  # the records when the first transfer attack starts
     reports = []
     for attack in battery.attacks:
         transfer = attack.oracle is SurrogateOracle
         if transfer and transfer_start is None:
             transfer_start = records.distortion.clone()
-        budget_of_attack = attack_budget(attack, budget)
-        attacked = torch.zeros(len(y), dtype=torch.bool)
-        broken, to_success = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.long)
-        failed_larger, non_monotone, runs = torch.zeros(len(y), dtype=torch.bool), torch.zeros(len(y), dtype=torch.bool), []
+        tally = _Tally.start(len(y), descending=not transfer)
         for eps, group in _plan(attack, eps_desc, surrogates):
-            limit = eps if eps is not None else eps_desc[0]
-            if transfer:
+            if transfer:  # the samples robust at ε when the first transfer attack started
                 robust = transfer_start > eps_bound(eps)
-            else:
+            else:  # the samples robust at ε now (a minimum-norm run, ε None: at the smallest)
                 robust = records.robust_at(eps if eps is not None else eps_desc[-1])
             active = robust.nonzero().flatten()
-            if len(active) == 0:
-                continue
-            description = f"{attack.label}" + (f" ε={eps:g}" if eps is not None else "")
-            description += (f" on {group.name}" if group is not None else "") + f" · {len(active)} samples"
-            started = time.perf_counter()
-            goal = None if target is None else target[active]
-            if transfer:
-                oracle = SurrogateOracle(group.modules, device="cpu")
-                advance = progress.run(description, len(active))
-                device = torch.device("cpu")
-            else:
-                total = None if budget_of_attack is None else budget_of_attack * len(active)
-                oracle = attack.oracle(
-                    _oracle_forward(model, attack.oracle, outputs_probabilities), len(active),
-                    budget_of_attack, device=model.device, on_charge=progress.run(description, total),
-                    **_exact_scores(model, attack, battery.level, outputs_probabilities),
-                )
-                device = model.device
-            extra = {"starts": starts} if starts is not None and attack.starts_from_data else {}
-            run_seed = _run_seed(seed, attack.label, eps, group)
-            with seeded_rng(run_seed, "global"):  # what a randomised model or surrogate draws
-                result = attack(
-                    oracle, x[active].to(device), y[active].to(device), eps=eps, seed=run_seed,
-                    target=None if goal is None else goal.to(device), **extra,
-                )
-            # a transfer example costs the target one query: its verification
-            spent = result.queries.cpu() if transfer else oracle.queries()
-            if transfer:
-                advance(len(active))
-            checked = verify(model, x[active], result.x_adv, y[active], battery.norm, goal, votes)
-            ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
-            records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
-            within = ok & (checked.distortion <= eps_bound(limit))
-            reached, reached_at = None, ()
-            if attack.kind == MIN_NORM and result.trace and attack.norm == battery.norm:
-                at_eps = [(e, queries_to_reach(result.trace, eps_bound(e), spent),
-                           ok & (checked.distortion <= eps_bound(e))) for e in eps_desc]
-                reached = at_eps[0][1]  # the largest ε, the run's limit
-                reached_at = tuple((e, tuple(q.tolist()), tuple(s.tolist())) for e, q, s in at_eps)
-            first = within & ~broken[active]
-            to_success[active[first]] = (spent if reached is None else reached)[first]
-            attacked[active], broken[active[within]] = True, True
-            if not transfer:
-                non_monotone[active[within & failed_larger[active]]] = True
-                failed_larger[active[~within]] = True
-            runs.append(RunReport(
-                eps=eps, samples=len(active), broken=int(within.sum()),
-                queries_total=int(spent.sum()), seconds=time.perf_counter() - started,
-                positions=tuple(active.tolist()), queries=tuple(spent.tolist()),
-                success=tuple(within.tolist()), reached=() if reached is None else tuple(reached.tolist()),
-                reached_at=reached_at,
-                distortion_at=distortion_at(result.trace, spent, budget=budget_of_attack) if attack.kind != FIXED_EPS else (),
-                start_index=() if result.start_index is None else tuple(result.start_index.tolist()),
-                surrogate=None if group is None else group.name,
-            ))
-            log.info("%s: broke %d of %d samples", description, int(within.sum()), len(active))
-        reports.append(AttackReport(
-            attack=attack, runs=tuple(runs), samples=int(attacked.sum()),
-            queries_to_success=tuple(to_success[broken].tolist()),
-            robust_accuracy=records.robust_accuracy(eps_list),
-            budget=budget_of_attack, non_monotone=int(non_monotone.sum()),
-        ))
+            if len(active) > 0:
+                tally.add(_run_once(context, records, attack, eps, group, active))
+        reports.append(tally.report(attack, attack_budget(attack, budget), records.robust_accuracy(eps_list)))
     return BatteryOutcome(clean_pred=clean_pred, records=records, attacks=tuple(reports))
