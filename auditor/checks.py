@@ -132,14 +132,16 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) 
         f"APGD averages each step over {eot} passes (EOT) but the other attacks query single passes"
         if eot > 1 else "the attacks query single passes, without expectation over its randomness (EOT)"
     )
+    expectation += (", stop on a sample at the first pass that misclassifies it and may leave it when the vote "
+                    "rejects the example")
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
         f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "
         "accuracy may be overstated"
     )
     if not same_outputs(seeded_pass(), seeded_pass()):
-        message += ("; its randomness does not come from torch's generator, which --seed seeds, so "
-                    "another run with the same seed may give other results")
+        message += ("; its draws do not come from torch's generator, which --seed seeds, so the seed does not "
+                    "control them (another run may give other results, unless the model seeds them itself)")
     return Check(RANDOMISED_MODEL, "warning", message)
 
 
@@ -400,7 +402,8 @@ def non_monotone(reports: Sequence["AttackReport"], randomised: bool = False) ->
             found.append(Check(
                 NON_MONOTONE, "warning",
                 f"{report.attack.label} broke {plural(report.non_monotone, 'sample')} at a smaller ε after "
-                f"failing on them at a larger one: {cause}, so larger-ε numbers overstate robustness",
+                f"failing on {'it' if report.non_monotone == 1 else 'them'} at a larger one: {cause}, so larger-ε "
+                "numbers overstate robustness",
             ))
     return found
 

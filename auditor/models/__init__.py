@@ -340,7 +340,8 @@ def _check_sub_batch(
     """The first ``rows`` images of ``sample`` give (rows, K) logits on their
     own, the same as in ``sample`` (``logits``), unless the model is
     randomised (another of :data:`~auditor.models.base.RANDOMNESS_PASSES`
-    passes over ``sample`` differs), which the preflight checks report. With
+    passes over ``sample`` or its first ``rows`` differs from the first),
+    which the preflight checks report. With
     :data:`ODD_BATCH` rows this finds a batch size fixed inside the graph;
     with one, a ``squeeze()`` that drops the batch dimension of a single
     image."""
@@ -362,13 +363,14 @@ def _check_sub_batch(
         )
     if torch.allclose(alone, logits[:rows], **BATCH_TOLERANCE):
         return
-    if any(not torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE)
-           for _ in range(RANDOMNESS_PASSES - 1)):
-        return  # randomised: the preflight reports it
+    for _ in range(RANDOMNESS_PASSES - 1):
+        if not (torch.allclose(_logits(model, sample, dataset), logits, **BATCH_TOLERANCE)
+                and torch.allclose(model.forward(sample[:rows]), alone, **BATCH_TOLERANCE)):
+            return  # randomised: the preflight reports it
     raise AuditError(
         f"model {path} gives other outputs for {plural(rows, 'image')} of data {name} alone than in a batch "
         f"of {len(sample)}: its outputs depend on the batch (a batch size fixed inside the graph, or batch "
-        f"statistics; {RANDOMNESS_PASSES} passes over the batch agreed, so it is not randomness)"
+        f"statistics; {RANDOMNESS_PASSES} passes over each agreed, so it is not randomness)"
     )
 
 
