@@ -83,7 +83,8 @@ def for_randomised(battery: Battery) -> Battery:
     """``battery`` for a randomised model: its APGD attacks take the
     expectation over the model's randomness (EOT, :data:`EOT_PASSES` passes a
     step) from one random start, as AutoAttack's version for randomised
-    defenses runs them (the passes make each start 20 times the cost)."""
+    defenses runs APGD-CE (it has APGD-DLR where this battery has APGD-T);
+    the passes make each start 20 times the cost."""
     attacks = tuple(replace(attack, eot=EOT_PASSES, restarts=1) if isinstance(attack, APGDConfig) else attack
                     for attack in battery.attacks)
     return replace(battery, attacks=attacks)
@@ -610,7 +611,9 @@ def _run_once(
     goal = None if context.target is None else context.target[active]
     result, spent = _attack(context, attack, eps, group, active, goal, description)
     x, y = context.x[active], context.y[active]
-    checked = verify(context.model, x, result.x_adv, y, context.battery.norm, goal, context.votes)
+    # a randomised model's votes draw from the run's own stream: another attack before it changes none
+    with seeded_rng(_run_seed(context.seed, attack.label, eps, group), "verify"):
+        checked = verify(context.model, x, result.x_adv, y, context.battery.norm, goal, context.votes)
     ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
     records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
     within = ok & (checked.distortion <= eps_bound(eps if eps is not None else context.eps_desc[0]))

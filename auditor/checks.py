@@ -19,7 +19,7 @@ from .attacks.base import MIN_NORM, logit_margin
 from .attacks.whitebox.pgd import PGD
 from .models.base import RANDOMNESS_PASSES, GradientFailed, Model, plural, seeded_rng
 from .models.logits import are_probabilities
-from .oracles import GradientOracle, logits_and_gradient
+from .oracles import GradientOracle, LabelOracle, logits_and_gradient
 from .eps import eps_text
 from .verify import VOTES, eps_bound, verify
 
@@ -187,14 +187,18 @@ def small_budget(level: Access, budget: int) -> list[Check]:
     )]
 
 
-def saturated_scores(level: Access, logits: torch.Tensor, probabilities: bool, y: torch.Tensor) -> list[Check]:
-    """At soft-label access: correctly classified samples whose
-    probabilities, as the attacks receive them, are exactly 0 for every
-    other class (below the smallest normal float32), so that the score
-    attacks' log-margin loss is flat around them. ``logits`` are the
-    model's clean outputs (its probabilities where ``probabilities``)."""
-    correct = logits.argmax(dim=1) == y
-    if level != Access.SOFT_LABEL or not correct.any():
+def saturated_scores(
+    battery: "Battery", logits: torch.Tensor, probabilities: bool, y: torch.Tensor, correct: torch.Tensor
+) -> list[Check]:
+    """At soft-label access without a label-only attack in the battery:
+    ``correct``ly classified samples whose probabilities, as the attacks
+    receive them, are exactly 0 for every other class (below the smallest
+    normal float32), so that the score attacks' log-margin loss is flat
+    around them. ``logits`` are the model's clean outputs (its probabilities
+    where ``probabilities``). HopSkipJump, in the default soft-label battery,
+    reads the labels, which stay informative there."""
+    reads_labels = any(attack.oracle is LabelOracle and not attack.baseline for attack in battery.attacks)
+    if battery.level != Access.SOFT_LABEL or reads_labels or not correct.any():
         return []
     probs = (logits if probabilities else torch.softmax(logits, dim=1)).float()[correct]
     others = probs.scatter(1, y[correct][:, None], 0.0).amax(dim=1)
@@ -204,8 +208,9 @@ def saturated_scores(level: Access, logits: torch.Tensor, probabilities: bool, y
     return [Check(
         SATURATED_SCORES, "warning",
         f"{flat} of the {int(correct.sum())} correctly classified samples get probabilities of exactly 0 for "
-        "every other class: the score attacks see a flat loss there, so robust accuracy at soft-label access "
-        "is overstated; a soft-label attacker also has the labels: audit with --access hard-label",
+        "every other class: the score attacks see a flat loss there and the battery has no label-only attack, "
+        "so robust accuracy at soft-label access is overstated; a soft-label attacker also has the labels: "
+        "add hop-skip-jump to --attacks or audit with --access hard-label",
     )]
 
 

@@ -393,7 +393,7 @@ def scan(
         found += checks_mod.low_clean_accuracy(clean_accuracy)
         found += checks_mod.surrogate_checks(surrogate_models)
         found += checks_mod.small_budget(level, budget)
-        found += checks_mod.saturated_scores(level, logits, probabilities, y)
+        found += checks_mod.saturated_scores(battery, logits, probabilities, y, outcome.clean_pred == y)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
         found += checks_mod.non_monotone(outcome.attacks, votes > 1)
         no_start = checks_mod.no_target_image(battery, targets, dataset.y)

@@ -63,8 +63,9 @@ def labels_of(scores: torch.Tensor) -> torch.Tensor:
 
 def predict(model: Model, x: torch.Tensor, votes: int = 1) -> torch.Tensor:
     """(N,) CPU labels of ``x``: the label of one pass, or with ``votes`` > 1
-    the label most passes give (a tie goes to the lowest label, -1 for no class
-    first)."""
+    the label strictly more passes give than any other. Where labels tie for
+    the most, the model gives no answer: -1, as for a NaN row, so the image is
+    neither classified correctly nor as a target."""
     x = x.to(model.device)
     if votes == 1:
         return labels_of(model.forward(x)).cpu()
@@ -75,7 +76,9 @@ def predict(model: Model, x: torch.Tensor, votes: int = 1) -> torch.Tensor:
         if counts is None:
             counts = torch.zeros(len(x), scores.shape[1] + 1, dtype=torch.long)
         counts.scatter_add_(1, labels.view(-1, 1), torch.ones(len(x), 1, dtype=torch.long))
-    return counts.argmax(dim=1) - 1
+    most = counts.max(dim=1)
+    unique = (counts == most.values[:, None]).sum(dim=1) == 1
+    return torch.where(unique, most.indices - 1, -1)
 
 
 def verify(
@@ -88,7 +91,9 @@ def verify(
     votes: int = 1,
 ) -> Verified:
     """Re-check candidate adversarial examples ``x_adv`` for clean images ``x``
-    (a randomised model's label: the most frequent of ``votes`` passes)."""
+    (a randomised model's label: the one most of ``votes`` passes give, see
+    :func:`predict`; a tie is no answer, so a tie with the label counts as fooled
+    and a tie with the target does not)."""
     x, y = x.detach().cpu(), y.detach().cpu()
     x_adv = x_adv.detach().cpu().float()
     finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)

@@ -308,20 +308,29 @@ def test_no_gradient_attack_fires_on_a_gradient_free_white_box_scan_only(tiny_cn
 
 def test_saturated_scores_counts_samples_whose_other_probabilities_are_exactly_zero():
     """At soft-label access a softmax rounded to exactly 0 and 1 leaves the
-    score attacks a flat loss: a model with logits × 1000 scored 78 % at
-    soft-label and 30 % at hard-label, and passed the default policy."""
+    score attacks a flat loss: a model with logits × 1000 scored 78 % against
+    Square, NES and GenAttack and 30 % at hard-label, and passed the default
+    policy. HopSkipJump, in the default soft-label battery, reads the labels."""
     from auditor.access import Access
+    from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
+    from auditor.attacks.hardlabel.random_noise import RandomNoise
+    from auditor.attacks.softlabel.square import SquareAttack
+    from auditor.battery import Battery
     from auditor.checks import saturated_scores
 
+    scores_only = Battery(Access.SOFT_LABEL, "linf", (SquareAttack(), RandomNoise()))
     logits = torch.tensor([[10.0, 0.0, 2.0], [1000.0, 0.0, 3.0], [0.0, 500.0, 1.0]])
     y = torch.tensor([0, 0, 1])
-    (check,) = saturated_scores(Access.SOFT_LABEL, logits, False, y)
+    correct = logits.argmax(1) == y
+    (check,) = saturated_scores(scores_only, logits, False, y, correct)
     assert check.id == "saturated-scores" and check.level == "warning"
     assert check.message.startswith("2 of the 3 correctly classified samples")
-    assert saturated_scores(Access.SOFT_LABEL, logits / 100, False, y) == []
-    assert saturated_scores(Access.SOFT_LABEL, torch.softmax(logits, 1), True, y)  # a model that outputs probabilities
-    assert saturated_scores(Access.HARD_LABEL, logits, False, y) == []  # only score attacks are blind
-    assert saturated_scores(Access.WHITE_BOX, logits, False, y) == []  # white-box Square reads the logits
+    assert saturated_scores(scores_only, logits / 100, False, y, correct) == []
+    assert saturated_scores(scores_only, torch.softmax(logits, 1), True, y, correct)  # outputs probabilities
+    with_labels = Battery(Access.SOFT_LABEL, "linf", (SquareAttack(), HopSkipJump(norm="linf"), RandomNoise()))
+    assert saturated_scores(with_labels, logits, False, y, correct) == []
+    for level in (Access.HARD_LABEL, Access.WHITE_BOX):  # only score attacks are blind; white-box reads logits
+        assert saturated_scores(Battery(level, "linf", (SquareAttack(),)), logits, False, y, correct) == []
 
 
 def test_a_soft_label_scan_of_a_saturated_model_raises_saturated_scores(tiny_cnn, tmp_path):
@@ -340,5 +349,8 @@ def test_a_soft_label_scan_of_a_saturated_model_raises_saturated_scores(tiny_cnn
     options = dict(access="soft-label", samples=8, eps=[0.1], budget=30, attacks=["square-linf"])
     ids = {c["id"] for c in auditor.scan(str(path), **options).results["checks"]}
     assert "saturated-scores" in ids
+    default = auditor.scan(str(path), access="soft-label", samples=8, eps=[0.1], budget=200).results
+    assert "hop-skip-jump-linf" in [attack["name"] for attack in default["attacks"]]
+    assert "saturated-scores" not in {c["id"] for c in default["checks"]}
     torch.jit.save(torch.jit.script(tiny_cnn.eval()), str(path))
     assert "saturated-scores" not in {c["id"] for c in auditor.scan(str(path), **options).results["checks"]}

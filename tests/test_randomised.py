@@ -144,6 +144,28 @@ def test_a_label_given_on_a_minority_of_passes_does_not_count():
     assert predict(one_pass, x).tolist() == [5] * 4
 
 
+class Cycling(nn.Module):
+    """Deterministic: answers ``labels[i % len(labels)]`` at its i-th call."""
+
+    def __init__(self, labels: list[int]):
+        super().__init__()
+        self.labels, self.calls = labels, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return nn.functional.one_hot(torch.full((len(x),), self.labels[self.calls % len(self.labels)]), 10).float()
+
+
+def test_labels_that_tie_for_the_most_passes_are_no_answer():
+    """21 passes split 7/7/7 name no class: the sample is not classified as its label (so not
+    robust) nor as a target (so not a targeted success); a tie used to go to the lowest class."""
+    x, y = torch.rand(2, 1, 28, 28), torch.full((2,), 2)
+    tied = _model(Cycling([2, 4, 9]))
+    assert predict(tied, x, VOTES).tolist() == [-1, -1]
+    assert verify(tied, x, x, y, "linf", votes=VOTES).fooled.all()
+    assert not verify(tied, x, x, torch.full((2,), 4), "linf", target=torch.full((2,), 2), votes=VOTES).fooled.any()
+
+
 def test_a_scan_counts_no_misclassification_the_model_makes_on_a_minority_of_calls(tiny_cnn, tmp_path):
     """At a radius far too small to matter, random noise used to "break" each sample whose one
     verification pass fell on a flaky call (a fifth of them), and the clean pass likewise."""
@@ -180,5 +202,7 @@ def test_a_white_box_scan_of_a_randomised_model_runs_apgd_with_eot(tiny_cnn, tmp
                            attacks=["apgd-ce"]).results
     (apgd,) = results["attacks"]
     assert (apgd["params"]["eot"], apgd["params"]["restarts"]) == (20, 1)
+    queries = [q for run in apgd["runs"] for q in run["per_sample"]["queries"]]
+    assert all(q % 20 == 0 for q in queries) and max(queries) > 101  # 20 passes a step, each a query
     (check,) = [check for check in results["checks"] if check["id"] == RANDOMISED_MODEL]
     assert "APGD averages each step over 20 passes (EOT)" in check["message"]

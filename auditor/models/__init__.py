@@ -377,7 +377,8 @@ def _check_sub_batch(
 def clean_logits(model: Model, x: torch.Tensor, dataset: Dataset) -> torch.Tensor:
     """The model's logits on the audited images ``x`` of ``dataset``, on the
     CPU: the one clean pass the scan makes over them (targets and the
-    battery's clean predictions both come from it). A model that gives NaN or
+    battery's clean predictions both come from it; a randomised model's
+    clean predictions are a vote of passes instead). A model that gives NaN or
     infinite logits on any of them is refused: its predictions there name no
     class."""
     logits = model.forward(x.to(model.device)).cpu()

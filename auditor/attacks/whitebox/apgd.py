@@ -54,8 +54,8 @@ Defaults are those of [CH20] §3 and of AutoAttack: N = 100 iterations,
 Randomised models (``eot`` > 1): the logits and ∇f of every step are the
 mean over ``eot`` passes, expectation over transformation (Athalye, Carlini
 and Wagner, "Obfuscated gradients give a false sense of security", ICML
-2018, §5.3), as AutoAttack's version for randomised defenses does with
-``eot_iter = 20``; each pass is a query, so a run costs at most
+2018, §5.3), as AutoAttack's version for randomised defenses does for
+APGD-CE and APGD-DLR with ``eot_iter = 20``; each pass is a query, so a run costs at most
 ``(steps + 1) · eot`` queries a sample.
 """
 
