@@ -42,7 +42,7 @@ import torch
 from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
-from .attacks.hardlabel.boundary import StartPool
+from .attacks.hardlabel.shared import StartPool
 from .attacks.whitebox.apgd import APGDConfig
 from .errors import AuditError
 from .models.base import Model, seeded_rng

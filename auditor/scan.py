@@ -28,7 +28,7 @@ import torch
 from . import checks as checks_mod
 from .access import DEFAULT_BUDGET, MAX_BUDGET, Access, resolve_access
 from .attacks.base import MAX_SEED
-from .attacks.hardlabel.boundary import StartPool
+from .attacks.hardlabel.shared import StartPool
 from .battery import (
     Battery, Records, SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable,
 )

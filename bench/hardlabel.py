@@ -40,7 +40,7 @@ import torch
 from common import Recorded, example_images
 
 from auditor.attacks.base import distortion
-from auditor.attacks.hardlabel.boundary import StartPool
+from auditor.attacks.hardlabel.shared import StartPool
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
 from auditor.attacks.hardlabel.sign_opt import SignOPT

@@ -9,7 +9,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from auditor.attacks.hardlabel.boundary import StartPool
+from auditor.attacks.hardlabel.shared import StartPool
 from auditor.oracles import LabelOracle, ScoreOracle
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from auditor.attacks import BY_LABEL
 from auditor.attacks.base import distortion
-from auditor.attacks.hardlabel.boundary import BestAdversarial, Directions, SampleRandom, StartPool, subspace_factor
+from auditor.attacks.hardlabel.shared import BestAdversarial, Directions, SampleRandom, StartPool, subspace_factor
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
 from auditor.attacks.hardlabel.random_noise import RandomNoise

@@ -218,7 +218,7 @@ def test_l2_estimate_keeps_only_the_tilt_of_a_flat_boundary(tangent):
     """A flat boundary whose normal is mostly along x_t − x*: with tangent
     probes the estimate has no radial component and points along the tilt;
     the paper's full-space probes mostly re-measure the radial part."""
-    from auditor.attacks.hardlabel.boundary import Directions, SampleRandom, unit
+    from auditor.attacks.hardlabel.shared import Directions, SampleRandom, unit
 
     x0 = torch.tensor([0.5, 0.45], dtype=torch.float64).view(2, 1, 1, 1).repeat(1, 1, 8, 8)
     radial, tilt = torch.zeros_like(x0), torch.zeros_like(x0)

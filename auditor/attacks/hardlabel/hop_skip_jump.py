@@ -116,7 +116,7 @@ import torch
 from ...access import Access
 from ...oracles import LabelOracle, items_within
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
-from .boundary import (
+from .shared import (
     PROBE_VALUES,
     SUBSPACE_AUTO,
     Directions,
@@ -172,7 +172,7 @@ class HopSkipJump(Attack):
     bounds memory whatever the image size and never changes results."""
     subspace: int | str = SUBSPACE_AUTO
     """Factor f of the low-frequency subspace the gradient probes are drawn
-    in (:class:`~.boundary.Directions`, QEBA's spatial subspace); 1 draws
+    in (:class:`~.shared.Directions`, QEBA's spatial subspace); 1 draws
     them in full dimension, as the paper does; ``"auto"`` takes f = 2 for
     28 × 28 and 32 × 32 images."""
     tangent_probes: bool = True

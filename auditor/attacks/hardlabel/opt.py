@@ -71,7 +71,7 @@ from typing import ClassVar
 import torch
 
 from ...oracles import LabelOracle, items_within
-from .boundary import call_rank, col
+from .shared import call_rank, col
 from .ray_search import Boundary, RaySearch
 
 _STEP_DOWN = 0.99

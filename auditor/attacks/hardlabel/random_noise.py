@@ -6,7 +6,7 @@ random noise is less effective than the attacks"). Each draw is one query
 per still-robust sample: uniform noise in the L∞ cube, or a uniformly random
 direction at a uniformly random radius in the L2 ball, clipped to [0,1]. A
 sample stops at its first misclassified draw or when its budget runs out.
-Each sample draws from its own stream (:class:`~.boundary.SampleRandom`), so
+Each sample draws from its own stream (:class:`~.shared.SampleRandom`), so
 its noise, and whether it is broken, does not depend on the batch.
 
 The battery runs it last, so anything it breaks was missed by every attack
@@ -21,7 +21,7 @@ import torch
 
 from ...oracles import LabelOracle
 from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, in_l2_ball, in_linf_ball, project
-from .boundary import SampleRandom
+from .shared import SampleRandom
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ holds what they share, all batched over samples:
 * ``Boundary``: label queries along rays ``x0 + λθ`` (every image clipped
   to [0,1]), OPT's binary search for g and its local search ("compute g(θ)
   locally", ratio 0.01, as the official code runs it);
-* ``BestAdversarial`` (:mod:`.boundary`): per sample, the adversarial image
+* ``BestAdversarial`` (:mod:`.shared`): per sample, the adversarial image
   of smallest distortion among all the boundary queried, and the trace of
   (queries, best distortion), exact to the query;
 * ``RaySearch.__call__``: clean check, initialisation, then iterations of
@@ -49,7 +49,7 @@ import torch
 from ...access import Access
 from ...oracles import LabelOracle
 from ..base import MIN_NORM, NORMS, Attack, AttackResult, distortion
-from .boundary import (
+from .shared import (
     PROBE_VALUES,
     SUBSPACE_AUTO,
     BestAdversarial,
@@ -219,7 +219,7 @@ class RaySearch(Attack):
     memory whatever the image size and never changes results."""
     subspace: int | str = SUBSPACE_AUTO
     """Factor f of the low-frequency subspace the gradient estimate's random
-    directions are drawn in (:class:`~.boundary.Directions`); 1 draws them in
+    directions are drawn in (:class:`~.shared.Directions`); 1 draws them in
     full dimension, as the paper does; ``"auto"`` takes f = 2 for 28 × 28
     and 32 × 32 images."""
 

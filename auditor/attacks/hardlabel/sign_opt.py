@@ -77,7 +77,7 @@ import torch
 
 from ...oracles import items_within
 from ..base import distortion
-from .boundary import col
+from .shared import col
 from .ray_search import Boundary, RaySearch
 
 _LINE_RESERVE = 25
