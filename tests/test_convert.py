@@ -289,6 +289,30 @@ def test_unsupported_op_caps_access_at_soft_label(tmp_path, op_type, domain, nam
     assert model.forward(torch.rand(3, 1, 4, 4)).shape == (3, 16)
 
 
+def test_an_unexpected_converter_error_caps_access_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A refused op is logged as information; any other error may be a converter bug that costs
+    the audit its white-box access, so it is a warning naming the error's type."""
+    import logging
+
+    from auditor.models.onnxrt import OnnxModel
+
+    path = tmp_path / "odd.onnx"
+    _hand_made(path, "Hardmax", "")
+    with caplog.at_level(logging.INFO, logger="auditor"):
+        load_model(path)
+    assert [record.levelno for record in caplog.records if "no gradients" in record.message] == [logging.INFO]
+    caplog.clear()
+
+    def broken(self, file, image_shape):
+        raise KeyError("axis")
+
+    monkeypatch.setattr(OnnxModel, "_converted", broken)
+    with caplog.at_level(logging.INFO, logger="auditor"):
+        level, reason = load_model(path).access_ceiling
+    assert level == Access.SOFT_LABEL and "KeyError" in reason
+    assert [record.levelno for record in caplog.records if "no gradients" in record.message] == [logging.WARNING]
+
+
 def test_symbolic_image_size_caps_access_at_soft_label(tmp_path):
     net = _seeded(lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)))
     path = tmp_path / "any_size.onnx"

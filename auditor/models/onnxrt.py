@@ -304,9 +304,12 @@ class OnnxModel(Model):
             module, diff = self._converted(file, image_shape)
         except Exception as exc:
             reason = short_reason(exc)
-            if not isinstance(exc, ConversionError):
+            expected = isinstance(exc, ConversionError)  # an op or graph the converter refuses, as designed
+            if not expected:
                 reason = f"{type(exc).__name__}: {reason}"
-            logger.info("model %s: no gradients from the ONNX graph (%s)", self.info.path, reason)
+            # an unexpected error may be a converter bug that costs the audit its white-box access: say so louder
+            logger.log(logging.INFO if expected else logging.WARNING,
+                       "model %s: no gradients from the ONNX graph (%s)", self.info.path, reason)
             self._ceiling = (Access.SOFT_LABEL, f"ONNX graph could not be converted for gradients: {reason}")
             return
         on_gpu = "CUDAExecutionProvider" in self._session.get_providers() and torch.cuda.is_available()
