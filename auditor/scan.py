@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,10 @@ from .results import (
     transfer_entry,
 )
 from .surrogates import ENSEMBLE, Surrogate, examine, file_names, train_surrogates
-from .verify import VOTES
+from .verify import VOTES, eps_bound
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,35 @@ class AuditResult:
         """The policy verdict, or ``None`` when no policy was applied."""
         policy = self.results.get("policy")
         return None if policy is None else policy["passed"]
+
+    def samples_frame(self) -> pd.DataFrame:
+        """One row per audited sample, indexed by its data index: results.json's
+        ``samples`` (label, target, clean_pred, distortion: NaN where no
+        example was found, broken_by, queries), plus a ``robust@ε`` column for
+        each audited ε, True where the sample has no verified example within ε
+        (its mean is ``robust_accuracy[ε]``, up to the 6-decimal rounding)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.results["samples"]).set_index("index")
+        frame["distortion"] = frame["distortion"].astype(float)
+        for key in self.robust_accuracy:
+            frame[f"robust@{key}"] = ~(frame["distortion"] <= eps_bound(float(key)))
+        return frame
+
+    def attacks_frame(self) -> pd.DataFrame:
+        """One row per attack, in cascade order, indexed by its name: access,
+        kind, norm, the samples it attacked, its success rate, its query
+        statistics (``queries_mean`` … as results.json's ``attacks[].queries``)
+        and its seconds."""
+        import pandas as pd
+
+        return pd.DataFrame([
+            {"attack": attack["name"], "access": attack["access"], "kind": attack["kind"], "norm": attack["norm"],
+             "samples": attack["samples"], "success_rate": attack["success_rate"],
+             **{f"queries_{key}": attack["queries"][key] for key in ("mean", "median", "p90", "max", "total")},
+             "seconds": attack["seconds"]}
+            for attack in self.results["attacks"]
+        ]).set_index("attack")
 
 
 def _is_integer(value) -> bool:

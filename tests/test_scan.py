@@ -246,6 +246,25 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_scan(example_onnx, 
         auditor.scan(example_onnx, "nonexistent-data", out=tmp_path / "out")
 
 
+def test_an_audit_reads_as_pandas_frames(hard_label_scan):
+    """For a notebook: one row per sample (with robust@ε columns whose means are the robust
+    accuracies) and one row per attack, built from results.json alone."""
+    from auditor.scan import AuditResult
+
+    results = json.loads((hard_label_scan / "results.json").read_text())
+    audit = AuditResult(results=results, adversarials={})
+    samples = audit.samples_frame()
+    assert list(samples.index) == [sample["index"] for sample in results["samples"]]
+    assert samples["distortion"].isna().sum() == sum(sample["distortion"] is None for sample in results["samples"])
+    for key, value in results["robust_accuracy"].items():
+        assert samples[f"robust@{key}"].mean() == pytest.approx(value, abs=1e-6)
+    attacks = audit.attacks_frame()
+    assert list(attacks.index) == [attack["name"] for attack in results["attacks"]]
+    for attack in results["attacks"]:
+        row = attacks.loc[attack["name"]]
+        assert (row["success_rate"], row["queries_total"]) == (attack["success_rate"], attack["queries"]["total"])
+
+
 def test_a_failed_move_puts_the_earlier_run_back(hard_label_scan, tmp_path, monkeypatch):
     """Outputs move in one by one; when one move fails, those already moved
     are taken out and the earlier run's files are back as they were."""
