@@ -132,8 +132,8 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) 
         f"APGD averages each step over {eot} passes (EOT) but the other attacks query single passes"
         if eot > 1 else "the attacks query single passes, without expectation over its randomness (EOT)"
     )
-    expectation += (", stop on a sample at the first pass that misclassifies it and may leave it when the vote "
-                    "rejects the example")
+    expectation += ("; every attack stops on a sample at the first query that misclassifies it (APGD: at the first "
+                    "step whose average does), and the vote may then reject the example and leave the sample robust")
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
         f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "
@@ -182,7 +182,8 @@ def small_budget(level: Access, budget: int) -> list[Check]:
     severity = "error" if budget < SMALL_BUDGET_ERROR_BELOW else "warning"
     return [Check(
         SMALL_BUDGET, severity,
-        f"--budget {budget:,} is below {SMALL_BUDGET_WARNING_BELOW:,} queries per sample: at {level.cli_name} "
+        f"--budget {budget:,} is below {SMALL_BUDGET_ERROR_BELOW if severity == 'error' else SMALL_BUDGET_WARNING_BELOW:,} "
+        f"queries per sample: at {level.cli_name} "
         "access the attacks barely start, so robust accuracy is overstated",
     )]
 

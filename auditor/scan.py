@@ -107,14 +107,16 @@ class AuditResult:
     def attacks_frame(self) -> pd.DataFrame:
         """One row per attack, in cascade order, indexed by its name: access,
         kind, norm, the samples it attacked, its success rate, its query
-        statistics (``queries_mean`` … as results.json's ``attacks[].queries``)
-        and its seconds."""
+        statistics (``queries_mean`` … ``queries_budget``, as results.json's
+        ``attacks[].queries``; ``queries_measure`` says whether they count the
+        queries to success or all spent) and its seconds."""
         import pandas as pd
 
         return pd.DataFrame([
             {"attack": attack["name"], "access": attack["access"], "kind": attack["kind"], "norm": attack["norm"],
              "samples": attack["samples"], "success_rate": attack["success_rate"],
-             **{f"queries_{key}": attack["queries"][key] for key in ("mean", "median", "p90", "max", "total")},
+             **{f"queries_{key}": attack["queries"].get(key)
+                for key in ("measure", "mean", "median", "p90", "max", "total", "budget")},
              "seconds": attack["seconds"]}
             for attack in self.results["attacks"]
         ]).set_index("attack")

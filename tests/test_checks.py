@@ -262,7 +262,7 @@ def test_a_tiny_budget_at_hard_label_access_is_an_error_and_fails_the_default_po
     audit = auditor.scan(example_onnx, "mnist", access="hard-label", samples=8, eps=[0.1], budget=1,
                          policy="default")
     (check,) = [check for check in audit.results["checks"] if check["id"] == "small-budget"]
-    assert check["level"] == "error" and check["message"].startswith("--budget 1 is below 1,000 queries per sample")
+    assert check["level"] == "error" and check["message"].startswith("--budget 1 is below 100 queries per sample")
     assert audit.results["policy"]["passed"] is False
     fine = auditor.scan(example_onnx, "mnist", access="white-box", samples=8, eps=[0.1], budget=1,
                         attacks=["fgsm"])

@@ -410,6 +410,8 @@ MALFORMED = [
     ("attacks.0.queries.max", 2500, "attacks[0].queries.max is 2500, above its budget of 2000 queries per sample per run"),
     ("attacks.0.runs.0.queries_to_success.p90", 2000.5,
      "attacks[0].runs[0].queries_to_success.p90 is 2000.5, above its budget of 2000 queries per sample per run"),
+    ("attacks.0.runs.0.per_sample", {"queries": [10, 2001]},
+     "attacks[0].runs[0].per_sample.queries[1] is 2001, above its budget of 2000 queries per sample per run"),
     ("model.output", 5, "model.output must be a string, got 5"),
     ("model.normalisation", {"mean": [0.1], "std": "x"}, "model.normalisation.std must be a list, got 'x'"),
 ]

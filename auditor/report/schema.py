@@ -165,6 +165,8 @@ def _check_attack(check: "_Checker", name: tuple, audited: list[float]) -> None:
             _check_audited(check, (*run, "eps"), eps, audited)
         attacked = check.field((*run, "samples"), _count, "an integer >= 0")
         broken = check.field((*run, "broken"), _count, "an integer >= 0")
+        _check_spent(check, run, check.field((*name, "queries", "budget"), _optional(_positive_integer),
+                                             "an integer >= 1 or null"))
         if broken > attacked:
             raise check.error(f"{_display(run)}: broken is {broken}, more than its {attacked} samples")
         if check.has((*run, "queries_to_success")):
@@ -181,6 +183,19 @@ def _check_attack(check: "_Checker", name: tuple, audited: list[float]) -> None:
                               f"than the run's {attacked} samples")
         if check.has((*run, "success_by_eps")):
             _check_success_by_eps(check, (*run, "success_by_eps"), attacked, audited)
+
+
+def _check_spent(check: "_Checker", run: tuple, budget: int | None) -> None:
+    """No sample's ``per_sample.queries`` in a run exceeds the attack's budget
+    (per sample, per run: the oracle refuses any query past it)."""
+    if budget is None or not check.has((*run, "per_sample")) or not check.has((*run, "per_sample", "queries")):
+        return
+    name = (*run, "per_sample", "queries")
+    for number in check.items(name, _count, "an integer >= 0"):
+        spent = check.field((*name, number), _count, "an integer >= 0")
+        if spent > budget:
+            raise check.error(f"{_display((*name, number))} is {spent}, above its budget of {budget} queries "
+                              "per sample per run")
 
 
 def _check_audited(check: "_Checker", name: tuple, eps: float, audited: list[float]) -> None:
