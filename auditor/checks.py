@@ -132,8 +132,8 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) 
         f"APGD averages each step over {eot} passes (EOT) but the other attacks query single passes"
         if eot > 1 else "the attacks query single passes, without expectation over its randomness (EOT)"
     )
-    expectation += ("; every attack stops on a sample at the first query that misclassifies it (APGD: at the first "
-                    "step whose average does), and the vote may then reject the example and leave the sample robust")
+    expectation += ("; the attacks but APGD stop on a sample at the first query that misclassifies it, and the vote "
+                    "may then reject the example and leave the sample robust")
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
         f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "

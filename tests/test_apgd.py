@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -90,15 +89,20 @@ def test_query_accounting_is_exact(tiny_cnn, clean):
     assert torch.equal(oracle.queries(), torch.full((len(y),), bound))
 
 
-@pytest.mark.parametrize("attack", [APGD(steps=7), APGDTargeted(steps=7, n_target_classes=2)], ids=str)
-def test_eot_on_a_deterministic_model_is_the_single_pass_attack_at_eot_times_the_queries(tiny_cnn, clean, attack):
-    """The mean of identical passes is the pass: EOT changes only the cost, each pass one query."""
+def test_eot_on_a_deterministic_model_breaks_the_same_samples_and_runs_every_step(tiny_cnn, clean):
+    """The mean of identical passes is the pass, so the same samples break; with EOT no sample
+    leaves early (its example is its last fooled iterate, as in AutoAttack), and every step's
+    passes are queries: (steps + 1) · eot a sample."""
     x, y = clean
-    plain, plain_oracle = run(attack, tiny_cnn, x, y, 0.1)
-    eot, eot_oracle = run(dataclasses.replace(attack, eot=3), tiny_cnn, x, y, 0.1)
-    assert torch.equal(plain.success, eot.success)
-    assert torch.allclose(plain.x_adv, eot.x_adv, atol=1e-6)
-    assert torch.equal(eot_oracle.queries(), 3 * plain_oracle.queries())
+    steps = 7
+    plain, _ = run(APGD(steps=steps), tiny_cnn, x, y, 0.1)
+    eot, oracle = run(APGD(steps=steps, eot=3), tiny_cnn, x, y, 0.1)
+    assert torch.equal(plain.success, eot.success) and plain.success.any() and not plain.success.all()
+    assert torch.equal(oracle.queries(), torch.full((len(y),), 3 * (steps + 1)))
+    fooled = tiny_cnn(eot.x_adv[eot.success]).argmax(1) != y[eot.success]
+    assert fooled.all() and (eot.x_adv - x).abs().amax() <= 0.1 + 1e-6
+    targeted, oracle = run(APGDTargeted(steps=steps, n_target_classes=2, eot=3), tiny_cnn, x, y, 0.1)
+    assert oracle.queries().max() <= 3 * (1 + 2 * (steps + 1)) and targeted.success.any()
 
 
 def test_fooled_samples_stop_early(tiny_cnn, clean):

@@ -180,7 +180,7 @@ def test_a_scan_counts_no_misclassification_the_model_makes_on_a_minority_of_cal
 
 
 def test_apgd_with_expectation_over_the_noise_breaks_more_than_single_passes(tiny_cnn, mnist_test):
-    """Counted by vote, as the scan counts them: 29 of 64 robust with single passes, 22 with EOT."""
+    """Counted by vote, as the scan counts them: 29 of 64 robust with single passes, 24 with EOT."""
     from auditor.attacks.whitebox.apgd import APGD
     from auditor.oracles import GradientOracle
 

@@ -55,8 +55,14 @@ Randomised models (``eot`` > 1): the logits and ∇f of every step are the
 mean over ``eot`` passes, expectation over transformation (Athalye, Carlini
 and Wagner, "Obfuscated gradients give a false sense of security", ICML
 2018, §5.3), as AutoAttack's version for randomised defenses does for
-APGD-CE and APGD-DLR with ``eot_iter = 20``; each pass is a query, so a run costs at most
-``(steps + 1) · eot`` queries a sample.
+APGD-CE and APGD-DLR with ``eot_iter = 20``; each pass is a query, so a run
+costs ``(steps + 1) · eot`` queries a sample. A sample is fooled where the
+passes' labels vote for another class (:func:`voted`, the rule the harness
+verifies by), not where their mean logits do, and it does not leave the
+batch: as in AutoAttack's APGD, every sample runs all steps and keeps its
+last fooled iterate, which lies deeper than the first crossing, so the
+harness's own vote, drawn afresh, is likelier to agree (stopping at the
+first crossing left samples whose examples that vote rejected).
 """
 
 from __future__ import annotations
@@ -170,19 +176,43 @@ class _Active:
 
 
 def _gradient(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, loss: Loss, data: torch.Tensor,
-              eot: int):
+              eot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``eot`` queries a row: the logits and ∇f at ``x``, each the mean over
-    ``eot`` passes (a gradient APGD may overwrite)."""
+    ``eot`` passes (a gradient APGD may overwrite), and the predicted labels
+    (:func:`voted`)."""
     logits, grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
+    if eot == 1:
+        return logits, grad.contiguous(), logits.argmax(1)
+    passes = [logits]
     for _ in range(eot - 1):
         more_logits, more_grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
-        logits, grad = logits + more_logits, grad + more_grad
-    return (logits / eot, grad / eot) if eot > 1 else (logits, grad.contiguous())
+        passes.append(more_logits)
+        grad = grad + more_grad
+    return sum(passes) / eot, grad / eot, voted(passes)
 
 
-def mean_logits(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, eot: int) -> torch.Tensor:
-    """``eot`` queries a row: the mean logits of ``eot`` passes at ``x``."""
-    return sum(oracle.logits(x, idx=idx) for _ in range(eot)) / eot
+def mean_logits(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor,
+                eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eot`` queries a row: the mean logits of ``eot`` passes at ``x`` and
+    the predicted labels (:func:`voted`)."""
+    passes = [oracle.logits(x, idx=idx) for _ in range(eot)]
+    return sum(passes) / eot, voted(passes)
+
+
+def voted(passes: list[torch.Tensor]) -> torch.Tensor:
+    """The label strictly more of the passes' argmaxes give than any other,
+    -1 where labels tie: with one pass its argmax. The harness judges a
+    randomised model's examples by this rule (``verify.predict``), so a
+    sample stops only where the passes agree, not where their mean logits
+    happen to cross the boundary."""
+    if len(passes) == 1:
+        return passes[0].argmax(1)
+    labels = torch.stack([logits.argmax(1) for logits in passes], dim=1)
+    counts = torch.zeros(passes[0].shape, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    most = counts.max(dim=1)
+    unique = (counts == most.values[:, None]).sum(dim=1) == 1
+    return torch.where(unique, most.indices, -1)
 
 
 def apgd_run(
@@ -208,15 +238,15 @@ def apgd_run(
     arguments (its label, or its label and target). A row is fooled when its
     prediction leaves ``y``, or, with ``reach``, when it equals ``y`` (then
     the target). Returns ``(x_adv, fooled)``: for fooled rows the first
-    fooled iterate, elsewhere ``x``. Costs each sample at most
-    ``(steps + 1) · eot`` queries.
+    fooled iterate (with ``eot`` > 1 the last: no row leaves early),
+    elsewhere ``x``. Costs each sample at most ``(steps + 1) · eot`` queries.
     """
     found = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     marks = checkpoints(steps)
     start = random_start(x, eps, norm, gen)
     idx = idx.cpu()
-    logits, grad = _gradient(oracle, start, idx, loss, data, eot)
+    logits, grad, labels = _gradient(oracle, start, idx, loss, data, eot)
     f = loss(logits, data)
     s = _Active(
         eps=eps, norm=norm, pos=torch.arange(len(x), device=x.device), idx=idx, x0=x,
@@ -228,18 +258,19 @@ def apgd_run(
         halved=torch.zeros(len(x), dtype=torch.bool, device=x.device),
     )
     last_mark = 0
+    leave = eot == 1  # with EOT every sample runs all steps, keeping its last fooled iterate
     for k in range(steps + 1):
-        hit = (logits.argmax(1) == s.y) if reach else (logits.argmax(1) != s.y)
+        hit = (labels == s.y) if reach else (labels != s.y)
         some = bool(hit.any())
         if some:
             found[s.pos[hit]] = s.x[hit]
             fooled[s.pos[hit]] = True
-        if k == steps or hit.all():
+        if k == steps or (leave and hit.all()):
             break
-        if some:
+        if some and leave:
             keep = ~hit
             s.keep(keep)
-            logits, grad = logits[keep], grad[keep]
+            logits, grad, labels = logits[keep], grad[keep], labels[keep]
         if k > 0:
             f = loss(logits, s.data)
             s.ups += f > s.f_prev
@@ -265,9 +296,9 @@ def apgd_run(
             s.project_(z)
         s.x_prev, s.x = s.x, z
         if k + 1 == steps:
-            logits = mean_logits(oracle, s.x, s.idx, eot)
+            logits, labels = mean_logits(oracle, s.x, s.idx, eot)
         else:
-            logits, grad = _gradient(oracle, s.x, s.idx, loss, s.data, eot)
+            logits, grad, labels = _gradient(oracle, s.x, s.idx, loss, s.data, eot)
     return found, fooled
 
 

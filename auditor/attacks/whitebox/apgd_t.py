@@ -107,13 +107,13 @@ class APGDTargeted(APGDConfig):
         rows = (oracle.remaining() >= self.eot).nonzero().flatten().to(x.device)
         if len(rows) == 0:
             return AttackResult(x_adv=x_adv, success=success, queries=oracle.queries())
-        clean = mean_logits(oracle, x[rows], rows.cpu(), self.eot)
+        clean, labels = mean_logits(oracle, x[rows], rows.cpu(), self.eot)
         ranked = torch.full((len(x), clean.shape[1]), -1, dtype=torch.long, device=x.device)
         ranked[rows] = clean.argsort(dim=1, descending=True)
         if target is not None:
             # the audit's target is the only one: put it where the loop reads
             ranked[rows, 1] = target[rows]
-        success[rows] = clean.argmax(1) != y[rows] if target is None else clean.argmax(1) == target[rows]
+        success[rows] = labels != y[rows] if target is None else labels == target[rows]
         attacked = torch.zeros_like(success)
         attacked[rows] = True
         targets = 1 if target is not None else min(self.n_target_classes, clean.shape[1] - 1)
