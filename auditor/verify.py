@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks.base import distortion
+from .attacks.base import distortion, plurality
 from .models.base import Model
 
 EPS_ATOL = 1e-6
@@ -76,9 +76,8 @@ def predict(model: Model, x: torch.Tensor, votes: int = 1) -> torch.Tensor:
         if counts is None:
             counts = torch.zeros(len(x), scores.shape[1] + 1, dtype=torch.long)
         counts.scatter_add_(1, labels.view(-1, 1), torch.ones(len(x), 1, dtype=torch.long))
-    most = counts.max(dim=1)
-    unique = (counts == most.values[:, None]).sum(dim=1) == 1
-    return torch.where(unique, most.indices - 1, -1)
+    column = plurality(counts)
+    return torch.where(column >= 0, column - 1, -1)
 
 
 def verify(

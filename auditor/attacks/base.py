@@ -158,6 +158,14 @@ def check_target(attack: Attack, target: torch.Tensor | None, y: torch.Tensor) -
         raise ValueError("a target class equals the true label")
 
 
+def plurality(counts: torch.Tensor) -> torch.Tensor:
+    """(N,) per row of (N, K) vote ``counts``, the column with strictly more
+    votes than any other; -1 where columns tie for the most."""
+    most = counts.max(dim=1)
+    unique = (counts == most.values[:, None]).sum(dim=1) == 1
+    return torch.where(unique, most.indices, -1)
+
+
 def distortion(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample size of a perturbation batch in ``norm``."""
     flat = delta.flatten(1)

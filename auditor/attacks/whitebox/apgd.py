@@ -75,7 +75,7 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, project
+from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, plurality, project
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits (M,K), per-sample loss data (M,...)) -> per-sample loss (M,)."""
@@ -203,16 +203,13 @@ def voted(passes: list[torch.Tensor]) -> torch.Tensor:
     """The label strictly more of the passes' argmaxes give than any other,
     -1 where labels tie: with one pass its argmax. The harness judges a
     randomised model's examples by this rule (``verify.predict``), so a
-    sample stops only where the passes agree, not where their mean logits
-    happen to cross the boundary."""
+    sample counts as fooled where the passes agree, not where their mean
+    logits happen to cross the boundary."""
     if len(passes) == 1:
         return passes[0].argmax(1)
     labels = torch.stack([logits.argmax(1) for logits in passes], dim=1)
     counts = torch.zeros(passes[0].shape, dtype=torch.long, device=labels.device)
-    counts.scatter_add_(1, labels, torch.ones_like(labels))
-    most = counts.max(dim=1)
-    unique = (counts == most.values[:, None]).sum(dim=1) == 1
-    return torch.where(unique, most.indices, -1)
+    return plurality(counts.scatter_add_(1, labels, torch.ones_like(labels)))
 
 
 def apgd_run(
