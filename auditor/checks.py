@@ -9,7 +9,7 @@ level (``no_checks_at: warning``); the report quotes each raised id's paragraph.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -108,15 +108,23 @@ def preflight(model: Model, x: torch.Tensor, seed: int, eot: int = 1) -> Preflig
     """
     batch = x.to(model.device)
     first = model.forward(batch)
-    rows = batch[:RANDOMNESS_ROWS]
-    randomised = not same_outputs(first, model.forward(batch)) or _varies(model, rows)
-    checks = [randomised_model(model, rows, seed, eot)] if randomised else []
+    randomised = is_randomised(model.forward, batch, first)
+    checks = [randomised_model(model, batch[:RANDOMNESS_ROWS], seed, eot)] if randomised else []
     return Preflight(checks, are_probabilities(first), randomised)
 
 
-def _varies(model: Model, rows: torch.Tensor) -> bool:
-    reference = model.forward(rows)
-    return any(not same_outputs(reference, model.forward(rows)) for _ in range(RANDOMNESS_PASSES - 1))
+def is_randomised(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                  first: torch.Tensor) -> bool:
+    """Whether identical passes of ``forward`` differ (``first``: its output
+    on ``batch``, already computed): another pass over ``batch``, or any of
+    :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
+    :data:`RANDOMNESS_ROWS` images. The target model's preflight and the
+    surrogates' examination both ask it."""
+    if not same_outputs(first, forward(batch)):
+        return True
+    rows = batch[:RANDOMNESS_ROWS]
+    reference = forward(rows)
+    return any(not same_outputs(reference, forward(rows)) for _ in range(RANDOMNESS_PASSES - 1))
 
 
 def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) -> Check:
@@ -242,7 +250,7 @@ def _checks_of_surrogate(surrogate: "Surrogate") -> list[Check]:
     if surrogate.randomised:
         found.append(Check(
             RANDOMISED_SURROGATE, "warning",
-            f"surrogate {surrogate.name} gave different outputs on two identical passes: it is randomised "
+            f"surrogate {surrogate.name} gave different outputs on identical passes: it is randomised "
             "(dropout left on?); its draws were seeded from --seed, but its examples were crafted on random "
             "variants of it: export it in eval mode",
         ))

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attacks.base import logit_margin
-from .checks import same_outputs
+from .checks import is_randomised
 from .data.base import Dataset
 from .errors import AuditError, short_reason
 from .oracles import logits_and_gradient
@@ -194,7 +194,7 @@ class Surrogate:
     clean_accuracy: float | None = None
     """Accuracy on the evaluation data, ``None`` when none was given."""
     randomised: bool = False
-    """Two identical passes over the evaluation data gave different outputs."""
+    """Identical passes over the evaluation data gave different outputs (:func:`~auditor.checks.is_randomised`)."""
     zero_gradients: int = 0
     """Samples, of the ``checked`` first ones of the evaluation data, whose
     input gradient of the logit margin is all zero."""
@@ -214,14 +214,15 @@ def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def examine(surrogate: Surrogate, x: torch.Tensor, y: torch.Tensor) -> Surrogate:
     """``surrogate`` with what its checks need, measured on the audit samples
     ``(x, y)``: its clean accuracy on all of them and, on the first
-    :data:`SANITY_SAMPLES`, whether two identical passes differ and how many
+    :data:`SANITY_SAMPLES`, whether identical passes differ (as the target's
+    preflight asks) and how many
     samples have an all-zero input gradient of the logit margin (the
     target's gradient check, :func:`~auditor.checks.gradient_checks`).
     A surrogate whose gradient cannot be computed is an :class:`AuditError`:
     every transfer attack needs it."""
     module, batch, labels = surrogate.module, x[:SANITY_SAMPLES], y[:SANITY_SAMPLES]
     with torch.no_grad():
-        randomised = not same_outputs(module(batch), module(batch))
+        randomised = is_randomised(module, batch, module(batch))
     try:
         _, grad = logits_and_gradient(module, batch, lambda logits: logit_margin(logits, labels))
     except Exception as exc:  # the loss is the auditor's own: the error is the surrogate's

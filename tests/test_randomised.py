@@ -108,6 +108,17 @@ def test_a_model_random_between_two_networks_is_flagged_whatever_the_seed(choice
         assert first.randomised and [check.id for check in first.checks] == [RANDOMISED_MODEL], seed
 
 
+def test_a_surrogate_random_between_two_networks_is_flagged_whatever_the_seed(choice, mnist_test):
+    """The surrogates' examination asks the preflight's question (it compared two passes, which a
+    random choice of networks passes half the time)."""
+    from auditor.surrogates import Surrogate, examine
+
+    x, y = mnist_test.x[:64], mnist_test.y[:64]
+    for seed in range(10):
+        with seeded_rng(seed, "surrogates"):
+            assert examine(Surrogate("choice", choice, "choice.pt", "0" * 64), x, y).randomised, seed
+
+
 def test_a_model_random_between_two_networks_is_not_refused_as_batch_dependent(choice, mnist_test):
     """A single image differing from its row in a batch is randomness here, not batch statistics
     (the load check used to refuse it on some runs, with a message about the batch)."""

@@ -263,6 +263,7 @@ def test_an_audit_reads_as_pandas_frames(hard_label_scan):
     for attack in results["attacks"]:
         row = attacks.loc[attack["name"]]
         assert (row["success_rate"], row["queries_total"]) == (attack["success_rate"], attack["queries"]["total"])
+        assert (row["queries_measure"], row["kind"]) == (attack["queries"]["measure"], attack["kind"])
 
 
 def test_a_failed_move_puts_the_earlier_run_back(hard_label_scan, tmp_path, monkeypatch):
