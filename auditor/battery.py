@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ import torch
 from .access import Access
 from .attacks import BY_LABEL, CATALOGUE
 from .attacks.base import FIXED_EPS, MIN_NORM, Attack, AttackResult
+from .attacks.hardlabel.hop_skip_jump import HopSkipJump
 from .attacks.hardlabel.shared import StartPool
 from .attacks.whitebox.apgd import APGDConfig
 from .errors import AuditError
@@ -49,7 +51,10 @@ from .models.base import Model, seeded_rng
 from .models.logits import BeforeSoftmax
 from .oracles import GradientOracle, ScoreOracle, SurrogateOracle, logits_in_passes
 from .progress import ScanProgress
-from .verify import Verified, eps_bound, labels_of, predict, verify
+from .verify import (
+    BLACK_BOX_PASSES, Verified, eps_bound, labels_of, mean_probabilities, predict, pushed_out, verify,
+    voted_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +83,36 @@ EOT_PASSES = 20
 """Passes the APGD attacks average each step over on a randomised model
 (AutoAttack's ``eot_iter`` for randomised defenses)."""
 
+RANDOMISED_GAMMA = 1000.0
+"""HopSkipJump's γ on a randomised model. At γ = 1 its probes sit 1/d of
+the distance from the boundary (1/784 on MNIST), far inside the band where
+a randomised model's vote goes either way, so their signs are noise, and
+its binary searches refine below that band for nothing. On the example CNN
+behind Gaussian input noise (32 digits, L2 ε = 1 / 1.5 / 2, budget 5,000,
+answers by :data:`~auditor.verify.BLACK_BOX_PASSES`-pass votes) γ = 1000
+took hard-label robust accuracy from 94 / 94 / 72 % to 69 / 41 / 19 %
+(σ = 0.05) and from 97 / 91 / 81 % to 72 / 38 / 25 % (σ = 0.2); APGD with
+EOT finds 50 / 25 / 3 % and 53 / 22 / 6 %; γ = 3000 did worse at σ = 0.2."""
+
+
+def _for_randomised(attack: Attack) -> Attack:
+    if isinstance(attack, APGDConfig):
+        return replace(attack, eot=EOT_PASSES, restarts=1)
+    if isinstance(attack, HopSkipJump):
+        return replace(attack, gamma=RANDOMISED_GAMMA)
+    return attack
+
 
 def for_randomised(battery: Battery) -> Battery:
     """``battery`` for a randomised model: its APGD attacks take the
     expectation over the model's randomness (EOT, :data:`EOT_PASSES` passes a
     step) from one random start, as AutoAttack's version for randomised
     defenses runs APGD-CE (it has APGD-DLR where this battery has APGD-T);
-    the passes make each start 20 times the cost."""
-    attacks = tuple(replace(attack, eot=EOT_PASSES, restarts=1) if isinstance(attack, APGDConfig) else attack
-                    for attack in battery.attacks)
+    the passes make each start 20 times the cost. HopSkipJump probes and
+    bisects on a coarser scale (:data:`RANDOMISED_GAMMA`); the black-box
+    attacks' answers are votes (:data:`~auditor.verify.BLACK_BOX_PASSES`
+    passes, applied when the battery runs)."""
+    attacks = tuple(_for_randomised(attack) for attack in battery.attacks)
     return replace(battery, attacks=attacks)
 
 
@@ -380,20 +406,24 @@ class BatteryOutcome:
     attacks: tuple[AttackReport, ...] = field(default_factory=tuple)
 
 
-def _oracle_forward(model: Model, oracle_class: type, probabilities: bool) -> Callable:
+def _oracle_forward(model: Model, oracle_class: type, probabilities: bool, votes: int) -> Callable:
+    """What ``oracle_class`` answers from: the differentiable module, the
+    probabilities or the labels; for a randomised model (``votes`` > 1) the
+    mean probabilities or the voted label of ``votes`` passes, the rule the
+    harness verifies by (gradient attacks average passes themselves: EOT)."""
     if oracle_class is GradientOracle:
         module = model.torch_module()
         if module is None:
             raise AuditError(f"model {model.info.path} has no differentiable form for white-box attacks")
         return module
     if oracle_class is ScoreOracle:
-        if probabilities:
-            return model.forward
-        return lambda x: torch.softmax(model.forward(x), dim=1)
-    return lambda x: labels_of(model.forward(x))
+        forward = model.forward if probabilities else (lambda x: torch.softmax(model.forward(x), dim=1))
+        return forward if votes == 1 else (lambda x: mean_probabilities(forward, x, votes))
+    one_pass = (lambda x: labels_of(model.forward(x)))
+    return one_pass if votes == 1 else (lambda x: voted_labels(one_pass, x, votes))
 
 
-def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bool) -> dict:
+def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bool, votes: int) -> dict:
     """For a score attack at white-box access: the oracle's exact
     log-probabilities, ``log_softmax`` of the logits (of the model's
     outputs, or, for a model that outputs probabilities, of the
@@ -401,15 +431,22 @@ def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bo
     rounds probabilities to exactly 0 and 1 and leaves the attack a flat
     loss, which an attacker who has the logits does not face (a model with
     logits × 1000 behind input quantisation, whose gradients are zero,
-    scored 75 % robust at white-box against its real 12.5 %)."""
+    scored 75 % robust at white-box against its real 12.5 %). For a
+    randomised model, the logarithm of the mean probabilities of ``votes``
+    passes."""
     if attack.oracle is not ScoreOracle or level != Access.WHITE_BOX:
         return {}
     if not probabilities:
-        return {"log_probabilities": lambda x: torch.log_softmax(model.forward(x), dim=1)}
-    if isinstance(model, BeforeSoftmax):  # the runtime gives probabilities; the attacker's copy, the logits
+        one_pass = (lambda x: torch.log_softmax(model.forward(x), dim=1))
+    elif isinstance(model, BeforeSoftmax):  # the runtime gives probabilities; the attacker's copy, the logits
         module = model.torch_module()
-        return {"log_probabilities": lambda x: torch.log_softmax(logits_in_passes(module, x), dim=1)}
-    return {}  # a softmax that could not be removed: softmax-outputs says so
+        one_pass = (lambda x: torch.log_softmax(logits_in_passes(module, x), dim=1))
+    else:
+        return {}  # a softmax that could not be removed: softmax-outputs says so
+    if votes == 1:
+        return {"log_probabilities": one_pass}
+    return {"log_probabilities": lambda x: torch.stack([one_pass(x) for _ in range(votes)]).logsumexp(dim=0)
+            - math.log(votes)}
 
 
 TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)
@@ -553,11 +590,14 @@ def _oracle(
     if attack.oracle is SurrogateOracle:
         return SurrogateOracle(group.modules, device="cpu")
     model, probabilities = context.model, context.outputs_probabilities
-    return attack.oracle(
-        _oracle_forward(model, attack.oracle, probabilities), samples, attack_budget(attack, context.budget),
-        device=model.device, on_charge=on_charge,
-        **_exact_scores(model, attack, context.battery.level, probabilities),
-    )
+    # a randomised model: gradient attacks average passes themselves (EOT); the others get answers by vote
+    passes = 1 if attack.oracle is GradientOracle or context.votes == 1 else BLACK_BOX_PASSES
+    options = _exact_scores(model, attack, context.battery.level, probabilities, passes)
+    if passes > 1:
+        options["passes"] = passes
+    forward = _oracle_forward(model, attack.oracle, probabilities, passes)
+    budget = attack_budget(attack, context.budget)
+    return attack.oracle(forward, samples, budget, device=model.device, on_charge=on_charge, **options)
 
 
 def _attack(
@@ -584,7 +624,9 @@ def _attack(
     if transfer:
         advance(len(active))
         return result, result.queries.cpu()
-    return result, oracle.queries()
+    if oracle.passes > 1 and result.trace:  # the attack counts answers; the harness, the passes they cost
+        result = replace(result, trace=[(queries * oracle.passes, sizes) for queries, sizes in result.trace])
+    return result, oracle.model_queries()
 
 
 def _reached_at(
@@ -614,6 +656,9 @@ def _run_once(
     # a randomised model's votes draw from the run's own stream: another attack before it changes none
     with seeded_rng(_run_seed(context.seed, attack.label, eps, group), "verify"):
         checked = verify(context.model, x, result.x_adv, y, context.battery.norm, goal, context.votes)
+        if context.votes > 1 and attack.kind == MIN_NORM:
+            checked = pushed_out(context.model, x, checked, y, context.battery.norm, context.eps_desc, goal,
+                                 context.votes)
     ok = checked.fooled & (checked.distortion <= (eps_bound(eps) if eps is not None else torch.inf))
     records.update(active, ok, checked, spent, attack.label, attack.access == Access.WHITE_BOX)
     within = ok & (checked.distortion <= eps_bound(eps if eps is not None else context.eps_desc[0]))

@@ -21,7 +21,7 @@ from .models.base import RANDOMNESS_PASSES, GradientFailed, Model, plural, seede
 from .models.logits import are_probabilities
 from .oracles import GradientOracle, LabelOracle, logits_and_gradient
 from .eps import eps_text
-from .verify import VOTES, eps_bound, verify
+from .verify import BLACK_BOX_PASSES, VOTES, eps_bound, verify
 
 if TYPE_CHECKING:
     from .battery import AttackReport, Battery, Records
@@ -136,12 +136,12 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) 
         with seeded_rng(seed, "randomised-model"):
             return model.forward(rows)
 
-    expectation = (
-        f"APGD averages each step over {eot} passes (EOT) but the other attacks query single passes"
-        if eot > 1 else "the attacks query single passes, without expectation over its randomness (EOT)"
+    expectation = f"APGD averages each step over {eot} passes (EOT); " if eot > 1 else ""
+    expectation += (
+        "each answer to a black-box attack is the most frequent label or the mean probabilities of "
+        f"{BLACK_BOX_PASSES} passes, and costs {BLACK_BOX_PASSES} queries. The attacks still search a "
+        "boundary that moves with each draw, and the black-box ones come out well above APGD with EOT"
     )
-    expectation += ("; the attacks but APGD stop on a sample at the first query that misclassifies it, and the vote "
-                    "may then reject the example and leave the sample robust")
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
         f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "

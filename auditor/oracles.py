@@ -22,6 +22,11 @@ Every oracle serves a fixed batch of ``n`` samples. Each query row names the
 sample it belongs to (``idx``); one image through the model is one query for
 that sample. With a ``budget`` the oracle refuses, before running anything, a
 call that would take any sample past it, so budgets are never exceeded.
+
+A randomised model answers each call by a vote over ``passes`` model passes
+(see :mod:`auditor.verify`), and each answer costs ``passes`` queries: the
+attack's view (``budget``, ``queries()``, ``remaining()``) counts answers,
+the harness's (``model_queries()``) the passes they cost.
 """
 
 from __future__ import annotations
@@ -113,11 +118,15 @@ class _QueryCounter:
         budget: int | None,
         device: torch.device | str = "cpu",
         on_charge: Callable[[int], None] | None = None,
+        passes: int = 1,
     ):
         if budget is not None and budget < 0:
             raise ValueError("budget must be >= 0")
+        if passes < 1:
+            raise ValueError("passes must be >= 1")
         self._n = int(n)
-        self._budget = None if budget is None else int(budget)
+        self._passes = int(passes)
+        self._budget = None if budget is None else int(budget) // self._passes
         self._device = torch.device(device)
         self._queries = torch.zeros(self._n, dtype=torch.long)
         self._on_charge = on_charge
@@ -129,8 +138,14 @@ class _QueryCounter:
 
     @property
     def budget(self) -> int | None:
-        """Queries allowed per sample (``None``: unlimited)."""
+        """Answers allowed per sample (``None``: unlimited): the query
+        budget, divided by the passes each answer costs."""
         return self._budget
+
+    @property
+    def passes(self) -> int:
+        """Model passes, so queries, each answer costs."""
+        return self._passes
 
     @property
     def device(self) -> torch.device:
@@ -138,11 +153,15 @@ class _QueryCounter:
         return self._device
 
     def queries(self) -> torch.Tensor:
-        """Queries spent so far, per sample (a copy)."""
+        """Answers given so far, per sample (a copy)."""
         return self._queries.clone()
 
+    def model_queries(self) -> torch.Tensor:
+        """Queries spent so far, per sample: model passes, ``passes`` per answer."""
+        return self._queries * self._passes
+
     def remaining(self) -> torch.Tensor:
-        """Queries each sample may still spend (``2**62`` when unlimited)."""
+        """Answers each sample may still get (``2**62`` when unlimited)."""
         if self._budget is None:
             return torch.full((self._n,), 2**62, dtype=torch.long)
         return self._budget - self._queries
@@ -171,10 +190,10 @@ class _QueryCounter:
             wanted = int(self._queries[first])
             self._queries -= counts  # refused before the model runs: nothing is charged
             raise BudgetExceeded(
-                f"sample {first} would spend {wanted} queries, over its budget of {self._budget}"
+                f"sample {first} would make {wanted} calls, over its budget of {self._budget}"
             )
         if self._on_charge is not None:
-            self._on_charge(len(idx))
+            self._on_charge(len(idx) * self._passes)
 
 
 class GradientOracle(_QueryCounter):
@@ -225,9 +244,9 @@ class ScoreOracle(_QueryCounter):
 
     def __init__(
         self, probabilities: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None,
-        log_probabilities: Forward | None = None,
+        log_probabilities: Forward | None = None, passes: int = 1,
     ):
-        super().__init__(n, budget, device, on_charge)
+        super().__init__(n, budget, device, on_charge, passes)
         self._probabilities = probabilities
         self._log_probabilities = log_probabilities
 
@@ -252,8 +271,11 @@ class ScoreOracle(_QueryCounter):
 class LabelOracle(_QueryCounter):
     """Hard-label access: the top-1 label, nothing else."""
 
-    def __init__(self, labels: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None):
-        super().__init__(n, budget, device, on_charge)
+    def __init__(
+        self, labels: Forward, n: int, budget: int | None = None, device="cpu", on_charge=None,
+        passes: int = 1,
+    ):
+        super().__init__(n, budget, device, on_charge, passes)
         self._labels = labels
 
     def labels(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:

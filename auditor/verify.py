@@ -18,6 +18,7 @@ evaluations (Cohen et al., 2019).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,16 @@ VOTES = 21
 """Passes whose most frequent label is a randomised model's prediction (odd:
 a model random between two answers never ties)."""
 
+BLACK_BOX_PASSES = 5
+"""Passes that answer each query of a black-box attack on a randomised
+model: their most frequent label (:func:`voted_labels`), or their mean
+probabilities (:func:`mean_probabilities`). Each answer costs that many
+queries. Single passes send the attacks after lucky draws; on the example
+CNN behind Gaussian input noise (σ = 0.05 and 0.2, 32 digits, L2 ε = 1 / 1.5
+/ 2, budget 5,000) hard-label robust accuracy came out 97 / 97 / 97 % with
+them. 3, 5 and 9 passes did about as well as each other, and 21 (as
+verification takes) worse: its 238 answers are too few for HopSkipJump."""
+
 
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
     """Top-1 labels of a batch of scores; -1 for a row with a NaN, which
@@ -61,23 +72,31 @@ def labels_of(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scores).any(dim=1), -1, scores.argmax(dim=1))
 
 
+def voted_labels(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, votes: int) -> torch.Tensor:
+    """(N,) labels of ``x``: the one strictly more of ``votes`` calls of
+    ``labels`` (a pass's top-1 labels, -1 for a NaN row) give than any other,
+    or -1 where labels tie for the most (no answer: the image is neither
+    classified correctly nor as a target)."""
+    passes = torch.stack([labels(x) for _ in range(votes)]) + 1  # column 0 counts the NaN rows
+    counts = torch.zeros(len(x), int(passes.max()) + 1, dtype=torch.long, device=passes.device)
+    counts.scatter_add_(1, passes.T, torch.ones_like(passes.T))
+    column = plurality(counts)
+    return torch.where(column >= 0, column - 1, -1)
+
+
+def mean_probabilities(probabilities: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, votes: int):
+    """The mean of ``votes`` calls of ``probabilities`` on ``x``: what a
+    score attacker averages a randomised model's answers over."""
+    return torch.stack([probabilities(x).float() for _ in range(votes)]).mean(dim=0)
+
+
 def predict(model: Model, x: torch.Tensor, votes: int = 1) -> torch.Tensor:
     """(N,) CPU labels of ``x``: the label of one pass, or with ``votes`` > 1
-    the label strictly more passes give than any other. Where labels tie for
-    the most, the model gives no answer: -1, as for a NaN row, so the image is
-    neither classified correctly nor as a target."""
+    the label strictly more passes give than any other (:func:`voted_labels`)."""
     x = x.to(model.device)
     if votes == 1:
         return labels_of(model.forward(x)).cpu()
-    counts = None
-    for _ in range(votes):
-        scores = model.forward(x)
-        labels = labels_of(scores).cpu() + 1  # column 0 counts the NaN rows
-        if counts is None:
-            counts = torch.zeros(len(x), scores.shape[1] + 1, dtype=torch.long)
-        counts.scatter_add_(1, labels.view(-1, 1), torch.ones(len(x), 1, dtype=torch.long))
-    column = plurality(counts)
-    return torch.where(column >= 0, column - 1, -1)
+    return voted_labels(lambda batch: labels_of(model.forward(batch)), x, votes).cpu()
 
 
 def verify(
@@ -100,4 +119,39 @@ def verify(
     predicted = predict(model, x_adv, votes)
     fooled = finite & (predicted != y if target is None else predicted == target.cpu())
     size = distortion((x_adv - x).double(), norm)
+    return Verified(x_adv=x_adv, fooled=fooled, distortion=size)
+
+
+def pushed_out(
+    model: Model,
+    x: torch.Tensor,
+    checked: Verified,
+    y: torch.Tensor,
+    norm: str,
+    eps_list: tuple[float, ...],
+    target: torch.Tensor | None = None,
+    votes: int = 1,
+) -> Verified:
+    """``checked`` with each candidate that failed, tried again pushed out
+    along its own direction to the audited radii above its distortion,
+    smallest first; the first verified one replaces it.
+
+    A minimum-norm attack on a randomised model stops where its own vote
+    first says "fooled", on the boundary of the vote, where the verification
+    vote goes either way (about half the time, measured on a noisy CNN);
+    further out along the same direction more passes are fooled. Each
+    candidate tried is verified like any other: within its radius, in
+    [0,1], misclassified by the vote."""
+    x = x.detach().cpu()
+    x_adv, fooled, size = checked.x_adv.clone(), checked.fooled.clone(), checked.distortion.clone()
+    for eps in sorted(eps_list):
+        pending = (~fooled & (size > 0) & (size < eps)).nonzero().flatten()
+        if len(pending) == 0:
+            continue
+        scale = (eps / size[pending]).float().view(-1, 1, 1, 1)
+        candidate = x[pending] + (x_adv[pending] - x[pending]) * scale
+        again = verify(model, x[pending], candidate, y[pending], norm,
+                       None if target is None else target[pending], votes)
+        won = pending[again.fooled]
+        x_adv[won], fooled[won], size[won] = again.x_adv[again.fooled], True, again.distortion[again.fooled]
     return Verified(x_adv=x_adv, fooled=fooled, distortion=size)

@@ -14,7 +14,7 @@ from auditor.battery import build_battery, runnable
 from auditor.errors import AuditError
 from auditor.oracles import BudgetExceeded, GradientOracle, LabelOracle, ScoreOracle
 
-PUBLIC_COUNTING = {"n", "budget", "device", "queries", "remaining"}
+PUBLIC_COUNTING = {"n", "budget", "device", "queries", "remaining", "passes", "model_queries"}
 
 
 def public(obj) -> set[str]:

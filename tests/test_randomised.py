@@ -16,7 +16,11 @@ from auditor.checks import RANDOMISED_MODEL, preflight
 from auditor.models import check_model_on_data
 from auditor.models.base import ModelInfo, seeded_rng
 from auditor.models.pytorch import TorchModel
-from auditor.verify import VOTES, predict, verify
+from auditor.battery import RANDOMISED_GAMMA
+from auditor.oracles import BudgetExceeded, LabelOracle
+from auditor.verify import (
+    BLACK_BOX_PASSES, VOTES, mean_probabilities, predict, pushed_out, verify, voted_labels,
+)
 
 
 class Choice(nn.Module):
@@ -217,3 +221,73 @@ def test_a_white_box_scan_of_a_randomised_model_runs_apgd_with_eot(tiny_cnn, tmp
     assert all(q % 20 == 0 for q in queries) and max(queries) > 101  # 20 passes a step, each a query
     (check,) = [check for check in results["checks"] if check["id"] == RANDOMISED_MODEL]
     assert "APGD averages each step over 20 passes (EOT)" in check["message"]
+
+
+def test_a_voted_answer_costs_its_passes_and_the_budget_counts_them():
+    """Each answer about a randomised model is the vote of several passes; the attack sees answers, the
+    results see the passes, and the budget (in passes) is never exceeded."""
+    model = Sometimes(right=3, wrong=5, period=5)  # one pass in five is wrong: the vote of 5 never is
+    charged = []
+    oracle = LabelOracle(lambda z: voted_labels(lambda b: model(b).argmax(1), z, 5), 2, budget=12,
+                         on_charge=charged.append, passes=5)
+    x = torch.rand(2, 1, 28, 28)
+    assert oracle.budget == 2  # 12 queries pay two answers of 5 passes
+    assert oracle.labels(x).tolist() == [3, 3]
+    assert (oracle.queries().tolist(), oracle.model_queries().tolist(), oracle.remaining().tolist()) == (
+        [1, 1], [5, 5], [1, 1])
+    assert charged == [10] and model.calls == 5
+    oracle.labels(x[:1], idx=torch.tensor([0]))
+    with pytest.raises(BudgetExceeded):
+        oracle.labels(x[:1], idx=torch.tensor([0]))
+    assert oracle.model_queries().tolist() == [10, 5]
+
+
+def test_mean_probabilities_average_the_passes():
+    outputs = iter([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])])
+    mean = mean_probabilities(lambda z: next(outputs), torch.zeros(1, 1, 2, 2), 3)
+    assert torch.allclose(mean, torch.tensor([[1 / 3, 2 / 3]]))
+
+
+class Brightness(nn.Module):
+    """Class 1 where the mean pixel is above 0.5, else class 0."""
+
+    def forward(self, x):
+        return torch.stack([0.5 - x.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)) - 0.5], dim=1)
+
+
+def test_a_candidate_that_fails_is_pushed_out_along_its_direction_to_the_smallest_radius_that_fools():
+    model = _model(Brightness())
+    x = torch.zeros(3, 1, 28, 28)
+    x_adv = torch.stack([torch.full((1, 28, 28), 0.4), torch.full((1, 28, 28), 0.7), torch.zeros(1, 28, 28)])
+    y = torch.zeros(3, dtype=torch.long)
+    checked = verify(model, x, x_adv, y, "linf")
+    assert checked.fooled.tolist() == [False, True, False]
+    pushed = pushed_out(model, x, checked, y, "linf", (0.9, 0.3, 0.45, 0.6), votes=1)
+    assert pushed.fooled.tolist() == [True, True, False]  # 0.4 → 0.45 still fails; 0.6 fools
+    assert pushed.distortion.tolist() == pytest.approx([0.6, 0.7, 0.0])
+    assert torch.equal(pushed.x_adv[1:], checked.x_adv[1:])
+
+
+def test_a_hard_label_scan_of_a_randomised_model_asks_by_vote_and_breaks_what_single_passes_could_not(
+        tiny_cnn, tmp_path):
+    """With single passes and γ = 1 HopSkipJump broke none of the 15 digits classified correctly
+    (robust accuracy 0.9375 at L2 ε = 2); by 5-pass votes, with γ = 1000, it leaves 0.3125."""
+    path = tmp_path / "noisy.pt"
+    torch.jit.save(torch.jit.script(TorchNoise(tiny_cnn, sigma=0.05).eval()), str(path))
+    results = auditor.scan(str(path), "mnist", access="hard-label", samples=16, eps=[2.0], norm="l2",
+                           budget=2000, attacks=["hop-skip-jump-l2"], seed=0).results
+    (hsj,) = results["attacks"]
+    assert hsj["params"]["gamma"] == RANDOMISED_GAMMA
+    queries = [q for run in hsj["runs"] for q in run["per_sample"]["queries"]]
+    assert all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 2000
+    assert results["robust_accuracy"]["2"] <= results["clean_accuracy"] - 0.25, results["robust_accuracy"]
+
+
+def test_a_soft_label_scan_of_a_randomised_model_pays_each_mean_of_probabilities_its_passes(tiny_cnn, tmp_path):
+    path = tmp_path / "noisy.pt"
+    torch.jit.save(torch.jit.script(TorchNoise(tiny_cnn, sigma=0.05).eval()), str(path))
+    results = auditor.scan(str(path), "mnist", access="soft-label", samples=8, eps=[0.1], budget=200,
+                           attacks=["square-linf"], seed=0).results
+    queries = [q for attack in results["attacks"] for run in attack["runs"] for q in run["per_sample"]["queries"]]
+    assert queries and all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 200
+    assert any(q > BLACK_BOX_PASSES for q in queries)
