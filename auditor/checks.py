@@ -63,12 +63,13 @@ NO_GRADIENT_ATTACK = "no-gradient-attack"
 NO_TARGET_IMAGE = "no-target-image"
 TRAINING_DATA_AUDITED = "training-data-audited"
 SATURATED_SCORES = "saturated-scores"
+PIECEWISE_CONSTANT = "piecewise-constant"
 IDS = (
     RANDOMISED_MODEL, SOFTMAX_OUTPUTS, SOFTMAX_REMOVED, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED,
     ZERO_GRADIENTS, NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS,
     NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SURROGATE_ZERO_GRADIENTS,
     RANDOMISED_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY, NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
-    SATURATED_SCORES,
+    SATURATED_SCORES, PIECEWISE_CONSTANT,
 )
 """Every check id, each documented in ``docs/checks.md``; policies may cite them (``no_checks``)."""
 
@@ -96,6 +97,15 @@ class Preflight:
     randomised: bool
     """Identical passes differed: every label of the scan is then the most
     frequent of :data:`~auditor.verify.VOTES` passes."""
+    piecewise_constant: bool = False
+    """A nudge of the inputs left most outputs bit-identical (``piecewise-constant``)."""
+
+
+NUDGE = 1e-3
+"""The largest change per pixel of the preflight's nudge (``piecewise-constant``):
+it moves no image on a 256-level grid (as decoded from 8-bit files, and the
+built-in digits) out of its cell of a 256-level quantisation, and it changes
+the logits of a smooth network far beyond float32 (or float16) round-off."""
 
 
 def preflight(model: Model, x: torch.Tensor, seed: int, eot: int = 1) -> Preflight:
@@ -103,14 +113,48 @@ def preflight(model: Model, x: torch.Tensor, seed: int, eot: int = 1) -> Preflig
 
     The model counts as randomised if two passes over ``x`` differ, or any of
     :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
-    :data:`RANDOMNESS_ROWS` images. ``eot``: the passes the battery's
-    gradient attacks then average each step over (1: none do), for the message.
+    :data:`RANDOMNESS_ROWS` images; a deterministic model counts as piecewise
+    constant if a nudge of ``x`` (:func:`is_piecewise_constant`) leaves most of its
+    outputs unchanged. ``eot``: the passes the battery's gradient attacks
+    then average each step over (1: none do), for the message.
     """
     batch = x.to(model.device)
     first = model.forward(batch)
-    randomised = is_randomised(model.forward, batch, first)
-    checks = [randomised_model(model, batch[:RANDOMNESS_ROWS], seed, eot)] if randomised else []
-    return Preflight(checks, are_probabilities(first), randomised)
+    probabilities = are_probabilities(first)
+    if is_randomised(model.forward, batch, first):
+        return Preflight([randomised_model(model, batch[:RANDOMNESS_ROWS], seed, eot)], probabilities, True)
+    unchanged = is_piecewise_constant(model.forward, batch, first, seed, probabilities)
+    checks = [piecewise_constant(*unchanged)] if unchanged[0] * 2 > unchanged[1] else []
+    return Preflight(checks, probabilities, False, piecewise_constant=bool(checks))
+
+
+def is_piecewise_constant(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                          first: torch.Tensor, seed: int, probabilities: bool) -> tuple[int, int]:
+    """(images whose outputs a nudge of at most :data:`NUDGE` per pixel left
+    bit-identical, images judged): the nudge is uniform noise drawn from
+    ``seed``, clipped to [0,1]. A smooth network's outputs all change; a
+    model behind input quantisation or a threshold keeps them. Rows of
+    probabilities with an exact 0 are not judged: a saturated softmax keeps
+    its 0s and 1s under any small change."""
+    generator = torch.Generator().manual_seed(seed)
+    nudge = (torch.rand(batch.shape, generator=generator) * 2 - 1) * NUDGE
+    second = forward((batch + nudge.to(batch.device, batch.dtype)).clamp(0.0, 1.0))
+    judged = (first > 0).all(dim=1) if probabilities else torch.ones(len(first), dtype=torch.bool,
+                                                                        device=first.device)
+    same = (first == second).all(dim=1) & judged
+    return int(same.sum()), int(judged.sum())
+
+
+def piecewise_constant(unchanged: int, judged: int) -> Check:
+    """``piecewise-constant``: most of ``judged`` outputs survived the nudge unchanged."""
+    return Check(
+        PIECEWISE_CONSTANT, "warning",
+        f"a nudge of at most {NUDGE:g} per pixel left the model's outputs bit-identical on {unchanged} of "
+        f"{judged} images: its output is piecewise constant in its input (input quantisation, a threshold). "
+        "Its gradients are zero and small query probes see no change, so HopSkipJump probes and bisects on a "
+        "coarser scale; attacks may still miss examples such a model has, so robust accuracy may be overstated "
+        "(an adaptive attack such as BPDA is not run)",
+    )
 
 
 def is_randomised(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,

@@ -31,6 +31,7 @@ from .attacks.base import MAX_SEED
 from .attacks.hardlabel.shared import StartPool
 from .battery import (
     Battery, Records, SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable,
+    with_coarse_probes,
 )
 from .data import Dataset, load_data
 from .eps import check_radius, default_eps, eps_at_half, eps_key, parse_eps
@@ -528,13 +529,16 @@ def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor,
                seed: int) -> _Ready:
     """Run the checks that need the model before the battery, on the first 64
     samples, and adapt to what they find: a randomised model gets labels by
-    vote and APGD with EOT; a white-box model that outputs probabilities has
+    vote and APGD with EOT; a randomised or piecewise-constant one, HopSkipJump
+    with coarse probes; a white-box model that outputs probabilities has
     its final softmax removed where possible (``softmax-removed``), and its
     gradients are checked."""
     first = checks_mod.preflight(adapter, x[:64], seed, eot_passes(battery))
     found = list(first.checks)
     if first.randomised:
         battery = for_randomised(battery)
+    elif first.piecewise_constant:
+        battery = with_coarse_probes(battery)
     if level == Access.WHITE_BOX and first.probabilities:
         logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
         if logits_module is not None:

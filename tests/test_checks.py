@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 import auditor
 from auditor.access import Access
+from auditor.battery import COARSE_GAMMA
 from auditor.checks import (
     access_limited,
     gradient_checks,
@@ -68,6 +71,65 @@ def test_preflight_flags_randomness_and_probabilities(tiny_cnn, mnist_test):
     assert "randomised-model" in _ids(preflight(_model(Noisy(tiny_cnn).eval()), x, 0).checks)
     first = preflight(_model(nn.Sequential(tiny_cnn, nn.Softmax(dim=1))), x, 0)
     assert first.probabilities and _ids(first.checks) == set()  # softmax-outputs: white-box scans only, see test_logits
+
+
+class Levels(nn.Module):
+    """Input quantisation to ``levels`` grey levels."""
+
+    def __init__(self, inner: nn.Module, levels: int):
+        super().__init__()
+        self.inner, self.levels = inner, levels
+
+    def forward(self, x):
+        return self.inner(torch.round(x * (self.levels - 1)) / (self.levels - 1))
+
+
+def test_preflight_flags_outputs_that_a_nudge_leaves_unchanged(tiny_cnn, mnist_test):
+    """Input quantisation (8-bit or 4-level) and a threshold keep every output through the nudge; the
+    network alone, a saturated softmax of logits × 1000 and a half-precision copy do not raise it."""
+    x = mnist_test.x[:64]
+    for module in (Quantised(tiny_cnn), Levels(tiny_cnn, 4), Levels(tiny_cnn, 2)):
+        first = preflight(_model(module), x, 0)
+        assert first.piecewise_constant and _ids(first.checks) == {"piecewise-constant"}
+        assert "on 64 of 64 images" in first.checks[0].message
+    saturated = nn.Sequential(tiny_cnn, ScaleBy(1000.0), nn.Softmax(dim=1))
+    for module in (tiny_cnn, saturated, HalfPrecision(tiny_cnn)):
+        first = preflight(_model(module), x, 0)
+        assert not first.piecewise_constant and _ids(first.checks) == set()
+
+
+class ScaleBy(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class HalfPrecision(nn.Module):
+    """Computes in float16, as a half-precision export does."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = copy.deepcopy(inner).half()
+
+    def forward(self, x):
+        return self.inner(x.half()).float()
+
+
+def test_a_hard_label_scan_of_a_quantised_model_says_so_and_probes_coarsely(tiny_cnn, tmp_path):
+    """Behind 4 grey levels HopSkipJump's probes (1/784 of the distance at γ = 1) move no pixel across a
+    rounding threshold: it left 0.4375 of 16 digits robust at L2 ε = 2 where γ = 1000 leaves 0.25."""
+    path = tmp_path / "levels.pt"
+    torch.jit.save(torch.jit.script(Levels(tiny_cnn, 4).eval()), str(path))
+    audit = auditor.scan(str(path), "mnist", access="hard-label", samples=16, eps=[2.0], norm="l2",
+                         budget=2000, attacks=["hop-skip-jump-l2"], seed=0, policy="default")
+    results = audit.results
+    assert "piecewise-constant" in {check["id"] for check in results["checks"]}
+    assert results["attacks"][0]["params"]["gamma"] == COARSE_GAMMA
+    assert results["robust_accuracy"]["2"] <= 0.3, results["robust_accuracy"]
+    assert audit.passed is False
 
 
 def test_gradient_checks(tiny_cnn, mnist_test):

@@ -16,7 +16,7 @@ from auditor.checks import RANDOMISED_MODEL, preflight
 from auditor.models import check_model_on_data
 from auditor.models.base import ModelInfo, seeded_rng
 from auditor.models.pytorch import TorchModel
-from auditor.battery import RANDOMISED_GAMMA
+from auditor.battery import COARSE_GAMMA
 from auditor.oracles import BudgetExceeded, LabelOracle
 from auditor.verify import (
     BLACK_BOX_PASSES, VOTES, mean_probabilities, predict, pushed_out, verify, voted_labels,
@@ -277,7 +277,7 @@ def test_a_hard_label_scan_of_a_randomised_model_asks_by_vote_and_breaks_what_si
     results = auditor.scan(str(path), "mnist", access="hard-label", samples=16, eps=[2.0], norm="l2",
                            budget=2000, attacks=["hop-skip-jump-l2"], seed=0).results
     (hsj,) = results["attacks"]
-    assert hsj["params"]["gamma"] == RANDOMISED_GAMMA
+    assert hsj["params"]["gamma"] == COARSE_GAMMA
     queries = [q for run in hsj["runs"] for q in run["per_sample"]["queries"]]
     assert all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 2000
     assert results["robust_accuracy"]["2"] <= results["clean_accuracy"] - 0.25, results["robust_accuracy"]

@@ -42,7 +42,7 @@ _VERDICTS = {"pass": "PASS", "fail": "FAIL", "none": "NOT GATED"}
 OVERSTATING_CHECKS = frozenset({
     "randomised-model", "small-budget", "transfer-only", "custom-battery", "nan-gradients", "no-gradient-attack",
     "no-target-image", "training-data-audited", "softmax-outputs", "zero-gradients", "unbounded-attack-fails",
-    "saturated-scores",
+    "saturated-scores", "piecewise-constant",
 })
 """Check ids whose paragraph in ``docs/checks.md`` says the robust accuracy is
 overstated, may be, or (``nan-gradients``) cannot be trusted: raised, they
