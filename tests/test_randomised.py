@@ -283,10 +283,11 @@ def test_a_hard_label_scan_of_a_randomised_model_asks_by_vote_and_breaks_what_si
     assert results["robust_accuracy"]["2"] <= results["clean_accuracy"] - 0.25, results["robust_accuracy"]
 
 
-def test_a_soft_label_scan_of_a_randomised_model_pays_each_mean_of_probabilities_its_passes(tiny_cnn, tmp_path):
+@pytest.mark.parametrize("access", ["soft-label", "white-box"])  # white-box: Square reads exact log-probabilities
+def test_a_score_attack_on_a_randomised_model_pays_each_mean_of_probabilities_its_passes(tiny_cnn, tmp_path, access):
     path = tmp_path / "noisy.pt"
     torch.jit.save(torch.jit.script(TorchNoise(tiny_cnn, sigma=0.05).eval()), str(path))
-    results = auditor.scan(str(path), "mnist", access="soft-label", samples=8, eps=[0.1], budget=200,
+    results = auditor.scan(str(path), "mnist", access=access, samples=8, eps=[0.1], budget=200,
                            attacks=["square-linf"], seed=0).results
     queries = [q for attack in results["attacks"] for run in attack["runs"] for q in run["per_sample"]["queries"]]
     assert queries and all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 200
