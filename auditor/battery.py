@@ -49,7 +49,7 @@ from .attacks.whitebox.apgd import APGDConfig
 from .errors import AuditError
 from .models.base import Model, seeded_rng
 from .models.logits import BeforeSoftmax
-from .oracles import GradientOracle, ScoreOracle, SurrogateOracle, logits_in_passes
+from .oracles import GradientOracle, LabelOracle, ScoreOracle, SurrogateOracle, logits_in_passes
 from .progress import ScanProgress
 from .verify import (
     BLACK_BOX_PASSES, Verified, eps_bound, labels_of, mean_probabilities, predict, pushed_out, verify,
@@ -124,12 +124,6 @@ def for_randomised(battery: Battery) -> Battery:
     return with_coarse_probes(replace(battery, attacks=attacks))
 
 
-def eot_passes(battery: Battery) -> int:
-    """The passes :func:`for_randomised` has ``battery``'s gradient attacks
-    average each step over: :data:`EOT_PASSES`, or 1 if it has none."""
-    return EOT_PASSES if any(isinstance(attack, APGDConfig) for attack in battery.attacks) else 1
-
-
 NO_SURROGATES = "needs surrogate models (--surrogate PATH or --train-surrogates K)"
 
 
@@ -139,19 +133,33 @@ def attack_budget(attack: Attack, budget: int | None) -> int | None:
     return None if attack.access in (Access.WHITE_BOX, Access.NONE) else budget
 
 
-def _cannot_run(attack: Attack, budget: int | None, shape: tuple[int, ...], num_classes: int) -> str | None:
+def answer_passes(attack: Attack, randomised: bool) -> int:
+    """Model passes, so queries, one answer of ``attack``'s oracle costs: on
+    a randomised model :data:`~auditor.verify.BLACK_BOX_PASSES` for a score
+    or label oracle (gradient attacks average passes themselves, EOT), else 1."""
+    return BLACK_BOX_PASSES if randomised and attack.oracle in (ScoreOracle, LabelOracle) else 1
+
+
+def _cannot_run(
+    attack: Attack, budget: int | None, shape: tuple[int, ...], num_classes: int, randomised: bool
+) -> str | None:
     """Why ``attack`` cannot run on this model and data, or None: its loss
     needs more classes than the model has, or one step on images of
-    ``shape`` costs more queries than the budget."""
-    cost = attack.step_cost(shape)
+    ``shape`` costs more queries than the budget (on a randomised model,
+    :func:`answer_passes` per answer)."""
+    passes = answer_passes(attack, randomised)
+    cost = attack.step_cost(shape) * passes
     if attack.min_classes > num_classes:
         return f"its loss needs at least {attack.min_classes} classes; the model has {num_classes}"
     if attack_budget(attack, budget) is not None and cost > budget:
-        return f"one step needs {cost:,} queries per sample; the budget is {budget:,}"
+        each = f" ({passes} passes an answer on this randomised model)" if passes > 1 else ""
+        return f"one step needs {cost:,} queries per sample{each}; the budget is {budget:,}"
     return None
 
 
-def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_classes: int) -> Battery:
+def runnable(
+    battery: Battery, budget: int | None, shape: tuple[int, ...], num_classes: int, randomised: bool = False
+) -> Battery:
     """``battery`` without the attacks that cannot run on this model and
     data (:func:`_cannot_run`), each listed as skipped with why, and the
     others as they run on its classes and targets (:meth:`~.Attack.as_run`). A default
@@ -159,10 +167,11 @@ def runnable(battery: Battery, budget: int | None, shape: tuple[int, ...], num_c
     reasons = {
         attack.label: reason
         for attack in battery.attacks
-        if (reason := _cannot_run(attack, budget, shape, num_classes)) is not None
+        if (reason := _cannot_run(attack, budget, shape, num_classes, randomised)) is not None
     }
     left_out = tuple(
-        label for label in battery.left_out if _cannot_run(BY_LABEL[label], budget, shape, num_classes) is None
+        label for label in battery.left_out
+        if _cannot_run(BY_LABEL[label], budget, shape, num_classes, randomised) is None
     )
     kept = tuple(attack.as_run(num_classes, battery.targeted) for attack in battery.attacks if attack.label not in reasons)
     if not kept:
@@ -598,8 +607,7 @@ def _oracle(
     if attack.oracle is SurrogateOracle:
         return SurrogateOracle(group.modules, device="cpu")
     model, probabilities = context.model, context.outputs_probabilities
-    # a randomised model: gradient attacks average passes themselves (EOT); the others get answers by vote
-    passes = 1 if attack.oracle is GradientOracle or context.votes == 1 else BLACK_BOX_PASSES
+    passes = answer_passes(attack, context.votes > 1)
     options = _exact_scores(model, attack, context.battery.level, probabilities, passes)
     if passes > 1:
         options["passes"] = passes
@@ -617,8 +625,9 @@ def _attack(
     it cost each sample on the model."""
     transfer = attack.oracle is SurrogateOracle
     budget = attack_budget(attack, context.budget)
+    passes = answer_passes(attack, context.votes > 1)
     # the bar counts queries to the model: a transfer example costs one, its verification
-    total = len(active) if transfer else None if budget is None else budget * len(active)
+    total = len(active) if transfer else None if budget is None else budget // passes * passes * len(active)
     advance = context.progress.run(description, total)
     oracle = _oracle(context, attack, group, len(active), on_charge=None if transfer else advance)
     device = oracle.device

@@ -15,11 +15,12 @@ import torch
 
 from .access import Access
 from .attacks import BY_LABEL
-from .attacks.base import MIN_NORM, logit_margin
+from .attacks.base import MIN_NORM, Attack, logit_margin
+from .attacks.whitebox.apgd import APGDConfig
 from .attacks.whitebox.pgd import PGD
 from .models.base import RANDOMNESS_PASSES, GradientFailed, Model, plural, seeded_rng
 from .models.logits import are_probabilities
-from .oracles import GradientOracle, LabelOracle, logits_and_gradient
+from .oracles import GradientOracle, LabelOracle, ScoreOracle, SurrogateOracle, logits_and_gradient
 from .eps import eps_text
 from .verify import BLACK_BOX_PASSES, VOTES, eps_bound, verify
 
@@ -108,21 +109,21 @@ built-in digits) out of its cell of a 256-level quantisation, and it changes
 the logits of a smooth network far beyond float32 (or float16) round-off."""
 
 
-def preflight(model: Model, x: torch.Tensor, seed: int, eot: int = 1) -> Preflight:
+def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
     """Checks that need the model: run before the battery.
 
     The model counts as randomised if two passes over ``x`` differ, or any of
     :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
-    :data:`RANDOMNESS_ROWS` images; a deterministic model counts as piecewise
-    constant if a nudge of ``x`` (:func:`is_piecewise_constant`) leaves most of its
-    outputs unchanged. ``eot``: the passes the battery's gradient attacks
-    then average each step over (1: none do), for the message.
+    :data:`RANDOMNESS_ROWS` images (its check, :func:`randomised_model`,
+    describes the battery adapted to it, so the caller raises it); a
+    deterministic model counts as piecewise constant if a nudge of ``x``
+    (:func:`is_piecewise_constant`) leaves most of its outputs unchanged.
     """
     batch = x.to(model.device)
     first = model.forward(batch)
     probabilities = are_probabilities(first)
     if is_randomised(model.forward, batch, first):
-        return Preflight([randomised_model(model, batch[:RANDOMNESS_ROWS], seed, eot)], probabilities, True)
+        return Preflight([], probabilities, True)
     unchanged = is_piecewise_constant(model.forward, batch, first, seed, probabilities)
     checks = [piecewise_constant(*unchanged)] if unchanged[0] * 2 > unchanged[1] else []
     return Preflight(checks, probabilities, False, piecewise_constant=bool(checks))
@@ -171,25 +172,33 @@ def is_randomised(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.
     return any(not same_outputs(reference, forward(rows)) for _ in range(RANDOMNESS_PASSES - 1))
 
 
-def randomised_model(model: Model, rows: torch.Tensor, seed: int, eot: int = 1) -> Check:
-    """``randomised-model``, saying whether ``--seed`` fixes the model's draws:
-    two passes from the same seed of torch's generator agree only if the model
-    draws from it (a TorchScript dropout does; an ONNX RandomNormalLike or a
-    numpy draw does not)."""
+def randomised_model(model: Model, rows: torch.Tensor, seed: int, attacks: Sequence[Attack] = ()) -> Check:
+    """``randomised-model``: how the battery ``attacks`` (as adapted to a
+    randomised model) meet its randomness, and whether ``--seed`` fixes the
+    model's draws: two passes from the same seed of torch's generator agree
+    only if the model draws from it (a TorchScript dropout does; an ONNX
+    RandomNormalLike or a numpy draw does not); ``rows``, the images passed."""
     def seeded_pass() -> torch.Tensor:
         with seeded_rng(seed, "randomised-model"):
             return model.forward(rows)
 
-    expectation = f"APGD averages each step over {eot} passes (EOT); " if eot > 1 else ""
-    expectation += (
-        "each answer to a black-box attack is the most frequent label or the mean probabilities of "
-        f"{BLACK_BOX_PASSES} passes, and costs {BLACK_BOX_PASSES} queries. The attacks still search a "
-        "boundary that moves with each draw, and the black-box ones come out well above APGD with EOT"
-    )
+    eot = max((attack.eot for attack in attacks if isinstance(attack, APGDConfig)), default=1)
+    single = [attack.label for attack in attacks
+              if attack.oracle is GradientOracle and not (isinstance(attack, APGDConfig) and attack.eot > 1)]
+    ways = [f"APGD averages each step over {eot} passes (EOT)"] if eot > 1 else []
+    if single:
+        ways.append(f"{', '.join(single)} {'queries' if len(single) == 1 else 'query'} single passes")
+    if any(attack.oracle in (ScoreOracle, LabelOracle) for attack in attacks):
+        ways.append(f"each answer to a score or label query is the most frequent label or the mean probabilities "
+                    f"of {BLACK_BOX_PASSES} passes, and costs {BLACK_BOX_PASSES} queries")
+    if any(attack.oracle is SurrogateOracle for attack in attacks):
+        ways.append("transfer examples are crafted on the surrogates, and only the vote judges them")
     message = (
         "identical forward passes gave different outputs: the model is randomised. Each label of this "
-        f"audit, clean or adversarial, is the one most of {VOTES} passes give; {expectation}, so robust "
-        "accuracy may be overstated"
+        f"audit, clean or adversarial, is the one most of {VOTES} passes give"
+        + "".join(f"; {way}" for way in ways)
+        + ". Attacks on a model whose answers move with each draw find fewer examples than it has (black-box "
+        "figures stood well above APGD with EOT on noisy test models), so robust accuracy may be overstated"
     )
     if not same_outputs(seeded_pass(), seeded_pass()):
         message += ("; its draws do not come from torch's generator, which --seed seeds, so the seed does not "

@@ -30,7 +30,7 @@ from .access import DEFAULT_BUDGET, MAX_BUDGET, Access, resolve_access
 from .attacks.base import MAX_SEED
 from .attacks.hardlabel.shared import StartPool
 from .battery import (
-    Battery, Records, SurrogateSet, build_battery, eot_passes, for_randomised, run_battery, runnable,
+    Battery, Records, SurrogateSet, build_battery, for_randomised, run_battery, runnable,
     with_coarse_probes,
 )
 from .data import Dataset, load_data
@@ -414,7 +414,7 @@ def scan(
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-        ready = _preflight(adapter, battery, level, x, y, seed)
+        ready = _preflight(adapter, battery, level, x, y, seed, budget, num_classes)
         adapter, battery, probabilities, votes = ready.adapter, ready.battery, ready.probabilities, ready.votes
         found = list(ready.checks)
         with ScanProgress(enabled=progress) as bar:
@@ -526,17 +526,20 @@ class _Ready:
 
 
 def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor, y: torch.Tensor,
-               seed: int) -> _Ready:
+               seed: int, budget: int | None, num_classes: int) -> _Ready:
     """Run the checks that need the model before the battery, on the first 64
     samples, and adapt to what they find: a randomised model gets labels by
-    vote and APGD with EOT; a randomised or piecewise-constant one, HopSkipJump
-    with coarse probes; a white-box model that outputs probabilities has
-    its final softmax removed where possible (``softmax-removed``), and its
-    gradients are checked."""
-    first = checks_mod.preflight(adapter, x[:64], seed, eot_passes(battery))
+    vote, APGD with EOT and answers by vote, which leave ``budget`` fewer
+    answers (an attack that can no longer pay a step is skipped); a
+    randomised or piecewise-constant one, HopSkipJump with coarse probes; a
+    white-box model that outputs probabilities has its final softmax removed
+    where possible (``softmax-removed``), and its gradients are checked."""
+    first = checks_mod.preflight(adapter, x[:64], seed)
     found = list(first.checks)
     if first.randomised:
-        battery = for_randomised(battery)
+        battery = runnable(for_randomised(battery), budget, tuple(x.shape[1:]), num_classes, randomised=True)
+        rows = x[:checks_mod.RANDOMNESS_ROWS].to(adapter.device)
+        found.append(checks_mod.randomised_model(adapter, rows, seed, battery.attacks))
     elif first.piecewise_constant:
         battery = with_coarse_probes(battery)
     if level == Access.WHITE_BOX and first.probabilities:

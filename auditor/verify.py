@@ -77,6 +77,8 @@ def voted_labels(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     ``labels`` (a pass's top-1 labels, -1 for a NaN row) give than any other,
     or -1 where labels tie for the most (no answer: the image is neither
     classified correctly nor as a target)."""
+    if len(x) == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
     passes = torch.stack([labels(x) for _ in range(votes)]) + 1  # column 0 counts the NaN rows
     counts = torch.zeros(len(x), int(passes.max()) + 1, dtype=torch.long, device=passes.device)
     counts.scatter_add_(1, passes.T, torch.ones_like(passes.T))

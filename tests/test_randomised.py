@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import auditor
-from auditor.checks import RANDOMISED_MODEL, preflight
+from auditor.checks import RANDOMISED_MODEL, preflight, randomised_model
 from auditor.models import check_model_on_data
 from auditor.models.base import ModelInfo, seeded_rng
 from auditor.models.pytorch import TorchModel
@@ -109,7 +109,7 @@ def test_a_model_random_between_two_networks_is_flagged_whatever_the_seed(choice
     for seed in range(10):
         with seeded_rng(seed, "model"):
             first = preflight(_model(choice), mnist_test.x[:64], seed)
-        assert first.randomised and [check.id for check in first.checks] == [RANDOMISED_MODEL], seed
+        assert first.randomised and first.checks == [], seed  # the scan raises randomised-model
 
 
 def test_a_surrogate_random_between_two_networks_is_flagged_whatever_the_seed(choice, mnist_test):
@@ -141,8 +141,8 @@ def test_a_model_random_on_a_tenth_of_calls_is_not_refused_as_batch_dependent(ti
 
 def test_the_check_says_whether_the_seed_fixes_the_models_draws(tiny_cnn, mnist_test):
     x = mnist_test.x[:16]
-    seeded = preflight(_model(TorchNoise(tiny_cnn)), x, 0).checks[0].message
-    unseeded = preflight(_model(NumpyNoise(tiny_cnn)), x, 0).checks[0].message
+    seeded = randomised_model(_model(TorchNoise(tiny_cnn)), x, 0).message
+    unseeded = randomised_model(_model(NumpyNoise(tiny_cnn)), x, 0).message
     assert f"most of {VOTES} passes" in seeded and "--seed" not in seeded
     assert "do not come from torch's generator, which --seed seeds" in unseeded
 
@@ -292,3 +292,38 @@ def test_a_score_attack_on_a_randomised_model_pays_each_mean_of_probabilities_it
     queries = [q for attack in results["attacks"] for run in attack["runs"] for q in run["per_sample"]["queries"]]
     assert queries and all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 200
     assert any(q > BLACK_BOX_PASSES for q in queries)
+
+
+@pytest.mark.parametrize(("access", "attacks", "says", "never"), [
+    ("none", None, ["transfer examples are crafted on the surrogates"], ["score or label query", "averages"]),
+    ("white-box", ["fgsm-l2", "cw-l2"], ["fgsm-l2, cw-l2 query single passes"], ["score or label query", "averages"]),
+    ("hard-label", None, [f"mean probabilities of {BLACK_BOX_PASSES} passes"], ["averages", "single passes"]),
+])
+def test_the_check_describes_the_battery_that_ran(tiny_cnn, tmp_path, access, attacks, says, never):
+    """It described APGD and black-box answers on a transfer-only scan, and stopped saying that
+    FGSM and C&W query single passes."""
+    path = tmp_path / "noisy.pt"
+    torch.jit.save(torch.jit.script(TorchNoise(tiny_cnn).eval()), str(path))
+    surrogate = tmp_path / "surrogate.pt"
+    torch.jit.save(torch.jit.script(tiny_cnn), str(surrogate))
+    results = auditor.scan(str(path), "mnist", access=access, samples=4, eps=[1.0], norm="l2", budget=100,
+                           attacks=attacks, surrogates=[str(surrogate)] if access == "none" else (),
+                           seed=0).results
+    (message,) = [check["message"] for check in results["checks"] if check["id"] == RANDOMISED_MODEL]
+    assert all(text in message for text in says) and not any(text in message for text in never), message
+
+
+def test_an_attack_that_cannot_pay_a_step_in_voted_answers_is_skipped_with_why(tiny_cnn, tmp_path):
+    """At 5 passes an answer, a budget of 100 pays 20 answers, less than one NES step; NES ran anyway,
+    one answer per sample, and the report listed it as attacking them."""
+    path = tmp_path / "noisy.pt"
+    torch.jit.save(torch.jit.script(TorchNoise(tiny_cnn).eval()), str(path))
+    results = auditor.scan(str(path), "mnist", access="soft-label", samples=4, eps=[0.1], budget=100,
+                           attacks=["nes-linf", "square-linf"], seed=0).results
+    assert [attack["name"] for attack in results["attacks"]] == ["square-linf"]
+    (skipped,) = [check["message"] for check in results["checks"] if check["id"] == "attack-skipped"]
+    assert "nes-linf" in skipped and "5 passes an answer on this randomised model" in skipped
+
+
+def test_a_vote_on_no_images_is_no_labels():
+    assert voted_labels(lambda batch: torch.zeros(len(batch), dtype=torch.long), torch.zeros(0, 1, 2, 2), 5).shape == (0,)
