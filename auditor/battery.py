@@ -84,7 +84,7 @@ EOT_PASSES = 20
 (AutoAttack's ``eot_iter`` for randomised defenses)."""
 
 COARSE_GAMMA = 1000.0
-"""HopSkipJump's γ on a randomised or piecewise-constant model. At γ = 1
+"""HopSkipJump's γ on a randomised model or one with input steps. At γ = 1
 its probes sit 1/d of the distance from the boundary (1/784 on MNIST): on
 a randomised model, far inside the band where the model's vote goes either
 way, so their signs are noise; behind input quantisation, too close to move
@@ -105,7 +105,7 @@ def _coarse(attack: Attack) -> Attack:
 
 def with_coarse_probes(battery: Battery) -> Battery:
     """``battery`` for a model whose outputs a small change does not move
-    (``piecewise-constant``): HopSkipJump probes and bisects on a coarser
+    (``piecewise-constant``, ``quantised-input``): HopSkipJump probes and bisects on a coarser
     scale (:data:`COARSE_GAMMA`)."""
     return replace(battery, attacks=tuple(_coarse(attack) for attack in battery.attacks))
 

@@ -16,6 +16,7 @@ import torch
 from .access import Access
 from .attacks import BY_LABEL
 from .attacks.base import MIN_NORM, Attack, logit_margin
+from .attacks.hardlabel.hop_skip_jump import HopSkipJump
 from .attacks.whitebox.apgd import APGDConfig
 from .attacks.whitebox.pgd import PGD
 from .models.base import RANDOMNESS_PASSES, GradientFailed, Model, plural, seeded_rng
@@ -65,12 +66,13 @@ NO_TARGET_IMAGE = "no-target-image"
 TRAINING_DATA_AUDITED = "training-data-audited"
 SATURATED_SCORES = "saturated-scores"
 PIECEWISE_CONSTANT = "piecewise-constant"
+QUANTISED_INPUT = "quantised-input"
 IDS = (
     RANDOMISED_MODEL, SOFTMAX_OUTPUTS, SOFTMAX_REMOVED, LOW_CLEAN_ACCURACY, ATTACK_SKIPPED, ACCESS_LIMITED,
     ZERO_GRADIENTS, NAN_GRADIENTS, WEAKER_ATTACK_WINS, NON_MONOTONE, UNBOUNDED_ATTACK_FAILS,
     NOISE_BEATS_ATTACKS, NO_ADVERSARIAL_FOUND, CUSTOM_BATTERY, WEAK_SURROGATE, SURROGATE_ZERO_GRADIENTS,
     RANDOMISED_SURROGATE, SMALL_BUDGET, TRANSFER_ONLY, NO_GRADIENT_ATTACK, NO_TARGET_IMAGE, TRAINING_DATA_AUDITED,
-    SATURATED_SCORES, PIECEWISE_CONSTANT,
+    SATURATED_SCORES, PIECEWISE_CONSTANT, QUANTISED_INPUT,
 )
 """Every check id, each documented in ``docs/checks.md``; policies may cite them (``no_checks``)."""
 
@@ -98,63 +100,125 @@ class Preflight:
     randomised: bool
     """Identical passes differed: every label of the scan is then the most
     frequent of :data:`~auditor.verify.VOTES` passes."""
-    piecewise_constant: bool = False
-    """A nudge of the inputs left most outputs bit-identical (``piecewise-constant``)."""
+    steps: Steps | None = None
+    """What a nudge of the inputs left unchanged, where it left most outputs
+    unchanged (:func:`input_steps`); None otherwise."""
 
 
 NUDGE = 1e-3
-"""The largest change per pixel of the preflight's nudge (``piecewise-constant``):
-it moves no image on a 256-level grid (as decoded from 8-bit files, and the
-built-in digits) out of its cell of a 256-level quantisation, and it changes
-the logits of a smooth network far beyond float32 (or float16) round-off."""
+"""The largest change per pixel of the preflight's first nudges: within a
+cell of 256-level quantisation for images on that grid (as decoded from
+8-bit files, and the built-in digits), and far beyond float32 or float16
+round-off in the logits of a smooth network."""
+
+COARSE_NUDGE = 1e-2
+"""The change of the pixels the second nudges move: out of its cell of
+8-bit quantisation (1/255) for every pixel, out of its cell of 16 grey
+levels or fewer only for a pixel within 0.01 of a cell edge."""
+
+COARSE_SHARE = 0.01
+"""The share of pixels (at least one) the second nudges move: enough that
+one crosses an 8-bit cell edge in every image, too few that one near a
+coarse cell's edge is among them in most."""
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Outputs that nudges of the first 64 images left bit-identical."""
+
+    images: int
+    """Images nudged."""
+    judged: int
+    """Images judged: all, but rows of probabilities with an exact 0."""
+    unchanged: int
+    """Of those, the images some nudge of at most :data:`NUDGE` left unchanged."""
+    coarse: int
+    """Of those, the images some nudge of :data:`COARSE_SHARE` of the pixels
+    by :data:`COARSE_NUDGE` left unchanged too."""
+
+    @property
+    def is_coarse(self) -> bool:
+        """Most of the images the small nudges left unchanged, the large ones did too."""
+        return self.coarse * 2 > self.unchanged
 
 
 def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
-    """Checks that need the model: run before the battery.
+    """Detection that needs the model, run before the battery.
 
     The model counts as randomised if two passes over ``x`` differ, or any of
     :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
-    :data:`RANDOMNESS_ROWS` images (its check, :func:`randomised_model`,
-    describes the battery adapted to it, so the caller raises it); a
-    deterministic model counts as piecewise constant if a nudge of ``x``
-    (:func:`is_piecewise_constant`) leaves most of its outputs unchanged.
+    :data:`RANDOMNESS_ROWS` images; a deterministic model has input steps
+    if nudges of ``x`` (:func:`input_steps`) leave most of its outputs
+    unchanged. Their checks (:func:`randomised_model`, :func:`steps_check`)
+    describe the battery adapted to them, so the caller raises them.
     """
     batch = x.to(model.device)
     first = model.forward(batch)
     probabilities = are_probabilities(first)
     if is_randomised(model.forward, batch, first):
         return Preflight([], probabilities, True)
-    unchanged = is_piecewise_constant(model.forward, batch, first, seed, probabilities)
-    checks = [piecewise_constant(*unchanged)] if unchanged[0] * 2 > unchanged[1] else []
-    return Preflight(checks, probabilities, False, piecewise_constant=bool(checks))
+    steps = input_steps(model.forward, batch, first, seed, probabilities)
+    return Preflight([], probabilities, False, steps if steps.unchanged * 2 > steps.judged else None)
 
 
-def is_piecewise_constant(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
-                          first: torch.Tensor, seed: int, probabilities: bool) -> tuple[int, int]:
-    """(images whose outputs a nudge of at most :data:`NUDGE` per pixel left
-    bit-identical, images judged): the nudge is uniform noise drawn from
-    ``seed``, clipped to [0,1]. A smooth network's outputs all change; a
-    model behind input quantisation or a threshold keeps them. Rows of
+def _unchanged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, first: torch.Tensor,
+               nudges: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image, whether one of ``nudges`` (clipped to [0,1]) left its outputs bit-identical."""
+    same = torch.zeros(len(batch), dtype=torch.bool, device=first.device)
+    for nudge in nudges:
+        same |= (forward((batch + nudge.to(batch.device, batch.dtype)).clamp(0.0, 1.0)) == first).all(dim=1)
+    return same
+
+
+def input_steps(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, first: torch.Tensor,
+                seed: int, probabilities: bool) -> Steps:
+    """Which outputs nudges of every pixel by at most :data:`NUDGE`, then of
+    :data:`COARSE_SHARE` of the pixels by :data:`COARSE_NUDGE`, left
+    bit-identical (:func:`_unchanged`; the noise is drawn from ``seed``). A
+    smooth network's outputs all change;
+    a model behind input quantisation or a threshold keeps them. Rows of
     probabilities with an exact 0 are not judged: a saturated softmax keeps
     its 0s and 1s under any small change."""
     generator = torch.Generator().manual_seed(seed)
-    nudge = (torch.rand(batch.shape, generator=generator) * 2 - 1) * NUDGE
-    second = forward((batch + nudge.to(batch.device, batch.dtype)).clamp(0.0, 1.0))
     judged = (first > 0).all(dim=1) if probabilities else torch.ones(len(first), dtype=torch.bool,
                                                                         device=first.device)
-    same = (first == second).all(dim=1) & judged
-    return int(same.sum()), int(judged.sum())
+    # every pixel by at most NUDGE: random signs, all up, all down (floor, truncation and a threshold at
+    # a grid value keep their outputs through a one-sided nudge)
+    size = torch.rand(batch.shape, generator=generator) * NUDGE
+    signs = torch.randint(0, 2, batch.shape, generator=generator) * 2 - 1
+    fine = _unchanged(forward, batch, first, (size * signs, size, -size)) & judged
+    # a few pixels by COARSE_NUDGE each, away from the nearer end of [0,1] so that none is clipped back
+    pixels = batch[0].numel()
+    share = max(1, round(COARSE_SHARE * pixels))
+    picked = torch.rand(len(batch), pixels, generator=generator).argsort(dim=1) < share
+    inward = torch.where(batch.cpu() < 0.5, 1.0, -1.0)
+    coarse = _unchanged(forward, batch, first, (picked.view(batch.shape) * inward * COARSE_NUDGE,)) & fine
+    return Steps(len(first), int(judged.sum()), int(fine.sum()), int(coarse.sum()))
 
 
-def piecewise_constant(unchanged: int, judged: int) -> Check:
-    """``piecewise-constant``: most of ``judged`` outputs survived the nudge unchanged."""
+def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:
+    """``piecewise-constant`` (coarse steps, a warning) or ``quantised-input``
+    (fine ones, information) for what :func:`input_steps` found, naming what
+    the battery ``attacks`` (as adapted) do about it."""
+    saturated = steps.images - steps.judged
+    left_out = f" ({saturated} more were saturated probabilities, not judged)" if saturated else ""
+    found = (f"nudges of at most {NUDGE:g} per pixel left the model's outputs bit-identical on "
+             f"{steps.unchanged} of {steps.judged} images{left_out}")
+    large = f"nudges of 1% of the pixels by {COARSE_NUDGE:g}"
+    coarse = any(isinstance(attack, HopSkipJump) for attack in attacks)
+    probes = "; HopSkipJump probes and bisects on a coarser scale" if coarse else ""
+    if steps.is_coarse:
+        return Check(
+            PIECEWISE_CONSTANT, "warning",
+            f"{found}, and {large} on {steps.coarse}: the model's output is piecewise constant in its input, "
+            "in coarse steps (a few grey levels, a threshold). Its gradients are zero and small query probes "
+            f"see no change{probes}; attacks may still miss examples such a model has, so robust accuracy "
+            "may be overstated (an adaptive attack such as BPDA is not run)",
+        )
     return Check(
-        PIECEWISE_CONSTANT, "warning",
-        f"a nudge of at most {NUDGE:g} per pixel left the model's outputs bit-identical on {unchanged} of "
-        f"{judged} images: its output is piecewise constant in its input (input quantisation, a threshold). "
-        "Its gradients are zero and small query probes see no change, so HopSkipJump probes and bisects on a "
-        "coarser scale; attacks may still miss examples such a model has, so robust accuracy may be overstated "
-        "(an adaptive attack such as BPDA is not run)",
+        QUANTISED_INPUT, "info",
+        f"{found}, but {large} changed all but {steps.coarse}: the model quantises its input in fine steps "
+        f"(8-bit or so). Its gradients are zero and the smallest query probes see no change{probes}",
     )
 
 
@@ -189,8 +253,8 @@ def randomised_model(model: Model, rows: torch.Tensor, seed: int, attacks: Seque
     if single:
         ways.append(f"{', '.join(single)} {'queries' if len(single) == 1 else 'query'} single passes")
     if any(attack.oracle in (ScoreOracle, LabelOracle) for attack in attacks):
-        ways.append(f"each answer to a score or label query is the most frequent label or the mean probabilities "
-                    f"of {BLACK_BOX_PASSES} passes, and costs {BLACK_BOX_PASSES} queries")
+        ways.append("each answer to a score or label query is the most frequent label or the mean "
+                    f"probabilities of {BLACK_BOX_PASSES} passes, and costs {BLACK_BOX_PASSES} queries")
     if any(attack.oracle is SurrogateOracle for attack in attacks):
         ways.append("transfer examples are crafted on the surrogates, and only the vote judges them")
     message = (

@@ -531,7 +531,7 @@ def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor,
     samples, and adapt to what they find: a randomised model gets labels by
     vote, APGD with EOT and answers by vote, which leave ``budget`` fewer
     answers (an attack that can no longer pay a step is skipped); a
-    randomised or piecewise-constant one, HopSkipJump with coarse probes; a
+    randomised one or one with input steps, HopSkipJump with coarse probes; a
     white-box model that outputs probabilities has its final softmax removed
     where possible (``softmax-removed``), and its gradients are checked."""
     first = checks_mod.preflight(adapter, x[:64], seed)
@@ -540,8 +540,9 @@ def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor,
         battery = runnable(for_randomised(battery), budget, tuple(x.shape[1:]), num_classes, randomised=True)
         rows = x[:checks_mod.RANDOMNESS_ROWS].to(adapter.device)
         found.append(checks_mod.randomised_model(adapter, rows, seed, battery.attacks))
-    elif first.piecewise_constant:
+    elif first.steps is not None:
         battery = with_coarse_probes(battery)
+        found.append(checks_mod.steps_check(first.steps, battery.attacks))
     if level == Access.WHITE_BOX and first.probabilities:
         logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))
         if logits_module is not None:

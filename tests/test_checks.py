@@ -18,6 +18,7 @@ from auditor.checks import (
     gradient_checks,
     no_adversarial_found,
     preflight,
+    steps_check,
     unbounded_attack,
     surrogate_checks,
 )
@@ -84,18 +85,45 @@ class Levels(nn.Module):
         return self.inner(torch.round(x * (self.levels - 1)) / (self.levels - 1))
 
 
-def test_preflight_flags_outputs_that_a_nudge_leaves_unchanged(tiny_cnn, mnist_test):
-    """Input quantisation (8-bit or 4-level) and a threshold keep every output through the nudge; the
-    network alone, a saturated softmax of logits × 1000 and a half-precision copy do not raise it."""
+class Transformed(nn.Module):
+    """``inner`` behind an input transform (not scriptable: for the preflight alone)."""
+
+    def __init__(self, inner: nn.Module, transform):
+        super().__init__()
+        self.inner, self.transform = inner, transform
+
+    def forward(self, x):
+        return self.inner(self.transform(x))
+
+
+def _steps(module, x):
+    first = preflight(_model(module), x, 0)
+    assert first.checks == []  # the scan raises them, describing its battery
+    return None if first.steps is None else steps_check(first.steps).id
+
+
+def test_preflight_finds_outputs_that_nudges_leave_unchanged(tiny_cnn, mnist_test):
+    """Coarse input steps (4 or 2 grey levels) raise piecewise-constant; 8-bit rounding or truncation,
+    and a threshold at 0 (which a pixel at 0 crosses at any nudge up), quantised-input. Truncation and
+    the threshold kept no output through a two-sided nudge, and went unseen. The network alone, a
+    saturated softmax of logits × 1000 and a half-precision copy raise neither."""
     x = mnist_test.x[:64]
-    for module in (Quantised(tiny_cnn), Levels(tiny_cnn, 4), Levels(tiny_cnn, 2)):
-        first = preflight(_model(module), x, 0)
-        assert first.piecewise_constant and _ids(first.checks) == {"piecewise-constant"}
-        assert "on 64 of 64 images" in first.checks[0].message
-    saturated = nn.Sequential(tiny_cnn, ScaleBy(1000.0), nn.Softmax(dim=1))
-    for module in (tiny_cnn, saturated, HalfPrecision(tiny_cnn)):
-        first = preflight(_model(module), x, 0)
-        assert not first.piecewise_constant and _ids(first.checks) == set()
+    found = {name: _steps(module, x) for name, module in (
+        ("round 256", Quantised(tiny_cnn)), ("floor 256", Transformed(tiny_cnn, lambda x: torch.floor(x * 255) / 255)), ("4 levels", Levels(tiny_cnn, 4)),
+        ("2 levels", Levels(tiny_cnn, 2)), ("above 0", Transformed(tiny_cnn, lambda x: (x > 0).float())), ("network", tiny_cnn),
+        ("saturated", nn.Sequential(tiny_cnn, ScaleBy(1000.0), nn.Softmax(dim=1))),
+        ("float16", HalfPrecision(tiny_cnn)),
+    )}
+    assert found == {
+        "round 256": "quantised-input", "floor 256": "quantised-input", "4 levels": "piecewise-constant",
+        "2 levels": "piecewise-constant", "above 0": "quantised-input", "network": None, "saturated": None,
+        "float16": None,
+    }
+    steps = preflight(_model(Levels(tiny_cnn, 4)), x, 0).steps
+    assert (steps.images, steps.judged, steps.unchanged) == (64, 64, 64) and steps.coarse > 32
+    assert (f"on 64 of 64 images, and nudges of 1% of the pixels by 0.01 on {steps.coarse}"
+            in steps_check(steps).message)
+    assert "HopSkipJump" not in steps_check(steps).message  # named only where the battery runs it
 
 
 class ScaleBy(nn.Module):
@@ -126,7 +154,8 @@ def test_a_hard_label_scan_of_a_quantised_model_says_so_and_probes_coarsely(tiny
     audit = auditor.scan(str(path), "mnist", access="hard-label", samples=16, eps=[2.0], norm="l2",
                          budget=2000, attacks=["hop-skip-jump-l2"], seed=0, policy="default")
     results = audit.results
-    assert "piecewise-constant" in {check["id"] for check in results["checks"]}
+    (message,) = [check["message"] for check in results["checks"] if check["id"] == "piecewise-constant"]
+    assert "HopSkipJump probes and bisects on a coarser scale" in message
     assert results["attacks"][0]["params"]["gamma"] == COARSE_GAMMA
     assert results["robust_accuracy"]["2"] <= 0.3, results["robust_accuracy"]
     assert audit.passed is False
