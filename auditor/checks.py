@@ -94,7 +94,8 @@ def same_outputs(first: torch.Tensor, second: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Preflight:
-    checks: list[Check]
+    """What the preflight found; the scan raises the checks, describing the battery it adapts."""
+
     probabilities: bool
     """The outputs are probabilities (non-negative, each row summing to one)."""
     randomised: bool
@@ -116,6 +117,12 @@ COARSE_NUDGE = 1e-2
 8-bit quantisation (1/255) for every pixel, out of its cell of 16 grey
 levels or fewer only for a pixel within 0.01 of a cell edge."""
 
+STEPS_SHARE = 0.75
+"""The share of judged images the small nudges must leave unchanged for a
+verdict: a clear majority, so that a model near the line (32 grey levels
+left 29 to 37 of 64 digits unchanged, by seed) gets the same verdict
+whatever the seed."""
+
 COARSE_SHARE = 0.01
 """The share of pixels (at least one) the second nudges move: enough that
 one crosses an 8-bit cell edge in every image, too few that one near a
@@ -128,6 +135,9 @@ class Steps:
 
     images: int
     """Images nudged."""
+    pixels: int
+    """Input values of an image, and how many of them the second nudges move."""
+    moved: int
     judged: int
     """Images judged: all, but rows of probabilities with an exact 0."""
     unchanged: int
@@ -156,9 +166,10 @@ def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
     first = model.forward(batch)
     probabilities = are_probabilities(first)
     if is_randomised(model.forward, batch, first):
-        return Preflight([], probabilities, True)
+        return Preflight(probabilities, True)
     steps = input_steps(model.forward, batch, first, seed, probabilities)
-    return Preflight([], probabilities, False, steps if steps.unchanged * 2 > steps.judged else None)
+    found = steps.judged > 0 and steps.unchanged >= STEPS_SHARE * steps.judged
+    return Preflight(probabilities, False, steps if found else None)
 
 
 def _unchanged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, first: torch.Tensor,
@@ -193,7 +204,7 @@ def input_steps(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Te
     picked = torch.rand(len(batch), pixels, generator=generator).argsort(dim=1) < share
     inward = torch.where(batch.cpu() < 0.5, 1.0, -1.0)
     coarse = _unchanged(forward, batch, first, (picked.view(batch.shape) * inward * COARSE_NUDGE,)) & fine
-    return Steps(len(first), int(judged.sum()), int(fine.sum()), int(coarse.sum()))
+    return Steps(len(first), pixels, share, int(judged.sum()), int(fine.sum()), int(coarse.sum()))
 
 
 def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:
@@ -204,7 +215,7 @@ def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:
     left_out = f" ({saturated} more were saturated probabilities, not judged)" if saturated else ""
     found = (f"nudges of at most {NUDGE:g} per pixel left the model's outputs bit-identical on "
              f"{steps.unchanged} of {steps.judged} images{left_out}")
-    large = f"nudges of 1% of the pixels by {COARSE_NUDGE:g}"
+    large = f"nudges of {steps.moved} of the {steps.pixels} input values by {COARSE_NUDGE:g}"
     coarse = any(isinstance(attack, HopSkipJump) for attack in attacks)
     probes = "; HopSkipJump probes and bisects on a coarser scale" if coarse else ""
     if steps.is_coarse:
@@ -215,10 +226,11 @@ def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:
             f"see no change{probes}; attacks may still miss examples such a model has, so robust accuracy "
             "may be overstated (an adaptive attack such as BPDA is not run)",
         )
+    changed = f"all but {steps.coarse}" if steps.coarse else "all of them"
     return Check(
         QUANTISED_INPUT, "info",
-        f"{found}, but {large} changed all but {steps.coarse}: the model quantises its input in fine steps "
-        f"(8-bit or so). Its gradients are zero and the smallest query probes see no change{probes}",
+        f"{found}, but {large} changed {changed}: the model quantises its input in fine steps (8-bit or so). "
+        f"Its gradients are zero and the smallest query probes see no change{probes}",
     )
 
 
@@ -299,17 +311,21 @@ def low_clean_accuracy(clean_accuracy: float) -> list[Check]:
     )]
 
 
-def small_budget(level: Access, budget: int) -> list[Check]:
+def small_budget(level: Access, budget: int, passes: int = 1) -> list[Check]:
     """At soft- or hard-label access the budget-bound attacks are the
-    strongest that run, and too few queries show nothing about them."""
-    if level not in (Access.SOFT_LABEL, Access.HARD_LABEL) or budget >= SMALL_BUDGET_WARNING_BELOW:
+    strongest that run, and too few answers show nothing about them
+    (``passes``: queries an answer costs, :data:`~auditor.verify.BLACK_BOX_PASSES`
+    on a randomised model)."""
+    answers = budget // passes
+    if level not in (Access.SOFT_LABEL, Access.HARD_LABEL) or answers >= SMALL_BUDGET_WARNING_BELOW:
         return []
-    severity = "error" if budget < SMALL_BUDGET_ERROR_BELOW else "warning"
+    severity = "error" if answers < SMALL_BUDGET_ERROR_BELOW else "warning"
+    below = SMALL_BUDGET_ERROR_BELOW if severity == "error" else SMALL_BUDGET_WARNING_BELOW
+    given = f"--budget {budget:,} pays {answers:,} answers of {passes} passes, below {below:,}" if passes > 1 else (
+        f"--budget {budget:,} is below {below:,} queries")
     return [Check(
         SMALL_BUDGET, severity,
-        f"--budget {budget:,} is below {SMALL_BUDGET_ERROR_BELOW if severity == 'error' else SMALL_BUDGET_WARNING_BELOW:,} "
-        f"queries per sample: at {level.cli_name} "
-        "access the attacks barely start, so robust accuracy is overstated",
+        f"{given} per sample: at {level.cli_name} access the attacks barely start, so robust accuracy is overstated",
     )]
 
 

@@ -53,7 +53,7 @@ from .results import (
     transfer_entry,
 )
 from .surrogates import ENSEMBLE, Surrogate, examine, file_names, train_surrogates
-from .verify import VOTES, eps_bound
+from .verify import BLACK_BOX_PASSES, VOTES, eps_bound
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -396,10 +396,10 @@ def scan(
     with seeded_rng(seed, "check"):  # a randomised model passes or fails the same way in every run
         num_classes = check_model_on_data(adapter, dataset)
     level, reason = resolve_access(access, *adapter.access_ceiling)
-    battery = build_battery(
+    chosen = build_battery(
         level, norm, attacks, targeted=target is not None, transfer=bool(surrogates) or train_surrogates != 0
     )
-    battery = runnable(battery, budget, tuple(dataset.x.shape[1:]), num_classes)
+    battery = runnable(chosen, budget, tuple(dataset.x.shape[1:]), num_classes)
 
     indices = dataset.balanced_indices(samples)
     if samples is not None and samples > len(dataset):
@@ -414,7 +414,7 @@ def scan(
         surrogate_models, surrogate_sets = resolve_surrogates(
             surrogates, train_surrogates, dataset, x, y, num_classes, seed, trust_pickle
         )
-        ready = _preflight(adapter, battery, level, x, y, seed, budget, num_classes)
+        ready = _preflight(adapter, chosen, battery, level, x, y, seed, budget, num_classes)
         adapter, battery, probabilities, votes = ready.adapter, ready.battery, ready.probabilities, ready.votes
         found = list(ready.checks)
         with ScanProgress(enabled=progress) as bar:
@@ -427,7 +427,7 @@ def scan(
         clean_accuracy = (outcome.clean_pred == y).double().mean().item()
         found += checks_mod.low_clean_accuracy(clean_accuracy)
         found += checks_mod.surrogate_checks(surrogate_models)
-        found += checks_mod.small_budget(level, budget)
+        found += checks_mod.small_budget(level, budget, BLACK_BOX_PASSES if votes > 1 else 1)
         found += checks_mod.saturated_scores(battery, logits, probabilities, y, outcome.clean_pred == y)
         found += checks_mod.weaker_attack_wins(outcome.records, outcome.attacks, eps_list)
         found += checks_mod.non_monotone(outcome.attacks, votes > 1)
@@ -517,7 +517,9 @@ class _Ready:
     adapter: Model
     """The model, or at white-box its copy with a final softmax removed."""
     battery: Battery
-    """The battery, with EOT for a randomised model."""
+    """The battery as it runs: for a randomised model with EOT, votes and
+    coarse probes, and without the attacks that votes leave unable to pay a
+    step; with coarse probes for a model with input steps."""
     probabilities: bool
     """The model outputs probabilities."""
     votes: int
@@ -525,23 +527,26 @@ class _Ready:
     checks: tuple[checks_mod.Check, ...]
 
 
-def _preflight(adapter: Model, battery: Battery, level: Access, x: torch.Tensor, y: torch.Tensor,
-               seed: int, budget: int | None, num_classes: int) -> _Ready:
+def _preflight(adapter: Model, chosen: Battery, battery: Battery, level: Access, x: torch.Tensor,
+               y: torch.Tensor, seed: int, budget: int | None, num_classes: int) -> _Ready:
     """Run the checks that need the model before the battery, on the first 64
     samples, and adapt to what they find: a randomised model gets labels by
     vote, APGD with EOT and answers by vote, which leave ``budget`` fewer
-    answers (an attack that can no longer pay a step is skipped); a
-    randomised one or one with input steps, HopSkipJump with coarse probes; a
-    white-box model that outputs probabilities has its final softmax removed
-    where possible (``softmax-removed``), and its gradients are checked."""
+    answers (the ``chosen`` battery is priced again, so that an attack that
+    can no longer pay a step is skipped, with that reason); a randomised one
+    or one with input steps, HopSkipJump with coarse probes; a white-box
+    model that outputs probabilities has its final softmax removed where
+    possible (``softmax-removed``), and its gradients are checked.
+    ``battery``: ``chosen`` as it runs on a deterministic model."""
     first = checks_mod.preflight(adapter, x[:64], seed)
-    found = list(first.checks)
+    found = []
+    shape, d = tuple(x.shape[1:]), x[0].numel()
     if first.randomised:
-        battery = runnable(for_randomised(battery), budget, tuple(x.shape[1:]), num_classes, randomised=True)
+        battery = runnable(for_randomised(chosen, d), budget, shape, num_classes, randomised=True)
         rows = x[:checks_mod.RANDOMNESS_ROWS].to(adapter.device)
         found.append(checks_mod.randomised_model(adapter, rows, seed, battery.attacks))
     elif first.steps is not None:
-        battery = with_coarse_probes(battery)
+        battery = with_coarse_probes(battery, d)
         found.append(checks_mod.steps_check(first.steps, battery.attacks))
     if level == Access.WHITE_BOX and first.probabilities:
         logits_module = logits_before_softmax(adapter.torch_module(), x[:64].to(adapter.device))

@@ -12,7 +12,7 @@ from torch import nn
 
 import auditor
 from auditor.access import Access
-from auditor.battery import COARSE_GAMMA
+from auditor.battery import COARSE_GAMMA, coarse_gamma
 from auditor.checks import (
     access_limited,
     gradient_checks,
@@ -68,10 +68,11 @@ def _model(module):
 
 def test_preflight_flags_randomness_and_probabilities(tiny_cnn, mnist_test):
     x = mnist_test.x[:16]
-    assert _ids(preflight(_model(tiny_cnn), x, 0).checks) == set()
+    plain = preflight(_model(tiny_cnn), x, 0)
+    assert (plain.randomised, plain.probabilities, plain.steps) == (False, False, None)
     assert preflight(_model(Noisy(tiny_cnn).eval()), x, 0).randomised
     first = preflight(_model(nn.Sequential(tiny_cnn, nn.Softmax(dim=1))), x, 0)
-    assert first.probabilities and _ids(first.checks) == set()  # softmax-outputs: white-box scans only, see test_logits
+    assert first.probabilities and first.steps is None  # softmax-outputs: white-box scans only, see test_logits
 
 
 class Levels(nn.Module):
@@ -98,7 +99,6 @@ class Transformed(nn.Module):
 
 def _steps(module, x):
     first = preflight(_model(module), x, 0)
-    assert first.checks == []  # the scan raises them, describing its battery
     return None if first.steps is None else steps_check(first.steps).id
 
 
@@ -121,8 +121,11 @@ def test_preflight_finds_outputs_that_nudges_leave_unchanged(tiny_cnn, mnist_tes
     }
     steps = preflight(_model(Levels(tiny_cnn, 4)), x, 0).steps
     assert (steps.images, steps.judged, steps.unchanged) == (64, 64, 64) and steps.coarse > 32
-    assert (f"on 64 of 64 images, and nudges of 1% of the pixels by 0.01 on {steps.coarse}"
+    assert (f"on 64 of 64 images, and nudges of 8 of the 784 input values by 0.01 on {steps.coarse}"
             in steps_check(steps).message)
+    fine = preflight(_model(Quantised(tiny_cnn)), x, 0).steps
+    assert fine.coarse == 0 and "changed all of them: the model quantises its input in fine steps" in (
+        steps_check(fine).message)
     assert "HopSkipJump" not in steps_check(steps).message  # named only where the battery runs it
 
 
@@ -445,3 +448,22 @@ def test_a_soft_label_scan_of_a_saturated_model_raises_saturated_scores(tiny_cnn
     assert "saturated-scores" not in {c["id"] for c in default["checks"]}
     torch.jit.save(torch.jit.script(tiny_cnn.eval()), str(path))
     assert "saturated-scores" not in {c["id"] for c in auditor.scan(str(path), **options).results["checks"]}
+
+
+def test_coarse_probes_scale_with_the_image():
+    """γ = 1000 as it was on 8 × 8 images put HopSkipJump's probes 15 distances from the boundary and its
+    bisection threshold above 1: on a smooth linear model its median L2 went from 0.44 to 1.86 (0.44 now)."""
+    from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
+    from auditor.oracles import LabelOracle
+
+    assert coarse_gamma(784) == COARSE_GAMMA and coarse_gamma(64) / 64**1.5 == pytest.approx(0.05)
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.rand(16, 1, 8, 8)
+    y = linear(x).argmax(1)
+    median = {}
+    for gamma in (1.0, coarse_gamma(64)):
+        with torch.no_grad():
+            result = HopSkipJump(gamma=gamma)(LabelOracle(lambda z: linear(z).argmax(1), 16, 1000), x, y, seed=0)
+        median[gamma] = float((result.x_adv - x).flatten(1).norm(dim=1).median())
+    assert median[coarse_gamma(64)] < 1.5 * median[1.0], median
