@@ -108,10 +108,10 @@ def coarse_gamma(d: int) -> float:
     """HopSkipJump's coarse γ for inputs of ``d`` values: the probes' distance
     from the boundary (γ/d of the distance from the clean image) as at
     :data:`COARSE_GAMMA` on MNIST, and the L2 binary search no coarser than
-    :data:`COARSE_THETA`. Taken as it is, γ = 1000 on 8 × 8 images put the
+    :data:`COARSE_THETA` (never finer than the default γ = 1). Taken as it is, γ = 1000 on 8 × 8 images put the
     probes 15 distances away and the threshold θ above 1 (no binary search),
     and left 56 % of 8-bit-rounded digits robust at L2 0.25, against 12.5 % at γ = 1."""
-    return min(COARSE_GAMMA * d / 784, COARSE_THETA * d**1.5)
+    return max(1.0, min(COARSE_GAMMA * d / 784, COARSE_THETA * d**1.5))
 
 
 def with_coarse_probes(battery: Battery, d: int) -> Battery:

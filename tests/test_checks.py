@@ -457,6 +457,7 @@ def test_coarse_probes_scale_with_the_image():
     from auditor.oracles import LabelOracle
 
     assert coarse_gamma(784) == COARSE_GAMMA and coarse_gamma(64) / 64**1.5 == pytest.approx(0.05)
+    assert coarse_gamma(4) == 1.0  # never finer than the default
     torch.manual_seed(0)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     x = torch.rand(16, 1, 8, 8)
