@@ -107,10 +107,11 @@ COARSE_THETA = 0.05
 def coarse_gamma(d: int) -> float:
     """HopSkipJump's coarse γ for inputs of ``d`` values: the probes' distance
     from the boundary (γ/d of the distance from the clean image) as at
-    :data:`COARSE_GAMMA` on MNIST, and the L2 binary search no coarser than
-    :data:`COARSE_THETA` (never finer than the default γ = 1). Taken as it is, γ = 1000 on 8 × 8 images put the
-    probes 15 distances away and the threshold θ above 1 (no binary search),
-    and left 56 % of 8-bit-rounded digits robust at L2 0.25, against 12.5 % at γ = 1."""
+    :data:`COARSE_GAMMA` on MNIST, the L2 binary search no coarser than
+    :data:`COARSE_THETA`, and γ never below the default 1. Taken as it is,
+    γ = 1000 on 8 × 8 images put the probes 15 distances away and θ above 1
+    (no binary search), and left 56 % of 8-bit-rounded digits robust at
+    L2 0.25, against 12.5 % at γ = 1."""
     return max(1.0, min(COARSE_GAMMA * d / 784, COARSE_THETA * d**1.5))
 
 
@@ -131,9 +132,9 @@ def for_randomised(battery: Battery, d: int) -> Battery:
     defenses runs APGD-CE (it has APGD-DLR where this battery has APGD-T);
     the passes make each start 20 times the cost. HopSkipJump probes and
     bisects on a coarser scale (:func:`coarse_gamma` for inputs of ``d``
-    values); the black-box
-    attacks' answers are votes (:data:`~auditor.verify.BLACK_BOX_PASSES`
-    passes, applied when the battery runs)."""
+    values); the black-box attacks' answers are votes
+    (:data:`~auditor.verify.BLACK_BOX_PASSES` passes, applied when the
+    battery runs)."""
     attacks = tuple(replace(attack, eot=EOT_PASSES, restarts=1) if isinstance(attack, APGDConfig) else attack
                     for attack in battery.attacks)
     return with_coarse_probes(replace(battery, attacks=attacks), d)
@@ -438,11 +439,11 @@ class BatteryOutcome:
     attacks: tuple[AttackReport, ...] = field(default_factory=tuple)
 
 
-def _oracle_forward(model: Model, oracle_class: type, probabilities: bool, votes: int) -> Callable:
+def _oracle_forward(model: Model, oracle_class: type, probabilities: bool, passes: int) -> Callable:
     """What ``oracle_class`` answers from: the differentiable module, the
-    probabilities or the labels; for a randomised model (``votes`` > 1) the
-    mean probabilities or the voted label of ``votes`` passes, the rule the
-    harness verifies by (gradient attacks average passes themselves: EOT)."""
+    probabilities or the labels; for a randomised model (``passes`` > 1) the
+    mean probabilities or the voted label of ``passes`` passes, as the
+    harness verifies by a vote (gradient attacks average passes themselves: EOT)."""
     if oracle_class is GradientOracle:
         module = model.torch_module()
         if module is None:
@@ -450,12 +451,12 @@ def _oracle_forward(model: Model, oracle_class: type, probabilities: bool, votes
         return module
     if oracle_class is ScoreOracle:
         forward = model.forward if probabilities else (lambda x: torch.softmax(model.forward(x), dim=1))
-        return forward if votes == 1 else (lambda x: mean_probabilities(forward, x, votes))
+        return forward if passes == 1 else (lambda x: mean_probabilities(forward, x, passes))
     one_pass = (lambda x: labels_of(model.forward(x)))
-    return one_pass if votes == 1 else (lambda x: voted_labels(one_pass, x, votes))
+    return one_pass if passes == 1 else (lambda x: voted_labels(one_pass, x, passes))
 
 
-def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bool, votes: int) -> dict:
+def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bool, passes: int) -> dict:
     """For a score attack at white-box access: the oracle's exact
     log-probabilities, ``log_softmax`` of the logits (of the model's
     outputs, or, for a model that outputs probabilities, of the
@@ -464,7 +465,7 @@ def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bo
     loss, which an attacker who has the logits does not face (a model with
     logits × 1000 behind input quantisation, whose gradients are zero,
     scored 75 % robust at white-box against its real 12.5 %). For a
-    randomised model, the logarithm of the mean probabilities of ``votes``
+    randomised model, the logarithm of the mean probabilities of ``passes``
     passes."""
     if attack.oracle is not ScoreOracle or level != Access.WHITE_BOX:
         return {}
@@ -475,10 +476,10 @@ def _exact_scores(model: Model, attack: Attack, level: Access, probabilities: bo
         one_pass = (lambda x: torch.log_softmax(logits_in_passes(module, x), dim=1))
     else:
         return {}  # a softmax that could not be removed: softmax-outputs says so
-    if votes == 1:
+    if passes == 1:
         return {"log_probabilities": one_pass}
-    return {"log_probabilities": lambda x: torch.stack([one_pass(x) for _ in range(votes)]).logsumexp(dim=0)
-            - math.log(votes)}
+    return {"log_probabilities": lambda x: torch.stack([one_pass(x) for _ in range(passes)]).logsumexp(dim=0)
+            - math.log(passes)}
 
 
 TRACE_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10000, 20000)

@@ -102,8 +102,8 @@ class Preflight:
     """Identical passes differed: every label of the scan is then the most
     frequent of :data:`~auditor.verify.VOTES` passes."""
     steps: Steps | None = None
-    """What a nudge of the inputs left unchanged, where it left most outputs
-    unchanged (:func:`input_steps`); None otherwise."""
+    """What nudges of the inputs left unchanged, where they left at least
+    :data:`STEPS_SHARE` of the outputs unchanged (:func:`input_steps`); None otherwise."""
 
 
 NUDGE = 1e-3
@@ -131,7 +131,7 @@ coarse cell's edge is among them in most."""
 
 @dataclass(frozen=True)
 class Steps:
-    """Outputs that nudges of the first 64 images left bit-identical."""
+    """Outputs that nudges of the images (the first 64 audited) left bit-identical."""
 
     images: int
     """Images nudged."""
@@ -159,8 +159,8 @@ def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
     The model counts as randomised if two passes over ``x`` differ, or any of
     :data:`~auditor.models.base.RANDOMNESS_PASSES` over its first
     :data:`RANDOMNESS_ROWS` images; a deterministic model has input steps
-    if nudges of ``x`` (:func:`input_steps`) leave most of its outputs
-    unchanged. Their checks (:func:`randomised_model`, :func:`steps_check`)
+    if nudges of ``x`` (:func:`input_steps`) leave at least
+    :data:`STEPS_SHARE` of its outputs unchanged. Their checks (:func:`randomised_model`, :func:`steps_check`)
     describe the battery adapted to them, so the caller raises them.
     """
     batch = x.to(model.device)
@@ -187,10 +187,9 @@ def input_steps(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Te
     """Which outputs nudges of every pixel by at most :data:`NUDGE`, then of
     :data:`COARSE_SHARE` of the pixels by :data:`COARSE_NUDGE`, left
     bit-identical (:func:`_unchanged`; the noise is drawn from ``seed``). A
-    smooth network's outputs all change;
-    a model behind input quantisation or a threshold keeps them. Rows of
-    probabilities with an exact 0 are not judged: a saturated softmax keeps
-    its 0s and 1s under any small change."""
+    smooth network's outputs all change; a model behind input quantisation or
+    a threshold keeps them. Rows of probabilities with an exact 0 are not
+    judged: a saturated softmax keeps its 0s and 1s under any small change."""
     generator = torch.Generator().manual_seed(seed)
     judged = (first > 0).all(dim=1) if probabilities else torch.ones(len(first), dtype=torch.bool,
                                                                         device=first.device)

@@ -86,7 +86,9 @@ def voted_labels(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return torch.where(column >= 0, column - 1, -1)
 
 
-def mean_probabilities(probabilities: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, votes: int):
+def mean_probabilities(
+    probabilities: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, votes: int
+) -> torch.Tensor:
     """The mean of ``votes`` calls of ``probabilities`` on ``x``: what a
     score attacker averages a randomised model's answers over."""
     return torch.stack([probabilities(x).float() for _ in range(votes)]).mean(dim=0)
