@@ -221,10 +221,10 @@ def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:
     if steps.is_coarse:
         return Check(
             PIECEWISE_CONSTANT, "warning",
-            f"{found}, and {large} on {steps.coarse}: the model's output is piecewise constant in its input, "
-            "in coarse steps (a few grey levels, a threshold). Its gradients are zero and small query probes "
-            f"see no change{probes}; attacks may still miss examples such a model has, so robust accuracy "
-            "may be overstated (an adaptive attack such as BPDA is not run)",
+            f"{found}, and {large} left them so on {steps.coarse}: the model's output is piecewise "
+            "constant in its input, in coarse steps (a few grey levels, a threshold). Its gradients are zero "
+            f"and small query probes see no change{probes}; attacks may still miss examples such a model "
+            "has, so robust accuracy may be overstated (an adaptive attack such as BPDA is not run)",
         )
     changed = f"all but {steps.coarse}" if steps.coarse else "all of them"
     return Check(

@@ -121,8 +121,8 @@ def test_preflight_finds_outputs_that_nudges_leave_unchanged(tiny_cnn, mnist_tes
     }
     steps = preflight(_model(Levels(tiny_cnn, 4)), x, 0).steps
     assert (steps.images, steps.judged, steps.unchanged) == (64, 64, 64) and steps.coarse > 32
-    assert (f"on 64 of 64 images, and nudges of 8 of the 784 input values by 0.01 on {steps.coarse}"
-            in steps_check(steps).message)
+    assert (f"on 64 of 64 images, and nudges of 8 of the 784 input values by 0.01 left them so on "
+            f"{steps.coarse}" in steps_check(steps).message)
     fine = preflight(_model(Quantised(tiny_cnn)), x, 0).steps
     assert fine.coarse == 0 and "changed all of them: the model quantises its input in fine steps" in (
         steps_check(fine).message)
