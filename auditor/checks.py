@@ -137,8 +137,6 @@ class Steps:
     """Images nudged."""
     pixels: int
     """Input values of an image."""
-    moved: int
-    """Of those, how many the second nudges move (:data:`COARSE_SHARE`, at least one)."""
     judged: int
     """Images judged: all, but rows of probabilities with an exact 0."""
     unchanged: int
@@ -146,6 +144,11 @@ class Steps:
     coarse: int
     """Of those, the images some nudge of :data:`COARSE_SHARE` of the pixels
     by :data:`COARSE_NUDGE` left unchanged too."""
+
+    @property
+    def moved(self) -> int:
+        """Input values the second nudges move in each image."""
+        return _moved(self.pixels)
 
     @property
     def is_coarse(self) -> bool:
@@ -171,6 +174,11 @@ def preflight(model: Model, x: torch.Tensor, seed: int) -> Preflight:
     steps = input_steps(model.forward, batch, first, seed, probabilities)
     found = steps.judged > 0 and steps.unchanged >= STEPS_SHARE * steps.judged
     return Preflight(probabilities, False, steps if found else None)
+
+
+def _moved(pixels: int) -> int:
+    """Input values the second nudges move in an image of ``pixels``: :data:`COARSE_SHARE`, at least one."""
+    return max(1, round(COARSE_SHARE * pixels))
 
 
 def _unchanged(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, first: torch.Tensor,
@@ -200,11 +208,10 @@ def input_steps(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Te
     fine = _unchanged(forward, batch, first, (size * signs, size, -size)) & judged
     # a few pixels by COARSE_NUDGE each, away from the nearer end of [0,1] so that none is clipped back
     pixels = batch[0].numel()
-    share = max(1, round(COARSE_SHARE * pixels))
-    picked = torch.rand(len(batch), pixels, generator=generator).argsort(dim=1) < share
+    picked = torch.rand(len(batch), pixels, generator=generator).argsort(dim=1) < _moved(pixels)
     inward = torch.where(batch.cpu() < 0.5, 1.0, -1.0)
     coarse = _unchanged(forward, batch, first, (picked.view(batch.shape) * inward * COARSE_NUDGE,)) & fine
-    return Steps(len(first), pixels, share, int(judged.sum()), int(fine.sum()), int(coarse.sum()))
+    return Steps(len(first), pixels, int(judged.sum()), int(fine.sum()), int(coarse.sum()))
 
 
 def steps_check(steps: Steps, attacks: Sequence[Attack] = ()) -> Check:

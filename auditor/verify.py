@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks.base import distortion, plurality
+from .attacks.base import distortion, labels_of, most_frequent
 from .models.base import Model
 
 EPS_ATOL = 1e-6
@@ -65,13 +65,6 @@ them. 3, 5 and 9 passes did about as well as each other, and 21 (as
 verification takes) worse: its 238 answers are too few for HopSkipJump."""
 
 
-def labels_of(scores: torch.Tensor) -> torch.Tensor:
-    """Top-1 labels of a batch of scores; -1 for a row with a NaN, which
-    names no class (``argmax`` would return the NaN's index): it is never the
-    label, so it counts as misclassified, and never a target."""
-    return torch.where(torch.isnan(scores).any(dim=1), -1, scores.argmax(dim=1))
-
-
 def voted_labels(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, votes: int) -> torch.Tensor:
     """(N,) labels of ``x``: the one strictly more of ``votes`` calls of
     ``labels`` (a pass's top-1 labels, -1 for a NaN row) give than any other,
@@ -79,11 +72,7 @@ def voted_labels(labels: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     classified correctly nor as a target)."""
     if len(x) == 0:
         return torch.empty(0, dtype=torch.long, device=x.device)
-    passes = torch.stack([labels(x) for _ in range(votes)]) + 1  # column 0 counts the NaN rows
-    counts = torch.zeros(len(x), int(passes.max()) + 1, dtype=torch.long, device=passes.device)
-    counts.scatter_add_(1, passes.T, torch.ones_like(passes.T))
-    column = plurality(counts)
-    return torch.where(column >= 0, column - 1, -1)
+    return most_frequent(torch.stack([labels(x) for _ in range(votes)]))
 
 
 def mean_probabilities(

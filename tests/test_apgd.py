@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from auditor.attacks.base import distortion
+from auditor.attacks.base import distortion, labels_of
 from auditor.attacks.whitebox.apgd import APGD, checkpoints, dlr
 from auditor.attacks.whitebox.apgd_t import APGDTargeted, reach_dlr, targeted_dlr
 from auditor.attacks.whitebox.pgd import PGD
@@ -200,3 +200,15 @@ def test_below_four_classes_the_audit_loss_is_positive_exactly_when_the_target_i
     assert torch.equal(reach_dlr(logits, labels) > 0, logits.argmax(1) == t)
     if classes == 2:  # the one other class: both modes maximise z_t - z_y
         assert torch.equal(reach_dlr(logits, labels), targeted_dlr(logits, labels))
+
+
+def test_apgds_vote_names_no_class_for_a_nan_row_as_verification_does():
+    """It took a NaN row's argmax (the NaN's index) as its class, where verification gives -1."""
+    from auditor.attacks.whitebox.apgd import voted
+    from auditor.verify import voted_labels
+
+    passes = [torch.tensor([[0.0, float("nan"), 0.0], [0.0, 1.0, 0.0]])] * 3
+    calls = iter(passes)
+    assert voted(passes).tolist() == [-1, 1]
+    assert voted_labels(lambda x: labels_of(next(calls)), torch.zeros(2, 1, 1, 1), 3).tolist() == [-1, 1]
+    assert voted(passes[:1]).tolist() == [-1, 1]

@@ -468,3 +468,16 @@ def test_coarse_probes_scale_with_the_image():
             result = HopSkipJump(gamma=gamma)(LabelOracle(lambda z: linear(z).argmax(1), 16, 1000), x, y, seed=0)
         median[gamma] = float((result.x_adv - x).flatten(1).norm(dim=1).median())
     assert median[coarse_gamma(64)] < 1.5 * median[1.0], median
+
+
+def test_fine_input_steps_are_information_the_default_policy_allows(tiny_cnn, tmp_path):
+    path = tmp_path / "rounded.pt"
+    torch.jit.save(torch.jit.script(Quantised(tiny_cnn).eval()), str(path))
+    results = auditor.scan(str(path), "mnist", access="hard-label", samples=4, eps=[2.0], norm="l2",
+                           budget=1000, attacks=["hop-skip-jump-l2"], seed=0, policy="default").results
+    steps = [(c["id"], c["level"]) for c in results["checks"] if c["id"].endswith(("-input", "-constant"))]
+    assert steps == [("quantised-input", "info")]
+    assert results["attacks"][0]["params"]["gamma"] == COARSE_GAMMA
+    (no_checks,) = [r for r in results["policy"]["requirements"] if r["id"] == "no_checks"]
+    # the named battery raises custom-battery, which the policy refuses; quantised-input it does not cite
+    assert "custom-battery" in no_checks["actual"] and "quantised-input" not in no_checks["actual"]

@@ -59,15 +59,15 @@ class Rarely(nn.Module):
 
 
 class Flaky(nn.Module):
-    """Shifts each image's label by one class on a fifth of calls, at random."""
+    """Shifts each image's label by one class on a ``share`` of calls (a fifth), at random."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, share: float = 0.2):
         super().__init__()
-        self.inner = inner
+        self.inner, self.share = inner, share
 
     def forward(self, x):
         logits = self.inner(x)
-        return torch.where((torch.rand(len(x)) < 0.2).view(-1, 1), logits.roll(1, dims=1), logits)
+        return torch.where((torch.rand(len(x)) < self.share).view(-1, 1), logits.roll(1, dims=1), logits)
 
 
 class NumpyNoise(nn.Module):
@@ -280,6 +280,11 @@ def test_a_hard_label_scan_of_a_randomised_model_asks_by_vote_and_breaks_what_si
     assert hsj["params"]["gamma"] == COARSE_GAMMA
     queries = [q for run in hsj["runs"] for q in run["per_sample"]["queries"]]
     assert all(q % BLACK_BOX_PASSES == 0 for q in queries) and max(queries) <= 2000
+    # the attack's trace counts answers; what results.json reports from it counts queries
+    (run,) = hsj["runs"]
+    reached = run["per_sample"]["reached"]
+    assert all(r % BLACK_BOX_PASSES == 0 for r in reached) and max(reached) > 2000 // BLACK_BOX_PASSES
+    assert run["distortion_at_queries"]["queries"][-1] == 2000
     assert results["robust_accuracy"]["2"] <= results["clean_accuracy"] - 0.25, results["robust_accuracy"]
 
 
@@ -331,3 +336,14 @@ def test_an_attack_that_cannot_pay_a_step_in_voted_answers_is_skipped_with_why(t
 
 def test_a_vote_on_no_images_is_no_labels():
     assert voted_labels(lambda batch: torch.zeros(len(batch), dtype=torch.long), torch.zeros(0, 1, 2, 2), 5).shape == (0,)
+
+
+def test_an_attack_that_changed_nothing_breaks_no_sample(tiny_cnn, tmp_path):
+    """A fresh vote on the unchanged clean image of a sample the clean vote found correct can go the
+    other way; it was counted as breaking the sample at distortion 0 (not saved in adversarials.npz)."""
+    path = tmp_path / "coin.pt"
+    torch.jit.save(torch.jit.script(Flaky(tiny_cnn, share=0.45).eval()), str(path))
+    audit = auditor.scan(str(path), "mnist", access="hard-label", samples=16, eps=[0.5], norm="l2",
+                         budget=100, attacks=["hop-skip-jump-l2"], seed=0)
+    broken = [s for s in audit.results["samples"] if s["broken_by"] not in (None, "clean")]
+    assert all(s["distortion"] > 0 for s in broken), broken

@@ -158,6 +158,24 @@ def check_target(attack: Attack, target: torch.Tensor | None, y: torch.Tensor) -
         raise ValueError("a target class equals the true label")
 
 
+def labels_of(scores: torch.Tensor) -> torch.Tensor:
+    """Top-1 labels of a batch of scores; -1 for a row with a NaN, which
+    names no class (``argmax`` would return the NaN's index): it is never the
+    label, so it counts as misclassified, and never a target."""
+    return torch.where(torch.isnan(scores).any(dim=1), -1, scores.argmax(dim=1))
+
+
+def most_frequent(passes: torch.Tensor) -> torch.Tensor:
+    """(N,) per column of (P, N) labels (-1: a NaN row, counted as a label of
+    its own), the one strictly more passes give than any other, or -1 where
+    labels tie for the most (no answer)."""
+    shifted = passes + 1  # column 0 counts the NaN rows
+    counts = torch.zeros(passes.shape[1], int(shifted.max()) + 1, dtype=torch.long, device=passes.device)
+    counts.scatter_add_(1, shifted.T, torch.ones_like(shifted.T))
+    column = plurality(counts)
+    return torch.where(column >= 0, column - 1, -1)
+
+
 def plurality(counts: torch.Tensor) -> torch.Tensor:
     """(N,) per row of (N, K) vote ``counts``, the column with strictly more
     votes than any other; -1 where columns tie for the most."""

@@ -75,7 +75,9 @@ import torch
 from torch.nn import functional as F
 
 from ...oracles import GradientOracle
-from ..base import FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, plurality, project
+from ..base import (
+    FIXED_EPS, NORMS, Attack, AttackResult, check_call, generator, labels_of, most_frequent, project,
+)
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits (M,K), per-sample loss data (M,...)) -> per-sample loss (M,)."""
@@ -182,8 +184,10 @@ def _gradient(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor, loss: 
     (:func:`voted`)."""
     logits, grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
     if eot == 1:
-        return logits, grad.contiguous(), logits.argmax(1)
+        return logits, grad.contiguous(), labels_of(logits)
     passes = [logits]
+    # one call a pass, not one call on eot copies: a model that draws once per call (a random choice of
+    # networks) would give every copy the same draw
     for _ in range(eot - 1):
         more_logits, more_grad = oracle.loss_grad(x, lambda out: loss(out, data), idx=idx)
         passes.append(more_logits)
@@ -200,16 +204,14 @@ def mean_logits(oracle: GradientOracle, x: torch.Tensor, idx: torch.Tensor,
 
 
 def voted(passes: list[torch.Tensor]) -> torch.Tensor:
-    """The label strictly more of the passes' argmaxes give than any other,
-    -1 where labels tie: with one pass its argmax. The harness judges a
-    randomised model's examples by this rule (``verify.predict``), so a
-    sample counts as fooled where the passes agree, not where their mean
-    logits happen to cross the boundary."""
+    """The label strictly more of the passes' top-1 labels give than any
+    other, -1 where labels tie (-1 also for a NaN row): with one pass its
+    label. The harness judges a randomised model's examples by this rule
+    (``verify.predict``), so a sample counts as fooled where the passes
+    agree, not where their mean logits happen to cross the boundary."""
     if len(passes) == 1:
-        return passes[0].argmax(1)
-    labels = torch.stack([logits.argmax(1) for logits in passes], dim=1)
-    counts = torch.zeros(passes[0].shape, dtype=torch.long, device=labels.device)
-    return plurality(counts.scatter_add_(1, labels, torch.ones_like(labels)))
+        return labels_of(passes[0])
+    return most_frequent(torch.stack([labels_of(logits) for logits in passes]))
 
 
 def apgd_run(
