@@ -78,6 +78,34 @@ def test_p_schedule_follows_reference():
     assert p_selection(0.8, 100, 1000) == 0.8 / 16
 
 
+def _window_sides(attack: SquareAttack) -> list[int]:
+    """Square on one grey digit, budget 100, under a model whose scores never
+    change, so that every proposal is a change of the initial point inside
+    its windows: for each proposal of the last oracle call, the number of
+    rows it changes (for L∞ its window's side, for L2 those of W1 and W2)."""
+    x, y = torch.full((1, 1, 28, 28), 0.5), torch.tensor([3])
+    calls = []
+
+    def constant(batch):
+        calls.append(batch.clone())
+        return torch.full((len(batch), 10), 0.1)
+
+    attack(ScoreOracle(constant, 1, 100), x, y, eps=0.1 if attack.norm == "linf" else 1.0, seed=0)
+    # (L2's rescale to ‖δ‖₂ = ε may move every other pixel by a rounding error)
+    changed = (calls[-1] - calls[0][0]).abs() > 1e-5
+    return changed.any(dim=3)[:, 0].sum(dim=1).tolist()
+
+
+def test_square_schedule_stretches_to_the_budget_for_linf_only():
+    # at queries 50-99 of 100 the 10,000-query schedule is at p_init / 4
+    # (side 13 of 28); stretched to the budget it is at p_init / 128 or less
+    # (side 2; L2 windows are at least 3 wide, and W2 zeroed adds up to 3 rows)
+    assert max(_window_sides(SquareAttack(norm="linf"))) <= 3
+    assert min(_window_sides(SquareAttack(norm="linf", schedule_queries=10000))) >= 12
+    assert min(_window_sides(SquareAttack(norm="l2"))) >= 12
+    assert max(_window_sides(SquareAttack(norm="l2", schedule_queries=1))) <= 6
+
+
 # -- budgets -------------------------------------------------------------------
 
 
