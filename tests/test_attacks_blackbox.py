@@ -78,11 +78,11 @@ def test_p_schedule_follows_reference():
     assert p_selection(0.8, 100, 1000) == 0.8 / 16
 
 
-def _window_sides(attack: SquareAttack) -> list[int]:
+def _changes(attack: SquareAttack) -> list[torch.Tensor]:
     """Square on one grey digit, budget 100, under a model whose scores never
     change, so that every proposal is a change of the initial point inside
-    its windows: for each proposal of the last oracle call, the number of
-    rows it changes (for L∞ its window's side, for L2 those of W1 and W2)."""
+    its windows: per oracle call after the first, the pixels each of its
+    proposals changes, (proposals, 28, 28)."""
     x, y = torch.full((1, 1, 28, 28), 0.5), torch.tensor([3])
     calls = []
 
@@ -92,8 +92,13 @@ def _window_sides(attack: SquareAttack) -> list[int]:
 
     attack(ScoreOracle(constant, 1, 100), x, y, eps=0.1 if attack.norm == "linf" else 1.0, seed=0)
     # (L2's rescale to ‖δ‖₂ = ε may move every other pixel by a rounding error)
-    changed = (calls[-1] - calls[0][0]).abs() > 1e-5
-    return changed.any(dim=3)[:, 0].sum(dim=1).tolist()
+    return [((call - calls[0][0]).abs() > 1e-5)[:, 0] for call in calls[1:]]
+
+
+def _window_sides(attack: SquareAttack) -> list[int]:
+    """Rows each proposal of the last call changes: for L∞ its window's side,
+    for L2 those of W1 and W2."""
+    return _changes(attack)[-1].any(dim=2).sum(dim=1).tolist()
 
 
 def test_square_schedule_stretches_to_the_budget_for_linf_only():
@@ -104,6 +109,15 @@ def test_square_schedule_stretches_to_the_budget_for_linf_only():
     assert min(_window_sides(SquareAttack(norm="linf", schedule_queries=10000))) >= 12
     assert min(_window_sides(SquareAttack(norm="l2"))) >= 12
     assert max(_window_sides(SquareAttack(norm="l2", schedule_queries=1))) <= 6
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_square_windows_leave_the_last_row_and_column_as_the_reference_does(norm):
+    changed = torch.cat(_changes(SquareAttack(norm=norm)))
+    assert len(changed) == 99 and changed.flatten(1).any(dim=1).all()
+    assert not changed[:, -1, :].any() and not changed[:, :, -1].any()
+    # the row and column before them are reached
+    assert changed[:, -2, :].any() and changed[:, :, -2].any()
 
 
 # -- budgets -------------------------------------------------------------------
