@@ -47,7 +47,7 @@ def sign_opt_runs(model64, correct_batch):
 @pytest.mark.parametrize(
     "kwargs",
     [{"norm": "l1"}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "hinge"}, {"n_iters": 0}, {"hits_per_step": 0.0},
-     {"hits_per_step": 1.5}, {"max_proposals": 0}],
+     {"hits_per_step": 1.5}, {"max_proposals": 0}, {"schedule_queries": 0}],
 )
 def test_square_rejects_bad_config(kwargs):
     with pytest.raises(ValueError):
@@ -109,6 +109,33 @@ def test_square_schedule_stretches_to_the_budget_for_linf_only():
     assert min(_window_sides(SquareAttack(norm="linf", schedule_queries=10000))) >= 12
     assert min(_window_sides(SquareAttack(norm="l2"))) >= 12
     assert max(_window_sides(SquareAttack(norm="l2", schedule_queries=1))) <= 6
+
+
+@pytest.mark.parametrize("h,w", [(5, 9), (9, 5), (4, 4)])
+def test_square_corners_cover_each_axis_of_non_square_images(h, w):
+    from auditor.attacks.softlabel.square import _corners
+
+    gen = torch.Generator().manual_seed(0)
+    for s in range(1, min(h, w) + 1):
+        rows, columns = _corners((2000,), h, w, s, gen, "cpu").unbind(-1)
+        assert set(rows.tolist()) == set(range(max(h - s, 1)))
+        assert set(columns.tolist()) == set(range(max(w - s, 1)))
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_runs_on_non_square_images(norm, eps):
+    x = torch.rand((3, 3, 7, 4), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn((3 * 7 * 4, 10), generator=torch.Generator().manual_seed(1))
+
+    def model(z):
+        return (z.flatten(1) @ weights).softmax(1)
+
+    y = model(x).argmax(1)
+    oracle = ScoreOracle(model, 3, 300)
+    result = SquareAttack(norm=norm)(oracle, x, y, eps=eps, seed=0)
+    assert (result.queries <= 300).all() and (result.queries > 1).any()
+    assert (distortion(result.x_adv - x, norm) <= eps + 1e-5).all()
+    assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

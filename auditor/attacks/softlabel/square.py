@@ -82,10 +82,10 @@ L2 (Algorithm 3 sampling distribution):
   only shrink it. Float32 round-off can leave ‖δ‖₂ a few 1e-7 above ε.
 
 Several proposals per step (not in the paper; ``fill_values``,
-``max_proposals``, ``hits_per_step``): once the samples attacked hold
-fewer than ``fill_values`` input values (64 MNIST digits; 16 images of
-3 × 32 × 32), a step may draw k proposals per sample from its
-current point, send all of them in one oracle call (k counted queries per
+``max_proposals``, ``hits_per_step``): as long as a call stays within
+``fill_values`` input values (64 MNIST digits; 16 images of 3 × 32 × 32),
+so from 32 MNIST digits attacked down, a step may draw k proposals per
+sample from its current point, send all of them in one oracle call (k counted queries per
 sample) and keep the best if it improves (a successful one first). The p
 schedule follows the queries spent, so the windows shrink as in the paper.
 k proposals from one point can improve it once, where k sequential steps
@@ -135,8 +135,9 @@ better for L2 than corners uniform over all ``H - s + 1`` positions (FGSM-RS
 CNN above, 1,000 queries, seeds 0-5: 32.1 % against 31.0 % broken) and
 made no difference for L∞.
 
-Deviations from the reference code: it caps ``s`` at ``H - 1``, AutoAttack
-and this code at ``H``. The reference L2 code draws one pair of windows,
+Deviations from the reference code: its L∞ code caps ``s`` at ``H - 1``;
+here, as in AutoAttack, a window may span the image (``s`` at most
+``min(H, W)``). The reference L2 code draws one pair of windows,
 one bump orientation and, in the initialisation, one orientation per square
 for the whole batch; here each sample draws its own. Its initial grid is laid out
 for square images of side at least 25 (for some smaller sides its last
@@ -646,8 +647,9 @@ class _Working:
 def _corners(count: tuple[int, ...], h: int, w: int, s: int, gen: torch.Generator, device) -> torch.Tensor:
     """(row, column) of the top-left corners of ``count`` s × s windows in
     H × W images, shape ``(*count, 2)``: uniform over ``[0, H - s) × [0,
-    W - s)``, as the reference code and AutoAttack draw them, so that the
-    last row and column are in a window only when s spans the image."""
+    W - s)`` (0 where s spans the image), as the reference code and
+    AutoAttack draw them, so that the last row and column are in a window
+    only when s spans the image."""
     if h == w:
         return torch.randint(0, max(h - s, 1), (*count, 2), generator=gen, device=device)
     rows = torch.randint(0, max(h - s, 1), count, generator=gen, device=device)
