@@ -429,6 +429,7 @@ class SquareAttack(Attack):
         work = None
         # With eps = 0 no window can change the image: the initial query is all.
         it, last = 0, n_iters - 1 if eps > 0 else 0
+        schedule = self._schedule_length(n_iters)
         while it < last:
             if work is None:
                 work = search.working(oracle, labels, lower, upper)
@@ -440,7 +441,7 @@ class SquareAttack(Attack):
             mk = m * k
 
             # Alg. 1 line 3: side of the square from the schedule of p.
-            p = p_selection(self.p_init, it, self._schedule_length(n_iters))
+            p = p_selection(self.p_init, it, schedule)
             s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
 
             # Alg. 1 lines 4-5 (Alg. 2): a random window per proposal, ±ε per
@@ -502,6 +503,7 @@ class SquareAttack(Attack):
         bumps: dict[int, torch.Tensor] = {}
         work = None
         it, last = 0, n_iters - 1 if eps > 0 else 0
+        schedule = self._schedule_length(n_iters)
         while it < last:
             if work is None:
                 work = search.working(oracle, labels, x)
@@ -514,7 +516,7 @@ class SquareAttack(Attack):
 
             # Alg. 1 line 3, with the reference code's L2 rule: an odd side of
             # at least 3 (here also at most min(H, W)).
-            p = p_selection(self.p_init, it, self._schedule_length(n_iters))
+            p = p_selection(self.p_init, it, schedule)
             s = max(round((p * h * w) ** 0.5), 3)
             s = min(s + 1 - s % 2, h, w)
             if s not in bumps:
