@@ -17,6 +17,7 @@ from auditor.attacks.hardlabel.shared import BestAdversarial, Directions, Sample
 from auditor.attacks.hardlabel.hop_skip_jump import HopSkipJump
 from auditor.attacks.hardlabel.opt import OPT
 from auditor.attacks.hardlabel.random_noise import RandomNoise
+from auditor.attacks.hardlabel.ray_search import Stall
 from auditor.attacks.hardlabel.sign_opt import SignOPT
 from auditor.battery import distortion_at, queries_to_reach
 from auditor.oracles import LabelOracle
@@ -293,6 +294,59 @@ def test_subspace_directions_are_bilinear_upsamplings_of_per_sample_draws(correc
     # factor 1 is the full-dimensional draw itself
     full = Directions(SampleRandom(5, x), (1, 28, 28), 1).gaussian(rows, counts)
     assert torch.equal(full, SampleRandom(5, x).randn(rows, counts, (1, 28, 28)))
+
+
+def test_refined_samples_draw_in_full_dimension(correct_batch):
+    """After ``refine``, a sample's draws are its stream's full-dimensional
+    ones; the others stay lifted from the grid; rows keep their order."""
+    x = correct_batch[0][:3]
+    rows, counts = torch.tensor([0, 1, 2]), torch.tensor([2, 1, 3])
+    directions = Directions(SampleRandom(5, x), (1, 28, 28), 2)
+    directions.refine(torch.tensor([1]))
+    drawn = directions.gaussian(rows, counts)
+    stream = SampleRandom(5, x)
+    coarse = stream.randn(torch.tensor([0, 2]), torch.tensor([2, 3]), (1, 14, 14))
+    lifted = torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
+    assert torch.allclose(drawn[[0, 1, 3, 4, 5]], lifted, atol=1e-6)
+    assert torch.equal(drawn[2:3], stream.randn(torch.tensor([1]), 1, (1, 28, 28)))
+    uniform = directions.uniform(torch.tensor([1]), 2)
+    assert uniform.shape == (2, 1, 28, 28) and uniform.abs().max() <= 1
+
+
+def test_stall_fires_when_g_falls_by_less_than_the_drop():
+    stall = Stall(3, window=2, drop=0.1, device="cpu")
+    rows = torch.tensor([0, 1, 2])
+    history = torch.tensor([[4.0, 4.0, 4.0], [3.0, 3.9, 3.0], [2.0, 3.9, 3.0], [1.9, 3.9, 3.0]])
+    fired = [stall.stalled(rows, g).tolist() for g in history]
+    # no verdict before a sample has had `window` iterations; then g now against g two iterations ago
+    assert fired == [[False] * 3, [False] * 3, [False, True, False], [False, True, True]]
+    never = Stall(1, window=1, drop=0.0, device="cpu")
+    assert not any(bool(never.stalled(torch.tensor([0]), torch.tensor([2.0]))) for _ in range(3))
+
+
+def test_a_stalled_sign_opt_sample_switches_and_batching_stays_exact(model64, correct_batch, monkeypatch):
+    """With a stall rule that fires early, samples switch at different
+    iterations; each still gets exactly what it gets alone, and the run
+    differs from one that never switches."""
+    refined = []
+    original = Directions.refine
+
+    def spy(self, rows):
+        refined.append(len(rows))
+        original(self, rows)
+
+    monkeypatch.setattr(Directions, "refine", spy)
+    attack = SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2)
+    x, y = correct_batch[0][:6], correct_batch[1][:6]
+    labels = one_by_one(model64)
+    batch = attack(LabelOracle(labels, 6, 400), x, y, seed=3)
+    assert sum(refined) >= 1
+    for i in range(6):
+        alone = attack(LabelOracle(labels, 1, 400), x[i : i + 1], y[i : i + 1], seed=3)
+        assert torch.equal(alone.x_adv[0], batch.x_adv[i]), f"sample {i}"
+        assert int(alone.queries[0]) == int(batch.queries[i])
+    never = replace(attack, stall_drop=0.0)(LabelOracle(labels, 6, 400), x, y, seed=3)
+    assert not torch.equal(never.x_adv, batch.x_adv)
 
 
 def test_subspace_directions_lower_sign_opt_distortion(model64, correct_batch):

@@ -148,7 +148,7 @@ class OPT(RaySearch):
     name: ClassVar[str] = "opt"
     paper: ClassVar[str] = "Cheng et al., OPT, ICLR 2019"
     in_default_battery: ClassVar[bool] = False
-    counts: ClassVar[tuple[str, ...]] = ("q", "n_init", "max_line_search", "max_values")
+    counts: ClassVar[tuple[str, ...]] = ("q", *RaySearch.counts)
 
     q: int = 10
     """Random directions per gradient estimate."""

@@ -23,7 +23,9 @@ holds what they share, all batched over samples:
   (queries, best distortion), exact to the query;
 * ``RaySearch.__call__``: clean check, initialisation, then iterations of
   estimate, step-size line search (``line_search``, the official code's)
-  and the α/β resets. The initialisation takes the best of
+  and the α/β resets; a sample whose g stalls (``stall_drop``, Sign-OPT in
+  L2: :class:`Stall`) draws its directions in full dimension from then
+  on. The initialisation takes the best of
   ``n_init`` directions: Gaussian ones, or in targeted mode ``s − x0`` for
   images ``s`` of the target class from the data (the official targeted
   attacks' start), each sample walking through its class's images from a
@@ -183,6 +185,30 @@ class Boundary:
         return torch.where(ok, hi, out)
 
 
+class Stall:
+    """Per sample, g(θ) at the start of its last ``window`` iterations.
+
+    A sample whose g fell by less than the fraction ``drop`` over its last
+    ``window`` iterations has stalled in the low-frequency subspace, and
+    draws its directions in full dimension from then on
+    (:meth:`Directions.refine <.shared.Directions.refine>`). ``drop = 0``
+    never fires: g never rises.
+    """
+
+    def __init__(self, n: int, window: int, drop: float, device):
+        self.drop = drop
+        self.past = torch.full((n, window), float("inf"), device=device)
+        """Oldest first; inf until a sample has had ``window`` iterations."""
+
+    def stalled(self, rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Mask over ``rows`` of the samples that stalled, given g at the start
+        of their iteration now; records that g."""
+        past = self.past[rows]
+        out = g > (1.0 - self.drop) * past[:, 0]
+        self.past[rows] = torch.cat([past[:, 1:], g[:, None].to(past.dtype)], dim=1)
+        return out
+
+
 @dataclass(frozen=True)
 class RaySearch(Attack):
     """OPT-family attack: the shared settings and loop; subclasses give ``_estimate``."""
@@ -196,7 +222,7 @@ class RaySearch(Attack):
     # double the cost of the gradient-masking check above hard-label access;
     # AutoAttack's check is Square alone.
     default_up_to: ClassVar[Access] = Access.HARD_LABEL
-    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values")
+    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values", "stall_window")
     """Integer fields that must be at least 1."""
 
     norm: str = "l2"
@@ -222,6 +248,15 @@ class RaySearch(Attack):
     directions are drawn in (:class:`~.shared.Directions`); 1 draws them in
     full dimension, as the paper does; ``"auto"`` takes f = 2 for 28 × 28
     and 32 × 32 images."""
+    stall_window: int = 4
+    """Iterations over which a sample's progress is judged (:class:`Stall`)."""
+    stall_drop: float | None = None
+    """A sample whose g fell by less than this fraction over its last
+    ``stall_window`` iterations draws its directions in full dimension from
+    then on; 0 keeps every sample in the subspace; None takes the attack's
+    measured choice for its norm (``auto_stall_drop``, else 0)."""
+    auto_stall_drop: ClassVar[dict[str, float]] = {}
+    """``stall_drop`` per norm where it is None (absent: 0)."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -234,7 +269,14 @@ class RaySearch(Attack):
         for field in ("alpha", "beta", "tol"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"{field} must be > 0, got {getattr(self, field)}")
+        if self.stall_drop is not None and not 0 <= self.stall_drop < 1:
+            raise ValueError(f"stall_drop must be in [0, 1) or None, got {self.stall_drop}")
         check_subspace(self.subspace)
+
+    @property
+    def stall_fraction(self) -> float:
+        """``stall_drop``, or where it is None the attack's choice for its norm."""
+        return self.auto_stall_drop.get(self.norm, 0.0) if self.stall_drop is None else self.stall_drop
 
     @property
     @abc.abstractmethod
@@ -262,6 +304,7 @@ class RaySearch(Attack):
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
         beta = torch.full((n,), self.beta, device=device)
+        stall = Stall(n, self.stall_window, self.stall_fraction, device)
 
         for _ in range(self.max_iter):
             active &= oracle.remaining().to(device) >= self.iteration_cost
@@ -269,6 +312,7 @@ class RaySearch(Attack):
             if not len(rows):
                 break
             th, gg = theta[rows], g[rows]
+            run.directions.refine(rows[stall.stalled(rows, gg)])
             step, smooth = alpha[rows], beta[rows]
             grad, probe_th, probe_g = self._estimate(ray, run.directions, rows, th, gg, smooth)
             best_th, best_g = line_search(ray, rows, th, gg, grad, step, smooth / 500, self.max_line_search)
