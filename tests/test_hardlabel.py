@@ -340,7 +340,7 @@ def test_a_stalled_sign_opt_sample_switches_and_batching_stays_exact(model64, co
     x, y = correct_batch[0][:6], correct_batch[1][:6]
     labels = one_by_one(model64)
     batch = attack(LabelOracle(labels, 6, 400), x, y, seed=3)
-    assert sum(refined) >= 1
+    assert sum(1 for count in refined if count) >= 2  # in two iterations at least
     for i in range(6):
         alone = attack(LabelOracle(labels, 1, 400), x[i : i + 1], y[i : i + 1], seed=3)
         assert torch.equal(alone.x_adv[0], batch.x_adv[i]), f"sample {i}"
@@ -349,9 +349,16 @@ def test_a_stalled_sign_opt_sample_switches_and_batching_stays_exact(model64, co
     assert not torch.equal(never.x_adv, batch.x_adv)
 
 
+def test_the_stall_rule_is_recorded_as_it_ran():
+    assert SignOPT().as_run(10, False).stall_drop == 0.05
+    assert SignOPT(norm="linf").as_run(10, False).stall_drop == 0.0
+    assert SignOPT(stall_drop=0.2).as_run(10, True).stall_drop == 0.2
+    assert OPT().as_run(10, False).stall_drop == 0.0
+
+
 def test_subspace_directions_lower_sign_opt_distortion(model64, correct_batch):
     """Low-frequency directions find closer examples for the same queries
-    (on the example CNN: median L2 at 1,000 queries 2.72 -> 1.40)."""
+    (on the example CNN with k = 200: median L2 at 1,000 queries 2.72 -> 1.40)."""
     x, y = correct_batch[0][:12], correct_batch[1][:12]
     sizes = {}
     for subspace in (1, "auto"):

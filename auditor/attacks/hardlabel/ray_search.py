@@ -43,7 +43,7 @@ every g held is a verified adversarial distance.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -262,8 +262,9 @@ class RaySearch(Attack):
         if self.norm not in self.norms:
             raise ValueError(f"{self.name} supports norms {self.norms}, got {self.norm!r}")
         for field in self.counts:
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
         if self.max_iter < 0:
             raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
         for field in ("alpha", "beta", "tol"):
@@ -277,6 +278,10 @@ class RaySearch(Attack):
     def stall_fraction(self) -> float:
         """``stall_drop``, or where it is None the attack's choice for its norm."""
         return self.auto_stall_drop.get(self.norm, 0.0) if self.stall_drop is None else self.stall_drop
+
+    def as_run(self, num_classes: int, targeted: bool) -> "RaySearch":
+        """With ``stall_drop`` resolved, so the record says which rule ran."""
+        return replace(self, stall_drop=self.stall_fraction)
 
     @property
     @abc.abstractmethod
