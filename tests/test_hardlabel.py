@@ -324,7 +324,9 @@ def test_stall_fires_when_g_falls_by_less_than_the_drop():
     assert not any(bool(never.stalled(torch.tensor([0]), torch.tensor([2.0]))) for _ in range(3))
 
 
-def test_a_stalled_sign_opt_sample_switches_and_batching_stays_exact(model64, correct_batch, monkeypatch):
+@pytest.mark.parametrize("attack", [SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2),
+                                    HopSkipJump(init_num_evals=20, n_init=20, stall_window=1, stall_drop=0.2)])
+def test_a_stalled_sample_switches_and_batching_stays_exact(model64, correct_batch, monkeypatch, attack):
     """With a stall rule that fires early, samples switch at different
     iterations; each still gets exactly what it gets alone, and the run
     differs from one that never switches."""
@@ -336,7 +338,6 @@ def test_a_stalled_sign_opt_sample_switches_and_batching_stays_exact(model64, co
         original(self, rows)
 
     monkeypatch.setattr(Directions, "refine", spy)
-    attack = SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2)
     x, y = correct_batch[0][:6], correct_batch[1][:6]
     labels = one_by_one(model64)
     batch = attack(LabelOracle(labels, 6, 400), x, y, seed=3)
@@ -354,6 +355,16 @@ def test_the_stall_rule_is_recorded_as_it_ran():
     assert SignOPT(norm="linf").as_run(10, False).stall_drop == 0.0
     assert SignOPT(stall_drop=0.2).as_run(10, True).stall_drop == 0.2
     assert OPT().as_run(10, False).stall_drop == 0.0
+    assert HopSkipJump().as_run(10, False).stall_drop == 0.05
+    assert HopSkipJump(norm="linf").as_run(10, False).stall_drop == 0.0
+
+
+@pytest.mark.parametrize("attack", [SignOPT, OPT, HopSkipJump])
+@pytest.mark.parametrize("kwargs", [{"stall_window": 0}, {"stall_window": 1.5}, {"stall_drop": 1.0},
+                                    {"stall_drop": -0.5}])
+def test_bad_stall_rule_is_refused(attack, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        attack(**kwargs)
 
 
 def test_subspace_directions_lower_sign_opt_distortion(model64, correct_batch):

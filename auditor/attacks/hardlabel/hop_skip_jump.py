@@ -56,6 +56,17 @@ one stage gathered into oracle calls of up to ``max_values`` input values):
   has the same sign (the official code), then normalised; the update
   direction ``v_t`` is that unit vector for L2 and its sign for L∞
   (Algorithm 1 line 6).
+* subspace and the switch out of it (not the paper's): the ``u_b`` are
+  drawn in a low-frequency subspace (``subspace``,
+  :class:`~.shared.Directions`); in L2 a sample whose distance
+  ``‖x_t − x*‖`` fell by less than 5 % over its last 6 iterations draws
+  them in full dimension from then on (``stall_drop``,
+  :class:`~.ray_search.Stall`, as Sign-OPT). Median L2 at 4,000 queries,
+  93-99 correctly classified MNIST test digits per model: example CNN
+  1.159 → 1.146; the same CNN after FGSM-RS training 2.191 → 2.140; an MLP
+  after FGSM-RS 2.114 → 2.098; an MLP 0.955 → 0.955. A window of 4
+  iterations helped the first three more but cost the FGSM-RS MLP (2.135).
+  In L∞ the switch did not help (FGSM-RS CNN: 0.276 → 0.278), so it is off.
 * tangent probes (L2, not the paper's; ``tangent_probes``): each ``u_b``
   has its component along ``x_t − x*`` removed before it is normalised, so
   the probes lie in the tangent space of the sphere around ``x*`` through
@@ -126,7 +137,7 @@ from .shared import (
     col,
     unit,
 )
-from .ray_search import Boundary, ray_start
+from .ray_search import Boundary, StallSwitch, ray_start
 
 _DELTA_FIRST = 0.1
 """δ_1: the official code probes at 0.1 × (clip_max − clip_min) at t = 1."""
@@ -136,7 +147,7 @@ boundary search after it refines to HopSkipJump's own threshold."""
 
 
 @dataclass(frozen=True)
-class HopSkipJump(Attack):
+class HopSkipJump(StallSwitch, Attack):
     """HopSkipJumpAttack (L2 or L∞), a minimum-norm hard-label attack."""
 
     name: ClassVar[str] = "hop-skip-jump"
@@ -179,6 +190,14 @@ class HopSkipJump(Attack):
     """L2: draw the gradient probes orthogonal to ``x_t − x*`` (see the
     module docstring); False probes in all directions, as the paper does.
     The L∞ attack always probes in all directions."""
+    stall_window: int = 6
+    """Iterations over which a sample's progress is judged."""
+    stall_drop: float | None = None
+    """A sample whose distance fell by less than this fraction over its last
+    ``stall_window`` iterations draws its probes in full dimension from then
+    on; 0 keeps every sample in the subspace; None takes 0.05 in L2 and 0 in
+    L∞ (:class:`~.ray_search.StallSwitch`)."""
+    auto_stall_drop: ClassVar[dict[str, float]] = {"l2": 0.05}
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -191,6 +210,7 @@ class HopSkipJump(Attack):
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        self.check_stall()
         check_subspace(self.subspace)
 
     def __call__(
@@ -257,6 +277,7 @@ class HopSkipJump(Attack):
 
         active = found.clone()
         t = torch.zeros(n, dtype=torch.long, device=device)
+        stall = self.stall(n, device)
 
         for _ in range(self.max_iter):
             t_next = t + 1
@@ -274,6 +295,7 @@ class HopSkipJump(Attack):
             tt = t[rows].to(x0.dtype)
             xt = current[rows]
             dist = distortion(xt - x0[rows], self.norm).to(x0.dtype)
+            run.directions.refine(rows[stall.stalled(rows, dist)])
 
             # (1) gradient-direction estimate at x_t (Alg. 1 line 5, Eq. 16)
             scale = math.sqrt(d) if self.norm == "l2" else float(d)

@@ -24,8 +24,8 @@ holds what they share, all batched over samples:
 * ``RaySearch.__call__``: clean check, initialisation, then iterations of
   estimate, step-size line search (``line_search``, the official code's)
   and the α/β resets; a sample whose g stalls (``stall_drop``, Sign-OPT in
-  L2: :class:`Stall`) draws its directions in full dimension from then
-  on. The initialisation takes the best of
+  L2: :class:`Stall`, :class:`StallSwitch`) draws its directions in full
+  dimension from then on. The initialisation takes the best of
   ``n_init`` directions: Gaussian ones, or in targeted mode ``s − x0`` for
   images ``s`` of the target class from the data (the official targeted
   attacks' start), each sample walking through its class's images from a
@@ -209,8 +209,39 @@ class Stall:
         return out
 
 
+class StallSwitch:
+    """The switch to full-dimensional directions on a stall, for attacks with
+    fields ``norm``, ``stall_window`` (iterations over which a sample's
+    progress is judged) and ``stall_drop`` (the fraction its distance must
+    fall by over them: 0 never switches; None takes ``auto_stall_drop`` for
+    the norm, else 0)."""
+
+    auto_stall_drop: ClassVar[dict[str, float]] = {}
+    """``stall_drop`` per norm where it is None (absent: 0)."""
+
+    def check_stall(self) -> None:
+        window, drop = self.stall_window, self.stall_drop
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"stall_window must be an integer >= 1, got {window!r}")
+        if drop is not None and not 0 <= drop < 1:
+            raise ValueError(f"stall_drop must be in [0, 1) or None, got {drop}")
+
+    @property
+    def stall_fraction(self) -> float:
+        """``stall_drop``, or where it is None the attack's choice for its norm."""
+        return self.auto_stall_drop.get(self.norm, 0.0) if self.stall_drop is None else self.stall_drop
+
+    def stall(self, n: int, device) -> Stall:
+        """A fresh :class:`Stall` for a run on ``n`` samples."""
+        return Stall(n, self.stall_window, self.stall_fraction, device)
+
+    def as_run(self, num_classes: int, targeted: bool):
+        """With ``stall_drop`` resolved, so the record says which rule ran."""
+        return replace(self, stall_drop=self.stall_fraction)
+
+
 @dataclass(frozen=True)
-class RaySearch(Attack):
+class RaySearch(StallSwitch, Attack):
     """OPT-family attack: the shared settings and loop; subclasses give ``_estimate``."""
 
     oracle: ClassVar[type] = LabelOracle
@@ -222,7 +253,7 @@ class RaySearch(Attack):
     # double the cost of the gradient-masking check above hard-label access;
     # AutoAttack's check is Square alone.
     default_up_to: ClassVar[Access] = Access.HARD_LABEL
-    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values", "stall_window")
+    counts: ClassVar[tuple[str, ...]] = ("n_init", "max_line_search", "max_values")
     """Integer fields that must be at least 1."""
 
     norm: str = "l2"
@@ -254,9 +285,7 @@ class RaySearch(Attack):
     """A sample whose g fell by less than this fraction over its last
     ``stall_window`` iterations draws its directions in full dimension from
     then on; 0 keeps every sample in the subspace; None takes the attack's
-    measured choice for its norm (``auto_stall_drop``, else 0)."""
-    auto_stall_drop: ClassVar[dict[str, float]] = {}
-    """``stall_drop`` per norm where it is None (absent: 0)."""
+    measured choice for its norm (:class:`StallSwitch`)."""
 
     def __post_init__(self) -> None:
         if self.norm not in self.norms:
@@ -270,18 +299,8 @@ class RaySearch(Attack):
         for field in ("alpha", "beta", "tol"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"{field} must be > 0, got {getattr(self, field)}")
-        if self.stall_drop is not None and not 0 <= self.stall_drop < 1:
-            raise ValueError(f"stall_drop must be in [0, 1) or None, got {self.stall_drop}")
+        self.check_stall()
         check_subspace(self.subspace)
-
-    @property
-    def stall_fraction(self) -> float:
-        """``stall_drop``, or where it is None the attack's choice for its norm."""
-        return self.auto_stall_drop.get(self.norm, 0.0) if self.stall_drop is None else self.stall_drop
-
-    def as_run(self, num_classes: int, targeted: bool) -> "RaySearch":
-        """With ``stall_drop`` resolved, so the record says which rule ran."""
-        return replace(self, stall_drop=self.stall_fraction)
 
     @property
     @abc.abstractmethod
@@ -309,7 +328,7 @@ class RaySearch(Attack):
         active = attack & torch.isfinite(g)
         alpha = torch.full((n,), self.alpha, device=device)
         beta = torch.full((n,), self.beta, device=device)
-        stall = Stall(n, self.stall_window, self.stall_fraction, device)
+        stall = self.stall(n, device)
 
         for _ in range(self.max_iter):
             active &= oracle.remaining().to(device) >= self.iteration_cost
