@@ -327,9 +327,9 @@ def test_stall_fires_when_g_falls_by_less_than_the_drop():
 @pytest.mark.parametrize("attack", [SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2),
                                     HopSkipJump(init_num_evals=20, n_init=20, stall_window=1, stall_drop=0.2)])
 def test_a_stalled_sample_switches_and_batching_stays_exact(model64, correct_batch, monkeypatch, attack):
-    """With a stall rule that fires early, samples switch at different
-    iterations; each still gets exactly what it gets alone, and the run
-    differs from one that never switches."""
+    """With a stall rule that fires early, samples switch as they stall (in
+    two iterations at least); each still gets exactly what it gets alone,
+    and the run differs from one that never switches."""
     refined = []
     original = Directions.refine
 

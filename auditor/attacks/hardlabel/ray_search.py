@@ -186,7 +186,8 @@ class Boundary:
 
 
 class Stall:
-    """Per sample, g(θ) at the start of its last ``window`` iterations.
+    """Per sample, its distance g at the start of its last ``window``
+    iterations (g(θ) for the ray searches, ‖x_t − x*‖ for HopSkipJump).
 
     A sample whose g fell by less than the fraction ``drop`` over its last
     ``window`` iterations has stalled in the low-frequency subspace, and

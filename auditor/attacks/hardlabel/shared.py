@@ -279,9 +279,9 @@ class Directions:
     estimate then spends its probes on the d/f² directions where decision
     boundaries of image classifiers mostly vary, and draws f² times fewer
     random numbers. On the example MNIST CNN (50 digits, L2), f = 2 took
-    Sign-OPT's (with the official k = 200) median distortion at 1,000 queries from 2.72 to 1.40 and at
-    4,000 from 1.35 to 1.20, and HopSkipJump's from 2.15 to 1.58 and 1.59 to
-    1.48; f = 4 did no better.
+    Sign-OPT's median distortion (with the official k = 200) at 1,000
+    queries from 2.72 to 1.40 and at 4,000 from 1.35 to 1.20, and
+    HopSkipJump's from 2.15 to 1.58 and 1.59 to 1.48; f = 4 did no better.
 
     The subspace buys early progress and caps late progress: the estimate
     sees only the low-frequency part of the gradient. So an attack may

@@ -80,8 +80,8 @@ queries (official k and no switch → these defaults):
   → 1.100 / 0.806; the MLP after FGSM-RS: 2.536 / 2.064 → 2.521 / 2.030.
   k = 100 alone gave 4,000-query medians of 1.160, 2.167, 0.882 and 2.076:
   most of the late gain is the switch; subspace directions alone stall,
-  full-dimensional ones from the start are slow (FGSM-RS CNN, 50 digits:
-  2.226 at 4,000 queries).
+  full-dimensional ones from the start are slow (FGSM-RS CNN, 50 digits,
+  k = 200: 2.226 at 4,000 queries).
 * L∞, example CNN: 0.233 / 0.169 → 0.217 / 0.156; FGSM-RS CNN: 0.588 /
   0.489 → 0.550 / 0.472. The switch did not help in L∞ (0.163 and 0.468
   at 4,000 queries with it), so ``stall_drop`` is 0 there.
