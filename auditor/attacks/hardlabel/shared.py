@@ -213,13 +213,13 @@ class SampleRandom:
         return int.from_bytes(digest, "little") >> 1
 
     def _draw(self, kind, rows: torch.Tensor, counts, shape, dtype) -> torch.Tensor:
-        parts = [
-            kind((int(count), *shape), generator=self._gens[row], device=self.device, dtype=dtype)
-            for row, count in zip(rows.tolist(), counts)
-        ]
-        if not parts:
-            return torch.empty((0, *shape), device=self.device, dtype=dtype)
-        return torch.cat(parts)
+        """Each row's draws written in place into one tensor, row after row."""
+        out = torch.empty((sum(counts), *shape), device=self.device, dtype=dtype)
+        start = 0
+        for row, count in zip(rows.tolist(), counts):
+            kind((count, *shape), generator=self._gens[row], out=out[start : start + count])
+            start += count
+        return out
 
     def randn(self, rows: torch.Tensor, counts, shape, dtype=torch.float32) -> torch.Tensor:
         """Standard normal draws: ``counts[i]`` (or ``counts`` for every row)
