@@ -320,8 +320,25 @@ def test_stall_fires_when_g_falls_by_less_than_the_drop():
     fired = [stall.stalled(rows, g).tolist() for g in history]
     # no verdict before a sample has had `window` iterations; then g now against g two iterations ago
     assert fired == [[False] * 3, [False] * 3, [False, True, False], [False, True, True]]
+    # drop 0 is off, even where the distance rises (HopSkipJump's can)
     never = Stall(1, window=1, drop=0.0, device="cpu")
-    assert not any(bool(never.stalled(torch.tensor([0]), torch.tensor([2.0]))) for _ in range(3))
+    assert not any(bool(never.stalled(torch.tensor([0]), torch.tensor([g]))) for g in (2.0, 2.0, 2.5))
+
+
+def test_hop_skip_jump_linf_never_leaves_the_subspace(model64, correct_batch, monkeypatch):
+    """Its distance often rises from one iteration to the next; with the
+    rule off (L∞'s default) that must not switch a sample."""
+    refined = []
+    original = Directions.refine
+
+    def spy(self, rows):
+        refined.append(len(rows))
+        original(self, rows)
+
+    monkeypatch.setattr(Directions, "refine", spy)
+    x, y = correct_batch[0][:8], correct_batch[1][:8]
+    HopSkipJump(norm="linf", init_num_evals=20, n_init=10)(LabelOracle(one_by_one(model64), 8, 2500), x, y, seed=0)
+    assert len(refined) >= 7 and sum(refined) == 0
 
 
 @pytest.mark.parametrize("attack", [SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2),

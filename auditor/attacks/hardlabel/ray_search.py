@@ -190,24 +190,26 @@ class Stall:
     iterations (g(θ) for the ray searches, ‖x_t − x*‖ for HopSkipJump).
 
     A sample whose g fell by less than the fraction ``drop`` over its last
-    ``window`` iterations has stalled in the low-frequency subspace, and
-    draws its directions in full dimension from then on
-    (:meth:`Directions.refine <.shared.Directions.refine>`). ``drop = 0``
-    never fires: g never rises.
+    ``window`` iterations (or rose: HopSkipJump's distance can) has stalled
+    in the low-frequency subspace, and draws its directions in full
+    dimension from then on (:meth:`Directions.refine
+    <.shared.Directions.refine>`). ``drop = 0`` turns the rule off.
     """
 
     def __init__(self, n: int, window: int, drop: float, device):
         self.drop = drop
-        self.past = torch.full((n, window), float("inf"), device=device)
+        self.past = torch.full((n, window), float("inf"), dtype=torch.float64, device=device)
         """Oldest first; inf until a sample has had ``window`` iterations."""
 
     def stalled(self, rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Mask over ``rows`` of the samples that stalled, given g at the start
         of their iteration now; records that g."""
+        g = g.to(torch.float64)
         past = self.past[rows]
-        out = g > (1.0 - self.drop) * past[:, 0]
-        self.past[rows] = torch.cat([past[:, 1:], g[:, None].to(past.dtype)], dim=1)
-        return out
+        self.past[rows] = torch.cat([past[:, 1:], g[:, None]], dim=1)
+        if self.drop == 0:
+            return torch.zeros_like(g, dtype=torch.bool)
+        return g > (1.0 - self.drop) * past[:, 0]
 
 
 class StallSwitch:
