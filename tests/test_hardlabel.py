@@ -325,17 +325,23 @@ def test_stall_fires_when_g_falls_by_less_than_the_drop():
     assert not any(bool(never.stalled(torch.tensor([0]), torch.tensor([g]))) for g in (2.0, 2.0, 2.5))
 
 
-def test_hop_skip_jump_linf_never_leaves_the_subspace(model64, correct_batch, monkeypatch):
-    """Its distance often rises from one iteration to the next; with the
-    rule off (L∞'s default) that must not switch a sample."""
-    refined = []
+@pytest.fixture
+def refined(monkeypatch) -> list[int]:
+    """The number of samples each ``Directions.refine`` call switched, in order."""
+    calls = []
     original = Directions.refine
 
     def spy(self, rows):
-        refined.append(len(rows))
+        calls.append(len(rows))
         original(self, rows)
 
     monkeypatch.setattr(Directions, "refine", spy)
+    return calls
+
+
+def test_hop_skip_jump_linf_never_leaves_the_subspace(model64, correct_batch, refined):
+    """Its distance often rises from one iteration to the next; with the
+    rule off (L∞'s default) that must not switch a sample."""
     x, y = correct_batch[0][:8], correct_batch[1][:8]
     HopSkipJump(norm="linf", init_num_evals=20, n_init=10)(LabelOracle(one_by_one(model64), 8, 2500), x, y, seed=0)
     assert len(refined) >= 7 and sum(refined) == 0
@@ -343,18 +349,10 @@ def test_hop_skip_jump_linf_never_leaves_the_subspace(model64, correct_batch, mo
 
 @pytest.mark.parametrize("attack", [SignOPT(k=30, n_init=10, stall_window=1, stall_drop=0.2),
                                     HopSkipJump(init_num_evals=20, n_init=20, stall_window=1, stall_drop=0.2)])
-def test_a_stalled_sample_switches_and_batching_stays_exact(model64, correct_batch, monkeypatch, attack):
+def test_a_stalled_sample_switches_and_batching_stays_exact(model64, correct_batch, refined, attack):
     """With a stall rule that fires early, samples switch as they stall (in
     two iterations at least); each still gets exactly what it gets alone,
     and the run differs from one that never switches."""
-    refined = []
-    original = Directions.refine
-
-    def spy(self, rows):
-        refined.append(len(rows))
-        original(self, rows)
-
-    monkeypatch.setattr(Directions, "refine", spy)
     x, y = correct_batch[0][:6], correct_batch[1][:6]
     labels = one_by_one(model64)
     batch = attack(LabelOracle(labels, 6, 400), x, y, seed=3)
