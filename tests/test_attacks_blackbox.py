@@ -112,6 +112,12 @@ def test_square_schedule_stretches_to_the_budget_for_linf_only():
     assert max(_window_sides(SquareAttack(norm="l2", schedule_queries=1))) <= 6
 
 
+def test_square_records_the_schedule_it_ran():
+    assert SquareAttack(norm="l2").as_run(10, False).schedule_queries == 10000
+    assert SquareAttack(norm="linf").as_run(10, False).schedule_queries == 1
+    assert SquareAttack(norm="l2", schedule_queries=50).as_run(10, True).schedule_queries == 50
+
+
 @pytest.mark.parametrize("h,w", [(5, 9), (9, 5), (4, 4)])
 def test_square_corners_cover_each_axis_of_non_square_images(h, w):
     from auditor.attacks.softlabel.square import _corners

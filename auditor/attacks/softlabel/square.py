@@ -155,7 +155,7 @@ square images of side 25 or more.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import ClassVar
 
@@ -333,7 +333,8 @@ class SquareAttack(Attack):
     schedule_queries: int | None = None
     """Queries the p schedule spans at least; a larger budget stretches it
     to the budget (see line 3 above). 1 stretches it to every budget, as the
-    reference code does. None: 1 for L∞, 10,000 for L2."""
+    reference code does. None: 1 for L∞, 10,000 for L2 (results record
+    the value that ran)."""
     fill_values: int = 64 * 28 * 28
     """Input values per oracle call the proposals fill up to: while the
     samples attacked hold fewer, a step may draw several proposals per
@@ -357,12 +358,19 @@ class SquareAttack(Attack):
         if not 0.0 < self.hits_per_step <= 1.0:
             raise ValueError(f"hits_per_step must be in (0, 1], got {self.hits_per_step}")
 
+    def _schedule_floor(self) -> int:
+        """``schedule_queries``, or where it is None the norm's choice."""
+        if self.schedule_queries is not None:
+            return self.schedule_queries
+        return _L2_SCHEDULE_QUERIES if self.norm == "l2" else 1
+
+    def as_run(self, num_classes: int, targeted: bool) -> "SquareAttack":
+        """With ``schedule_queries`` resolved, so the record says which schedule ran."""
+        return replace(self, schedule_queries=self._schedule_floor())
+
     def _schedule_length(self, budget: int) -> int:
         """Queries the p schedule spans for a budget (Alg. 1 line 3)."""
-        floor = self.schedule_queries
-        if floor is None:
-            floor = _L2_SCHEDULE_QUERIES if self.norm == "l2" else 1
-        return max(budget, floor)
+        return max(budget, self._schedule_floor())
 
     def _proposals(self, m: int, size: int, acceptance: float, left: int, queries_left: int) -> int:
         """Proposals per sample this step, for ``m`` samples of ``size`` input
